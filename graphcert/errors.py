@@ -1,0 +1,32 @@
+"""Typed errors: library code raises these, the CLI prints them as one line and exits with code 2."""
+
+
+class GraphcertError(Exception):
+    """Base class: the message names the problem and what to do about it."""
+
+
+class ModelLoadError(GraphcertError):
+    """The model file is missing, unreadable or not valid ONNX."""
+
+
+class UnsupportedOpError(GraphcertError):
+    """A pass met op types it has no rule for."""
+
+    def __init__(self, method: str, nodes_by_op: dict[str, list[str]]):
+        self.nodes_by_op = nodes_by_op
+        listed = "; ".join(
+            f"{op} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+            for op, names in sorted(nodes_by_op.items())
+        )
+        super().__init__(
+            f"method '{method}' has no rule for op type(s): {listed}; "
+            f"run 'graphcert inspect MODEL' to see which methods support which ops"
+        )
+
+
+class InputError(GraphcertError):
+    """Bad user input: data files, shapes, epsilon values, options."""
+
+
+class SpecError(GraphcertError):
+    """A malformed or unsupported VNN-LIB property."""

@@ -1,0 +1,89 @@
+"""The contract of every bound graph: how the input set comes in and how bounds go out.
+
+Input sets: `linf` adds an `epsilon` input per model input (L-inf radius, broadcastable) around the
+original input, optionally clipped to a data domain; `box` replaces each input by `<name>_lower` and
+`<name>_upper` and feeds the box center to the original nodes. Outputs: the original outputs (unless
+dropped) plus `<name>_lower` and `<name>_upper`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from . import __version__
+from .builder import Builder
+from .interval import Interval
+from .model import model_inputs
+
+FLOAT = ir.TensorType(ir.DataType.FLOAT)
+
+
+@dataclass
+class InputSet:
+    kind: str = "linf"               # "linf" or "box"
+    domain: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("linf", "box"):
+            raise ValueError(f"unknown input set {self.kind!r}")
+
+
+def epsilon_name(model: ir.Model, value: ir.Value) -> str:
+    return "epsilon" if len(model_inputs(model)) == 1 else f"{value.name}_epsilon"
+
+
+def clone(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def open_inputs(model: ir.Model, b: Builder, input_set: InputSet) -> dict[ir.Value, Interval]:
+    """Add the input-set inputs to `model` (a clone) and return the interval of each original input."""
+    graph = model.graph
+    boxes = {}
+    for x in model_inputs(model):
+        if input_set.kind == "linf":
+            # Same rank as the input, every dimension free: pass 1 where epsilon is shared (scalar, per channel).
+            rank = len(x.shape) if x.shape is not None else 0
+            eps = ir.Value(name=epsilon_name(model, x), type=FLOAT,
+                           shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
+            graph.inputs.append(eps)
+            lower, upper = b.op("Sub", x, eps), b.op("Add", x, eps)
+            if input_set.domain is not None:
+                lower = b.op("Max", lower, b.const(input_set.domain[0]))
+                upper = b.op("Min", upper, b.const(input_set.domain[1]))
+            boxes[x] = Interval.from_bounds(b, lower, upper)
+        else:
+            lower = ir.Value(name=f"{x.name}_lower", type=x.type, shape=x.shape)
+            upper = ir.Value(name=f"{x.name}_upper", type=x.type, shape=x.shape)
+            center = b.op("Mul", b.op("Add", lower, upper), b.const(0.5))
+            position = graph.inputs.index(x)
+            x.replace_all_uses_with(center)
+            graph.inputs.pop(position)
+            graph.inputs.insert(position, upper)
+            graph.inputs.insert(position, lower)
+            boxes[center] = Interval.from_bounds(b, lower, upper)
+    # Emitted before the original nodes consume them: keep the graph in topological order.
+    graph.sort()
+    return boxes
+
+
+def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value, ir.Value]],
+                  keep_original: bool, method: str) -> None:
+    """Expose bounds as `<name>_lower`/`<name>_upper` and stamp the graph's provenance."""
+    graph = model.graph
+    originals = list(graph.outputs)
+    if not keep_original:
+        graph.outputs.clear()
+    for out in originals:
+        if out.name not in bounds:
+            continue
+        lower, upper = bounds[out.name]
+        for suffix, value in (("lower", lower), ("upper", upper)):
+            named = b.op("Identity", value)
+            named.name = f"{out.name}_{suffix}"
+            named.type = FLOAT
+            named.shape = out.shape
+            graph.outputs.append(named)
+    model.metadata_props["graphcert.method"] = method
+    model.metadata_props["graphcert.version"] = __version__

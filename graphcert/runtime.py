@@ -1,0 +1,33 @@
+"""Running graphs with onnxruntime."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+class Session:
+    """An onnxruntime session over a ModelProto that takes and returns dicts of numpy arrays."""
+
+    def __init__(self, proto: onnx.ModelProto, threads: int = 0):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        feeds = {k: self._fit_rank(k, np.asarray(v, dtype=np.float32)) for k, v in feeds.items() if k in self.input_names}
+        names = outputs or self.output_names
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    def _fit_rank(self, name: str, array: np.ndarray) -> np.ndarray:
+        """Broadcastable inputs (epsilon) may come with fewer dimensions: pad with leading ones."""
+        rank = self.input_ranks[name]
+        if array.ndim < rank:
+            array = array.reshape((1,) * (rank - array.ndim) + array.shape)
+        return array

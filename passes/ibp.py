@@ -1,0 +1,390 @@
+"""Interval bound propagation (IBP) as a rewrite: one rule per op type, each a few lines of interval maths.
+
+Every tensor that depends on the perturbed inputs is carried as an `Interval`; rules emit the ONNX nodes
+that compute its bounds. Linear ops send the center through the op and the radius through the op with
+|W|; non-decreasing ops map lower to lower and upper to upper; everything else has its own sound rule.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphcert import interval as iv
+from graphcert.builder import Builder
+from graphcert.interface import InputSet, clone, close_outputs, open_inputs
+from graphcert.interpret import attr, check_supported, perturbed_nodes
+from graphcert.interval import Interval
+from graphcert.model import model_inputs
+
+RULES: dict = {}
+
+
+class Context:
+    """What rules share: the builder and whether weights stay trainable (|W| computed in-graph)."""
+
+    def __init__(self, b: Builder, trainable: bool = False):
+        self.b = b
+        self.trainable = trainable
+        self._abs: dict[str, ir.Value] = {}
+
+    def abs(self, value: ir.Value) -> ir.Value:
+        if value.const_value is None or self.trainable:
+            return self.b.op("Abs", value)
+        if value.name not in self._abs:
+            self._abs[value.name] = self.b.const(np.abs(value.const_value.numpy()), dtype=value.const_value.numpy().dtype)
+        return self._abs[value.name]
+
+    def constant(self, value: ir.Value) -> np.ndarray | None:
+        if isinstance(value, ir.Value) and value.const_value is not None and not self.trainable:
+            return value.const_value.numpy()
+        return None
+
+
+def rule(*op_types):
+    def register(fn):
+        for op_type in op_types:
+            RULES[op_type] = fn
+        return fn
+    return register
+
+
+def _both_forms(cx: Context, x: Interval, apply) -> Interval:
+    """Apply a selection-like op (one that only moves or copies elements) to whichever form x has."""
+    if x.has_center_form:
+        return Interval.from_center(cx.b, apply(x.center), apply(x.radius))
+    return Interval.from_bounds(cx.b, apply(x.lower), apply(x.upper))
+
+
+# ---- ops that only move, copy or select elements -------------------------------------------------------
+
+@rule("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather", "Expand",
+      "Tile", "DepthToSpace", "SpaceToDepth", "Cast", "CastLike")
+def _move(cx, node, x, *rest):
+    return [_both_forms(cx, x, lambda v: cx.b.copy(node, [v, *rest]))]
+
+
+@rule("Dropout")
+def _dropout(cx, node, x, *rest):
+    return [x]
+
+
+@rule("Split")
+def _split(cx, node, x, *rest):
+    n = len(node.outputs)
+    lows = cx.b.copy(node, [x.lower, *rest], num_outputs=n)
+    highs = cx.b.copy(node, [x.upper, *rest], num_outputs=n)
+    lows, highs = (lows, highs) if n > 1 else ([lows], [highs])
+    return [Interval.from_bounds(cx.b, lo, hi) for lo, hi in zip(lows, highs)]
+
+
+@rule("Pad")
+def _pad(cx, node, x, *rest):
+    # The pad value is a point, so pad lower and upper alike (center-radius would pad the radius too).
+    return [Interval.from_bounds(cx.b, cx.b.copy(node, [x.lower, *rest]), cx.b.copy(node, [x.upper, *rest]))]
+
+
+@rule("Concat")
+def _concat(cx, node, *xs):
+    parts = [iv.as_interval(cx.b, x) for x in xs]
+    return [Interval.from_bounds(cx.b, cx.b.copy(node, [p.lower for p in parts]),
+                                 cx.b.copy(node, [p.upper for p in parts]))]
+
+
+@rule("Where")
+def _where(cx, node, cond, x, y):
+    if isinstance(cond, Interval):
+        px, py = iv.as_interval(cx.b, x), iv.as_interval(cx.b, y)
+        return [Interval.from_bounds(cx.b, cx.b.op("Min", px.lower, py.lower), cx.b.op("Max", px.upper, py.upper))]
+    px, py = iv.as_interval(cx.b, x), iv.as_interval(cx.b, y)
+    return [Interval.from_bounds(cx.b, cx.b.op("Where", cond, px.lower, py.lower),
+                                 cx.b.op("Where", cond, px.upper, py.upper))]
+
+
+# ---- linear ops: center through the op, radius through |op| --------------------------------------------
+
+@rule("MatMul")
+def _matmul(cx, node, a, w):
+    b = cx.b
+    if isinstance(a, Interval) and isinstance(w, Interval):
+        # Rump's midpoint-radius product: |ca|·rw + ra·|cw| + ra·rw bounds the deviation from ca·cw.
+        radius = b.op("Add", b.op("Add", b.op("MatMul", b.op("Abs", a.center), w.radius),
+                                  b.op("MatMul", a.radius, b.op("Abs", w.center))),
+                      b.op("MatMul", a.radius, w.radius))
+        return [Interval.from_center(b, b.op("MatMul", a.center, w.center), radius)]
+    if isinstance(a, Interval):
+        return [Interval.from_center(b, b.op("MatMul", a.center, w), b.op("MatMul", a.radius, cx.abs(w)))]
+    return [Interval.from_center(b, b.op("MatMul", a, w.center), b.op("MatMul", cx.abs(a), w.radius))]
+
+
+@rule("Gemm")
+def _gemm(cx, node, a, w, bias=None):
+    b = cx.b
+    alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+    trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
+    if isinstance(a, Interval) and not isinstance(w, Interval) and not isinstance(bias, Interval):
+        center = b.copy(node, [a.center, w] + ([bias] if bias is not None else []))
+        radius = b.op("Gemm", a.radius, cx.abs(w), alpha=abs(alpha), transA=trans_a, transB=trans_b)
+        return [Interval.from_center(b, center, radius)]
+    # General case from the pieces: alpha·op(A)·op(B) + beta·C with interval products.
+    def oriented(x, transpose):
+        if not transpose:
+            return x
+        if isinstance(x, Interval):
+            return _both_forms(cx, x, lambda v: b.op("Transpose", v, perm=[1, 0]))
+        return b.op("Transpose", x, perm=[1, 0])
+    product = _matmul(cx, node, oriented(a, trans_a), oriented(w, trans_b))[0]
+    result = _scale(cx, product, alpha)
+    if bias is not None:
+        result = iv.add(b, result, _scale(cx, iv.as_interval(b, bias), beta))
+    return [result]
+
+
+def _scale(cx, x: Interval, factor: float) -> Interval:
+    if factor == 1.0:
+        return x
+    k = cx.b.const(factor)
+    return Interval.from_center(cx.b, cx.b.op("Mul", x.center, k), cx.b.op("Mul", x.radius, cx.b.const(abs(factor))))
+
+
+@rule("Conv", "ConvTranspose")
+def _conv(cx, node, x, w, bias=None):
+    center = cx.b.copy(node, [x.center, w] + ([bias] if bias is not None else []))
+    radius = cx.b.copy(node, [x.radius, cx.abs(w)])
+    return [Interval.from_center(cx.b, center, radius)]
+
+
+@rule("BatchNormalization")
+def _batchnorm(cx, node, x, scale, bias, mean, var):
+    b = cx.b
+    eps = attr(node, "epsilon", 1e-5)
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 4
+    per_channel = [-1] + [1] * (rank - 2)
+    consts = [cx.constant(v) for v in (scale, var)]
+    if all(c is not None for c in consts):
+        gain = b.const(np.abs(consts[0] / np.sqrt(consts[1] + eps)).reshape(per_channel))
+    else:
+        gain = b.op("Reshape", b.op("Abs", b.op("Div", scale, b.op("Sqrt", b.op("Add", var, b.const(eps))))),
+                    b.ints(per_channel))
+    center = b.copy(node, [x.center, scale, bias, mean, var])
+    return [Interval.from_center(b, center, b.op("Mul", x.radius, gain))]
+
+
+@rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
+def _positive_linear(cx, node, x, *rest):
+    # Non-negative weights: |op| is the op itself.
+    return [Interval.from_center(cx.b, cx.b.copy(node, [x.center, *rest]), cx.b.copy(node, [x.radius, *rest]))]
+
+
+@rule("Add", "Sub")
+def _add_sub(cx, node, x, y):
+    b = cx.b
+    if isinstance(x, Interval) and isinstance(y, Interval):
+        return [iv.add(b, x, y) if node.op_type == "Add" else iv.sub(b, x, y)]
+    if isinstance(x, Interval):
+        if x.has_center_form:
+            return [Interval.from_center(b, b.op(node.op_type, x.center, y), x.radius)]
+        return [Interval.from_bounds(b, b.op(node.op_type, x.lower, y), b.op(node.op_type, x.upper, y))]
+    if node.op_type == "Add":
+        return _add_sub(cx, node, y, x)
+    return [iv.neg(b, _add_sub(cx, node, y, x)[0])]  # k - x = -(x - k)
+
+
+@rule("Mul")
+def _mul(cx, node, x, y):
+    b = cx.b
+    if isinstance(x, Interval) and isinstance(y, Interval):
+        return [iv.square(b, x) if x is y else iv.mul(b, x, y)]
+    if not isinstance(x, Interval):
+        x, y = y, x
+    return [Interval.from_center(b, b.op("Mul", x.center, y), b.op("Mul", x.radius, cx.abs(y)))]
+
+
+@rule("Div")
+def _div(cx, node, x, y):
+    b = cx.b
+    if isinstance(y, Interval):
+        return [iv.mul(b, iv.as_interval(b, x), iv.reciprocal(b, y))]
+    return [Interval.from_center(b, b.op("Div", x.center, y), b.op("Div", x.radius, cx.abs(y)))]
+
+
+@rule("Neg")
+def _neg(cx, node, x):
+    return [iv.neg(cx.b, x)]
+
+
+@rule("Sum")
+def _sum(cx, node, *xs):
+    total = iv.as_interval(cx.b, xs[0])
+    for x in xs[1:]:
+        total = iv.add(cx.b, total, iv.as_interval(cx.b, x))
+    return [total]
+
+
+# ---- non-decreasing ops: lower to lower, upper to upper -----------------------------------------------
+
+MONOTONE = ["Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "Softsign", "Exp", "Log", "Sqrt", "Erf", "Atan",
+            "Asinh", "Sinh", "Floor", "Ceil", "Sign", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin",
+            "LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu"]
+
+
+def _is_monotone(node: ir.Node) -> bool:
+    """Negative slopes make LeakyRelu/Elu/Selu/HardSigmoid decreasing somewhere."""
+    if node.op_type in ("LeakyRelu", "Elu", "Selu", "HardSigmoid"):
+        return attr(node, "alpha", 0.01) >= 0 and attr(node, "gamma", 1.0) >= 0
+    if node.op_type == "ThresholdedRelu":
+        return attr(node, "alpha", 1.0) >= 0
+    return True
+
+
+@rule(*MONOTONE)
+def _monotone(cx, node, x, *rest):
+    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
+
+
+@rule("Max", "Min")
+def _max_min(cx, node, *xs):
+    parts = [iv.as_interval(cx.b, x) for x in xs]
+    return [Interval.from_bounds(cx.b, cx.b.copy(node, [p.lower for p in parts]),
+                                 cx.b.copy(node, [p.upper for p in parts]))]
+
+
+# ---- non-monotone ops: their own interval rules ---------------------------------------------------------
+
+@rule("Abs")
+def _abs(cx, node, x):
+    return [iv.absolute(cx.b, x)]
+
+
+@rule("Reciprocal")
+def _reciprocal(cx, node, x):
+    return [iv.reciprocal(cx.b, x)]
+
+
+@rule("Pow")
+def _pow(cx, node, x, exponent):
+    p = float(np.asarray(exponent.const_value.numpy()).reshape(-1)[0])
+    if p == 2.0:
+        return [iv.square(cx.b, x)]
+    if p == 1.0:
+        return [x]
+    # Odd integer powers are increasing everywhere, other positive powers on x >= 0 (the only valid inputs).
+    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, exponent]))]
+
+
+def _pow_supported(node: ir.Node) -> bool:
+    e = node.inputs[1]
+    if e is None or e.const_value is None or e.const_value.numpy().size != 1:
+        return False
+    p = float(e.const_value.numpy().reshape(-1)[0])
+    return p in (1.0, 2.0) or (p.is_integer() and int(p) % 2 == 1) or (0 < p < 1)
+
+
+def _softmax_bounds(cx, node, x):
+    """softmax_i = e^{x_i} / (e^{x_i} + sum_{j != i} e^{x_j}): smallest at x_i = l_i, x_j = u_j; largest vice versa."""
+    b = cx.b
+    axis = attr(node, "axis", -1)
+    shift = b.reduce("ReduceMax", x.upper, [axis])
+    e_low, e_high = b.op("Exp", b.op("Sub", x.lower, shift)), b.op("Exp", b.op("Sub", x.upper, shift))
+    others_high = b.op("Relu", b.op("Sub", b.reduce("ReduceSum", e_high, [axis]), e_high))
+    others_low = b.op("Relu", b.op("Sub", b.reduce("ReduceSum", e_low, [axis]), e_low))
+    tiny = b.const(np.finfo(np.float32).tiny)
+    zero, one = b.const(0.0), b.const(1.0)
+    den_low = b.op("Add", e_low, others_high)
+    den_high = b.op("Add", e_high, others_low)
+    lower = b.op("Where", b.op("Greater", den_low, tiny), b.op("Div", e_low, b.op("Max", den_low, tiny)), zero)
+    upper = b.op("Where", b.op("Greater", den_high, tiny), b.op("Div", e_high, b.op("Max", den_high, tiny)), one)
+    return b.op("Clip", lower, zero, one), b.op("Clip", upper, zero, one)
+
+
+@rule("Softmax")
+def _softmax(cx, node, x):
+    return [Interval.from_bounds(cx.b, *_softmax_bounds(cx, node, x))]
+
+
+@rule("LogSoftmax")
+def _log_softmax(cx, node, x):
+    lower, upper = _softmax_bounds(cx, node, x)
+    return [Interval.from_bounds(cx.b, cx.b.op("Log", lower), cx.b.op("Log", upper))]
+
+
+@rule("LayerNormalization")
+def _layer_norm(cx, node, x, scale, bias=None):
+    """(x - mean) / sqrt(var + eps) · scale + bias, bounding each factor soundly rather than the whole."""
+    b = cx.b
+    shape = node.inputs[0].shape
+    rank = len(shape)
+    axis = attr(node, "axis", -1) % rank
+    axes = list(range(axis, rank))
+    n = int(np.prod([shape[a] for a in axes]))
+    eps = attr(node, "epsilon", 1e-5)
+    # d_i = x_i - mean(x) is linear in x with coefficients (1 - 1/n) on x_i and -1/n elsewhere.
+    centered_c = b.op("Sub", x.center, b.reduce("ReduceMean", x.center, axes))
+    spread = b.op("Mul", b.reduce("ReduceSum", x.radius, axes), b.const(1.0 / n))
+    centered_r = b.op("Add", b.op("Mul", x.radius, b.const(max(1.0 - 2.0 / n, 0.0))), spread)
+    centered = Interval.from_center(b, centered_c, centered_r)
+    sq = iv.square(b, centered)
+    var = Interval.from_bounds(b, b.reduce("ReduceMean", sq.lower, axes), b.reduce("ReduceMean", sq.upper, axes))
+    std = iv.monotone(b, var, lambda v: b.op("Sqrt", b.op("Add", v, b.const(eps))))
+    normed = iv.mul(b, centered, iv.reciprocal(b, std))
+    out = Interval.from_center(b, b.op("Mul", normed.center, scale), b.op("Mul", normed.radius, cx.abs(scale)))
+    if bias is not None:
+        out = Interval.from_center(b, b.op("Add", out.center, bias), out.radius)
+    return [out]
+
+
+def _layer_norm_supported(node: ir.Node) -> bool:
+    shape = node.inputs[0].shape
+    if shape is None:
+        return False
+    axis = attr(node, "axis", -1) % len(shape)
+    return all(isinstance(shape[a], int) for a in range(axis, len(shape)))
+
+
+# Per-node conditions beyond the op type; a node failing its check is reported as unsupported.
+CONDITIONS = {
+    **{op: _is_monotone for op in ("LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu")},
+    "Pow": _pow_supported,
+    "LayerNormalization": _layer_norm_supported,
+    "BatchNormalization": lambda node: attr(node, "training_mode", 0) == 0,
+    "Pad": lambda node: True,
+}
+
+
+def accepts(node: ir.Node) -> bool:
+    check = CONDITIONS.get(node.op_type)
+    return check is None or check(node)
+
+
+class IntervalPass(ir.passes.FunctionalPass):
+    """Normalised model in, IBP bound graph out (see `graphcert.interface` for its inputs and outputs)."""
+
+    def __init__(self, input_set=None, keep_original: bool = True, trainable: bool = False):
+        super().__init__()
+        self.input_set = input_set or InputSet()
+        self.keep_original = keep_original
+        self.trainable = trainable
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = clone(model)
+        nodes = perturbed_nodes(result.graph, set(model_inputs(result)))
+        check_supported(nodes, RULES, "ibp", accepts)
+        b = Builder(result.graph, prefix="ibp")
+        boxes = open_inputs(result, b, self.input_set)
+        bounds = propagate(result.graph, nodes, b, boxes, trainable=self.trainable)
+        named = {name: (v.lower, v.upper) for name, v in bounds.items()}
+        close_outputs(result, b, named, self.keep_original, "ibp")
+        return ir.passes.PassResult(result, modified=True)
+
+
+def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
+              trainable: bool = False) -> dict[str, Interval]:
+    """Interval of every graph output that depends on the boxes, by name."""
+    cx = Context(b, trainable)
+    env: dict = dict(boxes)
+    for node in nodes:
+        args = [env.get(v, v) if v is not None else None for v in node.inputs]
+        while args and args[-1] is None:
+            args.pop()
+        outs = RULES[node.op_type](cx, node, *args)
+        env.update(zip(node.outputs, outs))
+    return {out.name: iv.as_interval(b, env.get(out, out)) for out in graph.outputs if out in env}
