@@ -17,6 +17,12 @@ from .interval import Interval
 from .model import model_inputs
 
 FLOAT = ir.TensorType(ir.DataType.FLOAT)
+# Inputs that are known exactly at run time and never perturbed (the certify margin matrix).
+OBJECTIVE = "objective"
+
+
+def perturbed_inputs(model: ir.Model) -> list[ir.Value]:
+    return [v for v in model_inputs(model) if v.name != OBJECTIVE]
 
 
 @dataclass
@@ -30,7 +36,7 @@ class InputSet:
 
 
 def epsilon_name(model: ir.Model, value: ir.Value) -> str:
-    return "epsilon" if len(model_inputs(model)) == 1 else f"{value.name}_epsilon"
+    return "epsilon" if len(perturbed_inputs(model)) == 1 else f"{value.name}_epsilon"
 
 
 def clone(model: ir.Model) -> ir.Model:
@@ -41,7 +47,7 @@ def open_inputs(model: ir.Model, b: Builder, input_set: InputSet) -> dict[ir.Val
     """Add the input-set inputs to `model` (a clone) and return the interval of each original input."""
     graph = model.graph
     boxes = {}
-    for x in model_inputs(model):
+    for x in perturbed_inputs(model):
         if input_set.kind == "linf":
             # Same rank as the input, every dimension free: pass 1 where epsilon is shared (scalar, per channel).
             rank = len(x.shape) if x.shape is not None else 0

@@ -11,10 +11,9 @@ import onnx_ir as ir
 
 from graphcert import interval as iv
 from graphcert.builder import Builder
-from graphcert.interface import InputSet, clone, close_outputs, open_inputs
+from graphcert.interface import InputSet, clone, close_outputs, open_inputs, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes
 from graphcert.interval import Interval
-from graphcert.model import model_inputs
 
 RULES: dict = {}
 
@@ -366,7 +365,7 @@ class IntervalPass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = clone(model)
-        nodes = perturbed_nodes(result.graph, set(model_inputs(result)))
+        nodes = perturbed_nodes(result.graph, set(perturbed_inputs(result)))
         check_supported(nodes, RULES, "ibp", accepts)
         b = Builder(result.graph, prefix="ibp")
         boxes = open_inputs(result, b, self.input_set)

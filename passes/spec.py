@@ -1,0 +1,136 @@
+"""Fold a linear objective on the outputs into the graph, so bounds are computed on margins directly.
+
+margins = C · vec(y) + d, where y is the model output flattened per sample. C is either a constant
+[m, n] matrix (a VNN-LIB property) or a run-time input `objective` of shape [batch, m, n] (certify: one
+row e_label - e_j per other class). When y comes from a Gemm or MatMul+Add, C is merged into that layer,
+which is what makes margin bounds much tighter than margins of output bounds.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphcert.builder import Builder
+from graphcert.interface import FLOAT, OBJECTIVE, clone
+from graphcert.interpret import attr
+
+MARGINS = "margins"
+
+
+class SpecPass(ir.passes.FunctionalPass):
+    def __init__(self, matrix: np.ndarray | None = None, offset: np.ndarray | None = None,
+                 output: str | None = None, keep_output: bool = True):
+        """`matrix` None means a run-time objective input; `output` names the model output (default: first)."""
+        super().__init__()
+        self.matrix = None if matrix is None else np.asarray(matrix, dtype=np.float32)
+        self.offset = None if offset is None else np.asarray(offset, dtype=np.float32)
+        self.output = output
+        self.keep_output = keep_output
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = clone(model)
+        graph = result.graph
+        y = next((o for o in graph.outputs if self.output in (None, o.name)), None)
+        if y is None:
+            raise ValueError(f"model has no output named {self.output!r}")
+        b = Builder(graph, prefix="spec")
+        margins = _fused(b, y, self.matrix) or _appended(b, y, self.matrix)
+        if self.offset is not None:
+            margins = b.op("Add", margins, b.const(self.offset))
+        margins = b.op("Identity", margins)
+        margins.name, margins.type = MARGINS, FLOAT
+        batched = y.shape is None or len(y.shape) >= 2
+        m = self.matrix.shape[0] if self.matrix is not None else "spec_rows"
+        margins.shape = ir.Shape(([y.shape[0]] if batched and y.shape is not None else []) + [m])
+        if not self.keep_output:
+            graph.outputs.clear()
+        graph.outputs.append(margins)
+        return ir.passes.PassResult(result, modified=True)
+
+
+def _objective(b: Builder, matrix) -> ir.Value:
+    if matrix is not None:
+        return b.const(matrix)
+    value = ir.Value(name=OBJECTIVE, type=FLOAT, shape=ir.Shape(["batch", "spec_rows", "spec_cols"]))
+    b.graph.inputs.append(value)
+    return value
+
+
+def _affine_producer(y: ir.Value):
+    """(h, W [k, n], bias or None, weight_on_left) when y = h·W + bias (or W·h + bias for 1-D models)."""
+    node = y.producer()
+    if node is None:
+        return None
+    bias = None
+    if node.op_type == "Add":
+        left, right = node.inputs
+        if right.const_value is not None and left.producer() is not None:
+            bias, node = right, left.producer()
+        elif left.const_value is not None and right.producer() is not None:
+            bias, node = left, right.producer()
+        else:
+            return None
+        if node.op_type != "MatMul" or len(node.outputs[0].uses()) != 1:
+            return None
+    if node.op_type == "Gemm":
+        a, w = node.inputs[0], node.inputs[1]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if w.const_value is None or attr(node, "transA", 0) or (c is not None and c.const_value is None):
+            return None
+        weight = w.const_value.numpy() * attr(node, "alpha", 1.0)
+        weight = weight.T if attr(node, "transB", 0) else weight
+        gemm_bias = None if c is None else np.broadcast_to(c.const_value.numpy() * attr(node, "beta", 1.0),
+                                                           (weight.shape[1],))
+        return a, weight, gemm_bias, False
+    if node.op_type == "MatMul":
+        a, w = node.inputs
+        bias_array = None if bias is None else bias.const_value.numpy()
+        if w.const_value is not None and w.const_value.numpy().ndim == 2:
+            weight = w.const_value.numpy()
+            if bias_array is not None:
+                bias_array = np.broadcast_to(bias_array, (weight.shape[1],)) if bias_array.size in (1, weight.shape[1]) else None
+                if bias_array is None:
+                    return None
+            return a, weight, bias_array, False
+        if a.const_value is not None and a.const_value.numpy().ndim == 2 and w.shape is not None and len(w.shape) == 1:
+            weight = a.const_value.numpy().T  # y = A·h  ==  h·Aᵀ for a vector h
+            if bias_array is not None and bias_array.size not in (1, weight.shape[1]):
+                return None
+            if bias_array is not None:
+                bias_array = np.broadcast_to(bias_array, (weight.shape[1],))
+            return w, weight, bias_array, True
+    return None
+
+
+def _fused(b: Builder, y: ir.Value, matrix) -> ir.Value | None:
+    found = _affine_producer(y)
+    if found is None or (y.shape is not None and len(y.shape) > 2):
+        return None
+    h, weight, bias, vector_input = found
+    if h.shape is not None and len(h.shape) != (1 if vector_input else 2):
+        return None
+    weight = weight.astype(np.float32)
+    if matrix is not None:
+        merged = b.const(weight @ matrix.T)                          # [k, m]
+        out = b.op("MatMul", h, merged)
+        if bias is not None:
+            out = b.op("Add", out, b.const(matrix @ bias.astype(np.float32)))
+        return out
+    if vector_input:
+        return None
+    objective = _objective(b, None)                                  # [B, m, n]
+    merged = b.op("MatMul", objective, b.const(weight.T))            # [B, m, k]
+    out = b.op("Squeeze", b.op("MatMul", merged, b.op("Unsqueeze", h, b.ints([-1]))), b.ints([-1]))
+    if bias is not None:
+        out = b.op("Add", out, b.op("Squeeze", b.op("MatMul", objective, b.const(bias.astype(np.float32).reshape(-1, 1))),
+                                    b.ints([-1])))
+    return out
+
+
+def _appended(b: Builder, y: ir.Value, matrix) -> ir.Value:
+    rank = len(y.shape) if y.shape is not None else 2
+    flat = y if rank <= 2 else b.op("Flatten", y, axis=1)
+    if matrix is not None:
+        return b.op("MatMul", flat, b.const(matrix.T))
+    objective = _objective(b, None)
+    return b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", flat, b.ints([-1]))), b.ints([-1]))
