@@ -1,0 +1,71 @@
+"""The Python API behind the CLI: build bound graphs by method name, with or without a folded spec."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import model as model_lib
+from .errors import InputError
+from .export import save, to_proto
+from .interface import InputSet
+
+# method name -> factory(input_set, keep_original) returning an onnx_ir pass. Other passes register here.
+METHODS: dict[str, Callable[..., ir.passes.PassBase]] = {}
+
+
+def register_method(name: str, factory: Callable[..., ir.passes.PassBase]) -> None:
+    METHODS[name] = factory
+
+
+def _register_builtin() -> None:
+    from graphcert.passes.ibp import IntervalPass
+    register_method("ibp", lambda input_set, keep_original=True, trainable=False:
+                    IntervalPass(input_set, keep_original=keep_original, trainable=trainable))
+
+
+_register_builtin()
+
+
+def load(source) -> ir.Model:
+    """Read and normalise an ONNX model (path, ModelProto or onnx_ir.Model)."""
+    return model_lib.load(source)
+
+
+def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
+                spec: np.ndarray | str | None = None, spec_offset: np.ndarray | None = None,
+                keep_original: bool = True, trainable: bool = False) -> ir.Model:
+    """The bound graph of `model` by `method`.
+
+    spec: None bounds the outputs; a [m, n] matrix bounds margins C·y + spec_offset (output `margins`);
+    "runtime" adds an `objective` input [batch, m, n] and bounds objective·y.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}")
+    normalised = model if isinstance(model, ir.Model) else load(model)
+    if spec is not None:
+        from graphcert.passes.spec import SpecPass
+        matrix = None if isinstance(spec, str) else np.asarray(spec, dtype=np.float32)
+        normalised = SpecPass(matrix, spec_offset, keep_output=keep_original)(normalised).model
+    factory = METHODS[method]
+    kwargs = {"keep_original": keep_original}
+    if trainable:
+        kwargs["trainable"] = True
+    return factory(input_set or InputSet(), **kwargs)(normalised).model
+
+
+def convert(model_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "ibp",
+            domain: tuple[float, float] | None = None, spec_path: str | None = None) -> onnx.ModelProto:
+    """Write the bound graph of a model file; never overwrites the input."""
+    spec, offset = None, None
+    if spec_path is not None:
+        from graphcert.vnnlib import load_property
+        prop = load_property(spec_path)
+        spec, offset = prop.stacked_rows()
+    bound = bound_graph(model_path, method, InputSet("linf", domain), spec=spec, spec_offset=offset)
+    proto = to_proto(bound)
+    save(proto, out_path, source=model_path)
+    return proto
