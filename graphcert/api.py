@@ -13,18 +13,24 @@ from .errors import InputError
 from .export import save, to_proto
 from .interface import InputSet
 
-# method name -> factory(input_set, keep_original) returning an onnx_ir pass. Other passes register here.
+# method name -> factory(input_set, keep_original, trainable) returning an onnx_ir pass.
 METHODS: dict[str, Callable[..., ir.passes.PassBase]] = {}
+# method name -> supports(node) -> bool, for `inspect` and early errors.
+SUPPORTS: dict[str, Callable[[ir.Node], bool]] = {}
 
 
-def register_method(name: str, factory: Callable[..., ir.passes.PassBase]) -> None:
+def register_method(name: str, factory: Callable[..., ir.passes.PassBase],
+                    supports: Callable[[ir.Node], bool] | None = None) -> None:
     METHODS[name] = factory
+    if supports is not None:
+        SUPPORTS[name] = supports
 
 
 def _register_builtin() -> None:
-    from graphcert.passes.ibp import IntervalPass
+    from graphcert.passes import ibp
     register_method("ibp", lambda input_set, keep_original=True, trainable=False:
-                    IntervalPass(input_set, keep_original=keep_original, trainable=trainable))
+                    ibp.IntervalPass(input_set, keep_original=keep_original, trainable=trainable),
+                    supports=lambda node: node.op_type in ibp.RULES and ibp.accepts(node))
 
 
 _register_builtin()

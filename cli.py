@@ -1,0 +1,127 @@
+"""The `graphcert` command: parses arguments, calls the library, formats the results."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_MODEL = "mnist_mlp"
+
+
+def shipped_model(name: str) -> str:
+    """A model path, or the name of a model shipped in models/ (with or without .onnx)."""
+    if os.path.exists(name):
+        return name
+    from graphcert.models import shipped_path
+    return shipped_path(name) or name
+
+
+# ---- convert -------------------------------------------------------------------------------------------
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write the bound graph of a model")
+    p.add_argument("model", help="ONNX model file (or the name of a shipped model)")
+    p.add_argument("-o", "--output", required=True, help="where to write the bound graph (.onnx)")
+    p.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="clip the input box to [LO, HI] (e.g. 0 1 for pixels)")
+    p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> int:
+    from graphcert import api
+    proto = api.convert(shipped_model(args.model), args.output, method=args.method,
+                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec)
+    inputs = ", ".join(i.name for i in proto.graph.input)
+    outputs = ", ".join(o.name for o in proto.graph.output)
+    print(f"wrote {args.output} ({args.method}): inputs {inputs}; outputs {outputs}")
+    return 0
+
+
+# ---- inspect -------------------------------------------------------------------------------------------
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="inputs, outputs, op counts and method support of a model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args) -> int:
+    from graphcert.inspect import describe
+    info = describe(shipped_model(args.model))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"model: {info['path']} (opset {info['opset']}, producer {info['producer'] or '?'})")
+    for kind in ("inputs", "outputs"):
+        for item in info[kind]:
+            print(f"  {kind[:-1]:6} {item['name']}: {item['shape']}")
+    print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
+    for method, missing in info["methods"].items():
+        print(f"  {method:12} " + ("supported" if not missing else "unsupported: " + ", ".join(missing)))
+    return 0
+
+
+# ---- certify -------------------------------------------------------------------------------------------
+
+def add_certify(sub) -> None:
+    p = sub.add_parser("certify", help="clean and certified accuracy on a data set at an L-inf radius")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"ONNX model file or shipped model name (default: {DEFAULT_MODEL})")
+    p.add_argument("--data", default="mnist-test", help="mnist-test, mnist5k, digits or FILE.npz (x, y)")
+    p.add_argument("--eps", type=float, default=0.01, help="L-inf radius (default: 0.01)")
+    p.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    p.add_argument("--limit", type=int, help="certify only the first N samples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_certify)
+
+
+def run_certify(args) -> int:
+    from graphcert.certify import certify
+    from graphcert.data import load_dataset
+    data = load_dataset(args.data)
+    result = certify(shipped_model(args.model), data, args.eps, method=args.method, limit=args.limit,
+                     batch_size=args.batch_size, clip=not args.no_clip, progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"{result.n} samples of {data.name}, eps={result.eps:g}, method={result.method}")
+        print(f"clean accuracy:     {result.clean_accuracy:.2%} ({result.clean}/{result.n})")
+        print(f"certified accuracy: {result.certified_accuracy:.2%} ({result.certified}/{result.n})")
+        print(f"seconds:            {result.seconds:.2f}")
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphcert", description="Certified robustness for ONNX models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_convert, add_inspect, add_certify):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from graphcert.errors import GraphcertError
+    try:
+        return args.run(args)
+    except GraphcertError as exc:
+        print(f"graphcert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphcert: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as exc:
+        print(f"graphcert: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

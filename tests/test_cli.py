@@ -1,0 +1,122 @@
+"""The graphcert command end to end: outputs, JSON, and one-line errors with exit code 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MLP = str(REPO / "models" / "mnist_mlp.onnx")
+
+
+def graphcert(*args, cwd=None):
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_certify_json_on_shipped_model():
+    proc = graphcert("certify", "mnist_mlp", "--data", "mnist-test", "--eps", "0.001", "--limit", "200", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert {"clean_accuracy", "certified_accuracy", "n", "eps", "method", "seconds"} <= set(result)
+    assert result["n"] == 200 and result["eps"] == 0.001 and result["method"] == "ibp"
+    assert 0.8 < result["clean_accuracy"] <= 1.0
+    assert 0 < result["certified_accuracy"] <= result["clean_accuracy"]
+
+
+def test_certify_text_output():
+    proc = graphcert("certify", MLP, "--data", "mnist-test", "--eps", "0.0", "--limit", "50")
+    assert proc.returncode == 0, proc.stderr
+    assert "clean accuracy" in proc.stdout and "certified accuracy" in proc.stdout
+
+
+def test_convert_writes_checked_bound_graph(tmp_path):
+    out = tmp_path / "bounds.onnx"
+    proc = graphcert("convert", MLP, "-o", str(out), "--domain", "0", "1")
+    assert proc.returncode == 0, proc.stderr
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["image", "epsilon"]
+    assert [o.name for o in proto.graph.output] == ["logits", "logits_lower", "logits_upper"]
+    assert {p.key: p.value for p in proto.metadata_props}["graphcert.method"] == "ibp"
+    sess = ort.InferenceSession(str(out))
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    logits, lower, upper = sess.run(None, {"image": x, "epsilon": np.full((1, 1, 1, 1), 0.02, np.float32)})
+    assert (lower <= logits + 1e-5).all() and (logits <= upper + 1e-5).all()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_convert_refuses_to_overwrite_input(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(Path(MLP).read_bytes())
+    before = model.read_bytes()
+    proc = graphcert("convert", str(model), "-o", str(model))
+    assert_one_line_error(proc, "overwrite")
+    assert model.read_bytes() == before
+
+
+def test_inspect_lists_ops_and_methods():
+    proc = graphcert("inspect", MLP, "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["inputs"][0]["name"] == "image"
+    assert info["ops"]["Gemm"] == 4
+    assert info["methods"]["ibp"] == []
+
+
+def test_unsupported_ops_are_listed_before_writing(tmp_path):
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("Cos", ["x"], ["a"], name="cos1"), helper.make_node("Sin", ["a"], ["b"], name="sin1"),
+         helper.make_node("Cos", ["b"], ["y"], name="cos2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    path = tmp_path / "trig.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    out = tmp_path / "out.onnx"
+    proc = graphcert("convert", str(path), "-o", str(out))
+    assert_one_line_error(proc, "Cos", "Sin", "cos1", "cos2", "sin1")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["certify", "missing.onnx"], ["not found"]),
+    (["certify", MLP, "--eps", "-0.1"], ["epsilon"]),
+    (["certify", MLP, "--eps", "nan"], ["epsilon"]),
+    (["certify", MLP, "--data", "nosuchset"], ["unknown data set"]),
+    (["certify", MLP, "--limit", "0"], ["limit"]),
+    (["convert", MLP, "-o", "/nonexistent-dir/x.onnx"], ["folder"]),
+    (["convert", MLP, "-o", "x.onnx", "--method", "magic"], ["unknown method"]),
+])
+def test_bad_input_gives_one_line_error(tmp_path, args, words):
+    assert_one_line_error(graphcert(*args, cwd=tmp_path), *words)
+
+
+def test_malformed_model_and_data(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    assert_one_line_error(graphcert("certify", str(bad)), "ONNX")
+    nan = tmp_path / "nan.npz"
+    x = np.zeros((4, 1, 28, 28), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    np.savez(nan, x=x, y=np.zeros(4, np.int64))
+    assert_one_line_error(graphcert("certify", MLP, "--data", str(nan)), "NaN")
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((4, 10), np.float32), y=np.zeros(4, np.int64))
+    assert_one_line_error(graphcert("certify", MLP, "--data", str(wrong)), "expects 784")
+    nolabels = tmp_path / "nolabels.npz"
+    np.savez(nolabels, x=np.zeros((4, 784), np.float32))
+    assert_one_line_error(graphcert("certify", MLP, "--data", str(nolabels)), "y")
