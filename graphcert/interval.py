@@ -39,6 +39,15 @@ class Interval:
     def has_center_form(self) -> bool:
         return self._center is not None
 
+    def scaled_center_radius(self) -> tuple[ir.Value, ir.Value, float]:
+        """(k·center, k·radius, 1/k) in the cheapest way: the existing form, or l+u and u-l (k = 2).
+
+        Linear rules fold the returned factor into their weights, which saves two multiplications per layer.
+        """
+        if self._center is not None:
+            return self._center, self._radius, 1.0
+        return self.b.op("Add", self._lower, self._upper), self.b.op("Sub", self._upper, self._lower), 0.5
+
     @property
     def lower(self) -> ir.Value:
         if self._lower is None:

@@ -26,12 +26,22 @@ class Context:
         self.trainable = trainable
         self._abs: dict[str, ir.Value] = {}
 
-    def abs(self, value: ir.Value) -> ir.Value:
+    def abs(self, value: ir.Value, scale: float = 1.0) -> ir.Value:
+        """scale·|W|, precomputed as an initializer for constant weights."""
+        return self._derived(value, scale, np.abs, "Abs")
+
+    def scaled(self, value: ir.Value, scale: float) -> ir.Value:
+        return value if scale == 1.0 else self._derived(value, scale, None, None)
+
+    def _derived(self, value: ir.Value, scale: float, fn, op_type):
         if value.const_value is None or self.trainable:
-            return self.b.op("Abs", value)
-        if value.name not in self._abs:
-            self._abs[value.name] = self.b.const(np.abs(value.const_value.numpy()), dtype=value.const_value.numpy().dtype)
-        return self._abs[value.name]
+            out = self.b.op(op_type, value) if op_type else value
+            return out if scale == 1.0 else self.b.op("Mul", out, self.b.const(scale))
+        key = (value.name, scale, op_type)
+        if key not in self._abs:
+            array = value.const_value.numpy()
+            self._abs[key] = self.b.const((fn(array) if fn else array) * scale, dtype=array.dtype)
+        return self._abs[key]
 
     def constant(self, value: ir.Value) -> np.ndarray | None:
         if isinstance(value, ir.Value) and value.const_value is not None and not self.trainable:
@@ -111,8 +121,10 @@ def _matmul(cx, node, a, w):
                       b.op("MatMul", a.radius, w.radius))
         return [Interval.from_center(b, b.op("MatMul", a.center, w.center), radius)]
     if isinstance(a, Interval):
-        return [Interval.from_center(b, b.op("MatMul", a.center, w), b.op("MatMul", a.radius, cx.abs(w)))]
-    return [Interval.from_center(b, b.op("MatMul", a, w.center), b.op("MatMul", cx.abs(a), w.radius))]
+        c, r, k = a.scaled_center_radius()
+        return [Interval.from_center(b, b.op("MatMul", c, cx.scaled(w, k)), b.op("MatMul", r, cx.abs(w, k)))]
+    c, r, k = w.scaled_center_radius()
+    return [Interval.from_center(b, b.op("MatMul", cx.scaled(a, k), c), b.op("MatMul", cx.abs(a, k), r))]
 
 
 @rule("Gemm")
@@ -121,8 +133,10 @@ def _gemm(cx, node, a, w, bias=None):
     alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
     trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
     if isinstance(a, Interval) and not isinstance(w, Interval) and not isinstance(bias, Interval):
-        center = b.copy(node, [a.center, w] + ([bias] if bias is not None else []))
-        radius = b.op("Gemm", a.radius, cx.abs(w), alpha=abs(alpha), transA=trans_a, transB=trans_b)
+        c, r, k = a.scaled_center_radius()
+        center = b.op("Gemm", c, w, *([bias] if bias is not None else []), alpha=alpha * k, beta=beta,
+                      transA=trans_a, transB=trans_b)
+        radius = b.op("Gemm", r, cx.abs(w), alpha=abs(alpha) * k, transA=trans_a, transB=trans_b)
         return [Interval.from_center(b, center, radius)]
     # General case from the pieces: alpha·op(A)·op(B) + beta·C with interval products.
     def oriented(x, transpose):
@@ -147,8 +161,9 @@ def _scale(cx, x: Interval, factor: float) -> Interval:
 
 @rule("Conv", "ConvTranspose")
 def _conv(cx, node, x, w, bias=None):
-    center = cx.b.copy(node, [x.center, w] + ([bias] if bias is not None else []))
-    radius = cx.b.copy(node, [x.radius, cx.abs(w)])
+    c, r, k = x.scaled_center_radius()
+    center = cx.b.copy(node, [c, cx.scaled(w, k)] + ([bias] if bias is not None else []))
+    radius = cx.b.copy(node, [r, cx.abs(w, k)])
     return [Interval.from_center(cx.b, center, radius)]
 
 
