@@ -34,7 +34,8 @@ class SpecPass(ir.passes.FunctionalPass):
         if y is None:
             raise ValueError(f"model has no output named {self.output!r}")
         b = Builder(graph, prefix="spec")
-        margins = _fused(b, y, self.matrix) or _appended(b, y, self.matrix)
+        fused = _fused(b, y, self.matrix) if self.matrix is not None else _fused_runtime(b, y)
+        margins = fused or _appended(b, y, self.matrix)
         if self.offset is not None:
             margins = b.op("Add", margins, b.const(self.offset))
         margins = b.op("Identity", margins)
@@ -116,14 +117,40 @@ def _fused(b: Builder, y: ir.Value, matrix) -> ir.Value | None:
         if bias is not None:
             out = b.op("Add", out, b.const(matrix @ bias.astype(np.float32)))
         return out
-    if vector_input:
+    return None
+
+
+def _fused_runtime(b: Builder, y: ir.Value) -> ir.Value | None:
+    """objective·(h·W + c) as (objective·Wᵀ)·h + objective·c, reading W and c from the graph's own
+    initializers so the merged layer stays trainable."""
+    node = y.producer()
+    if node is None or (y.shape is not None and len(y.shape) != 2):
         return None
-    objective = _objective(b, None)                                  # [B, m, n]
-    merged = b.op("MatMul", objective, b.const(weight.T))            # [B, m, k]
+    bias = None
+    if node.op_type == "Add" and node.inputs[0].producer() is not None and node.inputs[0].producer().op_type == "MatMul":
+        bias, node = node.inputs[1], node.inputs[0].producer()
+    if node.op_type == "Gemm" and not attr(node, "transA", 0):
+        h, w = node.inputs[0], node.inputs[1]
+        rows_by_output = w if attr(node, "transB", 0) else b.op("Transpose", w, perm=[1, 0])   # [n, k]
+        if attr(node, "alpha", 1.0) != 1.0:
+            rows_by_output = b.op("Mul", rows_by_output, b.const(attr(node, "alpha", 1.0)))
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = node.inputs[2]
+            if attr(node, "beta", 1.0) != 1.0:
+                bias = b.op("Mul", bias, b.const(attr(node, "beta", 1.0)))
+    elif node.op_type == "MatMul" and node.inputs[1].shape is not None and len(node.inputs[1].shape) == 2:
+        h, rows_by_output = node.inputs[0], b.op("Transpose", node.inputs[1], perm=[1, 0])
+    else:
+        return None
+    if h.shape is None or len(h.shape) != 2 or not isinstance(y.shape[1], int):
+        return None
+    n = y.shape[1]
+    objective = _objective(b, None)                                             # [B, m, n]
+    merged = b.op("MatMul", objective, rows_by_output)                          # [B, m, k]
     out = b.op("Squeeze", b.op("MatMul", merged, b.op("Unsqueeze", h, b.ints([-1]))), b.ints([-1]))
     if bias is not None:
-        out = b.op("Add", out, b.op("Squeeze", b.op("MatMul", objective, b.const(bias.astype(np.float32).reshape(-1, 1))),
-                                    b.ints([-1])))
+        column = b.op("Reshape", b.op("Expand", bias, b.ints([n])), b.ints([n, 1]))
+        out = b.op("Add", out, b.op("Squeeze", b.op("MatMul", objective, column), b.ints([-1])))
     return out
 
 
