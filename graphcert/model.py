@@ -57,6 +57,8 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
             proto = onnx.version_converter.convert_version(proto, opset)
         except Exception as exc:
             raise ModelLoadError(f"cannot convert the model from opset {current} to {opset}: {_first_line(exc)}") from None
+    elif current > opset:
+        proto = _downgraded(proto, opset)
     model = ir.from_proto(proto)
     try:
         onnxscript.optimizer.optimize(model, num_iterations=2, input_size_limit=1 << 26, output_size_limit=1 << 26)
@@ -85,6 +87,17 @@ def _default_opset(proto: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     return 1
+
+
+def _downgraded(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Newer models come down to the target opset where the converter can take them; where it cannot,
+    they keep their opset (passes and the builder read the opset of the graph they rewrite)."""
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted)
+    except Exception:  # the converter has no down-adapter for one of the model's ops
+        return proto
+    return converted
 
 
 def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
