@@ -1,0 +1,342 @@
+"""Backward rules for linear bound propagation: one rule per op type, each the adjoint of the op.
+
+A coefficient tensor for a tensor t has shape [rows, *shape(t)]: the objective rows first, then t's own
+shape including its batch dimension (a batch of 1 broadcasts until a per-sample relaxation is met). A rule
+gets the coefficients of the node's output and returns (input value, coefficients of that input) pairs;
+pairs for values that do not depend on the perturbed inputs (biases, constants, intercepts) become bias
+terms sum(coefficients · value).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from graphcert.builder import Builder
+from graphcert.interpret import attr
+from graphcert.model import static_shape
+
+ADJOINTS: dict = {}
+
+
+def adjoint(*op_types):
+    def register(fn):
+        for op_type in op_types:
+            ADJOINTS[op_type] = fn
+        return fn
+    return register
+
+
+class Geometry:
+    """Strides, explicit pads and dilations of a sliding-window op, from its attributes and static shapes."""
+
+    def __init__(self, node: ir.Node, spatial_in: list[int], kernel: list[int]):
+        n = len(kernel)
+        self.kernel = list(kernel)
+        self.strides = list(attr(node, "strides", None) or [1] * n)
+        self.dilations = list(attr(node, "dilations", None) or [1] * n)
+        auto_pad = attr(node, "auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = [], []
+            for size, k, s, d in zip(spatial_in, kernel, self.strides, self.dilations):
+                total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+                small, large = total // 2, total - total // 2
+                begin.append(small if auto_pad == "SAME_UPPER" else large)
+                end.append(large if auto_pad == "SAME_UPPER" else small)
+            self.pads = begin + end
+        elif auto_pad == "VALID":
+            self.pads = [0] * (2 * n)
+        else:
+            self.pads = list(attr(node, "pads", None) or [0] * (2 * n))
+
+    def output_padding(self, spatial_in: list[int], spatial_out: list[int]) -> list[int]:
+        """What the transposed window op must add at the end to give back exactly the input size."""
+        n = len(self.kernel)
+        return [size - ((out - 1) * s + (k - 1) * d + 1 - self.pads[i] - self.pads[i + n])
+                for i, (size, out, k, s, d) in enumerate(zip(spatial_in, spatial_out, self.kernel, self.strides,
+                                                               self.dilations))]
+
+    def attributes(self) -> dict:
+        return {"strides": self.strides, "pads": self.pads, "dilations": self.dilations}
+
+
+def trailing(value: ir.Value) -> list[int]:
+    """All dimensions after the first (channels and spatial dims of a batched image tensor)."""
+    return [int(d) for d in static_shape(value)[1:]]
+
+
+def fold_leading(b: Builder, coef: ir.Value, dims: list[int]) -> ir.Value:
+    """[rows, n, *dims] -> [rows·n, *dims], for ops that take one batch axis (Conv and friends)."""
+    return b.op("Reshape", coef, b.ints([-1, *dims]))
+
+
+def unfold_leading(b: Builder, flat: ir.Value, like: ir.Value, dims: list[int]) -> ir.Value:
+    """Inverse of `fold_leading`, taking rows and batch from the coefficient tensor `like`."""
+    leading = b.op("Shape", like, start=0, end=2)
+    return b.op("Reshape", flat, b.op("Concat", leading, b.ints(dims), axis=0))
+
+
+def swap_last_two(b: Builder, value: ir.Value) -> ir.Value:
+    rank = len(value.shape)
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return b.op("Transpose", value, perm=perm)
+
+
+def unbroadcast(b: Builder, coef: ir.Value, value: ir.Value, out: ir.Value) -> ir.Value:
+    """Coefficients of `out` -> of `value`, which was broadcast to out's shape: sum over broadcast axes."""
+    have, want = static_shape(value), static_shape(out)
+    if have == want:
+        return coef
+    extra = len(want) - len(have)
+    if extra:
+        coef = b.reduce("ReduceSum", coef, list(range(1, 1 + extra)), keepdims=0)
+    axes = [1 + i for i, (h, w) in enumerate(zip(have, want[extra:])) if h == 1 and w != 1]
+    return b.reduce("ReduceSum", coef, axes, keepdims=1) if axes else coef
+
+
+def reshape_like(b: Builder, coef: ir.Value, value: ir.Value, batched: bool) -> ir.Value:
+    """Coefficients reshaped to [rows, *shape(value)]; rows (and batch) are copied from coef."""
+    dims = static_shape(value)
+    sample = dims[1:] if batched else dims
+    target = [0] * (2 if batched else 1) + [d if isinstance(d, int) else -1 for d in sample]
+    return b.op("Reshape", coef, b.ints(target))
+
+
+# ---- ops that only move elements ------------------------------------------------------------------------
+
+@adjoint("Identity", "Dropout")
+def _identity(cx, node, coef):
+    return [(node.inputs[0], coef)]
+
+
+@adjoint("Flatten", "Reshape")
+def _reshape(cx, node, coef):
+    return [(node.inputs[0], reshape_like(cx.b, coef, node.inputs[0], cx.batched))]
+
+
+@adjoint("Transpose")
+def _transpose(cx, node, coef):
+    rank = len(node.inputs[0].shape)
+    perm = attr(node, "perm", None) or list(reversed(range(rank)))
+    inverse = np.argsort(perm)
+    return [(node.inputs[0], cx.b.op("Transpose", coef, perm=[0] + [1 + int(i) for i in inverse]))]
+
+
+def _axes(node: ir.Node, rank: int) -> list[int] | None:
+    """Squeeze/Unsqueeze axes (an input since opset 13, normalised models are at 17), None when absent."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    return sorted(int(a) % rank for a in node.inputs[1].const_value.numpy())
+
+
+@adjoint("Squeeze")
+def _squeeze(cx, node, coef):
+    x = node.inputs[0]
+    dims = static_shape(x)
+    axes = _axes(node, len(dims))
+    if axes is None:
+        axes = [i for i, d in enumerate(dims) if d == 1]
+    return [(x, cx.b.op("Unsqueeze", coef, cx.b.ints([1 + a for a in axes])))]
+
+
+@adjoint("Unsqueeze")
+def _unsqueeze(cx, node, coef):
+    axes = _axes(node, len(node.outputs[0].shape))
+    return [(node.inputs[0], cx.b.op("Squeeze", coef, cx.b.ints([1 + a for a in axes])))]
+
+
+@adjoint("Pad")
+def _pad(cx, node, coef):
+    """The adjoint crops the padding away; a non-zero pad value contributes value·(sum of cropped coefs)."""
+    b = cx.b
+    x = node.inputs[0]
+    rank = len(x.shape)
+    pads = node.inputs[1].const_value.numpy().astype(np.int64)
+    axes = list(range(rank))
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        axes = [int(a) % rank for a in node.inputs[3].const_value.numpy()]
+    n = len(axes)
+    starts = [int(p) for p in pads[:n]]
+    ends = [-int(p) if p > 0 else np.iinfo(np.int64).max for p in pads[n:]]
+    cropped = b.op("Slice", coef, b.ints(starts), b.ints(ends), b.ints([1 + a for a in axes]))
+    pairs = [(x, cropped)]
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is not None and value.const_value is not None and float(value.const_value.numpy().reshape(-1)[0]) != 0:
+        pairs += [(value, coef), (value, b.op("Neg", cropped))]
+    return pairs
+
+
+@adjoint("Concat")
+def _concat(cx, node, coef):
+    out = node.outputs[0]
+    axis = attr(node, "axis") % len(out.shape)
+    sizes = [int(static_shape(v)[axis]) for v in node.inputs]
+    parts = cx.b.op("Split", coef, cx.b.ints(sizes), axis=axis + 1, num_outputs=len(sizes))
+    parts = parts if len(sizes) > 1 else [parts]
+    return list(zip(node.inputs, parts))
+
+
+# ---- linear ops ------------------------------------------------------------------------------------------
+
+@adjoint("Gemm")
+def _gemm(cx, node, coef):
+    b = cx.b
+    x, w = node.inputs[0], node.inputs[1]
+    back = b.op("MatMul", coef, w if attr(node, "transB", 0) else b.op("Transpose", w, perm=[1, 0]))
+    alpha = attr(node, "alpha", 1.0)
+    if alpha != 1.0:
+        back = b.op("Mul", back, b.const(alpha))
+    pairs = [(x, back)]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        beta = attr(node, "beta", 1.0)
+        pairs.append((node.inputs[2], coef if beta == 1.0 else b.op("Mul", coef, b.const(beta))))
+    return pairs
+
+
+@adjoint("MatMul")
+def _matmul(cx, node, coef):
+    b = cx.b
+    left, right = node.inputs
+    if left in cx.perturbed:                       # y = x·W
+        if len(right.shape) == 1:
+            return [(left, b.op("Mul", b.op("Unsqueeze", coef, b.ints([-1])), right))]
+        return [(left, b.op("MatMul", coef, swap_last_two(b, right)))]
+    if len(right.shape) == 1:                      # y = P·u with a vector u
+        return [(right, b.op("MatMul", coef, left))]
+    if len(left.shape) == 1:
+        return [(right, b.op("Mul", b.op("Unsqueeze", coef, b.ints([-2])), b.op("Unsqueeze", left, b.ints([-1]))))]
+    return [(right, b.op("MatMul", swap_last_two(b, left), coef))]
+
+
+@adjoint("Conv")
+def _conv(cx, node, coef):
+    """The adjoint of a convolution is the transposed convolution with the same weights and geometry."""
+    b = cx.b
+    x, w = node.inputs[0], node.inputs[1]
+    shape_in, shape_out = trailing(x), trailing(node.outputs[0])
+    geometry = Geometry(node, shape_in[1:], [int(d) for d in static_shape(w)[2:]])
+    back = b.op("ConvTranspose", fold_leading(b, coef, shape_out), w, group=attr(node, "group", 1),
+                output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+    pairs = [(x, unfold_leading(b, back, coef, shape_in))]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        spatial = len(shape_in) - 1
+        pairs.append((b.op("Unsqueeze", node.inputs[2], b.ints(list(range(1, 1 + spatial)))), coef))
+    return pairs
+
+
+@adjoint("ConvTranspose")
+def _conv_transpose(cx, node, coef):
+    b = cx.b
+    x, w = node.inputs[0], node.inputs[1]
+    shape_in, shape_out = trailing(x), trailing(node.outputs[0])
+    geometry = Geometry(node, shape_in[1:], [int(d) for d in static_shape(w)[2:]])
+    back = b.op("Conv", fold_leading(b, coef, shape_out), w, group=attr(node, "group", 1), **geometry.attributes())
+    pairs = [(x, unfold_leading(b, back, coef, shape_in))]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        spatial = len(shape_in) - 1
+        pairs.append((b.op("Unsqueeze", node.inputs[2], b.ints(list(range(1, 1 + spatial)))), coef))
+    return pairs
+
+
+@adjoint("BatchNormalization")
+def _batchnorm(cx, node, coef):
+    """Inference mode: y = g·x + h per channel, g = scale/sqrt(var + eps), h = bias - mean·g."""
+    b = cx.b
+    x, scale, bias, mean, var = node.inputs[:5]
+    spatial = len(x.shape) - 2
+    gain = b.op("Div", scale, b.op("Sqrt", b.op("Add", var, b.const(attr(node, "epsilon", 1e-5)))))
+    shift = b.op("Sub", bias, b.op("Mul", mean, gain))
+    if spatial:
+        axes = b.ints(list(range(1, 1 + spatial)))
+        gain, shift = b.op("Unsqueeze", gain, axes), b.op("Unsqueeze", shift, axes)
+    return [(x, b.op("Mul", coef, gain)), (shift, coef)]
+
+
+@adjoint("AveragePool")
+def _average_pool(cx, node, coef):
+    """A depthwise convolution with weights 1/count: the adjoint is its transposed convolution."""
+    b = cx.b
+    x = node.inputs[0]
+    shape_in, shape_out = trailing(x), trailing(node.outputs[0])
+    channels, kernel = shape_in[0], [int(k) for k in attr(node, "kernel_shape")]
+    geometry = Geometry(node, shape_in[1:], kernel)
+    ones = b.const(np.ones([channels, 1, *kernel], dtype=np.float32))
+    if attr(node, "count_include_pad", 0) or not any(geometry.pads):
+        scaled = b.op("Mul", coef, b.const(1.0 / float(np.prod(kernel))))
+    else:
+        # Border windows average over fewer inputs: count them with the same window over ones.
+        count = b.op("Conv", b.const(np.ones([1, 1, *shape_in[1:]], dtype=np.float32)),
+                     b.const(np.ones([1, 1, *kernel], dtype=np.float32)), **geometry.attributes())
+        scaled = b.op("Div", coef, b.op("Squeeze", count, b.ints([0])))
+    back = b.op("ConvTranspose", fold_leading(b, scaled, shape_out), ones, group=channels,
+                output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+    return [(x, unfold_leading(b, back, coef, shape_in))]
+
+
+@adjoint("GlobalAveragePool")
+def _global_average_pool(cx, node, coef):
+    spatial = trailing(node.inputs[0])[1:]
+    spread = np.full(spatial, 1.0 / float(np.prod(spatial)), dtype=np.float32)
+    return [(node.inputs[0], cx.b.op("Mul", coef, cx.b.const(spread)))]
+
+
+def reduced_axes(node: ir.Node) -> list[int] | None:
+    """ReduceMean/ReduceSum axes (attribute before opset 18, input after), None for "all" or unknown."""
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = node.inputs[1].const_value.numpy() if node.inputs[1].const_value is not None else None
+    else:
+        axes = attr(node, "axes", None)
+    if axes is None or rank is None or len(axes) == 0:
+        return None
+    return sorted(int(a) % rank for a in axes)
+
+
+@adjoint("ReduceMean", "ReduceSum")
+def _reduce(cx, node, coef):
+    """Every reduced input element gets the output's coefficient (divided by the count for a mean)."""
+    b = cx.b
+    x = node.inputs[0]
+    dims = static_shape(x)
+    axes = reduced_axes(node)
+    if not attr(node, "keepdims", 1):
+        coef = b.op("Unsqueeze", coef, b.ints([1 + a for a in axes]))
+    spread = [int(dims[i]) if i in axes else 1 for i in range(len(dims))]
+    weight = 1.0 / float(np.prod(spread)) if node.op_type == "ReduceMean" else 1.0
+    return [(x, b.op("Mul", coef, b.const(np.full(spread, weight, dtype=np.float32))))]
+
+
+# ---- elementwise arithmetic -------------------------------------------------------------------------------
+
+@adjoint("Add", "Sum")
+def _add(cx, node, coef):
+    out = node.outputs[0]
+    return [(v, cx.fit(coef, v, out)) for v in node.inputs]
+
+
+@adjoint("Sub")
+def _sub(cx, node, coef):
+    out = node.outputs[0]
+    x, y = node.inputs
+    return [(x, cx.fit(coef, x, out)), (y, cx.fit(cx.b.op("Neg", coef), y, out))]
+
+
+@adjoint("Neg")
+def _neg(cx, node, coef):
+    return [(node.inputs[0], cx.b.op("Neg", coef))]
+
+
+@adjoint("Mul")
+def _mul(cx, node, coef):
+    x, y = node.inputs
+    if x not in cx.perturbed:
+        x, y = y, x
+    return [(x, unbroadcast(cx.b, cx.b.op("Mul", coef, y), x, node.outputs[0]))]
+
+
+@adjoint("Div")
+def _div(cx, node, coef):
+    x, y = node.inputs
+    return [(x, unbroadcast(cx.b, cx.b.op("Div", coef, y), x, node.outputs[0]))]

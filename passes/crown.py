@@ -1,0 +1,445 @@
+"""Linear-relaxation bounds (CROWN, CROWN-IBP) as a rewrite: backward bound propagation emitted as ONNX.
+
+A lower bound on linear objectives of a tensor is carried backward through the graph as coefficients
+(`passes.adjoints`: one adjoint per linear op; `passes.relaxations`: lines for nonlinear ops) down to the
+perturbed inputs, and concretised over the input set: A·center - |A|·radius for a box, A·x - eps·||A||_2 for
+an L2 ball. Upper bounds are lower bounds of the negated objective, stacked as extra rows.
+
+Nonlinear ops are relaxed on the interval of their input. CROWN-IBP takes that interval from IBP; CROWN runs
+a backward pass from every such input (identity objective) and intersects it with IBP, except where IBP is
+already exact (a single linear layer away from the input). IBP runs alongside on the tightened intervals and
+also bounds the outputs; the final bounds are the intersection of both.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from graphcert.builder import Builder
+from graphcert.interface import InputSet, clone, close_outputs, epsilon_name, open_inputs, perturbed_inputs
+from graphcert.interpret import attr, check_supported, perturbed_nodes
+from graphcert.interval import Interval
+from graphcert.model import static_shape
+from graphcert.passes import ibp, relaxations
+from graphcert.passes.adjoints import (ADJOINTS, Geometry, fold_leading, reduced_axes, trailing, unbroadcast,
+                                       unfold_leading)
+from graphcert.passes.relaxations import Lines, WindowMax
+from graphcert.passes.spec import MARGINS
+
+ALPHA_PREFIX = "alpha."
+ALPHA_INIT_PREFIX = "alpha_init."
+RELAXED = relaxations.ELEMENTWISE | {"MaxPool"}
+
+# How IBP bounds of a tensor compare with the best linear bounds: exact for ops that only move or scale single
+# input elements (POINTWISE) and after one linear layer on such a tensor (AFFINE); otherwise possibly loose.
+POINTWISE, AFFINE, LOOSE = 0, 1, 2
+_MOVING = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Pad"}
+_SCALING = {"Neg", "BatchNormalization", "Add", "Sub", "Mul", "Div"}
+_MIXING = {"Gemm", "MatMul", "Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool"}
+
+
+class Context:
+    """What backward rules share: the builder, which values are perturbed, the relaxations made so far."""
+
+    def __init__(self, b: Builder, batched: bool, perturbed: set, boxes: dict, norm: str):
+        self.b = b
+        self.batched = batched
+        self.perturbed = perturbed
+        self.boxes = boxes
+        self.norm = norm
+        self.relaxed: dict[ir.Node, Lines | WindowMax] = {}
+        # alpha-CROWN: the free lower slopes of the current backward pass (None: CROWN's adaptive slopes).
+        self.alpha: AlphaInputs | None = None
+        self.epsilons: dict[str, ir.Value] = {}
+
+    @property
+    def lead(self) -> int:
+        """Leading axes of a coefficient tensor before the tensor's own sample axes: rows (and batch)."""
+        return 2 if self.batched else 1
+
+    def fit(self, coef: ir.Value, value: ir.Value, out: ir.Value) -> ir.Value:
+        """Coefficients of a broadcasting op's output, summed to the shape of a perturbed input."""
+        return unbroadcast(self.b, coef, value, out) if value in self.perturbed else coef
+
+    def contract(self, coef: ir.Value, value: ir.Value) -> ir.Value:
+        """sum over sample axes of coef·value ([rows, batch]); value broadcasts to the coefficients' tensor."""
+        b = self.b
+        flat = b.op("Reshape", b.op("Mul", coef, value), b.ints([0] * self.lead + [-1]))
+        return b.reduce("ReduceSum", flat, [self.lead], keepdims=0)
+
+    def dot(self, coef: ir.Value, value: ir.Value) -> ir.Value:
+        """`contract` for a value with the full shape of the tensor, as one matrix product."""
+        b = self.b
+        if not self.batched:
+            return b.op("MatMul", b.op("Reshape", coef, b.ints([0, -1])), b.op("Reshape", value, b.ints([-1])))
+        # [rows, batch, 1, n] @ [batch, n, 1]: one dot product per row and sample.
+        product = b.op("MatMul", b.op("Reshape", coef, b.ints([0, 0, 1, -1])), b.op("Reshape", value, b.ints([0, -1, 1])))
+        return b.op("Squeeze", product, b.ints([2, 3]))
+
+    def backward(self, nodes: list[ir.Node], start: ir.Value, coef: ir.Value) -> ir.Value:
+        """Lower bounds [rows, batch] of coef·start over the input set."""
+        b = self.b
+        pending = {start: coef}
+        bias = None
+        for node in reversed(nodes):
+            out = node.outputs[0]
+            if out not in pending:
+                continue
+            rule = _relaxed_backward if node.op_type in RELAXED else ADJOINTS[node.op_type]
+            for value, part in rule(self, node, pending.pop(out)):
+                if value in self.perturbed:
+                    pending[value] = part if value not in pending else b.op("Add", pending[value], part)
+                else:
+                    term = self.contract(part, value)
+                    bias = term if bias is None else b.op("Add", bias, term)
+        for source, part in pending.items():
+            term = self.concretise(source, part)
+            bias = term if bias is None else b.op("Add", bias, term)
+        return bias
+
+    def concretise(self, source: ir.Value, coef: ir.Value) -> ir.Value:
+        b = self.b
+        if self.norm == "l2":
+            # min over ||x' - x||_2 <= eps of A·x' is A·x - eps·||A||_2 (the dual norm of L2 is L2).
+            squares = b.op("Reshape", b.op("Mul", coef, coef), b.ints([0] * self.lead + [-1]))
+            norm = b.op("Sqrt", b.reduce("ReduceSum", squares, [self.lead], keepdims=0))
+            return b.op("Sub", self.dot(coef, source), b.op("Mul", norm, self.radius_l2(source)))
+        box = self.boxes[source]
+        return b.op("Sub", self.dot(coef, box.center), self.dot(b.op("Abs", coef), box.radius))
+
+    def radius_l2(self, source: ir.Value) -> ir.Value:
+        """The L2 radius per sample: the largest epsilon entry of the sample (epsilon broadcasts like x)."""
+        b = self.b
+        eps = self.epsilons[source.name]
+        if not self.batched:
+            return b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([1, -1])), [1], keepdims=0)
+        return b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=0)
+
+    def bound(self, nodes: list[ir.Node], value: ir.Value, both: bool) -> tuple[ir.Value, ir.Value | None]:
+        """CROWN lower (and upper) bounds of every element of `value`, shaped like it."""
+        b = self.b
+        dims = static_shape(value)
+        sample = dims[1:] if self.batched else dims
+        if all(isinstance(d, int) for d in sample):
+            count = int(np.prod(sample))
+            n = b.const(np.array(count, dtype=np.int64), dtype=np.int64)
+            halves = b.ints([count, count])
+            rows_dim = 2 * count if both else count
+        else:  # a run-time number of margins: [batch, rows]
+            n_1d = b.op("Shape", value, start=1, end=2)
+            n = b.op("Squeeze", n_1d, b.ints([0]))
+            halves = b.op("Concat", n_1d, n_1d, axis=0)
+            rows_dim = None
+        if self.alpha is not None:
+            self.alpha.start(rows_dim)
+        index = b.op("Range", b.const(np.array(0, dtype=np.int64), dtype=np.int64), n,
+                     b.const(np.array(1, dtype=np.int64), dtype=np.int64))
+        eye = b.op("Cast", b.op("Equal", b.op("Unsqueeze", index, b.ints([1])), b.op("Unsqueeze", index, b.ints([0]))),
+                   to=ir.DataType.FLOAT)
+        rows = b.op("Concat", eye, b.op("Neg", eye), axis=0) if both else eye
+        if self.batched and len(sample) == 1:
+            coef = b.op("Unsqueeze", rows, b.ints([1]))
+        else:
+            coef = b.op("Reshape", rows, b.ints([-1] + ([1] if self.batched else []) + list(sample)))
+        result = self.backward(nodes, value, coef)
+        if not both:
+            return self._shaped(result, sample), None
+        lower, negated_upper = b.op("Split", result, halves, axis=0, num_outputs=2)
+        return self._shaped(lower, sample), self._shaped(b.op("Neg", negated_upper), sample)
+
+    def _shaped(self, rows: ir.Value, sample: list) -> ir.Value:
+        """[n, batch] -> [batch, *sample] (or [n] -> sample without a batch)."""
+        b = self.b
+        if not self.batched:
+            return b.op("Reshape", rows, b.ints(sample))
+        per_sample = b.op("Transpose", rows, perm=[1, 0])
+        return per_sample if len(sample) == 1 else b.op("Reshape", per_sample, b.ints([-1] + list(sample)))
+
+
+def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
+    """Positive coefficients take the lower line, negative ones the upper line."""
+    b = cx.b
+    relaxation = cx.relaxed[node]
+    positive = b.op("Relu", coef)
+    negative = b.op("Sub", coef, positive)
+    if isinstance(relaxation, WindowMax):
+        return _window_max_backward(cx, node, relaxation, positive, negative)
+    lower_slope = relaxation.lower_slope
+    if cx.alpha is not None and relaxation.alpha_floor is not None:
+        lower_slope = relaxation.lower_slope_for(b, cx.alpha.get(node))
+    back = b.op("Add", b.op("Mul", positive, lower_slope), b.op("Mul", negative, relaxation.upper_slope))
+    pairs = [(node.inputs[0], back)]
+    if relaxation.lower_intercept is not None:
+        pairs.append((relaxation.lower_intercept, positive))
+    if relaxation.upper_intercept is not None:
+        pairs.append((relaxation.upper_intercept, negative))
+    return pairs
+
+
+def _window_max_backward(cx: Context, node: ir.Node, relaxation: WindowMax, positive, negative):
+    b = cx.b
+    x, out = node.inputs[0], node.outputs[0]
+    shape_in, shape_out = trailing(x), trailing(out)
+    per_window = b.op("Add", positive, b.op("Mul", negative, relaxation.upper_slope))
+    # [rows, batch, C, *out] -> [rows, batch, C, K, *out] on the chosen inputs -> transposed patch extraction.
+    spread = b.op("Mul", b.op("Unsqueeze", per_window, b.ints([3])), relaxation.select)
+    size = int(np.prod(relaxation.geometry.kernel))
+    flat = fold_leading(b, spread, [size, *shape_out[1:]])
+    geometry = relaxation.geometry
+    back = b.op("ConvTranspose", flat, relaxation.patches,
+                output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+    back = unfold_leading(b, back, spread, shape_in)
+    return [(x, back), (relaxation.upper_intercept, negative)]
+
+
+def _relax(cx: Context, node: ir.Node, box: Interval) -> Lines | WindowMax:
+    if node.op_type != "MaxPool":
+        return relaxations.relax(cx.b, node, box)
+    x = node.inputs[0]
+    shape_in, shape_out = trailing(x), trailing(node.outputs[0])
+    geometry = Geometry(node, shape_in[1:], [int(k) for k in attr(node, "kernel_shape")])
+    return relaxations.window_max(cx.b, node, box, shape_in, shape_out, geometry)
+
+
+# ---- which graphs the pass takes ----------------------------------------------------------------------------
+
+def _batched(sources) -> bool:
+    """Normalised models carry a symbolic leading batch dimension on inputs of rank >= 2."""
+    dims = [static_shape(v) for v in sources]
+    return all(len(d) >= 2 and not isinstance(d[0], int) for d in dims)
+
+
+def _static_trailing(value: ir.Value) -> bool:
+    dims = static_shape(value)
+    return len(dims) >= 2 and all(isinstance(d, int) for d in dims[1:])
+
+
+def _keeps_batch(node: ir.Node, batched: bool) -> bool:
+    """Ops that move elements must leave the batch axis first and whole (shape inference may rename it)."""
+    if not batched:
+        return True
+    x = node.inputs[0]
+    rank = len(x.shape) if x.shape is not None else 0
+    op = node.op_type
+    if op == "Flatten":
+        return attr(node, "axis", 1) == 1
+    if op == "Transpose":
+        return bool(rank) and (attr(node, "perm", None) or [rank - 1])[0] == 0
+    if op in ("Squeeze", "Unsqueeze"):
+        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+            return False
+        out_rank = rank if op == "Squeeze" else rank + node.inputs[1].const_value.numpy().size
+        return all(int(a) % out_rank != 0 for a in node.inputs[1].const_value.numpy())
+    target = node.inputs[1].const_value
+    if target is None or not _static_trailing(x):
+        return False
+    target = target.numpy()
+    per_sample = int(np.prod(static_shape(x)[1:]))
+    return len(target) >= 1 and target[0] in (0, -1) and all(d > 0 for d in target[1:]) \
+        and int(np.prod(target[1:])) == per_sample
+
+
+def _acceptor(perturbed: set, batched: bool):
+    def accepts(node: ir.Node) -> bool:
+        if not ibp.accepts(node):
+            return False
+        hit = [v is not None and v in perturbed for v in node.inputs]
+        op = node.op_type
+        if op in ("Add", "Sub", "Sum", "Neg", "Identity", "Dropout"):
+            return True
+        if op == "Concat":
+            axis = attr(node, "axis") % len(node.outputs[0].shape)
+            return (axis > 0 or not batched) and all(isinstance(static_shape(v)[axis], int) for v in node.inputs)
+        if op in ("MatMul", "Mul"):
+            return sum(hit) == 1 and all(v.shape is not None for v in node.inputs)
+        if any(hit[1:]):
+            return False
+        if op == "Gemm":
+            return not attr(node, "transA", 0)
+        if op in ("Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool"):
+            window_ok = not attr(node, "ceil_mode", 0) and attr(node, "output_shape", None) is None \
+                and not (op == "ConvTranspose" and attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"))
+            return window_ok and _static_trailing(node.inputs[0]) and _static_trailing(node.outputs[0]) \
+                and all(v is None or v.shape is not None for v in node.inputs) \
+                and (op != "MaxPool" or len(node.outputs) == 1 or not node.outputs[1].uses())
+        if op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
+            return _keeps_batch(node, batched) and static_shape(node.inputs[0]) != []
+        if op in ("ReduceMean", "ReduceSum"):
+            axes = reduced_axes(node)
+            dims = static_shape(node.inputs[0])
+            return axes is not None and all(isinstance(dims[a], int) for a in axes) and (0 not in axes or not batched)
+        if op == "Pad":
+            pads, value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+            return attr(node, "mode", "constant") in ("constant", b"constant") and pads.const_value is not None \
+                and (pads.const_value.numpy() >= 0).all() and (value is None or value.const_value is not None)
+        if op in relaxations.ELEMENTWISE:
+            return relaxations.accepts(node)
+        return op in ADJOINTS
+    return accepts
+
+
+def supports(node: ir.Node) -> bool:
+    """Whether the op has a rule, judged without the graph around it (for `graphcert inspect`)."""
+    if node.op_type in relaxations.ELEMENTWISE:
+        return relaxations.accepts(node) and ibp.accepts(node)
+    return (node.op_type in ADJOINTS or node.op_type in RELAXED) and ibp.accepts(node)
+
+
+def _exactness(node: ir.Node, state: dict, perturbed: set) -> int:
+    inputs = [v for v in node.inputs if v is not None and v in perturbed]
+    if len(inputs) != 1:
+        return LOOSE
+    before = state[inputs[0]]
+    if node.op_type in _MOVING or (node.op_type in _SCALING
+                                   and static_shape(inputs[0]) == static_shape(node.outputs[0])):
+        return before
+    if node.op_type in _MIXING and before == POINTWISE:
+        return AFFINE
+    return LOOSE
+
+
+class CrownPass(ir.passes.FunctionalPass):
+    """Normalised model in, linear-relaxation bound graph out (same interface as `passes.ibp.IntervalPass`).
+
+    intermediate: "crown" (full CROWN) or "ibp" (CROWN-IBP) bounds on the inputs of nonlinear ops.
+    norm: "linf" (the input set's box) or "l2" (epsilon is the L2 radius around x; needs a linf input set).
+    crown_upper: bound output maxima by CROWN too (twice the rows); None means for every output except the
+        spec pass's `margins`, whose upper bounds then come from IBP (proofs only need margin lower bounds).
+    alpha: "inputs" makes the lower slope of every ReLU-like unit a graph input per backward pass
+        (`alpha.<n>`, shape [rows, *unit shape], projected onto its valid range in the graph; metadata
+        `graphcert.alpha` maps each to its unit); "init" adds outputs `alpha_init.<unit>` with CROWN's
+        adaptive choice, the starting point of alpha-CROWN.
+    """
+
+    def __init__(self, input_set: InputSet | None = None, keep_original: bool = True, trainable: bool = False,
+                 intermediate: str = "crown", norm: str = "linf", crown_upper: bool | None = None,
+                 alpha: str | None = None):
+        super().__init__()
+        if intermediate not in ("crown", "ibp"):
+            raise ValueError(f"intermediate bounds come from 'crown' or 'ibp', not {intermediate!r}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', not {norm!r}")
+        self.input_set = input_set or InputSet()
+        if norm == "l2" and self.input_set.kind != "linf":
+            raise ValueError("an L2 ball needs the 'linf' input set (its epsilon becomes the L2 radius)")
+        self.keep_original = keep_original
+        self.trainable = trainable
+        self.intermediate = intermediate
+        self.norm = norm
+        self.crown_upper = crown_upper
+        self.alpha = alpha
+        self.method = "crown" if intermediate == "crown" else "crown-ibp"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Rules need shapes, also of nodes added by earlier passes (the spec pass leaves them to inference).
+        result = ShapeInferencePass()(clone(model)).model
+        graph = result.graph
+        sources = perturbed_inputs(result)
+        nodes = perturbed_nodes(graph, set(sources))
+        batched = _batched(sources)
+        tainted = set(sources) | {out for node in nodes for out in node.outputs}
+        check_supported(nodes, {op: True for op in set(ADJOINTS) | RELAXED}, self.method, _acceptor(tainted, batched))
+        b = Builder(graph, prefix=self.method.replace("-", "_"))
+        epsilon_names = {x.name: epsilon_name(result, x) for x in sources}
+        boxes = open_inputs(result, b, self.input_set)
+        for original, source in zip(sources, boxes):  # a box's center stands in for the input: same shape
+            source.shape, source.type = original.shape, original.type
+        perturbed = set(boxes) | {out for node in nodes for out in node.outputs}
+        cx = Context(b, batched, perturbed, boxes, self.norm)
+        if self.norm == "l2":
+            by_name = {v.name: v for v in graph.inputs}
+            cx.epsilons = {x.name: by_name[epsilon_names[x.name]] for x in boxes}
+        if self.alpha == "inputs":
+            cx.alpha = AlphaInputs(graph)
+
+        intervals = _Intervals(b, self.trainable, boxes)
+        for index, node in enumerate(nodes):
+            if node.op_type in RELAXED:
+                x = node.inputs[0]
+                # IBP is exact up to one linear layer on a box, never on an L2 ball.
+                loose = intervals.exactness[x] == LOOSE or self.norm == "l2"
+                if self.intermediate == "crown" and loose and x not in intervals.tightened:
+                    lower, upper = cx.bound(nodes[:index], x, both=True)
+                    intervals.tighten(x, lower, upper)
+                cx.relaxed[node] = _relax(cx, node, intervals.env[x])
+                if self.alpha == "init" and isinstance(cx.relaxed[node], Lines) \
+                        and cx.relaxed[node].adaptive_alpha is not None:
+                    _expose(graph, b, f"{ALPHA_INIT_PREFIX}{node.outputs[0].name}", cx.relaxed[node].adaptive_alpha)
+            intervals.step(node, perturbed)
+
+        bounds = {}
+        for out in graph.outputs:
+            if out not in intervals.env:
+                continue
+            both = self.crown_upper if self.crown_upper is not None else out.name != MARGINS
+            lower, upper = cx.bound(nodes, out, both)
+            box = intervals.env[out]
+            bounds[out.name] = (b.op("Max", lower, box.lower), b.op("Min", upper, box.upper) if both else box.upper)
+        close_outputs(result, b, bounds, self.keep_original, self.method)
+        if cx.alpha is not None:
+            result.metadata_props["graphcert.alpha"] = json.dumps(cx.alpha.units)
+            result.metadata_props["graphcert.method"] = "alpha-" + self.method
+        return ir.passes.PassResult(result, modified=True)
+
+
+class _Intervals:
+    """IBP alongside the backward passes, on intervals tightened by them, and how exact each interval is."""
+
+    def __init__(self, b: Builder, trainable: bool, boxes: dict):
+        self.b = b
+        self.ibp = ibp.Context(b, trainable)
+        self.env = dict(boxes)
+        self.exactness = {v: POINTWISE for v in boxes}
+        self.tightened: set = set()
+
+    def tighten(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> None:
+        box = self.env[value]
+        self.env[value] = Interval.from_bounds(self.b, self.b.op("Max", box.lower, lower),
+                                               self.b.op("Min", box.upper, upper))
+        self.tightened.add(value)
+
+    def step(self, node: ir.Node, perturbed: set) -> None:
+        args = [self.env.get(v, v) if v is not None else None for v in node.inputs]
+        while args and args[-1] is None:
+            args.pop()
+        outs = ibp.RULES[node.op_type](self.ibp, node, *args)
+        self.env.update(zip(node.outputs, outs))
+        self.exactness[node.outputs[0]] = _exactness(node, self.exactness, perturbed)
+
+
+class AlphaInputs:
+    """alpha-CROWN parameters: one graph input per (backward pass, ReLU-like unit), made on first use."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.units: dict[str, str] = {}
+        self.rows = None
+        self._made: dict = {}
+        self._pass = 0
+
+    def start(self, rows: int | None) -> None:
+        """A new backward pass with `rows` objective rows (None: known at run time only)."""
+        self._pass += 1
+        self.rows = rows if rows is not None else f"rows_{self._pass}"
+
+    def get(self, node: ir.Node) -> ir.Value:
+        key = (self._pass, node)
+        if key not in self._made:
+            unit = node.outputs[0]
+            name = f"{ALPHA_PREFIX}{len(self.units)}"
+            value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT),
+                             shape=ir.Shape([self.rows, *unit.shape]))
+            self.graph.inputs.append(value)
+            self.units[name] = unit.name
+            self._made[key] = value
+        return self._made[key]
+
+
+def _expose(graph: ir.Graph, b: Builder, name: str, value: ir.Value) -> None:
+    named = b.op("Identity", value)
+    named.name = name
+    named.type = ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(named)

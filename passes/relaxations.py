@@ -1,0 +1,244 @@
+"""Linear relaxations of elementwise nonlinear ops on an interval, emitted as ONNX nodes.
+
+For y = f(x) with x in [l, u] elementwise, a relaxation is a pair of lines sound on the whole interval:
+    lower_slope·x + lower_intercept <= f(x) <= upper_slope·x + upper_intercept.
+Backward bound propagation uses the lower line where a coefficient is positive and the upper line where it
+is negative. An intercept of None means zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphcert.builder import Builder
+from graphcert.interpret import attr
+from graphcert.interval import Interval
+
+# Widths below this count as a point interval (avoids 0/0; any line through the point is then exact).
+TINY = 1e-12
+# Bisection steps for the tangent point of S-shaped functions; every step keeps a valid (sound) end.
+TANGENT_STEPS = 12
+
+
+@dataclass
+class Lines:
+    lower_slope: ir.Value
+    lower_intercept: ir.Value | None
+    upper_slope: ir.Value
+    upper_intercept: ir.Value | None
+    # ReLU-like ops only: the lower slope may be any value a + (1 - a)·alpha with alpha in [floor, ceiling]
+    # (floor = 1 where the unit is always active, ceiling = 0 where it is never active); alpha-CROWN picks it.
+    negative_slope: float | None = None
+    alpha_floor: ir.Value | None = None
+    alpha_ceiling: ir.Value | None = None
+    adaptive_alpha: ir.Value | None = None
+
+    def lower_slope_for(self, b: Builder, alpha: ir.Value) -> ir.Value:
+        """The lower slope with alpha (any value) projected onto its valid range."""
+        clamped = b.op("Min", b.op("Max", alpha, self.alpha_floor), self.alpha_ceiling)
+        if self.negative_slope == 0.0:
+            return clamped
+        a = self.negative_slope
+        return b.op("Add", b.op("Mul", clamped, b.const(1.0 - a)), b.const(a))
+
+
+def _as_float(b: Builder, condition: ir.Value) -> ir.Value:
+    return b.op("Cast", condition, to=ir.DataType.FLOAT)
+
+
+def relu_like(b: Builder, box: Interval, negative_slope: float = 0.0) -> Lines:
+    """f(x) = x for x >= 0, a·x below (a <= 1: convex). Upper: the chord; lower: a line through 0 with
+    slope between a and 1, adaptively 1 where u > -l (the smaller area) and a elsewhere."""
+    a = negative_slope
+    l, u = box.lower, box.upper
+    zero = b.const(0.0)
+    l_neg, u_pos = b.op("Min", l, zero), b.op("Max", u, zero)
+    width = b.op("Max", b.op("Sub", u_pos, l_neg), b.const(TINY))
+    rise = u_pos if a == 0.0 else b.op("Sub", u_pos, b.op("Mul", l_neg, b.const(a)))
+    upper_slope = b.op("Div", rise, width)
+    # The chord passes through (l, a·l): intercept = l·(a - slope), zero when l >= 0 (slope 1 there).
+    upper_intercept = b.op("Mul", l_neg, b.op("Sub", b.const(a), upper_slope) if a else b.op("Neg", upper_slope))
+    floor = _as_float(b, b.op("Not", b.op("Less", l, zero)))
+    ceiling = _as_float(b, b.op("Greater", u, zero))
+    adaptive = _as_float(b, b.op("Greater", b.op("Add", u, l), zero))
+    lower_slope = adaptive if a == 0.0 else b.op("Add", b.op("Mul", adaptive, b.const(1.0 - a)), b.const(a))
+    return Lines(lower_slope, None, upper_slope, upper_intercept, a, floor, ceiling, adaptive)
+
+
+def _upper_line_s_shaped(b: Builder, f, df, l: ir.Value, u: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """An upper line of f on [l, u] for f convex on x <= 0 and concave on x >= 0 (sigmoid, tanh).
+
+    The chord is above f exactly when f'(u) >= its slope (always when u <= 0). Otherwise a tangent is used:
+    at the midpoint when l >= 0 (f concave on [l, u]), else at the smallest d in [0, u] whose tangent passes
+    above (l, f(l)); every tangent at d >= that point is above f on [l, inf), so bisection keeps the upper end.
+    """
+    half = b.const(0.5)
+    fl, fu = f(l), f(u)
+    chord = b.op("Div", b.op("Sub", fu, fl), b.op("Max", b.op("Sub", u, l), b.const(TINY)))
+    zero = b.const(0.0)
+    low, high = b.op("Max", l, zero), u
+    for _ in range(TANGENT_STEPS):
+        mid = b.op("Mul", b.op("Add", low, high), half)
+        at_l = b.op("Add", f(mid), b.op("Mul", df(mid), b.op("Sub", l, mid)))
+        valid = b.op("Not", b.op("Less", at_l, fl))
+        high = b.op("Where", valid, mid, high)
+        low = b.op("Where", valid, low, mid)
+    point = b.op("Where", b.op("Less", l, zero), high, b.op("Mul", b.op("Add", l, u), half))
+    tangent = df(point)
+    use_chord = b.op("Not", b.op("Less", df(u), chord))
+    slope = b.op("Where", use_chord, chord, tangent)
+    intercept = b.op("Where", use_chord, b.op("Sub", fl, b.op("Mul", chord, l)),
+                     b.op("Sub", f(point), b.op("Mul", tangent, point)))
+    return slope, intercept
+
+
+def s_shaped(b: Builder, box: Interval, f, df) -> Lines:
+    """Sigmoid-like f (inflection at 0). The lower line of f on [l, u] mirrors the upper line of
+    g(y) = -f(-y) on [-u, -l]: g(y) <= s·y + c there means f(x) >= s·x - c."""
+    l, u = box.lower, box.upper
+    upper_slope, upper_intercept = _upper_line_s_shaped(b, f, df, l, u)
+    g = lambda v: b.op("Neg", f(b.op("Neg", v)))  # noqa: E731
+    dg = lambda v: df(b.op("Neg", v))  # noqa: E731
+    slope, intercept = _upper_line_s_shaped(b, g, dg, b.op("Neg", u), b.op("Neg", l))
+    return Lines(slope, b.op("Neg", intercept), upper_slope, upper_intercept)
+
+
+def sigmoid(b: Builder, box: Interval) -> Lines:
+    f = lambda v: b.op("Sigmoid", v)  # noqa: E731
+
+    def df(v):
+        s = f(v)
+        return b.op("Mul", s, b.op("Sub", b.const(1.0), s))
+    return s_shaped(b, box, f, df)
+
+
+def tanh(b: Builder, box: Interval) -> Lines:
+    f = lambda v: b.op("Tanh", v)  # noqa: E731
+
+    def df(v):
+        t = f(v)
+        return b.op("Sub", b.const(1.0), b.op("Mul", t, t))
+    return s_shaped(b, box, f, df)
+
+
+def convex(b: Builder, box: Interval, f, df) -> Lines:
+    """Convex f: the chord is above it on [l, u] and every tangent below it; take the tangent at the midpoint."""
+    l, u = box.lower, box.upper
+    fl = f(l)
+    chord = b.op("Div", b.op("Sub", f(u), fl), b.op("Max", b.op("Sub", u, l), b.const(TINY)))
+    middle = b.op("Mul", b.op("Add", l, u), b.const(0.5))
+    tangent = df(middle)
+    return Lines(tangent, b.op("Sub", f(middle), b.op("Mul", tangent, middle)),
+                 chord, b.op("Sub", fl, b.op("Mul", chord, l)))
+
+
+def softplus(b: Builder, box: Interval) -> Lines:
+    return convex(b, box, lambda v: b.op("Softplus", v), lambda v: b.op("Sigmoid", v))
+
+
+def elu(b: Builder, box: Interval, alpha: float) -> Lines:
+    """x above 0, alpha·(e^x - 1) below: convex for 0 <= alpha <= 1."""
+    def df(v):
+        below = b.op("Mul", b.op("Exp", b.op("Min", v, b.const(0.0))), b.const(alpha))
+        return b.op("Where", b.op("Greater", v, b.const(0.0)), b.const(1.0), below)
+    return convex(b, box, lambda v: b.op("Elu", v, alpha=alpha), df)
+
+
+def clip(b: Builder, box: Interval, low: ir.Value | None, high: ir.Value | None) -> Lines:
+    """Clip(x) = lo + Relu(x - lo) - Relu(x - hi), or x - Relu(x - hi) without a lower bound; each Relu is
+    relaxed on its shifted interval and the lines are summed (subtracting a Relu swaps its lines)."""
+    sides = {"lower": [b.const(0.0 if low is not None else 1.0), low],
+             "upper": [b.const(0.0 if low is not None else 1.0), low]}  # [slope, intercept or None]
+    terms = ([("Add", low)] if low is not None else []) + ([("Sub", high)] if high is not None else [])
+    for combine, kink in terms:
+        shifted = Interval.from_bounds(b, b.op("Sub", box.lower, kink), b.op("Sub", box.upper, kink))
+        relu = relu_like(b, shifted)
+        # In x: Relu(x - c) >= s_l·x - s_l·c and Relu(x - c) <= s_u·x - s_u·c + t_u.
+        below = (relu.lower_slope, b.op("Neg", b.op("Mul", relu.lower_slope, kink)))
+        above = (relu.upper_slope, b.op("Sub", relu.upper_intercept, b.op("Mul", relu.upper_slope, kink)))
+        pieces = {"lower": below, "upper": above} if combine == "Add" else {"lower": above, "upper": below}
+        for side, (slope, intercept) in pieces.items():
+            total = sides[side]
+            total[0] = b.op(combine, total[0], slope)
+            total[1] = b.op(combine, total[1] if total[1] is not None else b.const(0.0), intercept)
+    return Lines(sides["lower"][0], sides["lower"][1], sides["upper"][0], sides["upper"][1])
+
+
+def relax(b: Builder, node: ir.Node, box: Interval) -> Lines:
+    """The relaxation lines of an elementwise node for its input interval."""
+    op = node.op_type
+    if op == "Relu":
+        return relu_like(b, box)
+    if op == "LeakyRelu":
+        return relu_like(b, box, float(attr(node, "alpha", 0.01)))
+    if op == "Sigmoid":
+        return sigmoid(b, box)
+    if op == "Tanh":
+        return tanh(b, box)
+    if op == "Softplus":
+        return softplus(b, box)
+    if op == "Elu":
+        return elu(b, box, float(attr(node, "alpha", 1.0)))
+    if op == "Clip":
+        # Normalised models are at opset >= 11, where the bounds are optional inputs.
+        low, high = (node.inputs[i] if len(node.inputs) > i else None for i in (1, 2))
+        return clip(b, box, low, high)
+    raise KeyError(op)
+
+
+ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Softplus", "Elu"}
+
+
+def accepts(node: ir.Node) -> bool:
+    if node.op_type == "LeakyRelu":
+        return float(attr(node, "alpha", 0.01)) <= 1.0
+    if node.op_type == "Elu":
+        return 0.0 <= float(attr(node, "alpha", 1.0)) <= 1.0
+    return node.op_type in ELEMENTWISE
+
+
+@dataclass
+class WindowMax:
+    """MaxPool relaxed per window: y >= x_j* for j* the input with the largest lower bound, and y <= x_j* too
+    where that input dominates (l_j* >= u_i for every other i), else y <= max_i u_i. Windows are handled as
+    patches: a convolution with one-hot kernels extracts them, its transposed convolution is the adjoint."""
+
+    patches: ir.Value          # one-hot kernel bank [K, 1, *kernel]
+    geometry: object           # adjoints.Geometry of the pooling window
+    select: ir.Value           # one-hot choice of j* per window [batch, C, K, *out]
+    upper_slope: ir.Value      # 1 where dominated, else 0 [batch, C, *out]
+    upper_intercept: ir.Value  # max_i u_i where not dominated, else 0
+
+
+def window_max(b: Builder, node: ir.Node, box: Interval, shape_in: list[int], shape_out: list[int],
+               geometry) -> WindowMax:
+    kernel = geometry.kernel
+    size = int(np.prod(kernel))
+    bank = np.zeros([size, 1, *kernel], dtype=np.float32)
+    for i, position in enumerate(np.ndindex(*kernel)):
+        bank[(i, 0, *position)] = 1.0
+    bank = b.const(bank)
+    channels, spatial_in, spatial_out = shape_in[0], shape_in[1:], shape_out[1:]
+
+    def windows(v):
+        flat = b.op("Reshape", v, b.ints([-1, 1, *spatial_in]))
+        return b.op("Reshape", b.op("Conv", flat, bank, **geometry.attributes()),
+                    b.ints([-1, channels, size, *spatial_out]))
+
+    # Padding is never the maximum: mask padded positions with the lowest float.
+    inside = b.op("Greater", windows(b.const(np.ones([1, channels, *spatial_in], dtype=np.float32))),
+                  b.const(0.5))
+    lowest = b.const(np.finfo(np.float32).min)
+    lows = b.op("Where", inside, windows(box.lower), lowest)
+    highs = b.op("Where", inside, windows(box.upper), lowest)
+    chosen = b.op("ArgMax", lows, axis=2, keepdims=1)
+    index = b.const(np.arange(size, dtype=np.int64).reshape([1, 1, size] + [1] * len(spatial_out)), dtype=np.int64)
+    select = b.op("Equal", index, chosen)
+    chosen_low = b.reduce("ReduceMax", lows, [2], keepdims=0)
+    others_high = b.reduce("ReduceMax", b.op("Where", select, lowest, highs), [2], keepdims=0)
+    dominated = _as_float(b, b.op("Not", b.op("Less", chosen_low, others_high)))
+    top = b.reduce("ReduceMax", highs, [2], keepdims=0)
+    intercept = b.op("Mul", top, b.op("Sub", b.const(1.0), dominated))
+    return WindowMax(bank, geometry, _as_float(b, select), dominated, intercept)
