@@ -31,6 +31,12 @@ def _register_builtin() -> None:
     register_method("ibp", lambda input_set, keep_original=True, trainable=False:
                     ibp.IntervalPass(input_set, keep_original=keep_original, trainable=trainable),
                     supports=lambda node: node.op_type in ibp.RULES and ibp.accepts(node))
+    from graphcert.passes import crown
+    for name, intermediate in (("crown", "crown"), ("crown-ibp", "ibp")):
+        register_method(name, lambda input_set, keep_original=True, trainable=False, intermediate=intermediate:
+                        crown.CrownPass(input_set, keep_original=keep_original, trainable=trainable,
+                                        intermediate=intermediate),
+                        supports=crown.supports)
 
 
 _register_builtin()
