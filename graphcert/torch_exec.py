@@ -97,6 +97,7 @@ _simple({
     "Min": lambda *xs: functools.reduce(torch.minimum, xs),
     "Greater": torch.gt, "Less": torch.lt, "GreaterOrEqual": torch.ge, "LessOrEqual": torch.le,
     "Equal": torch.eq, "Or": torch.logical_or, "And": torch.logical_and, "Not": torch.logical_not,
+    "IsNaN": torch.isnan,
     "Where": lambda condition, x, y: torch.where(condition.bool(), x, y),
     "Identity": lambda x: x,
     "MatMul": torch.matmul,
@@ -371,6 +372,50 @@ def _reduce(node, setup):
     return reduce
 
 
+@kernel("ArgMax", "ArgMin")
+def _arg_extreme(node, setup):
+    function = torch.argmax if node.op_type == "ArgMax" else torch.argmin
+    axis, keepdims = attr(node, "axis", 0), bool(attr(node, "keepdims", 1))
+    last = bool(attr(node, "select_last_index", 0))
+
+    def arg_extreme(x):
+        if not last:  # torch, like ONNX by default, picks the first of tied elements
+            return function(x, axis, keepdims)
+        size = x.shape[axis]
+        return size - 1 - function(x.flip(axis), axis, keepdims)
+    return arg_extreme
+
+
+@kernel("CumSum")
+def _cumsum(node, setup):
+    exclusive, reverse = bool(attr(node, "exclusive", 0)), bool(attr(node, "reverse", 0))
+
+    def cumsum(x, axis):
+        dim = int(axis.item())
+        if reverse:
+            x = x.flip(dim)
+        if exclusive and x.shape[dim] > 0:
+            # Shift rather than subtract x from the inclusive sum: inf - inf would give nan.
+            head = torch.zeros_like(x.narrow(dim, 0, 1))
+            total = torch.cat([head, torch.cumsum(x.narrow(dim, 0, x.shape[dim] - 1), dim)], dim)
+        else:
+            total = torch.cumsum(x, dim)
+        return total.flip(dim) if reverse else total
+    return cumsum
+
+
+@kernel("IsInf")
+def _is_inf(node, setup):
+    negative, positive = bool(attr(node, "detect_negative", 1)), bool(attr(node, "detect_positive", 1))
+    if negative and positive:
+        return torch.isinf
+    if positive:
+        return torch.isposinf
+    if negative:
+        return torch.isneginf
+    return lambda x: torch.zeros_like(x, dtype=torch.bool)
+
+
 # ---- moving, copying and selecting elements ------------------------------------------------------------
 
 @kernel("Flatten")
@@ -477,6 +522,8 @@ def _slice_axis(x: torch.Tensor, axis: int, start: int, end: int, step: int) -> 
         start, end = min(max(start, 0), size), min(max(end, 0), size)
         return x.narrow(axis, start, 0) if end <= start else x[(slice(None),) * axis + (slice(start, end, step),)]
     start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+    if end >= start:
+        return x.narrow(axis, 0, 0)
     return _gather_along(x, axis, torch.arange(start, end, step, device=x.device))
 
 

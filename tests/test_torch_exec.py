@@ -9,10 +9,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from graphcert.errors import InputError, UnsupportedOpError
+from graphcert.errors import GraphcertError, InputError, UnsupportedOpError
 from graphcert.export import to_proto
 from graphcert.interface import InputSet, clone
 from graphcert.model import load, model_inputs, static_shape
@@ -23,6 +25,7 @@ from graphcert.torch_exec import TorchGraph
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "vnncomp2021"
 FLOAT = TensorProto.FLOAT
+ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
 
 
 def _reference(model: ir.Model, feeds: dict) -> dict[str, np.ndarray]:
@@ -254,7 +257,7 @@ def elementwise_family():
     yield _single("ThresholdedRelu", {"x": x}, alpha=0.5)
     yield _single("Clip", {"x": x}, {"lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)})
     yield _single("Clip", {"x": x}, {"hi": np.array(0.2, np.float32)}, order=["x", "", "hi"])
-    yield _single("Clip", {"x": x}, min=-0.3, max=0.4, opset=6)
+    yield _single("Clip", {"x": x}, min=-0.3, max=0.4, opset=10)
     for op in ("Softmax", "LogSoftmax"):
         yield _single(op, {"x": _normal(r, 2, 3, 4)}, axis=1)
         yield _single(op, {"x": _normal(r, 2, 3, 4)}, axis=1, opset=11)
@@ -273,6 +276,18 @@ def logic_and_type_family():
              helper.make_node("Cast", ["x"], ["x_i"], to=TensorProto.INT64),
              helper.make_node("CastLike", ["x_i", "y"], ["x_t"]), helper.make_node("Add", ["x_t", "n_f"], ["out"])]
     yield _graph(nodes, inputs, {}, ["out"]), inputs
+    inputs = {"x": np.array([[1.0, np.inf, -np.inf, np.nan], [2.0, 2.0, -1.0, 2.0]], np.float32)}
+    nodes = [helper.make_node("IsNaN", ["x"], ["nan"]), helper.make_node("IsInf", ["x"], ["inf"]),
+             helper.make_node("IsInf", ["x"], ["positive"], detect_negative=0),
+             helper.make_node("Concat", ["nan", "inf", "positive"], ["flags"], axis=0),
+             helper.make_node("Cast", ["flags"], ["out"], to=FLOAT)]
+    yield _graph(nodes, inputs, {}, ["out"]), inputs
+    x = np.floor(3 * _normal(r, 3, 4, 5))  # ties
+    for op in ("ArgMax", "ArgMin"):
+        for axis, keepdims, last in ((1, 1, 0), (-1, 0, 1), (0, 1, 1)):
+            yield _single(op, {"x": x}, cast=True, axis=axis, keepdims=keepdims, select_last_index=last)
+    for exclusive, reverse in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        yield _single("CumSum", {"x": x}, {"axis": np.array(-2, np.int64)}, exclusive=exclusive, reverse=reverse)
 
 
 @case
@@ -305,6 +320,71 @@ def shape_computation_family():
         helper.make_node("Add", ["flat", "ramp_sum"], ["out2"]),
     ]
     yield _graph(nodes, inputs, {}, ["out", "out2"]), inputs
+
+
+PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(st.data())
+def test_random_window_geometry_matches_onnxruntime(data):
+    """Conv, ConvTranspose and pools over random sizes, kernels, strides, dilations, pads and modes."""
+    draw = data.draw
+    op = draw(st.sampled_from(["Conv", "ConvTranspose", "AveragePool", "MaxPool"]))
+    rank = draw(st.integers(1, 2))
+    sizes = [draw(st.integers(3, 9)) for _ in range(rank)]
+    kernel_shape = [draw(st.integers(1, 3)) for _ in range(rank)]
+    attrs = {"strides": [draw(st.integers(1, 3)) for _ in range(rank)]}
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    # AveragePool takes dilations from opset 19 only; with SAME padding onnxruntime refuses them (Conv) or
+    # pads for the undilated kernel (MaxPool), against the operator docs, which the executor follows.
+    if op != "AveragePool" and not auto_pad.startswith("SAME"):
+        attrs["dilations"] = [draw(st.integers(1, 2)) for _ in range(rank)]
+    if auto_pad.startswith("SAME"):
+        # A stride beyond the kernel makes the SAME padding negative. The executor pads nothing then (and
+        # ConvTranspose, as documented, zeros): onnxruntime refuses, reads out of place, or clamps.
+        attrs["strides"] = [min(s, k) for s, k in zip(attrs["strides"], kernel_shape)]
+    if auto_pad == "NOTSET":
+        attrs["pads"] = [draw(st.integers(0, k - 1)) for k in kernel_shape * 2]
+    else:
+        attrs["auto_pad"] = auto_pad
+    # Windows larger than the input give empty outputs, where onnxruntime ignores dilations under VALID.
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel_shape, attrs.get("dilations", [1] * rank))]
+    assume(all(w <= s for w, s in zip(reach, sizes)))
+    r = _rng(draw(st.integers(0, 1000)))
+    x = _normal(r, 2, 4, *sizes)
+    consts = {}
+    if op in ("Conv", "ConvTranspose"):
+        group = draw(st.sampled_from([1, 2]))
+        out_channels = 2 * draw(st.integers(1, 2))
+        shape = (out_channels, 4 // group) if op == "Conv" else (4, out_channels // group)
+        consts = {"w": _normal(r, *shape, *kernel_shape), "b": _normal(r, shape[0] if op == "Conv" else out_channels)}
+        attrs["group"] = group
+        if op == "ConvTranspose" and auto_pad == "NOTSET" and draw(st.booleans()):
+            attrs["output_padding"] = [draw(st.integers(0, s - 1)) for s in attrs["strides"]]
+    else:
+        attrs["kernel_shape"] = kernel_shape
+        attrs["ceil_mode"] = draw(st.integers(0, 1))
+        if op == "AveragePool":
+            attrs["count_include_pad"] = draw(st.integers(0, 1))
+    try:
+        proto, feeds = _single(op, {"x": x}, consts, **attrs)
+    except (ORT_ERRORS.Fail, ORT_ERRORS.InvalidArgument, ORT_ERRORS.RuntimeException):
+        assume(False)  # a geometry onnxruntime refuses
+    assume(all(d.dim_value > 0 for d in proto.graph.output[0].type.tensor_type.shape.dim))
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.integers(-9, 9), st.integers(-9, 9), st.integers(0, 2),
+                          st.integers(-3, 3).filter(bool)), min_size=1, max_size=3))
+def test_random_slices_match_onnxruntime(slices):
+    """Out-of-range and negative starts, ends and steps clamp as ONNX Slice says."""
+    x = _normal(_rng(20), 5, 4, 6)
+    columns = [np.array(c, np.int64) for c in zip(*slices)]
+    assume(len(set(columns[2].tolist())) == len(slices))  # each axis at most once
+    proto, feeds = _single("Slice", {"x": x}, dict(zip("seat", columns)))
+    _assert_matches(ir.from_proto(proto), feeds)
 
 
 def _case_params():
@@ -499,6 +579,12 @@ def test_only_requested_outputs_and_missing_inputs():
         executor({"x": x})
     with pytest.raises(InputError, match="nothing"):
         executor({"x": x, "epsilon": 0.1}, outputs=["nothing"])
+
+
+def test_run_time_failures_name_the_node():
+    executor = TorchGraph(_tiny_model())
+    with pytest.raises(GraphcertError, match=r"failed at node \S+ \((Reshape|Flatten)\)"):
+        executor({"x": np.zeros((2, 2, 6, 6), np.float32)})
 
 
 def test_unsupported_ops_are_all_listed():
