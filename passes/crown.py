@@ -70,15 +70,6 @@ class Context:
         flat = b.op("Reshape", b.op("Mul", coef, value), b.ints([0] * self.lead + [-1]))
         return b.reduce("ReduceSum", flat, [self.lead], keepdims=0)
 
-    def dot(self, coef: ir.Value, value: ir.Value) -> ir.Value:
-        """`contract` for a value with the full shape of the tensor, as one matrix product."""
-        b = self.b
-        if not self.batched:
-            return b.op("MatMul", b.op("Reshape", coef, b.ints([0, -1])), b.op("Reshape", value, b.ints([-1])))
-        # [rows, batch, 1, n] @ [batch, n, 1]: one dot product per row and sample.
-        product = b.op("MatMul", b.op("Reshape", coef, b.ints([0, 0, 1, -1])), b.op("Reshape", value, b.ints([0, -1, 1])))
-        return b.op("Squeeze", product, b.ints([2, 3]))
-
     def backward(self, nodes: list[ir.Node], start: ir.Value, coef: ir.Value) -> ir.Value:
         """Lower bounds [rows, batch] of coef·start over the input set."""
         b = self.b
@@ -106,9 +97,9 @@ class Context:
             # min over ||x' - x||_2 <= eps of A·x' is A·x - eps·||A||_2 (the dual norm of L2 is L2).
             squares = b.op("Reshape", b.op("Mul", coef, coef), b.ints([0] * self.lead + [-1]))
             norm = b.op("Sqrt", b.reduce("ReduceSum", squares, [self.lead], keepdims=0))
-            return b.op("Sub", self.dot(coef, source), b.op("Mul", norm, self.radius_l2(source)))
+            return b.op("Sub", self.contract(coef, source), b.op("Mul", norm, self.radius_l2(source)))
         box = self.boxes[source]
-        return b.op("Sub", self.dot(coef, box.center), self.dot(b.op("Abs", coef), box.radius))
+        return b.op("Sub", self.contract(coef, box.center), self.contract(b.op("Abs", coef), box.radius))
 
     def radius_l2(self, source: ir.Value) -> ir.Value:
         """The L2 radius per sample: the largest epsilon entry of the sample (epsilon broadcasts like x)."""
@@ -356,6 +347,7 @@ class CrownPass(ir.passes.FunctionalPass):
             cx.alpha = AlphaInputs(graph)
 
         intervals = _Intervals(b, self.trainable, boxes)
+        exposed: dict[str, tuple[ir.Value, ir.Shape]] = {}
         for index, node in enumerate(nodes):
             if node.op_type in RELAXED:
                 x = node.inputs[0]
@@ -367,7 +359,8 @@ class CrownPass(ir.passes.FunctionalPass):
                 cx.relaxed[node] = _relax(cx, node, intervals.env[x])
                 if self.alpha == "init" and isinstance(cx.relaxed[node], Lines) \
                         and cx.relaxed[node].adaptive_alpha is not None:
-                    _expose(graph, b, f"{ALPHA_INIT_PREFIX}{node.outputs[0].name}", cx.relaxed[node].adaptive_alpha)
+                    exposed[f"{ALPHA_INIT_PREFIX}{node.outputs[0].name}"] = (cx.relaxed[node].adaptive_alpha,
+                                                                            node.outputs[0].shape)
             intervals.step(node, perturbed)
 
         bounds = {}
@@ -379,6 +372,8 @@ class CrownPass(ir.passes.FunctionalPass):
             box = intervals.env[out]
             bounds[out.name] = (b.op("Max", lower, box.lower), b.op("Min", upper, box.upper) if both else box.upper)
         close_outputs(result, b, bounds, self.keep_original, self.method)
+        for name, (value, shape) in exposed.items():
+            _expose(graph, b, name, value, shape)
         if cx.alpha is not None:
             result.metadata_props["graphcert.alpha"] = json.dumps(cx.alpha.units)
             result.metadata_props["graphcert.method"] = "alpha-" + self.method
@@ -438,8 +433,9 @@ class AlphaInputs:
         return self._made[key]
 
 
-def _expose(graph: ir.Graph, b: Builder, name: str, value: ir.Value) -> None:
+def _expose(graph: ir.Graph, b: Builder, name: str, value: ir.Value, shape: ir.Shape) -> None:
     named = b.op("Identity", value)
     named.name = name
     named.type = ir.TensorType(ir.DataType.FLOAT)
+    named.shape = shape
     graph.outputs.append(named)
