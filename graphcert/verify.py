@@ -1,0 +1,363 @@
+"""Deciding VNN-LIB properties: falsify, bound the unsafe margins, branch and bound over input boxes.
+
+`verify(model, spec)` answers `holds` (every conjunct of the unsafe set is refuted on every input box),
+`violated` (a counterexample that onnxruntime confirms on the original model), `unknown` (the search gave up)
+or `timeout`. Bounds come from a bound graph with the property's rows folded in (`graphcert.api`), run on a
+batch of boxes at once; boxes that bounds cannot decide are split and re-bounded, and attacked meanwhile.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import api
+from .attack import Attack, FlatNetwork, unsafe_objective
+from .errors import GraphcertError, InputError, SpecError
+from .export import atomic_write, to_proto
+from .interface import InputSet, perturbed_inputs
+from .model import read_proto
+from .runtime import Session
+from .vnnlib import Property, load_property
+
+STATUSES = ("holds", "violated", "unknown", "timeout")
+COMPETITION_WORDS = {"holds": "unsat", "violated": "sat", "unknown": "unknown", "timeout": "timeout"}
+# Bound graphs compute in float32 without outward rounding: demand a little more than > 0 to refute.
+ABSOLUTE_SLACK, RELATIVE_SLACK = 1e-6, 1e-5
+CHILDREN_PER_CALL = 8192
+# Trying every split dimension costs 2·n bound evaluations per box; worth it for low-dimensional inputs.
+TRIAL_SPLIT_DIMENSIONS = 16
+FRONTIER_BYTES = 1 << 29
+ATTACK_SHARE = 0.2
+ATTACK_BOXES = 64
+
+BoundFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Result:
+    status: str
+    counterexample: tuple[np.ndarray, np.ndarray] | None
+    seconds: float
+    boxes: int = 0          # sub-boxes bounded
+
+
+class Network:
+    """The model twice: normalised (for bounds and attacks) and the original file (to confirm candidates)."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        proto = read_proto(model_path)
+        self.model = api.load(proto)
+        inputs = perturbed_inputs(self.model)
+        if len(inputs) != 1 or len(self.model.graph.outputs) != 1:
+            raise InputError(f"{model_path}: verification needs exactly one input and one output, found "
+                             f"{len(inputs)} and {len(self.model.graph.outputs)}")
+        x, y = inputs[0], self.model.graph.outputs[0]
+        self.input_name, self.output_name = x.name, y.name
+        dims = list(x.shape) if x.shape is not None else []
+        self.batched = len(dims) >= 2 and not isinstance(dims[0], int)
+        self.sample_shape = [d for d in (dims[1:] if self.batched else dims)]
+        if not all(isinstance(d, int) for d in self.sample_shape):
+            raise InputError(f"{model_path}: input {x.name} has free dimensions {dims}; fix its shape first")
+        self.n_inputs = int(np.prod(self.sample_shape))
+        self.n_outputs = int(np.prod([d for d in (y.shape or [])[1 if self.batched else 0:]]))
+        self.original = Session(proto, threads=1)
+        original_input = next(i for i in proto.graph.input if i.name == x.name)
+        original_dims = [d.dim_value for d in original_input.type.tensor_type.shape.dim]
+        self.original_shape = original_dims if all(original_dims) else ([1] if self.batched else []) + self.sample_shape
+
+    def model_shaped(self, flat: np.ndarray) -> np.ndarray:
+        """[B, n] -> the model's batched input shape (only for batched models)."""
+        return flat.reshape(len(flat), *self.sample_shape)
+
+    def confirm(self, prop: Property, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(x, y) when the original model maps x into the unsafe set under onnxruntime, else None."""
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        y = self.original.run({self.input_name: x.reshape(self.original_shape)})[self.original.output_names[0]]
+        y = y.reshape(-1)
+        return (x, y) if prop.is_counterexample(x, y) else None
+
+
+def outward_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest float32 box containing [lower, upper]."""
+    lo, hi = lower.astype(np.float32), upper.astype(np.float32)
+    lo = np.where(lo > lower, np.nextafter(lo, np.float32(-np.inf)), lo)
+    hi = np.where(hi < upper, np.nextafter(hi, np.float32(np.inf)), hi)
+    return lo, hi
+
+
+class SpecBounds:
+    """bound_fn(lower [B, n], upper [B, n]) -> (margin_lower, margin_upper, margins at the box centers)."""
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, method: str):
+        graph = api.bound_graph(network.model, method, InputSet("box"), spec=matrix, spec_offset=offset,
+                                keep_original=True)
+        self.session = Session(to_proto(graph))
+        self.network = network
+        name = network.input_name
+        self.feeds = (f"{name}_lower", f"{name}_upper")
+        self.outputs = ["margins_lower", "margins_upper", "margins"]
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray):
+        lo, hi = outward_float32(lower, upper)
+        if self.network.batched:
+            out = self.session.run(dict(zip(self.feeds, (self.network.model_shaped(lo), self.network.model_shaped(hi)))),
+                                   self.outputs)
+            return tuple(out[k].reshape(len(lo), -1) for k in self.outputs)
+        # Models without a batch dimension take one box at a time.
+        rows = [self.session.run(dict(zip(self.feeds, (a.reshape(self.network.sample_shape),
+                                                        b.reshape(self.network.sample_shape)))), self.outputs)
+                for a, b in zip(lo, hi)]
+        return tuple(np.stack([r[k].reshape(-1) for r in rows]) for k in self.outputs)
+
+
+def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
+           method: str = "ibp") -> Result:
+    """Decide whether the property holds on the model within `timeout` seconds (loading included)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    prop = load_property(spec_path)
+    network = Network(model_path)
+    if (prop.n_inputs, prop.n_outputs) != (network.n_inputs, network.n_outputs):
+        raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
+                        f"{model_path} has {network.n_inputs} inputs and {network.n_outputs} outputs")
+    status, counterexample, boxes = Search(prop, network, method, deadline).run()
+    return Result(status, counterexample, time.monotonic() - start, boxes)
+
+
+class Search:
+    """Branch and bound over input boxes, with attacks on the boxes bounds cannot decide."""
+
+    def __init__(self, prop: Property, network: Network, method: str, deadline: float,
+                 bound_fn: BoundFn | None = None):
+        self.prop, self.network, self.deadline = prop, network, deadline
+        matrix, offset = prop.stacked_rows()
+        rows = prop.conjunct_rows
+        self.membership = np.zeros((len(offset), len(prop.unsafe)), dtype=bool)
+        for k, indices in enumerate(rows):
+            self.membership[indices, k] = True
+        self.has_rows = len(offset) > 0
+        self.bound_fn = bound_fn or (SpecBounds(network, matrix, offset, method) if self.has_rows else None)
+        self.attack = Attack(FlatNetwork(network.model, network.output_name), matrix, offset, self.membership)
+        self.boxes_bounded = 0
+        self.attack_seconds = 0.0
+        self.started = time.monotonic()
+        self.counterexample = None
+
+    def run(self) -> tuple[str, tuple | None, int]:
+        lower = np.stack([lo for lo, _ in self.prop.input_boxes]) if self.prop.cases else np.zeros((0, 0))
+        upper = np.stack([hi for _, hi in self.prop.input_boxes]) if self.prop.cases else np.zeros((0, 0))
+        alive = np.zeros((len(lower), len(self.prop.unsafe)), dtype=bool)
+        for box, conjunct in self.prop.cases:
+            alive[box, conjunct] = True
+        if not len(lower):
+            return "holds", None, 0
+        if self._attack(lower, upper, alive, budget=0.25, samples=1024, restarts=32, steps=100) or \
+                self._conjunct_without_rows(lower, upper, alive):
+            return "violated", self.counterexample, self.boxes_bounded
+        if not self.has_rows:
+            return "unknown", None, 0
+        frontier = self._roots(lower, upper, alive)
+        if frontier is None:
+            return self._stopped()
+        stack = [frontier] if len(frontier[0]) else []
+        while stack:
+            if time.monotonic() > self.deadline:
+                return "timeout", None, self.boxes_bounded
+            if self.counterexample is not None:
+                return "violated", self.counterexample, self.boxes_bounded
+            if sum(len(part[0]) for part in stack) * lower.shape[1] * 16 > FRONTIER_BYTES:
+                return "unknown", None, self.boxes_bounded
+            parents = _take(stack, max(1, CHILDREN_PER_CALL // (2 * self._trial_dimensions(lower.shape[1]))))
+            children = self._split(*parents)
+            if children is None:
+                return self._stopped()
+            if len(children[0]):
+                stack.append(children)
+                self._attack_if_due(children)
+        return ("violated", self.counterexample, self.boxes_bounded) if self.counterexample is not None \
+            else ("holds", None, self.boxes_bounded)
+
+    def _stopped(self):
+        if self.counterexample is not None:
+            return "violated", self.counterexample, self.boxes_bounded
+        return "timeout", None, self.boxes_bounded
+
+    @staticmethod
+    def _trial_dimensions(n: int) -> int:
+        return n if n <= TRIAL_SPLIT_DIMENSIONS else 1
+
+    def _conjunct_without_rows(self, lower, upper, alive) -> bool:
+        """A conjunct with no output rows is met by every output: any input of its box is a counterexample."""
+        empty = ~self.membership.any(axis=0)
+        for box in np.flatnonzero((alive & empty).any(axis=1)):
+            self._confirm(0.5 * (lower[box] + upper[box]))
+        return self.counterexample is not None
+
+    def _evaluate(self, lower, upper, alive):
+        """Bound boxes, drop refuted conjuncts, try the centers; (alive, score) or None at the deadline.
+
+        score: the weakest live conjunct's best row lower bound (> 0 means refuted; +inf when the box is).
+        """
+        if time.monotonic() > self.deadline:
+            return None
+        margin_lower, margin_upper, center = self._bound_batched(lower, upper)
+        self.boxes_bounded += len(lower)
+        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper))
+        refuted = ((margin_lower > slack).astype(np.int32) @ self.membership) > 0
+        alive = alive & ~refuted
+        membership, alive_t = torch.from_numpy(self.membership), torch.from_numpy(alive)
+        center_objective = unsafe_objective(torch.from_numpy(center), membership, alive_t).numpy()
+        for box in np.flatnonzero(center_objective <= 0)[:8]:
+            if self._confirm(0.5 * (lower[box] + upper[box])):
+                break
+        return alive, unsafe_objective(torch.from_numpy(margin_lower), membership, alive_t).numpy()
+
+    def _bound_batched(self, lower, upper):
+        parts = [self.bound_fn(lower[i:i + CHILDREN_PER_CALL], upper[i:i + CHILDREN_PER_CALL])
+                 for i in range(0, len(lower), CHILDREN_PER_CALL)]
+        return tuple(np.concatenate([p[k] for p in parts]).astype(np.float64) for k in range(3))
+
+    def _roots(self, lower, upper, alive):
+        evaluated = self._evaluate(lower, upper, alive)
+        if evaluated is None:
+            return None
+        alive, score = evaluated
+        keep = alive.any(axis=1)
+        return lower[keep], upper[keep], alive[keep], score[keep]
+
+    def _split(self, lower, upper, alive, score):
+        """Halve each box along the dimension whose worse half is closest to refuted; return the live halves.
+
+        Low-dimensional inputs try every dimension (all halves bounded in one call); others halve the
+        dimension widest relative to the property's box.
+        """
+        m, n = lower.shape
+        if self._trial_dimensions(n) == n:
+            dims = np.tile(np.arange(n), (m, 1))
+        else:
+            dims = np.argmax((upper - lower) / self._root_width(), axis=1)[:, None]
+        d = dims.shape[1]
+        parent, dim = np.repeat(np.arange(m), d), dims.reshape(-1)
+        rows = np.arange(len(parent))
+        mid = 0.5 * (lower[parent, dim] + upper[parent, dim])
+        left_upper, right_lower = upper[parent], lower[parent]
+        left_upper[rows, dim] = mid
+        right_lower[rows, dim] = mid
+        child_lower = np.concatenate([lower[parent], right_lower])
+        child_upper = np.concatenate([left_upper, upper[parent]])
+        evaluated = self._evaluate(child_lower, child_upper, np.concatenate([alive[parent], alive[parent]]))
+        if evaluated is None:
+            return None
+        child_alive, child_score = evaluated
+        half = len(parent)
+        worse = np.minimum(child_score[:half], child_score[half:]).reshape(m, d)
+        better = np.maximum(child_score[:half], child_score[half:]).reshape(m, d)
+        chosen = np.lexsort((-better, -worse), axis=-1)[:, 0]
+        pick = np.arange(m) * d + chosen
+        selected = np.concatenate([pick, pick + half])
+        keep = selected[child_alive[selected].any(axis=1)]
+        return child_lower[keep], child_upper[keep], child_alive[keep], child_score[keep]
+
+    def _root_width(self) -> np.ndarray:
+        widths = np.max([hi - lo for lo, hi in self.prop.input_boxes], axis=0)
+        return np.where(widths > 0, widths, 1.0)
+
+    def _attack_if_due(self, frontier) -> None:
+        elapsed = time.monotonic() - self.started
+        if self.attack_seconds > ATTACK_SHARE * elapsed:
+            return
+        lower, upper, alive, score = frontier
+        chosen = np.argsort(score)[:ATTACK_BOXES]
+        self._attack(lower[chosen], upper[chosen], alive[chosen], budget=1.0, samples=64, restarts=4, steps=30)
+
+    def _attack(self, lower, upper, alive, budget: float, **settings) -> bool:
+        """Attack the boxes for at most `budget` of the remaining time; True when a counterexample is confirmed."""
+        began = time.monotonic()
+        deadline = began + budget * max(0.0, self.deadline - began)
+        points, objective = self.attack.run(lower, upper, alive, deadline, **settings)
+        for index in np.argsort(objective)[:8]:
+            if objective[index] > 0 or self._confirm(points[index]):
+                break
+        self.attack_seconds += time.monotonic() - began
+        return self.counterexample is not None
+
+    def _confirm(self, x: np.ndarray) -> bool:
+        found = self.network.confirm(self.prop, x)
+        if found is not None and self.counterexample is None:
+            self.counterexample = found
+        return self.counterexample is not None
+
+
+def _take(stack: list, count: int):
+    """Pop up to `count` boxes from the top of the stack (depth first keeps the frontier small)."""
+    top = stack[-1]
+    if len(top[0]) <= count:
+        stack.pop()
+        return top
+    stack[-1] = tuple(part[:-count] for part in top)
+    return tuple(part[-count:] for part in top)
+
+
+def write_result(result: Result, path: str | os.PathLike) -> None:
+    """The competition's result file: unsat, sat with the counterexample, unknown or timeout."""
+    lines = [COMPETITION_WORDS[result.status]]
+    if result.status == "violated" and result.counterexample is not None:
+        x, y = result.counterexample
+        pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(x)] + [f"(Y_{j} {float(v)!r})" for j, v in enumerate(y)]
+        lines.append("(" + "\n ".join(pairs) + ")")
+    atomic_write(("\n".join(lines) + "\n").encode(), path)
+
+
+@dataclass
+class InstanceResult:
+    onnx: str
+    vnnlib: str
+    status: str
+    seconds: float
+    timeout: float
+
+
+def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "ibp",
+                  progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None) -> list[InstanceResult]:
+    """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it."""
+    from tqdm import tqdm
+    csv_path = os.fspath(csv_path)
+    if not os.path.isfile(csv_path):
+        raise InputError(f"instances file not found: {csv_path}")
+    folder = os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="") as handle:
+        rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
+    if any(len(r) < 3 for r in rows):
+        raise InputError(f"{csv_path}: every row needs onnx, vnnlib and timeout columns")
+    rows = rows[:limit] if limit is not None else rows
+    results = []
+    bar = tqdm(rows, disable=not progress, unit="instance")
+    for onnx_name, spec_name, timeout, *_ in bar:
+        bar.set_description(f"{os.path.basename(onnx_name)} {os.path.basename(spec_name)}")
+        seconds = float(timeout) * timeout_scale
+        started = time.monotonic()
+        try:
+            result = verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method)
+            status = result.status
+        except GraphcertError as exc:
+            status = f"error: {str(exc).splitlines()[0]}"
+        results.append(InstanceResult(onnx_name, spec_name, status, time.monotonic() - started, seconds))
+    if out_csv is not None:
+        lines = ["onnx,vnnlib,status,seconds"] + [f"{r.onnx},{r.vnnlib},{r.status.replace(',', ';')},{r.seconds:.3f}"
+                                                    for r in results]
+        atomic_write(("\n".join(lines) + "\n").encode(), out_csv)
+    return results
+
+
+def summarize(results: list[InstanceResult]) -> dict:
+    counts = {status: sum(r.status == status for r in results) for status in STATUSES}
+    counts["error"] = sum(r.status.startswith("error") for r in results)
+    counts["median_seconds"] = statistics.median([r.seconds for r in results]) if results else 0.0
+    return counts
