@@ -97,12 +97,51 @@ def run_certify(args) -> int:
     return 0
 
 
+# ---- verify --------------------------------------------------------------------------------------------
+
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="decide a VNN-LIB property (holds / violated / unknown)",
+                       description="graphcert verify MODEL SPEC, or graphcert verify --instances FILE.csv")
+    p.add_argument("model", nargs="?", help="ONNX model file")
+    p.add_argument("spec", nargs="?", help="VNN-LIB property file")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds for one property (default: 60)")
+    p.add_argument("--out", help="result file (competition format), or the results CSV with --instances")
+    p.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
+    p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
+    p.set_defaults(run=run_verify)
+
+
+def run_verify(args) -> int:
+    from graphcert import verify as verifier
+    from graphcert.errors import InputError
+    if args.instances:
+        if args.model or args.spec:
+            raise InputError("give either MODEL SPEC or --instances FILE.csv, not both")
+        results = verifier.run_instances(args.instances, args.out, method=args.method,
+                                         progress=sys.stderr.isatty(), timeout_scale=args.timeout_scale)
+        for r in results:
+            print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
+        summary = verifier.summarize(results)
+        print(f"{len(results)} instances: " + ", ".join(f"{k} {summary[k]}" for k in (*verifier.STATUSES, "error"))
+              + f"; median {summary['median_seconds']:.2f} s")
+        return 0
+    if not (args.model and args.spec):
+        raise InputError("verify needs MODEL and SPEC (or --instances FILE.csv)")
+    result = verifier.verify(args.model, args.spec, timeout=args.timeout, method=args.method)
+    if args.out:
+        verifier.write_result(result, args.out)
+    print(result.status)
+    print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded", file=sys.stderr)
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphcert", description="Certified robustness for ONNX models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert, add_inspect, add_certify):
+    for add in (add_convert, add_inspect, add_certify, add_verify):
         add(sub)
     return parser
 
