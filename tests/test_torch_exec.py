@@ -480,6 +480,52 @@ def test_zoo_models_and_their_bound_graphs_match_onnxruntime():
         _assert_matches(bound, {**feeds, "epsilon": 0.01 * rng.uniform(0.5, 1.5)})
 
 
+# Zoo models by the intermediate bounds their CROWN graph uses (each graph takes a while to build and run).
+CROWN_ZOO = {"crown": ["torch_cnn", "torch_residual", "torch_activations", "tf2onnx_nhwc", "skl2onnx_1d"],
+             "ibp": ["torch_pooling", "torch_conv_transpose", "torch_conv_bn", "matlab_like", "opset8"]}
+
+
+def test_crown_bound_graphs_match_onnxruntime(networks):
+    zoo = pytest.importorskip("zoo", reason="tests/zoo.py (the model zoo) is not available")
+    crown = pytest.importorskip("graphcert.passes.crown", reason="the CROWN pass is not available")
+    rng = _rng(21)
+    for intermediate, names in CROWN_ZOO.items():
+        for name in names:
+            entry = zoo.ZOO[name]
+            proto = entry()
+            feeds = {zoo.input_name(proto): zoo.sample_input(entry, proto, batch=2 if entry.batched else 1)}
+            bound = crown.CrownPass(InputSet("linf", entry.domain), intermediate=intermediate)(load(proto)).model
+            _assert_matches(bound, {**feeds, "epsilon": 0.01})
+    for name in ("mnist-net_256x2.onnx", "test_small.onnx"):
+        model = networks[name]
+        feeds = _sample(model, rng)
+        bound = crown.CrownPass(InputSet("linf", (0.0, 1.0)), trainable=True)(model).model
+        _assert_matches(bound, {**feeds, "epsilon": 0.02})
+
+
+def test_alpha_crown_slopes_are_inputs_with_gradients():
+    zoo = pytest.importorskip("zoo", reason="tests/zoo.py (the model zoo) is not available")
+    crown = pytest.importorskip("graphcert.passes.crown", reason="the CROWN pass is not available")
+    entry = zoo.ZOO["torch_cnn"]
+    proto = entry()
+    model = load(proto)
+    classes = static_shape(model.graph.outputs[0])[-1]
+    rng = _rng(22)
+    model = SpecPass(rng.standard_normal((3, classes)).astype(np.float32))(model).model
+    bound = crown.CrownPass(InputSet("linf", entry.domain), alpha="inputs", keep_original=False)(model).model
+    feeds = {zoo.input_name(proto): zoo.sample_input(entry, proto, batch=2), "epsilon": 0.02}
+    slopes = [v for v in model_inputs(bound) if v.name.startswith(crown.ALPHA_PREFIX)]
+    assert slopes
+    for value in slopes:
+        shape = [d if isinstance(d, int) else 2 for d in static_shape(value)]
+        feeds[value.name] = rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
+    executor = _assert_matches(bound, feeds)
+    tensors = {name: torch.tensor(a, requires_grad=name.startswith(crown.ALPHA_PREFIX)) for name, a in feeds.items()
+               if name != "epsilon"}
+    executor({**tensors, "epsilon": 0.02}, outputs=["margins_lower"])["margins_lower"].sum().backward()
+    assert any(torch.count_nonzero(tensors[v.name].grad) > 0 for v in slopes)
+
+
 # ---- gradients, parameters and errors -----------------------------------------------------------------
 
 def _tiny_model(seed: int = 14) -> ir.Model:
