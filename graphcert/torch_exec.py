@@ -138,10 +138,11 @@ def _thresholded_relu(node, setup):
 
 @kernel("Clip")
 def _clip(node, setup):
-    low, high = attr(node, "min"), attr(node, "max")  # attributes before opset 11, inputs after
-    if low is not None or high is not None:
-        return lambda x: torch.clamp(x, low, high)
-    return lambda x, low=None, high=None: torch.clamp(x, low, high)
+    fixed_low, fixed_high = attr(node, "min"), attr(node, "max")  # attributes before opset 11, inputs after
+
+    def clip(x, low=fixed_low, high=fixed_high):
+        return x if low is None and high is None else torch.clamp(x, low, high)
+    return clip
 
 
 @kernel("Softmax", "LogSoftmax")
@@ -249,7 +250,8 @@ def _conv(node, setup):
 def _conv_transpose(node, setup):
     group, auto_pad = attr(node, "group", 1), attr(node, "auto_pad", "NOTSET")
     fixed_strides, fixed_dilations = _fixed(node, "strides"), _fixed(node, "dilations")
-    output_padding, output_shape, fixed_pads = _fixed(node, "output_padding"), _fixed(node, "output_shape"), _fixed(node, "pads")
+    output_padding, output_shape = _fixed(node, "output_padding"), _fixed(node, "output_shape")
+    fixed_pads = _fixed(node, "pads")
 
     def conv_transpose(x, w, bias=None):
         rank = w.dim() - 2
@@ -680,7 +682,12 @@ class _Plan:
 
 
 class TorchGraph(nn.Module):
-    """An ONNX graph as an nn.Module: `tg(feeds) -> {output name: tensor}`, differentiable throughout."""
+    """An ONNX graph as an nn.Module: `tg(feeds) -> {output name: tensor}`, differentiable throughout.
+
+    ONNX FLOAT tensors (inputs, initializers, casts) become `dtype`, chosen here once: convert with a new
+    TorchGraph rather than `.to(dtype)`. Feeds may be tensors (their autograd history is kept), arrays or
+    numbers; one of a smaller rank than declared gains leading ones (a scalar epsilon broadcasts).
+    """
 
     def __init__(self, model: ir.Model, trainable: bool = True, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -718,6 +725,7 @@ class TorchGraph(nn.Module):
         self._outputs = {v.name: self._slot(v) for v in graph.outputs}
         self._producer = {out: i for i, step in enumerate(self._steps) for out in step[2]}
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        del self._slots  # keyed by object ids of the model, which the module does not keep
 
     # -- construction --
 

@@ -258,6 +258,8 @@ def elementwise_family():
     yield _single("Clip", {"x": x}, {"lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)})
     yield _single("Clip", {"x": x}, {"hi": np.array(0.2, np.float32)}, order=["x", "", "hi"])
     yield _single("Clip", {"x": x}, min=-0.3, max=0.4, opset=10)
+    yield _single("Clip", {"x": x}, max=0.4, opset=10)
+    yield _single("Clip", {"x": x})
     for op in ("Softmax", "LogSoftmax"):
         yield _single(op, {"x": _normal(r, 2, 3, 4)}, axis=1)
         yield _single(op, {"x": _normal(r, 2, 3, 4)}, axis=1, opset=11)
