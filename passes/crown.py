@@ -391,9 +391,11 @@ class _Intervals:
         self.tightened: set = set()
 
     def tighten(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> None:
+        b = self.b
         box = self.env[value]
-        self.env[value] = Interval.from_bounds(self.b, self.b.op("Max", box.lower, lower),
-                                               self.b.op("Min", box.upper, upper))
+        lower, upper = b.op("Max", box.lower, lower), b.op("Min", box.upper, upper)
+        # Rounding can cross bounds that are (nearly) equal; relaxations need lower <= upper.
+        self.env[value] = Interval.from_bounds(b, b.op("Min", lower, upper), b.op("Max", lower, upper))
         self.tightened.add(value)
 
     def step(self, node: ir.Node, perturbed: set) -> None:

@@ -341,3 +341,55 @@ def test_unsupported_ops_are_all_listed_before_emitting():
         CrownPass(InputSet())(load(proto))
     assert set(error.value.nodes_by_op) == {"Cos", "Mul"}
     assert error.value.nodes_by_op["Cos"] == ["cos_1", "cos_2"]
+
+
+def window_ops_model() -> onnx.ModelProto:
+    """Ops the zoo's exporters leave out, in unusual settings: strided, dilated, grouped and padded windows,
+    overlapping MaxPool, AveragePool without padded counts, constant-value Pad, Concat of two branches,
+    c - x, Neg, Sum, Flatten and Transpose."""
+    rng = np.random.default_rng(3)
+
+    def tensor(name, shape, scale=0.5):
+        return onnx.numpy_helper.from_array((rng.normal(size=shape) * scale).astype(np.float32), name)
+    inits = [tensor("w1", [4, 2, 3, 3]), tensor("b1", [4]), tensor("w2", [4, 2, 2, 2]), tensor("shift", [1, 4, 6, 5]),
+             tensor("w3", [8 * 6 * 5, 3], 0.2), tensor("scale", [4], 1.0),
+             tensor("bias", [4]), tensor("mean", [4]), onnx.numpy_helper.from_array(
+                 rng.uniform(0.5, 2, 4).astype(np.float32), "var"),
+             onnx.numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 1], np.int64), "pads"),
+             onnx.numpy_helper.from_array(np.array(0.5, np.float32), "pad_value")]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], strides=[2, 1], pads=[1, 0, 2, 1], dilations=[1, 2]),
+        helper.make_node("BatchNormalization", ["c1", "scale", "bias", "mean", "var"], ["bn"]),
+        helper.make_node("LeakyRelu", ["bn"], ["r1"], alpha=0.2),
+        helper.make_node("Pad", ["r1", "pads", "pad_value"], ["padded"]),
+        helper.make_node("MaxPool", ["padded"], ["mp"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["mp", "w2"], ["c2"], group=2, pads=[1, 1, 0, 0]),
+        helper.make_node("AveragePool", ["c2"], ["ap"], kernel_shape=[2, 2], strides=[1, 1], pads=[1, 1, 0, 0],
+                         count_include_pad=0),
+        helper.make_node("Sub", ["shift", "ap"], ["flipped"]),
+        helper.make_node("Neg", ["flipped"], ["negated"]),
+        helper.make_node("Sum", ["negated", "ap", "shift"], ["summed"]),
+        helper.make_node("Tanh", ["summed"], ["t"]),
+        helper.make_node("Concat", ["t", "ap"], ["joined"], axis=1),
+        helper.make_node("Flatten", ["joined"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w3"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "window_ops", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                  ["batch", 8, 7, 2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_window_and_placement_adjoints_are_exact_at_zero_radius_and_sound():
+    proto = window_ops_model()
+    normalised = load(proto)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (2, 8, 7, 2)).astype(np.float32)
+    want = Session(to_proto(normalised)).run({"x": x0})["y"]
+    for intermediate in ("crown", "ibp"):
+        bound = to_proto(CrownPass(InputSet("linf"), intermediate=intermediate)(normalised).model)
+        found = Session(bound).run({"x": x0, "epsilon": np.float32(0.0)})
+        np.testing.assert_allclose(found["y_lower"], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(found["y_upper"], want, rtol=1e-4, atol=1e-4)
+        report = check_bounds_sound(proto, graph_bound_fn(bound, "x", "y"), x0[:1], 0.1, pgd_steps=5)
+        report.assert_sound()
