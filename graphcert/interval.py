@@ -80,11 +80,13 @@ def point(b: Builder, value: ir.Value) -> Interval:
 
 
 def as_interval(b: Builder, x) -> Interval:
-    """Constants and exact tensors are degenerate intervals."""
+    """Constants and exact tensors (graph values that do not depend on the input set) are degenerate intervals."""
     if isinstance(x, Interval):
         return x
     if isinstance(x, Exact):
         return point(b, x.value)
+    if isinstance(x, ir.Value):
+        return point(b, x)
     return point(b, b.const(x))
 
 
@@ -105,8 +107,11 @@ def sub(b: Builder, x: Interval, y: Interval) -> Interval:
 
 
 def mul(b: Builder, x: Interval, y: Interval) -> Interval:
-    """Product of two intervals: the hull of the four corner products."""
+    """Product of two intervals: the hull of the four corner products, where 0 * inf counts as 0 (an exact
+    zero times an unbounded factor is zero; IEEE's NaN would poison both bounds)."""
+    zero = b.const(0.0)
     products = [b.op("Mul", p, q) for p in (x.lower, x.upper) for q in (y.lower, y.upper)]
+    products = [b.op("Where", b.op("IsNaN", p), zero, p) for p in products]
     return Interval.from_bounds(b, b.op("Min", *products), b.op("Max", *products))
 
 

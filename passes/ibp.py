@@ -67,7 +67,7 @@ def _both_forms(cx: Context, x: Interval, apply) -> Interval:
 # ---- ops that only move, copy or select elements -------------------------------------------------------
 
 @rule("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather", "Expand",
-      "Tile", "DepthToSpace", "SpaceToDepth", "Cast", "CastLike")
+      "Tile", "DepthToSpace", "SpaceToDepth")
 def _move(cx, node, x, *rest):
     return [_both_forms(cx, x, lambda v: cx.b.copy(node, [v, *rest]))]
 
@@ -237,7 +237,7 @@ def _sum(cx, node, *xs):
 # ---- non-decreasing ops: lower to lower, upper to upper -----------------------------------------------
 
 MONOTONE = ["Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "Softsign", "Exp", "Log", "Sqrt", "Erf", "Atan",
-            "Asinh", "Sinh", "Floor", "Ceil", "Sign", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin",
+            "Asinh", "Sinh", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin",
             "LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu"]
 
 
@@ -253,6 +253,21 @@ def _is_monotone(node: ir.Node) -> bool:
 @rule(*MONOTONE)
 def _monotone(cx, node, x, *rest):
     return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
+
+
+@rule("Floor", "Ceil", "Sign", "Cast", "CastLike")
+def _step(cx, node, x, *rest):
+    """Non-decreasing but rounding: earlier rules' float error (an ulp) could move an end across a step and
+    lose a whole jump, so widen the interval by a relative 2^-20 first. Centre and radius never round apart.
+    Half-precision inputs are not widened: onnxruntime computes half arithmetic in float32 and drops the
+    rounding casts around it, which would un-round the bounds."""
+    b = cx.b
+    dtype = node.inputs[0].dtype
+    if dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+        factor = b.const(2.0 ** -20, dtype=dtype.numpy())
+        slack = b.op("Mul", b.op("Add", b.op("Abs", x.lower), b.op("Abs", x.upper)), factor)
+        x = Interval.from_bounds(b, b.op("Sub", x.lower, slack), b.op("Add", x.upper, slack))
+    return [iv.monotone(b, x, lambda v: b.copy(node, [v, *rest]))]
 
 
 @rule("Max", "Min")
@@ -290,7 +305,7 @@ def _pow_supported(node: ir.Node) -> bool:
     if e is None or e.const_value is None or e.const_value.numpy().size != 1:
         return False
     p = float(e.const_value.numpy().reshape(-1)[0])
-    return p in (1.0, 2.0) or (p.is_integer() and int(p) % 2 == 1) or (0 < p < 1)
+    return p in (1.0, 2.0) or (p > 0 and p.is_integer() and int(p) % 2 == 1) or (0 < p < 1)
 
 
 def _softmax_bounds(cx, node, x):
@@ -299,8 +314,7 @@ def _softmax_bounds(cx, node, x):
     axis = attr(node, "axis", -1)
     shift = b.reduce("ReduceMax", x.upper, [axis])
     e_low, e_high = b.op("Exp", b.op("Sub", x.lower, shift)), b.op("Exp", b.op("Sub", x.upper, shift))
-    others_high = b.op("Relu", b.op("Sub", b.reduce("ReduceSum", e_high, [axis]), e_high))
-    others_low = b.op("Relu", b.op("Sub", b.reduce("ReduceSum", e_low, [axis]), e_low))
+    others_high, others_low = _sum_of_others(b, e_high, axis), _sum_of_others(b, e_low, axis)
     tiny = b.const(np.finfo(np.float32).tiny)
     zero, one = b.const(0.0), b.const(1.0)
     den_low = b.op("Add", e_low, others_high)
@@ -308,6 +322,13 @@ def _softmax_bounds(cx, node, x):
     lower = b.op("Where", b.op("Greater", den_low, tiny), b.op("Div", e_low, b.op("Max", den_low, tiny)), zero)
     upper = b.op("Where", b.op("Greater", den_high, tiny), b.op("Div", e_high, b.op("Max", den_high, tiny)), one)
     return b.op("Clip", lower, zero, one), b.op("Clip", upper, zero, one)
+
+
+def _sum_of_others(b: Builder, e: ir.Value, axis: int) -> ir.Value:
+    """sum_{j != i} e_j along `axis` as the sums before and after i: sum(e) - e_i cancels catastrophically
+    when e_i dominates, and an others-sum rounded to 0 would let a softmax lower bound reach 1."""
+    along = b.const(np.int64(axis), dtype=np.int64)
+    return b.op("Add", b.op("CumSum", e, along, exclusive=1), b.op("CumSum", e, along, exclusive=1, reverse=1))
 
 
 @rule("Softmax")
@@ -361,7 +382,17 @@ CONDITIONS = {
     "LayerNormalization": _layer_norm_supported,
     "BatchNormalization": lambda node: attr(node, "training_mode", 0) == 0,
     "Pad": lambda node: True,
+    "Cast": lambda node: _monotone_cast(attr(node, "to")),
+    "CastLike": lambda node: node.inputs[1] is not None and node.inputs[1].dtype is not None
+    and _monotone_cast(node.inputs[1].dtype.value),
 }
+
+
+def _monotone_cast(target: int | None) -> bool:
+    """Casts to floats and signed integers keep order; to bool (x != 0) or unsigned types (negatives wrap) not."""
+    return target is not None and ir.DataType(target) in (
+        ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8,
+        ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64)
 
 
 def accepts(node: ir.Node) -> bool:
