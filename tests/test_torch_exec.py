@@ -2,18 +2,17 @@
 differentiable with respect to inputs and parameters."""
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import VNNCOMP
 from graphcert.errors import GraphcertError, InputError, UnsupportedOpError
 from graphcert.export import to_proto
 from graphcert.interface import InputSet, clone
@@ -23,7 +22,6 @@ from graphcert.passes.spec import SpecPass
 from graphcert.runtime import Session
 from graphcert.torch_exec import TorchGraph
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "vnncomp2021"
 FLOAT = TensorProto.FLOAT
 ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
 
@@ -404,10 +402,8 @@ def test_op_family_matches_onnxruntime(family):
 # ---- real networks, their bound graphs and spec graphs -----------------------------------------------
 
 def _network_paths():
-    if not SHARED.is_dir():
-        return []
-    return (sorted((SHARED / "test").glob("*.onnx")) + sorted((SHARED / "mnistfc").glob("*.onnx"))
-            + sorted((SHARED / "acasxu").glob("*.onnx"))[::15])
+    return (sorted((VNNCOMP / "test").glob("*.onnx")) + sorted((VNNCOMP / "mnistfc").glob("*.onnx"))
+            + sorted((VNNCOMP / "acasxu").glob("*.onnx"))[::15])
 
 
 def _sample(model: ir.Model, rng: np.random.Generator, batch: int = 3) -> dict[str, np.ndarray]:
@@ -426,7 +422,7 @@ def _batched(model: ir.Model) -> bool:
 def networks():
     paths = _network_paths()
     if not paths:
-        pytest.skip(f"shared benchmarks not found at {SHARED}")
+        pytest.skip(f"shared benchmarks not found at {VNNCOMP}")
     return {path.name: load(path) for path in paths}
 
 
