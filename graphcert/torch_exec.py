@@ -198,9 +198,8 @@ def _torch_pads(begin: list[int], end: list[int]) -> list[int]:
 class _Window:
     """The sliding-window attributes of Conv, ConvTranspose and the pools, parsed once."""
 
-    def __init__(self, node: ir.Node, kernel_shape: list[int] | None = None):
+    def __init__(self, node: ir.Node):
         self.auto_pad = attr(node, "auto_pad", "NOTSET")
-        self.kernel_shape = kernel_shape
         self.strides, self.dilations = _fixed(node, "strides"), _fixed(node, "dilations")
         self.pads = _fixed(node, "pads")
         self.ceil_mode = bool(attr(node, "ceil_mode", 0))
