@@ -21,7 +21,8 @@ from graphcert.passes.ibp import IntervalPass
 from graphcert.runtime import Session
 from harness import check_bounds_sound, graph_bound_fn
 
-ZOO_NAMES = sorted(zoo.ZOO)
+MODELS = {**zoo.ZOO, **zoo.ATTENTION_ZOO}
+ZOO_NAMES = sorted(MODELS)
 # Models whose every op the numpy reference implements.
 REFERENCE_ZOO = ["torch_mlp", "torch_cnn", "torch_conv_bn", "torch_residual", "torch_activations",
                  "torch_normalised_input", "tf2onnx_nhwc", "matlab_like", "skl2onnx_1d", "mul_div_constants",
@@ -31,7 +32,7 @@ BENCHMARKS = benchmark_networks("mnistfc") + benchmark_networks("acasxu", every=
 
 @functools.lru_cache(maxsize=None)
 def zoo_bound_graph(name: str, kind: str) -> onnx.ModelProto:
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     return to_proto(IntervalPass(InputSet(kind, model.domain))(load(model())).model)
 
 
@@ -39,12 +40,19 @@ def bound_graph(proto: onnx.ModelProto, kind: str = "linf", domain=None) -> onnx
     return to_proto(IntervalPass(InputSet(kind, domain))(load(proto)).model)
 
 
+@functools.lru_cache(maxsize=None)
+def mnist_image() -> np.ndarray:
+    from graphcert.data import mnist_test
+    return mnist_test().x[0]
+
+
 def benchmark_case(path):
-    """The network, a point of its input domain and the domain (mnistfc pixels live in [0, 1])."""
+    """The network, an input (a shipped MNIST test image for mnistfc) and its domain (pixels live in [0, 1])."""
     proto = onnx.load(path)
-    domain = (0.0, 1.0) if "mnist" in path.stem else None
-    x0 = np.random.default_rng(0).uniform(0.0, 1.0, zoo.input_shape(proto)).astype(np.float32)
-    return proto, x0, domain
+    shape = zoo.input_shape(proto)
+    if "mnist" in path.stem:
+        return proto, mnist_image().reshape(shape), (0.0, 1.0)
+    return proto, np.random.default_rng(0).uniform(-0.5, 0.5, shape).astype(np.float32), None
 
 
 def assert_sound(proto, bound, x0, eps, domain, kind="linf", **options):
@@ -67,14 +75,14 @@ def assert_exact_at_zero_radius(proto, bound, x0):
 @pytest.mark.parametrize("name", ZOO_NAMES)
 @pytest.mark.parametrize("eps", [0.01, 0.1])
 def test_zoo_bounds_are_sound(name, eps):
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     proto = model()
     assert_sound(proto, zoo_bound_graph(name, "linf"), zoo.sample_input(model, proto, seed=3), eps, model.domain)
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_box_bounds_are_sound(name):
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     proto = model()
     assert_sound(proto, zoo_bound_graph(name, "box"), zoo.sample_input(model, proto, seed=4), 0.05, model.domain,
                  kind="box", pgd_steps=5)
@@ -82,14 +90,14 @@ def test_zoo_box_bounds_are_sound(name):
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_bounds_are_exact_at_zero_radius(name):
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     proto = model()
     assert_exact_at_zero_radius(proto, zoo_bound_graph(name, "linf"), zoo.sample_input(model, proto, seed=5))
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_bound_graph_interface_and_batches(name):
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     proto, bound = model(), zoo_bound_graph(name, "linf")
     onnx.checker.check_model(bound, full_check=True)
     x_name, out = zoo.input_name(proto), proto.graph.output[0].name
@@ -105,6 +113,18 @@ def test_zoo_bound_graph_interface_and_batches(name):
         assert np.all(got[f"{out}_lower"] <= got[out] + 1e-5) and np.all(got[out] <= got[f"{out}_upper"] + 1e-5)
 
 
+@pytest.mark.parametrize("name", ["torch_cnn", "torch_conv_bn", "torch_layernorm", "tf2onnx_nhwc"])
+def test_trainable_bound_graphs_compute_the_same_bounds(name):
+    """trainable=True keeps |W| in the graph (computed by Abs) instead of precomputing it."""
+    model = MODELS[name]
+    trainable = to_proto(IntervalPass(InputSet("linf", model.domain), trainable=True)(load(model())).model)
+    x = zoo.sample_input(model, batch=3, seed=10)
+    feeds = {zoo.input_name(trainable): x, "epsilon": np.float32(0.05)}
+    want, got = Session(zoo_bound_graph(name, "linf")).run(feeds), Session(trainable).run(feeds)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
 def test_box_bound_graph_takes_lower_and_upper_inputs():
     bound = zoo_bound_graph("torch_cnn", "box")
     assert [v.name for v in bound.graph.input] == ["x_lower", "x_upper"]
@@ -112,7 +132,7 @@ def test_box_bound_graph_takes_lower_and_upper_inputs():
 
 
 def test_epsilon_per_element_and_per_channel():
-    model = zoo.ZOO["torch_normalised_input"]
+    model = MODELS["torch_normalised_input"]
     proto = model()
     x0 = zoo.sample_input(model, proto, seed=6)
     per_channel = np.array([0.02, 0.1], np.float32).reshape(1, 2, 1, 1)
@@ -124,7 +144,7 @@ def test_epsilon_per_element_and_per_channel():
 @pytest.mark.parametrize("name", REFERENCE_ZOO)
 @pytest.mark.parametrize("eps", [0.0, 0.01, 0.1])
 def test_zoo_bounds_equal_textbook_ibp(name, eps):
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     proto = model()
     assert_equal_to_reference(proto, zoo_bound_graph(name, "linf"), zoo.sample_input(model, proto, seed=7), eps,
                               model.domain)
@@ -169,7 +189,7 @@ def test_benchmark_bounds_equal_textbook_ibp(path):
 @pytest.mark.parametrize("name", ["torch_layernorm", "torch_softmax"])
 @pytest.mark.parametrize("eps", [0.05, 0.5])
 def test_layernorm_and_softmax_bounds_hold_on_many_samples(name, eps):
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     proto = model()
     assert_sound(proto, zoo_bound_graph(name, "linf"), zoo.sample_input(model, proto, seed=8), eps, model.domain,
                  n_random=3000, corners=1000)
@@ -181,7 +201,7 @@ def test_layernorm_and_softmax_bounds_hold_on_many_samples(name, eps):
 @pytest.mark.parametrize("name", ["torch_cnn", "torch_layernorm", "matlab_like"])
 def test_harness_catches_bounds_that_miss_reachable_outputs(name, gradients):
     """Bounds from the outputs at the box centre and a few random points must be reported unsound."""
-    model = zoo.ZOO[name]
+    model = MODELS[name]
     proto = model()
     x_name, out = zoo.input_name(proto), proto.graph.output[0].name
     session = Session(proto)
@@ -198,6 +218,21 @@ def test_harness_catches_bounds_that_miss_reachable_outputs(name, gradients):
     assert report.gradients == ("torch" if gradients == "auto" else "zeroth-order")
     with pytest.raises(AssertionError, match="bounds violated"):
         report.assert_sound()
+
+
+@pytest.mark.parametrize("name", ["torch_layernorm", "torch_softmax"])
+def test_harness_catches_copying_a_non_monotone_op_onto_both_ends(name):
+    """The well-known unsound shortcut: f(lower) and f(upper) as bounds, right only for monotone f."""
+    model = MODELS[name]
+    proto = model()
+    session, x_name, out = Session(proto), zoo.input_name(proto), proto.graph.output[0].name
+
+    def ends_only(x0, eps):
+        at_lower, at_upper = (session.run({x_name: (x0 + s * eps).astype(np.float32)})[out] for s in (-1, 1))
+        return np.minimum(at_lower, at_upper), np.maximum(at_lower, at_upper)
+
+    report = check_bounds_sound(proto, ends_only, zoo.sample_input(model, proto, seed=11), 0.2, model.domain)
+    assert not report.sound
 
 
 # ---- unsupported ops ------------------------------------------------------------------------------------

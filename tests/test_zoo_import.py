@@ -41,9 +41,9 @@ def assert_same_function(proto: onnx.ModelProto, domain, batched: bool) -> onnx.
     return normalised
 
 
-@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+@pytest.mark.parametrize("name", sorted(zoo.ZOO) + sorted(zoo.ATTENTION_ZOO))
 def test_zoo_model_normalises_to_the_same_function(name):
-    model = zoo.ZOO[name]
+    model = {**zoo.ZOO, **zoo.ATTENTION_ZOO}[name]
     normalised = assert_same_function(model(), model.domain, model.batched)
     assert {o.domain: o.version for o in normalised.opset_import}[""] == TARGET_OPSET
     batch_dim = normalised.graph.input[0].type.tensor_type.shape.dim[0]

@@ -6,7 +6,9 @@ in-process: PyTorch's TorchScript exporter at opsets 11..20, and hand-built grap
 (1-D input), plus opset variants and small graphs around ops that exporters write in unusual ways.
 
 `ZOO[name]()` returns a fresh copy of the model; `ZOO[name].domain` is the box inputs are sampled from and
-`ZOO[name].batched` says whether the leading input dimension is a batch dimension.
+`ZOO[name].batched` says whether the leading input dimension is a batch dimension. `ATTENTION_ZOO` holds
+models that multiply two perturbed tensors (self-attention), kept apart so that passes without rules for
+such products can iterate over `ZOO`.
 """
 from __future__ import annotations
 
@@ -38,12 +40,13 @@ class ZooModel:
 
 
 ZOO: dict[str, ZooModel] = {}
+ATTENTION_ZOO: dict[str, ZooModel] = {}
 
 
-def _register(domain=(0.0, 1.0), batched=True):
+def _register(domain=(0.0, 1.0), batched=True, registry=ZOO):
     def wrap(fn):
         name = fn.__name__.lstrip("_")
-        ZOO[name] = ZooModel(name, functools.lru_cache(maxsize=None)(fn), domain, batched)
+        registry[name] = ZooModel(name, functools.lru_cache(maxsize=None)(fn), domain, batched)
         return fn
     return wrap
 
@@ -236,6 +239,26 @@ def _torch_conv_transpose():
 def _torch_dynamic_batch():
     return _torch_export(lambda nn: nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4)),
                          [1, 3, 4], opset=16, seed=13, dynamic_batch=True)
+
+
+@_register(domain=(-1.0, 1.0), registry=ATTENTION_ZOO)
+def _torch_attention():
+    def make(nn):
+        import torch
+
+        class SelfAttention(nn.Module):
+            """One head of self-attention over 4 tokens, then a GELU MLP: products of two perturbed tensors."""
+
+            def __init__(self):
+                super().__init__()
+                self.query, self.key, self.value = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+                self.mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3))
+
+            def forward(self, x):
+                scores = self.query(x) @ self.key(x).transpose(1, 2) / 2.0
+                return self.mlp(torch.softmax(scores, dim=-1) @ self.value(x))
+        return SelfAttention()
+    return _torch_export(make, [1, 4, 6], opset=14, seed=14)
 
 
 # ---- hand-built graphs in other exporters' styles -------------------------------------------------------
