@@ -72,6 +72,17 @@ def test_reshape_with_baked_batch_runs_batched():
     assert out["y"].shape == (3, 4)
 
 
+@pytest.mark.parametrize("opset", [11, 12])
+def test_softmax_before_opset_13_keeps_its_flattening_semantics(opset):
+    """Until opset 13 Softmax normalised over all dimensions from `axis` on, not along `axis` alone."""
+    info = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, 3, 4])  # noqa: E731
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Softmax", ["x"], ["y"], axis=1)], "old_softmax",
+                                   [info("x")], [info("y")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 6
+    assert_same_function(model, (-3.0, 3.0), batched=True)
+
+
 def test_unreadable_files_raise_model_load_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
         load(tmp_path / "missing.onnx")
