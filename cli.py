@@ -136,12 +136,113 @@ def run_verify(args) -> int:
     return 0
 
 
+# ---- train ---------------------------------------------------------------------------------------------
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="certified training (IBP, CROWN-IBP) of an ONNX model or a standard architecture")
+    p.add_argument("model", nargs="?", help="ONNX model to fine-tune (or a shipped model name); or use --arch")
+    p.add_argument("--arch", help="build a standard architecture instead: mlp (784-100-100-100-10) or cnn")
+    p.add_argument("-o", "--output", help="where to write the trained model (.onnx); the checkpoint goes to OUTPUT.ckpt")
+    p.add_argument("--data", default="mnist5k", help="mnist5k, digits, mnist-test or FILE.npz (x, y) (default: mnist5k)")
+    p.add_argument("--eps", type=float, help="target L-inf radius")
+    p.add_argument("--method", default="ibp", help="bound method to train through: ibp or crown-ibp (default: ibp)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--warmup", type=int, help="epochs at eps = 0 first (default: a fifth of --epochs)")
+    p.add_argument("--rampup", type=int, help="epochs in which eps grows to its target (default: the rest); "
+                                              "warm-up + ramp-up may not exceed --epochs")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    p.add_argument("--kappa", type=float, default=0.0,
+                   help="final weight of the clean loss; it anneals from 1 during ramp-up (default: 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="linear", help="eps ramp: linear or smooth (Shi et al. 2021) (default: linear)")
+    p.add_argument("--init", default="default", help="default (keep the weights) or ibp (Shi et al. 2021)")
+    p.add_argument("--grad-clip", type=float, default=10.0, help="clip the gradient's L2 norm (0: off; default: 10)")
+    p.add_argument("--backend", default="torch", help="torch or ort-training (default: torch)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of the data held out to report certified accuracy (default: 0.1)")
+    p.add_argument("--threads", type=int, default=1, help="compute threads (default: 1)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    from dataclasses import asdict
+    from graphcert.errors import InputError
+    from graphcert.training import TrainConfig, train
+    if args.output is None:
+        raise InputError("missing -o OUTPUT.onnx: where to write the trained model")
+    if args.eps is None:
+        raise InputError("missing --eps: the L-inf radius to train for")
+    config = TrainConfig(
+        output=args.output, eps=args.eps, model=shipped_model(args.model) if args.model else None, arch=args.arch,
+        data=args.data, method=args.method, epochs=args.epochs, warmup=args.warmup, rampup=args.rampup,
+        batch_size=args.batch_size, lr=args.lr, kappa=args.kappa, seed=args.seed, schedule=args.schedule,
+        init=args.init, grad_clip=args.grad_clip, backend=args.backend, holdout=args.holdout, resume=args.resume,
+        threads=args.threads)
+    bars = not args.json and sys.stderr.isatty()
+    report = None if args.json or bars else _print_epoch
+    result = train(config, progress=bars, on_epoch=report)
+    if args.json:
+        print(json.dumps({"output": result.output, "checkpoint": result.checkpoint, "seconds": result.seconds,
+                          "train_size": result.train_size, "holdout_size": result.holdout_size,
+                          "holdout": result.holdout.as_dict() if result.holdout else None,
+                          "history": [asdict(s) for s in result.history]}))
+        return 0
+    epochs = max(len(result.history), 1)
+    print(f"wrote {result.output} ({len(result.trainable)} weight tensors trained on {result.train_size} samples, "
+          f"{result.seconds:.1f} s, {result.seconds / epochs:.2f} s/epoch; checkpoint {result.checkpoint})")
+    if result.holdout is not None:
+        h = result.holdout
+        print(f"held-out {h.n} samples, eps={h.eps:g}, method={h.method}: clean accuracy {h.clean_accuracy:.2%}, "
+              f"certified accuracy {h.certified_accuracy:.2%}")
+        print(f"reproduce: {result.reproduce}")
+    return 0
+
+
+def _print_epoch(stats) -> None:
+    held = ""
+    if stats.holdout_certified_accuracy is not None:
+        held = (f" | held-out clean {stats.holdout_clean_accuracy:.1%} "
+                f"certified {stats.holdout_certified_accuracy:.1%}")
+    print(f"epoch {stats.epoch}: eps {stats.eps:.4g} kappa {stats.kappa:.2f} | loss {stats.loss:.4f} "
+          f"clean {stats.clean_loss:.4f}/{stats.clean_accuracy:.1%} robust {stats.robust_loss:.4f}/"
+          f"{stats.certified_accuracy:.1%}{held} | {stats.seconds:.2f} s", flush=True)
+
+
+# ---- export-training -----------------------------------------------------------------------------------
+
+def add_export_training(sub) -> None:
+    p = sub.add_parser("export-training", help="write onnxruntime-training artifacts for certified training")
+    p.add_argument("model", help="ONNX model file (or the name of a shipped model)")
+    p.add_argument("-o", "--output", help="folder for training/eval/optimizer graphs, checkpoint and manifest")
+    p.add_argument("--method", default="ibp", help="bound method: ibp or crown-ibp (default: ibp)")
+    p.add_argument("--eps", type=float, help="target L-inf radius, recorded in the manifest (epsilon is an input)")
+    p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"), help="clip the input box to [LO, HI]")
+    p.add_argument("--grad-clip", type=float, default=10.0, help="clip the gradient's L2 norm (0: off)")
+    p.set_defaults(run=run_export_training)
+
+
+def run_export_training(args) -> int:
+    from graphcert.errors import InputError
+    from graphcert.training.ort import export_training
+    if args.output is None:
+        raise InputError("missing -o DIR: the folder to write the artifacts to")
+    if args.eps is None:
+        raise InputError("missing --eps: the L-inf radius to train for")
+    files = export_training(shipped_model(args.model), args.output, args.method, args.eps,
+                            tuple(args.domain) if args.domain else None, args.grad_clip or None)
+    print(f"wrote {args.output}: {', '.join(files)}")
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphcert", description="Certified robustness for ONNX models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert, add_inspect, add_certify, add_verify):
+    for add in (add_convert, add_inspect, add_certify, add_verify, add_train, add_export_training):
         add(sub)
     return parser
 

@@ -1,0 +1,58 @@
+"""The robust training loss as ONNX nodes appended to a bound graph, so every backend runs the same loss.
+
+For margins m = z_label - z_j (j != label), cross-entropy of the logits is logsumexp([0, -m]): the clean
+loss takes the margins of the unperturbed input, the robust loss takes their certified lower bounds (the
+worst-case logit vector has z_label = 0 and z_j = -lower(m_j)). The training graph computes
+
+    loss = kappa * mean CE(margins) + (1 - kappa) * mean CE(margins_lower)
+
+with `kappa` and `epsilon` as run-time inputs, so schedules change them without rebuilding the graph.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from graphcert import api
+from graphcert.builder import Builder
+from graphcert.interface import FLOAT, InputSet
+
+KAPPA = "kappa"
+LOSS = "loss"
+CLEAN_LOSS = "clean_loss"
+ROBUST_LOSS = "robust_loss"
+CLEAN_MARGINS = "margins"
+CERTIFIED_MARGINS = "margins_lower"
+
+
+def training_graph(model: ir.Model, method: str, domain: tuple[float, float] | None) -> ir.Model:
+    """The trainable bound graph of `model` with inputs x, objective, epsilon, kappa and outputs
+    loss, clean_loss, robust_loss, margins, margins_lower. Weights keep the model's initializer names."""
+    bound = api.bound_graph(model, method, InputSet("linf", domain), spec="runtime", keep_original=True,
+                            trainable=True)
+    graph = bound.graph
+    outputs = {o.name: o for o in graph.outputs}
+    b = Builder(graph, prefix="loss")
+    kappa = ir.Value(name=KAPPA, type=FLOAT, shape=ir.Shape([]))
+    graph.inputs.append(kappa)
+    clean = _margin_cross_entropy(b, outputs[CLEAN_MARGINS])
+    robust = _margin_cross_entropy(b, outputs[CERTIFIED_MARGINS])
+    mixed = b.op("Add", b.op("Mul", kappa, clean), b.op("Mul", b.op("Sub", b.const(1.0), kappa), robust))
+    graph.outputs[:] = [_named(b, mixed, LOSS), _named(b, clean, CLEAN_LOSS), _named(b, robust, ROBUST_LOSS),
+                        outputs[CLEAN_MARGINS], outputs[CERTIFIED_MARGINS]]
+    return bound
+
+
+def _named(b: Builder, value: ir.Value, name: str) -> ir.Value:
+    out = b.op("Identity", value)
+    out.name, out.type, out.shape = name, FLOAT, ir.Shape([])
+    return out
+
+
+def _margin_cross_entropy(b: Builder, margins: ir.Value) -> ir.Value:
+    """Mean over the batch of logsumexp([0, -m]), as a LogSoftmax so large margins do not overflow."""
+    batch = b.op("Slice", b.op("Shape", margins), b.ints([0]), b.ints([1]))
+    zeros = b.op("ConstantOfShape", b.op("Concat", batch, b.ints([1]), axis=0),
+                 value=ir.tensor([0.0], dtype=ir.DataType.FLOAT))
+    logits = b.op("Concat", zeros, b.op("Neg", margins), axis=1)
+    own_class = b.op("Slice", b.op("LogSoftmax", logits, axis=1), b.ints([0]), b.ints([1]), b.ints([1]))
+    return b.op("Neg", b.reduce("ReduceMean", own_class, [0, 1], keepdims=0))
