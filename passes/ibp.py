@@ -217,7 +217,7 @@ def _mul(cx, node, x, y):
 def _div(cx, node, x, y):
     b = cx.b
     if isinstance(y, Interval):
-        return [iv.mul(b, iv.as_interval(b, x), iv.reciprocal(b, y))]
+        return [iv.mul(b, iv.as_interval(b, x), iv.reciprocal(b, _widened(cx, y, node.inputs[1].dtype)))]
     return [Interval.from_center(b, b.op("Div", x.center, y), b.op("Div", x.radius, cx.abs(y)))]
 
 
@@ -236,7 +236,7 @@ def _sum(cx, node, *xs):
 
 # ---- non-decreasing ops: lower to lower, upper to upper -----------------------------------------------
 
-MONOTONE = ["Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "Softsign", "Exp", "Log", "Sqrt", "Erf", "Atan",
+MONOTONE = ["Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "Softsign", "Exp", "Erf", "Atan",
             "Asinh", "Sinh", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin",
             "LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu"]
 
@@ -255,19 +255,38 @@ def _monotone(cx, node, x, *rest):
     return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
 
 
+def _widened(cx, x: Interval, dtype: ir.DataType | None, non_negative: bool = False) -> Interval:
+    """x widened by 2^-20 of |lower| + |upper|, about eight ulps of the larger end.
+
+    Bounds carry the float error of earlier rules (centre-radius conversions cancel: c - r for c ~ r keeps
+    only the ulps of c). Most ops pass that on at its size; ops that round (a step) or have an unbounded
+    slope (1/x, log, sqrt at 0) can turn it into a whole jump or a large error, so their rules widen first.
+    `non_negative` clips the lower end at 0 for ops defined on x >= 0 only. Half-precision inputs are left as
+    they are: onnxruntime computes half arithmetic in float32 and drops the rounding casts around it.
+    """
+    if dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+        return x
+    b = cx.b
+    factor = b.const(2.0 ** -20, dtype=dtype.numpy())
+    slack = b.op("Mul", b.op("Add", b.op("Abs", x.lower), b.op("Abs", x.upper)), factor)
+    lower = b.op("Sub", x.lower, slack)
+    if non_negative:
+        lower = b.op("Relu", lower)
+    return Interval.from_bounds(b, lower, b.op("Add", x.upper, slack))
+
+
 @rule("Floor", "Ceil", "Sign", "Cast", "CastLike")
 def _step(cx, node, x, *rest):
-    """Non-decreasing but rounding: earlier rules' float error (an ulp) could move an end across a step and
-    lose a whole jump, so widen the interval by a relative 2^-20 first. Centre and radius never round apart.
-    Half-precision inputs are not widened: onnxruntime computes half arithmetic in float32 and drops the
-    rounding casts around it, which would un-round the bounds."""
-    b = cx.b
-    dtype = node.inputs[0].dtype
-    if dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
-        factor = b.const(2.0 ** -20, dtype=dtype.numpy())
-        slack = b.op("Mul", b.op("Add", b.op("Abs", x.lower), b.op("Abs", x.upper)), factor)
-        x = Interval.from_bounds(b, b.op("Sub", x.lower, slack), b.op("Add", x.upper, slack))
-    return [iv.monotone(b, x, lambda v: b.copy(node, [v, *rest]))]
+    """Non-decreasing but rounding: widened first, so an ulp of error cannot cost a whole step."""
+    x = _widened(cx, x, node.inputs[0].dtype)
+    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
+
+
+@rule("Log", "Sqrt")
+def _steep_monotone(cx, node, x):
+    """Increasing with an unbounded slope at 0: widened first (see `_widened`)."""
+    x = _widened(cx, x, node.inputs[0].dtype, non_negative=True)
+    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v]))]
 
 
 @rule("Max", "Min")
@@ -286,7 +305,7 @@ def _abs(cx, node, x):
 
 @rule("Reciprocal")
 def _reciprocal(cx, node, x):
-    return [iv.reciprocal(cx.b, x)]
+    return [iv.reciprocal(cx.b, _widened(cx, x, node.inputs[0].dtype))]
 
 
 @rule("Pow")
@@ -296,7 +315,10 @@ def _pow(cx, node, x, exponent):
         return [iv.square(cx.b, x)]
     if p == 1.0:
         return [x]
-    # Odd integer powers are increasing everywhere, other positive powers on x >= 0 (the only valid inputs).
+    # Odd integer powers are increasing everywhere, other positive powers on x >= 0 (the only valid inputs),
+    # with an unbounded slope at 0 when p < 1.
+    if p < 1.0:
+        x = _widened(cx, x, node.inputs[0].dtype, non_negative=True)
     return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, exponent]))]
 
 

@@ -517,6 +517,19 @@ def test_cast_to_integer_bounds_every_rounding():
     assert lower[0] <= 0.0 and upper[0] >= 1.0
 
 
+def test_reciprocal_near_zero_survives_the_rounding_of_a_centre_radius_conversion():
+    """[x - eps, x + eps] = [1.0e-4, 3.9] goes through centre/radius (a product with 1), whose lower end
+    c - r keeps only the ulps of c: 1.00136e-4 instead of 1.00017e-4, a 0.1 % error that 1/x passes on."""
+    proto = _fixed([helper.make_node("Mul", ["x", "one"], ["linear"]),
+                    helper.make_node("Reciprocal", ["linear"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                   [numpy_helper.from_array(np.float32(1.0), "one")])
+    x, eps = np.float32([1.9460809]), np.float32([1.9459809])
+    lower, upper = _bounds_of(proto, x, eps)
+    assert upper[0] >= Session(proto).run({"x": x - eps})["y"][0]
+
+
 def test_division_of_a_constant_by_an_interval_through_zero_is_unbounded():
     proto = _fixed([helper.make_node("Div", ["one", "x"], ["y"])],
                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
