@@ -273,8 +273,12 @@ def test_ort_training_missing_gives_install_hint(tmp_path):
 
 @pytest.mark.ort_training
 @pytest.mark.skipif(not HAS_ORT_TRAINING, reason="onnxruntime-training is not installed")
-def test_backends_agree_on_the_loss_and_reach_the_same_accuracy(tmp_path):
-    results = {name: train(_digits_config(tmp_path, f"{name}.onnx", backend=name, epochs=4, batch_size=32))
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_backends_agree_on_the_loss_and_reach_the_same_accuracy(tmp_path, method):
+    if method not in api.METHODS:
+        pytest.skip(f"{method} is not registered")
+    results = {name: train(_digits_config(tmp_path, f"{name}.onnx", backend=name, method=method, epochs=4,
+                                          batch_size=32))
                for name in ("torch", "ort-training")}
     torch_run, ort_run = results["torch"], results["ort-training"]
     assert ort_run.history[0].loss == pytest.approx(torch_run.history[0].loss, rel=1e-3)
@@ -303,3 +307,14 @@ def test_export_training_writes_loadable_artifacts(tmp_path):
     optimizer.step()
     module.lazy_reset_grad()
     assert module(*inputs)[0] < first
+
+
+@pytest.mark.ort_training
+@pytest.mark.skipif(not HAS_ORT_TRAINING, reason="onnxruntime-training is not installed")
+def test_ort_training_names_a_missing_gradient_kernel(tmp_path):
+    if "crown-ibp" not in api.METHODS:
+        pytest.skip("crown-ibp is not registered")
+    proc = graphcert("train", "--arch", "cnn", "--method", "crown-ibp", "--data", "digits", "--eps", "0.01",
+                     "--epochs", "1", "--backend", "ort-training", "-o", str(tmp_path / "cnn.onnx"))
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "ConvTransposeGrad" in proc.stderr

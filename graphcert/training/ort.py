@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -56,11 +57,35 @@ def _native_log_discarded():
             os.close(saved)
 
 
+def _broadcast_where_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Where's gradient in onnxruntime-training 1.19 does not sum over broadcast axes (a [batch, n] input
+    selected into a [rows, batch, n] output gets a [rows, batch, n] gradient), so expand both value inputs
+    to the output shape first: Expand's gradient sums correctly. The shape comes from a first Where, which
+    only feeds Shape and so needs no gradient."""
+    nodes = []
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type != "Where" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        condition, x, y = node.input
+        tag = f"graphcert_where_{index}"
+        nodes.append(onnx.helper.make_node("Where", [condition, x, y], [f"{tag}_probe"], name=f"{tag}_probe"))
+        nodes.append(onnx.helper.make_node("Shape", [f"{tag}_probe"], [f"{tag}_shape"], name=f"{tag}_shape"))
+        for name, value in (("x", x), ("y", y)):
+            nodes.append(onnx.helper.make_node("Expand", [value, f"{tag}_shape"], [f"{tag}_{name}"],
+                                               name=f"{tag}_expand_{name}"))
+        nodes.append(onnx.helper.make_node("Where", [condition, f"{tag}_x", f"{tag}_y"], list(node.output),
+                                           name=node.name))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
 def write_artifacts(graph: ir.Model, trainable: list[str], directory: str | os.PathLike,
                     grad_clip: float | None) -> None:
     """Training/eval/optimizer graphs and the initial checkpoint of a training graph, into `directory`."""
     _, artifacts, onnxblock = require_ort_training()
-    proto = to_proto(graph)
+    proto = _broadcast_where_inputs(to_proto(graph))
     frozen = [init.name for init in proto.graph.initializer if init.name not in set(trainable)]
     clip = onnxblock.optim.ClipGradNorm(grad_clip) if grad_clip else None
     optimizer = onnxblock.optim.AdamW(betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0, clip_grad=clip)
@@ -127,8 +152,16 @@ class OrtBackend:
         options = onnxruntime.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
-        self.module = self._api.Module(str(self.path / TRAINING_MODEL), checkpoint, str(self.path / EVAL_MODEL),
-                                       session_options=options)
+        try:
+            self.module = self._api.Module(str(self.path / TRAINING_MODEL), checkpoint, str(self.path / EVAL_MODEL),
+                                           session_options=options)
+        except RuntimeError as exc:
+            missing = re.search(r"Could not find an implementation for (\w+)", str(exc))
+            if missing is None:
+                raise
+            # e.g. ConvTransposeGrad, which crown-ibp needs to send bounds back through Conv layers.
+            raise InputError(f"onnxruntime-training has no CPU kernel for {missing.group(1)}, which this "
+                             f"training graph needs; use --backend torch") from None
         self.optimizer = self._api.Optimizer(str(self.path / OPTIMIZER_MODEL), self.module)
         self.optimizer.set_learning_rate(self.lr)
         self.input_names = list(self.module.input_names())
