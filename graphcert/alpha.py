@@ -13,92 +13,119 @@ from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
-import torch
 
 from . import model as model_lib
 from .errors import InputError
 from .export import to_proto
-from .interface import InputSet, perturbed_inputs
+from .interface import OBJECTIVE, InputSet, clone, perturbed_inputs
 from .runtime import Session
+
+Stop = Callable[[np.ndarray, np.ndarray], bool]
+
+
+class AlphaCrown:
+    """alpha-CROWN for one model, input-set kind and spec; the graphs are built once for many input sets.
+
+    spec: None bounds the first model output; a [m, n] matrix (with spec_offset) bounds margins; "runtime"
+    bounds objective·y for an `objective` fed with every call (shape [batch, m, n]).
+    crown_upper: as in `passes.crown.CrownPass` (by default margins get IBP upper bounds).
+    """
+
+    def __init__(self, model, kind: str = "linf", domain: tuple[float, float] | None = None, spec=None,
+                 spec_offset=None, crown_upper: bool | None = None, threads: int = 0):
+        from graphcert.passes.crown import CrownPass
+        from graphcert.passes.spec import SpecPass
+
+        normalised = model if isinstance(model, ir.Model) else model_lib.load(model)
+        if spec is not None:
+            matrix = None if isinstance(spec, str) else np.asarray(spec, dtype=np.float32)
+            normalised = SpecPass(matrix, spec_offset, keep_output=False)(normalised).model
+        else:
+            normalised = clone(normalised)
+            del normalised.graph.outputs[1:]
+        sources = perturbed_inputs(normalised)
+        if len(sources) != 1:
+            raise InputError(f"alpha-CROWN bounds models with one input, this one has {len(sources)}")
+        self.source = sources[0].name
+        self.kind = kind
+        output = normalised.graph.outputs[0].name
+        self.outputs = [f"{output}_lower", f"{output}_upper"]
+        input_set = InputSet(kind, domain)
+        plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init")(normalised).model
+        self.session = Session(to_proto(plain), threads=threads)
+        tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs")(normalised).model
+        self.units: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
+        self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units}
+        self._tuned = tuned
+        self._executor = None
+
+    def feeds(self, lower=None, upper=None, x=None, eps=None, objective=None) -> dict[str, np.ndarray]:
+        """Graph inputs for a box (lower, upper) or an L-inf ball (x, eps), shaped like the model input."""
+        if self.kind == "box":
+            if lower is None or upper is None:
+                raise InputError("a box input set needs lower and upper")
+            found = {f"{self.source}_lower": lower, f"{self.source}_upper": upper}
+        else:
+            if x is None or eps is None:
+                raise InputError("an L-inf input set needs x and eps")
+            found = {self.source: x, "epsilon": eps}
+        if objective is not None:
+            found[OBJECTIVE] = objective
+        return {k: np.array(v, dtype=np.float32) for k, v in found.items()}
+
+    def bounds(self, feeds: dict[str, np.ndarray], iterations: int = 20, lr: float = 0.1, lr_decay: float = 0.98,
+               stop: Stop | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, times `lr_decay` after each);
+        `stop(lower, upper)` may end them early."""
+        from graphcert.passes.crown import ALPHA_INIT_PREFIX
+
+        found = self.session.run(feeds)
+        best_lower, best_upper = found[self.outputs[0]], found[self.outputs[1]]
+        if iterations <= 0 or not self.units or (stop is not None and stop(best_lower, best_upper)):
+            return best_lower, best_upper
+
+        import torch
+        executor = self._torch_graph()
+        alphas = {}
+        for name, unit in self.units.items():
+            start = found[ALPHA_INIT_PREFIX + unit]
+            rows = self.rows[name] if isinstance(self.rows[name], int) else feeds[OBJECTIVE].shape[1]
+            alphas[name] = torch.tensor(np.broadcast_to(start, (rows, *start.shape)).copy(), requires_grad=True)
+        torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
+        optimiser = torch.optim.Adam(list(alphas.values()), lr=lr)
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, lr_decay)
+        for _ in range(iterations):
+            result = executor({**torch_feeds, **alphas}, outputs=self.outputs)
+            low, high = result[self.outputs[0]], result[self.outputs[1]]
+            best_lower = np.maximum(best_lower, low.detach().numpy())
+            best_upper = np.minimum(best_upper, high.detach().numpy())
+            if stop is not None and stop(best_lower, best_upper):
+                break
+            loss = high.sum() - low.sum() if high.requires_grad else -low.sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            with torch.no_grad():
+                for alpha in alphas.values():
+                    alpha.clamp_(0.0, 1.0)
+        return best_lower, best_upper
+
+    def _torch_graph(self):
+        if self._executor is None:
+            from graphcert.torch_exec import TorchGraph
+            self._executor = TorchGraph(self._tuned, trainable=False)
+        return self._executor
 
 
 def alpha_crown_bounds(model, kind: str = "linf", lower=None, upper=None, x=None, eps=None,
                        domain: tuple[float, float] | None = None, spec=None, spec_offset=None,
-                       iterations: int = 20, lr: float = 0.1, crown_upper: bool | None = None,
-                       stop: Callable[[np.ndarray, np.ndarray], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       iterations: int = 20, lr: float = 0.1, lr_decay: float = 0.98, crown_upper: bool | None = None,
+                       objective=None, stop: Stop | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) of the first model output, or of margins spec·y + spec_offset when spec is given.
 
     The input set is a box (`kind="box"`, `lower`/`upper` shaped like the model input with its batch) or an
-    L-inf ball (`kind="linf"`, centre `x`, radius `eps`, clipped to `domain`). `crown_upper` as in
-    `passes.crown.CrownPass` (by default margins get IBP upper bounds). `stop(lower, upper)` may end the
-    optimisation early (e.g. once a property is proved).
+    L-inf ball (`kind="linf"`, centre `x`, radius `eps`, clipped to `domain`); see `AlphaCrown` for the rest.
     """
-    from graphcert.passes.crown import ALPHA_INIT_PREFIX, CrownPass
-    from graphcert.passes.spec import SpecPass
-
-    normalised = model if isinstance(model, ir.Model) else model_lib.load(model)
-    if spec is not None:
-        normalised = SpecPass(np.asarray(spec, dtype=np.float32), spec_offset, keep_output=False)(normalised).model
-    else:
-        normalised = _first_output_only(normalised)
-    output = normalised.graph.outputs[0].name
-    input_set = InputSet(kind, domain)
-    feeds = _feeds(normalised, kind, lower, upper, x, eps)
-    names = [f"{output}_lower", f"{output}_upper"]
-
-    plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init")(normalised).model
-    session = Session(to_proto(plain))
-    found = session.run(feeds)
-    best_lower, best_upper = found[names[0]], found[names[1]]
-    if iterations <= 0 or (stop is not None and stop(best_lower, best_upper)):
-        return best_lower, best_upper
-
-    from graphcert.torch_exec import TorchGraph
-    tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs")(normalised).model
-    units = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
-    if not units:  # no ReLU-like unit: nothing to optimise
-        return best_lower, best_upper
-    alphas = {}
-    for value in tuned.graph.inputs:
-        if value.name in units:
-            start = found[ALPHA_INIT_PREFIX + units[value.name]]
-            rows = value.shape[0]
-            alphas[value.name] = torch.tensor(np.broadcast_to(start, (rows, *start.shape)).copy(), requires_grad=True)
-    graph = TorchGraph(tuned, trainable=False)
-    torch_feeds = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in feeds.items()}
-    optimiser = torch.optim.Adam(list(alphas.values()), lr=lr)
-    for _ in range(iterations):
-        bounds = graph({**torch_feeds, **alphas}, outputs=names)
-        low, high = bounds[names[0]], bounds[names[1]]
-        best_lower = np.maximum(best_lower, low.detach().numpy())
-        best_upper = np.minimum(best_upper, high.detach().numpy())
-        if stop is not None and stop(best_lower, best_upper):
-            break
-        loss = high.sum() - low.sum() if high.requires_grad else -low.sum()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        with torch.no_grad():
-            for alpha in alphas.values():
-                alpha.clamp_(0.0, 1.0)
-    return best_lower, best_upper
-
-
-def _first_output_only(model: ir.Model) -> ir.Model:
-    from graphcert.interface import clone
-    copy = clone(model)
-    del copy.graph.outputs[1:]
-    return copy
-
-
-def _feeds(model: ir.Model, kind: str, lower, upper, x, eps) -> dict[str, np.ndarray]:
-    (source,) = perturbed_inputs(model) if len(perturbed_inputs(model)) == 1 else (None,)
-    if source is None:
-        raise InputError("alpha-CROWN bounds models with one input")
-    if kind == "box":
-        if lower is None or upper is None:
-            raise InputError("a box input set needs lower and upper")
-        return {f"{source.name}_lower": np.asarray(lower, np.float32), f"{source.name}_upper": np.asarray(upper, np.float32)}
-    if x is None or eps is None:
-        raise InputError("an L-inf input set needs x and eps")
-    return {source.name: np.asarray(x, np.float32), "epsilon": np.asarray(eps, np.float32)}
+    bounder = AlphaCrown(model, kind, domain, spec, spec_offset, crown_upper)
+    return bounder.bounds(bounder.feeds(lower, upper, x, eps, objective), iterations, lr, lr_decay, stop)

@@ -184,10 +184,13 @@ def _concat(cx, node, coef):
 def _gemm(cx, node, coef):
     b = cx.b
     x, w = node.inputs[0], node.inputs[1]
-    back = b.op("MatMul", coef, w if attr(node, "transB", 0) else b.op("Transpose", w, perm=[1, 0]))
     alpha = attr(node, "alpha", 1.0)
-    if alpha != 1.0:
-        back = b.op("Mul", back, b.const(alpha))
+    rows = w if attr(node, "transB", 0) else b.op("Transpose", w, perm=[1, 0])   # [n, k]
+    back = cx.identity_product(coef, rows if alpha == 1.0 else b.op("Mul", rows, b.const(alpha)))
+    if back is None:
+        back = b.op("MatMul", coef, rows)
+        if alpha != 1.0:
+            back = b.op("Mul", back, b.const(alpha))
     pairs = [(x, back)]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         beta = attr(node, "beta", 1.0)
@@ -202,7 +205,9 @@ def _matmul(cx, node, coef):
     if left in cx.perturbed:                       # y = x·W
         if len(right.shape) == 1:
             return [(left, b.op("Mul", b.op("Unsqueeze", coef, b.ints([-1])), right))]
-        return [(left, b.op("MatMul", coef, swap_last_two(b, right)))]
+        rows = swap_last_two(b, right)
+        back = cx.identity_product(coef, rows) if len(right.shape) == 2 else None
+        return [(left, back if back is not None else b.op("MatMul", coef, rows))]
     if len(right.shape) == 1:                      # y = P·u with a vector u
         return [(right, b.op("MatMul", coef, left))]
     if len(left.shape) == 1:

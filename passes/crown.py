@@ -54,6 +54,10 @@ class Context:
         # alpha-CROWN: the free lower slopes of the current backward pass (None: CROWN's adaptive slopes).
         self.alpha: AlphaInputs | None = None
         self.epsilons: dict[str, ir.Value] = {}
+        # Builder values with the full shape of the tensor they go with (relaxation intercepts).
+        self.full_shaped: set[ir.Value] = set()
+        # Identity-start coefficients -> whether they stack the negated identity below (upper bounds).
+        self.identities: dict[ir.Value, bool] = {}
 
     @property
     def lead(self) -> int:
@@ -64,11 +68,39 @@ class Context:
         """Coefficients of a broadcasting op's output, summed to the shape of a perturbed input."""
         return unbroadcast(self.b, coef, value, out) if value in self.perturbed else coef
 
-    def contract(self, coef: ir.Value, value: ir.Value) -> ir.Value:
-        """sum over sample axes of coef·value ([rows, batch]); value broadcasts to the coefficients' tensor."""
+    def contract(self, coef: ir.Value, value: ir.Value, like: ir.Value | None = None) -> ir.Value:
+        """sum over sample axes of coef·value ([rows, batch]), for coefficients of `like` (the tensor value
+        broadcasts to), as a matrix product where the shapes allow one."""
         b = self.b
+        if value in self.full_shaped or (like is not None and _same_sample_shape(value, like, self.batched)):
+            return self._per_sample_product(coef, value)
+        dims = static_shape(value)
+        sample_rank = len(static_shape(like)) - (1 if self.batched else 0) if like is not None else None
+        if sample_rank == 1 and len(dims) == 1 and isinstance(dims[0], int) and dims[0] > 1:
+            # [n, 1] rather than [n]: onnxruntime multiplies by a vector operand many times slower.
+            column = b.op("Unsqueeze", value, b.ints([1]))
+            return b.op("Squeeze", b.op("MatMul", coef, column), b.ints([-1]))
         flat = b.op("Reshape", b.op("Mul", coef, value), b.ints([0] * self.lead + [-1]))
         return b.reduce("ReduceSum", flat, [self.lead], keepdims=0)
+
+    def _per_sample_product(self, coef: ir.Value, value: ir.Value) -> ir.Value:
+        """contract for a value with the tensor's full sample shape: [batch, rows, n] @ [batch, n, 1]."""
+        b = self.b
+        if not self.batched:
+            product = b.op("MatMul", b.op("Reshape", coef, b.ints([0, -1])), b.op("Reshape", value, b.ints([-1, 1])))
+            return b.op("Squeeze", product, b.ints([1]))
+        per_sample = b.op("Transpose", b.op("Reshape", coef, b.ints([0, 0, -1])), perm=[1, 0, 2])
+        product = b.op("MatMul", per_sample, b.op("Reshape", value, b.ints([0, -1, 1])))
+        return b.op("Transpose", b.op("Squeeze", product, b.ints([2])), perm=[1, 0])
+
+    def identity_product(self, coef: ir.Value, matrix: ir.Value) -> ir.Value | None:
+        """identity-start coefficients times a [n, k] matrix without the product: the matrix (and its
+        negation) as rows. None when coef is not an identity start."""
+        if coef not in self.identities:
+            return None
+        b = self.b
+        rows = b.op("Concat", matrix, b.op("Neg", matrix), axis=0) if self.identities[coef] else matrix
+        return b.op("Unsqueeze", rows, b.ints([1])) if self.batched else rows
 
     def backward(self, nodes: list[ir.Node], start: ir.Value, coef: ir.Value) -> ir.Value:
         """Lower bounds [rows, batch] of coef·start over the input set."""
@@ -84,7 +116,7 @@ class Context:
                 if value in self.perturbed:
                     pending[value] = part if value not in pending else b.op("Add", pending[value], part)
                 else:
-                    term = self.contract(part, value)
+                    term = self.contract(part, value, like=out)
                     bias = term if bias is None else b.op("Add", bias, term)
         for source, part in pending.items():
             term = self.concretise(source, part)
@@ -97,9 +129,10 @@ class Context:
             # min over ||x' - x||_2 <= eps of A·x' is A·x - eps·||A||_2 (the dual norm of L2 is L2).
             squares = b.op("Reshape", b.op("Mul", coef, coef), b.ints([0] * self.lead + [-1]))
             norm = b.op("Sqrt", b.reduce("ReduceSum", squares, [self.lead], keepdims=0))
-            return b.op("Sub", self.contract(coef, source), b.op("Mul", norm, self.radius_l2(source)))
+            return b.op("Sub", self._per_sample_product(coef, source), b.op("Mul", norm, self.radius_l2(source)))
         box = self.boxes[source]
-        return b.op("Sub", self.contract(coef, box.center), self.contract(b.op("Abs", coef), box.radius))
+        return b.op("Sub", self._per_sample_product(coef, box.center),
+                    self._per_sample_product(b.op("Abs", coef), box.radius))
 
     def radius_l2(self, source: ir.Value) -> ir.Value:
         """The L2 radius per sample: the largest epsilon entry of the sample (epsilon broadcasts like x)."""
@@ -133,8 +166,11 @@ class Context:
         rows = b.op("Concat", eye, b.op("Neg", eye), axis=0) if both else eye
         if self.batched and len(sample) == 1:
             coef = b.op("Unsqueeze", rows, b.ints([1]))
+            self.identities[coef] = both
         else:
             coef = b.op("Reshape", rows, b.ints([-1] + ([1] if self.batched else []) + list(sample)))
+            if not self.batched and len(sample) == 1:
+                self.identities[coef] = both
         result = self.backward(nodes, value, coef)
         if not both:
             return self._shaped(result, sample), None
@@ -154,19 +190,18 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
     """Positive coefficients take the lower line, negative ones the upper line."""
     b = cx.b
     relaxation = cx.relaxed[node]
-    positive = b.op("Relu", coef)
-    negative = b.op("Sub", coef, positive)
     if isinstance(relaxation, WindowMax):
-        return _window_max_backward(cx, node, relaxation, positive, negative)
+        positive = b.op("Relu", coef)
+        return _window_max_backward(cx, node, relaxation, positive, b.op("Sub", coef, positive))
     lower_slope = relaxation.lower_slope
     if cx.alpha is not None and relaxation.alpha_floor is not None:
         lower_slope = relaxation.lower_slope_for(b, cx.alpha.get(node))
-    back = b.op("Add", b.op("Mul", positive, lower_slope), b.op("Mul", negative, relaxation.upper_slope))
-    pairs = [(node.inputs[0], back)]
+    slope = b.op("Where", b.op("Less", coef, b.const(0.0)), relaxation.upper_slope, lower_slope)
+    pairs = [(node.inputs[0], b.op("Mul", coef, slope))]
     if relaxation.lower_intercept is not None:
-        pairs.append((relaxation.lower_intercept, positive))
+        pairs.append((relaxation.lower_intercept, b.op("Relu", coef)))
     if relaxation.upper_intercept is not None:
-        pairs.append((relaxation.upper_intercept, negative))
+        pairs.append((relaxation.upper_intercept, b.op("Min", coef, b.const(0.0))))
     return pairs
 
 
@@ -188,11 +223,15 @@ def _window_max_backward(cx: Context, node: ir.Node, relaxation: WindowMax, posi
 
 def _relax(cx: Context, node: ir.Node, box: Interval) -> Lines | WindowMax:
     if node.op_type != "MaxPool":
-        return relaxations.relax(cx.b, node, box)
+        found = relaxations.relax(cx.b, node, box)
+        cx.full_shaped.update(v for v in (found.lower_intercept, found.upper_intercept) if v is not None)
+        return found
     x = node.inputs[0]
     shape_in, shape_out = trailing(x), trailing(node.outputs[0])
     geometry = Geometry(node, shape_in[1:], [int(k) for k in attr(node, "kernel_shape")])
-    return relaxations.window_max(cx.b, node, box, shape_in, shape_out, geometry)
+    found = relaxations.window_max(cx.b, node, box, shape_in, shape_out, geometry)
+    cx.full_shaped.add(found.upper_intercept)
+    return found
 
 
 # ---- which graphs the pass takes ----------------------------------------------------------------------------
@@ -270,6 +309,14 @@ def _acceptor(perturbed: set, batched: bool):
             return relaxations.accepts(node)
         return op in ADJOINTS
     return accepts
+
+
+def _same_sample_shape(value: ir.Value, like: ir.Value, batched: bool) -> bool:
+    """Whether value has every sample dimension of `like` (it may lack the batch or have batch 1)."""
+    have, want = static_shape(value), static_shape(like)
+    skip = 1 if batched else 0
+    return len(have) == len(want) and len(want) > skip and have[skip:] == want[skip:] \
+        and all(isinstance(d, int) for d in want[skip:])
 
 
 def supports(node: ir.Node) -> bool:
