@@ -188,7 +188,7 @@ def _gemm(cx, node, coef):
     rows = w if attr(node, "transB", 0) else b.op("Transpose", w, perm=[1, 0])   # [n, k]
     back = cx.identity_product(coef, rows if alpha == 1.0 else b.op("Mul", rows, b.const(alpha)))
     if back is None:
-        back = b.op("MatMul", coef, rows)
+        back = cx.live_product(coef, rows)
         if alpha != 1.0:
             back = b.op("Mul", back, b.const(alpha))
     pairs = [(x, back)]
@@ -206,8 +206,10 @@ def _matmul(cx, node, coef):
         if len(right.shape) == 1:
             return [(left, b.op("Mul", b.op("Unsqueeze", coef, b.ints([-1])), right))]
         rows = swap_last_two(b, right)
-        back = cx.identity_product(coef, rows) if len(right.shape) == 2 else None
-        return [(left, back if back is not None else b.op("MatMul", coef, rows))]
+        if len(right.shape) != 2:
+            return [(left, b.op("MatMul", coef, rows))]
+        back = cx.identity_product(coef, rows)
+        return [(left, back if back is not None else cx.live_product(coef, rows))]
     if len(right.shape) == 1:                      # y = P·u with a vector u
         return [(right, b.op("MatMul", coef, left))]
     if len(left.shape) == 1:

@@ -58,6 +58,11 @@ class Context:
         self.full_shaped: set[ir.Value] = set()
         # Identity-start coefficients -> whether they stack the negated identity below (upper bounds).
         self.identities: dict[ir.Value, bool] = {}
+        # Coefficients of [batch, n] tensors that are zero outside the given unit indices (dead ReLUs), for
+        # linear adjoints to multiply only the live part; off (None) where the graph must stay simple
+        # (alpha-CROWN and training run it in torch).
+        self.support: dict[ir.Value, ir.Value] | None = {}
+        self.alive: dict[ir.Node, ir.Value] = {}
 
     @property
     def lead(self) -> int:
@@ -92,6 +97,14 @@ class Context:
         per_sample = b.op("Transpose", b.op("Reshape", coef, b.ints([0, 0, -1])), perm=[1, 0, 2])
         product = b.op("MatMul", per_sample, b.op("Reshape", value, b.ints([0, -1, 1])))
         return b.op("Transpose", b.op("Squeeze", product, b.ints([2])), perm=[1, 0])
+
+    def live_product(self, coef: ir.Value, matrix: ir.Value) -> ir.Value:
+        """coef @ matrix ([n, k]), skipping the units where coef is known to be zero."""
+        b = self.b
+        live = self.support.get(coef) if self.support is not None else None
+        if live is None:
+            return b.op("MatMul", coef, matrix)
+        return b.op("MatMul", b.op("Gather", coef, live, axis=-1), b.op("Gather", matrix, live, axis=0))
 
     def identity_product(self, coef: ir.Value, matrix: ir.Value) -> ir.Value | None:
         """identity-start coefficients times a [n, k] matrix without the product: the matrix (and its
@@ -197,12 +210,24 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
     if cx.alpha is not None and relaxation.alpha_floor is not None:
         lower_slope = relaxation.lower_slope_for(b, cx.alpha.get(node))
     slope = b.op("Where", b.op("Less", coef, b.const(0.0)), relaxation.upper_slope, lower_slope)
-    pairs = [(node.inputs[0], b.op("Mul", coef, slope))]
+    back = b.op("Mul", coef, slope)
+    if node in cx.alive:
+        cx.support[back] = cx.alive[node]
+    pairs = [(node.inputs[0], back)]
     if relaxation.lower_intercept is not None:
         pairs.append((relaxation.lower_intercept, b.op("Relu", coef)))
     if relaxation.upper_intercept is not None:
         pairs.append((relaxation.upper_intercept, b.op("Min", coef, b.const(0.0))))
     return pairs
+
+
+def _alive_units(cx: Context, box: Interval) -> ir.Value:
+    """Indices of the units of a [batch, n] (or [n]) ReLU input that may be positive in some sample."""
+    b = cx.b
+    positive = b.op("Cast", b.op("Greater", box.upper, b.const(0.0)), to=ir.DataType.FLOAT)
+    if cx.batched:
+        positive = b.reduce("ReduceMax", positive, [0], keepdims=0)
+    return b.op("Squeeze", b.op("NonZero", positive), b.ints([0]))
 
 
 def _window_max_backward(cx: Context, node: ir.Node, relaxation: WindowMax, positive, negative):
@@ -225,6 +250,8 @@ def _relax(cx: Context, node: ir.Node, box: Interval) -> Lines | WindowMax:
     if node.op_type != "MaxPool":
         found = relaxations.relax(cx.b, node, box)
         cx.full_shaped.update(v for v in (found.lower_intercept, found.upper_intercept) if v is not None)
+        if found.negative_slope == 0.0 and cx.support is not None and len(node.inputs[0].shape) == cx.lead:
+            cx.alive[node] = _alive_units(cx, box)
         return found
     x = node.inputs[0]
     shape_in, shape_out = trailing(x), trailing(node.outputs[0])
@@ -392,6 +419,8 @@ class CrownPass(ir.passes.FunctionalPass):
             cx.epsilons = {x.name: by_name[epsilon_names[x.name]] for x in boxes}
         if self.alpha == "inputs":
             cx.alpha = AlphaInputs(graph)
+        if self.alpha is not None or self.trainable:
+            cx.support = None
 
         intervals = _Intervals(b, self.trainable, boxes)
         exposed: dict[str, tuple[ir.Value, ir.Shape]] = {}
