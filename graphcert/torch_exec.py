@@ -102,6 +102,7 @@ _simple({
     "Identity": lambda x: x,
     "MatMul": torch.matmul,
     "Size": lambda x: torch.tensor(x.numel(), dtype=torch.int64),
+    "NonZero": lambda x: torch.nonzero(x).T,
 })
 
 
