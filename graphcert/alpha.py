@@ -21,7 +21,6 @@ from .interface import OBJECTIVE, InputSet, clone, perturbed_inputs
 from .runtime import Session
 
 Stop = Callable[[np.ndarray, np.ndarray], bool]
-Loss = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 class AlphaCrown:
@@ -75,10 +74,9 @@ class AlphaCrown:
         return {k: np.array(v, dtype=np.float32) for k, v in found.items()}
 
     def bounds(self, feeds: dict[str, np.ndarray], iterations: int = 20, lr: float = 0.1, lr_decay: float = 0.98,
-               stop: Stop | None = None, loss: Loss | None = None) -> tuple[np.ndarray, np.ndarray]:
+               stop: Stop | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, times `lr_decay` after each);
-        `stop(lower, upper)` may end them early; `loss(lower, upper)` (torch tensors) is what the steps
-        minimise, by default the sum of upper minus lower bounds."""
+        `stop(lower, upper)` may end them early."""
         from graphcert.passes.crown import ALPHA_INIT_PREFIX
 
         found = self.session.run(feeds)
@@ -103,12 +101,9 @@ class AlphaCrown:
             best_upper = np.minimum(best_upper, high.detach().numpy())
             if stop is not None and stop(best_lower, best_upper):
                 break
-            if loss is not None:
-                value = loss(low, high)
-            else:
-                value = high.sum() - low.sum() if high.requires_grad else -low.sum()
+            loss = high.sum() - low.sum() if high.requires_grad else -low.sum()
             optimiser.zero_grad()
-            value.backward()
+            loss.backward()
             optimiser.step()
             schedule.step()
             with torch.no_grad():

@@ -59,8 +59,8 @@ class Context:
         # Identity-start coefficients -> whether they stack the negated identity below (upper bounds).
         self.identities: dict[ir.Value, bool] = {}
         # Coefficients of [batch, n] tensors that are zero outside the given unit indices (dead ReLUs), for
-        # linear adjoints to multiply only the live part; off (None) where the graph must stay simple
-        # (alpha-CROWN and training run it in torch).
+        # linear adjoints to multiply only the live part; off (None) for training graphs, which keep to ops
+        # every training backend differentiates.
         self.support: dict[ir.Value, ir.Value] | None = {}
         self.alive: dict[ir.Node, ir.Value] = {}
 
@@ -419,7 +419,7 @@ class CrownPass(ir.passes.FunctionalPass):
             cx.epsilons = {x.name: by_name[epsilon_names[x.name]] for x in boxes}
         if self.alpha == "inputs":
             cx.alpha = AlphaInputs(graph)
-        if self.alpha is not None or self.trainable:
+        if self.trainable:
             cx.support = None
 
         intervals = _Intervals(b, self.trainable, boxes)
