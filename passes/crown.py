@@ -24,14 +24,13 @@ from graphcert.interpret import attr, check_supported, perturbed_nodes
 from graphcert.interval import Interval
 from graphcert.model import static_shape
 from graphcert.passes import ibp, relaxations
-from graphcert.passes.adjoints import (ADJOINTS, Geometry, fold_leading, reduced_axes, trailing, unbroadcast,
-                                       unfold_leading)
+from graphcert.passes.adjoints import ADJOINTS, Geometry, fold_leading, trailing, unbroadcast, unfold_leading
+from graphcert.passes.crown_support import RELAXED, acceptor, batched_inputs, supports  # noqa: F401 (public)
 from graphcert.passes.relaxations import Lines, WindowMax
 from graphcert.passes.spec import MARGINS
 
 ALPHA_PREFIX = "alpha."
 ALPHA_INIT_PREFIX = "alpha_init."
-RELAXED = relaxations.ELEMENTWISE | {"MaxPool"}
 
 # How IBP bounds of a tensor compare with the best linear bounds: exact for ops that only move or scale single
 # input elements (POINTWISE) and after one linear layer on such a tensor (AFFINE); otherwise possibly loose.
@@ -261,96 +260,12 @@ def _relax(cx: Context, node: ir.Node, box: Interval) -> Lines | WindowMax:
     return found
 
 
-# ---- which graphs the pass takes ----------------------------------------------------------------------------
-
-def _batched(sources) -> bool:
-    """Normalised models carry a symbolic leading batch dimension on inputs of rank >= 2."""
-    dims = [static_shape(v) for v in sources]
-    return all(len(d) >= 2 and not isinstance(d[0], int) for d in dims)
-
-
-def _static_trailing(value: ir.Value) -> bool:
-    dims = static_shape(value)
-    return len(dims) >= 2 and all(isinstance(d, int) for d in dims[1:])
-
-
-def _keeps_batch(node: ir.Node, batched: bool) -> bool:
-    """Ops that move elements must leave the batch axis first and whole (shape inference may rename it)."""
-    if not batched:
-        return True
-    x = node.inputs[0]
-    rank = len(x.shape) if x.shape is not None else 0
-    op = node.op_type
-    if op == "Flatten":
-        return attr(node, "axis", 1) == 1
-    if op == "Transpose":
-        return bool(rank) and (attr(node, "perm", None) or [rank - 1])[0] == 0
-    if op in ("Squeeze", "Unsqueeze"):
-        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
-            return False
-        out_rank = rank if op == "Squeeze" else rank + node.inputs[1].const_value.numpy().size
-        return all(int(a) % out_rank != 0 for a in node.inputs[1].const_value.numpy())
-    target = node.inputs[1].const_value
-    if target is None or not _static_trailing(x):
-        return False
-    target = target.numpy()
-    per_sample = int(np.prod(static_shape(x)[1:]))
-    return len(target) >= 1 and target[0] in (0, -1) and all(d > 0 for d in target[1:]) \
-        and int(np.prod(target[1:])) == per_sample
-
-
-def _acceptor(perturbed: set, batched: bool):
-    def accepts(node: ir.Node) -> bool:
-        if not ibp.accepts(node):
-            return False
-        hit = [v is not None and v in perturbed for v in node.inputs]
-        op = node.op_type
-        if op in ("Add", "Sub", "Sum", "Neg", "Identity", "Dropout"):
-            return True
-        if op == "Concat":
-            axis = attr(node, "axis") % len(node.outputs[0].shape)
-            return (axis > 0 or not batched) and all(isinstance(static_shape(v)[axis], int) for v in node.inputs)
-        if op in ("MatMul", "Mul"):
-            return sum(hit) == 1 and all(v.shape is not None for v in node.inputs)
-        if any(hit[1:]):
-            return False
-        if op == "Gemm":
-            return not attr(node, "transA", 0)
-        if op in ("Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool"):
-            window_ok = not attr(node, "ceil_mode", 0) and attr(node, "output_shape", None) is None \
-                and not (op == "ConvTranspose" and attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"))
-            return window_ok and _static_trailing(node.inputs[0]) and _static_trailing(node.outputs[0]) \
-                and all(v is None or v.shape is not None for v in node.inputs) \
-                and (op != "MaxPool" or len(node.outputs) == 1 or not node.outputs[1].uses())
-        if op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
-            return _keeps_batch(node, batched) and static_shape(node.inputs[0]) != []
-        if op in ("ReduceMean", "ReduceSum"):
-            axes = reduced_axes(node)
-            dims = static_shape(node.inputs[0])
-            return axes is not None and all(isinstance(dims[a], int) for a in axes) and (0 not in axes or not batched)
-        if op == "Pad":
-            pads, value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
-            return attr(node, "mode", "constant") in ("constant", b"constant") and pads.const_value is not None \
-                and (pads.const_value.numpy() >= 0).all() and (value is None or value.const_value is not None)
-        if op in relaxations.ELEMENTWISE:
-            return relaxations.accepts(node)
-        return op in ADJOINTS
-    return accepts
-
-
 def _same_sample_shape(value: ir.Value, like: ir.Value, batched: bool) -> bool:
     """Whether value has every sample dimension of `like` (it may lack the batch or have batch 1)."""
     have, want = static_shape(value), static_shape(like)
     skip = 1 if batched else 0
     return len(have) == len(want) and len(want) > skip and have[skip:] == want[skip:] \
         and all(isinstance(d, int) for d in want[skip:])
-
-
-def supports(node: ir.Node) -> bool:
-    """Whether the op has a rule, judged without the graph around it (for `graphcert inspect`)."""
-    if node.op_type in relaxations.ELEMENTWISE:
-        return relaxations.accepts(node) and ibp.accepts(node)
-    return (node.op_type in ADJOINTS or node.op_type in RELAXED) and ibp.accepts(node)
 
 
 def _exactness(node: ir.Node, state: dict, perturbed: set) -> int:
@@ -404,9 +319,9 @@ class CrownPass(ir.passes.FunctionalPass):
         graph = result.graph
         sources = perturbed_inputs(result)
         nodes = perturbed_nodes(graph, set(sources))
-        batched = _batched(sources)
+        batched = batched_inputs(sources)
         tainted = set(sources) | {out for node in nodes for out in node.outputs}
-        check_supported(nodes, {op: True for op in set(ADJOINTS) | RELAXED}, self.method, _acceptor(tainted, batched))
+        check_supported(nodes, {op: True for op in set(ADJOINTS) | RELAXED}, self.method, acceptor(tainted, batched))
         b = Builder(graph, prefix=self.method.replace("-", "_"))
         epsilon_names = {x.name: epsilon_name(result, x) for x in sources}
         boxes = open_inputs(result, b, self.input_set)

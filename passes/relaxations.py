@@ -1,9 +1,10 @@
-"""Linear relaxations of elementwise nonlinear ops on an interval, emitted as ONNX nodes.
+"""Linear relaxations of nonlinear ops on an interval, emitted as ONNX nodes.
 
 For y = f(x) with x in [l, u] elementwise, a relaxation is a pair of lines sound on the whole interval:
     lower_slope·x + lower_intercept <= f(x) <= upper_slope·x + upper_intercept.
 Backward bound propagation uses the lower line where a coefficient is positive and the upper line where it
-is negative. An intercept of None means zero.
+is negative. An intercept of None means zero. MaxPool, which mixes elements, is relaxed per window
+(`window_max`).
 """
 from __future__ import annotations
 

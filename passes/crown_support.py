@@ -1,0 +1,99 @@
+"""Which graphs the CROWN pass takes: per-node conditions beyond the op type, checked before emitting.
+
+Linear adjoints need one perturbed operand where the op is bilinear (MatMul, Mul, Div), static sample shapes
+where windows or concatenation sizes are computed, and ops that move elements must keep the batch axis
+first and whole, since coefficient tensors carry it right after the rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphcert.interpret import attr
+from graphcert.model import static_shape
+from graphcert.passes import ibp, relaxations
+from graphcert.passes.adjoints import ADJOINTS, reduced_axes
+
+RELAXED = relaxations.ELEMENTWISE | {"MaxPool"}
+
+
+def batched_inputs(sources) -> bool:
+    """Normalised models carry a symbolic leading batch dimension on inputs of rank >= 2."""
+    dims = [static_shape(v) for v in sources]
+    return all(len(d) >= 2 and not isinstance(d[0], int) for d in dims)
+
+
+def static_trailing(value: ir.Value) -> bool:
+    dims = static_shape(value)
+    return len(dims) >= 2 and all(isinstance(d, int) for d in dims[1:])
+
+
+def _keeps_batch(node: ir.Node, batched: bool) -> bool:
+    """Ops that move elements must leave the batch axis first and whole (shape inference may rename it)."""
+    if not batched:
+        return True
+    x = node.inputs[0]
+    rank = len(x.shape) if x.shape is not None else 0
+    op = node.op_type
+    if op == "Flatten":
+        return attr(node, "axis", 1) == 1
+    if op == "Transpose":
+        return bool(rank) and (attr(node, "perm", None) or [rank - 1])[0] == 0
+    if op in ("Squeeze", "Unsqueeze"):
+        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+            return False
+        out_rank = rank if op == "Squeeze" else rank + node.inputs[1].const_value.numpy().size
+        return all(int(a) % out_rank != 0 for a in node.inputs[1].const_value.numpy())
+    target = node.inputs[1].const_value
+    if target is None or not static_trailing(x):
+        return False
+    target = target.numpy()
+    per_sample = int(np.prod(static_shape(x)[1:]))
+    return len(target) >= 1 and target[0] in (0, -1) and all(d > 0 for d in target[1:]) \
+        and int(np.prod(target[1:])) == per_sample
+
+
+def acceptor(perturbed: set, batched: bool):
+    def accepts(node: ir.Node) -> bool:
+        if not ibp.accepts(node):
+            return False
+        hit = [v is not None and v in perturbed for v in node.inputs]
+        op = node.op_type
+        if op in ("Add", "Sub", "Sum", "Neg", "Identity", "Dropout"):
+            return True
+        if op == "Concat":
+            axis = attr(node, "axis") % len(node.outputs[0].shape)
+            return (axis > 0 or not batched) and all(isinstance(static_shape(v)[axis], int) for v in node.inputs)
+        if op in ("MatMul", "Mul"):
+            return sum(hit) == 1 and all(v.shape is not None for v in node.inputs)
+        if any(hit[1:]):
+            return False
+        if op == "Gemm":
+            return not attr(node, "transA", 0)
+        if op in ("Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool"):
+            window_ok = not attr(node, "ceil_mode", 0) and attr(node, "output_shape", None) is None \
+                and not (op == "ConvTranspose" and attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"))
+            return window_ok and static_trailing(node.inputs[0]) and static_trailing(node.outputs[0]) \
+                and all(v is None or v.shape is not None for v in node.inputs) \
+                and (op != "MaxPool" or len(node.outputs) == 1 or not node.outputs[1].uses())
+        if op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
+            return _keeps_batch(node, batched) and static_shape(node.inputs[0]) != []
+        if op in ("ReduceMean", "ReduceSum"):
+            axes = reduced_axes(node)
+            dims = static_shape(node.inputs[0])
+            return axes is not None and all(isinstance(dims[a], int) for a in axes) and (0 not in axes or not batched)
+        if op == "Pad":
+            pads, value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+            return attr(node, "mode", "constant") in ("constant", b"constant") and pads.const_value is not None \
+                and (pads.const_value.numpy() >= 0).all() and (value is None or value.const_value is not None)
+        if op in relaxations.ELEMENTWISE:
+            return relaxations.accepts(node)
+        return op in ADJOINTS
+    return accepts
+
+
+def supports(node: ir.Node) -> bool:
+    """Whether the op has a rule, judged without the graph around it (for `graphcert inspect`)."""
+    if node.op_type in relaxations.ELEMENTWISE:
+        return relaxations.accepts(node) and ibp.accepts(node)
+    return (node.op_type in ADJOINTS or node.op_type in RELAXED) and ibp.accepts(node)
