@@ -14,7 +14,7 @@ from onnx import helper
 import reference_crown
 import zoo
 from conftest import VNNCOMP, shared_path
-from graphcert.alpha import alpha_crown_bounds
+from graphcert.alpha import AlphaCrown, alpha_crown_bounds
 from graphcert.api import bound_graph
 from graphcert.builder import Builder
 from graphcert.errors import UnsupportedOpError
@@ -254,6 +254,19 @@ def test_alpha_crown_never_looser_than_crown(case):
     both = alpha_crown_bounds(model, "box", lower, upper, iterations=5, crown_upper=True)
     plain = alpha_crown_bounds(model, "box", lower, upper, iterations=0, crown_upper=True)
     assert np.all(both[0] >= plain[0]) and np.all(both[1] <= plain[1])
+
+
+def test_alpha_crown_with_run_time_objective_matches_constant_spec():
+    model, found, feeds = shared_case(*SHARED_CASES[2])
+    matrix, offset = found.stacked_rows()
+    lower, upper = (feeds[k] for k in sorted(feeds))
+    runtime = AlphaCrown(model, "box", spec="runtime")
+    objective = matrix[None].astype(np.float32)
+    constant = AlphaCrown(model, "box", spec=matrix)
+    for iterations in (0, 3):
+        got = runtime.bounds(runtime.feeds(lower, upper, objective=objective), iterations)[0]
+        want = constant.bounds(constant.feeds(lower, upper), iterations)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["torch_mlp", "torch_cnn", "opset17"])
