@@ -245,6 +245,10 @@ def train(config: TrainConfig, progress: bool = False, on_epoch=None) -> TrainRe
         seconds = time.perf_counter() - start
         weights = backend.weights()
     trained = write_back(problem.proto, weights)
+    # A fine-tuned graphcert model already carries this key; duplicate keys fail the ONNX checker.
+    kept = [p for p in trained.metadata_props if p.key != "graphcert.training"]
+    del trained.metadata_props[:]
+    trained.metadata_props.extend(kept)
     trained.metadata_props.add(key="graphcert.training", value=json.dumps(
         {k: settings[k] for k in ("data", "eps", "method", "epochs", "warmup", "rampup", "kappa", "schedule",
                                   "init", "seed", "backend")}))
