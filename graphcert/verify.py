@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
 import torch
 
 from . import api
 from .attack import Attack, FlatNetwork, unsafe_objective
 from .errors import GraphcertError, InputError, SpecError
-from .export import atomic_write, to_proto
+from .export import IR_VERSION, atomic_write, to_proto
 from .interface import InputSet, perturbed_inputs
 from .model import read_proto
 from .runtime import Session
@@ -30,10 +31,14 @@ STATUSES = ("holds", "violated", "unknown", "timeout")
 COMPETITION_WORDS = {"holds": "unsat", "violated": "sat", "unknown": "unknown", "timeout": "timeout"}
 # Bound graphs compute in float32 without outward rounding: demand a little more than > 0 to refute.
 ABSOLUTE_SLACK, RELATIVE_SLACK = 1e-6, 1e-5
-CHILDREN_PER_CALL = 8192
-# Trying every split dimension costs 2·n bound evaluations per box; worth it for low-dimensional inputs.
-TRIAL_SPLIT_DIMENSIONS = 16
-FRONTIER_BYTES = 1 << 29
+# Bound calls are sized to take about this long, so the clock is checked often enough to honour timeouts.
+CALL_SECONDS = 0.2
+MAX_CHUNK = 16384
+# Halving one of many input dimensions barely tightens bounds: beyond this many, bounds and attacks decide alone.
+BRANCH_DIMENSIONS = 64
+# Trying a split costs two bound evaluations; each box tries this many dimensions.
+SPLIT_CANDIDATES = 3
+FRONTIER_BYTES = 1 << 28
 ATTACK_SHARE = 0.2
 ATTACK_BOXES = 64
 
@@ -67,7 +72,11 @@ class Network:
             raise InputError(f"{model_path}: input {x.name} has free dimensions {dims}; fix its shape first")
         self.n_inputs = int(np.prod(self.sample_shape))
         self.n_outputs = int(np.prod([d for d in (y.shape or [])[1 if self.batched else 0:]]))
-        self.original = Session(proto, threads=1)
+        # The original computation, with the IR version capped to one onnxruntime loads (the graph is unchanged).
+        runnable = onnx.ModelProto()
+        runnable.CopyFrom(proto)
+        runnable.ir_version = min(runnable.ir_version, IR_VERSION)
+        self.original = Session(runnable, threads=1)
         original_input = next(i for i in proto.graph.input if i.name == x.name)
         original_dims = [d.dim_value for d in original_input.type.tensor_type.shape.dim]
         self.original_shape = original_dims if all(original_dims) else ([1] if self.batched else []) + self.sample_shape
@@ -146,6 +155,7 @@ class Search:
         self.bound_fn = bound_fn or (SpecBounds(network, matrix, offset, method) if self.has_rows else None)
         self.attack = Attack(FlatNetwork(network.model, network.output_name), matrix, offset, self.membership)
         self.boxes_bounded = 0
+        self.chunk = 64
         self.attack_seconds = 0.0
         self.started = time.monotonic()
         self.counterexample = None
@@ -166,6 +176,8 @@ class Search:
         frontier = self._roots(lower, upper, alive)
         if frontier is None:
             return self._stopped()
+        if len(frontier[0]) and lower.shape[1] > BRANCH_DIMENSIONS:
+            return "unknown", None, self.boxes_bounded
         stack = [frontier] if len(frontier[0]) else []
         while stack:
             if time.monotonic() > self.deadline:
@@ -174,7 +186,7 @@ class Search:
                 return "violated", self.counterexample, self.boxes_bounded
             if sum(len(part[0]) for part in stack) * lower.shape[1] * 16 > FRONTIER_BYTES:
                 return "unknown", None, self.boxes_bounded
-            parents = _take(stack, max(1, CHILDREN_PER_CALL // (2 * self._trial_dimensions(lower.shape[1]))))
+            parents = _take(stack, max(1, self.chunk // (2 * SPLIT_CANDIDATES)))
             children = self._split(*parents)
             if children is None:
                 return self._stopped()
@@ -189,10 +201,6 @@ class Search:
             return "violated", self.counterexample, self.boxes_bounded
         return "timeout", None, self.boxes_bounded
 
-    @staticmethod
-    def _trial_dimensions(n: int) -> int:
-        return n if n <= TRIAL_SPLIT_DIMENSIONS else 1
-
     def _conjunct_without_rows(self, lower, upper, alive) -> bool:
         """A conjunct with no output rows is met by every output: any input of its box is a counterexample."""
         empty = ~self.membership.any(axis=0)
@@ -205,9 +213,10 @@ class Search:
 
         score: the weakest live conjunct's best row lower bound (> 0 means refuted; +inf when the box is).
         """
-        if time.monotonic() > self.deadline:
+        bounds = self._bound_batched(lower, upper)
+        if bounds is None:
             return None
-        margin_lower, margin_upper, center = self._bound_batched(lower, upper)
+        margin_lower, margin_upper, center = bounds
         self.boxes_bounded += len(lower)
         slack = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper))
         refuted = ((margin_lower > slack).astype(np.int32) @ self.membership) > 0
@@ -220,8 +229,19 @@ class Search:
         return alive, unsafe_objective(torch.from_numpy(margin_lower), membership, alive_t).numpy()
 
     def _bound_batched(self, lower, upper):
-        parts = [self.bound_fn(lower[i:i + CHILDREN_PER_CALL], upper[i:i + CHILDREN_PER_CALL])
-                 for i in range(0, len(lower), CHILDREN_PER_CALL)]
+        """bound_fn over chunks sized to take about CALL_SECONDS each; None when the deadline passes."""
+        parts = []
+        start = 0
+        while start < len(lower):
+            if time.monotonic() > self.deadline:
+                return None
+            chunk = slice(start, start + self.chunk)
+            began = time.monotonic()
+            parts.append(self.bound_fn(lower[chunk], upper[chunk]))
+            seconds = max(time.monotonic() - began, 1e-4)
+            if len(parts[-1][0]) == self.chunk:
+                self.chunk = int(np.clip(self.chunk * CALL_SECONDS / seconds, 8, MAX_CHUNK))
+            start = chunk.stop
         return tuple(np.concatenate([p[k] for p in parts]).astype(np.float64) for k in range(3))
 
     def _roots(self, lower, upper, alive):
@@ -233,16 +253,15 @@ class Search:
         return lower[keep], upper[keep], alive[keep], score[keep]
 
     def _split(self, lower, upper, alive, score):
-        """Halve each box along the dimension whose worse half is closest to refuted; return the live halves.
+        """Halve each box along one dimension and return the live halves.
 
-        Low-dimensional inputs try every dimension (all halves bounded in one call); others halve the
-        dimension widest relative to the property's box.
+        Candidates: the dimension widest relative to the property's box, plus the ones with the largest
+        |gradient| x width of the unsafe objective at the center. All candidate halves are bounded in one
+        call; the split kept is the one whose halves get closest to refuted in total (scores clipped at 0,
+        since a refuted half cannot do better).
         """
         m, n = lower.shape
-        if self._trial_dimensions(n) == n:
-            dims = np.tile(np.arange(n), (m, 1))
-        else:
-            dims = np.argmax((upper - lower) / self._root_width(), axis=1)[:, None]
+        dims = self._candidate_dimensions(lower, upper, alive)
         d = dims.shape[1]
         parent, dim = np.repeat(np.arange(m), d), dims.reshape(-1)
         rows = np.arange(len(parent))
@@ -257,13 +276,22 @@ class Search:
             return None
         child_alive, child_score = evaluated
         half = len(parent)
-        worse = np.minimum(child_score[:half], child_score[half:]).reshape(m, d)
-        better = np.maximum(child_score[:half], child_score[half:]).reshape(m, d)
-        chosen = np.lexsort((-better, -worse), axis=-1)[:, 0]
-        pick = np.arange(m) * d + chosen
+        progress = (np.minimum(child_score[:half], 0) + np.minimum(child_score[half:], 0)).reshape(m, d)
+        pick = np.arange(m) * d + np.argmax(progress, axis=1)
         selected = np.concatenate([pick, pick + half])
         keep = selected[child_alive[selected].any(axis=1)]
         return child_lower[keep], child_upper[keep], child_alive[keep], child_score[keep]
+
+    def _candidate_dimensions(self, lower, upper, alive) -> np.ndarray:
+        """[m, <= SPLIT_CANDIDATES] dimensions per box, the relatively widest first (it wins ties)."""
+        m, n = lower.shape
+        center = torch.from_numpy((0.5 * (lower + upper)).astype(np.float32)).requires_grad_(True)
+        objective = self.attack.objective(center, torch.from_numpy(alive))
+        grad, = torch.autograd.grad(objective.sum(), center)
+        by_smear = np.argsort(-np.abs(grad.numpy()) * (upper - lower), axis=1)
+        widest = np.argmax((upper - lower) / self._root_width(), axis=1)[:, None]
+        others = by_smear[by_smear != widest].reshape(m, n - 1)[:, :SPLIT_CANDIDATES - 1]
+        return np.concatenate([widest, others], axis=1)
 
     def _root_width(self) -> np.ndarray:
         widths = np.max([hi - lo for lo, hi in self.prop.input_boxes], axis=0)
