@@ -14,7 +14,7 @@ import numpy as np
 
 from . import api
 from .data import Dataset, fit_to_input
-from .errors import InputError
+from .errors import InputError, UnsupportedOpError
 from .export import to_proto
 from .interface import OBJECTIVE, InputSet, epsilon_name, perturbed_inputs
 from .model import static_shape
@@ -111,8 +111,62 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
                          time.perf_counter() - start)
 
 
+class AlphaCertifier:
+    """alpha-CROWN margins on the samples that CROWN leaves undecided (never looser than CROWN)."""
+
+    def __init__(self, model, method: str, domain, iterations: int = 20):
+        from .alpha import AlphaCrown
+        self.crown = GraphCertifier(model, "crown", domain)
+        self.alpha = AlphaCrown(model, "linf", domain, spec="runtime")
+        self.iterations = iterations
+
+    def __call__(self, x, eps, objective):
+        logits, lower = self.crown(x, eps, objective)
+        open_ = _undecided(logits, lower, objective)
+        if open_.any():
+            feeds = self.alpha.feeds(x=x[open_], eps=np.float32(eps), objective=objective[open_])
+            tighter, _ = self.alpha.bounds(feeds, self.iterations, stop=lambda low, high: bool((low > 0).all()))
+            lower[open_] = np.maximum(lower[open_], tighter)
+        return logits, lower
+
+
+class EscalatingCertifier:
+    """`auto`: the cheapest method first, each stronger one only on the samples still undecided."""
+
+    LADDER = ("ibp", "crown-ibp", "crown", "alpha-crown")
+
+    def __init__(self, model, method: str, domain):
+        self.model, self.domain = model, domain
+        self.stages: dict[str, object] = {}
+
+    def _stage(self, name):
+        if name not in self.stages:
+            try:
+                self.stages[name] = certifier(self.model, name, self.domain)
+            except UnsupportedOpError:
+                self.stages[name] = None  # the model has ops this method cannot bound: skip it
+        return self.stages[name]
+
+    def __call__(self, x, eps, objective):
+        logits, lower = self._stage("ibp")(x, eps, objective)
+        for name in self.LADDER[1:]:
+            open_ = _undecided(logits, lower, objective)
+            stage = self._stage(name)
+            if not open_.any() or stage is None:
+                continue
+            _, tighter = stage(x[open_], eps, objective[open_])
+            lower[open_] = np.maximum(lower[open_], tighter)  # both are sound lower bounds
+        return logits, lower
+
+
+def _undecided(logits, lower, objective) -> np.ndarray:
+    """Samples classified correctly at x whose margins are not yet all proved positive."""
+    margins_at_x = np.einsum("bmn,bn->bm", objective, logits)
+    return (margins_at_x > 0).all(axis=1) & ~(lower > 0).all(axis=1)
+
+
 # method name -> factory(normalised model, method, domain) -> callable(x, eps, objective) -> (logits, margin lower)
-CERTIFIERS = {}
+CERTIFIERS = {"alpha-crown": AlphaCertifier, "auto": EscalatingCertifier}
 
 
 def certifier(model, method: str, domain):
