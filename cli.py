@@ -23,7 +23,7 @@ def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write the bound graph of a model")
     p.add_argument("model", help="ONNX model file (or the name of a shipped model)")
     p.add_argument("-o", "--output", required=True, help="where to write the bound graph (.onnx)")
-    p.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    p.add_argument("--method", default="ibp", help="ibp, crown-ibp or crown (default: ibp)")
     p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI] (e.g. 0 1 for pixels)")
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
@@ -73,7 +73,9 @@ def add_certify(sub) -> None:
                    help=f"ONNX model file or shipped model name (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default="mnist-test", help="mnist-test, mnist5k, digits or FILE.npz (x, y)")
     p.add_argument("--eps", type=float, default=0.01, help="L-inf radius (default: 0.01)")
-    p.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    p.add_argument("--method", default="ibp",
+                   help="ibp, crown-ibp, crown, alpha-crown, or auto (cheapest first, escalating on undecided "
+                        "samples only) (default: ibp)")
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
@@ -106,7 +108,7 @@ def add_verify(sub) -> None:
     p.add_argument("spec", nargs="?", help="VNN-LIB property file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for one property (default: 60)")
     p.add_argument("--out", help="result file (competition format), or the results CSV with --instances")
-    p.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    p.add_argument("--method", default="crown", help="bound method (default: crown; ibp is faster and looser)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
     p.set_defaults(run=run_verify)
