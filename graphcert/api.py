@@ -72,12 +72,32 @@ def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
 def convert(model_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "ibp",
             domain: tuple[float, float] | None = None, spec_path: str | None = None) -> onnx.ModelProto:
     """Write the bound graph of a model file; never overwrites the input."""
+    normalised = load(model_path)
     spec, offset = None, None
     if spec_path is not None:
         from graphcert.vnnlib import load_property
         prop = load_property(spec_path)
+        _check_property_fits(prop, normalised, model_path, spec_path)
         spec, offset = prop.stacked_rows()
-    bound = bound_graph(model_path, method, InputSet("linf", domain), spec=spec, spec_offset=offset)
+    bound = bound_graph(normalised, method, InputSet("linf", domain), spec=spec, spec_offset=offset)
     proto = to_proto(bound)
     save(proto, out_path, source=model_path)
     return proto
+
+
+def _check_property_fits(prop, model: ir.Model, model_path, spec_path) -> None:
+    from .errors import SpecError
+    from .interface import perturbed_inputs
+    from .model import static_shape
+
+    def per_sample(value) -> int | None:
+        dims = static_shape(value)
+        dims = dims[1:] if len(dims) >= 2 else dims
+        return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else None
+
+    inputs = perturbed_inputs(model)
+    n_in = per_sample(inputs[0]) if len(inputs) == 1 else None
+    n_out = per_sample(model.graph.outputs[0])
+    if (n_in is not None and n_in != prop.n_inputs) or (n_out is not None and n_out != prop.n_outputs):
+        raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
+                        f"{model_path} has {n_in} inputs and {n_out} outputs; pick the property for this model")

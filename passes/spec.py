@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert.builder import Builder
+from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, clone
 from graphcert.interpret import attr
 
@@ -34,6 +35,11 @@ class SpecPass(ir.passes.FunctionalPass):
         if y is None:
             raise ValueError(f"model has no output named {self.output!r}")
         b = Builder(graph, prefix="spec")
+        if self.matrix is not None and y.shape is not None:
+            dims = list(y.shape)[1:] if len(y.shape) >= 2 else list(y.shape)
+            if all(isinstance(d, int) for d in dims) and int(np.prod(dims)) != self.matrix.shape[1]:
+                raise InputError(f"the objective has {self.matrix.shape[1]} columns but output {y.name} has "
+                                 f"{int(np.prod(dims))} values per sample")
         fused = _fused(b, y, self.matrix) if self.matrix is not None else _fused_runtime(b, y)
         margins = fused or _appended(b, y, self.matrix)
         if self.offset is not None:

@@ -120,3 +120,37 @@ def test_malformed_model_and_data(tmp_path):
     nolabels = tmp_path / "nolabels.npz"
     np.savez(nolabels, x=np.zeros((4, 784), np.float32))
     assert_one_line_error(graphcert("certify", MLP, "--data", str(nolabels)), "y")
+
+
+SHARED = REPO.parent / "shared" / "benchmarks" / "vnncomp2021"
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (VNN-COMP networks and properties)")
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_convert_with_spec_bounds_the_property_margins(tmp_path, method):
+    from graphcert.vnnlib import load_property
+    net, spec = SHARED / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx", SHARED / "acasxu" / "prop_2.vnnlib"
+    out = tmp_path / "spec.onnx"
+    proc = graphcert("convert", str(net), "--spec", str(spec), "-o", str(out), "--method", method)
+    assert proc.returncode == 0, proc.stderr
+    prop = load_property(str(spec))
+    matrix, offset = prop.stacked_rows()
+    lower_box, upper_box = prop.input_boxes[0]
+    center, radius = (lower_box + upper_box) / 2, (upper_box - lower_box) / 2
+    sess = ort.InferenceSession(str(out))
+    rng = np.random.default_rng(0)
+    points = center + radius * rng.uniform(-1, 1, (200, 5))
+    original = ort.InferenceSession(str(net))
+    y = np.concatenate([original.run(None, {"input": p.reshape(1, 1, 1, 5).astype(np.float32)})[0] for p in points])
+    margins = y @ matrix.T + offset
+    feeds = {"input": center.reshape(1, 1, 1, 5).astype(np.float32), "epsilon": radius.reshape(1, 1, 1, 5).astype(np.float32)}
+    lower, upper = sess.run(["margins_lower", "margins_upper"], feeds)
+    assert (lower - 1e-4 <= margins).all() and (margins <= upper + 1e-4).all()
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared (VNN-COMP networks and properties)")
+def test_convert_with_a_property_of_another_model_is_refused(tmp_path):
+    proc = graphcert("convert", str(SHARED / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"), "--spec",
+                     str(SHARED / "mnistfc" / "prop_0_0.03.vnnlib"), "-o", str(tmp_path / "x.onnx"))
+    assert_one_line_error(proc, "784 inputs")
+    assert not (tmp_path / "x.onnx").exists()
