@@ -47,7 +47,7 @@ def run_family(family: str, args, truth) -> dict:
     table = collections.Counter()
     unsound = []
     for r in results:
-        expected = truth[(family, os.path.basename(r.onnx), os.path.basename(r.vnnlib))]
+        expected = truth.get((family, os.path.basename(r.onnx), os.path.basename(r.vnnlib)), "absent")
         answer = r.status if r.status in ("holds", "violated", "unknown", "timeout") else "error"
         table[(answer, expected)] += 1
         if (answer, expected) in (("holds", "violated"), ("violated", "holds")):

@@ -127,7 +127,7 @@ class SpecBounds:
 
 
 def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
-           method: str = "ibp") -> Result:
+           method: str = "crown") -> Result:
     """Decide whether the property holds on the model within `timeout` seconds (loading included)."""
     start = time.monotonic()
     deadline = start + timeout
@@ -178,21 +178,20 @@ class Search:
             return self._stopped()
         if len(frontier[0]) and lower.shape[1] > BRANCH_DIMENSIONS:
             return "unknown", None, self.boxes_bounded
-        stack = [frontier] if len(frontier[0]) else []
-        while stack:
+        frontier = Frontier(*frontier)
+        while len(frontier):
             if time.monotonic() > self.deadline:
                 return "timeout", None, self.boxes_bounded
             if self.counterexample is not None:
                 return "violated", self.counterexample, self.boxes_bounded
-            if sum(len(part[0]) for part in stack) * lower.shape[1] * 16 > FRONTIER_BYTES:
+            if len(frontier) * lower.shape[1] * 16 > FRONTIER_BYTES:
                 return "unknown", None, self.boxes_bounded
-            parents = _take(stack, max(1, self.chunk // (2 * SPLIT_CANDIDATES)))
-            children = self._split(*parents)
+            parents = frontier.pop(max(1, self.chunk // (2 * SPLIT_CANDIDATES)))
+            children = self._split(*parents[:3])
             if children is None:
                 return self._stopped()
-            if len(children[0]):
-                stack.append(children)
-                self._attack_if_due(children)
+            frontier.push(*children)
+            self._attack_if_due(frontier)
         return ("violated", self.counterexample, self.boxes_bounded) if self.counterexample is not None \
             else ("holds", None, self.boxes_bounded)
 
@@ -209,9 +208,11 @@ class Search:
         return self.counterexample is not None
 
     def _evaluate(self, lower, upper, alive):
-        """Bound boxes, drop refuted conjuncts, try the centers; (alive, score) or None at the deadline.
+        """Bound boxes, drop refuted conjuncts, try the centers; (alive, score, center objective) or None at the
+        deadline.
 
         score: the weakest live conjunct's best row lower bound (> 0 means refuted; +inf when the box is).
+        center objective: the unsafe objective at the box center (<= 0 there means a candidate counterexample).
         """
         bounds = self._bound_batched(lower, upper)
         if bounds is None:
@@ -226,7 +227,7 @@ class Search:
         for box in np.flatnonzero(center_objective <= 0)[:8]:
             if self._confirm(0.5 * (lower[box] + upper[box])):
                 break
-        return alive, unsafe_objective(torch.from_numpy(margin_lower), membership, alive_t).numpy()
+        return alive, unsafe_objective(torch.from_numpy(margin_lower), membership, alive_t).numpy(), center_objective
 
     def _bound_batched(self, lower, upper):
         """bound_fn over chunks sized to take about CALL_SECONDS each; None when the deadline passes."""
@@ -248,11 +249,11 @@ class Search:
         evaluated = self._evaluate(lower, upper, alive)
         if evaluated is None:
             return None
-        alive, score = evaluated
+        alive, _, center_objective = evaluated
         keep = alive.any(axis=1)
-        return lower[keep], upper[keep], alive[keep], score[keep]
+        return lower[keep], upper[keep], alive[keep], center_objective[keep]
 
-    def _split(self, lower, upper, alive, score):
+    def _split(self, lower, upper, alive):
         """Halve each box along one dimension and return the live halves.
 
         Candidates: the dimension widest relative to the property's box, plus the ones with the largest
@@ -274,13 +275,13 @@ class Search:
         evaluated = self._evaluate(child_lower, child_upper, np.concatenate([alive[parent], alive[parent]]))
         if evaluated is None:
             return None
-        child_alive, child_score = evaluated
+        child_alive, child_score, child_objective = evaluated
         half = len(parent)
         progress = (np.minimum(child_score[:half], 0) + np.minimum(child_score[half:], 0)).reshape(m, d)
         pick = np.arange(m) * d + np.argmax(progress, axis=1)
         selected = np.concatenate([pick, pick + half])
         keep = selected[child_alive[selected].any(axis=1)]
-        return child_lower[keep], child_upper[keep], child_alive[keep], child_score[keep]
+        return child_lower[keep], child_upper[keep], child_alive[keep], child_objective[keep]
 
     def _candidate_dimensions(self, lower, upper, alive) -> np.ndarray:
         """[m, <= SPLIT_CANDIDATES] dimensions per box, the relatively widest first (it wins ties)."""
@@ -297,13 +298,13 @@ class Search:
         widths = np.max([hi - lo for lo, hi in self.prop.input_boxes], axis=0)
         return np.where(widths > 0, widths, 1.0)
 
-    def _attack_if_due(self, frontier) -> None:
+    def _attack_if_due(self, frontier: "Frontier") -> None:
+        """Attack the boxes whose centers come closest to the unsafe set, within ATTACK_SHARE of the time."""
         elapsed = time.monotonic() - self.started
-        if self.attack_seconds > ATTACK_SHARE * elapsed:
+        if self.attack_seconds > ATTACK_SHARE * elapsed or not len(frontier):
             return
-        lower, upper, alive, score = frontier
-        chosen = np.argsort(score)[:ATTACK_BOXES]
-        self._attack(lower[chosen], upper[chosen], alive[chosen], budget=1.0, samples=64, restarts=4, steps=30)
+        lower, upper, alive, _ = frontier.closest(ATTACK_BOXES)
+        self._attack(lower, upper, alive, budget=1.0, samples=64, restarts=4, steps=30)
 
     def _attack(self, lower, upper, alive, budget: float, **settings) -> bool:
         """Attack the boxes for at most `budget` of the remaining time; True when a counterexample is confirmed."""
@@ -323,14 +324,38 @@ class Search:
         return self.counterexample is not None
 
 
-def _take(stack: list, count: int):
-    """Pop up to `count` boxes from the top of the stack (depth first keeps the frontier small)."""
-    top = stack[-1]
-    if len(top[0]) <= count:
-        stack.pop()
-        return top
-    stack[-1] = tuple(part[:-count] for part in top)
-    return tuple(part[-count:] for part in top)
+class Frontier:
+    """Undecided boxes as parallel arrays (lower, upper, live conjuncts, unsafe objective at the center).
+
+    Boxes whose centers come closest to the unsafe set are split first: for a proof the order does not
+    change the work, and for a violated property it leads to the region where a counterexample lies.
+    """
+
+    def __init__(self, *parts: np.ndarray):
+        self.parts = list(parts)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def push(self, *parts: np.ndarray) -> None:
+        self.parts = [np.concatenate([mine, new]) for mine, new in zip(self.parts, parts)]
+
+    def pop(self, count: int) -> list[np.ndarray]:
+        chosen = self._closest(count)
+        taken = [part[chosen] for part in self.parts]
+        rest = np.ones(len(self), dtype=bool)
+        rest[chosen] = False
+        self.parts = [part[rest] for part in self.parts]
+        return taken
+
+    def closest(self, count: int) -> list[np.ndarray]:
+        return [part[self._closest(count)] for part in self.parts]
+
+    def _closest(self, count: int) -> np.ndarray:
+        values = self.parts[3]
+        if count >= len(values):
+            return np.arange(len(values))
+        return np.argpartition(values, count)[:count]
 
 
 def write_result(result: Result, path: str | os.PathLike) -> None:
@@ -352,7 +377,7 @@ class InstanceResult:
     timeout: float
 
 
-def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "ibp",
+def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
                   progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None) -> list[InstanceResult]:
     """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it."""
     from tqdm import tqdm
