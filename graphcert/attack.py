@@ -14,20 +14,21 @@ import onnx_ir as ir
 import torch
 
 from .interface import perturbed_inputs
+from .torch_exec import TorchGraph
 
 
 class FlatNetwork:
     """The normalised model as a torch function from flat inputs [B, n_x] to flat outputs [B, n_y]."""
 
     def __init__(self, model: ir.Model, output: str):
-        from .torch_exec import TorchGraph
+        """`model` has one input whose dimensions are static apart from a leading symbolic batch."""
         self.graph = TorchGraph(model, trainable=False)
         self.graph.eval()
         [x] = perturbed_inputs(model)
         self.input_name, self.output = x.name, output
         dims = list(x.shape) if x.shape is not None else []
         self.batched = len(dims) >= 2 and not isinstance(dims[0], int)
-        self.sample_shape = [int(d) for d in (dims[1:] if self.batched else dims)]
+        self.sample_shape = dims[1:] if self.batched else dims
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batched:

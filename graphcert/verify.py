@@ -64,12 +64,13 @@ class Network:
             raise InputError(f"{model_path}: verification needs exactly one input and one output, found "
                              f"{len(inputs)} and {len(self.model.graph.outputs)}")
         x, y = inputs[0], self.model.graph.outputs[0]
-        self.input_name, self.output_name = x.name, y.name
+        self.input_name = x.name
         dims = list(x.shape) if x.shape is not None else []
         self.batched = len(dims) >= 2 and not isinstance(dims[0], int)
-        self.sample_shape = [d for d in (dims[1:] if self.batched else dims)]
+        self.sample_shape = dims[1:] if self.batched else dims
         if not all(isinstance(d, int) for d in self.sample_shape):
             raise InputError(f"{model_path}: input {x.name} has free dimensions {dims}; fix its shape first")
+        self.differentiable = FlatNetwork(self.model, y.name)
         self.n_inputs = int(np.prod(self.sample_shape))
         self.n_outputs = int(np.prod([d for d in (y.shape or [])[1 if self.batched else 0:]]))
         # The original computation, with the IR version capped to one onnxruntime loads (the graph is unchanged).
@@ -153,7 +154,7 @@ class Search:
             self.membership[indices, k] = True
         self.has_rows = len(offset) > 0
         self.bound_fn = bound_fn or (SpecBounds(network, matrix, offset, method) if self.has_rows else None)
-        self.attack = Attack(FlatNetwork(network.model, network.output_name), matrix, offset, self.membership)
+        self.attack = Attack(network.differentiable, matrix, offset, self.membership)
         self.boxes_bounded = 0
         self.chunk = 64
         self.attack_seconds = 0.0
