@@ -43,3 +43,14 @@ def attr(node: ir.Node, name: str, default=None):
     if found is None:
         return default
     return found.value
+
+
+def registrar(table: dict):
+    """A decorator factory filling `table`: `@rule("Relu", "Sigmoid")` maps both op types to the function."""
+    def register_for(*op_types):
+        def register(fn):
+            for op_type in op_types:
+                table[op_type] = fn
+            return fn
+        return register
+    return register_for

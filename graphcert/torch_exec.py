@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GraphcertError, InputError, UnsupportedOpError
-from .interpret import attr
+from .interpret import attr, registrar
 
 KERNELS: dict[str, Callable] = {}
 
@@ -50,12 +50,7 @@ class _Unsupported(Exception):
     """A factory met an attribute setting it cannot run; reported with the node, never raised to users."""
 
 
-def kernel(*op_types):
-    def register(factory):
-        for op_type in op_types:
-            KERNELS[op_type] = factory
-        return factory
-    return register
+kernel = registrar(KERNELS)
 
 
 def _ints(t: torch.Tensor | None) -> list[int] | None:

@@ -14,18 +14,11 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert.builder import Builder
-from graphcert.interpret import attr
+from graphcert.interpret import attr, registrar
 from graphcert.model import static_shape
 
 ADJOINTS: dict = {}
-
-
-def adjoint(*op_types):
-    def register(fn):
-        for op_type in op_types:
-            ADJOINTS[op_type] = fn
-        return fn
-    return register
+adjoint = registrar(ADJOINTS)
 
 
 class Geometry:

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphcert import interval as iv
 from graphcert.builder import Builder
 from graphcert.interface import InputSet, clone, close_outputs, open_inputs, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes
+from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
 from graphcert.interval import Interval
 
 RULES: dict = {}
@@ -49,12 +49,7 @@ class Context:
         return None
 
 
-def rule(*op_types):
-    def register(fn):
-        for op_type in op_types:
-            RULES[op_type] = fn
-        return fn
-    return register
+rule = registrar(RULES)
 
 
 def _both_forms(cx: Context, x: Interval, apply) -> Interval:

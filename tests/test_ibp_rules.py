@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphcert.errors import UnsupportedOpError
+from graphcert.interpret import registrar
 from graphcert.export import to_proto
 from graphcert.interface import InputSet
 from graphcert.passes.ibp import RULES, IntervalPass
@@ -127,14 +128,7 @@ def assert_contains_samples(t: Tiny, proto: onnx.ModelProto) -> None:
 # ---- one case builder per op type: draw a tiny graph, return its model --------------------------------
 
 CASES = {}
-
-
-def case(*op_types):
-    def register(fn):
-        for op_type in op_types:
-            CASES[op_type] = fn
-        return fn
-    return register
+case = registrar(CASES)
 
 
 UNARY_ANY = ["Abs", "Asinh", "Atan", "Ceil", "Floor", "Erf", "Exp", "Neg", "Reciprocal", "Relu", "Sigmoid", "Sign",
