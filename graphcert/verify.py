@@ -127,6 +127,78 @@ class SpecBounds:
         return tuple(np.stack([r[k].reshape(-1) for r in rows]) for k in self.outputs)
 
 
+class LadderBounds:
+    """`auto` and `alpha-crown`: each stage bounds only the boxes the stages before it left undecided.
+
+    A box is undecided while some conjunct has no row with a positive lower bound; every stage is sound,
+    so the tightest of their bounds is kept.
+    """
+
+    def __init__(self, stages, membership: np.ndarray, root_stages: int = 0):
+        """The last `root_stages` stages run only on the first call (the property's own boxes)."""
+        self.stages, self.membership, self.root_stages = stages, membership, root_stages
+        self.calls = 0
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray):
+        stages = self.stages if self.calls == 0 else self.stages[:len(self.stages) - self.root_stages]
+        self.calls += 1
+        margin_lower, margin_upper, center = stages[0](lower, upper)
+        for stage in stages[1:]:
+            refuted = ((margin_lower > 0).astype(np.int32) @ self.membership) > 0
+            open_ = ~refuted.all(axis=1)
+            if not open_.any():
+                break
+            tighter_lower, tighter_upper, _ = stage(lower[open_], upper[open_])
+            margin_lower[open_] = np.maximum(margin_lower[open_], tighter_lower)
+            margin_upper[open_] = np.minimum(margin_upper[open_], tighter_upper)
+        return margin_lower, margin_upper, center
+
+
+class AlphaSpecBounds:
+    """alpha-CROWN margins over boxes (20 Adam steps, stopping once every conjunct is refuted)."""
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
+                 deadline: float, iterations: int = 20):
+        from .alpha import AlphaCrown
+        self.network, self.membership, self.iterations = network, membership, iterations
+        self.deadline = deadline
+        self.alpha = AlphaCrown(network.model, "box", spec=matrix, spec_offset=offset)
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray):
+        lo, hi = outward_float32(lower, upper)
+        shape = self.network.model_shaped if self.network.batched else (lambda a: a.reshape(self.network.sample_shape))
+        rows = [(lo, hi)] if self.network.batched else list(zip(lo, hi))
+        found_lower, found_upper = [], []
+        for a, b in rows:
+            low, high = self.alpha.bounds(self.alpha.feeds(lower=shape(a), upper=shape(b)), self.iterations,
+                                          stop=self._all_refuted)
+            found_lower.append(low.reshape(len(a) if self.network.batched else 1, -1))
+            found_upper.append(high.reshape(len(a) if self.network.batched else 1, -1))
+        margin_lower, margin_upper = np.concatenate(found_lower), np.concatenate(found_upper)
+        return margin_lower, margin_upper, np.full_like(margin_lower, np.nan)
+
+    def _all_refuted(self, low: np.ndarray, high: np.ndarray) -> bool:
+        if time.monotonic() > self.deadline:
+            return True  # out of time: the bounds so far are sound, the search sees the deadline next
+        return bool(((((low.reshape(-1, self.membership.shape[0]) > 0).astype(np.int32) @ self.membership) > 0)).all())
+
+
+# method -> (stages, how many of the last run on the root boxes only). `auto` branches with CROWN, which
+# decides far more boxes per second than alpha-CROWN; alpha-CROWN only tries the unsplit property first.
+LADDERS = {"auto": (("ibp", "crown", "alpha-crown"), 1), "alpha-crown": (("crown", "alpha-crown"), 0)}
+
+
+def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
+                deadline: float):
+    """The bound function of a method name: a bound graph, or a ladder of them ending in alpha-CROWN."""
+    if method not in LADDERS:
+        return SpecBounds(network, matrix, offset, method)
+    names, root_stages = LADDERS[method]
+    stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline) if name == "alpha-crown"
+              else SpecBounds(network, matrix, offset, name) for name in names]
+    return LadderBounds(stages, membership, root_stages)
+
+
 def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
            method: str = "crown") -> Result:
     """Decide whether the property holds on the model within `timeout` seconds (loading included)."""
@@ -153,7 +225,8 @@ class Search:
         for k, indices in enumerate(rows):
             self.membership[indices, k] = True
         self.has_rows = len(offset) > 0
-        self.bound_fn = bound_fn or (SpecBounds(network, matrix, offset, method) if self.has_rows else None)
+        self.bound_fn = bound_fn or (spec_bounds(network, matrix, offset, method, self.membership, deadline)
+                                     if self.has_rows else None)
         self.attack = Attack(network.differentiable, matrix, offset, self.membership)
         self.boxes_bounded = 0
         self.chunk = 64
