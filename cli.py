@@ -108,7 +108,7 @@ def add_verify(sub) -> None:
     p.add_argument("spec", nargs="?", help="VNN-LIB property file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for one property (default: 60)")
     p.add_argument("--out", help="result file (competition format), or the results CSV with --instances")
-    p.add_argument("--method", default="crown", help="bound method (default: crown; ibp is faster and looser)")
+    p.add_argument("--method", default="crown", help="ibp, crown-ibp, crown, alpha-crown, or auto (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
     p.set_defaults(run=run_verify)
