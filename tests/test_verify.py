@@ -55,17 +55,21 @@ def confirmed_by_onnxruntime(model_path, spec_path, counterexample) -> bool:
     return load_property(spec_path).is_counterexample(x, out)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_tiny_network_holds_just_above_its_maximum_and_is_violated_just_below(tmp_path, batched):
+def check_holds_above_maximum_and_violated_below(tmp_path, method: str, batched: bool = True) -> None:
     model = tmp_path / "tiny.onnx"
     outputs = tiny_network(model, batched)
     top = float(outputs[:, 0].max())
     spec = tmp_path / "p.vnnlib"
     write_property(spec, [([-1, -1], [1, 1])], f"(>= Y_0 {top + 0.05 * abs(top) + 0.05})")
-    assert verify(model, spec, timeout=20, method=METHOD).status == "holds"
+    assert verify(model, spec, timeout=20, method=method).status == "holds"
     write_property(spec, [([-1, -1], [1, 1])], f"(>= Y_0 {top - 0.05 * abs(top) - 0.05})")
-    result = verify(model, spec, timeout=20, method=METHOD)
+    result = verify(model, spec, timeout=20, method=method)
     assert result.status == "violated" and confirmed_by_onnxruntime(model, spec, result.counterexample)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_tiny_network_holds_just_above_its_maximum_and_is_violated_just_below(tmp_path, batched):
+    check_holds_above_maximum_and_violated_below(tmp_path, METHOD, batched)
 
 
 def test_branching_refutes_a_disjunction_of_boxes_and_conjuncts(tmp_path):
@@ -80,9 +84,9 @@ def test_branching_refutes_a_disjunction_of_boxes_and_conjuncts(tmp_path):
     assert result.status == "holds" and result.boxes > 2
 
 
-def test_a_hopeless_proof_stops_at_the_timeout(tmp_path):
-    # y = -|x0| - |x1| peaks at exactly 0; "y >= 1e-9" is never reached, yet no bound can refute it within
-    # the float32 slack around the origin, and no attack reaches it: the search must run until the clock stops.
+def hopeless_instance(tmp_path):
+    """y = -|x0| - |x1| peaks at exactly 0; "y >= 1e-9" is never reached, yet no bound can refute it within
+    the float32 slack around the origin, and no attack reaches it: the search must run until the clock stops."""
     w1 = np.array([[1, -1, 0, 0], [0, 0, 1, -1]], dtype=np.float32)
     w2 = -np.ones((4, 1), dtype=np.float32)
     graph = helper.make_graph(
@@ -97,6 +101,11 @@ def test_a_hopeless_proof_stops_at_the_timeout(tmp_path):
     spec.write_text("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
                     "(assert (>= X_0 -1))\n(assert (<= X_0 1))\n(assert (>= X_1 -1))\n(assert (<= X_1 1))\n"
                     "(assert (>= Y_0 0.000000001))\n")
+    return model, spec
+
+
+def test_a_hopeless_proof_stops_at_the_timeout(tmp_path):
+    model, spec = hopeless_instance(tmp_path)
     result = verify(model, spec, timeout=2.0, method="ibp")
     assert result.status == "timeout" and 2.0 <= result.seconds < 3.0 and result.boxes > 100
 
