@@ -210,29 +210,20 @@ def _matmul(cx, node, coef):
     return [(right, b.op("MatMul", swap_last_two(b, left), coef))]
 
 
-@adjoint("Conv")
-def _conv(cx, node, coef):
-    """The adjoint of a convolution is the transposed convolution with the same weights and geometry."""
+@adjoint("Conv", "ConvTranspose")
+def _convolution(cx, node, coef):
+    """A convolution's adjoint is the transposed convolution with the same weights and geometry, and the
+    other way round; a bias b adds b·coef summed over each channel's positions."""
     b = cx.b
     x, w = node.inputs[0], node.inputs[1]
     shape_in, shape_out = trailing(x), trailing(node.outputs[0])
     geometry = Geometry(node, shape_in[1:], [int(d) for d in static_shape(w)[2:]])
-    back = b.op("ConvTranspose", fold_leading(b, coef, shape_out), w, group=attr(node, "group", 1),
-                output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
-    pairs = [(x, unfold_leading(b, back, coef, shape_in))]
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        spatial = len(shape_in) - 1
-        pairs.append((b.op("Unsqueeze", node.inputs[2], b.ints(list(range(1, 1 + spatial)))), coef))
-    return pairs
-
-
-@adjoint("ConvTranspose")
-def _conv_transpose(cx, node, coef):
-    b = cx.b
-    x, w = node.inputs[0], node.inputs[1]
-    shape_in, shape_out = trailing(x), trailing(node.outputs[0])
-    geometry = Geometry(node, shape_in[1:], [int(d) for d in static_shape(w)[2:]])
-    back = b.op("Conv", fold_leading(b, coef, shape_out), w, group=attr(node, "group", 1), **geometry.attributes())
+    folded = fold_leading(b, coef, shape_out)
+    if node.op_type == "Conv":
+        back = b.op("ConvTranspose", folded, w, group=attr(node, "group", 1),
+                    output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+    else:
+        back = b.op("Conv", folded, w, group=attr(node, "group", 1), **geometry.attributes())
     pairs = [(x, unfold_leading(b, back, coef, shape_in))]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         spatial = len(shape_in) - 1
