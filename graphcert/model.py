@@ -14,6 +14,8 @@ from .errors import ModelLoadError
 
 TARGET_OPSET = 17
 BATCH = "batch"
+# Elements up to which a constant fill (ConstantOfShape) is folded into an initializer.
+FILL_FOLD_LIMIT = 4096
 
 
 def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -62,6 +64,9 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
     model = ir.from_proto(proto)
     try:
         onnxscript.optimizer.optimize(model, num_iterations=2, input_size_limit=1 << 26, output_size_limit=1 << 26)
+        # The optimizer keeps ConstantOfShape, so torch's Pad keeps pads computed at run time (and unknown shapes).
+        onnxscript.optimizer.fold_constants(model, should_fold=_small_fill, input_size_limit=1 << 26,
+                                            output_size_limit=1 << 26)
     except Exception as exc:
         raise ModelLoadError(f"constant folding failed: {_first_line(exc)}") from None
     model = _infer_shapes(model)
@@ -69,6 +74,13 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
         _unlock_reshapes(model)
     common_passes.RemoveUnusedNodesPass()(model)
     return model
+
+
+def _small_fill(node: ir.Node) -> bool | None:
+    """Fold ConstantOfShape with a small constant shape; leave every other decision to the optimizer."""
+    if node.op_type != "ConstantOfShape" or node.inputs[0] is None or node.inputs[0].const_value is None:
+        return None
+    return int(np.prod(node.inputs[0].const_value.numpy())) <= FILL_FOLD_LIMIT or None
 
 
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:

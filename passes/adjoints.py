@@ -140,25 +140,60 @@ def _unsqueeze(cx, node, coef):
     return [(node.inputs[0], cx.b.op("Squeeze", coef, cx.b.ints([1 + a for a in axes])))]
 
 
-@adjoint("Pad")
-def _pad(cx, node, coef):
-    """The adjoint crops the padding away; a non-zero pad value contributes value·(sum of cropped coefs)."""
-    b = cx.b
-    x = node.inputs[0]
-    rank = len(x.shape)
-    pads = node.inputs[1].const_value.numpy().astype(np.int64)
+def pad_mode(node: ir.Node) -> str:
+    mode = attr(node, "mode", "constant")
+    return mode.decode() if isinstance(mode, bytes) else mode
+
+
+def pad_axes(node: ir.Node) -> tuple[list[int], list[int], list[int]]:
+    """(axes, pads at their starts, pads at their ends) of a Pad node with constant pads (and axes)."""
+    rank = len(node.inputs[0].shape)
+    pads = [int(p) for p in node.inputs[1].const_value.numpy()]
     axes = list(range(rank))
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         axes = [int(a) % rank for a in node.inputs[3].const_value.numpy()]
-    n = len(axes)
-    starts = [int(p) for p in pads[:n]]
-    ends = [-int(p) if p > 0 else np.iinfo(np.int64).max for p in pads[n:]]
-    cropped = b.op("Slice", coef, b.ints(starts), b.ints(ends), b.ints([1 + a for a in axes]))
+    return axes, pads[:len(axes)], pads[len(axes):]
+
+
+def pad_copies(size: int, begin: int, end: int, mode: str) -> np.ndarray:
+    """0/1 matrix [size + begin + end, size]: which input position each output position of a reflect, edge
+    or wrap Pad copies along one axis (numpy's modes of these names are ONNX's)."""
+    source = np.pad(np.arange(size), (begin, end), mode=mode)
+    return (source[:, None] == np.arange(size)[None, :]).astype(np.float32)
+
+
+@adjoint("Pad")
+def _pad(cx, node, coef):
+    """Constant mode: the adjoint crops the padding away, and a non-zero pad value contributes
+    value·(sum of cropped coefs). Other modes copy input elements: per padded axis, the coefficients of all
+    output positions copying one input position are summed (a product with the transposed copy matrix)."""
+    b = cx.b
+    x = node.inputs[0]
+    axes, begins, ends = pad_axes(node)
+    mode = pad_mode(node)
+    if mode != "constant":
+        dims = static_shape(x)
+        for axis, begin, end in zip(axes, begins, ends):
+            if begin or end:
+                copies = b.const(pad_copies(int(dims[axis]), begin, end, mode))
+                coef = _along_axis(b, coef, 1 + axis, 1 + len(dims), copies)
+        return [(x, coef)]
+    ends_at = [-e if e > 0 else np.iinfo(np.int64).max for e in ends]
+    cropped = b.op("Slice", coef, b.ints(begins), b.ints(ends_at), b.ints([1 + a for a in axes]))
     pairs = [(x, cropped)]
     value = node.inputs[2] if len(node.inputs) > 2 else None
     if value is not None and value.const_value is not None and float(value.const_value.numpy().reshape(-1)[0]) != 0:
         pairs += [(value, coef), (value, b.op("Neg", cropped))]
     return pairs
+
+
+def _along_axis(b: Builder, coef: ir.Value, axis: int, rank: int, matrix: ir.Value) -> ir.Value:
+    """Contract `axis` of coef (of rank `rank`) with the rows of matrix [n, k]; the axis becomes k long."""
+    if axis == rank - 1:
+        return b.op("MatMul", coef, matrix)
+    swap = list(range(rank))
+    swap[axis], swap[-1] = swap[-1], swap[axis]
+    return b.op("Transpose", b.op("MatMul", b.op("Transpose", coef, perm=swap), matrix), perm=swap)
 
 
 @adjoint("Concat")

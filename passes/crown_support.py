@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphcert.interpret import attr
 from graphcert.model import static_shape
 from graphcert.passes import ibp, relaxations
-from graphcert.passes.adjoints import ADJOINTS, reduced_axes
+from graphcert.passes.adjoints import ADJOINTS, pad_axes, pad_mode, reduced_axes
 
 RELAXED = relaxations.ELEMENTWISE | {"MaxPool"}
 
@@ -49,8 +49,33 @@ def _keeps_batch(node: ir.Node, batched: bool) -> bool:
         return False
     target = target.numpy()
     per_sample = int(np.prod(static_shape(x)[1:]))
-    return len(target) >= 1 and target[0] in (0, -1) and all(d > 0 for d in target[1:]) \
-        and int(np.prod(target[1:])) == per_sample
+    known = [int(d) for d in target[1:] if d != -1]
+    inferred = len(target) - 1 - len(known)   # a -1 after the batch takes what the sample has left
+    if len(target) < 1 or target[0] not in (0, -1) or any(d <= 0 for d in known) or inferred > 1 \
+            or (target[0] == -1 and inferred):
+        return False
+    return per_sample % int(np.prod(known)) == 0 if inferred else int(np.prod(known)) == per_sample
+
+
+def _pad_accepted(node: ir.Node, batched: bool) -> bool:
+    """Constant pads (and axes), none negative, none on the batch axis; the copying modes need static sizes
+    on the padded axes, and reflect pads shorter than the axis (ONNX's condition)."""
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    axes_input = node.inputs[3] if len(node.inputs) > 3 else None
+    if any(v is not None and v.const_value is None for v in (node.inputs[1], value, axes_input)) \
+            or node.inputs[0].shape is None:
+        return False
+    mode = pad_mode(node)
+    axes, begins, ends = pad_axes(node)
+    dims = static_shape(node.inputs[0])
+    padded = [(a, p, q) for a, p, q in zip(axes, begins, ends) if p or q]
+    if min(begins + ends, default=0) < 0 or (batched and any(a == 0 for a, _, _ in padded)):
+        return False
+    if mode == "constant":
+        return True
+    sizes_known = all(isinstance(dims[a], int) for a, _, _ in padded)
+    return mode in ("edge", "wrap") and sizes_known or mode == "reflect" and sizes_known \
+        and all(max(p, q) < dims[a] for a, p, q in padded)
 
 
 def acceptor(perturbed: set, batched: bool):
@@ -83,9 +108,7 @@ def acceptor(perturbed: set, batched: bool):
             dims = static_shape(node.inputs[0])
             return axes is not None and all(isinstance(dims[a], int) for a in axes) and (0 not in axes or not batched)
         if op == "Pad":
-            pads, value = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
-            return attr(node, "mode", "constant") in ("constant", b"constant") and pads.const_value is not None \
-                and (pads.const_value.numpy() >= 0).all() and (value is None or value.const_value is not None)
+            return _pad_accepted(node, batched)
         if op in relaxations.ELEMENTWISE:
             return relaxations.accepts(node)
         return op in ADJOINTS

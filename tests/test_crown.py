@@ -30,8 +30,8 @@ from graphcert.runtime import Session
 from graphcert.vnnlib import load_property
 from harness import check_bounds_sound, graph_bound_fn
 
-# Zoo models with ops CROWN has no rule for (LayerNorm, Softmax; reflect padding with computed pads).
-NOT_LINEAR_RELAXABLE = {"torch_layernorm", "torch_softmax", "torch_pad"}
+# Zoo models with ops CROWN has no rule for (LayerNorm, Softmax).
+NOT_LINEAR_RELAXABLE = {"torch_layernorm", "torch_softmax"}
 CROWN_ZOO = sorted(set(zoo.ZOO) - NOT_LINEAR_RELAXABLE)
 CROWN_IBP_ZOO = ["torch_cnn", "torch_residual", "torch_activations", "torch_concat", "tf2onnx_nhwc", "opset17"]
 RELU_MLPS = ["torch_mlp", "matlab_like", "skl2onnx_1d"]
