@@ -167,6 +167,131 @@ def clip(b: Builder, box: Interval, low: ir.Value | None, high: ir.Value | None)
     return Lines(sides["lower"][0], sides["lower"][1], sides["upper"][0], sides["upper"][1])
 
 
+# The float32 range: constant lines at +-FLOAT_MAX bound every finite value, and times 0 they give 0, not NaN.
+FLOAT_MAX = float(np.finfo(np.float32).max)
+# Relative widening of the interval of functions steep near 0 (as IBP does for Log, Sqrt and 1/x): their
+# secants are sound only inside the interval, and rounding in earlier bounds can leave the value just outside.
+WIDENING = 2.0 ** -20
+# Relative slack for the float error of evaluating a line: intercepts move out by it (see `_rounding_slack`).
+SLACK = 2.0 ** -21
+
+
+def _widened(b: Builder, box: Interval, non_negative: bool = False) -> Interval:
+    slack = b.op("Mul", b.op("Add", b.op("Abs", box.lower), b.op("Abs", box.upper)), b.const(WIDENING))
+    lower = b.op("Sub", box.lower, slack)
+    return Interval.from_bounds(b, b.op("Relu", lower) if non_negative else lower, b.op("Add", box.upper, slack))
+
+
+def _finite(b: Builder, *values: ir.Value) -> ir.Value:
+    ok = None
+    for v in values:
+        here = b.op("Not", b.op("Or", b.op("IsNaN", v), b.op("IsInf", v)))
+        ok = here if ok is None else b.op("And", ok, here)
+    return ok
+
+
+def clamped(b: Builder, value: ir.Value, if_nan: float) -> ir.Value:
+    """value inside [-FLOAT_MAX, FLOAT_MAX], NaN replaced by if_nan."""
+    inside = b.op("Max", b.op("Min", value, b.const(FLOAT_MAX)), b.const(-FLOAT_MAX))
+    return b.op("Where", b.op("IsNaN", value), b.const(if_nan), inside)
+
+
+def _rounding_slack(b: Builder, intercept: ir.Value, *terms: tuple[ir.Value, Interval]) -> ir.Value:
+    """A bound on the float error of slope·x + intercept over the box: a few ulps of the largest term.
+    Steep lines far from 0 (the chord of exp on [-12, 17]) cancel a large intercept against a large slope·x."""
+    total = b.op("Abs", intercept)
+    for slope, box in terms:
+        reach = b.op("Max", b.op("Abs", box.lower), b.op("Abs", box.upper))
+        total = b.op("Add", total, b.op("Mul", b.op("Abs", slope), reach))
+    return b.op("Mul", total, b.const(SLACK))
+
+
+def guarded(b: Builder, lines: Lines, box: Interval, low: ir.Value, high: ir.Value) -> Lines:
+    """Each line moved out by its rounding slack where it is finite, else the constant line at the clamped end
+    of f's range [low, high] on the interval (infinite interval ends, overflow, a pole inside): no NaN reaches
+    the backward pass."""
+    lower_ok = _finite(b, lines.lower_slope, lines.lower_intercept)
+    upper_ok = _finite(b, lines.upper_slope, lines.upper_intercept)
+    lower = b.op("Sub", lines.lower_intercept, _rounding_slack(b, lines.lower_intercept, (lines.lower_slope, box)))
+    upper = b.op("Add", lines.upper_intercept, _rounding_slack(b, lines.upper_intercept, (lines.upper_slope, box)))
+    zero = b.const(0.0)
+    return Lines(b.op("Where", lower_ok, lines.lower_slope, zero),
+                 b.op("Where", lower_ok, lower, clamped(b, low, -FLOAT_MAX)),
+                 b.op("Where", upper_ok, lines.upper_slope, zero),
+                 b.op("Where", upper_ok, upper, clamped(b, high, FLOAT_MAX)))
+
+
+def concave(b: Builder, box: Interval, f, df) -> Lines:
+    """Concave f: the chord is below it on [l, u] and every tangent above it; take the tangent at the midpoint."""
+    l, u = box.lower, box.upper
+    fl = f(l)
+    chord = b.op("Div", b.op("Sub", f(u), fl), b.op("Max", b.op("Sub", u, l), b.const(TINY)))
+    middle = b.op("Mul", b.op("Add", l, u), b.const(0.5))
+    tangent = df(middle)
+    return Lines(chord, b.op("Sub", fl, b.op("Mul", chord, l)),
+                 tangent, b.op("Sub", f(middle), b.op("Mul", tangent, middle)))
+
+
+def exp(b: Builder, box: Interval) -> Lines:
+    f = lambda v: b.op("Exp", v)  # noqa: E731
+    return guarded(b, convex(b, box, f, f), box, f(box.lower), f(box.upper))
+
+
+def log(b: Builder, box: Interval) -> Lines:
+    """Concave on x > 0; an interval reaching 0 has no finite chord (its lower line is then -FLOAT_MAX)."""
+    box = _widened(b, box, non_negative=True)
+    f = lambda v: b.op("Log", v)  # noqa: E731
+    return guarded(b, concave(b, box, f, lambda v: b.op("Reciprocal", v)), box, f(box.lower), f(box.upper))
+
+
+def sqrt(b: Builder, box: Interval) -> Lines:
+    """Concave on x >= 0. The chord slope is written 1/(sqrt(l) + sqrt(u)), exact also for narrow intervals."""
+    box = _widened(b, box, non_negative=True)
+    l, u = box.lower, box.upper
+    root_l, root_u = b.op("Sqrt", l), b.op("Sqrt", u)
+    chord = b.op("Reciprocal", b.op("Add", root_l, root_u))
+    root_m = b.op("Sqrt", b.op("Mul", b.op("Add", l, u), b.const(0.5)))
+    tangent = b.op("Reciprocal", b.op("Add", root_m, root_m))
+    lines = Lines(chord, b.op("Sub", root_l, b.op("Mul", chord, l)), tangent, b.op("Mul", root_m, b.const(0.5)))
+    return guarded(b, lines, box, root_l, root_u)
+
+
+def reciprocal(b: Builder, box: Interval) -> Lines:
+    """1/x is convex for x > 0 (chord above, tangent below) and concave for x < 0 (the other way round). The
+    chord through (l, 1/l), (u, 1/u) is -x/(l·u) + 1/l + 1/u, the tangent at m is -x/m^2 + 2/m. An interval
+    holding 0 gets the constant lines +-FLOAT_MAX."""
+    box = _widened(b, box)
+    l, u = box.lower, box.upper
+    zero = b.const(0.0)
+    chord = b.op("Neg", b.op("Reciprocal", b.op("Mul", l, u)))
+    chord_intercept = b.op("Add", b.op("Reciprocal", l), b.op("Reciprocal", u))
+    middle = b.op("Mul", b.op("Add", l, u), b.const(0.5))
+    tangent = b.op("Neg", b.op("Reciprocal", b.op("Mul", middle, middle)))
+    tangent_intercept = b.op("Div", b.const(2.0), middle)
+    positive = b.op("Greater", l, zero)
+    lines = Lines(b.op("Where", positive, tangent, chord), b.op("Where", positive, tangent_intercept, chord_intercept),
+                  b.op("Where", positive, chord, tangent), b.op("Where", positive, chord_intercept, tangent_intercept))
+    pole = b.op("Not", b.op("Or", positive, b.op("Less", u, zero)))
+    nowhere = b.const(np.nan)   # replaced by the clamped range below
+    lines = Lines(*(b.op("Where", pole, nowhere, v) for v in (lines.lower_slope, lines.lower_intercept,
+                                                              lines.upper_slope, lines.upper_intercept)))
+    inf = b.const(np.inf)
+    low = b.op("Where", pole, b.op("Neg", inf), b.op("Reciprocal", u))
+    high = b.op("Where", pole, inf, b.op("Reciprocal", l))
+    return guarded(b, lines, box, low, high)
+
+
+def square(b: Builder, box: Interval) -> Lines:
+    """x^2 is convex: chord (l + u)·x - l·u above, tangent 2m·x - m^2 at the midpoint below."""
+    l, u = box.lower, box.upper
+    middle = b.op("Mul", b.op("Add", l, u), b.const(0.5))
+    lines = Lines(b.op("Add", middle, middle), b.op("Neg", b.op("Mul", middle, middle)),
+                  b.op("Add", l, u), b.op("Neg", b.op("Mul", l, u)))
+    nearest = b.op("Add", b.op("Relu", l), b.op("Relu", b.op("Neg", u)))
+    farthest = b.op("Max", b.op("Abs", l), b.op("Abs", u))
+    return guarded(b, lines, box, b.op("Mul", nearest, nearest), b.op("Mul", farthest, farthest))
+
+
 def relax(b: Builder, node: ir.Node, box: Interval) -> Lines:
     """The relaxation lines of an elementwise node for its input interval."""
     op = node.op_type
@@ -182,6 +307,10 @@ def relax(b: Builder, node: ir.Node, box: Interval) -> Lines:
         return softplus(b, box)
     if op == "Elu":
         return elu(b, box, float(attr(node, "alpha", 1.0)))
+    if op in UNARY:
+        return UNARY[op](b, box)
+    if op == "Mul":   # a tensor times itself (crown_support relaxes other products with planes)
+        return square(b, box)
     if op == "Clip":
         # Normalised models are at opset >= 11, where the bounds are optional inputs.
         low, high = (node.inputs[i] if len(node.inputs) > i else None for i in (1, 2))
@@ -189,10 +318,16 @@ def relax(b: Builder, node: ir.Node, box: Interval) -> Lines:
     raise KeyError(op)
 
 
-ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Softplus", "Elu"}
+# Pow is the square (see `accepts`); Mul of a tensor by itself is relaxed as "Pow" too (crown_support).
+UNARY = {"Exp": exp, "Log": log, "Sqrt": sqrt, "Reciprocal": reciprocal, "Pow": square}
+ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Softplus", "Elu"} | set(UNARY)
 
 
 def accepts(node: ir.Node) -> bool:
+    if node.op_type == "Pow":
+        exponent = node.inputs[1]
+        return exponent is not None and exponent.const_value is not None \
+            and exponent.const_value.numpy().size == 1 and float(exponent.const_value.numpy().reshape(-1)[0]) == 2.0
     if node.op_type == "LeakyRelu":
         return float(attr(node, "alpha", 0.01)) <= 1.0
     if node.op_type == "Elu":
@@ -243,3 +378,52 @@ def window_max(b: Builder, node: ir.Node, box: Interval, shape_in: list[int], sh
     top = b.reduce("ReduceMax", highs, [2], keepdims=0)
     intercept = b.op("Mul", top, b.op("Sub", b.const(1.0), dominated))
     return WindowMax(bank, geometry, _as_float(b, select), dominated, intercept)
+
+
+@dataclass
+class Planes:
+    """z = x·y relaxed on a box [lx, ux] x [ly, uy] (McCormick):
+        lower_x·x + lower_y·y + lower_intercept <= z <= upper_x·x + upper_y·y + upper_intercept."""
+
+    lower_x: ir.Value
+    lower_y: ir.Value
+    lower_intercept: ir.Value
+    upper_x: ir.Value
+    upper_y: ir.Value
+    upper_intercept: ir.Value
+
+
+def mccormick(b: Builder, x: Interval, y: Interval) -> Planes:
+    """Each side has two planes, each exact on two edges of the box and off by (ux - lx)·(uy - ly) at the
+    opposite corner:
+        x·y >= ly·x + lx·y - lx·ly  (off at (ux, uy)),   x·y >= uy·x + ux·y - ux·uy  (off at (lx, ly)),
+        x·y <= uy·x + lx·y - lx·uy  (off at (ux, ly)),   x·y <= ly·x + ux·y - ux·ly  (off at (lx, uy)).
+    Both are equally good at the box center; per element, take the one whose worst value on the box (the
+    smaller of the exact corner products and its value at the off corner) is better."""
+    lx, ux, ly, uy = x.lower, x.upper, y.lower, y.upper
+    ll, lu, ul, uu = (b.op("Mul", p, q) for p, q in ((lx, ly), (lx, uy), (ux, ly), (ux, uy)))
+    area = b.op("Mul", b.op("Sub", ux, lx), b.op("Sub", uy, ly))
+    first_low = b.op("Min", ll, lu, ul, b.op("Sub", uu, area))
+    second_low = b.op("Min", uu, lu, ul, b.op("Sub", ll, area))
+    first_high = b.op("Max", ll, lu, uu, b.op("Add", ul, area))
+    second_high = b.op("Max", ll, ul, uu, b.op("Add", lu, area))
+    below = b.op("Not", b.op("Less", first_low, second_low))
+    above = b.op("Not", b.op("Greater", first_high, second_high))
+    lower_x, lower_y = b.op("Where", below, ly, uy), b.op("Where", below, lx, ux)
+    upper_x, upper_y = b.op("Where", above, uy, ly), b.op("Where", above, lx, ux)
+    lower_intercept = b.op("Neg", b.op("Where", below, ll, uu))
+    upper_intercept = b.op("Neg", b.op("Where", above, lu, ul))
+    planes = Planes(lower_x, lower_y,
+                    b.op("Sub", lower_intercept, _rounding_slack(b, lower_intercept, (lower_x, x), (lower_y, y))),
+                    upper_x, upper_y,
+                    b.op("Add", upper_intercept, _rounding_slack(b, upper_intercept, (upper_x, x), (upper_y, y))))
+    # Infinite box ends: constant planes at the product's clamped range instead of NaN.
+    zero = b.const(0.0)
+    lower_ok = _finite(b, planes.lower_x, planes.lower_y, planes.lower_intercept)
+    upper_ok = _finite(b, planes.upper_x, planes.upper_y, planes.upper_intercept)
+    corners = [b.op("Where", b.op("IsNaN", p), zero, p) for p in (ll, lu, ul, uu)]   # 0·inf is 0 here
+    low, high = clamped(b, b.op("Min", *corners), -FLOAT_MAX), clamped(b, b.op("Max", *corners), FLOAT_MAX)
+    return Planes(b.op("Where", lower_ok, planes.lower_x, zero), b.op("Where", lower_ok, planes.lower_y, zero),
+                  b.op("Where", lower_ok, planes.lower_intercept, low),
+                  b.op("Where", upper_ok, planes.upper_x, zero), b.op("Where", upper_ok, planes.upper_y, zero),
+                  b.op("Where", upper_ok, planes.upper_intercept, high))
