@@ -23,10 +23,10 @@ from graphcert.interface import InputSet, clone, close_outputs, epsilon_name, op
 from graphcert.interpret import attr, check_supported, perturbed_nodes
 from graphcert.interval import Interval
 from graphcert.model import static_shape
-from graphcert.passes import ibp, relaxations
+from graphcert.passes import crown_products, ibp, relaxations
 from graphcert.passes.adjoints import ADJOINTS, Geometry, fold_leading, trailing, unbroadcast, unfold_leading
 from graphcert.passes.crown_support import RELAXED, acceptor, batched_inputs, supports  # noqa: F401 (public)
-from graphcert.passes.relaxations import Lines, WindowMax
+from graphcert.passes.relaxations import Lines, Planes, WindowMax
 from graphcert.passes.spec import MARGINS
 
 ALPHA_PREFIX = "alpha."
@@ -49,7 +49,9 @@ class Context:
         self.perturbed = perturbed
         self.boxes = boxes
         self.norm = norm
-        self.relaxed: dict[ir.Node, Lines | WindowMax] = {}
+        self.relaxed: dict[ir.Node, Lines | WindowMax | Planes] = {}
+        # Ops rewritten into primitives (`passes.crown_products`) -> the primitive value holding their output.
+        self.decomposed: dict[ir.Node, ir.Value] = {}
         # alpha-CROWN: the free lower slopes of the current backward pass (None: CROWN's adaptive slopes).
         self.alpha: AlphaInputs | None = None
         self.epsilons: dict[str, ir.Value] = {}
@@ -123,7 +125,12 @@ class Context:
             out = node.outputs[0]
             if out not in pending:
                 continue
-            rule = _relaxed_backward if node.op_type in RELAXED else ADJOINTS[node.op_type]
+            if node in self.relaxed:
+                rule = _relaxed_backward
+            elif node in self.decomposed:
+                rule = _decomposed_backward
+            else:
+                rule = ADJOINTS[node.op_type]
             for value, part in rule(self, node, pending.pop(out)):
                 if value in self.perturbed:
                     pending[value] = part if value not in pending else b.op("Add", pending[value], part)
@@ -198,10 +205,16 @@ class Context:
         return per_sample if len(sample) == 1 else b.op("Reshape", per_sample, b.ints([-1] + list(sample)))
 
 
+def _decomposed_backward(cx: Context, node: ir.Node, coef: ir.Value):
+    return [(cx.decomposed[node], coef)]
+
+
 def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
     """Positive coefficients take the lower line, negative ones the upper line."""
     b = cx.b
     relaxation = cx.relaxed[node]
+    if isinstance(relaxation, Planes):
+        return crown_products.product_backward(cx, node, relaxation, coef)
     if isinstance(relaxation, WindowMax):
         positive = b.op("Relu", coef)
         return _window_max_backward(cx, node, relaxation, positive, b.op("Sub", coef, positive))
@@ -245,7 +258,9 @@ def _window_max_backward(cx: Context, node: ir.Node, relaxation: WindowMax, posi
     return [(x, back), (relaxation.upper_intercept, negative)]
 
 
-def _relax(cx: Context, node: ir.Node, box: Interval) -> Lines | WindowMax:
+def _relax(cx: Context, node: ir.Node, box: Interval, other: Interval | None = None) -> Lines | WindowMax | Planes:
+    if other is not None:
+        return relaxations.mccormick(cx.b, box, other)
     if node.op_type != "MaxPool":
         found = relaxations.relax(cx.b, node, box)
         cx.full_shaped.update(v for v in (found.lower_intercept, found.upper_intercept) if v is not None)
@@ -258,6 +273,11 @@ def _relax(cx: Context, node: ir.Node, box: Interval) -> Lines | WindowMax:
     found = relaxations.window_max(cx.b, node, box, shape_in, shape_out, geometry)
     cx.full_shaped.add(found.upper_intercept)
     return found
+
+
+def _unless_nan(b: Builder, bound: ir.Value, fallback: ir.Value) -> ir.Value:
+    """A linear bound, or the interval's where it is NaN (an overflow of huge slopes: inf - inf)."""
+    return b.op("Where", b.op("IsNaN", bound), fallback, bound)
 
 
 def _same_sample_shape(value: ir.Value, like: ir.Value, batched: bool) -> bool:
@@ -321,7 +341,8 @@ class CrownPass(ir.passes.FunctionalPass):
         nodes = perturbed_nodes(graph, set(sources))
         batched = batched_inputs(sources)
         tainted = set(sources) | {out for node in nodes for out in node.outputs}
-        check_supported(nodes, {op: True for op in set(ADJOINTS) | RELAXED}, self.method, acceptor(tainted, batched))
+        check_supported(nodes, {op: True for op in set(ADJOINTS) | RELAXED | crown_products.DECOMPOSED}, self.method,
+                        acceptor(tainted, batched))
         b = Builder(graph, prefix=self.method.replace("-", "_"))
         epsilon_names = {x.name: epsilon_name(result, x) for x in sources}
         boxes = open_inputs(result, b, self.input_set)
@@ -339,20 +360,33 @@ class CrownPass(ir.passes.FunctionalPass):
 
         intervals = _Intervals(b, self.trainable, boxes)
         exposed: dict[str, tuple[ir.Value, ir.Shape]] = {}
-        for index, node in enumerate(nodes):
-            if node.op_type in RELAXED:
-                x = node.inputs[0]
+        index = 0
+        while index < len(nodes):
+            node = nodes[index]
+            if node not in cx.decomposed and crown_products.decomposes(node, perturbed):
+                # Walk the primitives first; the node itself then hands its coefficients to their result.
+                parts, cx.decomposed[node] = crown_products.decompose(b, node, intervals.env)
+                perturbed.update(part.outputs[0] for part in parts)
+                nodes[index:index] = parts
+                continue
+            needs = crown_products.relaxed_inputs(node, perturbed)
+            for x in needs:
                 # IBP is exact up to one linear layer on a box, never on an L2 ball.
                 loose = intervals.exactness[x] == LOOSE or self.norm == "l2"
                 if self.intermediate == "crown" and loose and x not in intervals.tightened:
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
-                cx.relaxed[node] = _relax(cx, node, intervals.env[x])
+            if needs:
+                cx.relaxed[node] = _relax(cx, node, *(intervals.env[x] for x in needs))
                 if self.alpha == "init" and isinstance(cx.relaxed[node], Lines) \
                         and cx.relaxed[node].adaptive_alpha is not None:
                     exposed[f"{ALPHA_INIT_PREFIX}{node.outputs[0].name}"] = (cx.relaxed[node].adaptive_alpha,
                                                                             node.outputs[0].shape)
             intervals.step(node, perturbed)
+            if node in cx.decomposed:   # the op's own IBP rule may be tighter than IBP through the primitives
+                found = intervals.env[cx.decomposed[node]]
+                intervals.meet(node.outputs[0], found.lower, found.upper)
+            index += 1
 
         bounds = {}
         for out in graph.outputs:
@@ -361,7 +395,8 @@ class CrownPass(ir.passes.FunctionalPass):
             both = self.crown_upper if self.crown_upper is not None else out.name != MARGINS
             lower, upper = cx.bound(nodes, out, both)
             box = intervals.env[out]
-            bounds[out.name] = (b.op("Max", lower, box.lower), b.op("Min", upper, box.upper) if both else box.upper)
+            bounds[out.name] = (b.op("Max", _unless_nan(b, lower, box.lower), box.lower),
+                                b.op("Min", _unless_nan(b, upper, box.upper), box.upper) if both else box.upper)
         close_outputs(result, b, bounds, self.keep_original, self.method)
         for name, (value, shape) in exposed.items():
             _expose(graph, b, name, value, shape)
@@ -382,12 +417,17 @@ class _Intervals:
         self.tightened: set = set()
 
     def tighten(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> None:
+        """Intersect with CROWN bounds, and remember that they were taken."""
+        self.meet(value, lower, upper)
+        self.tightened.add(value)
+
+    def meet(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> None:
         b = self.b
         box = self.env[value]
-        lower, upper = b.op("Max", box.lower, lower), b.op("Min", box.upper, upper)
+        lower = b.op("Max", box.lower, _unless_nan(b, lower, box.lower))
+        upper = b.op("Min", box.upper, _unless_nan(b, upper, box.upper))
         # Rounding can cross bounds that are (nearly) equal; relaxations need lower <= upper.
         self.env[value] = Interval.from_bounds(b, b.op("Min", lower, upper), b.op("Max", lower, upper))
-        self.tightened.add(value)
 
     def step(self, node: ir.Node, perturbed: set) -> None:
         args = [self.env.get(v, v) if v is not None else None for v in node.inputs]

@@ -15,6 +15,8 @@ from graphcert.passes import ibp, relaxations
 from graphcert.passes.adjoints import ADJOINTS, pad_axes, pad_mode, reduced_axes
 
 RELAXED = relaxations.ELEMENTWISE | {"MaxPool"}
+# Ops the CROWN pass rewrites into primitives first (`passes.crown_products`); Div only by a bounded tensor.
+DECOMPOSED = {"Softmax", "LayerNormalization", "Div"}
 
 
 def batched_inputs(sources) -> bool:
@@ -78,6 +80,18 @@ def _pad_accepted(node: ir.Node, batched: bool) -> bool:
         and all(max(p, q) < dims[a] for a, p, q in padded)
 
 
+def _normalises_within_samples(node: ir.Node, batched: bool) -> bool:
+    """Softmax and LayerNormalization are rewritten into sums along their axes, which need static sizes and
+    must leave the batch axis alone; LayerNormalization's mean and deviation outputs must be unused."""
+    x = node.inputs[0]
+    if x.shape is None or any(out.uses() for out in node.outputs[1:]):
+        return False
+    dims = static_shape(x)
+    axis = attr(node, "axis", -1) % len(dims)
+    axes = [axis] if node.op_type == "Softmax" else list(range(axis, len(dims)))
+    return all(isinstance(dims[a], int) for a in axes) and not (batched and axis == 0)
+
+
 def acceptor(perturbed: set, batched: bool):
     def accepts(node: ir.Node) -> bool:
         if not ibp.accepts(node):
@@ -89,10 +103,14 @@ def acceptor(perturbed: set, batched: bool):
         if op == "Concat":
             axis = attr(node, "axis") % len(node.outputs[0].shape)
             return (axis > 0 or not batched) and all(isinstance(static_shape(v)[axis], int) for v in node.inputs)
-        if op in ("MatMul", "Mul"):
+        if op == "MatMul":
             return sum(hit) == 1 and all(v.shape is not None for v in node.inputs)
+        if op in ("Mul", "Div"):   # a product or quotient of two bounded tensors is relaxed (crown_products)
+            return all(v.shape is not None for v in node.inputs)
         if any(hit[1:]):
             return False
+        if op in ("Softmax", "LayerNormalization"):
+            return _normalises_within_samples(node, batched)
         if op == "Gemm":
             return not attr(node, "transA", 0)
         if op in ("Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool"):
@@ -119,4 +137,4 @@ def supports(node: ir.Node) -> bool:
     """Whether the op has a rule, judged without the graph around it (for `graphcert inspect`)."""
     if node.op_type in relaxations.ELEMENTWISE:
         return relaxations.accepts(node) and ibp.accepts(node)
-    return (node.op_type in ADJOINTS or node.op_type in RELAXED) and ibp.accepts(node)
+    return (node.op_type in ADJOINTS or node.op_type in RELAXED | DECOMPOSED) and ibp.accepts(node)

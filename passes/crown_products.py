@@ -1,0 +1,128 @@
+"""CROWN through products of two bounded tensors and the ops made of them (Softmax, LayerNormalization,
+division by a bounded tensor).
+
+Those ops are rewritten, inside the CROWN pass only, into primitives with rules: linear ops, unary
+relaxations (Exp, Sqrt, Reciprocal, the square) and products x·y relaxed with McCormick planes. The
+primitives are stand-in nodes outside the graph: the bound graph never computes them, the pass walks them
+like graph nodes (IBP forward, coefficients backward), and the original node passes its output's
+coefficients on to the decomposition's result.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphcert.builder import Builder
+from graphcert.interpret import attr
+from graphcert.interval import Interval
+from graphcert.model import static_shape
+from graphcert.passes.crown_support import DECOMPOSED, RELAXED
+from graphcert.passes.relaxations import FLOAT_MAX, Planes, clamped
+
+class Primitive:
+    """One step of a decomposition: an ONNX op with its inputs and attributes, kept out of the graph."""
+
+    def __init__(self, name: str, op_type: str, inputs: list, shape: list, attributes: list[ir.Attr]):
+        self.name = name
+        self.domain = ""
+        self.op_type = op_type
+        self.inputs = list(inputs)
+        self.attributes = {a.name: a for a in attributes}
+        self.outputs = [ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape))]
+
+
+def decomposes(node: ir.Node, perturbed: set) -> bool:
+    """Softmax and LayerNormalization always; Div when its denominator is bounded (x / y = x · (1/y))."""
+    return node.op_type in DECOMPOSED and (node.op_type != "Div" or node.inputs[1] in perturbed)
+
+
+def relaxed_inputs(node, perturbed: set) -> list[ir.Value]:
+    """The inputs whose intervals a node's relaxation needs: one for elementwise ops and the square x·x,
+    two for a product of two bounded tensors, none for linear ops."""
+    if node.op_type in RELAXED:
+        return [node.inputs[0]]
+    if node.op_type == "Mul" and all(v in perturbed for v in node.inputs):
+        x, y = node.inputs
+        return [x] if x is y else [x, y]
+    return []
+
+
+class _Steps:
+    """Emits the primitives of one decomposition, with their output shapes."""
+
+    def __init__(self, b: Builder, node: ir.Node):
+        self.b = b
+        self.prefix = f"{b.prefix}_{node.name or node.op_type}"
+        self.made: list[Primitive] = []
+
+    def __call__(self, op_type: str, *inputs, shape=None, attributes=()) -> ir.Value:
+        if shape is None:
+            shape = _broadcast(*(static_shape(v) for v in inputs))
+        step = Primitive(f"{self.prefix}/{len(self.made)}_{op_type}", op_type, inputs, shape, list(attributes))
+        self.made.append(step)
+        return step.outputs[0]
+
+    def sum(self, x: ir.Value, axes: list[int]) -> ir.Value:
+        """ReduceSum keeping the reduced axes (axes an input: normalised graphs are at opset >= 13)."""
+        shape = [1 if i in axes else d for i, d in enumerate(static_shape(x))]
+        return self("ReduceSum", x, self.b.ints(axes), shape=shape, attributes=[ir.AttrInt64("keepdims", 1)])
+
+    def mean(self, x: ir.Value, axes: list[int]) -> ir.Value:
+        count = int(np.prod([static_shape(x)[a] for a in axes]))
+        return self("Mul", self.sum(x, axes), self.b.const(np.float32(1.0 / count)))
+
+
+def _broadcast(*shapes: list) -> list:
+    rank = max(len(s) for s in shapes)
+    padded = [[1] * (rank - len(s)) + list(s) for s in shapes]
+    return [next((d for d in dims if d != 1), 1) for dims in zip(*padded)]
+
+
+def decompose(b: Builder, node: ir.Node, env: dict) -> tuple[list[Primitive], ir.Value]:
+    """The primitives computing the node's output (in order) and the value that holds it."""
+    steps = _Steps(b, node)
+    if node.op_type == "Softmax":
+        result = _softmax(steps, node, env[node.inputs[0]])
+    elif node.op_type == "LayerNormalization":
+        result = _layer_norm(steps, node)
+    else:
+        result = steps("Mul", node.inputs[0], steps("Reciprocal", node.inputs[1]))
+    return steps.made, result
+
+
+def _softmax(steps: _Steps, node: ir.Node, box: Interval) -> ir.Value:
+    """softmax(x) = e · (1 / sum(e)) with e = exp(x - c), c the largest upper bound of x along the axis: any c
+    gives the same value, and this one keeps e <= 1 (no overflow) and max(e) >= exp(0 - width)."""
+    b = steps.b
+    x = node.inputs[0]
+    axis = attr(node, "axis", -1) % len(x.shape)
+    shift = b.reduce("ReduceMax", clamped(b, box.upper, FLOAT_MAX), [axis], keepdims=1)
+    e = steps("Exp", steps("Sub", x, shift, shape=static_shape(x)))
+    return steps("Mul", e, steps("Reciprocal", steps.sum(e, [axis])))
+
+
+def _layer_norm(steps: _Steps, node: ir.Node) -> ir.Value:
+    """(x - mean) · (1 / sqrt(mean((x - mean)^2) + eps)) · scale + bias over the trailing axes from `axis`."""
+    b = steps.b
+    x, scale = node.inputs[:2]
+    rank = len(x.shape)
+    axes = list(range(attr(node, "axis", -1) % rank, rank))
+    centered = steps("Sub", x, steps.mean(x, axes))
+    variance = steps.mean(steps("Mul", centered, centered), axes)
+    spread = steps("Sqrt", steps("Add", variance, b.const(np.float32(attr(node, "epsilon", 1e-5)))))
+    out = steps("Mul", steps("Mul", centered, steps("Reciprocal", spread)), scale)
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return steps("Add", out, bias) if bias is not None else out
+
+
+def product_backward(cx, node, planes: Planes, coef: ir.Value):
+    """Positive coefficients take the lower plane, negative ones the upper plane, as for lines; the slopes
+    go to both factors, each summed back to its own shape where it was broadcast."""
+    b = cx.b
+    x, y = node.inputs
+    out = node.outputs[0]
+    negative = b.op("Less", coef, b.const(0.0))
+    along_x = b.op("Mul", coef, b.op("Where", negative, planes.upper_x, planes.lower_x))
+    along_y = b.op("Mul", coef, b.op("Where", negative, planes.upper_y, planes.lower_y))
+    return [(x, cx.fit(along_x, x, out)), (y, cx.fit(along_y, y, out)),
+            (planes.lower_intercept, b.op("Relu", coef)), (planes.upper_intercept, b.op("Min", coef, b.const(0.0)))]
