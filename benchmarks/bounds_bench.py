@@ -2,11 +2,12 @@
 
 For every instance of mnistfc and acasxu: the margin lower bounds of each method over each input box of the
 property (all boxes in one batch, the property's rows fed as the run-time `objective`), proved when every
-(box, unsafe conjunct) case has a row with a positive lower bound. Bound graphs are built once per network
+(box, unsafe conjunct) case has a row with a positive lower bound; each conjunct of several rows also gets the
+average of its rows (its weights learned by alpha-CROWN), which refutes it when positive. Bound graphs are built once per network
 (seconds per property are run times); onnxruntime and torch use `--threads` threads. Also the bound graph's
 time relative to the original forward pass at batch 1, and a check that nothing proved is violated in truth.
 Usage: python benchmarks/bounds_bench.py [--families mnistfc acasxu] [--limit N] [--iterations 20] [--lr 0.1]
-       [--threads 1] [--give-up]
+       [--threads 1] [--give-up] [--no-mixtures]
 """
 from __future__ import annotations
 
@@ -70,11 +71,13 @@ class ProofWatch:
         return score + gain * (self.iterations + 1 - len(self.history)) < 0
 
 
-def margin_lower_bounds(network: Network, method: str, feeds: dict, iterations: int, lr: float, score,
-                        give_up: bool) -> np.ndarray:
+def margin_lower_bounds(network: Network, method: str, feeds: dict, alpha_feeds: dict, mixing: dict,
+                        offset: np.ndarray, iterations: int, lr: float, score, give_up: bool) -> np.ndarray:
+    """Lower bounds of the margins, offsets included."""
     if method == "alpha-crown":
-        return network.alpha.bounds(feeds, iterations, lr, stop=ProofWatch(score, iterations, give_up))[0]
-    return network.sessions[method].run(feeds, ["margins_lower"])["margins_lower"]
+        return network.alpha.bounds(alpha_feeds, iterations, lr, stop=ProofWatch(score, iterations, give_up),
+                                    **mixing)[0]
+    return network.sessions[method].run(feeds, ["margins_lower"])["margins_lower"] + offset
 
 
 def median_time(run, repeats: int = 20) -> float:
@@ -87,7 +90,8 @@ def median_time(run, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def run_family(family: str, limit: int | None, iterations: int, lr: float, threads: int, give_up: bool) -> dict:
+def run_family(family: str, limit: int | None, iterations: int, lr: float, threads: int, give_up: bool,
+               use_mixtures: bool) -> dict:
     folder = SHARED / family
     with open(folder / f"{family}_instances.csv") as handle:
         instances = [row for row in csv.reader(handle) if row][:limit]
@@ -111,20 +115,24 @@ def run_family(family: str, limit: int | None, iterations: int, lr: float, threa
                 ratios[method].append(median_time(lambda: session.run(feeds)) / forward)
         network = networks[onnx_name]
         found = load_property(folder / vnnlib_name)
-        matrix, offset = found.stacked_rows()
+        # Rows of every conjunct, then the average of each conjunct's rows (learned weights in alpha-CROWN).
+        matrix, offset, rows, mixtures = found.rows_with_mixtures() if use_mixtures else \
+            (*found.stacked_rows(), found.conjunct_rows, [])
         lower = np.stack([box[0] for box in found.input_boxes]).reshape([-1] + network.shape)
         upper = np.stack([box[1] for box in found.input_boxes]).reshape([-1] + network.shape)
         objective = np.broadcast_to(matrix.astype(np.float32), (len(lower),) + matrix.shape)
         feeds = network.alpha.feeds(lower, upper, objective=objective)
-        rows = found.conjunct_rows
+        base = len(offset) - len(mixtures)
+        alpha_feeds = network.alpha.feeds(lower, upper, objective=objective[:, :base])
+        mixing = {"offset": offset[:base], "mixtures": mixtures}
 
-        def score(margins_lower) -> float:
-            """Positive exactly when proved: the worst case's best refuting margin."""
-            margins = margins_lower + offset
+        def score(margins) -> float:
+            """Positive exactly when proved: the worst case's best refuting margin (offsets included)."""
             return min(float(margins[box, rows[conjunct]].max()) for box, conjunct in found.cases)
         for method in METHODS:
             start = time.perf_counter()
-            bounds = margin_lower_bounds(network, method, feeds, iterations, lr, score, give_up)
+            bounds = margin_lower_bounds(network, method, feeds, alpha_feeds, mixing, offset, iterations, lr,
+                                         score, give_up)
             result = score(bounds) > 0
             seconds[method].append(time.perf_counter() - start)
             proved[method] += result
@@ -143,15 +151,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--give-up", action="store_true",
                         help="end alpha-CROWN early when the margin cannot reach zero at its recent rate")
+    parser.add_argument("--no-mixtures", action="store_true",
+                        help="bound each conjunct's rows only, without their (learned) averages")
     args = parser.parse_args()
     if not SHARED.exists():
         raise SystemExit(f"shared benchmarks not found at {SHARED}")
     import torch
     torch.set_num_threads(args.threads)
     for family in args.families:
-        found = run_family(family, args.limit, args.iterations, args.lr, args.threads, args.give_up)
+        found = run_family(family, args.limit, args.iterations, args.lr, args.threads, args.give_up,
+                           not args.no_mixtures)
         print(f"\n{family}: {found['instances']} instances, alpha-CROWN {args.iterations} iterations lr {args.lr}"
-              f"{' (giving up early)' if args.give_up else ''}, {args.threads} thread(s)")
+              f"{' (giving up early)' if args.give_up else ''}, {args.threads} thread(s), "
+              f"{'rows only' if args.no_mixtures else 'rows and their averages'}")
         print(f"{'method':12s} {'proved':>7s} {'median s':>9s} {'mean s':>8s} {'graph/forward':>14s}  reference")
         for method in METHODS:
             times = found["seconds"][method]

@@ -5,6 +5,11 @@ so separate slopes for every bounded row (Xu et al., ICLR 2021). Adam on the PyT
 sum of the lower bounds (and minimises the CROWN upper bounds), projecting the slopes onto [0, 1] after each
 step (the graph itself pins the slopes of stable units). Slopes start at CROWN's adaptive choice, and the
 best bound seen for each element is kept, so the result is never looser than CROWN.
+
+Mixtures serve disjunctions, as in a VNN-LIB conjunct refuted as soon as any one of its margins is positive: a
+convex combination sum_j lambda_j·m_j of those margins is at most their maximum, so a positive lower bound on
+it refutes the conjunct even when no single margin's bound is positive. The weights lambda (a softmax, starting
+uniform) are learned together with the slopes, a Lagrangian view of the disjunction.
 """
 from __future__ import annotations
 
@@ -74,14 +79,22 @@ class AlphaCrown:
         return {k: np.array(v, dtype=np.float32) for k, v in found.items()}
 
     def bounds(self, feeds: dict[str, np.ndarray], iterations: int = 20, lr: float = 0.1, lr_decay: float = 0.98,
-               stop: Stop | None = None) -> tuple[np.ndarray, np.ndarray]:
+               stop: Stop | None = None, offset: np.ndarray | None = None,
+               mixtures: list[np.ndarray] | None = None, mixture_lr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, times `lr_decay` after each);
-        `stop(lower, upper)` may end them early."""
+        `stop(lower, upper)` may end them early.
+
+        With a run-time objective [batch, m, n]: `offset` ([m]) is added to every row's bounds, and each entry
+        of `mixtures` (indices of objective rows) appends a column [batch] bounding from below a learned convex
+        combination of those rows (offsets included); its upper column is that of the uniform combination.
+        """
         from graphcert.passes.crown import ALPHA_INIT_PREFIX
 
+        mixer = _Mixer(feeds.get(OBJECTIVE), offset, mixtures or [])
+        feeds = mixer.initial_feeds(feeds)
         found = self.session.run(feeds)
-        best_lower, best_upper = found[self.outputs[0]], found[self.outputs[1]]
-        if iterations <= 0 or not self.units or (stop is not None and stop(best_lower, best_upper)):
+        best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
+        if iterations <= 0 or not (self.units or mixer.groups) or (stop is not None and stop(best_lower, best_upper)):
             return best_lower, best_upper
 
         import torch
@@ -92,16 +105,21 @@ class AlphaCrown:
             rows = self.rows[name] if isinstance(self.rows[name], int) else feeds[OBJECTIVE].shape[1]
             alphas[name] = torch.tensor(np.broadcast_to(start, (rows, *start.shape)).copy(), requires_grad=True)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
-        optimiser = torch.optim.Adam(list(alphas.values()), lr=lr)
+        optimiser = torch.optim.Adam([{"params": list(alphas.values()), "lr": lr},
+                                      {"params": mixer.parameters(), "lr": mixture_lr}])
         schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, lr_decay)
         for _ in range(iterations):
+            objective, shift = mixer.objective()
+            if objective is not None:
+                torch_feeds[OBJECTIVE] = objective
             result = executor({**torch_feeds, **alphas}, outputs=self.outputs)
-            low, high = result[self.outputs[0]], result[self.outputs[1]]
+            low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
             best_lower = np.maximum(best_lower, low.detach().numpy())
-            best_upper = np.minimum(best_upper, high.detach().numpy())
+            if not mixer.groups:  # a learned mixture's upper bound would belong to another function each step
+                best_upper = np.minimum(best_upper, high.detach().numpy())
             if stop is not None and stop(best_lower, best_upper):
                 break
-            loss = high.sum() - low.sum() if high.requires_grad else -low.sum()
+            loss = high.sum() - low.sum() if high.requires_grad and not mixer.groups else -mixer.objective_sum(low)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -116,6 +134,58 @@ class AlphaCrown:
             from graphcert.torch_exec import TorchGraph
             self._executor = TorchGraph(self._tuned, trainable=False)
         return self._executor
+
+
+class _Mixer:
+    """The run-time objective with learned mixture rows appended, and the offsets of every row."""
+
+    def __init__(self, objective: np.ndarray | None, offset: np.ndarray | None, groups: list[np.ndarray]):
+        if (groups or offset is not None) and objective is None:
+            raise InputError("offsets and mixtures need a run-time objective (spec='runtime')")
+        self.base = None if objective is None else np.array(objective, dtype=np.float32)
+        self.groups = [np.asarray(g, dtype=np.int64) for g in groups]
+        rows = 0 if objective is None else objective.shape[1]
+        self.offset = np.zeros(rows, dtype=np.float32) if offset is None else np.asarray(offset, np.float32)
+        self.logits = []
+        if self.groups:
+            import torch
+            self.logits = [torch.zeros((objective.shape[0], len(g)), requires_grad=True) for g in self.groups]
+
+    def parameters(self) -> list:
+        return self.logits
+
+    def objective_sum(self, lower):
+        """What the steps maximise: every bound, except the rows of a mixture (the mixture can become any of
+        them, and slopes shared by all rows are better spent on what proves the conjunct)."""
+        if not self.groups:
+            return lower.sum()
+        mixed = np.zeros(lower.shape[1], dtype=bool)
+        mixed[np.concatenate(self.groups)] = True
+        return lower[:, ~mixed].sum()
+
+    def initial_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.groups:
+            return feeds
+        uniform = [self.base[:, g].mean(axis=1, keepdims=True) for g in self.groups]
+        return {**feeds, OBJECTIVE: np.concatenate([self.base, *uniform], axis=1).astype(np.float32)}
+
+    def shift(self, bounds: np.ndarray) -> np.ndarray:
+        """Bounds of the uniform objective rows -> with every row's offset added."""
+        if self.base is None:
+            return bounds
+        return bounds + np.concatenate([self.offset] + [self.offset[g].mean(keepdims=True) for g in self.groups])
+
+    def objective(self):
+        """(objective [batch, m + groups, n] or None when unchanged, offsets to add [m + groups] or [batch, ...])."""
+        import torch
+        if not self.groups:
+            return None, (0.0 if self.base is None else torch.as_tensor(self.offset))
+        base, offset = torch.as_tensor(self.base), torch.as_tensor(self.offset)
+        weights = [torch.softmax(logits, dim=1) for logits in self.logits]          # [batch, |g|]
+        rows = [torch.einsum("bk,bkn->bn", w, base[:, g]).unsqueeze(1) for w, g in zip(weights, self.groups)]
+        shifts = [(w * offset[g]).sum(dim=1, keepdim=True) for w, g in zip(weights, self.groups)]
+        batch = base.shape[0]
+        return torch.cat([base, *rows], dim=1), torch.cat([offset.expand(batch, -1), *shifts], dim=1)
 
 
 def alpha_crown_bounds(model, kind: str = "linf", lower=None, upper=None, x=None, eps=None,

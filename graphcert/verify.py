@@ -22,7 +22,7 @@ from . import api
 from .attack import Attack, FlatNetwork, unsafe_objective
 from .errors import GraphcertError, InputError, SpecError
 from .export import IR_VERSION, atomic_write, to_proto
-from .interface import InputSet, perturbed_inputs
+from .interface import OBJECTIVE, InputSet, perturbed_inputs
 from .model import read_proto
 from .runtime import Session
 from .vnnlib import Property, load_property
@@ -155,14 +155,25 @@ class LadderBounds:
 
 
 class AlphaSpecBounds:
-    """alpha-CROWN margins over boxes (20 Adam steps, stopping once every conjunct is refuted)."""
+    """alpha-CROWN margins over boxes (20 Adam steps, stopping once every conjunct is refuted).
+
+    The last `len(mixtures)` rows of `matrix` are averages of the rows listed in `mixtures`
+    (`Property.rows_with_mixtures`); on models with a batch dimension alpha-CROWN learns their weights instead.
+    """
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
-                 deadline: float, iterations: int = 20):
+                 deadline: float, mixtures: list[np.ndarray] = (), iterations: int = 20):
         from .alpha import AlphaCrown
         self.network, self.membership, self.iterations = network, membership, iterations
         self.deadline = deadline
-        self.alpha = AlphaCrown(network.model, "box", spec=matrix, spec_offset=offset)
+        self.learned = network.batched and len(mixtures) > 0
+        if self.learned:
+            base = len(offset) - len(mixtures)
+            self.objective, self.offset = matrix[:base].astype(np.float32), offset[:base]
+            self.mixtures = list(mixtures)
+            self.alpha = AlphaCrown(network.model, "box", spec="runtime")
+        else:
+            self.alpha = AlphaCrown(network.model, "box", spec=matrix, spec_offset=offset)
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray):
         lo, hi = outward_float32(lower, upper)
@@ -170,8 +181,13 @@ class AlphaSpecBounds:
         rows = [(lo, hi)] if self.network.batched else list(zip(lo, hi))
         found_lower, found_upper = [], []
         for a, b in rows:
-            low, high = self.alpha.bounds(self.alpha.feeds(lower=shape(a), upper=shape(b)), self.iterations,
-                                          stop=self._all_refuted)
+            feeds = self.alpha.feeds(lower=shape(a), upper=shape(b))
+            extra = {}
+            if self.learned:
+                feeds[OBJECTIVE] = np.ascontiguousarray(
+                    np.broadcast_to(self.objective, (len(a),) + self.objective.shape))
+                extra = {"offset": self.offset, "mixtures": self.mixtures}
+            low, high = self.alpha.bounds(feeds, self.iterations, stop=self._all_refuted, **extra)
             found_lower.append(low.reshape(len(a) if self.network.batched else 1, -1))
             found_upper.append(high.reshape(len(a) if self.network.batched else 1, -1))
         margin_lower, margin_upper = np.concatenate(found_lower), np.concatenate(found_upper)
@@ -189,12 +205,12 @@ LADDERS = {"auto": (("ibp", "crown", "alpha-crown"), 1), "alpha-crown": (("crown
 
 
 def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
-                deadline: float):
+                deadline: float, mixtures: list[np.ndarray] = ()):
     """The bound function of a method name: a bound graph, or a ladder of them ending in alpha-CROWN."""
     if method not in LADDERS:
         return SpecBounds(network, matrix, offset, method)
     names, root_stages = LADDERS[method]
-    stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline) if name == "alpha-crown"
+    stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline, mixtures) if name == "alpha-crown"
               else SpecBounds(network, matrix, offset, name) for name in names]
     return LadderBounds(stages, membership, root_stages)
 
@@ -219,14 +235,13 @@ class Search:
     def __init__(self, prop: Property, network: Network, method: str, deadline: float,
                  bound_fn: BoundFn | None = None):
         self.prop, self.network, self.deadline = prop, network, deadline
-        matrix, offset = prop.stacked_rows()
-        rows = prop.conjunct_rows
+        matrix, offset, rows, mixtures = prop.rows_with_mixtures()
         self.membership = np.zeros((len(offset), len(prop.unsafe)), dtype=bool)
         for k, indices in enumerate(rows):
             self.membership[indices, k] = True
         self.has_rows = len(offset) > 0
-        self.bound_fn = bound_fn or (spec_bounds(network, matrix, offset, method, self.membership, deadline)
-                                     if self.has_rows else None)
+        self.bound_fn = bound_fn or (spec_bounds(network, matrix, offset, method, self.membership, deadline,
+                                                 mixtures) if self.has_rows else None)
         self.attack = Attack(network.differentiable, matrix, offset, self.membership)
         self.boxes_bounded = 0
         self.chunk = 64

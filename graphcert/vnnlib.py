@@ -64,6 +64,29 @@ class Property:
         offset = -np.concatenate([c.bound for c in self.unsafe])
         return matrix, offset
 
+    def rows_with_mixtures(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """`stacked_rows()` plus one row per conjunct of several rows: the average of its rows.
+
+        An average of margins is at most their maximum, so a positive lower bound on it refutes the conjunct
+        too, and linear relaxations of the average can be positive where no single row's is (alpha-CROWN
+        learns the weights instead, see `graphcert.alpha`). Returns (matrix, offset, the row indices of each
+        conjunct including its average, the member rows of each average in the order they were appended).
+        """
+        matrix, offset = self.stacked_rows()
+        conjuncts, mixtures = [list(rows) for rows in self.conjunct_rows], []
+        extra_rows, extra_offsets = [], []
+        for k, rows in enumerate(self.conjunct_rows):
+            if len(rows) < 2:
+                continue
+            conjuncts[k].append(len(offset) + len(mixtures))
+            mixtures.append(rows)
+            extra_rows.append(matrix[rows].mean(axis=0))
+            extra_offsets.append(offset[rows].mean())
+        if mixtures:
+            matrix = np.concatenate([matrix, np.stack(extra_rows)])
+            offset = np.concatenate([offset, extra_offsets])
+        return matrix, offset, [np.array(rows, dtype=np.int64) for rows in conjuncts], mixtures
+
     def is_counterexample(self, x: np.ndarray, y: np.ndarray) -> bool:
         """True when x lies in a box and y satisfies a conjunct of the same case (exact, in float64)."""
         x = np.asarray(x, dtype=np.float64).reshape(-1)
