@@ -275,9 +275,11 @@ def _relax(cx: Context, node: ir.Node, box: Interval, other: Interval | None = N
     return found
 
 
-def _unless_nan(b: Builder, bound: ir.Value, fallback: ir.Value) -> ir.Value:
-    """A linear bound, or the interval's where it is NaN (an overflow of huge slopes: inf - inf)."""
-    return b.op("Where", b.op("IsNaN", bound), fallback, bound)
+def _meet(b: Builder, tighter: str, linear: ir.Value, interval: ir.Value) -> ir.Value:
+    """The tighter ("Max" of lower bounds, "Min" of upper bounds) of a linear and an interval bound, or the one
+    that is not NaN (inf - inf after an overflow; onnxruntime's Max and Min propagate NaN)."""
+    linear = b.op("Where", b.op("IsNaN", linear), interval, linear)
+    return b.op("Where", b.op("IsNaN", interval), linear, b.op(tighter, linear, interval))
 
 
 def _same_sample_shape(value: ir.Value, like: ir.Value, batched: bool) -> bool:
@@ -395,8 +397,8 @@ class CrownPass(ir.passes.FunctionalPass):
             both = self.crown_upper if self.crown_upper is not None else out.name != MARGINS
             lower, upper = cx.bound(nodes, out, both)
             box = intervals.env[out]
-            bounds[out.name] = (b.op("Max", _unless_nan(b, lower, box.lower), box.lower),
-                                b.op("Min", _unless_nan(b, upper, box.upper), box.upper) if both else box.upper)
+            bounds[out.name] = (_meet(b, "Max", lower, box.lower),
+                                _meet(b, "Min", upper, box.upper) if both else box.upper)
         close_outputs(result, b, bounds, self.keep_original, self.method)
         for name, (value, shape) in exposed.items():
             _expose(graph, b, name, value, shape)
@@ -424,8 +426,7 @@ class _Intervals:
     def meet(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> None:
         b = self.b
         box = self.env[value]
-        lower = b.op("Max", box.lower, _unless_nan(b, lower, box.lower))
-        upper = b.op("Min", box.upper, _unless_nan(b, upper, box.upper))
+        lower, upper = _meet(b, "Max", lower, box.lower), _meet(b, "Min", upper, box.upper)
         # Rounding can cross bounds that are (nearly) equal; relaxations need lower <= upper.
         self.env[value] = Interval.from_bounds(b, b.op("Min", lower, upper), b.op("Max", lower, upper))
 

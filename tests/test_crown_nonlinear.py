@@ -4,6 +4,8 @@ true outputs of models with Softmax, LayerNormalization, products of two branche
 looser than IBP and exact at radius 0."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -17,7 +19,11 @@ from graphcert.interface import InputSet
 from graphcert.interval import Interval
 from graphcert.model import load
 from graphcert.passes import relaxations
+from graphcert.passes.adjoints import pad_copies
+from graphcert.passes.crown import CrownPass
+from graphcert.passes.ibp import IntervalPass
 from graphcert.runtime import Session
+from harness import check_bounds_sound, graph_bound_fn
 
 FLOAT = ir.TensorType(ir.DataType.FLOAT)
 
@@ -136,3 +142,140 @@ def test_mccormick_planes_bound_the_product_on_every_box():
     tolerance = 1e-5 * (1 + np.abs(z) + np.abs(x) + np.abs(y))
     assert np.all(below <= z + tolerance), f"lower plane above x·y by {np.max(below - z):.3g}"
     assert np.all(above >= z - tolerance), f"upper plane below x·y by {np.max(z - above):.3g}"
+
+
+# ---- bound graphs ------------------------------------------------------------------------------------------
+
+def products_and_pads_model() -> onnx.ModelProto:
+    """Reflect and edge padding between convolutions, then two dense branches combined by a product, a
+    division by a bounded tensor, Exp, Log, Sqrt and squares (Pow and x·x)."""
+    rng = np.random.default_rng(5)
+
+    def tensor(name, array):
+        return numpy_helper.from_array(np.asarray(array, dtype=np.float32 if np.asarray(array).dtype.kind == "f"
+                                                  else np.int64), name)
+    inits = [tensor("reflect_pads", [0, 0, 1, 2, 0, 0, 2, 1]), tensor("edge_pads", [0, 0, 2, 0, 0, 0, 1, 3]),
+             tensor("w1", rng.normal(size=[3, 2, 3, 3]) * 0.4), tensor("w2", rng.normal(size=[2, 3, 3, 3]) * 0.3),
+             tensor("d1", rng.normal(size=[2 * 7 * 8, 6]) * 0.05), tensor("d2", rng.normal(size=[2 * 5 * 6, 6]) * 0.3),
+             tensor("two", np.float32(2.0)), tensor("half", np.float32(0.5)), tensor("one", np.float32(1.0)),
+             tensor("tenth", np.float32(0.1)), tensor("head", rng.normal(size=[24, 3]) * 0.5)]
+    nodes = [
+        helper.make_node("Pad", ["x", "reflect_pads"], ["reflected"], mode="reflect"),
+        helper.make_node("Conv", ["reflected", "w1"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Pad", ["r1", "edge_pads"], ["edged"], mode="edge"),
+        helper.make_node("Conv", ["edged", "w2"], ["c2"]),
+        helper.make_node("Flatten", ["c2"], ["f1"]),
+        helper.make_node("MatMul", ["f1", "d1"], ["h1"]),
+        helper.make_node("Flatten", ["x"], ["f2"]),
+        helper.make_node("MatMul", ["f2", "d2"], ["g2"]),
+        helper.make_node("Tanh", ["g2"], ["h2"]),
+        helper.make_node("Mul", ["h1", "h2"], ["product"]),
+        helper.make_node("Pow", ["h2", "two"], ["h2_squared"]),
+        helper.make_node("Add", ["h2_squared", "half"], ["denominator"]),
+        helper.make_node("Div", ["product", "denominator"], ["quotient"]),
+        helper.make_node("Exp", ["h1"], ["e1"]),
+        helper.make_node("Add", ["e1", "one"], ["e1_plus_one"]),
+        helper.make_node("Log", ["e1_plus_one"], ["softplus"]),
+        helper.make_node("Mul", ["h1", "h1"], ["h1_squared"]),
+        helper.make_node("Add", ["h1_squared", "tenth"], ["lifted"]),
+        helper.make_node("Sqrt", ["lifted"], ["magnitude"]),
+        helper.make_node("Concat", ["quotient", "softplus", "magnitude", "h2"], ["joined"], axis=1),
+        helper.make_node("MatMul", ["joined", "head"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "products_and_pads",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 2, 5, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MODELS = {name: (zoo.ZOO[name], zoo.ZOO[name].domain) for name in ("torch_layernorm", "torch_softmax", "torch_pad")}
+MODELS["products_and_pads"] = (products_and_pads_model, (0.0, 1.0))
+
+
+@functools.lru_cache(maxsize=None)
+def bound_graphs(name: str) -> dict[str, onnx.ModelProto]:
+    build, domain = MODELS[name]
+    normalised = load(build())
+    made = {method: to_proto(CrownPass(InputSet("linf", domain), intermediate=intermediate)(normalised).model)
+            for method, intermediate in (("crown", "crown"), ("crown-ibp", "ibp"))}
+    made["ibp"] = to_proto(IntervalPass(InputSet("linf", domain))(normalised).model)
+    return made
+
+
+def sample(name: str, batch: int = 1) -> tuple[onnx.ModelProto, np.ndarray, str]:
+    build, domain = MODELS[name]
+    proto = build()
+    shape = [batch] + zoo.input_shape(proto)[1:]   # every model here is batched (a fixed 1 becomes symbolic)
+    x = np.random.default_rng(2).uniform(*domain, size=shape).astype(np.float32)
+    return proto, x, proto.graph.output[0].name
+
+
+@pytest.mark.parametrize("method", ["crown", "crown-ibp"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bounds_contain_the_outputs(name, method):
+    proto, x, out = sample(name)
+    bounds = graph_bound_fn(bound_graphs(name)[method], zoo.input_name(proto), out, "linf", MODELS[name][1])
+    for eps in (0.03, 0.3):
+        check_bounds_sound(proto, bounds, x, eps, MODELS[name][1], n_random=16, corners=16, pgd_steps=5).assert_sound()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_linear_bounds_never_looser_than_intervals_and_exact_at_radius_zero(name):
+    proto, x, out = sample(name, batch=3)
+    graphs = bound_graphs(name)
+    feeds = {zoo.input_name(proto): x}
+    want = Session(to_proto(load(proto))).run(feeds)[out]
+    for eps in (0.0, 0.01, 0.1, 0.3):
+        found = {method: Session(graph).run({**feeds, "epsilon": np.float32(eps)}) for method, graph in graphs.items()}
+        for method in ("crown", "crown-ibp"):
+            lower, upper = found[method][f"{out}_lower"], found[method][f"{out}_upper"]
+            tolerance = 1e-5 * (1 + np.abs(want))
+            assert np.all(lower >= found["ibp"][f"{out}_lower"] - tolerance), f"{method} lower below IBP at {eps}"
+            assert np.all(upper <= found["ibp"][f"{out}_upper"] + tolerance), f"{method} upper above IBP at {eps}"
+            if eps == 0.0:
+                np.testing.assert_allclose(lower, want, rtol=1e-4, atol=1e-4, err_msg=f"{method} lower")
+                np.testing.assert_allclose(upper, want, rtol=1e-4, atol=1e-4, err_msg=f"{method} upper")
+        if eps == 0.1:
+            width = {m: float(np.mean(found[m][f"{out}_upper"] - found[m][f"{out}_lower"])) for m in found}
+            assert width["crown"] < width["ibp"], width
+
+
+def test_linear_bounds_stay_numbers_where_intervals_overflow():
+    """On the whole domain, IBP's exp overflows and its next linear layer gives NaN (inf - inf); the linear
+    bounds fall back to their own or to constant lines instead."""
+    proto, x, out = sample("products_and_pads")
+    graphs = bound_graphs("products_and_pads")
+    feeds = {zoo.input_name(proto): x, "epsilon": np.float32(1.0)}
+    assert np.all(np.isnan(Session(graphs["ibp"]).run(feeds)[f"{out}_lower"]))
+    for method in ("crown", "crown-ibp"):
+        found = Session(graphs[method]).run(feeds)
+        assert not np.any(np.isnan(found[f"{out}_lower"])) and not np.any(np.isnan(found[f"{out}_upper"])), method
+    bounds = graph_bound_fn(graphs["crown"], zoo.input_name(proto), out, "linf", (0.0, 1.0))
+    check_bounds_sound(proto, bounds, x, 1.0, (0.0, 1.0), n_random=16, corners=16, pgd_steps=5).assert_sound()
+
+
+@pytest.mark.parametrize("name", ["products_and_pads", "torch_softmax"])
+def test_batched_bounds_match_per_sample(name):
+    proto, x, out = sample(name, batch=3)
+    session = Session(bound_graphs(name)["crown"])
+    feeds = {"epsilon": np.float32(0.05)}
+    batch = session.run({zoo.input_name(proto): x, **feeds})
+    for i in range(3):
+        single = session.run({zoo.input_name(proto): x[i:i + 1], **feeds})
+        for side in ("lower", "upper"):
+            np.testing.assert_allclose(single[f"{out}_{side}"], batch[f"{out}_{side}"][i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "wrap"])
+def test_pad_copy_matrices_are_the_op(mode):
+    """The copying Pad's adjoint is built from per-axis copy matrices: applied forward they must give Pad."""
+    pads = [0, 0, 1, 3, 0, 0, 2, 1]
+    x = np.random.default_rng(3).normal(size=[1, 1, 4, 5]).astype(np.float32)
+    node = helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)
+    graph = helper.make_graph([node], "pad", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.int64(pads), "pads")])
+    want = Session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)).run({"x": x})["y"]
+    rows, columns = (pad_copies(size, pads[axis], pads[axis + 4], mode) for axis, size in ((2, 4), (3, 5)))
+    np.testing.assert_array_equal(rows @ x[0, 0] @ columns.T, want[0, 0])
