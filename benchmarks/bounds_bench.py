@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import graphcert
-from graphcert.alpha import AlphaCrown
+from graphcert.alpha import AlphaCrown, ProofWatch
 from graphcert.export import to_proto
 from graphcert.interface import InputSet, perturbed_inputs
 from graphcert.model import static_shape
@@ -50,25 +50,6 @@ class Network:
                          for method in GRAPH_METHODS}
         self.alpha = AlphaCrown(model, "box", spec="runtime", threads=threads)
         self.forward = Session(to_proto(model), threads=threads)
-
-
-class ProofWatch:
-    """alpha-CROWN's stop rule: the property is proved, or (with `give_up`) the worst case's best margin
-    cannot reach zero in the remaining steps even at the largest gain of the last three steps."""
-
-    def __init__(self, score, iterations: int, give_up: bool):
-        self.score, self.iterations, self.give_up = score, iterations, give_up
-        self.history: list[float] = []
-
-    def __call__(self, lower: np.ndarray, upper: np.ndarray) -> bool:
-        score = self.score(lower)
-        self.history.append(score)
-        if score > 0:
-            return True
-        if not self.give_up or len(self.history) < 4:
-            return False
-        gain = max(b - a for a, b in zip(self.history[-4:-1], self.history[-3:]))
-        return score + gain * (self.iterations + 1 - len(self.history)) < 0
 
 
 def margin_lower_bounds(network: Network, method: str, feeds: dict, alpha_feeds: dict, mixing: dict,

@@ -136,6 +136,26 @@ class AlphaCrown:
         return self._executor
 
 
+class ProofWatch:
+    """A stop rule for `AlphaCrown.bounds`: stop once `score(lower)` is positive (proved) or, with `give_up`,
+    once the score cannot reach zero in the remaining steps even at the largest gain of its last three steps
+    (steps on a hopeless bound are wasted; the caller then branches or answers unknown)."""
+
+    def __init__(self, score: Callable[[np.ndarray], float], iterations: int, give_up: bool = True):
+        self.score, self.iterations, self.give_up = score, iterations, give_up
+        self.history: list[float] = []
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray) -> bool:
+        score = self.score(lower)
+        self.history.append(score)
+        if score > 0:
+            return True
+        if not self.give_up or len(self.history) < 4:
+            return False
+        gain = max(b - a for a, b in zip(self.history[-4:-1], self.history[-3:]))
+        return score + gain * (self.iterations + 1 - len(self.history)) < 0
+
+
 class _Mixer:
     """The run-time objective with learned mixture rows appended, and the offsets of every row."""
 

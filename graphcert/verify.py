@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from . import api
+from .alpha import AlphaCrown, ProofWatch
 from .attack import Attack, FlatNetwork, unsafe_objective
 from .errors import GraphcertError, InputError, SpecError
 from .export import IR_VERSION, atomic_write, to_proto
@@ -155,15 +156,15 @@ class LadderBounds:
 
 
 class AlphaSpecBounds:
-    """alpha-CROWN margins over boxes (20 Adam steps, stopping once every conjunct is refuted).
+    """alpha-CROWN margins over boxes: up to 60 Adam steps, stopping once every conjunct is refuted or once
+    the weakest one cannot be refuted at its recent rate of progress (`graphcert.alpha.ProofWatch`).
 
     The last `len(mixtures)` rows of `matrix` are averages of the rows listed in `mixtures`
     (`Property.rows_with_mixtures`); on models with a batch dimension alpha-CROWN learns their weights instead.
     """
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
-                 deadline: float, mixtures: list[np.ndarray] = (), iterations: int = 20):
-        from .alpha import AlphaCrown
+                 deadline: float, mixtures: list[np.ndarray] = (), iterations: int = 60):
         self.network, self.membership, self.iterations = network, membership, iterations
         self.deadline = deadline
         self.learned = network.batched and len(mixtures) > 0
@@ -187,16 +188,23 @@ class AlphaSpecBounds:
                 feeds[OBJECTIVE] = np.ascontiguousarray(
                     np.broadcast_to(self.objective, (len(a),) + self.objective.shape))
                 extra = {"offset": self.offset, "mixtures": self.mixtures}
-            low, high = self.alpha.bounds(feeds, self.iterations, stop=self._all_refuted, **extra)
+            watch = ProofWatch(self._weakest_conjunct, self.iterations)
+            low, high = self.alpha.bounds(feeds, self.iterations, stop=lambda low, high: self._past_deadline() or
+                                          watch(low, high), **extra)
             found_lower.append(low.reshape(len(a) if self.network.batched else 1, -1))
             found_upper.append(high.reshape(len(a) if self.network.batched else 1, -1))
         margin_lower, margin_upper = np.concatenate(found_lower), np.concatenate(found_upper)
         return margin_lower, margin_upper, np.full_like(margin_lower, np.nan)
 
-    def _all_refuted(self, low: np.ndarray, high: np.ndarray) -> bool:
-        if time.monotonic() > self.deadline:
-            return True  # out of time: the bounds so far are sound, the search sees the deadline next
-        return bool(((((low.reshape(-1, self.membership.shape[0]) > 0).astype(np.int32) @ self.membership) > 0)).all())
+    def _past_deadline(self) -> bool:
+        return time.monotonic() > self.deadline  # the bounds so far are sound; the search sees the deadline next
+
+    def _weakest_conjunct(self, low: np.ndarray) -> float:
+        """The smallest over boxes and conjuncts (with rows) of the conjunct's best row lower bound."""
+        per_row = low.reshape(-1, 1, self.membership.shape[0])
+        has_rows = self.membership.any(axis=0)
+        best = np.where(self.membership.T[None, has_rows], per_row, -np.inf).max(axis=2)
+        return float(best.min()) if best.size else np.inf
 
 
 # method -> (stages, how many of the last run on the root boxes only). `auto` branches with CROWN, which
