@@ -1,8 +1,9 @@
 """Which graphs the CROWN pass takes: per-node conditions beyond the op type, checked before emitting.
 
-Linear adjoints need one perturbed operand where the op is bilinear (MatMul, Mul, Div), static sample shapes
-where windows or concatenation sizes are computed, and ops that move elements must keep the batch axis
-first and whole, since coefficient tensors carry it right after the rows.
+Linear adjoints need one perturbed operand in MatMul (Mul and Div of two perturbed tensors are relaxed as
+products), static sample shapes where windows, copies or concatenation and reduction sizes are computed, and
+ops that move elements must keep the batch axis first and whole, since coefficient tensors carry it right
+after the rows.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def relaxation_model(inputs: list[str], relax) -> onnx.ModelProto:
     values = [ir.Value(name=n, type=FLOAT, shape=ir.Shape(["n"])) for n in inputs]
     graph = ir.Graph(values, [], nodes=[], opset_imports={"": 17}, name="relaxation")
     b = Builder(graph)
-    zero = b.op("Mul", values[0], b.const(0.0))
+    zero = b.op("ConstantOfShape", b.op("Shape", values[0]))   # float zeros, also where the inputs are infinite
     for name, value in relax(b, values).items():
         named = b.op("Add", value if value is not None else zero, zero)
         named.name, named.type, named.shape = name, FLOAT, ir.Shape(["n"])
@@ -279,3 +279,16 @@ def test_pad_copy_matrices_are_the_op(mode):
     want = Session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)).run({"x": x})["y"]
     rows, columns = (pad_copies(size, pads[axis], pads[axis + 4], mode) for axis, size in ((2, 4), (3, 5)))
     np.testing.assert_array_equal(rows @ x[0, 0] @ columns.T, want[0, 0])
+
+
+def test_mccormick_planes_are_numbers_on_unbounded_boxes():
+    """Infinite box ends (IBP after an overflow) give constant planes at the clamped product range, not NaN."""
+    inf = np.float32(np.inf)
+    lx, ux = np.float32([-inf, 0.0, 1.0, -2.0]), np.float32([1.0, inf, 2.0, inf])
+    ly, uy = np.float32([0.0, 0.0, -inf, -1.0]), np.float32([2.0, 0.0, inf, 1.0])
+    planes = Session(planes_model()).run({"lx": lx, "ux": ux, "ly": ly, "uy": uy})
+    for name, value in planes.items():
+        assert np.all(np.isfinite(value)), name
+    x, y = np.float64([-5.0, 7.0, 1.5, 3.0]), np.float64([1.0, 0.0, -9.0, 0.5])
+    assert np.all(planes["lower_x"] * x + planes["lower_y"] * y + planes["lower_intercept"] <= x * y)
+    assert np.all(planes["upper_x"] * x + planes["upper_y"] * y + planes["upper_intercept"] >= x * y)
