@@ -5,6 +5,9 @@ A lower bound on linear objectives of a tensor is carried backward through the g
 perturbed inputs, and concretised over the input set: A·center - |A|·radius for a box, A·x - eps·||A||_2 for
 an L2 ball. Upper bounds are lower bounds of the negated objective, stacked as extra rows.
 
+Softmax, LayerNormalization and division by a bounded tensor are first rewritten into primitives with rules
+(`passes.crown_products`); products of two bounded tensors are relaxed with planes.
+
 Nonlinear ops are relaxed on the interval of their input. CROWN-IBP takes that interval from IBP; CROWN runs
 a backward pass from every such input (identity objective) and intersects it with IBP, except where IBP is
 already exact (a single linear layer away from the input). IBP runs alongside on the tightened intervals and

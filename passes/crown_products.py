@@ -19,6 +19,11 @@ from graphcert.model import static_shape
 from graphcert.passes.crown_support import DECOMPOSED, RELAXED
 from graphcert.passes.relaxations import FLOAT_MAX, Planes, clamped
 
+# Softmax over at most this many elements is rewritten pairwise (n^2 exponentials, tighter), larger ones
+# with a shift (n exponentials and a product).
+PAIRWISE_LIMIT = 32
+
+
 class Primitive:
     """One step of a decomposition: an ONNX op with its inputs and attributes, kept out of the graph."""
 
@@ -91,11 +96,31 @@ def decompose(b: Builder, node: ir.Node, env: dict) -> tuple[list[Primitive], ir
 
 
 def _softmax(steps: _Steps, node: ir.Node, box: Interval) -> ir.Value:
-    """softmax(x) = e · (1 / sum(e)) with e = exp(x - c), c the largest upper bound of x along the axis: any c
-    gives the same value, and this one keeps e <= 1 (no overflow) and max(e) >= exp(0 - width)."""
-    b = steps.b
     x = node.inputs[0]
     axis = attr(node, "axis", -1) % len(x.shape)
+    if static_shape(x)[axis] <= PAIRWISE_LIMIT:
+        return _pairwise_softmax(steps, x, axis)
+    return _shifted_softmax(steps, x, axis, box)
+
+
+def _pairwise_softmax(steps: _Steps, x: ir.Value, axis: int) -> ir.Value:
+    """softmax(x)_i = 1 / (1 + sum_{j != i} exp(x_j - x_i)): unary relaxations only, no product of correlated
+    factors; the sum is at least 1, so the reciprocal never meets a pole."""
+    b = steps.b
+    dims = static_shape(x)
+    n = dims[axis]
+    as_row = steps("Unsqueeze", x, b.ints([axis + 1]), shape=dims[:axis + 1] + [1] + dims[axis + 1:])
+    as_column = steps("Unsqueeze", x, b.ints([axis]), shape=dims[:axis] + [1] + dims[axis:])
+    others = (1.0 - np.eye(n, dtype=np.float32)).reshape([n, n] + [1] * (len(dims) - axis - 1))
+    ratios = steps("Mul", steps("Exp", steps("Sub", as_column, as_row)), b.const(others))
+    total = steps("Squeeze", steps.sum(ratios, [axis + 1]), b.ints([axis + 1]), shape=dims)
+    return steps("Reciprocal", steps("Add", total, b.const(np.float32(1.0))))
+
+
+def _shifted_softmax(steps: _Steps, x: ir.Value, axis: int, box: Interval) -> ir.Value:
+    """softmax(x) = e · (1 / sum(e)) with e = exp(x - c), c the largest upper bound of x along the axis: any c
+    gives the same value, and this one keeps e <= 1 (no overflow); n exponentials instead of n^2."""
+    b = steps.b
     shift = b.reduce("ReduceMax", clamped(b, box.upper, FLOAT_MAX), [axis], keepdims=1)
     e = steps("Exp", steps("Sub", x, shift, shape=static_shape(x)))
     return steps("Mul", e, steps("Reciprocal", steps.sum(e, [axis])))

@@ -18,7 +18,7 @@ from graphcert.export import to_proto
 from graphcert.interface import InputSet
 from graphcert.interval import Interval
 from graphcert.model import load
-from graphcert.passes import relaxations
+from graphcert.passes import crown_products, relaxations
 from graphcert.passes.adjoints import pad_copies
 from graphcert.passes.crown import CrownPass
 from graphcert.passes.ibp import IntervalPass
@@ -193,14 +193,16 @@ MODELS = {name: (zoo.ZOO[name], zoo.ZOO[name].domain) for name in ("torch_layern
 MODELS["products_and_pads"] = (products_and_pads_model, (0.0, 1.0))
 
 
-@functools.lru_cache(maxsize=None)
-def bound_graphs(name: str) -> dict[str, onnx.ModelProto]:
+def make_bound_graphs(name: str) -> dict[str, onnx.ModelProto]:
     build, domain = MODELS[name]
     normalised = load(build())
     made = {method: to_proto(CrownPass(InputSet("linf", domain), intermediate=intermediate)(normalised).model)
             for method, intermediate in (("crown", "crown"), ("crown-ibp", "ibp"))}
     made["ibp"] = to_proto(IntervalPass(InputSet("linf", domain))(normalised).model)
     return made
+
+
+bound_graphs = functools.lru_cache(maxsize=None)(make_bound_graphs)
 
 
 def sample(name: str, batch: int = 1) -> tuple[onnx.ModelProto, np.ndarray, str]:
@@ -214,16 +216,23 @@ def sample(name: str, batch: int = 1) -> tuple[onnx.ModelProto, np.ndarray, str]
 @pytest.mark.parametrize("method", ["crown", "crown-ibp"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_bounds_contain_the_outputs(name, method):
+    check_sound(name, bound_graphs(name)[method])
+
+
+def check_sound(name: str, graph: onnx.ModelProto) -> None:
     proto, x, out = sample(name)
-    bounds = graph_bound_fn(bound_graphs(name)[method], zoo.input_name(proto), out, "linf", MODELS[name][1])
+    bounds = graph_bound_fn(graph, zoo.input_name(proto), out, "linf", MODELS[name][1])
     for eps in (0.03, 0.3):
         check_bounds_sound(proto, bounds, x, eps, MODELS[name][1], n_random=16, corners=16, pgd_steps=5).assert_sound()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_linear_bounds_never_looser_than_intervals_and_exact_at_radius_zero(name):
+    check_against_intervals(name, bound_graphs(name))
+
+
+def check_against_intervals(name: str, graphs: dict[str, onnx.ModelProto]) -> None:
     proto, x, out = sample(name, batch=3)
-    graphs = bound_graphs(name)
     feeds = {zoo.input_name(proto): x}
     want = Session(to_proto(load(proto))).run(feeds)[out]
     for eps in (0.0, 0.01, 0.1, 0.3):
@@ -239,6 +248,20 @@ def test_linear_bounds_never_looser_than_intervals_and_exact_at_radius_zero(name
         if eps == 0.1:
             width = {m: float(np.mean(found[m][f"{out}_upper"] - found[m][f"{out}_lower"])) for m in found}
             assert width["crown"] < width["ibp"], width
+
+
+def test_softmax_over_long_axes_shifts_and_multiplies(monkeypatch):
+    """Past PAIRWISE_LIMIT elements Softmax becomes exp(x - c) · (1 / sum): as sound and exact, and the
+    pairwise form (used below the limit) is at least as tight."""
+    monkeypatch.setattr(crown_products, "PAIRWISE_LIMIT", 0)
+    shifted = make_bound_graphs("torch_softmax")
+    check_sound("torch_softmax", shifted["crown"])
+    check_against_intervals("torch_softmax", shifted)
+    proto, x, out = sample("torch_softmax", batch=3)
+    feeds = {zoo.input_name(proto): x, "epsilon": np.float32(0.3)}
+    widths = [np.mean(np.subtract(*(Session(graph).run(feeds)[f"{out}_{side}"] for side in ("upper", "lower"))))
+              for graph in (shifted["crown"], bound_graphs("torch_softmax")["crown"])]
+    assert widths[1] <= widths[0], widths
 
 
 def test_linear_bounds_stay_numbers_where_intervals_overflow():
