@@ -79,16 +79,32 @@ def add_certify(sub) -> None:
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
+    from graphcert.alpha import AlphaSettings
+    add_alpha_options(p, AlphaSettings())
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_certify)
 
 
+def add_alpha_options(p, defaults) -> None:
+    p.add_argument("--alpha-iterations", type=int, default=defaults.iterations,
+                   help=f"alpha-CROWN Adam steps (default: {defaults.iterations})")
+    p.add_argument("--alpha-lr", type=float, default=defaults.lr,
+                   help=f"alpha-CROWN learning rate (default: {defaults.lr:g})")
+
+
+def alpha_settings(args, defaults):
+    import dataclasses
+    return dataclasses.replace(defaults, iterations=args.alpha_iterations, lr=args.alpha_lr)
+
+
 def run_certify(args) -> int:
+    from graphcert.alpha import AlphaSettings
     from graphcert.certify import certify
     from graphcert.data import load_dataset
     data = load_dataset(args.data)
     result = certify(shipped_model(args.model), data, args.eps, method=args.method, limit=args.limit,
-                     batch_size=args.batch_size, clip=not args.no_clip, progress=not args.json and sys.stderr.isatty())
+                     batch_size=args.batch_size, clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
+                     alpha=alpha_settings(args, AlphaSettings()))
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -111,17 +127,21 @@ def add_verify(sub) -> None:
     p.add_argument("--method", default="crown", help="ibp, crown-ibp, crown, alpha-crown, or auto (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
+    from graphcert.alpha import VERIFY_ALPHA
+    add_alpha_options(p, VERIFY_ALPHA)
     p.set_defaults(run=run_verify)
 
 
 def run_verify(args) -> int:
     from graphcert import verify as verifier
+    from graphcert.alpha import VERIFY_ALPHA
     from graphcert.errors import InputError
     if args.instances:
         if args.model or args.spec:
             raise InputError("give either MODEL SPEC or --instances FILE.csv, not both")
         results = verifier.run_instances(args.instances, args.out, method=args.method,
-                                         progress=sys.stderr.isatty(), timeout_scale=args.timeout_scale)
+                                         progress=sys.stderr.isatty(), timeout_scale=args.timeout_scale,
+                                         alpha=alpha_settings(args, VERIFY_ALPHA))
         for r in results:
             print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
         summary = verifier.summarize(results)
@@ -130,7 +150,8 @@ def run_verify(args) -> int:
         return 0
     if not (args.model and args.spec):
         raise InputError("verify needs MODEL and SPEC (or --instances FILE.csv)")
-    result = verifier.verify(args.model, args.spec, timeout=args.timeout, method=args.method)
+    result = verifier.verify(args.model, args.spec, timeout=args.timeout, method=args.method,
+                             alpha=alpha_settings(args, VERIFY_ALPHA))
     if args.out:
         verifier.write_result(result, args.out)
     print(result.status)

@@ -1,7 +1,8 @@
 """IBP bound-graph cost relative to the original model, both run by onnxruntime side by side.
 
-For each network: median time of the original forward pass and of the bound graph (bounds only, and with
-the original outputs kept), at batch 1 and batch 256, one thread, interleaved runs.
+For each network: median time of the original forward pass, and relative to it the bound graph of an L-inf ball
+of radius 0.01 clipped to [0, 1] ("ball": bounds only; "ball+outputs": also f(x)) and of a given box (lower and
+upper fed directly, as VNN-LIB properties give them), at batch 1 and batch 256, one thread, interleaved runs.
 Usage: python benchmarks/ibp_bench.py [--repeats 50] [--threads 1]
 """
 from __future__ import annotations
@@ -37,23 +38,28 @@ def timed(session: Session, feeds: dict, repeats: int) -> list[float]:
     return runs
 
 
-def measure(path: Path, batch: int, repeats: int, threads: int) -> tuple[float, float, float]:
+def measure(path: Path, batch: int, repeats: int, threads: int) -> dict[str, float]:
+    """Median milliseconds of the original, and each bound graph's median time relative to it."""
     model = graphcert.load(path)
     x_value = perturbed_inputs(model)[0]
     shape = [batch] + [d for d in static_shape(x_value)[1:]]
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    original = Session(to_proto(model), threads=threads)
-    sets = InputSet("linf", (0.0, 1.0))
-    bounds_only = Session(to_proto(graphcert.bound_graph(model, "ibp", sets, keep_original=False)), threads=threads)
-    with_outputs = Session(to_proto(graphcert.bound_graph(model, "ibp", sets)), threads=threads)
-    feeds = {x_value.name: x, epsilon_name(model, x_value): np.float32(0.01)}
-    samples = {"orig": [], "bounds": [], "full": []}
-    for _ in range(5):  # interleave so drifts of the machine hit all three alike
-        samples["orig"] += timed(original, feeds, repeats)
-        samples["bounds"] += timed(bounds_only, feeds, repeats)
-        samples["full"] += timed(with_outputs, feeds, repeats)
+    ball = InputSet("linf", (0.0, 1.0))
+    sessions = {
+        "orig": Session(to_proto(model), threads=threads),
+        "ball": Session(to_proto(graphcert.bound_graph(model, "ibp", ball, keep_original=False)), threads=threads),
+        "ball+outputs": Session(to_proto(graphcert.bound_graph(model, "ibp", ball)), threads=threads),
+        "box": Session(to_proto(graphcert.bound_graph(model, "ibp", InputSet("box"), keep_original=False)),
+                       threads=threads),
+    }
+    ball_feeds = {x_value.name: x, epsilon_name(model, x_value): np.float32(0.01)}
+    box_feeds = {f"{x_value.name}_lower": np.clip(x - 0.01, 0, 1), f"{x_value.name}_upper": np.clip(x + 0.01, 0, 1)}
+    samples = {name: [] for name in sessions}
+    for _ in range(5):  # interleave so drifts of the machine hit all alike
+        for name, session in sessions.items():
+            samples[name] += timed(session, box_feeds if name == "box" else ball_feeds, repeats)
     med = {k: statistics.median(v) for k, v in samples.items()}
-    return med["orig"], med["bounds"] / med["orig"], med["full"] / med["orig"]
+    return {"orig ms": med["orig"] * 1e3, **{k: med[k] / med["orig"] for k in sessions if k != "orig"}}
 
 
 def main() -> None:
@@ -61,11 +67,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    print(f"{'network':28} {'batch':>5} {'orig ms':>9} {'bounds/orig':>12} {'bounds+outputs/orig':>20}")
+    columns = ["orig ms", "ball", "ball+outputs", "box"]
+    print(f"{'network':28} {'batch':>5} " + " ".join(f"{c:>13}" for c in columns))
     for path in networks():
         for batch in (1, 256):
-            orig, ratio, ratio_full = measure(path, batch, args.repeats, args.threads)
-            print(f"{path.name:28} {batch:5d} {orig * 1e3:9.3f} {ratio:12.2f} {ratio_full:20.2f}")
+            found = measure(path, batch, args.repeats, args.threads)
+            print(f"{path.name:28} {batch:5d} " + " ".join(f"{found[c]:13.3f}" if c == "orig ms" else
+                                                           f"{found[c]:13.2f}" for c in columns))
 
 
 if __name__ == "__main__":

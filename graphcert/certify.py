@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import api
+from .alpha import AlphaSettings, ProofWatch
 from .data import Dataset, fit_to_input
 from .errors import InputError, UnsupportedOpError
 from .export import to_proto
@@ -72,7 +73,9 @@ class GraphCertifier:
 
 
 def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
-            batch_size: int = 256, clip: bool = True, progress: bool = False) -> CertifyResult:
+            batch_size: int = 256, clip: bool = True, progress: bool = False,
+            alpha: AlphaSettings | None = None) -> CertifyResult:
+    """Clean and certified accuracy at L-inf radius `eps`; `alpha` tunes alpha-CROWN (methods alpha-crown, auto)."""
     eps = check_eps(eps)
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -94,7 +97,7 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     x_all = fit_to_input(data.x, shape)
     domain = data.domain if clip else None
     start = time.perf_counter()
-    bounder = certifier(normalised, method, domain)
+    bounder = certifier(normalised, method, domain, alpha or AlphaSettings())
     clean = certified = 0
     batches = range(0, len(data), batch_size)
     if progress:
@@ -114,18 +117,20 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
 class AlphaCertifier:
     """alpha-CROWN margins on the samples that CROWN leaves undecided (never looser than CROWN)."""
 
-    def __init__(self, model, method: str, domain, iterations: int = 20):
+    def __init__(self, model, method: str, domain, settings: AlphaSettings):
         from .alpha import AlphaCrown
         self.crown = GraphCertifier(model, "crown", domain)
         self.alpha = AlphaCrown(model, "linf", domain, spec="runtime")
-        self.iterations = iterations
+        self.settings = settings
 
     def __call__(self, x, eps, objective):
         logits, lower = self.crown(x, eps, objective)
         open_ = _undecided(logits, lower, objective)
         if open_.any():
             feeds = self.alpha.feeds(x=x[open_], eps=np.float32(eps), objective=objective[open_])
-            tighter, _ = self.alpha.bounds(feeds, self.iterations, stop=lambda low, high: bool((low > 0).all()))
+            settings = self.settings
+            watch = ProofWatch(lambda low: float(low.min()), settings.iterations, settings.give_up)
+            tighter, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=watch)
             lower[open_] = np.maximum(lower[open_], tighter)
         return logits, lower
 
@@ -135,14 +140,14 @@ class EscalatingCertifier:
 
     LADDER = ("ibp", "crown-ibp", "crown", "alpha-crown")
 
-    def __init__(self, model, method: str, domain):
-        self.model, self.domain = model, domain
+    def __init__(self, model, method: str, domain, settings: AlphaSettings):
+        self.model, self.domain, self.settings = model, domain, settings
         self.stages: dict[str, object] = {}
 
     def _stage(self, name):
         if name not in self.stages:
             try:
-                self.stages[name] = certifier(self.model, name, self.domain)
+                self.stages[name] = certifier(self.model, name, self.domain, self.settings)
             except UnsupportedOpError:
                 self.stages[name] = None  # the model has ops this method cannot bound: skip it
         return self.stages[name]
@@ -165,13 +170,14 @@ def _undecided(logits, lower, objective) -> np.ndarray:
     return (margins_at_x > 0).all(axis=1) & ~(lower > 0).all(axis=1)
 
 
-# method name -> factory(normalised model, method, domain) -> callable(x, eps, objective) -> (logits, margin lower)
+# method name -> factory(normalised model, method, domain, alpha settings) -> callable(x, eps, objective) ->
+# (logits, margin lower)
 CERTIFIERS = {"alpha-crown": AlphaCertifier, "auto": EscalatingCertifier}
 
 
-def certifier(model, method: str, domain):
+def certifier(model, method: str, domain, settings: AlphaSettings | None = None):
     if method in CERTIFIERS:
-        return CERTIFIERS[method](model, method, domain)
+        return CERTIFIERS[method](model, method, domain, settings or AlphaSettings())
     if method not in api.METHODS:
         raise InputError(f"unknown method '{method}'; choose one of: {', '.join(sorted(set(api.METHODS) | set(CERTIFIERS)))}")
     return GraphCertifier(model, method, domain)

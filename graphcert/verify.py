@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from . import api
-from .alpha import AlphaCrown, ProofWatch
+from .alpha import VERIFY_ALPHA, AlphaCrown, AlphaSettings, ProofWatch
 from .attack import Attack, FlatNetwork, unsafe_objective
 from .errors import GraphcertError, InputError, SpecError
 from .export import IR_VERSION, atomic_write, to_proto
@@ -156,16 +156,16 @@ class LadderBounds:
 
 
 class AlphaSpecBounds:
-    """alpha-CROWN margins over boxes: up to 60 Adam steps, stopping once every conjunct is refuted or once
-    the weakest one cannot be refuted at its recent rate of progress (`graphcert.alpha.ProofWatch`).
+    """alpha-CROWN margins over boxes, stopping once every conjunct is refuted or (with the settings' give_up)
+    once the weakest one cannot be refuted at its recent rate of progress (`graphcert.alpha.ProofWatch`).
 
     The last `len(mixtures)` rows of `matrix` are averages of the rows listed in `mixtures`
     (`Property.rows_with_mixtures`); on models with a batch dimension alpha-CROWN learns their weights instead.
     """
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
-                 deadline: float, mixtures: list[np.ndarray] = (), iterations: int = 60):
-        self.network, self.membership, self.iterations = network, membership, iterations
+                 deadline: float, mixtures: list[np.ndarray] = (), settings: AlphaSettings = VERIFY_ALPHA):
+        self.network, self.membership, self.settings = network, membership, settings
         self.deadline = deadline
         self.learned = network.batched and len(mixtures) > 0
         if self.learned:
@@ -188,9 +188,10 @@ class AlphaSpecBounds:
                 feeds[OBJECTIVE] = np.ascontiguousarray(
                     np.broadcast_to(self.objective, (len(a),) + self.objective.shape))
                 extra = {"offset": self.offset, "mixtures": self.mixtures}
-            watch = ProofWatch(self._weakest_conjunct, self.iterations)
-            low, high = self.alpha.bounds(feeds, self.iterations, stop=lambda low, high: self._past_deadline() or
-                                          watch(low, high), **extra)
+            settings = self.settings
+            watch = ProofWatch(self._weakest_conjunct, settings.iterations, settings.give_up)
+            low, high = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay,
+                                          stop=lambda low, high: self._past_deadline() or watch(low, high), **extra)
             found_lower.append(low.reshape(len(a) if self.network.batched else 1, -1))
             found_upper.append(high.reshape(len(a) if self.network.batched else 1, -1))
         margin_lower, margin_upper = np.concatenate(found_lower), np.concatenate(found_upper)
@@ -213,19 +214,21 @@ LADDERS = {"auto": (("ibp", "crown", "alpha-crown"), 1), "alpha-crown": (("crown
 
 
 def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
-                deadline: float, mixtures: list[np.ndarray] = ()):
+                deadline: float, mixtures: list[np.ndarray] = (), alpha: AlphaSettings = VERIFY_ALPHA):
     """The bound function of a method name: a bound graph, or a ladder of them ending in alpha-CROWN."""
     if method not in LADDERS:
         return SpecBounds(network, matrix, offset, method)
     names, root_stages = LADDERS[method]
-    stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline, mixtures) if name == "alpha-crown"
+    stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline, mixtures, alpha)
+              if name == "alpha-crown"
               else SpecBounds(network, matrix, offset, name) for name in names]
     return LadderBounds(stages, membership, root_stages)
 
 
 def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
-           method: str = "crown") -> Result:
-    """Decide whether the property holds on the model within `timeout` seconds (loading included)."""
+           method: str = "crown", alpha: AlphaSettings = VERIFY_ALPHA) -> Result:
+    """Decide whether the property holds on the model within `timeout` seconds (loading included); `alpha`
+    tunes alpha-CROWN (methods alpha-crown, auto)."""
     start = time.monotonic()
     deadline = start + timeout
     prop = load_property(spec_path)
@@ -233,7 +236,7 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     if (prop.n_inputs, prop.n_outputs) != (network.n_inputs, network.n_outputs):
         raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
                         f"{model_path} has {network.n_inputs} inputs and {network.n_outputs} outputs")
-    status, counterexample, boxes = Search(prop, network, method, deadline).run()
+    status, counterexample, boxes = Search(prop, network, method, deadline, alpha=alpha).run()
     return Result(status, counterexample, time.monotonic() - start, boxes)
 
 
@@ -241,7 +244,7 @@ class Search:
     """Branch and bound over input boxes, with attacks on the boxes bounds cannot decide."""
 
     def __init__(self, prop: Property, network: Network, method: str, deadline: float,
-                 bound_fn: BoundFn | None = None):
+                 bound_fn: BoundFn | None = None, alpha: AlphaSettings = VERIFY_ALPHA):
         self.prop, self.network, self.deadline = prop, network, deadline
         matrix, offset, rows, mixtures = prop.rows_with_mixtures()
         self.membership = np.zeros((len(offset), len(prop.unsafe)), dtype=bool)
@@ -249,7 +252,7 @@ class Search:
             self.membership[indices, k] = True
         self.has_rows = len(offset) > 0
         self.bound_fn = bound_fn or (spec_bounds(network, matrix, offset, method, self.membership, deadline,
-                                                 mixtures) if self.has_rows else None)
+                                                 mixtures, alpha) if self.has_rows else None)
         self.attack = Attack(network.differentiable, matrix, offset, self.membership)
         self.boxes_bounded = 0
         self.chunk = 64
@@ -475,7 +478,8 @@ class InstanceResult:
 
 
 def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
-                  progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None) -> list[InstanceResult]:
+                  progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
+                  alpha: AlphaSettings = VERIFY_ALPHA) -> list[InstanceResult]:
     """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it."""
     from tqdm import tqdm
     csv_path = os.fspath(csv_path)
@@ -494,7 +498,7 @@ def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None
         seconds = float(timeout) * timeout_scale
         started = time.monotonic()
         try:
-            result = verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method)
+            result = verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha)
             status = result.status
         except GraphcertError as exc:
             status = f"error: {str(exc).splitlines()[0]}"

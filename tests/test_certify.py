@@ -129,6 +129,17 @@ def test_stronger_methods_certify_more_and_stay_sound():
     assert (attacked > 0).all()
 
 
+@pytest.mark.skipif(not MNISTFC.exists(), reason="needs ../shared (VNN-COMP mnistfc network)")
+def test_alpha_settings_reach_alpha_crown_and_zero_steps_is_crown():
+    from graphcert.alpha import AlphaSettings
+    data = load_dataset("mnist-test").head(40)
+    model = graphcert.load(str(MNISTFC))
+    crown = certify(model, data, 0.012, method="crown")
+    unchanged = certify(model, data, 0.012, method="alpha-crown", alpha=AlphaSettings(iterations=0))
+    optimised = certify(model, data, 0.012, method="alpha-crown", alpha=AlphaSettings(iterations=30, lr=0.2))
+    assert unchanged.certified == crown.certified <= optimised.certified
+
+
 def certifier_margins(model, data, eps):
     from graphcert.certify import certifier, margin_objective
     bound = certifier(model, "auto", (0.0, 1.0))

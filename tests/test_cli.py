@@ -100,6 +100,9 @@ def test_unsupported_ops_are_listed_before_writing(tmp_path):
     (["certify", MLP, "--limit", "0"], ["limit"]),
     (["convert", MLP, "-o", "/nonexistent-dir/x.onnx"], ["folder"]),
     (["convert", MLP, "-o", "x.onnx", "--method", "magic"], ["unknown method"]),
+    (["certify", MLP, "--method", "alpha-crown", "--alpha-iterations", "-1"], ["alpha-CROWN iterations"]),
+    (["certify", MLP, "--method", "alpha-crown", "--alpha-lr", "0"], ["alpha-CROWN learning rate"]),
+    (["verify", MLP, "p.vnnlib", "--alpha-lr", "nan"], ["alpha-CROWN learning rate"]),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, words):
     assert_one_line_error(graphcert(*args, cwd=tmp_path), *words)
