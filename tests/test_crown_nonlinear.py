@@ -299,7 +299,8 @@ def test_pad_copy_matrices_are_the_op(mode):
     graph = helper.make_graph([node], "pad", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(np.int64(pads), "pads")])
-    want = Session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)).run({"x": x})["y"]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)   # wrap: opset 19
+    want = Session(model).run({"x": x})["y"]
     rows, columns = (pad_copies(size, pads[axis], pads[axis + 4], mode) for axis, size in ((2, 4), (3, 5)))
     np.testing.assert_array_equal(rows @ x[0, 0] @ columns.T, want[0, 0])
 
