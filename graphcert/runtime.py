@@ -18,10 +18,13 @@ class Session:
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        self.input_types = {i.name: np.int64 if i.type == "tensor(int64)" else np.float32
+                            for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        feeds = {k: self._fit_rank(k, np.asarray(v, dtype=np.float32)) for k, v in feeds.items() if k in self.input_names}
+        feeds = {k: self._fit_rank(k, np.asarray(v, dtype=self.input_types[k])) for k, v in feeds.items()
+                 if k in self.input_names}
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, feeds)))
 
