@@ -110,7 +110,7 @@ def test_training_graph_loss_is_cross_entropy_of_clean_and_worst_case_logits():
     backend = make_backend("torch", training_graph(model, "ibp", (0.0, 1.0)), trainable_names(proto, model), 1e-3, None)
     data = load_dataset("digits").head(16)
     feeds = {"image": data.x, "objective": margin_objective(data.y, 10), "epsilon": np.full((1, 1, 1, 1), 0.05, np.float32),
-             "kappa": np.array(0.3, np.float32)}
+             "kappa": np.array(0.3, np.float32), "sample_weights": np.full(16, 1 / 16, np.float32)}
     result = backend.evaluate(feeds)
 
     def cross_entropy(margins):  # worst-case logits: 0 for the label, -margin_j for each other class
@@ -119,7 +119,12 @@ def test_training_graph_loss_is_cross_entropy_of_clean_and_worst_case_logits():
     assert result.clean_loss == pytest.approx(cross_entropy(result.margins), rel=1e-5)
     assert result.robust_loss == pytest.approx(cross_entropy(result.margins_lower), rel=1e-5)
     assert result.loss == pytest.approx(0.3 * result.clean_loss + 0.7 * result.robust_loss, rel=1e-5)
+    assert result.loss == pytest.approx(float(result.sample_losses.mean()), rel=1e-5)
     assert (result.margins_lower <= result.margins + 1e-5).all()
+    # Other weights weigh the per-sample losses (holistic robust training feeds its worst-case weights).
+    weights = np.random.default_rng(0).dirichlet(np.ones(16)).astype(np.float32)
+    weighted = backend.evaluate({**feeds, "sample_weights": weights})
+    assert weighted.loss == pytest.approx(float(weights @ result.sample_losses), rel=1e-5)
 
 
 def test_a_few_steps_lower_the_robust_loss():
@@ -128,7 +133,7 @@ def test_a_few_steps_lower_the_robust_loss():
     backend = make_backend("torch", training_graph(model, "ibp", (0.0, 1.0)), trainable_names(proto, model), 1e-3, 10.0)
     data = load_dataset("digits").head(256)
     feeds = {"image": data.x, "objective": margin_objective(data.y, 10), "epsilon": np.full((1, 1, 1, 1), 0.01, np.float32),
-             "kappa": np.array(0.0, np.float32)}
+             "kappa": np.array(0.0, np.float32), "sample_weights": np.full(256, 1 / 256, np.float32)}
     before = backend.evaluate(feeds).robust_loss
     for _ in range(10):
         backend.train_step(feeds)
@@ -142,7 +147,7 @@ def test_write_back_gives_the_same_predictions_and_bounds_as_the_trained_paramet
     backend = make_backend("torch", training_graph(model, "ibp", (0.0, 1.0)), names, 1e-2, 10.0)
     data = load_dataset("digits").head(128)
     feeds = {"image": data.x, "objective": margin_objective(data.y, 10), "epsilon": np.full((1, 1, 1, 1), 0.02, np.float32),
-             "kappa": np.array(0.5, np.float32)}
+             "kappa": np.array(0.5, np.float32), "sample_weights": np.full(128, 1 / 128, np.float32)}
     for _ in range(5):
         backend.train_step(feeds)
     trained = backend.evaluate(feeds)
@@ -294,14 +299,16 @@ def test_export_training_writes_loadable_artifacts(tmp_path):
     proc = graphcert("export-training", "mnist_mlp", "-o", str(folder), "--eps", "0.01", "--domain", "0", "1")
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((folder / "graphcert_training.json").read_text())
-    assert manifest["inputs"] == ["image", "objective", "epsilon", "kappa"] and manifest["eps"] == 0.01
+    assert manifest["inputs"] == ["image", "objective", "epsilon", "kappa", "sample_weights"]
+    assert manifest["eps"] == 0.01
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         assert onnx.load(str(folder / name)).ir_version <= 10
     state = ort_api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
     module = ort_api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"))
     optimizer = ort_api.Optimizer(str(folder / "optimizer_model.onnx"), module)
     data = load_dataset("mnist-test").head(64)
-    inputs = [data.x, margin_objective(data.y, 10), np.full((1, 1, 1, 1), 0.01, np.float32), np.array(0.0, np.float32)]
+    inputs = [data.x, margin_objective(data.y, 10), np.full((1, 1, 1, 1), 0.01, np.float32), np.array(0.0, np.float32),
+              np.full(64, 1 / 64, np.float32)]
     module.train()
     first = module(*inputs)[0]
     optimizer.step()

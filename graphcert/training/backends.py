@@ -14,10 +14,11 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert.errors import InputError
-from graphcert.training.losses import CERTIFIED_MARGINS, CLEAN_LOSS, CLEAN_MARGINS, LOSS, ROBUST_LOSS
+from graphcert.training.losses import (CERTIFIED_MARGINS, CLEAN_LOSS, CLEAN_MARGINS, LOSS, ROBUST_LOSS,
+                                       SAMPLE_LOSSES)
 
 BACKENDS = ("torch", "ort-training")
-OUTPUTS = [LOSS, CLEAN_LOSS, ROBUST_LOSS, CLEAN_MARGINS, CERTIFIED_MARGINS]
+OUTPUTS = [LOSS, CLEAN_LOSS, ROBUST_LOSS, CLEAN_MARGINS, CERTIFIED_MARGINS, SAMPLE_LOSSES]
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
@@ -29,11 +30,13 @@ class StepResult:
     robust_loss: float
     margins: np.ndarray          # [batch, classes - 1], label logit minus each other logit
     margins_lower: np.ndarray    # their certified lower bounds
+    sample_losses: np.ndarray    # [batch], each sample's loss before weighting
 
     @classmethod
     def from_outputs(cls, values) -> "StepResult":
-        loss, clean, robust, margins, lower = values
-        return cls(float(loss), float(clean), float(robust), np.asarray(margins), np.asarray(lower))
+        loss, clean, robust, margins, lower, per_sample = values
+        return cls(float(loss), float(clean), float(robust), np.asarray(margins), np.asarray(lower),
+                   np.asarray(per_sample))
 
 
 class TorchBackend:

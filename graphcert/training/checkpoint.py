@@ -20,7 +20,9 @@ from graphcert.export import atomic_write
 FORMAT = "graphcert-training-checkpoint/1"
 # Settings that must match to resume: they fix the schedule, the graph or the backend state's format.
 MUST_MATCH = ("source", "data", "eps", "method", "warmup", "rampup", "batch_size", "lr", "kappa", "seed",
-              "schedule", "grad_clip", "backend", "holdout", "init")
+              "schedule", "grad_clip", "backend", "holdout", "init", "hr_alpha", "hr_r")
+# Settings added after checkpoints were first written, and the value older checkpoints trained with.
+SINCE_FORMAT_1 = {"hr_alpha": 0.0, "hr_r": 0.0}
 
 
 @dataclass
@@ -58,6 +60,7 @@ def load_checkpoint(path: str) -> Checkpoint:
 
 
 def check_resumable(saved: dict, current: dict, path: str) -> None:
+    saved = {**SINCE_FORMAT_1, **saved}
     changed = [f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in MUST_MATCH
                if saved.get(key) != current.get(key)]
     if changed:

@@ -32,7 +32,8 @@ from graphcert.training.backends import BACKENDS, make_backend
 from graphcert.training.checkpoint import (Checkpoint, check_resumable, checkpoint_path, load_checkpoint,
                                            save_checkpoint)
 from graphcert.training.initialisation import ibp_initialise
-from graphcert.training.losses import KAPPA, training_graph
+from graphcert.training.hr import check_hr, hr_weights
+from graphcert.training.losses import KAPPA, SAMPLE_WEIGHTS, training_graph
 from graphcert.training.schedule import SHAPES, Schedule, default_phases
 from graphcert.training.writeback import trainable_names, write_back
 
@@ -62,6 +63,12 @@ class TrainConfig:
     holdout: float = 0.1
     resume: bool = False
     threads: int | None = 1           # compute threads; one is fastest for small graphs on a busy machine
+    hr_alpha: float = 0.0             # holistic robust training: fraction of the data that may be poisoned
+    hr_r: float = 0.0                 # ... and KL radius for statistical error (both 0: the plain mean loss)
+
+    @property
+    def holistic(self) -> bool:
+        return self.hr_alpha > 0 or self.hr_r > 0
 
 
 @dataclass
@@ -136,6 +143,7 @@ def validate(config: TrainConfig) -> tuple[int, int]:
         raise InputError(f"--holdout must be in [0, 1), got {config.holdout}")
     if config.threads is not None and config.threads < 1:
         raise InputError(f"--threads must be >= 1, got {config.threads}")
+    check_hr(config.hr_alpha, config.hr_r)
     folder = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(folder):
         raise InputError(f"output folder does not exist: {folder}; create it first")
@@ -251,7 +259,7 @@ def train(config: TrainConfig, progress: bool = False, on_epoch=None) -> TrainRe
     trained.metadata_props.extend(kept)
     trained.metadata_props.add(key="graphcert.training", value=json.dumps(
         {k: settings[k] for k in ("data", "eps", "method", "epochs", "warmup", "rampup", "kappa", "schedule",
-                                  "init", "seed", "backend")}))
+                                  "init", "seed", "backend", "hr_alpha", "hr_r")}))
     save(trained, config.output, source=config.model)
     final, reproduce = None, None
     if problem.holdout is not None:
@@ -277,7 +285,15 @@ def _save_dataset(data: Dataset, path: str) -> None:
 def _feeds(problem: _Problem, x: np.ndarray, objective: np.ndarray, eps: float, kappa: float) -> dict:
     return {problem.x_name: x, "objective": objective,
             problem.eps_name: np.full([1] * problem.eps_rank, eps, dtype=np.float32),
-            KAPPA: np.array(kappa, dtype=np.float32)}
+            KAPPA: np.array(kappa, dtype=np.float32), SAMPLE_WEIGHTS: np.full(len(x), 1.0 / len(x), dtype=np.float32)}
+
+
+def _step(backend, feeds: dict, config: TrainConfig):
+    """One optimiser step; holistic robust training first evaluates the batch for its worst-case weights."""
+    if config.holistic:
+        losses = backend.evaluate(feeds).sample_losses
+        feeds = {**feeds, SAMPLE_WEIGHTS: hr_weights(losses, config.hr_alpha, config.hr_r).astype(np.float32)}
+    return backend.train_step(feeds)
 
 
 class _Tally:
@@ -317,8 +333,8 @@ def _epoch(backend, problem: _Problem, schedule: Schedule, config: TrainConfig, 
     for lo in range(0, len(order), config.batch_size):
         chosen = order[lo:lo + config.batch_size]
         eps, kappa = schedule.epsilon(step), schedule.kappa_at(step)
-        tally.add(backend.train_step(_feeds(problem, problem.x_train[chosen], problem.objective_train[chosen],
-                                            eps, kappa)))
+        tally.add(_step(backend, _feeds(problem, problem.x_train[chosen], problem.objective_train[chosen], eps, kappa),
+                        config))
         step += 1
         bar.update(1)
         bar.set_postfix_str(f"eps {eps:.4g} loss {tally.mean('loss'):.3f} clean {tally.rate(tally.clean):.1%} "

@@ -127,7 +127,8 @@ def export_training(model_path: str | os.PathLike, directory: str | os.PathLike,
                 "domain": list(domain) if domain is not None else None, "grad_clip": grad_clip,
                 "inputs": [v.name for v in graph.graph.inputs], "outputs": list(OUTPUTS), "trainable": trainable,
                 "files": [TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT],
-                "loss": "kappa * CE(margins) + (1 - kappa) * CE(margins_lower); objective rows e_label - e_j"}
+                "loss": "sum_i sample_weights_i * (kappa * CE(margins_i) + (1 - kappa) * CE(margins_lower_i)); "
+                        "sample_weights 1/N for the mean; objective rows e_label - e_j"}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return sorted(os.listdir(directory))
 
