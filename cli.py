@@ -185,6 +185,11 @@ def add_train(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.1,
                    help="fraction of the data held out to report certified accuracy (default: 0.1)")
     p.add_argument("--threads", type=int, default=1, help="compute threads (default: 1)")
+    p.add_argument("--hr-alpha", type=float, default=0.0,
+                   help="holistic robust training: fraction of the data that may be poisoned (default: 0)")
+    p.add_argument("--hr-r", type=float, default=0.0,
+                   help="holistic robust training: KL radius for statistical error (default: 0; with --hr-alpha 0: "
+                        "plain certified training)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(run=run_train)
@@ -203,7 +208,7 @@ def run_train(args) -> int:
         data=args.data, method=args.method, epochs=args.epochs, warmup=args.warmup, rampup=args.rampup,
         batch_size=args.batch_size, lr=args.lr, kappa=args.kappa, seed=args.seed, schedule=args.schedule,
         init=args.init, grad_clip=args.grad_clip, backend=args.backend, holdout=args.holdout, resume=args.resume,
-        threads=args.threads)
+        threads=args.threads, hr_alpha=args.hr_alpha, hr_r=args.hr_r)
     bars = not args.json and sys.stderr.isatty()
     report = None if args.json or bars else _print_epoch
     result = train(config, progress=bars, on_epoch=report)
