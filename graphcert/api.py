@@ -17,13 +17,32 @@ from .interface import InputSet
 METHODS: dict[str, Callable[..., ir.passes.PassBase]] = {}
 # method name -> supports(node) -> bool, for `inspect` and early errors.
 SUPPORTS: dict[str, Callable[[ir.Node], bool]] = {}
+# method name -> the perturbation norms it bounds; factories of methods with "l2" take a `norm` keyword.
+NORMS: dict[str, tuple[str, ...]] = {}
+# Methods that fold a run-time objective themselves: their factory takes `objective=True` for spec="runtime".
+OWN_OBJECTIVE: set[str] = set()
+NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
 
 
 def register_method(name: str, factory: Callable[..., ir.passes.PassBase],
-                    supports: Callable[[ir.Node], bool] | None = None) -> None:
+                    supports: Callable[[ir.Node], bool] | None = None, norms: tuple[str, ...] = ("linf",),
+                    own_objective: bool = False) -> None:
     METHODS[name] = factory
+    NORMS[name] = norms
     if supports is not None:
         SUPPORTS[name] = supports
+    if own_objective:
+        OWN_OBJECTIVE.add(name)
+
+
+def check_norm(method: str, norm: str) -> None:
+    """An InputError unless `method` bounds balls of `norm` (and the norm is known)."""
+    if norm not in NORM_NAMES:
+        raise InputError(f"unknown norm '{norm}'; choose linf or l2")
+    if method in NORMS and norm not in NORMS[method]:
+        others = ", ".join(sorted(m for m, norms in NORMS.items() if norm in norms))
+        bounds = " and ".join(NORM_NAMES[n] for n in NORMS[method])
+        raise InputError(f"method '{method}' bounds {bounds} balls only; for {NORM_NAMES[norm]} use {others}")
 
 
 def _register_builtin() -> None:
@@ -33,10 +52,22 @@ def _register_builtin() -> None:
                     supports=lambda node: node.op_type in ibp.RULES and ibp.accepts(node))
     from graphcert.passes import crown
     for name, intermediate in (("crown", "crown"), ("crown-ibp", "ibp")):
-        register_method(name, lambda input_set, keep_original=True, trainable=False, intermediate=intermediate:
+        register_method(name, lambda input_set, keep_original=True, trainable=False, norm="linf",
+                        intermediate=intermediate:
                         crown.CrownPass(input_set, keep_original=keep_original, trainable=trainable,
-                                        intermediate=intermediate),
-                        supports=crown.supports)
+                                        intermediate=intermediate, norm=norm),
+                        supports=crown.supports, norms=("linf", "l2"))
+    from graphcert.passes import lipschitz
+    register_method("lipschitz", _lipschitz_factory, supports=lipschitz.supports, norms=("l2",),
+                    own_objective=True)
+
+
+def _lipschitz_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
+    from graphcert.passes.lipschitz import LipschitzPass
+    if trainable:
+        raise InputError("lipschitz folds the network's Lipschitz constant into the graph as a number; "
+                         "it cannot be trained through: use ibp, crown-ibp or crown")
+    return LipschitzPass(input_set, keep_original=keep_original, objective=objective)
 
 
 _register_builtin()
@@ -49,23 +80,30 @@ def load(source) -> ir.Model:
 
 def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
                 spec: np.ndarray | str | None = None, spec_offset: np.ndarray | None = None,
-                keep_original: bool = True, trainable: bool = False) -> ir.Model:
+                keep_original: bool = True, trainable: bool = False, norm: str = "linf") -> ir.Model:
     """The bound graph of `model` by `method`.
 
     spec: None bounds the outputs; a [m, n] matrix bounds margins C·y + spec_offset (output `margins`);
     "runtime" adds an `objective` input [batch, m, n] and bounds objective·y.
+    norm: "linf" (epsilon is the L-inf radius) or "l2" (epsilon is the L2 radius; crown, crown-ibp, lipschitz).
     """
     if method not in METHODS:
         raise InputError(f"unknown method '{method}'; choose one of: {', '.join(sorted(METHODS))}")
+    check_norm(method, norm)
     normalised = model if isinstance(model, ir.Model) else load(model)
-    if spec is not None:
+    kwargs = {"keep_original": keep_original}
+    own_objective = isinstance(spec, str) and method in OWN_OBJECTIVE
+    if own_objective:
+        kwargs["objective"] = True
+    elif spec is not None:
         from graphcert.passes.spec import SpecPass
         matrix = None if isinstance(spec, str) else np.asarray(spec, dtype=np.float32)
         normalised = SpecPass(matrix, spec_offset, keep_output=keep_original)(normalised).model
     factory = METHODS[method]
-    kwargs = {"keep_original": keep_original}
     if trainable:
         kwargs["trainable"] = True
+    if norm != "linf":
+        kwargs["norm"] = norm
     return factory(input_set or InputSet(), **kwargs)(normalised).model
 
 
