@@ -68,14 +68,17 @@ def run_inspect(args) -> int:
 # ---- certify -------------------------------------------------------------------------------------------
 
 def add_certify(sub) -> None:
-    p = sub.add_parser("certify", help="clean and certified accuracy on a data set at an L-inf radius")
+    p = sub.add_parser("certify", help="clean and certified accuracy on a data set at an L-inf or L2 radius")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"ONNX model file or shipped model name (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default="mnist-test", help="mnist-test, mnist5k, digits or FILE.npz (x, y)")
-    p.add_argument("--eps", type=float, default=0.01, help="L-inf radius (default: 0.01)")
+    p.add_argument("--eps", type=float, default=0.01, help="radius in --norm (default: 0.01)")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+                   help="the perturbation ball: linf (default) or l2 (methods lipschitz, crown-ibp, crown, auto; "
+                        "lipschitz never clips the ball to the data domain)")
     p.add_argument("--method", default="ibp",
-                   help="ibp, crown-ibp, crown, alpha-crown, or auto (cheapest first, escalating on undecided "
-                        "samples only) (default: ibp)")
+                   help="ibp, crown-ibp, crown, alpha-crown, lipschitz (L2 only: a Lipschitz-margin certificate), "
+                        "or auto (cheapest first, escalating on undecided samples only) (default: ibp)")
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
@@ -104,11 +107,11 @@ def run_certify(args) -> int:
     data = load_dataset(args.data)
     result = certify(shipped_model(args.model), data, args.eps, method=args.method, limit=args.limit,
                      batch_size=args.batch_size, clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
-                     alpha=alpha_settings(args, AlphaSettings()))
+                     alpha=alpha_settings(args, AlphaSettings()), norm=args.norm)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
-        print(f"{result.n} samples of {data.name}, eps={result.eps:g}, method={result.method}")
+        print(f"{result.n} samples of {data.name}, {result.norm} eps={result.eps:g}, method={result.method}")
         print(f"clean accuracy:     {result.clean_accuracy:.2%} ({result.clean}/{result.n})")
         print(f"certified accuracy: {result.certified_accuracy:.2%} ({result.certified}/{result.n})")
         print(f"seconds:            {result.seconds:.2f}")

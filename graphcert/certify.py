@@ -1,8 +1,10 @@
-"""Certified accuracy of a classifier on a data set at an L-inf radius.
+"""Certified accuracy of a classifier on a data set at an L-inf or L2 radius.
 
 A sample is certified when the lower bound of every margin logit[label] - logit[j] (j != label) is
-strictly positive over the input box; bounds are computed on the margins themselves (the margin matrix
-is folded into the last layer), not on logits compared separately.
+strictly positive over the input ball; bounds are computed on the margins themselves (the margin matrix
+is folded into the last layer), not on logits compared separately. With the L2 norm the ball of
+`lipschitz` is never clipped to the data domain (a superset, so still sound); CROWN clips its
+intermediate boxes to it.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class CertifyResult:
     eps: float
     method: str
     seconds: float
+    norm: str = "linf"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +62,8 @@ def check_eps(eps: float) -> float:
 class GraphCertifier:
     """Margin lower bounds from a bound graph run by onnxruntime (methods registered in graphcert.api)."""
 
-    def __init__(self, model, method: str, domain):
-        bound = api.bound_graph(model, method, InputSet("linf", domain), spec="runtime")
+    def __init__(self, model, method: str, domain, norm: str = "linf"):
+        bound = api.bound_graph(model, method, InputSet("linf", domain), spec="runtime", norm=norm)
         self.session = Session(to_proto(bound))
         x = perturbed_inputs(model)[0]
         self.x_name, self.eps_name = x.name, epsilon_name(model, x)
@@ -74,9 +77,11 @@ class GraphCertifier:
 
 def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
             batch_size: int = 256, clip: bool = True, progress: bool = False,
-            alpha: AlphaSettings | None = None) -> CertifyResult:
-    """Clean and certified accuracy at L-inf radius `eps`; `alpha` tunes alpha-CROWN (methods alpha-crown, auto)."""
+            alpha: AlphaSettings | None = None, norm: str = "linf") -> CertifyResult:
+    """Clean and certified accuracy at radius `eps` in `norm` ("linf" or "l2"); `alpha` tunes alpha-CROWN
+    (methods alpha-crown, auto)."""
     eps = check_eps(eps)
+    check_method_norm(method, norm)
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -97,7 +102,7 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     x_all = fit_to_input(data.x, shape)
     domain = data.domain if clip else None
     start = time.perf_counter()
-    bounder = certifier(normalised, method, domain, alpha or AlphaSettings())
+    bounder = certifier(normalised, method, domain, alpha or AlphaSettings(), norm)
     clean = certified = 0
     batches = range(0, len(data), batch_size)
     if progress:
@@ -111,13 +116,13 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
         certified += int((correct & (margins_lower > 0).all(axis=1)).sum())
     n = len(data)
     return CertifyResult(clean / n, certified / n, n, clean, certified, eps, method,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, norm)
 
 
 class AlphaCertifier:
     """alpha-CROWN margins on the samples that CROWN leaves undecided (never looser than CROWN)."""
 
-    def __init__(self, model, method: str, domain, settings: AlphaSettings):
+    def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf"):
         from .alpha import AlphaCrown
         self.crown = GraphCertifier(model, "crown", domain)
         self.alpha = AlphaCrown(model, "linf", domain, spec="runtime")
@@ -138,23 +143,29 @@ class AlphaCertifier:
 class EscalatingCertifier:
     """`auto`: the cheapest method first, each stronger one only on the samples still undecided."""
 
-    LADDER = ("ibp", "crown-ibp", "crown", "alpha-crown")
+    LADDERS = {"linf": ("ibp", "crown-ibp", "crown", "alpha-crown"), "l2": ("lipschitz", "crown-ibp", "crown")}
 
-    def __init__(self, model, method: str, domain, settings: AlphaSettings):
-        self.model, self.domain, self.settings = model, domain, settings
+    def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf"):
+        self.model, self.domain, self.settings, self.norm = model, domain, settings, norm
+        self.ladder = self.LADDERS[norm]
         self.stages: dict[str, object] = {}
+        self.refusals: dict[str, UnsupportedOpError] = {}
+        self.first = next((name for name in self.ladder if self._stage(name) is not None), None)
+        if self.first is None:
+            raise self.refusals[self.ladder[0]]
 
     def _stage(self, name):
         if name not in self.stages:
             try:
-                self.stages[name] = certifier(self.model, name, self.domain, self.settings)
-            except UnsupportedOpError:
+                self.stages[name] = certifier(self.model, name, self.domain, self.settings, self.norm)
+            except UnsupportedOpError as refusal:
+                self.refusals[name] = refusal
                 self.stages[name] = None  # the model has ops this method cannot bound: skip it
         return self.stages[name]
 
     def __call__(self, x, eps, objective):
-        logits, lower = self._stage("ibp")(x, eps, objective)
-        for name in self.LADDER[1:]:
+        logits, lower = self._stage(self.first)(x, eps, objective)
+        for name in self.ladder[self.ladder.index(self.first) + 1:]:
             open_ = _undecided(logits, lower, objective)
             stage = self._stage(name)
             if not open_.any() or stage is None:
@@ -173,11 +184,25 @@ def _undecided(logits, lower, objective) -> np.ndarray:
 # method name -> factory(normalised model, method, domain, alpha settings) -> callable(x, eps, objective) ->
 # (logits, margin lower)
 CERTIFIERS = {"alpha-crown": AlphaCertifier, "auto": EscalatingCertifier}
+# The norms of the certifiers that are not single bound graphs (alpha-CROWN's graphs bound L-inf boxes only).
+CERTIFIER_NORMS = {"alpha-crown": ("linf",), "auto": ("linf", "l2")}
 
 
-def certifier(model, method: str, domain, settings: AlphaSettings | None = None):
+def check_method_norm(method: str, norm: str) -> None:
+    """An InputError when `method` cannot certify balls of `norm`, with the methods that can."""
+    if method in CERTIFIER_NORMS:
+        api.check_norm("auto", norm)  # a known norm
+        if norm not in CERTIFIER_NORMS[method]:
+            others = sorted(m for m, norms in {**api.NORMS, **CERTIFIER_NORMS}.items() if norm in norms)
+            raise InputError(f"method '{method}' certifies {api.NORM_NAMES['linf']} balls only; for "
+                             f"{api.NORM_NAMES[norm]} use {', '.join(others)}")
+    elif method in api.METHODS:
+        api.check_norm(method, norm)
+
+
+def certifier(model, method: str, domain, settings: AlphaSettings | None = None, norm: str = "linf"):
     if method in CERTIFIERS:
-        return CERTIFIERS[method](model, method, domain, settings or AlphaSettings())
+        return CERTIFIERS[method](model, method, domain, settings or AlphaSettings(), norm)
     if method not in api.METHODS:
         raise InputError(f"unknown method '{method}'; choose one of: {', '.join(sorted(set(api.METHODS) | set(CERTIFIERS)))}")
-    return GraphCertifier(model, method, domain)
+    return GraphCertifier(model, method, domain, norm)
