@@ -34,6 +34,11 @@ from graphcert.passes.spec import MARGINS
 
 ALPHA_PREFIX = "alpha."
 ALPHA_INIT_PREFIX = "alpha_init."
+# split_bounds: run-time clamps on the inputs of ReLU units, and the clamped bounds the graph worked with.
+SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX = "split_lower.", "split_upper."
+CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX = "clamped_lower.", "clamped_upper."
+# Units a split decides (active z >= 0 or inactive z <= 0): their relaxation is exact on either side of 0.
+SPLIT_UNITS = {"Relu"}
 
 # How IBP bounds of a tensor compare with the best linear bounds: exact for ops that only move or scale single
 # input elements (POINTWISE) and after one linear layer on such a tensor (AFFINE); otherwise possibly loose.
@@ -317,11 +322,17 @@ class CrownPass(ir.passes.FunctionalPass):
         (`alpha.<n>`, shape [rows, *unit shape], projected onto its valid range in the graph; metadata
         `graphcert.alpha` maps each to its unit); "init" adds outputs `alpha_init.<unit>` with CROWN's
         adaptive choice, the starting point of alpha-CROWN.
+    split_bounds: for the input z of every Relu, graph inputs `split_lower.<z>` / `split_upper.<z>` (shaped
+        like z) that its bounds are intersected with before the Relu is relaxed, and outputs
+        `clamped_lower.<z>` / `clamped_upper.<z>` with the intersection (metadata `graphcert.splits`: the
+        z names in graph order). Feeding -inf / +inf gives plain CROWN; feeding 0 as the lower (upper) clamp
+        bounds only the inputs whose z is >= 0 (<= 0) there, which is how ReLU branch and bound splits. A
+        clamped lower above the clamped upper means no input of the set meets the clamps.
     """
 
     def __init__(self, input_set: InputSet | None = None, keep_original: bool = True, trainable: bool = False,
                  intermediate: str = "crown", norm: str = "linf", crown_upper: bool | None = None,
-                 alpha: str | None = None):
+                 alpha: str | None = None, split_bounds: bool = False):
         super().__init__()
         if intermediate not in ("crown", "ibp"):
             raise ValueError(f"intermediate bounds come from 'crown' or 'ibp', not {intermediate!r}")
@@ -336,6 +347,7 @@ class CrownPass(ir.passes.FunctionalPass):
         self.norm = norm
         self.crown_upper = crown_upper
         self.alpha = alpha
+        self.split_bounds = split_bounds
         self.method = "crown" if intermediate == "crown" else "crown-ibp"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -365,6 +377,7 @@ class CrownPass(ir.passes.FunctionalPass):
 
         intervals = _Intervals(b, self.trainable, boxes)
         exposed: dict[str, tuple[ir.Value, ir.Shape]] = {}
+        splits: list[str] = []
         index = 0
         while index < len(nodes):
             node = nodes[index]
@@ -381,6 +394,13 @@ class CrownPass(ir.passes.FunctionalPass):
                 if self.intermediate == "crown" and loose and x not in intervals.tightened:
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
+            if self.split_bounds and node.op_type in SPLIT_UNITS and needs[0].name not in splits:
+                x = needs[0]
+                splits.append(x.name)
+                lower, upper = intervals.clamp(x, _split_input(graph, SPLIT_LOWER_PREFIX, x),
+                                               _split_input(graph, SPLIT_UPPER_PREFIX, x))
+                exposed[CLAMPED_LOWER_PREFIX + x.name] = (lower, x.shape)
+                exposed[CLAMPED_UPPER_PREFIX + x.name] = (upper, x.shape)
             if needs:
                 cx.relaxed[node] = _relax(cx, node, *(intervals.env[x] for x in needs))
                 if self.alpha == "init" and isinstance(cx.relaxed[node], Lines) \
@@ -405,6 +425,8 @@ class CrownPass(ir.passes.FunctionalPass):
         close_outputs(result, b, bounds, self.keep_original, self.method)
         for name, (value, shape) in exposed.items():
             _expose(graph, b, name, value, shape)
+        if self.split_bounds:
+            result.metadata_props["graphcert.splits"] = json.dumps(splits)
         if cx.alpha is not None:
             result.metadata_props["graphcert.alpha"] = json.dumps(cx.alpha.units)
             result.metadata_props["graphcert.method"] = "alpha-" + self.method
@@ -429,7 +451,18 @@ class _Intervals:
     def meet(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> None:
         b = self.b
         box = self.env[value]
-        lower, upper = _meet(b, "Max", lower, box.lower), _meet(b, "Min", upper, box.upper)
+        self._set(value, _meet(b, "Max", lower, box.lower), _meet(b, "Min", upper, box.upper))
+
+    def clamp(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Intersect with run-time clamps; the intersection as computed, before the order repair of `_set`."""
+        b = self.b
+        box = self.env[value]
+        lower, upper = b.op("Max", box.lower, lower), b.op("Min", box.upper, upper)
+        self._set(value, lower, upper)
+        return lower, upper
+
+    def _set(self, value: ir.Value, lower: ir.Value, upper: ir.Value) -> None:
+        b = self.b
         # Rounding can cross bounds that are (nearly) equal; relaxations need lower <= upper.
         self.env[value] = Interval.from_bounds(b, b.op("Min", lower, upper), b.op("Max", lower, upper))
 
@@ -468,6 +501,12 @@ class AlphaInputs:
             self.units[name] = unit.name
             self._made[key] = value
         return self._made[key]
+
+
+def _split_input(graph: ir.Graph, prefix: str, like: ir.Value) -> ir.Value:
+    value = ir.Value(name=prefix + like.name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(like.shape)))
+    graph.inputs.append(value)
+    return value
 
 
 def _expose(graph: ir.Graph, b: Builder, name: str, value: ir.Value, shape: ir.Shape) -> None:

@@ -1,0 +1,149 @@
+"""ReLU branch and bound: the CROWN pass's split clamps, and verify's search over ReLU splits.
+
+Clamps of -inf / +inf reproduce CROWN; clamped bounds hold for every sampled input that meets the clamps;
+the search never proves a violated property and proves true ones that CROWN alone cannot.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphcert.export import to_proto
+from graphcert.interface import InputSet
+from graphcert.model import load
+from graphcert.passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX,
+                                    SPLIT_UPPER_PREFIX, CrownPass)
+from graphcert.passes.spec import SpecPass
+from graphcert.runtime import Session
+
+
+def relu_network(widths: list[int], seed: int) -> tuple[onnx.ModelProto, list[tuple[np.ndarray, np.ndarray]]]:
+    """A batched MLP x [1, widths[0]] -> ... -> y [1, widths[-1]] with ReLUs between layers, and its weights."""
+    rng = np.random.default_rng(seed)
+    layers = [((rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), (rng.normal(size=b) * 0.3).astype(np.float32))
+              for a, b in zip(widths[:-1], widths[1:])]
+    nodes, inits, x = [], [], "x"
+    for k, (w, bias) in enumerate(layers):
+        inits += [onnx.numpy_helper.from_array(w, f"w{k}"), onnx.numpy_helper.from_array(bias, f"b{k}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"]), helper.make_node("Add", [f"m{k}", f"b{k}"], [f"z{k}"])]
+        x = f"z{k}"
+        if k < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{k}"]))
+            x = f"r{k}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, widths[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, widths[-1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), layers
+
+
+def pre_activations(layers, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """The inputs of every ReLU and the output, in float64."""
+    found, h = [], x.astype(np.float64)
+    for k, (w, bias) in enumerate(layers):
+        h = h @ w + bias
+        if k < len(layers) - 1:
+            found.append(h)
+            h = np.maximum(h, 0)
+    return found, h
+
+
+SPEC = np.array([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=np.float32)
+
+
+def sessions(proto):
+    spec = SpecPass(SPEC, None)(load(proto)).model
+    plain = CrownPass(InputSet("box"))(spec).model
+    split = CrownPass(InputSet("box"), split_bounds=True)(spec).model
+    return Session(to_proto(plain)), Session(to_proto(split)), json.loads(split.metadata_props["graphcert.splits"])
+
+
+def box_feeds(lower: np.ndarray, upper: np.ndarray) -> dict:
+    return {"x_lower": lower.astype(np.float32), "x_upper": upper.astype(np.float32)}
+
+
+def open_clamps(units: list[str], widths: list[int], batch: int) -> dict:
+    feeds = {}
+    for name, width in zip(units, widths):
+        feeds[SPLIT_LOWER_PREFIX + name] = np.full((batch, width), -np.inf, dtype=np.float32)
+        feeds[SPLIT_UPPER_PREFIX + name] = np.full((batch, width), np.inf, dtype=np.float32)
+    return feeds
+
+
+def test_open_clamps_reproduce_crown():
+    widths = [4, 12, 10, 3]
+    proto, _ = relu_network(widths, seed=1)
+    plain, split, units = sessions(proto)
+    assert len(units) == 2
+    rng = np.random.default_rng(0)
+    center = rng.uniform(-1, 1, size=(5, 4))
+    lower, upper = center - 0.4, center + 0.4
+    expected = plain.run(box_feeds(lower, upper))
+    found = split.run({**box_feeds(lower, upper), **open_clamps(units, widths[1:-1], 5)})
+    for name in ("margins_lower", "margins_upper", "y_lower", "y_upper", "margins"):
+        np.testing.assert_array_equal(found[name], expected[name])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clamped_bounds_hold_on_inputs_meeting_the_clamps(seed):
+    widths = [3, 10, 10, 3]
+    proto, layers = relu_network(widths, seed=seed)
+    _, split, units = sessions(proto)
+    rng = np.random.default_rng(seed)
+    domains = 6
+    center = rng.uniform(-1, 1, size=3)
+    lower, upper = np.tile(center - 0.6, (domains, 1)), np.tile(center + 0.6, (domains, 1))
+    feeds = {**box_feeds(lower, upper), **open_clamps(units, widths[1:-1], domains)}
+    points = rng.uniform(center - 0.6, center + 0.6, size=(20000, 3)).astype(np.float32)
+    hidden, y = pre_activations(layers, points)
+    # Each domain fixes 3 units per layer active or inactive: odd domains as at some sampled point (so that
+    # inputs meet them), even ones at random (often infeasible).
+    for d in range(domains):
+        anchor = rng.integers(len(points))
+        for name, z in zip(units, hidden):
+            chosen = rng.choice(10, size=3, replace=False)
+            active = z[anchor, chosen] >= 0 if d % 2 else rng.random(3) < 0.5
+            feeds[SPLIT_LOWER_PREFIX + name][d, chosen[active]] = 0.0
+            feeds[SPLIT_UPPER_PREFIX + name][d, chosen[~active]] = 0.0
+    out = split.run(feeds)
+    margins = y @ SPEC.T.astype(np.float64)
+    tolerance = 1e-4
+    met_somewhere = 0
+    for d in range(domains):
+        meets = np.ones(len(points), dtype=bool)
+        for name, z in zip(units, hidden):
+            meets &= (z >= feeds[SPLIT_LOWER_PREFIX + name][d]).all(axis=1)
+            meets &= (z <= feeds[SPLIT_UPPER_PREFIX + name][d]).all(axis=1)
+        empty = any((out[CLAMPED_LOWER_PREFIX + name][d] > out[CLAMPED_UPPER_PREFIX + name][d] + tolerance).any()
+                    for name in units)
+        if empty:
+            assert not meets.any(), "a domain with crossed clamped bounds has inputs meeting its clamps"
+            continue
+        met_somewhere += meets.any()
+        assert (margins[meets] >= out["margins_lower"][d] - tolerance).all()
+        assert (margins[meets] <= out["margins_upper"][d] + tolerance).all()
+        for name, z in zip(units, hidden):
+            assert (z[meets] >= out[CLAMPED_LOWER_PREFIX + name][d] - tolerance).all()
+            assert (z[meets] <= out[CLAMPED_UPPER_PREFIX + name][d] + tolerance).all()
+    assert met_somewhere >= domains // 2
+
+
+def test_fixing_every_unit_makes_the_margins_exact():
+    """With every ReLU decided as at a point's own pattern, the network is affine on the domain: the margin
+    bounds over a tiny box around the point shrink to (nearly) the point's margins."""
+    widths = [3, 8, 8, 3]
+    proto, layers = relu_network(widths, seed=7)
+    _, split, units = sessions(proto)
+    point = np.array([0.2, -0.1, 0.3])
+    hidden, y = pre_activations(layers, point[None])
+    feeds = {**box_feeds(point[None] - 1e-3, point[None] + 1e-3), **open_clamps(units, widths[1:-1], 1)}
+    for name, z in zip(units, hidden):
+        feeds[SPLIT_LOWER_PREFIX + name][z >= 0] = 0.0
+        feeds[SPLIT_UPPER_PREFIX + name][z < 0] = 0.0
+    out = split.run(feeds)
+    margins = y @ SPEC.T.astype(np.float64)
+    assert (out["margins_lower"] <= margins + 1e-4).all()
+    assert (out["margins_lower"] >= margins - 0.05).all()
