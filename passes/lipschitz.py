@@ -468,7 +468,8 @@ def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
     if op == "Pad":
         pads, axes = _constant(node.inputs[1]), node.inputs[3] if len(node.inputs) > 3 else None
         dims = static_shape(x)
-        if pads is None or axes is not None or x not in tainted:
+        fixed = all(v is None or v not in tainted for v in node.inputs[1:])
+        if pads is None or axes is not None or x not in tainted or not fixed:
             return False
         padded = [a for a in range(len(dims)) if pads[a] != 0 or pads[a + len(dims)] != 0]
         return geo.keeps_batch_axis(padded) and all(isinstance(dims[a], int) for a in padded)
@@ -501,10 +502,11 @@ def _acceptor(geo: Geometry, tainted: set):
 
 
 def supports(node: ir.Node) -> bool:
-    """Node-level support, for `inspect` (assumes input 0 is the perturbed one)."""
-    tainted = {v for v in node.inputs[:1] if v is not None and v.const_value is None}
-    batched = bool(node.inputs) and node.inputs[0] is not None and len(static_shape(node.inputs[0])) >= 2
-    return node.op_type in RULES and _acceptor(Geometry(batched), tainted)(node)
+    """Node-level support, for `inspect` (takes every non-constant input as perturbed)."""
+    tainted = [v for v in node.inputs if v is not None and v.const_value is None]
+    dims = static_shape(tainted[0]) if tainted else []
+    batched = len(dims) >= 2 and not isinstance(dims[0], int)
+    return node.op_type in RULES and _acceptor(Geometry(batched), set(tainted))(node)
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
@@ -562,7 +564,8 @@ class LipschitzPass(ir.passes.FunctionalPass):
         x = perturbed_inputs(result)[0]
         b = Builder(graph, prefix="lipschitz")
         rank = len(x.shape) if x.shape is not None else 0
-        eps = ir.Value(name=epsilon_name(result, x), type=FLOAT, shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
+        eps = ir.Value(name=epsilon_name(result, x), type=FLOAT,
+                       shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
         graph.inputs.append(eps)
         batched = rank >= 2 and not isinstance(static_shape(x)[0], int)
         radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1] if batched else [1, -1])), [1],

@@ -212,6 +212,14 @@ def test_unsupported_ops_are_refused_with_their_names():
         api.bound_graph(product, "lipschitz", norm="l2")
 
 
+def test_inspect_lists_only_the_ops_without_a_rule(tmp_path):
+    from graphcert.inspect import describe
+    path = tmp_path / "layernorm.onnx"
+    onnx.save(ZOO["torch_layernorm"](), path)
+    assert describe(path)["methods"]["lipschitz"] == ["LayerNormalization"]
+    assert describe(MLP)["methods"]["lipschitz"] == []
+
+
 # ---- whole networks ----------------------------------------------------------------------------------
 
 SUPPORTED_ZOO = sorted(set(ZOO) - UNSUPPORTED_ZOO)
@@ -231,7 +239,8 @@ def test_zoo_networks_change_no_faster_than_their_constant(name):
         x = sample_input(ZOO[name], proto, seed=seed).astype(np.float64)
         assert jacobian_norm(model, x, y.name) <= constants[y] * (1 + 1e-9)
         row = np.random.default_rng(seed).standard_normal(int(np.prod(out_dims)))
-        margin_constant = k_sub * np.linalg.norm(weight @ row) if weight is not None else constants[y] * np.linalg.norm(row)
+        margin_constant = k_sub * np.linalg.norm(weight @ row) if weight is not None \
+            else constants[y] * np.linalg.norm(row)
         assert jacobian_norm(model, x, y.name, row) <= margin_constant * (1 + 1e-9)
 
 
