@@ -214,10 +214,6 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
-def _perturbed(ks) -> list[int]:
-    return [i for i, k in enumerate(ks) if k is not None]
-
-
 @rule("Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "DepthToSpace",
       "SpaceToDepth", "Relu", "Tanh", "Neg", "Abs", "Softplus", "Softsign", "Clip", "MaxPool", "GlobalMaxPool",
       "Softmax", "Slice")
@@ -300,7 +296,7 @@ def _global_average_pool(geo, node, k):
 
 @rule("ReduceMean", "ReduceSum")
 def _reduce_linear(geo, node, k, *axes):
-    count = _reduced_count(node, geo)
+    count = _reduced_count(node)
     scale = 1.0 / np.sqrt(count) if node.op_type == "ReduceMean" else np.sqrt(count)
     return [k * outward(scale)]
 
@@ -385,7 +381,7 @@ def _pool_geometry(node: ir.Node, x: ir.Value) -> ConvGeometry:
     return ConvGeometry(node, static_shape(x)[2:], list(attr(node, "kernel_shape")))
 
 
-def _reduced_count(node: ir.Node, geo: Geometry) -> int:
+def _reduced_count(node: ir.Node) -> int:
     dims = static_shape(node.inputs[0])
     axes = _reduce_axes(node)
     axes = range(len(dims)) if not axes else [int(a) % len(dims) for a in axes]
@@ -609,9 +605,8 @@ class LipschitzPass(ir.passes.FunctionalPass):
         else:
             per_element = np.array(k_sub)
         rank = len(static_shape(y))
-        scale = b.op("Reshape", radius, b.ints([-1] + [1] * (rank - 1))) if batched and rank >= 1 else radius
-        if not batched:
-            scale = b.op("Reshape", radius, b.ints([1] * rank) if rank else b.ints([]))
+        # The radius per sample, shaped to broadcast against y ([batch, 1, ...], or y's rank of ones unbatched).
+        scale = b.op("Reshape", radius, b.ints(([-1] + [1] * (rank - 1)) if batched else [1] * rank))
         spread = b.op("Mul", b.const(_up32(per_element)), scale)
         width = _with_slack(b, spread, b.op("Abs", y))
         for suffix, value in (("lower", b.op("Sub", y, width)), ("upper", b.op("Add", y, width))):
