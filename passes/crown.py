@@ -322,18 +322,23 @@ class CrownPass(ir.passes.FunctionalPass):
         (`alpha.<n>`, shape [rows, *unit shape], projected onto its valid range in the graph; metadata
         `graphcert.alpha` maps each to its unit); "init" adds outputs `alpha_init.<unit>` with CROWN's
         adaptive choice, the starting point of alpha-CROWN.
-    split_bounds: for the input z of every Relu, graph inputs `split_lower.<z>` / `split_upper.<z>` (shaped
-        like z) that its bounds are intersected with before the Relu is relaxed, and outputs
-        `clamped_lower.<z>` / `clamped_upper.<z>` with the intersection (metadata `graphcert.splits`: the
-        z names in graph order). Feeding -inf / +inf gives plain CROWN; feeding 0 as the lower (upper) clamp
-        bounds only the inputs whose z is >= 0 (<= 0) there, which is how ReLU branch and bound splits. A
-        clamped lower above the clamped upper means no input of the set meets the clamps.
+    split_bounds: "clamp" adds, for the input z of every Relu, graph inputs `split_lower.<z>` /
+        `split_upper.<z>` (shaped like z) that its bounds are intersected with before the Relu is relaxed,
+        and outputs `clamped_lower.<z>` / `clamped_upper.<z>` with the intersection (metadata
+        `graphcert.splits`: the z names in graph order). Feeding -inf / +inf gives plain CROWN; feeding 0 as
+        the lower (upper) clamp bounds only the inputs whose z is >= 0 (<= 0) there, which is how ReLU
+        branch and bound splits. A clamped lower above the clamped upper means no input of the set meets
+        the clamps. "given" is the same without CROWN passes for those z: the inputs, which must then be
+        sound bounds of z (say, clamped bounds from "clamp"), take their place (intersected with IBP), and
+        only the outputs are bounded by CROWN, a far cheaper graph.
     """
 
     def __init__(self, input_set: InputSet | None = None, keep_original: bool = True, trainable: bool = False,
                  intermediate: str = "crown", norm: str = "linf", crown_upper: bool | None = None,
-                 alpha: str | None = None, split_bounds: bool = False):
+                 alpha: str | None = None, split_bounds: str | None = None):
         super().__init__()
+        if split_bounds not in (None, "clamp", "given"):
+            raise ValueError(f"split_bounds is None, 'clamp' or 'given', not {split_bounds!r}")
         if intermediate not in ("crown", "ibp"):
             raise ValueError(f"intermediate bounds come from 'crown' or 'ibp', not {intermediate!r}")
         if norm not in ("linf", "l2"):
@@ -388,13 +393,15 @@ class CrownPass(ir.passes.FunctionalPass):
                 nodes[index:index] = parts
                 continue
             needs = crown_products.relaxed_inputs(node, perturbed)
+            split = self.split_bounds is not None and node.op_type in SPLIT_UNITS
             for x in needs:
                 # IBP is exact up to one linear layer on a box, never on an L2 ball.
                 loose = intervals.exactness[x] == LOOSE or self.norm == "l2"
-                if self.intermediate == "crown" and loose and x not in intervals.tightened:
+                given = split and self.split_bounds == "given"
+                if self.intermediate == "crown" and loose and x not in intervals.tightened and not given:
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
-            if self.split_bounds and node.op_type in SPLIT_UNITS and needs[0].name not in splits:
+            if split and needs[0].name not in splits:
                 x = needs[0]
                 splits.append(x.name)
                 lower, upper = intervals.clamp(x, _split_input(graph, SPLIT_LOWER_PREFIX, x),
@@ -425,7 +432,7 @@ class CrownPass(ir.passes.FunctionalPass):
         close_outputs(result, b, bounds, self.keep_original, self.method)
         for name, (value, shape) in exposed.items():
             _expose(graph, b, name, value, shape)
-        if self.split_bounds:
+        if self.split_bounds is not None:
             result.metadata_props["graphcert.splits"] = json.dumps(splits)
         if cx.alpha is not None:
             result.metadata_props["graphcert.alpha"] = json.dumps(cx.alpha.units)

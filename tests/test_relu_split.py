@@ -57,7 +57,7 @@ SPEC = np.array([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=np.float32)
 def sessions(proto):
     spec = SpecPass(SPEC, None)(load(proto)).model
     plain = CrownPass(InputSet("box"))(spec).model
-    split = CrownPass(InputSet("box"), split_bounds=True)(spec).model
+    split = CrownPass(InputSet("box"), split_bounds="clamp")(spec).model
     return Session(to_proto(plain)), Session(to_proto(split)), json.loads(split.metadata_props["graphcert.splits"])
 
 
@@ -147,3 +147,69 @@ def test_fixing_every_unit_makes_the_margins_exact():
     margins = y @ SPEC.T.astype(np.float64)
     assert (out["margins_lower"] <= margins + 1e-4).all()
     assert (out["margins_lower"] >= margins - 0.05).all()
+
+
+def write_box_property(path, n_inputs: int, lower: float, upper: float, output_constraint: str, n_outputs: int):
+    text = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_inputs))
+    text += "".join(f"(declare-const Y_{j} Real)\n" for j in range(n_outputs))
+    text += "".join(f"(assert (>= X_{i} {lower}))\n(assert (<= X_{i} {upper}))\n" for i in range(n_inputs))
+    path.write_text(text + f"(assert {output_constraint})\n")
+
+
+def crown_upper_bound(proto, n_inputs: int) -> float:
+    """Plain CROWN's bound of max y_0 over [-1, 1]^n."""
+    session = Session(to_proto(CrownPass(InputSet("box"))(load(proto)).model))
+    box = box_feeds(-np.ones((1, n_inputs)), np.ones((1, n_inputs)))
+    return float(session.run(box)["y_upper"][0, 0])
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_relu_splitting_proves_what_crown_cannot_and_never_proves_a_violation(tmp_path, seed):
+    """y_0 < t on [-1, 1]^2 with the true maximum from a dense grid: with t 70 % of the way from it to
+    CROWN's bound the property holds (CROWN alone cannot tell); just below the maximum it is violated."""
+    from graphcert.verify import verify
+    proto, layers = relu_network([2, 16, 16, 2], seed)
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 301), np.linspace(-1, 1, 301)), -1).reshape(-1, 2)
+    top = float(pre_activations(layers, grid)[1][:, 0].max())
+    gap = crown_upper_bound(proto, 2) - top
+    assert gap > 0.1
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top + 0.7 * gap})", 2)
+    result = verify(model, spec, timeout=10, method="crown", branching="relus")
+    assert result.status == "holds" and result.boxes > 1
+    write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top - 0.02})", 2)
+    assert verify(model, spec, timeout=5, method="crown", branching="relus").status == "violated"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_relu_splitting_never_proves_a_property_with_a_counterexample_attacks_miss(tmp_path, seed):
+    """A spike: a violation confined to a tiny region that sampling and PGD rarely find. Whatever the
+    search answers, it must not be `holds`."""
+    from graphcert.verify import verify
+    proto, layers = relu_network([3, 12, 12, 2], seed + 10)
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    points = np.random.default_rng(seed).uniform(-1, 1, size=(200000, 3))
+    top = float(pre_activations(layers, points)[1][:, 0].max())
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 3, -1, 1, f"(>= Y_0 {top - 1e-4})", 2)
+    assert verify(model, spec, timeout=3, method="crown", branching="relus").status != "holds"
+
+
+def test_a_wide_input_branches_on_relus(tmp_path):
+    """Beyond BRANCH_DIMENSIONS inputs the search splits ReLUs: a true property CROWN cannot prove at the
+    root is proved."""
+    from graphcert.verify import BRANCH_DIMENSIONS, verify
+    n = BRANCH_DIMENSIONS + 6
+    proto, layers = relu_network([n, 16, 16, 2], seed=5)
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    points = np.random.default_rng(0).uniform(-1, 1, size=(20000, n))
+    sampled = float(pre_activations(layers, points)[1][:, 0].max())
+    bound = crown_upper_bound(proto, n)
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, n, -1, 1, f"(>= Y_0 {sampled + 0.9 * (bound - sampled)})", 2)
+    result = verify(model, spec, timeout=10, method="crown")
+    assert result.status == "holds" and result.boxes > 1
