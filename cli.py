@@ -23,17 +23,19 @@ def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write the bound graph of a model")
     p.add_argument("model", help="ONNX model file (or the name of a shipped model)")
     p.add_argument("-o", "--output", required=True, help="where to write the bound graph (.onnx)")
-    p.add_argument("--method", default="ibp", help="ibp, crown-ibp or crown (default: ibp)")
+    p.add_argument("--method", default="ibp", help="ibp, crown-ibp, crown or lipschitz (default: ibp)")
     p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI] (e.g. 0 1 for pixels)")
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
+    p.add_argument("--norm", default="linf",
+                   help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
     p.set_defaults(run=run_convert)
 
 
 def run_convert(args) -> int:
     from graphcert import api
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
-                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec)
+                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
     inputs = ", ".join(i.name for i in proto.graph.input)
     outputs = ", ".join(o.name for o in proto.graph.output)
     print(f"wrote {args.output} ({args.method}): inputs {inputs}; outputs {outputs}")
@@ -73,9 +75,9 @@ def add_certify(sub) -> None:
                    help=f"ONNX model file or shipped model name (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default="mnist-test", help="mnist-test, mnist5k, digits or FILE.npz (x, y)")
     p.add_argument("--eps", type=float, default=0.01, help="radius in --norm (default: 0.01)")
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
-                   help="the perturbation ball: linf (default) or l2 (methods lipschitz, crown-ibp, crown, auto; "
-                        "lipschitz never clips the ball to the data domain)")
+    p.add_argument("--norm", default="linf",
+                   help="the perturbation ball: linf (default) or l2 (methods lipschitz, crown-ibp, crown, "
+                        "alpha-crown, auto; lipschitz never clips the ball to the data domain)")
     p.add_argument("--method", default="ibp",
                    help="ibp, crown-ibp, crown, alpha-crown, lipschitz (L2 only: a Lipschitz-margin certificate), "
                         "or auto (cheapest first, escalating on undecided samples only) (default: ibp)")

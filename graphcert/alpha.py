@@ -60,7 +60,7 @@ class AlphaCrown:
     """
 
     def __init__(self, model, kind: str = "linf", domain: tuple[float, float] | None = None, spec=None,
-                 spec_offset=None, crown_upper: bool | None = None, threads: int = 0):
+                 spec_offset=None, crown_upper: bool | None = None, threads: int = 0, norm: str = "linf"):
         from graphcert.passes.crown import CrownPass
         from graphcert.passes.spec import SpecPass
 
@@ -79,9 +79,11 @@ class AlphaCrown:
         output = normalised.graph.outputs[0].name
         self.outputs = [f"{output}_lower", f"{output}_upper"]
         input_set = InputSet(kind, domain)
-        plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init")(normalised).model
+        plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init",
+                          norm=norm)(normalised).model
         self.session = Session(to_proto(plain), threads=threads)
-        tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs")(normalised).model
+        tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs",
+                          norm=norm)(normalised).model
         self.units: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
         self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units}
         self._tuned = tuned

@@ -108,8 +108,11 @@ def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
 
 
 def convert(model_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "ibp",
-            domain: tuple[float, float] | None = None, spec_path: str | None = None) -> onnx.ModelProto:
-    """Write the bound graph of a model file; never overwrites the input."""
+            domain: tuple[float, float] | None = None, spec_path: str | None = None,
+            norm: str = "linf") -> onnx.ModelProto:
+    """Write the bound graph of a model file (`epsilon` an L-inf or, with norm "l2", an L2 radius); never
+    overwrites the input."""
+    check_norm(method, norm)
     normalised = load(model_path)
     spec, offset = None, None
     if spec_path is not None:
@@ -117,7 +120,7 @@ def convert(model_path: str | os.PathLike, out_path: str | os.PathLike, method: 
         prop = load_property(spec_path)
         _check_property_fits(prop, normalised, model_path, spec_path)
         spec, offset = prop.stacked_rows()
-    bound = bound_graph(normalised, method, InputSet("linf", domain), spec=spec, spec_offset=offset)
+    bound = bound_graph(normalised, method, InputSet("linf", domain), spec=spec, spec_offset=offset, norm=norm)
     proto = to_proto(bound)
     save(proto, out_path, source=model_path)
     return proto

@@ -124,8 +124,8 @@ class AlphaCertifier:
 
     def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf"):
         from .alpha import AlphaCrown
-        self.crown = GraphCertifier(model, "crown", domain)
-        self.alpha = AlphaCrown(model, "linf", domain, spec="runtime")
+        self.crown = GraphCertifier(model, "crown", domain, norm)
+        self.alpha = AlphaCrown(model, "linf", domain, spec="runtime", norm=norm)
         self.settings = settings
 
     def __call__(self, x, eps, objective):
@@ -143,7 +143,8 @@ class AlphaCertifier:
 class EscalatingCertifier:
     """`auto`: the cheapest method first, each stronger one only on the samples still undecided."""
 
-    LADDERS = {"linf": ("ibp", "crown-ibp", "crown", "alpha-crown"), "l2": ("lipschitz", "crown-ibp", "crown")}
+    LADDERS = {"linf": ("ibp", "crown-ibp", "crown", "alpha-crown"),
+               "l2": ("lipschitz", "crown-ibp", "crown", "alpha-crown")}
 
     def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf"):
         self.model, self.domain, self.settings, self.norm = model, domain, settings, norm
@@ -184,8 +185,8 @@ def _undecided(logits, lower, objective) -> np.ndarray:
 # method name -> factory(normalised model, method, domain, alpha settings) -> callable(x, eps, objective) ->
 # (logits, margin lower)
 CERTIFIERS = {"alpha-crown": AlphaCertifier, "auto": EscalatingCertifier}
-# The norms of the certifiers that are not single bound graphs (alpha-CROWN's graphs bound L-inf boxes only).
-CERTIFIER_NORMS = {"alpha-crown": ("linf",), "auto": ("linf", "l2")}
+# The norms of the certifiers that are not single bound graphs.
+CERTIFIER_NORMS = {"alpha-crown": ("linf", "l2"), "auto": ("linf", "l2")}
 
 
 def check_method_norm(method: str, norm: str) -> None:

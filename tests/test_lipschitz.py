@@ -354,7 +354,7 @@ def test_tied_logits_are_never_certified():
 
 
 def test_bad_norm_combinations_are_input_errors(mnist):
-    for method, norm in (("ibp", "l2"), ("lipschitz", "linf"), ("alpha-crown", "l2")):
+    for method, norm in (("ibp", "l2"), ("lipschitz", "linf")):
         with pytest.raises(InputError, match="use"):
             certify(MLP, mnist, 0.1, method=method, norm=norm)
     with pytest.raises(InputError, match="norm"):
@@ -372,8 +372,27 @@ def test_cli_certifies_l2_with_lipschitz_as_json(capsys):
 
 
 @pytest.mark.parametrize("args", [["--norm", "l2", "--method", "ibp"], ["--method", "lipschitz"],
-                                  ["--norm", "l2", "--method", "alpha-crown"]])
+                                  ["--norm", "l1", "--method", "crown"]])
 def test_cli_bad_combinations_exit_2_with_one_line(capsys, args):
     assert main(["certify", "mnist_mlp", "--limit", "5", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("graphcert: error:") and "\n" not in err
+
+
+def test_alpha_crown_on_l2_balls_is_never_looser_than_crown(mnist):
+    from graphcert.certify import certifier, margin_objective
+    data = mnist.head(12)
+    x = data.x.reshape(len(data), 1, 28, 28)
+    objective = margin_objective(data.y, 10)
+    _, crown = certifier(graphcert.load(MLP), "crown", data.domain, norm="l2")(x, 0.3, objective)
+    _, alpha = certifier(graphcert.load(MLP), "alpha-crown", data.domain, norm="l2")(x, 0.3, objective)
+    assert (alpha >= crown - 1e-5).all() and (alpha > crown + 1e-4).any()
+
+
+def test_cli_converts_an_l2_lipschitz_bound_graph(tmp_path):
+    out = tmp_path / "lipschitz.onnx"
+    assert main(["convert", "mnist_mlp", "-o", str(out), "--method", "lipschitz", "--norm", "l2"]) == 0
+    proto = onnx.load(str(out))
+    assert [o.name for o in proto.graph.output] == ["logits", "logits_lower", "logits_upper"]
+    assert main(["convert", "mnist_mlp", "-o", str(tmp_path / "no.onnx"), "--method", "lipschitz"]) == 2
+    assert not (tmp_path / "no.onnx").exists()
