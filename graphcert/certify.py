@@ -59,6 +59,35 @@ def check_eps(eps: float) -> float:
     return eps
 
 
+# Linear-relaxation graphs hold coefficients of (rows x tensor elements) per sample; samples per run are
+# limited so that such coefficients (with a few temporaries each) stay within this many bytes.
+COEFFICIENT_BYTES = 2 << 30
+LINEAR_RELAXATIONS = ("crown", "crown-ibp", "alpha-crown")
+
+
+def samples_per_run(model, method: str) -> int | None:
+    """How many samples a bound graph of `method` may take at once (None: no limit), from a crude upper bound
+    on its largest coefficient tensor: rows for both bounds of the largest relaxed or output tensor, times the
+    largest tensor any backward pass crosses."""
+    if method not in LINEAR_RELAXATIONS:
+        return None
+    sizes, targets = [], []
+    for node in model.graph:
+        for value in node.outputs:
+            dims = static_shape(value)[1:]
+            if dims and all(isinstance(d, int) for d in dims):
+                sizes.append(int(np.prod(dims)))
+        if node.op_type not in ("Gemm", "MatMul", "Conv", "Add", "Sub", "Mul", "Div", "Reshape", "Flatten",
+                                "Transpose", "Identity", "Squeeze", "Unsqueeze", "BatchNormalization"):
+            dims = static_shape(node.inputs[0])[1:] if node.inputs and node.inputs[0] is not None else []
+            if dims and all(isinstance(d, int) for d in dims):
+                targets.append(int(np.prod(dims)))
+    if not sizes:
+        return None
+    floats = 2 * max(targets + [sizes[-1]]) * max(sizes)
+    return max(1, int(COEFFICIENT_BYTES // (4 * 4 * floats)))
+
+
 class GraphCertifier:
     """Margin lower bounds from a bound graph run by onnxruntime (methods registered in graphcert.api)."""
 
@@ -68,11 +97,17 @@ class GraphCertifier:
         x = perturbed_inputs(model)[0]
         self.x_name, self.eps_name = x.name, epsilon_name(model, x)
         self.output_name = next(n for n in self.session.output_names if n not in ("margins",) and not n.endswith(("_lower", "_upper")))
+        self.per_run = samples_per_run(model, method) or np.inf
 
     def __call__(self, x: np.ndarray, eps: float, objective: np.ndarray):
-        out = self.session.run({self.x_name: x, self.eps_name: np.float32(eps), OBJECTIVE: objective},
-                               [self.output_name, "margins_lower"])
-        return out[self.output_name], out["margins_lower"]
+        logits, lower = [], []
+        for start in range(0, len(x), int(min(self.per_run, max(len(x), 1)))):
+            part = slice(start, start + int(min(self.per_run, len(x))))
+            out = self.session.run({self.x_name: x[part], self.eps_name: np.float32(eps), OBJECTIVE: objective[part]},
+                                   [self.output_name, "margins_lower"])
+            logits.append(out[self.output_name])
+            lower.append(out["margins_lower"])
+        return np.concatenate(logits), np.concatenate(lower)
 
 
 def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
@@ -127,16 +162,18 @@ class AlphaCertifier:
         self.crown = GraphCertifier(model, "crown", domain, norm)
         self.alpha = AlphaCrown(model, "linf", domain, spec="runtime", norm=norm)
         self.settings = settings
+        self.per_run = samples_per_run(model, method) or np.inf
 
     def __call__(self, x, eps, objective):
         logits, lower = self.crown(x, eps, objective)
-        open_ = _undecided(logits, lower, objective)
-        if open_.any():
-            feeds = self.alpha.feeds(x=x[open_], eps=np.float32(eps), objective=objective[open_])
-            settings = self.settings
+        undecided = np.flatnonzero(_undecided(logits, lower, objective))
+        settings = self.settings
+        for start in range(0, len(undecided), int(min(self.per_run, max(len(undecided), 1)))):
+            part = undecided[start:start + int(min(self.per_run, len(undecided)))]
+            feeds = self.alpha.feeds(x=x[part], eps=np.float32(eps), objective=objective[part])
             watch = ProofWatch(lambda low: float(low.min()), settings.iterations, settings.give_up)
             tighter, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=watch)
-            lower[open_] = np.maximum(lower[open_], tighter)
+            lower[part] = np.maximum(lower[part], tighter)
         return logits, lower
 
 

@@ -145,3 +145,18 @@ def certifier_margins(model, data, eps):
     bound = certifier(model, "auto", (0.0, 1.0))
     _, lower = bound(data.x.reshape(len(data), 784, 1), eps, margin_objective(data.y, 10))
     return lower
+
+
+def test_linear_relaxations_run_in_memory_sized_chunks_with_the_same_results(monkeypatch):
+    import graphcert.certify as certify_module
+    from graphcert.certify import GraphCertifier, margin_objective, samples_per_run
+    model = graphcert.load(str(Path(MLP).with_name("mnist_cnn.onnx")))
+    assert samples_per_run(model, "ibp") is None and samples_per_run(model, "crown") < 256
+    data = load_dataset("mnist-test").head(10)
+    x, objective = data.x.reshape(10, 1, 28, 28), margin_objective(data.y, 10)
+    whole = GraphCertifier(model, "crown", (0.0, 1.0))(x, 0.01, objective)
+    monkeypatch.setattr(certify_module, "COEFFICIENT_BYTES", 1)   # one sample per run
+    chunked = GraphCertifier(model, "crown", (0.0, 1.0))
+    assert chunked.per_run == 1
+    for a, b in zip(whole, chunked(x, 0.01, objective)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
