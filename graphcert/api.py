@@ -60,6 +60,8 @@ def _register_builtin() -> None:
     from graphcert.passes import lipschitz
     register_method("lipschitz", _lipschitz_factory, supports=lipschitz.supports, norms=("l2",),
                     own_objective=True)
+    from graphcert.passes import gloro
+    register_method("gloro", _gloro_factory, supports=gloro.supports, norms=("l2",), own_objective=True)
 
 
 def _lipschitz_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
@@ -68,6 +70,14 @@ def _lipschitz_factory(input_set, keep_original=True, trainable=False, norm="l2"
         raise InputError("lipschitz folds the network's Lipschitz constant into the graph as a number; "
                          "it cannot be trained through: use ibp, crown-ibp or crown")
     return LipschitzPass(input_set, keep_original=keep_original, objective=objective)
+
+
+def _gloro_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
+    from graphcert.passes.gloro import GloroPass
+    if not (trainable and objective):
+        raise InputError("gloro estimates Lipschitz constants by power iteration, from below: it is for training "
+                         "(graphcert train --method gloro); certify with --method lipschitz --norm l2")
+    return GloroPass(input_set, keep_original=keep_original)
 
 
 _register_builtin()

@@ -33,7 +33,10 @@ from graphcert.training.checkpoint import (Checkpoint, check_resumable, checkpoi
                                            save_checkpoint)
 from graphcert.training.initialisation import ibp_initialise
 from graphcert.training.hr import check_hr, hr_weights
-from graphcert.training.losses import KAPPA, SAMPLE_WEIGHTS, training_graph
+from graphcert.training.losses import KAPPA, SAMPLE_WEIGHTS, training_graph, training_norm
+
+# Methods whose training graphs are not sound bounds -> the method that certifies what they train.
+CERTIFIED_BY = {"gloro": "lipschitz"}
 from graphcert.training.schedule import SHAPES, Schedule, default_phases
 from graphcert.training.writeback import trainable_names, write_back
 
@@ -263,10 +266,12 @@ def train(config: TrainConfig, progress: bool = False, on_epoch=None) -> TrainRe
     save(trained, config.output, source=config.model)
     final, reproduce = None, None
     if problem.holdout is not None:
-        final = certify(model_lib.load(trained), problem.holdout, config.eps, method=config.method)
+        method, norm = CERTIFIED_BY.get(config.method, config.method), training_norm(config.method)
+        final = certify(model_lib.load(trained), problem.holdout, config.eps, method=method, norm=norm)
         holdout_file = holdout_path(config.output)
         _save_dataset(problem.holdout, holdout_file)
-        reproduce = f"graphcert certify {config.output} --data {holdout_file} --eps {config.eps:g} --method {config.method}"
+        reproduce = (f"graphcert certify {config.output} --data {holdout_file} --eps {config.eps:g} --method {method}"
+                     + (f" --norm {norm}" if norm != "linf" else ""))
     return TrainResult(config.output, ckpt_path, history, final, len(problem.holdout or []),
                        len(problem.y_train), seconds, reproduce, trainable)
 

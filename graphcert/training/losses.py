@@ -28,12 +28,18 @@ CLEAN_MARGINS = "margins"
 CERTIFIED_MARGINS = "margins_lower"
 
 
+def training_norm(method: str) -> str:
+    """The ball a method trains for: L-inf where it bounds those (ibp, crown-ibp), else its own (gloro: L2)."""
+    norms = api.NORMS.get(method, ("linf",))
+    return "linf" if "linf" in norms else norms[0]
+
+
 def training_graph(model: ir.Model, method: str, domain: tuple[float, float] | None) -> ir.Model:
     """The trainable bound graph of `model` with inputs x, objective, epsilon, kappa, sample_weights and outputs
     loss, clean_loss, robust_loss, margins, margins_lower, sample_losses. Weights keep the model's initializer
     names."""
     bound = api.bound_graph(model, method, InputSet("linf", domain), spec="runtime", keep_original=True,
-                            trainable=True)
+                            trainable=True, norm=training_norm(method))
     graph = bound.graph
     outputs = {o.name: o for o in graph.outputs}
     b = Builder(graph, prefix="loss")
