@@ -2,6 +2,8 @@
 and Lipschitz-margin training whose result the sound `lipschitz` pass certifies."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -16,6 +18,8 @@ from graphcert.export import to_proto
 from graphcert.passes.gloro import largest_singular_value
 from graphcert.runtime import Session
 from graphcert.training.loop import TrainConfig, train
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_power_iteration_approaches_the_largest_singular_value_from_below():
@@ -34,13 +38,13 @@ def test_power_iteration_approaches_the_largest_singular_value_from_below():
 
 
 def test_gloro_graphs_are_for_training_only():
-    model = graphcert.load("models/mnist_mlp.onnx")
+    model = graphcert.load(str(MODELS / "mnist_mlp.onnx"))
     with pytest.raises(InputError, match="training"):
         api.bound_graph(model, "gloro", spec="runtime", norm="l2")
     with pytest.raises(InputError, match="training"):
         certify(model, load_dataset("mnist-test").head(5), 0.1, method="gloro", norm="l2")
     with pytest.raises(UnsupportedOpError, match="Conv"):
-        api.bound_graph(graphcert.load("models/mnist_cnn.onnx"), "gloro", spec="runtime", norm="l2", trainable=True)
+        api.bound_graph(graphcert.load(str(MODELS / "mnist_cnn.onnx")), "gloro", spec="runtime", norm="l2", trainable=True)
 
 
 def test_gloro_training_raises_the_sound_lipschitz_certificate(tmp_path):
@@ -54,3 +58,9 @@ def test_gloro_training_raises_the_sound_lipschitz_certificate(tmp_path):
     assert gloro.holdout.certified_accuracy == pytest.approx(certified["gloro"])
     assert certified["gloro"] > certified["ibp"] + 0.2 and gloro.holdout.clean_accuracy > 0.6
     assert plain.holdout.clean_accuracy > 0.5
+
+
+def test_shipped_gloro_model_is_certified_at_l2_radius_0_3():
+    found = certify(graphcert.load(str(MODELS / "mnist_mlp_gloro.onnx")), load_dataset("mnist-test").head(300), 0.3,
+                    method="lipschitz", norm="l2")
+    assert found.clean_accuracy > 0.85 and found.certified_accuracy > 0.65
