@@ -366,12 +366,16 @@ class Search:
         z are recomputed and clamped by the parent's, except after a split in the last layer, where only
         the margins are (`SplitBounds` modes "clamp" and "given").
         A child keeps the better of its own and its parent's margin bounds (its inputs are a subset of the
-        parent's); a child whose clamped bounds cross is empty and refuted. A live domain without an
+        parent's; a mixture row's root bound may be alpha-CROWN's for its learned weights, another average of
+        the same conjunct's rows, which refutes the conjunct just as well); a child whose clamped bounds
+        cross is empty and refuted. A live domain without an
         unstable unit cannot be split further: the answer is then unknown.
         """
         if self.method not in RELU_SPLIT_METHODS or not self.network.batched:
             return "unknown", None, self.boxes_bounded
         clamp = SplitBounds(self.network, self.matrix, self.offset, "clamp")
+        if clamp.units == 0:
+            return "unknown", None, self.boxes_bounded
         self.splitter = SplitBounds(self.network, self.matrix, self.offset, "given")
         self.boxes = (lower, upper)
         unbounded = np.full((len(lower), clamp.units), np.inf, dtype=np.float32)

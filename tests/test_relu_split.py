@@ -213,3 +213,18 @@ def test_a_wide_input_branches_on_relus(tmp_path):
     write_box_property(spec, n, -1, 1, f"(>= Y_0 {sampled + 0.9 * (bound - sampled)})", 2)
     result = verify(model, spec, timeout=10, method="crown")
     assert result.status == "holds" and result.boxes > 1
+
+
+def test_a_wide_network_without_relus_is_unknown(tmp_path):
+    """Nothing to split: y_0 reaches t only at a corner of the box, so the answer is violated (if the attack
+    finds that corner) or unknown, never holds."""
+    from graphcert.verify import BRANCH_DIMENSIONS, verify
+    n = BRANCH_DIMENSIONS + 1
+    proto, _ = relu_network([n, 2], seed=0)
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    w, bias = relu_network([n, 2], seed=0)[1][0]
+    top = float(np.abs(w[:, 0]).sum() + bias[0])
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, n, -1, 1, f"(>= Y_0 {top})", 2)
+    assert verify(model, spec, timeout=2, method="crown").status in ("unknown", "violated")
