@@ -310,8 +310,11 @@ class Search:
         for k, indices in enumerate(rows):
             self.membership[indices, k] = True
         self.has_rows = len(offset) > 0
+        began = time.monotonic()
         self.bound_fn = bound_fn or (spec_bounds(network, matrix, offset, method, self.membership, deadline,
                                                  mixtures, alpha) if self.has_rows else None)
+        # Building a split bound graph takes about as long: ReLU branching starts only with that much time left.
+        self.build_seconds = time.monotonic() - began
         self.attack = Attack(network.differentiable, matrix, offset, self.membership)
         self.boxes_bounded = 0
         self.chunk = 64
@@ -373,11 +376,14 @@ class Search:
         """
         if self.method not in RELU_SPLIT_METHODS or not self.network.batched:
             return "unknown", None, self.boxes_bounded
+        if time.monotonic() + self.build_seconds > self.deadline:
+            return self._stopped()
         clamp = SplitBounds(self.network, self.matrix, self.offset, "clamp")
         if clamp.units == 0:
             return "unknown", None, self.boxes_bounded
-        self.splitter = SplitBounds(self.network, self.matrix, self.offset, "given")
+        self.splitter = None
         self.boxes = (lower, upper)
+        self.layer = clamp.layer
         unbounded = np.full((len(lower), clamp.units), np.inf, dtype=np.float32)
         domains = self._bound_domains(clamp, np.arange(len(lower)), alive, -unbounded, unbounded, margin_lower)
         if domains is None:
@@ -399,7 +405,9 @@ class Search:
             inactive[rows, unit] = np.minimum(inactive[rows, unit], 0)
             # A split before the last layer pays off through the later layers' bounds, so those are
             # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
-            last = self.splitter.layer[unit] == self.splitter.layer[-1]
+            last = clamp.layer[unit] == clamp.layer[-1]
+            if last.any() and self.splitter is None:
+                self.splitter = SplitBounds(self.network, self.matrix, self.offset, "given")
             for group, bounds in ((~last, clamp), (last, self.splitter)):
                 if not group.any():
                     continue
@@ -461,7 +469,7 @@ class Search:
         """
         unstable = (lower < 0) & (upper > 0)
         intercept = np.where(unstable, -lower * upper / np.where(unstable, upper - lower, 1.0), -1.0)
-        layer = np.where(unstable, self.splitter.layer[None, :], np.iinfo(self.splitter.layer.dtype).max)
+        layer = np.where(unstable, self.layer[None, :], np.iinfo(self.layer.dtype).max)
         earliest = layer.min(axis=1, keepdims=True)
         unit = np.argmax(np.where(layer == earliest, intercept, -2.0), axis=1)
         return np.where(unstable.any(axis=1), unit, -1)
