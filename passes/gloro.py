@@ -105,7 +105,8 @@ def _accepts(tainted: set):
     def accepts(node: ir.Node) -> bool:
         op = node.op_type
         if op == "Gemm":
-            return node.inputs[1] not in tainted and not attr(node, "transA", 0) and len(static_shape(node.inputs[1])) == 2
+            weight = node.inputs[1]
+            return weight not in tainted and not attr(node, "transA", 0) and len(static_shape(weight)) == 2
         if op == "MatMul":
             return node.inputs[0] in tainted and node.inputs[1] not in tainted and \
                 len(static_shape(node.inputs[1])) == 2
@@ -150,7 +151,8 @@ class GloroPass(ir.passes.FunctionalPass):
             raise InputError("gloro needs a network whose output is a linear layer (Gemm or MatMul + bias)")
         hidden, last = walk.affine[y]
         rank = len(x.shape)
-        eps = ir.Value(name=epsilon_name(result, x), type=FLOAT, shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
+        eps = ir.Value(name=epsilon_name(result, x), type=FLOAT,
+                       shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
         objective = ir.Value(name=OBJECTIVE, type=FLOAT, shape=ir.Shape(["batch", "spec_rows", "spec_cols"]))
         graph.inputs.extend([eps, objective])
         radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=1)      # [batch, 1]

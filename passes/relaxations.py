@@ -124,15 +124,21 @@ def tanh(b: Builder, box: Interval) -> Lines:
     return s_shaped(b, box, f, df)
 
 
-def convex(b: Builder, box: Interval, f, df) -> Lines:
-    """Convex f: the chord is above it on [l, u] and every tangent below it; take the tangent at the midpoint."""
+def _chord_and_midpoint_tangent(b: Builder, box: Interval, f, df):
+    """(slope, intercept) of the chord of f over [l, u] and of its tangent at the midpoint."""
     l, u = box.lower, box.upper
     fl = f(l)
     chord = b.op("Div", b.op("Sub", f(u), fl), b.op("Max", b.op("Sub", u, l), b.const(TINY)))
     middle = b.op("Mul", b.op("Add", l, u), b.const(0.5))
     tangent = df(middle)
-    return Lines(tangent, b.op("Sub", f(middle), b.op("Mul", tangent, middle)),
-                 chord, b.op("Sub", fl, b.op("Mul", chord, l)))
+    return ((chord, b.op("Sub", fl, b.op("Mul", chord, l))),
+            (tangent, b.op("Sub", f(middle), b.op("Mul", tangent, middle))))
+
+
+def convex(b: Builder, box: Interval, f, df) -> Lines:
+    """Convex f: the chord is above it on [l, u] and every tangent below it; take the tangent at the midpoint."""
+    chord, tangent = _chord_and_midpoint_tangent(b, box, f, df)
+    return Lines(*tangent, *chord)
 
 
 def softplus(b: Builder, box: Interval) -> Lines:
@@ -223,13 +229,8 @@ def guarded(b: Builder, lines: Lines, box: Interval, low: ir.Value, high: ir.Val
 
 def concave(b: Builder, box: Interval, f, df) -> Lines:
     """Concave f: the chord is below it on [l, u] and every tangent above it; take the tangent at the midpoint."""
-    l, u = box.lower, box.upper
-    fl = f(l)
-    chord = b.op("Div", b.op("Sub", f(u), fl), b.op("Max", b.op("Sub", u, l), b.const(TINY)))
-    middle = b.op("Mul", b.op("Add", l, u), b.const(0.5))
-    tangent = df(middle)
-    return Lines(chord, b.op("Sub", fl, b.op("Mul", chord, l)),
-                 tangent, b.op("Sub", f(middle), b.op("Mul", tangent, middle)))
+    chord, tangent = _chord_and_midpoint_tangent(b, box, f, df)
+    return Lines(*chord, *tangent)
 
 
 def exp(b: Builder, box: Interval) -> Lines:
