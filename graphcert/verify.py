@@ -291,6 +291,30 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     return Result(status, counterexample, time.monotonic() - start, boxes)
 
 
+class CallSizer:
+    """Slices of a batch sized so that one bound call takes about CALL_SECONDS: the clock is checked often
+    enough to honour timeouts, and calls stay large enough to amortise their overhead."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+
+    def slices(self, total: int, deadline: float):
+        """Consecutive slices over range(total); a None (and no more) once the deadline has passed. Each full
+        slice's call time, measured until the next one is asked for, rescales the size."""
+        start = 0
+        while start < total:
+            if time.monotonic() > deadline:
+                yield None
+                return
+            part = slice(start, min(start + self.size, total))
+            began = time.monotonic()
+            yield part
+            if part.stop - part.start == self.size:
+                seconds = max(time.monotonic() - began, 1e-4)
+                self.size = int(np.clip(self.size * CALL_SECONDS / seconds, 8, MAX_CHUNK))
+            start = part.stop
+
+
 class Search:
     """Branch and bound over input boxes or ReLU units, with attacks on what bounds cannot decide.
 
@@ -317,8 +341,7 @@ class Search:
         self.build_seconds = time.monotonic() - began
         self.attack = Attack(network.differentiable, matrix, offset, self.membership)
         self.boxes_bounded = 0
-        self.chunk = 64
-        self.domain_chunk = 64
+        self.box_calls, self.domain_calls = CallSizer(), CallSizer()
         self.matrix, self.offset = matrix, offset
         self.attack_seconds = 0.0
         self.started = time.monotonic()
@@ -350,7 +373,7 @@ class Search:
                 return "violated", self.counterexample, self.boxes_bounded
             if len(frontier) * lower.shape[1] * 16 > FRONTIER_BYTES:
                 return "unknown", None, self.boxes_bounded
-            parents = frontier.pop(max(1, self.chunk // (2 * SPLIT_CANDIDATES)))
+            parents = frontier.pop(max(1, self.box_calls.size // (2 * SPLIT_CANDIDATES)))
             children = self._split(*parents[:3])
             if children is None:
                 return self._stopped()
@@ -398,7 +421,7 @@ class Search:
                 return "unknown", None, self.boxes_bounded
             if len(frontier) * 4 * (2 * clamp.units + margin_lower.shape[1]) > FRONTIER_BYTES:
                 return "unknown", None, self.boxes_bounded
-            root, alive, unit_lower, unit_upper, _, unit, margins = frontier.pop(max(1, self.domain_chunk // 2))
+            root, alive, unit_lower, unit_upper, _, unit, margins = frontier.pop(max(1, self.domain_calls.size // 2))
             rows = np.arange(len(root))
             active, inactive = unit_lower.copy(), unit_upper.copy()
             active[rows, unit] = np.maximum(active[rows, unit], 0)
@@ -428,17 +451,11 @@ class Search:
         upper), score, unit to split next or -1, margin lower bounds); None at the deadline."""
         lower, upper = self.boxes
         found = []
-        start = 0
-        while start < len(root):
-            if time.monotonic() > self.deadline:
+        for chunk in self.domain_calls.slices(len(root), self.deadline):
+            if chunk is None:
                 return None
-            chunk = slice(start, start + self.domain_chunk)
-            began = time.monotonic()
             margin_lower, clamped_lower, clamped_upper = bounds(lower[root[chunk]], upper[root[chunk]],
                                                                 unit_lower[chunk], unit_upper[chunk])
-            seconds = max(time.monotonic() - began, 1e-4)
-            if len(margin_lower) == self.domain_chunk:
-                self.domain_chunk = int(np.clip(self.domain_chunk * CALL_SECONDS / seconds, 8, MAX_CHUNK))
             self.boxes_bounded += len(margin_lower)
             margin_lower = np.maximum(margin_lower.astype(np.float64), parent_lower[chunk])
             slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
@@ -456,7 +473,6 @@ class Search:
             kept_upper = np.maximum(clamped_lower[keep], clamped_upper[keep])
             found.append((root[chunk][keep], live[keep], kept_lower, kept_upper, score[keep],
                           self._branching_unit(kept_lower, kept_upper), margin_lower[keep].astype(np.float32)))
-            start = chunk.stop
         return [np.concatenate([part[k] for part in found]) for k in range(7)]
 
     def _branching_unit(self, lower, upper) -> np.ndarray:
@@ -524,17 +540,10 @@ class Search:
     def _bound_batched(self, lower, upper):
         """bound_fn over chunks sized to take about CALL_SECONDS each; None when the deadline passes."""
         parts = []
-        start = 0
-        while start < len(lower):
-            if time.monotonic() > self.deadline:
+        for chunk in self.box_calls.slices(len(lower), self.deadline):
+            if chunk is None:
                 return None
-            chunk = slice(start, start + self.chunk)
-            began = time.monotonic()
             parts.append(self.bound_fn(lower[chunk], upper[chunk]))
-            seconds = max(time.monotonic() - began, 1e-4)
-            if len(parts[-1][0]) == self.chunk:
-                self.chunk = int(np.clip(self.chunk * CALL_SECONDS / seconds, 8, MAX_CHUNK))
-            start = chunk.stop
         return tuple(np.concatenate([p[k] for p in parts]).astype(np.float64) for k in range(3))
 
     def _roots(self, lower, upper, alive):

@@ -41,14 +41,19 @@ def stable_relu_network(path) -> None:
     b1 = np.array([5.0], dtype=np.float32)
     w2 = np.array([[2.0, -1.0]], dtype=np.float32)
     b2 = np.array([-10.0, 5.9], dtype=np.float32)
+    onnx.save(relu_network(w1, b1, w2, b2), path)
+
+
+def relu_network(w1, b1, w2, b2) -> onnx.ModelProto:
+    """y = relu(x·w1 + b1)·w2 + b2 for one sample x."""
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
          helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["o"]),
          helper.make_node("Add", ["o", "b2"], ["y"])],
-        "crossing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        "relu_network", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w2.shape[1]])],
         [onnx.numpy_helper.from_array(v, n) for n, v in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 CROSSING = """
@@ -98,14 +103,7 @@ def test_mixture_bounds_stay_below_every_sampled_maximum_on_a_random_network(tmp
     rng = np.random.default_rng(7)
     w1, b1 = rng.normal(size=(3, 12)).astype(np.float32), rng.normal(size=12).astype(np.float32)
     w2, b2 = rng.normal(size=(12, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
-         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["o"]),
-         helper.make_node("Add", ["o", "b2"], ["y"])],
-        "random", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [onnx.numpy_helper.from_array(v, n) for n, v in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = relu_network(w1, b1, w2, b2)
     matrix = np.array([[1, -1, 0, 0], [1, 0, -1, 0], [1, 0, 0, -1]], dtype=np.float32)
     offset = np.array([0.5, -0.2, 0.1], dtype=np.float32)
     lower = np.array([[-0.6, -0.2, 0.1], [0.0, 0.0, 0.0]], dtype=np.float32)
