@@ -1,14 +1,16 @@
 """GloRo training graphs: Lipschitz-margin bounds whose Lipschitz constants are computed in the graph, so that
 training can lower them (Leino, Wang and Fredrikson, ICML 2021).
 
-For a dense network f(x) = W_L·h(x) + b_L and margin rows r (certify's e_label - e_j), the margin r·f moves
-by at most K(h)·||r·W_L||_2 per unit of L2 distance, with K(h) the product of the layers' largest singular
-values (ReLU-like activations and moving ops are 1-Lipschitz). This pass emits
+For a network f(x) = W_L·h(x) + b_L and margin rows r (certify's e_label - e_j), the margin r·f moves by at
+most K(h)·||r·W_L||_2 per unit of L2 distance, with K(h) the product of the layers' operator norms (ReLU-like
+activations and moving ops are 1-Lipschitz). This pass emits
 
     margins_lower = objective·y - eps·K(h)·||objective·W_L||_2
 
-with every singular value estimated by power iteration on the weight itself (a fixed start, POWER_STEPS
-steps), differentiable in the weights. Power iteration approaches the largest singular value from below, so
+with every operator norm estimated by power iteration from a fixed start, differentiable in the weights: on
+the weight matrix for dense layers (POWER_STEPS steps), and for convolutions on the convolution itself at its
+real input size (Conv, then its adjoint ConvTranspose; Chebyshev-accelerated), since the norm of the reshaped
+kernel is not the norm of the convolution. Power iteration approaches the largest singular value from below, so
 these graphs are for training only (`api` refuses them otherwise): certify a trained model with the
 `lipschitz` pass, whose constants are sound upper bounds.
 """
@@ -22,9 +24,12 @@ from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
 from graphcert.model import static_shape
+from graphcert.passes.lipschitz import ConvGeometry
 from graphcert.passes.spec import MARGINS
 
 POWER_STEPS = 20
+# Convolutions: 2 power steps, then 5 Chebyshev blocks of degree 6 (32 applications of AᵀA in all).
+CONV_WARMUP, CONV_BLOCKS, CONV_DEGREE = 2, 5, 6
 RULES: dict = {}
 rule = registrar(RULES)
 
@@ -42,8 +47,8 @@ class _Walk:
         return self.b.op("Mul", k, factor)
 
 
-def _norm(b: Builder, v: ir.Value) -> ir.Value:
-    return b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", v, v), [0, 1], keepdims=0))
+def _norm(b: Builder, v: ir.Value, rank: int = 2) -> ir.Value:
+    return b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", v, v), range(rank), keepdims=0))
 
 
 def largest_singular_value(b: Builder, matrix: ir.Value, columns: int) -> ir.Value:
@@ -58,6 +63,59 @@ def largest_singular_value(b: Builder, matrix: ir.Value, columns: int) -> ir.Val
         v = b.op("MatMul", transposed, u)
         v = b.op("Div", v, b.op("Add", _norm(b, v), tiny))
     return _norm(b, b.op("MatMul", matrix, v))
+
+
+def conv_operator_norm(b: Builder, weight: ir.Value, geometry: ConvGeometry, group: int) -> ir.Value:
+    """A scalar estimate, from below, of the operator norm of x -> Conv(x, weight) on inputs
+    [1, C, *geometry.spatial]: CONV_WARMUP power steps on AᵀA (A = the Conv, Aᵀ = the ConvTranspose with the
+    same window and an output_padding restoring what the stride skipped), then Chebyshev-filtered steps.
+
+    A convolution's singular values cluster near the top (neighbouring frequencies respond alike), where
+    plain power iteration stalls. Each block applies T_m(2·AᵀA/ρ - 1), ρ the current Rayleigh quotient:
+    among degree-m polynomials bounded by 1 on [0, ρ] it grows fastest above ρ. The fixed start is
+    pseudo-random, so no frequency of the operator is missing from it."""
+    channels = static_shape(weight)[1] * group
+    rank = len(geometry.spatial) + 2
+    window = dict(strides=geometry.strides, dilations=geometry.dilations, pads=geometry.begin + geometry.end,
+                  group=group)
+    extents = [(k - 1) * d + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
+    restored = [size - (stride * (out - 1) + extent - begin - end) for size, stride, out, extent, begin, end
+                in zip(geometry.spatial, geometry.strides, geometry.out, extents, geometry.begin, geometry.end)]
+    tiny = b.const(1e-12)
+
+    def forward(v):
+        return b.op("Conv", v, weight, **window)
+
+    def adjoint(u):
+        return b.op("ConvTranspose", u, weight, output_padding=restored, **window)
+
+    def unit(v):
+        return b.op("Div", v, b.op("Add", _norm(b, v, rank), tiny))
+
+    start = np.random.default_rng(0).standard_normal((1, channels, *geometry.spatial))
+    v = b.const((start / np.linalg.norm(start)).astype(np.float32))
+    for _ in range(CONV_WARMUP):
+        v = unit(adjoint(forward(v)))
+    for _ in range(CONV_BLOCKS):
+        image = forward(v)
+        rayleigh = b.op("Add", b.reduce("ReduceSum", b.op("Mul", image, image), range(rank), keepdims=0), tiny)
+        previous, current = v, b.op("Sub", b.op("Mul", adjoint(image), b.op("Div", b.const(2.0), rayleigh)), v)
+        stretch = b.op("Div", b.const(4.0), rayleigh)
+        for _ in range(CONV_DEGREE - 1):
+            following = b.op("Sub", b.op("Sub", b.op("Mul", adjoint(forward(current)), stretch),
+                                         b.op("Add", current, current)), previous)
+            size = b.op("Add", _norm(b, following, rank), tiny)
+            previous, current = b.op("Div", current, size), b.op("Div", following, size)
+        v = unit(current)
+    return _norm(b, forward(v), rank)
+
+
+@rule("Conv")
+def _conv(walk: _Walk, node: ir.Node):
+    weight = node.inputs[1]
+    geometry = ConvGeometry(node, static_shape(node.inputs[0])[2:], static_shape(weight)[2:])
+    return walk.times(walk.constants[node.inputs[0]],
+                      conv_operator_norm(walk.b, weight, geometry, int(attr(node, "group", 1))))
 
 
 @rule("Gemm")
@@ -107,6 +165,11 @@ def _accepts(tainted: set):
         if op == "Gemm":
             weight = node.inputs[1]
             return weight not in tainted and not attr(node, "transA", 0) and len(static_shape(weight)) == 2
+        if op == "Conv":  # a fixed kernel on a known input size (the bias is a constant)
+            x, weight = node.inputs[:2]
+            shapes = (static_shape(x)[1:], static_shape(weight))
+            return x in tainted and weight not in tainted and not any(v in tainted for v in node.inputs[2:]) \
+                and all(isinstance(d, int) for dims in shapes for d in dims) and len(shapes[1]) >= 3
         if op == "MatMul":
             return node.inputs[0] in tainted and node.inputs[1] not in tainted and \
                 len(static_shape(node.inputs[1])) == 2
@@ -126,8 +189,8 @@ def _accepts(tainted: set):
 
 
 class GloroPass(ir.passes.FunctionalPass):
-    """Normalised dense network in, a training graph with `margins` and `margins_lower` (objective·y at an L2
-    radius `epsilon`) out; see the module docstring for why it is for training only."""
+    """Normalised dense or convolutional network in, a training graph with `margins` and `margins_lower`
+    (objective·y at an L2 radius `epsilon`) out; see the module docstring for why it is for training only."""
 
     def __init__(self, input_set: InputSet | None = None, keep_original: bool = True):
         super().__init__()
