@@ -62,6 +62,9 @@ def _register_builtin() -> None:
                     own_objective=True)
     from graphcert.passes import gloro
     register_method("gloro", _gloro_factory, supports=gloro.supports, norms=("l2",), own_objective=True)
+    from graphcert.passes import orthogonal
+    register_method("orthogonal", _orthogonal_factory, supports=orthogonal.supports, norms=("l2",),
+                    own_objective=True)
 
 
 def _lipschitz_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
@@ -78,6 +81,15 @@ def _gloro_factory(input_set, keep_original=True, trainable=False, norm="l2", ob
         raise InputError("gloro estimates Lipschitz constants by power iteration, from below: it is for training "
                          "(graphcert train --method gloro); certify with --method lipschitz --norm l2")
     return GloroPass(input_set, keep_original=keep_original)
+
+
+def _orthogonal_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
+    from graphcert.passes.orthogonal import OrthogonalPass
+    if not (trainable and objective):
+        raise InputError("orthogonal builds training graphs whose margin bound trusts the Björck iteration: it is "
+                         "for training (graphcert train --method orthogonal); certify with --method lipschitz "
+                         "--norm l2")
+    return OrthogonalPass(input_set, keep_original=keep_original)
 
 
 _register_builtin()

@@ -33,12 +33,12 @@ from graphcert.training.checkpoint import (Checkpoint, check_resumable, checkpoi
                                            save_checkpoint)
 from graphcert.training.initialisation import ibp_initialise
 from graphcert.training.hr import check_hr, hr_weights
-from graphcert.training.losses import KAPPA, SAMPLE_WEIGHTS, training_graph, training_norm
+from graphcert.training.losses import KAPPA, SAMPLE_WEIGHTS, Loss, check_loss, training_graph, training_norm
 
 # Methods whose training graphs are not sound bounds -> the method that certifies what they train.
-CERTIFIED_BY = {"gloro": "lipschitz"}
+CERTIFIED_BY = {"gloro": "lipschitz", "orthogonal": "lipschitz"}
 from graphcert.training.schedule import SHAPES, Schedule, default_phases
-from graphcert.training.writeback import trainable_names, write_back
+from graphcert.training.writeback import deployed_weights, trainable_names, write_back
 
 INITS = ("ibp", "default")
 SPLIT_SEED = 20210331  # the held-out split does not depend on --seed, so runs with other seeds compare
@@ -68,10 +68,18 @@ class TrainConfig:
     threads: int | None = 1           # compute threads; one is fastest for small graphs on a busy machine
     hr_alpha: float = 0.0             # holistic robust training: fraction of the data that may be poisoned
     hr_r: float = 0.0                 # ... and KL radius for statistical error (both 0: the plain mean loss)
+    loss: str = "ce"                  # ce (robust cross-entropy), or for --method orthogonal tau-ce or hkr
+    tau: float = Loss.tau
+    hkr_alpha: float = Loss.hkr_alpha
+    hkr_margin: float = Loss.hkr_margin
 
     @property
     def holistic(self) -> bool:
         return self.hr_alpha > 0 or self.hr_r > 0
+
+    @property
+    def loss_settings(self) -> Loss:
+        return Loss(self.loss, self.tau, self.hkr_alpha, self.hkr_margin)
 
 
 @dataclass
@@ -147,6 +155,7 @@ def validate(config: TrainConfig) -> tuple[int, int]:
     if config.threads is not None and config.threads < 1:
         raise InputError(f"--threads must be >= 1, got {config.threads}")
     check_hr(config.hr_alpha, config.hr_r)
+    check_loss(config.loss_settings, config.method, config.holistic)
     folder = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(folder):
         raise InputError(f"output folder does not exist: {folder}; create it first")
@@ -236,7 +245,7 @@ def train(config: TrainConfig, progress: bool = False, on_epoch=None) -> TrainRe
             raise InputError(f"the checkpoint has {resumed.epoch} epochs done, more than --epochs {config.epochs}")
     elif config.init == "ibp":
         ibp_initialise(problem.normalised, set(trainable), config.seed)
-    graph = training_graph(problem.normalised, config.method, problem.domain)
+    graph = training_graph(problem.normalised, config.method, problem.domain, config.loss_settings)
     with _threads(config.threads):
         backend = make_backend(config.backend, graph, trainable, config.lr, config.grad_clip or None,
                                threads=config.threads)
@@ -255,14 +264,14 @@ def train(config: TrainConfig, progress: bool = False, on_epoch=None) -> TrainRe
                 on_epoch(stats)
         seconds = time.perf_counter() - start
         weights = backend.weights()
-    trained = write_back(problem.proto, weights)
+    trained = write_back(problem.proto, deployed_weights(config.method, problem.normalised, weights))
     # A fine-tuned graphcert model already carries this key; duplicate keys fail the ONNX checker.
     kept = [p for p in trained.metadata_props if p.key != "graphcert.training"]
     del trained.metadata_props[:]
     trained.metadata_props.extend(kept)
-    trained.metadata_props.add(key="graphcert.training", value=json.dumps(
-        {k: settings[k] for k in ("data", "eps", "method", "epochs", "warmup", "rampup", "kappa", "schedule",
-                                  "init", "seed", "backend", "hr_alpha", "hr_r")}))
+    recorded = {k: settings[k] for k in ("data", "eps", "method", "epochs", "warmup", "rampup", "kappa", "schedule",
+                                         "init", "seed", "backend", "hr_alpha", "hr_r", "loss")}
+    trained.metadata_props.add(key="graphcert.training", value=json.dumps({**recorded, **_loss_settings(config)}))
     save(trained, config.output, source=config.model)
     final, reproduce = None, None
     if problem.holdout is not None:
@@ -274,6 +283,12 @@ def train(config: TrainConfig, progress: bool = False, on_epoch=None) -> TrainRe
                      + (f" --norm {norm}" if norm != "linf" else ""))
     return TrainResult(config.output, ckpt_path, history, final, len(problem.holdout or []),
                        len(problem.y_train), seconds, reproduce, trainable)
+
+
+def _loss_settings(config: TrainConfig) -> dict:
+    """The settings of the chosen loss, for the model's metadata."""
+    return {"tau-ce": {"tau": config.tau}, "hkr": {"hkr_alpha": config.hkr_alpha, "hkr_margin": config.hkr_margin}
+            }.get(config.loss, {})
 
 
 def holdout_path(output: str) -> str:

@@ -4,7 +4,8 @@ Training runs on the normalised model, whose weights keep the original initializ
 trainable when the original model holds it under the same name (as an initializer or a Constant node)
 with the same shape and values; weights the normaliser derived (folded constants) stay frozen, which keeps
 the original graph and the trained one consistent. Write-back replaces those values and nothing else:
-same nodes, same names, same opset.
+same nodes, same names, same opset. Methods that train a reparametrisation (orthogonal) write the weights the
+training graph computed from the parameters, not the parameters themselves.
 """
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def trainable_names(proto: onnx.ModelProto, normalised: ir.Model) -> list[str]:
         raise InputError("the model has no float weights that training can write back (no initializer of the "
                          "original model survives normalisation unchanged)")
     return names
+
+
+def deployed_weights(method: str, normalised: ir.Model, trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weights the deployed model carries: the trained ones, except that methods which reparametrise
+    weights in the training graph (orthogonal: W -> Björck(W)) map them through that reparametrisation."""
+    if method == "orthogonal":
+        from graphcert.passes.orthogonal import deployable_weights
+        return deployable_weights(normalised, trained)
+    return trained
 
 
 def write_back(proto: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
