@@ -167,13 +167,26 @@ def run_verify(args) -> int:
 # ---- train ---------------------------------------------------------------------------------------------
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="certified training (IBP, CROWN-IBP) of an ONNX model or a standard architecture")
+    p = sub.add_parser("train", help="certified training (IBP, CROWN-IBP, GloRo, 1-Lipschitz orthogonal) of an ONNX "
+                                     "model or a standard architecture")
     p.add_argument("model", nargs="?", help="ONNX model to fine-tune (or a shipped model name); or use --arch")
-    p.add_argument("--arch", help="build a standard architecture instead: mlp (784-100-100-100-10) or cnn")
+    p.add_argument("--arch", help="build a standard architecture instead: mlp (784-100-100-100-10), cnn, or lipmlp "
+                                  "(784-256-256-256-10 with GroupSort2, for --method orthogonal)")
     p.add_argument("-o", "--output", help="where to write the trained model (.onnx); the checkpoint goes to OUTPUT.ckpt")
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, mnist-test or FILE.npz (x, y) (default: mnist5k)")
-    p.add_argument("--eps", type=float, help="target L-inf radius")
-    p.add_argument("--method", default="ibp", help="bound method to train through: ibp or crown-ibp (default: ibp)")
+    p.add_argument("--eps", type=float, help="target radius: L-inf, or L2 for --method gloro and orthogonal")
+    p.add_argument("--method", default="ibp",
+                   help="bound method to train through: ibp, crown-ibp, gloro (L2), or orthogonal (L2: Björck-"
+                        "orthonormal weights, a 1-Lipschitz network; certify with --method lipschitz) (default: ibp)")
+    p.add_argument("--loss", default="ce",
+                   help="ce (cross-entropy on certified margins, annealed by --kappa), or with --method orthogonal: "
+                        "tau-ce (cross-entropy of tau-scaled logits, over tau) or hkr (hinge minus "
+                        "Kantorovich-Rubinstein) (default: ce)")
+    # Their defaults live in graphcert.training.losses.Loss (not imported here: it would slow every command).
+    p.add_argument("--tau", type=float, help="tau-ce temperature: small is robust, large is accurate (default: 10)")
+    p.add_argument("--hkr-alpha", type=float, help="hkr weight of the hinge against KR (default: 50)")
+    p.add_argument("--hkr-margin", type=float,
+                   help="hkr hinge margin between the label's logit and the others (default: 1)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--warmup", type=int, help="epochs at eps = 0 first (default: a fifth of --epochs)")
     p.add_argument("--rampup", type=int, help="epochs in which eps grows to its target (default: the rest); "
@@ -207,13 +220,14 @@ def run_train(args) -> int:
     if args.output is None:
         raise InputError("missing -o OUTPUT.onnx: where to write the trained model")
     if args.eps is None:
-        raise InputError("missing --eps: the L-inf radius to train for")
+        raise InputError("missing --eps: the radius to train for")
     config = TrainConfig(
         output=args.output, eps=args.eps, model=shipped_model(args.model) if args.model else None, arch=args.arch,
         data=args.data, method=args.method, epochs=args.epochs, warmup=args.warmup, rampup=args.rampup,
         batch_size=args.batch_size, lr=args.lr, kappa=args.kappa, seed=args.seed, schedule=args.schedule,
         init=args.init, grad_clip=args.grad_clip, backend=args.backend, holdout=args.holdout, resume=args.resume,
-        threads=args.threads, hr_alpha=args.hr_alpha, hr_r=args.hr_r)
+        threads=args.threads, hr_alpha=args.hr_alpha, hr_r=args.hr_r, loss=args.loss,
+        **{name: getattr(args, name) for name in ("tau", "hkr_alpha", "hkr_margin") if getattr(args, name) is not None})
     bars = not args.json and sys.stderr.isatty()
     report = None if args.json or bars else _print_epoch
     result = train(config, progress=bars, on_epoch=report)

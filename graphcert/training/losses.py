@@ -20,8 +20,9 @@ alone, so two more losses act on the clean logits f (deel-lip's, spec section B.
              hinge = (1/C)[(C-1)·relu(margin/2 - f_label) + sum_{c != label} relu(margin/2 + f_c)]
 
 KR is written per sample with the class counts of the batch (weights B/n_c and -B/(B-n_c)), so the 1/N
-weights give exactly -KR + alpha·mean(hinge); it compares class means within a batch, so it does not take
-holistic robust weights (`check_loss`).
+weights give exactly -KR + alpha·mean(hinge); a class absent from the batch counts its empty mean as 0, as
+deel-lip does. KR compares class means within a batch, so it does not take holistic robust weights
+(`check_loss`).
 """
 from __future__ import annotations
 
