@@ -43,8 +43,12 @@ def clone(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
 
 
-def open_inputs(model: ir.Model, b: Builder, input_set: InputSet) -> dict[ir.Value, Interval]:
-    """Add the input-set inputs to `model` (a clone) and return the interval of each original input."""
+def open_inputs(model: ir.Model, b: Builder, input_set: InputSet,
+                share_radius: bool = False) -> dict[ir.Value, Interval]:
+    """Add the input-set inputs to `model` (a clone) and return the interval of each original input.
+
+    With `share_radius`, an unclipped L-inf ball is returned as center x and radius epsilon expanded to one
+    sample's shape only (see `Interval.shared`), for passes whose rules handle a batch-shared radius."""
     graph = model.graph
     boxes = {}
     for x in perturbed_inputs(model):
@@ -54,6 +58,12 @@ def open_inputs(model: ir.Model, b: Builder, input_set: InputSet) -> dict[ir.Val
             eps = ir.Value(name=epsilon_name(model, x), type=FLOAT,
                            shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
             graph.inputs.append(eps)
+            if share_radius and input_set.domain is None and _batched(x):
+                dims = list(x.shape)[1:]
+                sample = b.ints([1, *dims]) if all(isinstance(d, int) for d in dims) else \
+                    b.op("Concat", b.ints([1]), b.op("Shape", x, start=1), axis=0)
+                boxes[x] = Interval(b, center=x, radius=b.op("Expand", eps, sample), shared=True)
+                continue
             lower, upper = b.op("Sub", x, eps), b.op("Add", x, eps)
             if input_set.domain is not None:
                 # Clip with one bound, not Max/Min: onnxruntime's broadcasting Max/Min is many times slower.
@@ -73,6 +83,11 @@ def open_inputs(model: ir.Model, b: Builder, input_set: InputSet) -> dict[ir.Val
     # Emitted before the original nodes consume them: keep the graph in topological order.
     graph.sort()
     return boxes
+
+
+def _batched(x: ir.Value) -> bool:
+    """A leading symbolic dimension: the batch axis of a normalised model."""
+    return x.shape is not None and len(x.shape) >= 2 and not isinstance(x.shape[0], int)
 
 
 def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value, ir.Value]],

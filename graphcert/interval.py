@@ -22,10 +22,22 @@ class Exact:
 
 
 class Interval:
-    def __init__(self, b: Builder, *, lower=None, upper=None, center=None, radius=None):
+    """`shared`: the radius may have size 1 on the batch axis where the center has the batch (an L-inf ball whose
+    epsilon is the same for every sample), so linear layers send one radius row through |W| instead of a batch;
+    broadcasting makes lower and upper full-size. Rules that index the batch axis get a materialised copy."""
+
+    def __init__(self, b: Builder, *, lower=None, upper=None, center=None, radius=None, shared: bool = False):
         assert (lower is not None and upper is not None) or (center is not None and radius is not None)
         self.b = b
         self._lower, self._upper, self._center, self._radius = lower, upper, center, radius
+        self.shared = shared and radius is not None
+
+    def materialised(self) -> "Interval":
+        """The same interval with a radius of the center's full shape."""
+        if not self.shared:
+            return self
+        radius = self.b.op("Expand", self._radius, self.b.op("Shape", self._center))
+        return Interval.from_center(self.b, self._center, radius)
 
     @classmethod
     def from_center(cls, b: Builder, center: ir.Value, radius: ir.Value) -> "Interval":

@@ -129,8 +129,10 @@ def _gemm(cx, node, a, w, bias=None):
     trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
     if isinstance(a, Interval) and not isinstance(w, Interval) and not isinstance(bias, Interval):
         c, r, k = a.scaled_center_radius()
-        center = b.op("Gemm", c, w, *([bias] if bias is not None else []), alpha=alpha * k, beta=beta,
-                      transA=trans_a, transB=trans_b)
+        given = [c, w, *([bias] if bias is not None else [])]
+        # At k = 1 the center is the original node itself, which onnxruntime merges with it (one product less).
+        center = b.copy(node, given) if k == 1.0 else b.op("Gemm", *given, alpha=alpha * k, beta=beta,
+                                                          transA=trans_a, transB=trans_b)
         radius = b.op("Gemm", r, cx.abs(w), alpha=abs(alpha) * k, transA=trans_a, transB=trans_b)
         return [Interval.from_center(b, center, radius)]
     # General case from the pieces: alpha·op(A)·op(B) + beta·C with interval products.
@@ -431,11 +433,35 @@ class IntervalPass(ir.passes.FunctionalPass):
         nodes = perturbed_nodes(result.graph, set(perturbed_inputs(result)))
         check_supported(nodes, RULES, "ibp", accepts)
         b = Builder(result.graph, prefix="ibp")
-        boxes = open_inputs(result, b, self.input_set)
+        boxes = open_inputs(result, b, self.input_set, share_radius=True)
         bounds = propagate(result.graph, nodes, b, boxes, trainable=self.trainable)
         named = {name: (v.lower, v.upper) for name, v in bounds.items()}
         close_outputs(result, b, named, self.keep_original, "ibp")
         return ir.passes.PassResult(result, modified=True)
+
+
+def _keeps_batch_axis(node: ir.Node) -> bool:
+    """Ops that act on each sample alone with the batch on axis 0 in and out: a batch-shared radius (see
+    `Interval.shared`) goes through them as one row. Others that index the batch axis (Slice, Gather, Tile,
+    reshapes across it, reductions over it) get a materialised radius."""
+    op = node.op_type
+    if op in ("Gemm",):
+        return not attr(node, "transA", 0)
+    if op in ("Flatten",):
+        return attr(node, "axis", 1) == 1
+    if op == "Reshape":
+        target = node.inputs[1].const_value
+        return target is not None and int(target.numpy().reshape(-1)[0]) == 0 and not attr(node, "allowzero", 0)
+    if op == "Transpose":
+        return list(attr(node, "perm", [0]))[:1] == [0]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        return axes is not None and 0 not in axes.numpy().reshape(-1).tolist()
+    return op in SAMPLEWISE_LINEAR
+
+
+SAMPLEWISE_LINEAR = {"MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "GlobalAveragePool",
+                     "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Dropout"}
 
 
 def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
@@ -447,6 +473,14 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
         args = [env.get(v, v) if v is not None else None for v in node.inputs]
         while args and args[-1] is None:
             args.pop()
+        shared = [a for a in args if isinstance(a, Interval) and a.shared]
+        keeps = shared and _keeps_batch_axis(node)
+        if shared and not keeps and node.op_type not in MONOTONE:  # monotone rules only use lower and upper
+            args = [a.materialised() if isinstance(a, Interval) else a for a in args]
         outs = RULES[node.op_type](cx, node, *args)
+        if keeps and len(shared) == sum(isinstance(a, Interval) for a in args):
+            for out in outs:
+                if isinstance(out, Interval):
+                    out.shared = out.has_center_form
         env.update(zip(node.outputs, outs))
     return {out.name: iv.as_interval(b, env.get(out, out)) for out in graph.outputs if out in env}

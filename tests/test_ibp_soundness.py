@@ -125,6 +125,28 @@ def test_trainable_bound_graphs_compute_the_same_bounds(name):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_unclipped_ball_with_a_shared_radius_equals_its_box(name):
+    """Without clipping the ball keeps epsilon as one radius row for all samples through linear layers; its bounds
+    must equal those of the same box given as lower and upper, for scalar, per-element and per-sample epsilon."""
+    model = MODELS[name]
+    proto = model()
+    ball, box = bound_graph(proto, "linf"), bound_graph(proto, "box")
+    x_name, out = zoo.input_name(proto), proto.graph.output[0].name
+    x = zoo.sample_input(model, proto, batch=3, seed=11)
+    rng = np.random.default_rng(12)
+    batch_axis = [x.shape[0]] if model.batched else [1]
+    for eps in (np.float32(0.03), rng.uniform(0, 0.05, [1, *x.shape[1:]]).astype(np.float32),
+                rng.uniform(0, 0.05, batch_axis + [1] * (x.ndim - 1)).astype(np.float32)):
+        eps = eps if np.ndim(eps) == 0 or eps.ndim == x.ndim else eps.reshape(x.shape)
+        got = Session(ball).run({x_name: x, "epsilon": eps})
+        want = Session(box).run({f"{x_name}_lower": x - eps, f"{x_name}_upper": x + eps})
+        for side in ("lower", "upper"):
+            key = f"{out}_{side}"
+            scale = 1e-5 * (1 + np.abs(want[key]).max())
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=scale, err_msg=f"{name} {key} {np.shape(eps)}")
+
+
 def test_box_bound_graph_takes_lower_and_upper_inputs():
     bound = zoo_bound_graph("torch_cnn", "box")
     assert [v.name for v in bound.graph.input] == ["x_lower", "x_upper"]
