@@ -183,7 +183,7 @@ def add_train(sub) -> None:
                         "tau-ce (cross-entropy of tau-scaled logits, over tau) or hkr (hinge minus "
                         "Kantorovich-Rubinstein) (default: ce)")
     # Their defaults live in graphcert.training.losses.Loss (not imported here: it would slow every command).
-    p.add_argument("--tau", type=float, help="tau-ce temperature: small is robust, large is accurate (default: 10)")
+    p.add_argument("--tau", type=float, help="tau-ce temperature: small is robust, large is accurate (default: 3)")
     p.add_argument("--hkr-alpha", type=float, help="hkr weight of the hinge against KR (default: 50)")
     p.add_argument("--hkr-margin", type=float,
                    help="hkr hinge margin between the label's logit and the others (default: 1)")

@@ -3,7 +3,9 @@
 mnist_mlp: the 784-100-100-100-10 MLP, IBP-trained at eps = 0.01; mnist_cnn: the small CNN, IBP-trained at
 eps = 0.1 (it certifies with both ibp and crown-ibp); mnist_mlp_gloro: the same MLP, Lipschitz-margin (GloRo)
 trained at L2 radius 0.3 (certify it with --method lipschitz --norm l2); mnist_cnn_gloro: the small CNN, GloRo-trained
-at L2 radius 0.3 for 30 epochs (2 warm-up + 28 ramp-up). All on all of mnist5k with the benchmark recipe (unless
+at L2 radius 0.3 for 30 epochs (2 warm-up + 28 ramp-up); mnist_lipmlp: the 1-Lipschitz 784-256-256-256-10
+GroupSort2 network, Björck-orthonormal (--method orthogonal) with the HKR loss (alpha 50, margin 1) for L2
+radius 0.3 (certify it with --method lipschitz --norm l2). All on all of mnist5k with the benchmark recipe (unless
 said otherwise 2 warm-up + 8 ramp-up epochs; batch 256, Adam 1e-3), input `image` [batch, 1, 28, 28], output
 `logits`.
 Prints what `graphcert certify` reports for each on the shipped MNIST test set.
@@ -24,9 +26,11 @@ from graphcert.training import TrainConfig, train
 MODELS = Path(__file__).resolve().parents[1] / "models"
 RECIPES = {"mnist_mlp": dict(arch="mlp", eps=0.01), "mnist_cnn": dict(arch="cnn", eps=0.1),
            "mnist_mlp_gloro": dict(arch="mlp", eps=0.3, method="gloro"),
-           "mnist_cnn_gloro": dict(arch="cnn", eps=0.3, method="gloro", epochs=30, rampup=28)}
+           "mnist_cnn_gloro": dict(arch="cnn", eps=0.3, method="gloro", epochs=30, rampup=28),
+           "mnist_lipmlp": dict(arch="lipmlp", eps=0.3, method="orthogonal", loss="hkr")}
 # method trained with -> (norm, methods that certify it)
-CERTIFIED_WITH = {"ibp": ("linf", ("ibp", "crown-ibp")), "gloro": ("l2", ("lipschitz",))}
+CERTIFIED_WITH = {"ibp": ("linf", ("ibp", "crown-ibp")), "gloro": ("l2", ("lipschitz",)),
+                  "orthogonal": ("l2", ("lipschitz",))}
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ MUST_MATCH = ("source", "data", "eps", "method", "warmup", "rampup", "batch_size
               "schedule", "grad_clip", "backend", "holdout", "init", "hr_alpha", "hr_r", "loss", "tau", "hkr_alpha",
               "hkr_margin")
 # Settings added after checkpoints were first written, and the value older checkpoints trained with.
-SINCE_FORMAT_1 = {"hr_alpha": 0.0, "hr_r": 0.0, "loss": "ce", "tau": 10.0, "hkr_alpha": 50.0, "hkr_margin": 1.0}
+SINCE_FORMAT_1 = {"hr_alpha": 0.0, "hr_r": 0.0, "loss": "ce", "tau": 3.0, "hkr_alpha": 50.0, "hkr_margin": 1.0}
 
 
 @dataclass

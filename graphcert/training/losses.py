@@ -53,7 +53,7 @@ LIPSCHITZ_LOSSES = {"tau-ce": ("orthogonal",), "hkr": ("orthogonal",)}
 class Loss:
     """Which loss to train and its settings (tau for tau-ce; alpha and margin for hkr)."""
     name: str = "ce"
-    tau: float = 10.0
+    tau: float = 3.0
     hkr_alpha: float = 50.0
     hkr_margin: float = 1.0
 
