@@ -102,6 +102,8 @@ def conv_operator_norm(b: Builder, weight: ir.Value, geometry: ConvGeometry, gro
         previous, current = v, b.op("Sub", b.op("Mul", adjoint(image), b.op("Div", b.const(2.0), rayleigh)), v)
         stretch = b.op("Div", b.const(4.0), rayleigh)
         for _ in range(CONV_DEGREE - 1):
+            # T_{j+1} = 2y·T_j - T_{j-1} with y = 2·AᵀA/ρ - 1; the recurrence is linear, so dividing both
+            # terms by one size keeps the direction and keeps float32 in range.
             following = b.op("Sub", b.op("Sub", b.op("Mul", adjoint(forward(current)), stretch),
                                          b.op("Add", current, current)), previous)
             size = b.op("Add", _norm(b, following, rank), tiny)
