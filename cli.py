@@ -84,8 +84,8 @@ def add_certify(sub) -> None:
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
-    from graphcert.alpha import AlphaSettings
-    add_alpha_options(p, AlphaSettings())
+    from graphcert.alpha import CERTIFY_ALPHA
+    add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_certify)
 
@@ -103,13 +103,13 @@ def alpha_settings(args, defaults):
 
 
 def run_certify(args) -> int:
-    from graphcert.alpha import AlphaSettings
+    from graphcert.alpha import CERTIFY_ALPHA
     from graphcert.certify import certify
     from graphcert.data import load_dataset
     data = load_dataset(args.data)
     result = certify(shipped_model(args.model), data, args.eps, method=args.method, limit=args.limit,
                      batch_size=args.batch_size, clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
-                     alpha=alpha_settings(args, AlphaSettings()), norm=args.norm)
+                     alpha=alpha_settings(args, CERTIFY_ALPHA), norm=args.norm)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:

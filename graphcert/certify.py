@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import api
-from .alpha import AlphaSettings, ProofWatch
+from .alpha import CERTIFY_ALPHA, AlphaSettings, ProofWatch
 from .data import Dataset, fit_to_input
 from .errors import InputError, UnsupportedOpError
 from .export import to_proto
@@ -137,7 +137,7 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     x_all = fit_to_input(data.x, shape)
     domain = data.domain if clip else None
     start = time.perf_counter()
-    bounder = certifier(normalised, method, domain, alpha or AlphaSettings(), norm)
+    bounder = certifier(normalised, method, domain, alpha or CERTIFY_ALPHA, norm)
     clean = certified = 0
     batches = range(0, len(data), batch_size)
     if progress:
@@ -171,7 +171,7 @@ class AlphaCertifier:
         for start in range(0, len(undecided), int(min(self.per_run, max(len(undecided), 1)))):
             part = undecided[start:start + int(min(self.per_run, len(undecided)))]
             feeds = self.alpha.feeds(x=x[part], eps=np.float32(eps), objective=objective[part])
-            watch = ProofWatch(lambda low: float(low.min()), settings.iterations, settings.give_up)
+            watch = ProofWatch(lambda low: low.min(axis=1), settings.iterations, settings.give_up)
             tighter, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=watch)
             lower[part] = np.maximum(lower[part], tighter)
         return logits, lower
@@ -240,7 +240,7 @@ def check_method_norm(method: str, norm: str) -> None:
 
 def certifier(model, method: str, domain, settings: AlphaSettings | None = None, norm: str = "linf"):
     if method in CERTIFIERS:
-        return CERTIFIERS[method](model, method, domain, settings or AlphaSettings(), norm)
+        return CERTIFIERS[method](model, method, domain, settings or CERTIFY_ALPHA, norm)
     if method not in api.METHODS:
         raise InputError(f"unknown method '{method}'; choose one of: {', '.join(sorted(set(api.METHODS) | set(CERTIFIERS)))}")
     return GraphCertifier(model, method, domain, norm)

@@ -161,3 +161,21 @@ def test_linear_relaxations_run_in_memory_sized_chunks_with_the_same_results(mon
     assert chunked.per_run == 1
     for a, b in zip(whole, chunked(x, 0.01, objective)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_proof_watch_gives_up_on_each_sample_by_its_own_history():
+    from graphcert.alpha import ProofWatch
+    # Sample 0 climbs fast enough to reach 0 within the steps left, sample 1 stalls far below: keep going.
+    watch = ProofWatch(lambda low: low.min(axis=1), iterations=20, give_up=True)
+    for step in range(4):
+        stop = watch(np.array([[-1.0 + 0.2 * step], [-5.0 + 0.001 * step]]), None)
+    assert not stop
+    # Once sample 0 is proved, the stalled sample alone cannot reach 0: stop.
+    assert watch(np.array([[0.1], [-4.99]]), None)
+    # Without give_up, only proving every sample stops the run.
+    patient = ProofWatch(lambda low: low.min(axis=1), iterations=20, give_up=False)
+    assert not any(patient(np.array([[0.1], [-5.0]]), None) for _ in range(6))
+    assert patient(np.array([[0.1], [0.2]]), None)
+    # One score for all (verify's weakest conjunct) behaves as before.
+    single = ProofWatch(lambda low: float(low.min()), iterations=20, give_up=True)
+    assert not any(single(np.array([-3.0 + 0.5 * k]), None) for k in range(4))
