@@ -7,10 +7,10 @@ activations and moving ops are 1-Lipschitz). This pass emits
 
     margins_lower = objective·y - eps·K(h)·||objective·W_L||_2
 
-with every operator norm estimated by power iteration from a fixed start, differentiable in the weights: on
-the weight matrix for dense layers (POWER_STEPS steps), and for convolutions on the convolution itself at its
-real input size (Conv, then its adjoint ConvTranspose; Chebyshev-accelerated), since the norm of the reshaped
-kernel is not the norm of the convolution. Power iteration approaches the largest singular value from below, so
+with every operator norm estimated by Chebyshev-accelerated power iteration from a fixed start, differentiable
+in the weights: on the weight matrix for dense layers, and for convolutions on the convolution itself at its
+real input size (Conv, then its adjoint ConvTranspose), since the norm of the reshaped kernel is not the norm of
+the convolution. Power iteration approaches the largest singular value from below, so
 these graphs are for training only (`api` refuses them otherwise): certify a trained model with the
 `lipschitz` pass, whose constants are sound upper bounds.
 """
@@ -27,9 +27,8 @@ from graphcert.model import static_shape
 from graphcert.passes.lipschitz import ConvGeometry
 from graphcert.passes.spec import MARGINS
 
-POWER_STEPS = 20
-# Convolutions: 2 power steps, then 5 Chebyshev blocks of degree 6 (32 applications of AᵀA in all).
-CONV_WARMUP, CONV_BLOCKS, CONV_DEGREE = 2, 5, 6
+# 2 power steps, then 5 Chebyshev blocks of degree 6 (32 applications of AᵀA in all).
+WARMUP, BLOCKS, DEGREE = 2, 5, 6
 RULES: dict = {}
 rule = registrar(RULES)
 
@@ -51,57 +50,28 @@ def _norm(b: Builder, v: ir.Value, rank: int = 2) -> ir.Value:
     return b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", v, v), range(rank), keepdims=0))
 
 
-def largest_singular_value(b: Builder, matrix: ir.Value, columns: int) -> ir.Value:
-    """Power iteration on matrix [out, in] from a fixed start: a scalar estimate, from below, of its norm."""
-    start = np.cos(np.arange(columns, dtype=np.float64) * 0.7 + 0.3)
-    v = b.const((start / np.linalg.norm(start)).reshape(-1, 1).astype(np.float32))
-    transposed = b.op("Transpose", matrix, perm=[1, 0])
+def operator_norm(b: Builder, forward, adjoint, start: np.ndarray) -> ir.Value:
+    """A scalar estimate, from below, of the norm of the linear map `forward` (with `adjoint` its transpose),
+    from the fixed `start`: WARMUP power steps on AᵀA, then Chebyshev-filtered steps.
+
+    Singular values often cluster near the top (a convolution's neighbouring frequencies respond alike; trained
+    dense layers too), where plain power iteration stalls. Each block applies T_m(2·AᵀA/ρ - 1), ρ the current
+    Rayleigh quotient: among degree-m polynomials bounded by 1 on [0, ρ] it grows fastest above ρ."""
+    rank = start.ndim
     tiny = b.const(1e-12)
-    for _ in range(POWER_STEPS):
-        u = b.op("MatMul", matrix, v)
-        u = b.op("Div", u, b.op("Add", _norm(b, u), tiny))
-        v = b.op("MatMul", transposed, u)
-        v = b.op("Div", v, b.op("Add", _norm(b, v), tiny))
-    return _norm(b, b.op("MatMul", matrix, v))
-
-
-def conv_operator_norm(b: Builder, weight: ir.Value, geometry: ConvGeometry, group: int) -> ir.Value:
-    """A scalar estimate, from below, of the operator norm of x -> Conv(x, weight) on inputs
-    [1, C, *geometry.spatial]: CONV_WARMUP power steps on AᵀA (A = the Conv, Aᵀ = the ConvTranspose with the
-    same window and an output_padding restoring what the stride skipped), then Chebyshev-filtered steps.
-
-    A convolution's singular values cluster near the top (neighbouring frequencies respond alike), where
-    plain power iteration stalls. Each block applies T_m(2·AᵀA/ρ - 1), ρ the current Rayleigh quotient:
-    among degree-m polynomials bounded by 1 on [0, ρ] it grows fastest above ρ. The fixed start is
-    pseudo-random, so no frequency of the operator is missing from it."""
-    channels = static_shape(weight)[1] * group
-    rank = len(geometry.spatial) + 2
-    window = dict(strides=geometry.strides, dilations=geometry.dilations, pads=geometry.begin + geometry.end,
-                  group=group)
-    extents = [(k - 1) * d + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
-    restored = [size - (stride * (out - 1) + extent - begin - end) for size, stride, out, extent, begin, end
-                in zip(geometry.spatial, geometry.strides, geometry.out, extents, geometry.begin, geometry.end)]
-    tiny = b.const(1e-12)
-
-    def forward(v):
-        return b.op("Conv", v, weight, **window)
-
-    def adjoint(u):
-        return b.op("ConvTranspose", u, weight, output_padding=restored, **window)
 
     def unit(v):
         return b.op("Div", v, b.op("Add", _norm(b, v, rank), tiny))
 
-    start = np.random.default_rng(0).standard_normal((1, channels, *geometry.spatial))
     v = b.const((start / np.linalg.norm(start)).astype(np.float32))
-    for _ in range(CONV_WARMUP):
+    for _ in range(WARMUP):
         v = unit(adjoint(forward(v)))
-    for _ in range(CONV_BLOCKS):
+    for _ in range(BLOCKS):
         image = forward(v)
         rayleigh = b.op("Add", b.reduce("ReduceSum", b.op("Mul", image, image), range(rank), keepdims=0), tiny)
         previous, current = v, b.op("Sub", b.op("Mul", adjoint(image), b.op("Div", b.const(2.0), rayleigh)), v)
         stretch = b.op("Div", b.const(4.0), rayleigh)
-        for _ in range(CONV_DEGREE - 1):
+        for _ in range(DEGREE - 1):
             # T_{j+1} = 2y·T_j - T_{j-1} with y = 2·AᵀA/ρ - 1; the recurrence is linear, so dividing both
             # terms by one size keeps the direction and keeps float32 in range.
             following = b.op("Sub", b.op("Sub", b.op("Mul", adjoint(forward(current)), stretch),
@@ -110,6 +80,33 @@ def conv_operator_norm(b: Builder, weight: ir.Value, geometry: ConvGeometry, gro
             previous, current = b.op("Div", current, size), b.op("Div", following, size)
         v = unit(current)
     return _norm(b, forward(v), rank)
+
+
+def _start(shape) -> np.ndarray:
+    """Pseudo-random, so no singular direction of the operator is missing from it."""
+    return np.random.default_rng(0).standard_normal(shape)
+
+
+def largest_singular_value(b: Builder, matrix: ir.Value, columns: int) -> ir.Value:
+    """Estimate, from below, of the norm of matrix [out, in]."""
+    transposed = b.op("Transpose", matrix, perm=[1, 0])
+    return operator_norm(b, lambda v: b.op("MatMul", matrix, v), lambda u: b.op("MatMul", transposed, u),
+                         _start((columns, 1)))
+
+
+def conv_operator_norm(b: Builder, weight: ir.Value, geometry: ConvGeometry, group: int) -> ir.Value:
+    """Estimate, from below, of the operator norm of x -> Conv(x, weight) on inputs [1, C, *geometry.spatial]:
+    the adjoint is the ConvTranspose with the same window and an output_padding restoring what the stride
+    skipped."""
+    channels = static_shape(weight)[1] * group
+    window = dict(strides=geometry.strides, dilations=geometry.dilations, pads=geometry.begin + geometry.end,
+                  group=group)
+    extents = [(k - 1) * d + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
+    restored = [size - (stride * (out - 1) + extent - begin - end) for size, stride, out, extent, begin, end
+                in zip(geometry.spatial, geometry.strides, geometry.out, extents, geometry.begin, geometry.end)]
+    return operator_norm(b, lambda v: b.op("Conv", v, weight, **window),
+                         lambda u: b.op("ConvTranspose", u, weight, output_padding=restored, **window),
+                         _start((1, channels, *geometry.spatial)))
 
 
 @rule("Conv")
