@@ -121,7 +121,8 @@ def validate(config: TrainConfig) -> tuple[int, int]:
     """Resolved (warmup, rampup), or InputError naming the first bad option."""
     check_eps(config.eps)
     if (config.model is None) == (config.arch is None):
-        raise InputError("give either a MODEL.onnx to fine-tune or --arch mlp|cnn, not both or neither")
+        raise InputError(f"give either a MODEL.onnx to fine-tune or --arch {'|'.join(ARCHITECTURES)}, "
+                         f"not both or neither")
     if config.arch is not None and config.arch not in ARCHITECTURES:
         raise InputError(f"unknown architecture '{config.arch}'; choose one of: {', '.join(ARCHITECTURES)}")
     if config.method not in api.METHODS:
