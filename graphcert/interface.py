@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from . import __version__
@@ -101,6 +102,9 @@ def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value,
         if out.name not in bounds:
             continue
         lower, upper = bounds[out.name]
+        # inf - inf after an overflow is NaN, which says nothing; the sound answer there is the whole line.
+        lower = b.op("Where", b.op("IsNaN", lower), b.op("CastLike", b.const(-np.inf), lower), lower)
+        upper = b.op("Where", b.op("IsNaN", upper), b.op("CastLike", b.const(np.inf), upper), upper)
         for suffix, value in (("lower", lower), ("upper", upper)):
             named = b.op("Identity", value)
             named.name = f"{out.name}_{suffix}"

@@ -282,3 +282,17 @@ def test_unsupported_ops_are_all_listed_with_their_nodes(tmp_path):
     with pytest.raises(UnsupportedOpError):
         convert(source, target)
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_overflowing_bounds_are_infinite_not_nan():
+    """exp(90) overflows float32; the layer after it meets inf - inf. The bounds must stay sound: infinite."""
+    weights = onnx.numpy_helper.from_array(np.array([[1.0, -1.0], [2.0, 1.0]], np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("MatMul", ["e", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2])], [weights])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    got = Session(bound_graph(proto)).run({"x": np.array([[80.0, 1.0]], np.float32), "epsilon": np.float32(10)})
+    assert not np.isnan(got["y_lower"]).any() and not np.isnan(got["y_upper"]).any()
+    assert np.all(got["y_lower"] <= got["y"]) and np.all(got["y"] <= got["y_upper"])
+    assert np.isinf(got["y_lower"][0, 0]) and np.isinf(got["y_upper"][0, 1])
