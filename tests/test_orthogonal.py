@@ -54,6 +54,15 @@ def _run_graph(inputs: dict[str, np.ndarray], emit) -> dict[str, np.ndarray]:
     return Session(to_proto(ir.Model(graph, ir_version=10))).run(inputs)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as training uses: small graphs run slower on more threads of a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _randomised(proto: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     """The model with its 2-D weights redrawn far from orthonormal (scaled Gaussians)."""
     rng = np.random.default_rng(seed)
@@ -200,7 +209,7 @@ def _digits_problem(seed: int = 0, batch: int = 64):
 
 
 @pytest.mark.parametrize("loss", ["ce", "tau-ce", "hkr"])
-def test_training_graph_loss_decreases_in_the_torch_backend(loss):
+def test_training_graph_loss_decreases_in_the_torch_backend(loss, one_thread):
     proto, normalised, feeds = _digits_problem()
     graph = training_graph(normalised, "orthogonal", (0.0, 1.0), Loss(loss))
     assert {"epsilon", "objective"} <= {v.name for v in graph.graph.inputs}
@@ -212,7 +221,7 @@ def test_training_graph_loss_decreases_in_the_torch_backend(loss):
     assert np.allclose(step.margins - step.margins_lower, np.sqrt(2) * 0.3, atol=1e-3)
 
 
-def test_written_model_carries_the_orthonormalised_weights_and_matches_the_training_graph():
+def test_written_model_carries_the_orthonormalised_weights_and_matches_the_training_graph(one_thread):
     proto, normalised, feeds = _digits_problem(seed=1)
     graph = training_graph(normalised, "orthogonal", (0.0, 1.0))
     trainable = trainable_names(proto, normalised)
@@ -265,7 +274,7 @@ def _l2_pgd_flips(model, x: np.ndarray, labels: np.ndarray, radius: float, steps
     return flipped
 
 
-def test_cli_trains_a_lipschitz_network_that_certifies_at_l2_and_resists_pgd(tmp_path):
+def test_cli_trains_a_lipschitz_network_that_certifies_at_l2_and_resists_pgd(tmp_path, one_thread):
     out = tmp_path / "lip.onnx"
     proc = graphcert_cli("train", "--arch", "lipmlp", "--method", "orthogonal", "--loss", "hkr", "--data", "digits",
                          "--epochs", "1", "--batch-size", "64", "--eps", "0.3", "--holdout", "0.2", "-o", str(out),
