@@ -1,9 +1,11 @@
 """Orthonormal training graphs for 1-Lipschitz dense networks (deel-lip's SpectralDense; Anil, Lucas and
 Grosse, ICML 2019).
 
-Every Gemm/MatMul weight W is replaced in the graph by W̄ = Björck(W / s): s = max(σ̂, ||W||_F / SCALE_CAP)
-with σ̂ a power-iteration estimate of the largest singular value (from below, so the Frobenius term keeps
-every singular value of W / s at most SCALE_CAP < sqrt(3), where Björck converges), then BJORCK_STEPS steps of
+Every Gemm/MatMul weight W is replaced in the graph by W̄ = Björck(W / s) with s = ||W||_F / SCALE_CAP: the
+Frobenius norm bounds the largest singular value, so every singular value of W / s is at most SCALE_CAP <
+sqrt(3), where Björck converges. (A power-iteration estimate of σ_max is from below, so it would need this
+bound as a floor; on weights of stable rank above SCALE_CAP², as dense layers have, the floor wins anyway.)
+Then BJORCK_STEPS steps of
 
     W <- (1 + β) W - β W WᵀW        (β = 1/2, the cubic term through the smaller Gram matrix),
 
@@ -28,7 +30,6 @@ from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes
 from graphcert.model import static_shape
-from graphcert.passes.gloro import largest_singular_value
 from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, _acceptor, disjoint_windows, \
     group_sort_input
 from graphcert.passes.spec import MARGINS
@@ -44,10 +45,9 @@ def orthonormalise(b: Builder, weight: ir.Value, shape: tuple[int, int]) -> ir.V
     """W̄ = Björck(W / s) for a 2-D weight value of static `shape` (either layout: Björck commutes with
     transposition)."""
     rows, cols = shape
-    sigma = largest_singular_value(b, weight, cols)
     frobenius = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", weight, weight), [0, 1], keepdims=0))
-    scale = b.op("Max", sigma, b.op("Mul", frobenius, b.const(np.float32(1.0 / SCALE_CAP))))
-    w = b.op("Div", weight, b.op("Add", scale, b.const(np.float32(1e-12))))
+    scale = b.op("Add", b.op("Mul", frobenius, b.const(np.float32(1.0 / SCALE_CAP))), b.const(np.float32(1e-12)))
+    w = b.op("Div", weight, scale)
     grow, shrink = b.const(np.float32(1.0 + BETA)), b.const(np.float32(BETA))
     for _ in range(BJORCK_STEPS):
         transposed = b.op("Transpose", w, perm=[1, 0])
