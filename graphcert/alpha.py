@@ -10,6 +10,10 @@ Mixtures serve disjunctions, as in a VNN-LIB conjunct refuted as soon as any one
 convex combination sum_j lambda_j·m_j of those margins is at most their maximum, so a positive lower bound on
 it refutes the conjunct even when no single margin's bound is positive. The weights lambda (a softmax, starting
 uniform) are learned together with the slopes, a Lagrangian view of the disjunction.
+
+beta-CROWN (Wang et al., NeurIPS 2021) serves ReLU split domains: with `split_bounds` and `beta`, the graph also
+takes a multiplier >= 0 per (row, domain, split unit) of each split constraint s·z >= 0 (`passes.crown.CrownPass`),
+optimised with the slopes from 0 (the plain bound) and projected back onto >= 0 after each step.
 """
 from __future__ import annotations
 
@@ -60,10 +64,12 @@ class AlphaCrown:
     spec: None bounds the first model output; a [m, n] matrix (with spec_offset) bounds margins; "runtime"
     bounds objective·y for an `objective` fed with every call (shape [batch, m, n]).
     crown_upper: as in `passes.crown.CrownPass` (by default margins get IBP upper bounds).
+    split_bounds, beta: as in `passes.crown.CrownPass`; the feeds then include the split clamps (and signs).
     """
 
     def __init__(self, model, kind: str = "linf", domain: tuple[float, float] | None = None, spec=None,
-                 spec_offset=None, crown_upper: bool | None = None, threads: int = 0, norm: str = "linf"):
+                 spec_offset=None, crown_upper: bool | None = None, threads: int = 0, norm: str = "linf",
+                 split_bounds: str | None = None, beta: bool = False):
         from graphcert.passes.crown import CrownPass
         from graphcert.passes.spec import SpecPass
 
@@ -82,13 +88,15 @@ class AlphaCrown:
         output = normalised.graph.outputs[0].name
         self.outputs = [f"{output}_lower", f"{output}_upper"]
         input_set = InputSet(kind, domain)
+        # The multipliers start at 0, where the bounds are those of the graph without them.
         plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init",
-                          norm=norm)(normalised).model
+                          norm=norm, split_bounds=split_bounds)(normalised).model
         self.session = Session(to_proto(plain), threads=threads)
         tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs",
-                          norm=norm)(normalised).model
+                          norm=norm, split_bounds=split_bounds, beta=beta)(normalised).model
         self.units: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
-        self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units}
+        self.betas: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.beta", "{}"))
+        self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units or v.name in self.betas}
         self._tuned = tuned
         self._executor = None
 
@@ -108,39 +116,44 @@ class AlphaCrown:
 
     def bounds(self, feeds: dict[str, np.ndarray], iterations: int = 20, lr: float = 0.1, lr_decay: float = 0.98,
                stop: Stop | None = None, offset: np.ndarray | None = None,
-               mixtures: list[np.ndarray] | None = None, mixture_lr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-        """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, times `lr_decay` after each);
-        `stop(lower, upper)` may end them early.
+               mixtures: list[np.ndarray] | None = None, mixture_lr: float = 0.5,
+               beta_lr: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, `beta_lr` for beta multipliers
+        (default `lr`), times `lr_decay` after each); `stop(lower, upper)` may end them early.
 
         With a run-time objective [batch, m, n]: `offset` ([m]) is added to every row's bounds, and each entry
         of `mixtures` (indices of objective rows) appends a column [batch] bounding from below a learned convex
         combination of those rows (offsets included); its upper column is that of the uniform combination.
         """
-        from graphcert.passes.crown import ALPHA_INIT_PREFIX
+        from graphcert.passes.crown import ALPHA_INIT_PREFIX, SPLIT_SIGN_PREFIX
 
         mixer = _Mixer(feeds.get(OBJECTIVE), offset, mixtures or [])
         feeds = mixer.initial_feeds(feeds)
         found = self.session.run(feeds)
         best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
-        if iterations <= 0 or not (self.units or mixer.groups) or (stop is not None and stop(best_lower, best_upper)):
+        if iterations <= 0 or not (self.units or self.betas or mixer.groups) or (stop is not None and stop(best_lower, best_upper)):
             return best_lower, best_upper
 
         import torch
         executor = self._torch_graph()
-        alphas = {}
+        alphas, betas = {}, {}
         for name, unit in self.units.items():
             start = found[ALPHA_INIT_PREFIX + unit]
-            rows = self.rows[name] if isinstance(self.rows[name], int) else feeds[OBJECTIVE].shape[1]
-            alphas[name] = torch.tensor(np.broadcast_to(start, (rows, *start.shape)).copy(), requires_grad=True)
+            alphas[name] = torch.tensor(np.broadcast_to(start, (self._rows(name, feeds), *start.shape)).copy(),
+                                        requires_grad=True)
+        for name, unit in self.betas.items():
+            shape = (self._rows(name, feeds), *feeds[SPLIT_SIGN_PREFIX + unit].shape)
+            betas[name] = torch.zeros(shape, requires_grad=True)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
         optimiser = torch.optim.Adam([{"params": list(alphas.values()), "lr": lr},
+                                      {"params": list(betas.values()), "lr": lr if beta_lr is None else beta_lr},
                                       {"params": mixer.parameters(), "lr": mixture_lr}])
         schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, lr_decay)
         for _ in range(iterations):
             objective, shift = mixer.objective()
             if objective is not None:
                 torch_feeds[OBJECTIVE] = objective
-            result = executor({**torch_feeds, **alphas}, outputs=self.outputs)
+            result = executor({**torch_feeds, **alphas, **betas}, outputs=self.outputs)
             low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
             best_lower = np.maximum(best_lower, low.detach().numpy())
             if not mixer.groups:  # a learned mixture's upper bound would belong to another function each step
@@ -155,7 +168,14 @@ class AlphaCrown:
             with torch.no_grad():
                 for alpha in alphas.values():
                     alpha.clamp_(0.0, 1.0)
+                for beta in betas.values():
+                    beta.clamp_(min=0.0)
         return best_lower, best_upper
+
+    def _rows(self, name: str, feeds: dict[str, np.ndarray]) -> int:
+        """The rows of a slope or multiplier input: fixed by the graph, or those of the run-time objective."""
+        rows = self.rows[name]
+        return rows if isinstance(rows, int) else feeds[OBJECTIVE].shape[1]
 
     def _torch_graph(self):
         if self._executor is None:

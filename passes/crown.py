@@ -39,6 +39,8 @@ SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX = "split_lower.", "split_upper."
 CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX = "clamped_lower.", "clamped_upper."
 # Units a split decides (active z >= 0 or inactive z <= 0): their relaxation is exact on either side of 0.
 SPLIT_UNITS = {"Relu"}
+# beta: run-time split signs of ReLU inputs and the multipliers of the split constraints (beta-CROWN).
+SPLIT_SIGN_PREFIX, BETA_PREFIX = "split_sign.", "beta."
 
 # How IBP bounds of a tensor compare with the best linear bounds: exact for ops that only move or scale single
 # input elements (POINTWISE) and after one linear layer on such a tensor (AFFINE); otherwise possibly loose.
@@ -62,6 +64,10 @@ class Context:
         self.decomposed: dict[ir.Node, ir.Value] = {}
         # alpha-CROWN: the free lower slopes of the current backward pass (None: CROWN's adaptive slopes).
         self.alpha: AlphaInputs | None = None
+        # beta-CROWN: the split sign input of each split ReLU, and the multipliers of the current backward pass
+        # (None: no split constraint enters the bound).
+        self.split_signs: dict[ir.Node, ir.Value] = {}
+        self.beta: BetaInputs | None = None
         self.epsilons: dict[str, ir.Value] = {}
         # Builder values with the full shape of the tensor they go with (relaxation intercepts).
         self.full_shaped: set[ir.Value] = set()
@@ -186,6 +192,8 @@ class Context:
             rows_dim = None
         if self.alpha is not None:
             self.alpha.start(rows_dim)
+        if self.beta is not None:
+            self.beta.start(rows_dim)
         index = b.op("Range", b.const(np.array(0, dtype=np.int64), dtype=np.int64), n,
                      b.const(np.array(1, dtype=np.int64), dtype=np.int64))
         eye = b.op("Cast", b.op("Equal", b.op("Unsqueeze", index, b.ints([1])), b.op("Unsqueeze", index, b.ints([0]))),
@@ -238,6 +246,10 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
         pairs.append((relaxation.lower_intercept, b.op("Relu", coef)))
     if relaxation.upper_intercept is not None:
         pairs.append((relaxation.upper_intercept, b.op("Min", coef, b.const(0.0))))
+    if cx.beta is not None and node in cx.split_signs:
+        # The Lagrangian term -beta·s·z of the split constraint s·z >= 0: it is <= 0 on the split domain, so
+        # the bound of the objective plus it is a bound of the objective there, for every beta >= 0.
+        pairs.append((node.inputs[0], b.op("Neg", b.op("Mul", cx.beta.get(node), cx.split_signs[node]))))
     return pairs
 
 
@@ -331,14 +343,21 @@ class CrownPass(ir.passes.FunctionalPass):
         the clamps. "given" is the same without CROWN passes for those z: the inputs, which must then be
         sound bounds of z (say, clamped bounds from "clamp"), take their place (intersected with IBP), and
         only the outputs are bounded by CROWN, a far cheaper graph.
+    beta: with split_bounds, beta-CROWN's multipliers of the split constraints in the backward passes that
+        bound the outputs (not in those of intermediate bounds): inputs `split_sign.<z>` (shaped like z: +1
+        where the domain has z >= 0, -1 where z <= 0, 0 for no constraint) and, per output pass, `beta.<n>`
+        (shape [rows, *z shape]; metadata `graphcert.beta` maps each to its z). The bound then holds for
+        every beta >= 0 (the caller keeps them so); beta = 0 gives the bounds of the graph without them.
     """
 
     def __init__(self, input_set: InputSet | None = None, keep_original: bool = True, trainable: bool = False,
                  intermediate: str = "crown", norm: str = "linf", crown_upper: bool | None = None,
-                 alpha: str | None = None, split_bounds: str | None = None):
+                 alpha: str | None = None, split_bounds: str | None = None, beta: bool = False):
         super().__init__()
         if split_bounds not in (None, "clamp", "given"):
             raise ValueError(f"split_bounds is None, 'clamp' or 'given', not {split_bounds!r}")
+        if beta and split_bounds is None:
+            raise ValueError("beta multiplies split constraints: it needs split_bounds")
         if intermediate not in ("crown", "ibp"):
             raise ValueError(f"intermediate bounds come from 'crown' or 'ibp', not {intermediate!r}")
         if norm not in ("linf", "l2"):
@@ -353,6 +372,7 @@ class CrownPass(ir.passes.FunctionalPass):
         self.crown_upper = crown_upper
         self.alpha = alpha
         self.split_bounds = split_bounds
+        self.beta = beta
         self.method = "crown" if intermediate == "crown" else "crown-ibp"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -408,6 +428,8 @@ class CrownPass(ir.passes.FunctionalPass):
                                                _split_input(graph, SPLIT_UPPER_PREFIX, x))
                 exposed[CLAMPED_LOWER_PREFIX + x.name] = (lower, x.shape)
                 exposed[CLAMPED_UPPER_PREFIX + x.name] = (upper, x.shape)
+                if self.beta:
+                    cx.split_signs[node] = _split_input(graph, SPLIT_SIGN_PREFIX, x)
             if needs:
                 cx.relaxed[node] = _relax(cx, node, *(intervals.env[x] for x in needs))
                 if self.alpha == "init" and isinstance(cx.relaxed[node], Lines) \
@@ -421,6 +443,8 @@ class CrownPass(ir.passes.FunctionalPass):
             index += 1
 
         bounds = {}
+        if self.beta:
+            cx.beta = BetaInputs(graph)
         for out in graph.outputs:
             if out not in intervals.env:
                 continue
@@ -434,6 +458,8 @@ class CrownPass(ir.passes.FunctionalPass):
             _expose(graph, b, name, value, shape)
         if self.split_bounds is not None:
             result.metadata_props["graphcert.splits"] = json.dumps(splits)
+        if cx.beta is not None:
+            result.metadata_props["graphcert.beta"] = json.dumps(cx.beta.units)
         if cx.alpha is not None:
             result.metadata_props["graphcert.alpha"] = json.dumps(cx.alpha.units)
             result.metadata_props["graphcert.method"] = "alpha-" + self.method
@@ -485,6 +511,8 @@ class _Intervals:
 class AlphaInputs:
     """alpha-CROWN parameters: one graph input per (backward pass, ReLU-like unit), made on first use."""
 
+    prefix = ALPHA_PREFIX
+
     def __init__(self, graph: ir.Graph):
         self.graph = graph
         self.units: dict[str, str] = {}
@@ -500,14 +528,29 @@ class AlphaInputs:
     def get(self, node: ir.Node) -> ir.Value:
         key = (self._pass, node)
         if key not in self._made:
-            unit = node.outputs[0]
-            name = f"{ALPHA_PREFIX}{len(self.units)}"
+            unit = self.unit(node)
+            name = f"{self.prefix}{len(self.units)}"
             value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT),
                              shape=ir.Shape([self.rows, *unit.shape]))
             self.graph.inputs.append(value)
             self.units[name] = unit.name
             self._made[key] = value
         return self._made[key]
+
+    @staticmethod
+    def unit(node: ir.Node) -> ir.Value:
+        return node.outputs[0]
+
+
+class BetaInputs(AlphaInputs):
+    """beta-CROWN multipliers: one graph input per (output backward pass, split ReLU), shaped like the
+    coefficients of its input z ([rows, *z shape]) and mapped to z's name, made on first use."""
+
+    prefix = BETA_PREFIX
+
+    @staticmethod
+    def unit(node: ir.Node) -> ir.Value:
+        return node.inputs[0]
 
 
 def _split_input(graph: ir.Graph, prefix: str, like: ir.Value) -> ir.Value:
