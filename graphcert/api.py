@@ -21,18 +21,27 @@ SUPPORTS: dict[str, Callable[[ir.Node], bool]] = {}
 NORMS: dict[str, tuple[str, ...]] = {}
 # Methods that fold a run-time objective themselves: their factory takes `objective=True` for spec="runtime".
 OWN_OBJECTIVE: set[str] = set()
+# Methods whose graphs only train (their bounds are estimates): never suggested for certify or convert.
+TRAINING_ONLY: set[str] = set()
 NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
 
 
 def register_method(name: str, factory: Callable[..., ir.passes.PassBase],
                     supports: Callable[[ir.Node], bool] | None = None, norms: tuple[str, ...] = ("linf",),
-                    own_objective: bool = False) -> None:
+                    own_objective: bool = False, training_only: bool = False) -> None:
     METHODS[name] = factory
     NORMS[name] = norms
     if supports is not None:
         SUPPORTS[name] = supports
     if own_objective:
         OWN_OBJECTIVE.add(name)
+    if training_only:
+        TRAINING_ONLY.add(name)
+
+
+def bounding_methods(norm: str) -> list[str]:
+    """The registered methods that give sound bounds on balls of `norm`."""
+    return sorted(m for m, norms in NORMS.items() if norm in norms and m not in TRAINING_ONLY)
 
 
 def check_norm(method: str, norm: str) -> None:
@@ -40,7 +49,7 @@ def check_norm(method: str, norm: str) -> None:
     if norm not in NORM_NAMES:
         raise InputError(f"unknown norm '{norm}'; choose linf or l2")
     if method in NORMS and norm not in NORMS[method]:
-        others = ", ".join(sorted(m for m, norms in NORMS.items() if norm in norms))
+        others = ", ".join(bounding_methods(norm))
         bounds = " and ".join(NORM_NAMES[n] for n in NORMS[method])
         raise InputError(f"method '{method}' bounds {bounds} balls only; for {NORM_NAMES[norm]} use {others}")
 
@@ -61,10 +70,11 @@ def _register_builtin() -> None:
     register_method("lipschitz", _lipschitz_factory, supports=lipschitz.supports, norms=("l2",),
                     own_objective=True)
     from graphcert.passes import gloro
-    register_method("gloro", _gloro_factory, supports=gloro.supports, norms=("l2",), own_objective=True)
+    register_method("gloro", _gloro_factory, supports=gloro.supports, norms=("l2",), own_objective=True,
+                    training_only=True)
     from graphcert.passes import orthogonal
     register_method("orthogonal", _orthogonal_factory, supports=orthogonal.supports, norms=("l2",),
-                    own_objective=True)
+                    own_objective=True, training_only=True)
 
 
 def _lipschitz_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):

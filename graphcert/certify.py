@@ -228,14 +228,15 @@ CERTIFIER_NORMS = {"alpha-crown": ("linf", "l2"), "auto": ("linf", "l2")}
 
 def check_method_norm(method: str, norm: str) -> None:
     """An InputError when `method` cannot certify balls of `norm`, with the methods that can."""
-    if method in CERTIFIER_NORMS:
-        api.check_norm("auto", norm)  # a known norm
-        if norm not in CERTIFIER_NORMS[method]:
-            others = sorted(m for m, norms in {**api.NORMS, **CERTIFIER_NORMS}.items() if norm in norms)
-            raise InputError(f"method '{method}' certifies {api.NORM_NAMES['linf']} balls only; for "
-                             f"{api.NORM_NAMES[norm]} use {', '.join(others)}")
-    elif method in api.METHODS:
-        api.check_norm(method, norm)
+    api.check_norm("auto", norm)  # a known norm
+    norms = CERTIFIER_NORMS.get(method) or api.NORMS.get(method)
+    if norms is None or norm in norms:
+        return
+    if method in api.TRAINING_ONLY:
+        api.METHODS[method](None)  # its factory says why it does not certify and what does
+    able = sorted(api.bounding_methods(norm) + [m for m, kinds in CERTIFIER_NORMS.items() if norm in kinds])
+    balls = " and ".join(api.NORM_NAMES[n] for n in norms)
+    raise InputError(f"method '{method}' bounds {balls} balls only; for {api.NORM_NAMES[norm]} use {', '.join(able)}")
 
 
 def certifier(model, method: str, domain, settings: AlphaSettings | None = None, norm: str = "linf"):

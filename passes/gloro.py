@@ -21,11 +21,11 @@ import onnx_ir as ir
 
 from graphcert.builder import Builder
 from graphcert.errors import InputError
-from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
+from graphcert.interface import InputSet, clone, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
 from graphcert.model import static_shape
 from graphcert.passes.lipschitz import ConvGeometry
-from graphcert.passes.spec import MARGINS
+from graphcert.passes.spec import lipschitz_margin_outputs
 
 # 2 power steps, then 5 Chebyshev blocks of degree 6 (32 applications of AᵀA in all).
 WARMUP, BLOCKS, DEGREE = 2, 5, 6
@@ -212,23 +212,7 @@ class GloroPass(ir.passes.FunctionalPass):
         if y not in walk.affine:
             raise InputError("gloro needs a network whose output is a linear layer (Gemm or MatMul + bias)")
         hidden, last = walk.affine[y]
-        rank = len(x.shape)
-        eps = ir.Value(name=epsilon_name(result, x), type=FLOAT,
-                       shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
-        objective = ir.Value(name=OBJECTIVE, type=FLOAT, shape=ir.Shape(["batch", "spec_rows", "spec_cols"]))
-        graph.inputs.extend([eps, objective])
-        radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=1)      # [batch, 1]
-        margins = b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", y, b.ints([-1]))), b.ints([-1]))
-        rows = b.op("MatMul", objective, last)                                                   # [batch, m, in]
-        row_norms = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", rows, rows), [-1], keepdims=0))
-        spread = b.op("Mul", b.op("Mul", row_norms, walk.constants[hidden]), radius)
-        originals = list(graph.outputs)
-        if not self.keep_original:
-            graph.outputs.clear()
-        for name, value in ((MARGINS, margins), (f"{MARGINS}_lower", b.op("Sub", margins, spread))):
-            named = b.op("Identity", value)
-            named.name, named.type, named.shape = name, FLOAT, ir.Shape([originals[0].shape[0], "spec_rows"])
-            graph.outputs.append(named)
+        lipschitz_margin_outputs(result, b, x, last, walk.constants[hidden], self.keep_original)
         result.metadata_props["graphcert.method"] = "gloro"
         return ir.passes.PassResult(result, modified=True)
 

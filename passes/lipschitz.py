@@ -542,7 +542,8 @@ def _selection_ok(geo: Geometry, node: ir.Node, tainted: set) -> bool:
     return rank > 0 and geo.keeps_batch_axis([axis % rank])
 
 
-def _acceptor(geo: Geometry, tainted: set):
+def acceptor(geo: Geometry, tainted: set):
+    """The per-node check of what this pass bounds, for `geo` and the tensors that depend on the input."""
     def accepts(node: ir.Node) -> bool:
         try:
             return _conditions(geo, node, tainted)
@@ -556,7 +557,7 @@ def supports(node: ir.Node) -> bool:
     tainted = [v for v in node.inputs if v is not None and v.const_value is None]
     dims = static_shape(tainted[0]) if tainted else []
     batched = len(dims) >= 2 and not isinstance(dims[0], int)
-    return node.op_type in RULES and _acceptor(Geometry(batched), set(tainted))(node)
+    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node)
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
@@ -570,7 +571,7 @@ def lipschitz_constants(model: ir.Model) -> tuple[dict[ir.Value, float], list[ir
     dims = static_shape(sources[0])
     geo = Geometry(len(dims) >= 2 and not isinstance(dims[0], int))
     tainted = set(sources) | {out for node in nodes for out in node.outputs}
-    check_supported(nodes, RULES, "lipschitz", _acceptor(geo, tainted))
+    check_supported(nodes, RULES, "lipschitz", acceptor(geo, tainted))
     constants: dict[ir.Value, float] = {sources[0]: 1.0}
     for node in nodes:
         ks = [constants.get(v) if v is not None else None for v in node.inputs]

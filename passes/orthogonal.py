@@ -27,12 +27,12 @@ import onnx_ir as ir
 
 from graphcert.builder import Builder
 from graphcert.errors import InputError
-from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
+from graphcert.interface import FLOAT, InputSet, clone, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes
 from graphcert.model import static_shape
-from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, _acceptor, disjoint_windows, \
+from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, acceptor, disjoint_windows, \
     group_sort_input
-from graphcert.passes.spec import MARGINS
+from graphcert.passes.spec import lipschitz_margin_outputs
 
 BETA = 0.5
 BJORCK_STEPS = 15
@@ -61,7 +61,7 @@ def orthonormalise(b: Builder, weight: ir.Value, shape: tuple[int, int]) -> ir.V
 
 
 def _accepts(geo: Geometry, tainted: set):
-    sound = _acceptor(geo, tainted)
+    sound = acceptor(geo, tainted)
 
     def accepts(node: ir.Node) -> bool:
         op = node.op_type
@@ -142,23 +142,7 @@ class OrthogonalPass(ir.passes.FunctionalPass):
                 matrices[node] = _layer_matrix(b, node, orthonormal[weight])
         y = graph.outputs[0]
         last = _last_layer(y, matrices)
-        rank = len(x.shape)
-        eps = ir.Value(name=epsilon_name(result, x), type=FLOAT,
-                       shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
-        objective = ir.Value(name=OBJECTIVE, type=FLOAT, shape=ir.Shape(["batch", "spec_rows", "spec_cols"]))
-        graph.inputs.extend([eps, objective])
-        radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=1)      # [batch, 1]
-        margins = b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", y, b.ints([-1]))), b.ints([-1]))
-        rows = objective if last is None else b.op("MatMul", objective, last)               # [batch, m, in]
-        row_norms = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", rows, rows), [-1], keepdims=0))
-        originals = list(graph.outputs)
-        if not self.keep_original:
-            graph.outputs.clear()
-        lower = b.op("Sub", margins, b.op("Mul", row_norms, radius))
-        for name, value in ((MARGINS, margins), (f"{MARGINS}_lower", lower)):
-            named = b.op("Identity", value)
-            named.name, named.type, named.shape = name, FLOAT, ir.Shape([originals[0].shape[0], "spec_rows"])
-            graph.outputs.append(named)
+        lipschitz_margin_outputs(result, b, x, last, None, self.keep_original)
         graph.sort()
         result.metadata_props["graphcert.method"] = "orthogonal"
         return ir.passes.PassResult(result, modified=True)

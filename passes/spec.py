@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from graphcert.builder import Builder
 from graphcert.errors import InputError
-from graphcert.interface import FLOAT, OBJECTIVE, clone
+from graphcert.interface import FLOAT, OBJECTIVE, clone, epsilon_name
 from graphcert.interpret import attr
 
 MARGINS = "margins"
@@ -167,3 +167,30 @@ def _appended(b: Builder, y: ir.Value, matrix) -> ir.Value:
         return b.op("MatMul", flat, b.const(matrix.T))
     objective = _objective(b, None)
     return b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", flat, b.ints([-1]))), b.ints([-1]))
+
+
+def lipschitz_margin_outputs(model: ir.Model, b: Builder, x: ir.Value, last: ir.Value | None,
+                             constant: ir.Value | None, keep_original: bool) -> None:
+    """For training passes that bound margins by a Lipschitz constant: add inputs `epsilon` (an L2 radius per
+    sample) and `objective`, and outputs `margins` = objective·y and `margins_lower` = margins −
+    eps·K·‖objective·W_L‖₂, with W_L the last layer's matrix [out, in] (`last`; None: the identity) and K the
+    constant of everything before it (`constant`, a scalar value; None: 1)."""
+    graph = model.graph
+    y = graph.outputs[0]
+    eps = ir.Value(name=epsilon_name(model, x), type=FLOAT,
+                   shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(len(x.shape))]))
+    objective = ir.Value(name=OBJECTIVE, type=FLOAT, shape=ir.Shape(["batch", "spec_rows", "spec_cols"]))
+    graph.inputs.extend([eps, objective])
+    radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=1)          # [batch, 1]
+    margins = b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", y, b.ints([-1]))), b.ints([-1]))
+    rows = objective if last is None else b.op("MatMul", objective, last)                       # [batch, m, in]
+    spread = b.op("Mul", b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", rows, rows), [-1], keepdims=0)), radius)
+    if constant is not None:
+        spread = b.op("Mul", spread, constant)
+    originals = list(graph.outputs)
+    if not keep_original:
+        graph.outputs.clear()
+    for name, value in ((MARGINS, margins), (f"{MARGINS}_lower", b.op("Sub", margins, spread))):
+        named = b.op("Identity", value)
+        named.name, named.type, named.shape = name, FLOAT, ir.Shape([originals[0].shape[0], "spec_rows"])
+        graph.outputs.append(named)
