@@ -103,8 +103,8 @@ def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value,
             continue
         lower, upper = bounds[out.name]
         # inf - inf after an overflow is NaN, which says nothing; the sound answer there is the whole line.
-        lower = b.op("Where", b.op("IsNaN", lower), b.op("CastLike", b.const(-np.inf), lower), lower)
-        upper = b.op("Where", b.op("IsNaN", upper), b.op("CastLike", b.const(np.inf), upper), upper)
+        lower = b.op("Where", b.op("IsNaN", lower), b.const(-np.inf), lower)
+        upper = b.op("Where", b.op("IsNaN", upper), b.const(np.inf), upper)
         for suffix, value in (("lower", lower), ("upper", upper)):
             named = b.op("Identity", value)
             named.name = f"{out.name}_{suffix}"

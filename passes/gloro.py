@@ -47,7 +47,9 @@ class _Walk:
 
 
 def _norm(b: Builder, v: ir.Value, rank: int = 2) -> ir.Value:
-    return b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", v, v), range(rank), keepdims=0))
+    # keepdims=1, then a scalar: onnxruntime-training's gradient of a full ReduceSum with keepdims=0 is wrong.
+    squares = b.reduce("ReduceSum", b.op("Mul", v, v), range(rank), keepdims=1)
+    return b.op("Sqrt", b.op("Reshape", squares, b.ints([])))
 
 
 def operator_norm(b: Builder, forward, adjoint, start: np.ndarray) -> ir.Value:

@@ -183,8 +183,10 @@ def lipschitz_margin_outputs(model: ir.Model, b: Builder, x: ir.Value, last: ir.
     graph.inputs.extend([eps, objective])
     radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=1)          # [batch, 1]
     margins = b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", y, b.ints([-1]))), b.ints([-1]))
-    rows = objective if last is None else b.op("MatMul", objective, last)                       # [batch, m, in]
-    spread = b.op("Mul", b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", rows, rows), [-1], keepdims=0)), radius)
+    # Rows as one [batch·m, n] matrix: onnxruntime-training's MatMul gradient fails on 3-D times 2-D.
+    rows = objective if last is None else b.op("MatMul", b.op("Flatten", objective, axis=2), last)  # [batch·m, in]
+    norms = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", rows, rows), [-1], keepdims=0))
+    spread = b.op("Mul", b.op("Reshape", norms, b.op("Shape", margins)), radius)
     if constant is not None:
         spread = b.op("Mul", spread, constant)
     originals = list(graph.outputs)

@@ -278,15 +278,18 @@ def test_ort_training_missing_gives_install_hint(tmp_path):
 
 @pytest.mark.ort_training
 @pytest.mark.skipif(not HAS_ORT_TRAINING, reason="onnxruntime-training is not installed")
-@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
-def test_backends_agree_on_the_loss_and_reach_the_same_accuracy(tmp_path, method):
+# The first epoch's mean loss: the steps' float differences compound; 15 Björck steps per weight amplify them.
+@pytest.mark.parametrize("method, changes, tolerance", [
+    ("ibp", {}, 1e-3), ("crown-ibp", {}, 1e-3), ("gloro", dict(eps=0.3), 1e-3),
+    ("orthogonal", dict(eps=0.3, arch="lipmlp", loss="hkr"), 2e-2)])
+def test_backends_agree_on_the_loss_and_reach_the_same_accuracy(tmp_path, method, changes, tolerance):
     if method not in api.METHODS:
         pytest.skip(f"{method} is not registered")
     results = {name: train(_digits_config(tmp_path, f"{name}.onnx", backend=name, method=method, epochs=4,
-                                          batch_size=32))
+                                          batch_size=32, **changes))
                for name in ("torch", "ort-training")}
     torch_run, ort_run = results["torch"], results["ort-training"]
-    assert ort_run.history[0].loss == pytest.approx(torch_run.history[0].loss, rel=1e-3)
+    assert ort_run.history[0].loss == pytest.approx(torch_run.history[0].loss, rel=tolerance)
     assert abs(ort_run.holdout.clean_accuracy - torch_run.holdout.clean_accuracy) <= 0.05
     assert abs(ort_run.holdout.certified_accuracy - torch_run.holdout.certified_accuracy) <= 0.05
 
