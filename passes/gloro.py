@@ -21,11 +21,11 @@ import onnx_ir as ir
 
 from graphcert.builder import Builder
 from graphcert.errors import InputError
-from graphcert.interface import InputSet, clone, perturbed_inputs
+from graphcert.interface import clone, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
 from graphcert.model import static_shape
 from graphcert.passes.lipschitz import ConvGeometry
-from graphcert.passes.spec import lipschitz_margin_outputs
+from graphcert.passes.spec import LipschitzTrainingPass, lipschitz_margin_outputs
 
 # 2 power steps, then 5 Chebyshev blocks of degree 6 (32 applications of AᵀA in all).
 WARMUP, BLOCKS, DEGREE = 2, 5, 6
@@ -189,14 +189,9 @@ def _accepts(tainted: set):
     return accepts
 
 
-class GloroPass(ir.passes.FunctionalPass):
+class GloroPass(LipschitzTrainingPass):
     """Normalised dense or convolutional network in, a training graph with `margins` and `margins_lower`
     (objective·y at an L2 radius `epsilon`) out; see the module docstring for why it is for training only."""
-
-    def __init__(self, input_set: InputSet | None = None, keep_original: bool = True):
-        super().__init__()
-        self.input_set = input_set or InputSet()
-        self.keep_original = keep_original
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = clone(model)

@@ -27,12 +27,12 @@ import onnx_ir as ir
 
 from graphcert.builder import Builder
 from graphcert.errors import InputError
-from graphcert.interface import FLOAT, InputSet, clone, perturbed_inputs
+from graphcert.interface import FLOAT, clone, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes
 from graphcert.model import static_shape
 from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, acceptor, disjoint_windows, \
     group_sort_input
-from graphcert.passes.spec import lipschitz_margin_outputs
+from graphcert.passes.spec import LipschitzTrainingPass, lipschitz_margin_outputs
 
 BETA = 0.5
 BJORCK_STEPS = 15
@@ -117,14 +117,9 @@ def _last_layer(output: ir.Value, matrices: dict[ir.Node, ir.Value]) -> ir.Value
     return None
 
 
-class OrthogonalPass(ir.passes.FunctionalPass):
+class OrthogonalPass(LipschitzTrainingPass):
     """Normalised dense network in, a training graph with orthonormalised weights and outputs `margins` and
     `margins_lower` (objective·y at an L2 radius `epsilon`) out."""
-
-    def __init__(self, input_set: InputSet | None = None, keep_original: bool = True):
-        super().__init__()
-        self.input_set = input_set or InputSet()
-        self.keep_original = keep_original
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = clone(model)

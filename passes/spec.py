@@ -169,6 +169,15 @@ def _appended(b: Builder, y: ir.Value, matrix) -> ir.Value:
     return b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", flat, b.ints([-1]))), b.ints([-1]))
 
 
+class LipschitzTrainingPass(ir.passes.FunctionalPass):
+    """Base of the passes whose training graphs bound margins by Lipschitz constants (gloro, orthogonal)."""
+
+    def __init__(self, input_set=None, keep_original: bool = True):
+        super().__init__()
+        self.input_set = input_set
+        self.keep_original = keep_original
+
+
 def lipschitz_margin_outputs(model: ir.Model, b: Builder, x: ir.Value, last: ir.Value | None,
                              constant: ir.Value | None, keep_original: bool) -> None:
     """For training passes that bound margins by a Lipschitz constant: add inputs `epsilon` (an L2 radius per
