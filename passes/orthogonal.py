@@ -45,7 +45,9 @@ def orthonormalise(b: Builder, weight: ir.Value, shape: tuple[int, int]) -> ir.V
     """W̄ = Björck(W / s) for a 2-D weight value of static `shape` (either layout: Björck commutes with
     transposition)."""
     rows, cols = shape
-    frobenius = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", weight, weight), [0, 1], keepdims=0))
+    # keepdims=1, then a scalar: onnxruntime-training's gradient of a full ReduceSum with keepdims=0 is wrong.
+    squares = b.reduce("ReduceSum", b.op("Mul", weight, weight), [0, 1], keepdims=1)
+    frobenius = b.op("Sqrt", b.op("Reshape", squares, b.ints([])))
     scale = b.op("Add", b.op("Mul", frobenius, b.const(np.float32(1.0 / SCALE_CAP))), b.const(np.float32(1e-12)))
     w = b.op("Div", weight, scale)
     grow, shrink = b.const(np.float32(1.0 + BETA)), b.const(np.float32(BETA))
