@@ -131,7 +131,8 @@ class AlphaCrown:
         feeds = mixer.initial_feeds(feeds)
         found = self.session.run(feeds)
         best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
-        if iterations <= 0 or not (self.units or self.betas or mixer.groups) or (stop is not None and stop(best_lower, best_upper)):
+        if iterations <= 0 or not (self.units or self.betas or mixer.groups) \
+                or (stop is not None and stop(best_lower, best_upper)):
             return best_lower, best_upper
 
         import torch

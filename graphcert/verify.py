@@ -5,7 +5,8 @@
 or `timeout`. Bounds come from a bound graph with the property's rows folded in (`graphcert.api`), run on a
 batch of boxes at once; boxes that bounds cannot decide are split and re-bounded, and attacked meanwhile.
 Inputs with few dimensions are split as boxes; beyond BRANCH_DIMENSIONS the search splits ReLU units
-instead (z >= 0 or z <= 0, bounded by CROWN with clamped pre-activation bounds, `SplitBounds`).
+instead (z >= 0 or z <= 0, bounded by CROWN with clamped pre-activation bounds, `SplitBounds`, then, where
+that does not decide a domain, by alpha-beta-CROWN with the split constraints' multipliers, `BetaSplitBounds`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from .errors import GraphcertError, InputError, SpecError
 from .export import IR_VERSION, atomic_write, to_proto
 from .interface import OBJECTIVE, InputSet, perturbed_inputs
 from .model import read_proto
-from .passes.crown import CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX, CrownPass
+from .passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX, SPLIT_SIGN_PREFIX,
+                           SPLIT_UPPER_PREFIX, CrownPass)
 from .passes.spec import SpecPass
 from .runtime import Session
 from .vnnlib import Property, load_property
@@ -48,6 +50,10 @@ FRONTIER_BYTES = 1 << 28
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
 # bounds on the property's boxes).
 RELU_SPLIT_METHODS = ("crown", "auto", "alpha-crown")
+# ReLU domains are re-bounded with alpha-beta-CROWN (None: CROWN with clamps only), in calls of about this long
+# (each of many optimisation steps; the steps check the deadline).
+BRANCH_BETA = AlphaSettings(iterations=20, give_up=True)
+BETA_CALL_SECONDS = 1.0
 ATTACK_SHARE = 0.2
 ATTACK_BOXES = 64
 
@@ -258,6 +264,32 @@ class SplitBounds:
                 np.concatenate(clamped[1::2], axis=1))
 
 
+class BetaSplitBounds:
+    """alpha- and beta-CROWN margins of ReLU split domains (`graphcert.alpha`): the clamped bounds of z that
+    `SplitBounds` found are given, and the split signs (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units])
+    bring in the split constraints with multipliers optimised per domain and row. Returns margin lower
+    bounds [B, rows], never below those of CROWN with the given bounds."""
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
+                 settings: AlphaSettings):
+        self.alpha = AlphaCrown(network.model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
+                                split_bounds="given", beta=True)
+        self.network, self.splits, self.settings = network, splits, settings
+
+    def __call__(self, lower, upper, unit_lower, unit_upper, signs, stop) -> np.ndarray:
+        lo, hi = outward_float32(lower, upper)
+        feeds = self.alpha.feeds(lower=self.network.model_shaped(lo), upper=self.network.model_shaped(hi))
+        splits = self.splits
+        for k, (name, shape) in enumerate(zip(splits.names, splits.shapes)):
+            part = slice(splits.offsets[k], splits.offsets[k + 1])
+            feeds[SPLIT_LOWER_PREFIX + name] = unit_lower[:, part].astype(np.float32).reshape(-1, *shape)
+            feeds[SPLIT_UPPER_PREFIX + name] = unit_upper[:, part].astype(np.float32).reshape(-1, *shape)
+            feeds[SPLIT_SIGN_PREFIX + name] = signs[:, part].astype(np.float32).reshape(-1, *shape)
+        settings = self.settings
+        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop)
+        return low.reshape(len(lo), -1)
+
+
 # method -> (stages, how many of the last run on the root boxes only). `auto` branches with CROWN, which
 # decides far more boxes per second than alpha-CROWN; alpha-CROWN only tries the unsplit property first.
 LADDERS = {"auto": (("ibp", "crown", "alpha-crown"), 1), "alpha-crown": (("crown", "alpha-crown"), 0)}
@@ -276,10 +308,11 @@ def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method
 
 
 def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
-           method: str = "crown", alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None) -> Result:
+           method: str = "crown", alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None,
+           beta: AlphaSettings | None = BRANCH_BETA) -> Result:
     """Decide whether the property holds on the model within `timeout` seconds (loading included); `alpha`
     tunes alpha-CROWN (methods alpha-crown, auto); `branching` ("inputs" or "relus") overrides the choice
-    by input dimension."""
+    by input dimension; `beta` tunes the alpha-beta-CROWN bounds of ReLU domains (None: CROWN only)."""
     start = time.monotonic()
     deadline = start + timeout
     prop = load_property(spec_path)
@@ -287,7 +320,16 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     if (prop.n_inputs, prop.n_outputs) != (network.n_inputs, network.n_outputs):
         raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
                         f"{model_path} has {network.n_inputs} inputs and {network.n_outputs} outputs")
-    status, counterexample, boxes = Search(prop, network, method, deadline, alpha=alpha, branching=branching).run()
+    threads = torch.get_num_threads()
+    # torch runs attacks and alpha-beta-CROWN on small tensors through many ops, where a second thread gains
+    # little and costs much on a busy machine (mnistfc 256x2 prop_5_0.03 beside other jobs: 1,500-2,600 domain
+    # bounds in 12 s with one thread, 60-700 with torch's default of two).
+    torch.set_num_threads(1)
+    try:
+        status, counterexample, boxes = Search(prop, network, method, deadline, alpha=alpha, branching=branching,
+                                               beta=beta).run()
+    finally:
+        torch.set_num_threads(threads)
     return Result(status, counterexample, time.monotonic() - start, boxes)
 
 
@@ -295,8 +337,8 @@ class CallSizer:
     """Slices of a batch sized so that one bound call takes about CALL_SECONDS: the clock is checked often
     enough to honour timeouts, and calls stay large enough to amortise their overhead."""
 
-    def __init__(self, size: int = 64):
-        self.size = size
+    def __init__(self, size: int = 64, seconds: float = CALL_SECONDS):
+        self.size, self.seconds = size, seconds
 
     def slices(self, total: int, deadline: float):
         """Consecutive slices over range(total); a None (and no more) once the deadline has passed. Each full
@@ -311,7 +353,7 @@ class CallSizer:
             yield part
             if part.stop - part.start == self.size:
                 seconds = max(time.monotonic() - began, 1e-4)
-                self.size = int(np.clip(self.size * CALL_SECONDS / seconds, 8, MAX_CHUNK))
+                self.size = int(np.clip(self.size * self.seconds / seconds, 8, MAX_CHUNK))
             start = part.stop
 
 
@@ -323,7 +365,8 @@ class Search:
     """
 
     def __init__(self, prop: Property, network: Network, method: str, deadline: float,
-                 bound_fn: BoundFn | None = None, alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None):
+                 bound_fn: BoundFn | None = None, alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None,
+                 beta: AlphaSettings | None = BRANCH_BETA):
         if branching not in (None, "inputs", "relus"):
             raise InputError(f"branching is 'inputs' or 'relus', not {branching!r}")
         self.prop, self.network, self.deadline = prop, network, deadline
@@ -342,6 +385,8 @@ class Search:
         self.attack = Attack(network.differentiable, matrix, offset, self.membership)
         self.boxes_bounded = 0
         self.box_calls, self.domain_calls = CallSizer(), CallSizer()
+        self.beta_calls = CallSizer(seconds=BETA_CALL_SECONDS)
+        self.beta_settings = beta
         self.matrix, self.offset = matrix, offset
         self.attack_seconds = 0.0
         self.started = time.monotonic()
@@ -390,7 +435,8 @@ class Search:
         split their chosen unit both ways (z >= 0 and z <= 0: the parent's bounds with one side set to 0,
         which hold on the child) and the children are bounded in batches: CROWN bounds of the later layers'
         z are recomputed and clamped by the parent's, except after a split in the last layer, where only
-        the margins are (`SplitBounds` modes "clamp" and "given").
+        the margins are (`SplitBounds` modes "clamp" and "given"). Children these bounds leave live are
+        re-bounded with alpha-beta-CROWN on their clamped bounds (`BetaSplitBounds`, unless beta is None).
         A child keeps the better of its own and its parent's margin bounds (its inputs are a subset of the
         parent's; a mixture row's root bound may be alpha-CROWN's for its learned weights, another average of
         the same conjunct's rows, which refutes the conjunct just as well); a child whose clamped bounds
@@ -405,10 +451,13 @@ class Search:
         if clamp.units == 0:
             return "unknown", None, self.boxes_bounded
         self.splitter = None
+        self.beta_bounds = BetaSplitBounds(self.network, self.matrix, self.offset, clamp, self.beta_settings) \
+            if self.beta_settings is not None else None
         self.boxes = (lower, upper)
         self.layer = clamp.layer
         unbounded = np.full((len(lower), clamp.units), np.inf, dtype=np.float32)
-        domains = self._bound_domains(clamp, np.arange(len(lower)), alive, -unbounded, unbounded, margin_lower)
+        unsplit = np.zeros((len(lower), clamp.units), dtype=np.int8)
+        domains = self._bound_domains(clamp, np.arange(len(lower)), alive, -unbounded, unbounded, unsplit, margin_lower)
         if domains is None:
             return self._stopped()
         frontier = Frontier(*domains, key=4)
@@ -419,13 +468,17 @@ class Search:
                 return "timeout", None, self.boxes_bounded
             if (frontier.parts[5] < 0).any():
                 return "unknown", None, self.boxes_bounded
-            if len(frontier) * 4 * (2 * clamp.units + margin_lower.shape[1]) > FRONTIER_BYTES:
+            # float32 bounds of every unit, an int8 split sign, float32 margins
+            if len(frontier) * (9 * clamp.units + 4 * margin_lower.shape[1]) > FRONTIER_BYTES:
                 return "unknown", None, self.boxes_bounded
-            root, alive, unit_lower, unit_upper, _, unit, margins = frontier.pop(max(1, self.domain_calls.size // 2))
+            root, alive, unit_lower, unit_upper, _, unit, margins, signs = frontier.pop(
+                max(1, self.domain_calls.size // 2))
             rows = np.arange(len(root))
             active, inactive = unit_lower.copy(), unit_upper.copy()
             active[rows, unit] = np.maximum(active[rows, unit], 0)
             inactive[rows, unit] = np.minimum(inactive[rows, unit], 0)
+            active_signs, inactive_signs = signs.copy(), signs.copy()
+            active_signs[rows, unit], inactive_signs[rows, unit] = 1, -1
             # A split before the last layer pays off through the later layers' bounds, so those are
             # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
             last = clamp.layer[unit] == clamp.layer[-1]
@@ -438,6 +491,7 @@ class Search:
                                                np.concatenate([alive[group], alive[group]]),
                                                np.concatenate([active[group], unit_lower[group]]),
                                                np.concatenate([unit_upper[group], inactive[group]]),
+                                               np.concatenate([active_signs[group], inactive_signs[group]]),
                                                np.concatenate([margins[group], margins[group]]))
                 if children is None:
                     return self._stopped()
@@ -446,9 +500,9 @@ class Search:
         return ("violated", self.counterexample, self.boxes_bounded) if self.counterexample is not None \
             else ("holds", None, self.boxes_bounded)
 
-    def _bound_domains(self, bounds: SplitBounds, root, alive, unit_lower, unit_upper, parent_lower):
+    def _bound_domains(self, bounds: SplitBounds, root, alive, unit_lower, unit_upper, signs, parent_lower):
         """The live domains among those given, as Frontier parts (root, alive, clamped bounds of z (lower,
-        upper), score, unit to split next or -1, margin lower bounds); None at the deadline."""
+        upper), score, unit to split next or -1, margin lower bounds, split signs); None at the deadline."""
         lower, upper = self.boxes
         found = []
         for chunk in self.domain_calls.slices(len(root), self.deadline):
@@ -457,23 +511,56 @@ class Search:
             margin_lower, clamped_lower, clamped_upper = bounds(lower[root[chunk]], upper[root[chunk]],
                                                                 unit_lower[chunk], unit_upper[chunk])
             self.boxes_bounded += len(margin_lower)
-            margin_lower = np.maximum(margin_lower.astype(np.float64), parent_lower[chunk])
-            slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
-            refuted = ((margin_lower > slack).astype(np.int32) @ self.membership) > 0
             # Crossed clamped bounds (beyond float32 rounding) mean no input of the box meets the splits.
             wide_lower, wide_upper = clamped_lower.astype(np.float64), clamped_upper.astype(np.float64)
             crossing = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(wide_lower) + np.abs(wide_upper))
             empty = (wide_lower > wide_upper + crossing).any(axis=1)
-            live = alive[chunk] & ~refuted & ~empty[:, None]
-            score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(self.membership),
-                                     torch.from_numpy(live)).numpy()
-            keep = live.any(axis=1)
             # Order repaired as the graph does for its relaxations (crossings within rounding).
-            kept_lower = np.minimum(clamped_lower[keep], clamped_upper[keep])
-            kept_upper = np.maximum(clamped_lower[keep], clamped_upper[keep])
-            found.append((root[chunk][keep], live[keep], kept_lower, kept_upper, score[keep],
-                          self._branching_unit(kept_lower, kept_upper), margin_lower[keep].astype(np.float32)))
-        return [np.concatenate([part[k] for part in found]) for k in range(7)]
+            found.append(self._live_domains(root[chunk], alive[chunk] & ~empty[:, None],
+                                            np.minimum(clamped_lower, clamped_upper),
+                                            np.maximum(clamped_lower, clamped_upper), signs[chunk],
+                                            np.maximum(margin_lower.astype(np.float64), parent_lower[chunk])))
+        domains = [np.concatenate([part[k] for part in found]) for k in range(8)]
+        if self.beta_bounds is None or not len(domains[0]):
+            return domains
+        return self._tighten_with_beta(domains)
+
+    def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower):
+        """Frontier parts of the domains with a live conjunct left after refuting by margin_lower."""
+        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
+        refuted = ((margin_lower > slack).astype(np.int32) @ self.membership) > 0
+        live = alive & ~refuted
+        score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(self.membership),
+                                 torch.from_numpy(live)).numpy()
+        keep = live.any(axis=1)
+        return (root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep],
+                self._branching_unit(unit_lower[keep], unit_upper[keep]), margin_lower[keep].astype(np.float32),
+                signs[keep])
+
+    def _tighten_with_beta(self, domains):
+        """Re-bound the live domains with alpha and beta multipliers (`BetaSplitBounds`), in chunks sized by
+        their own CallSizer; at the deadline the domains not reached keep their CROWN bounds (sound)."""
+        root, alive, unit_lower, unit_upper, _, _, margins, signs = domains
+        lower, upper = self.boxes
+        membership = torch.from_numpy(self.membership)
+        found, done = [], 0
+        for chunk in self.beta_calls.slices(len(root), self.deadline):
+            if chunk is None:
+                break
+            live = torch.from_numpy(alive[chunk])
+            watch = ProofWatch(lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,
+                                                            live).numpy(),
+                               self.beta_settings.iterations, self.beta_settings.give_up)
+            tighter = self.beta_bounds(lower[root[chunk]], upper[root[chunk]], unit_lower[chunk], unit_upper[chunk],
+                                       signs[chunk], stop=lambda low, high: time.monotonic() > self.deadline
+                                       or watch(low, high))
+            self.boxes_bounded += len(tighter)
+            margin_lower = np.maximum(tighter.astype(np.float64), margins[chunk])
+            found.append(self._live_domains(root[chunk], alive[chunk], unit_lower[chunk], unit_upper[chunk],
+                                            signs[chunk], margin_lower))
+            done = chunk.stop
+        found.append(tuple(part[done:] for part in domains))
+        return [np.concatenate([part[k] for part in found]) for k in range(8)]
 
     def _branching_unit(self, lower, upper) -> np.ndarray:
         """Per domain, the unstable unit with the largest triangle relaxation intercept -l·u/(u-l) in the

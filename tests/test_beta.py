@@ -1,0 +1,208 @@
+"""beta-CROWN: multipliers of ReLU split constraints in the CROWN pass, optimised with alpha, used by verify.
+
+beta = 0 reproduces the bounds without multipliers; every beta >= 0 gives a bound that holds on the inputs
+meeting the splits (dense sampling and an attack restricted to the split domain); optimised multipliers only
+tighten; verify with them never proves a property that has a counterexample.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from graphcert.alpha import AlphaCrown
+from graphcert.export import to_proto
+from graphcert.interface import InputSet
+from graphcert.model import load
+from graphcert.passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX,
+                                    SPLIT_SIGN_PREFIX, SPLIT_UPPER_PREFIX, CrownPass)
+from graphcert.passes.spec import SpecPass
+from graphcert.runtime import Session
+from test_relu_split import (SPEC, box_feeds, crown_upper_bound, open_clamps, pre_activations, relu_network,
+                             write_box_property)
+
+WIDTHS = [3, 10, 10, 3]
+TOLERANCE = 1e-4
+
+
+def spec_model(proto):
+    return SpecPass(SPEC, None, keep_output=False)(load(proto)).model
+
+
+def split_domains(layers, units, lower, upper, rng, domains: int, per_layer: int = 3):
+    """Clamp feeds and signs of domains that fix `per_layer` units per layer as at a sampled point of the
+    box (so that inputs meet them)."""
+    hidden_widths = [w.shape[1] for w, _ in layers[:-1]]
+    feeds = open_clamps(units, hidden_widths, domains)
+    signs = {name: np.zeros((domains, width), dtype=np.float32) for name, width in zip(units, hidden_widths)}
+    anchors = rng.uniform(lower, upper, size=(domains, len(lower)))
+    hidden, _ = pre_activations(layers, anchors)
+    for d in range(domains):
+        for name, z, width in zip(units, hidden, hidden_widths):
+            chosen = rng.choice(width, size=per_layer, replace=False)
+            active = z[d, chosen] >= 0
+            feeds[SPLIT_LOWER_PREFIX + name][d, chosen[active]] = 0.0
+            feeds[SPLIT_UPPER_PREFIX + name][d, chosen[~active]] = 0.0
+            signs[name][d, chosen] = np.where(active, 1.0, -1.0)
+    return feeds, signs
+
+
+def meets_signs(hidden, units, signs, d: int) -> np.ndarray:
+    meets = np.ones(len(hidden[0]), dtype=bool)
+    for name, z in zip(units, hidden):
+        meets &= (signs[name][d] * z >= 0).all(axis=1)
+    return meets
+
+
+def attack_in_domain(layers, units, signs, d: int, lower, upper, rng, starts: int = 32, steps: int = 60):
+    """Projected sign-gradient descent on the smallest margin with a penalty for violated splits; the final
+    points (to be filtered by the splits, exactly)."""
+    weights = [(torch.tensor(w, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64)) for w, bias in layers]
+    spec = torch.tensor(SPEC, dtype=torch.float64)
+    lo, hi = torch.tensor(lower), torch.tensor(upper)
+    x = torch.tensor(rng.uniform(lower, upper, size=(starts, len(lower))), requires_grad=True)
+    step = 0.05 * (hi - lo)
+    for k in range(steps):
+        h, penalty = x, 0.0
+        for index, (w, bias) in enumerate(weights):
+            h = h @ w + bias
+            if index < len(weights) - 1:
+                sign = torch.tensor(signs[units[index]][d], dtype=torch.float64)
+                penalty = penalty + torch.relu(-sign * h).sum(dim=1)
+                h = torch.relu(h)
+        objective = (h @ spec.T).min(dim=1).values + 10.0 * penalty
+        grad, = torch.autograd.grad(objective.sum(), x)
+        with torch.no_grad():
+            x -= step * (0.98 ** k) * grad.sign()
+            x.copy_(torch.max(torch.min(x, hi), lo))
+    return x.detach().numpy()
+
+
+def beta_feeds(graph, signs, rows: int, domains: int, scale: float, rng) -> dict:
+    """Split signs and random multipliers (uniform in [0, scale]) for every beta input of the graph."""
+    feeds = {SPLIT_SIGN_PREFIX + name: sign for name, sign in signs.items()}
+    for name, unit in json.loads(graph.metadata_props["graphcert.beta"]).items():
+        feeds[name] = rng.uniform(0, scale, size=(rows, domains, signs[unit].shape[1])).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("mode", ["clamp", "given"])
+def test_zero_multipliers_reproduce_the_bounds_without_them(mode):
+    proto, layers = relu_network(WIDTHS, seed=1)
+    spec = spec_model(proto)
+    plain = CrownPass(InputSet("box"), keep_original=False, split_bounds=mode)(spec).model
+    with_beta = CrownPass(InputSet("box"), keep_original=False, split_bounds=mode, beta=True)(spec).model
+    units = json.loads(plain.metadata_props["graphcert.splits"])
+    rng = np.random.default_rng(0)
+    lower, upper = np.full(3, -0.7), np.full(3, 0.7)
+    feeds, signs = split_domains(layers, units, lower, upper, rng, domains=6)
+    boxes = box_feeds(np.tile(lower, (6, 1)), np.tile(upper, (6, 1)))
+    expected = Session(to_proto(plain)).run({**boxes, **feeds})
+    zero = beta_feeds(with_beta, signs, len(SPEC), 6, 0.0, rng)
+    found = Session(to_proto(with_beta)).run({**boxes, **feeds, **zero})
+    assert set(found) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(found[name], expected[name])
+
+
+def test_multipliers_need_split_bounds():
+    with pytest.raises(ValueError, match="split_bounds"):
+        CrownPass(InputSet("box"), beta=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_any_nonnegative_multipliers_give_a_bound_on_the_split_domain(seed):
+    """margins_lower <= every margin at sampled and attacked inputs of the box meeting the split signs, for
+    multipliers small and large."""
+    proto, layers = relu_network(WIDTHS, seed=seed)
+    graph = CrownPass(InputSet("box"), keep_original=False, split_bounds="clamp", beta=True)(spec_model(proto)).model
+    session = Session(to_proto(graph))
+    units = json.loads(graph.metadata_props["graphcert.splits"])
+    rng = np.random.default_rng(seed)
+    domains = 4
+    center = rng.uniform(-0.5, 0.5, size=3)
+    lower, upper = center - 0.6, center + 0.6
+    feeds, signs = split_domains(layers, units, lower, upper, rng, domains)
+    boxes = box_feeds(np.tile(lower, (domains, 1)), np.tile(upper, (domains, 1)))
+    points = rng.uniform(lower, upper, size=(20000, 3))
+    hidden, y = pre_activations(layers, points)
+    margins = y @ SPEC.T.astype(np.float64)
+    in_domain = []
+    for d in range(domains):
+        attacked = attack_in_domain(layers, units, signs, d, lower, upper, rng)
+        attacked_hidden, attacked_y = pre_activations(layers, attacked)
+        inside = meets_signs(attacked_hidden, units, signs, d)
+        in_domain.append(np.concatenate([margins[meets_signs(hidden, units, signs, d)],
+                                         (attacked_y @ SPEC.T.astype(np.float64))[inside]]))
+        assert len(in_domain[d]), "every domain is met by the point it was made from"
+    for scale in (0.3, 3.0):
+        out = session.run({**boxes, **feeds, **beta_feeds(graph, signs, len(SPEC), domains, scale, rng)})
+        for d in range(domains):
+            assert (in_domain[d] >= out["margins_lower"][d] - TOLERANCE).all()
+
+
+def test_optimised_multipliers_tighten_and_stay_sound():
+    """alpha-beta-CROWN on split domains (given clamped bounds): never looser than CROWN with beta = 0, tighter
+    than alpha alone somewhere, and below every margin of the domain's sampled inputs."""
+    proto, layers = relu_network([3, 16, 16, 3], seed=3)
+    spec = spec_model(proto)
+    clamp = CrownPass(InputSet("box"), keep_original=False, split_bounds="clamp")(spec).model
+    units = json.loads(clamp.metadata_props["graphcert.splits"])
+    rng = np.random.default_rng(5)
+    domains = 8
+    lower, upper = np.full(3, -0.8), np.full(3, 0.8)
+    feeds, signs = split_domains(layers, units, lower, upper, rng, domains, per_layer=4)
+    boxes = box_feeds(np.tile(lower, (domains, 1)), np.tile(upper, (domains, 1)))
+    clamped = Session(to_proto(clamp)).run({**boxes, **feeds})
+    given = {**boxes, **{SPLIT_LOWER_PREFIX + n: clamped[CLAMPED_LOWER_PREFIX + n] for n in units},
+             **{SPLIT_UPPER_PREFIX + n: clamped[CLAMPED_UPPER_PREFIX + n] for n in units},
+             **{SPLIT_SIGN_PREFIX + n: signs[n] for n in units}}
+    start = clamped["margins_lower"]
+    bounds = {}
+    for beta in (False, True):
+        bounder = AlphaCrown(spec, "box", split_bounds="given", beta=beta)
+        bounds[beta], _ = bounder.bounds(given, iterations=30, lr=0.1)
+    assert (bounds[True] >= start - 1e-5).all()
+    assert (bounds[True] > bounds[False] + 1e-3).any()
+    points = rng.uniform(lower, upper, size=(40000, 3))
+    hidden, y = pre_activations(layers, points)
+    margins = y @ SPEC.T.astype(np.float64)
+    for d in range(domains):
+        inside = meets_signs(hidden, units, signs, d)
+        assert (margins[inside] >= bounds[True][d] - TOLERANCE).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_verify_with_multipliers_never_proves_a_violated_property(tmp_path, seed):
+    """Thresholds just below the sampled maximum of y_0 (a counterexample exists; the attack may miss it):
+    whatever the search answers, it is not `holds`."""
+    from graphcert.verify import BRANCH_BETA, verify
+    proto, layers = relu_network([3, 12, 12, 2], seed + 20)
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    points = np.random.default_rng(seed).uniform(-1, 1, size=(200000, 3))
+    top = float(pre_activations(layers, points)[1][:, 0].max())
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 3, -1, 1, f"(>= Y_0 {top - 1e-4})", 2)
+    assert BRANCH_BETA is not None
+    assert verify(model, spec, timeout=3, method="crown", branching="relus").status != "holds"
+
+
+def test_multipliers_prove_what_clamps_alone_cannot(tmp_path):
+    """y_0 < t on [-1, 1]^4 with t 60 % of the way from the sampled maximum to CROWN's bound. Clamps alone
+    end with live domains whose every unit is decided (the network is affine there, but the bound over the
+    whole box ignores the split constraints) and answer unknown; their multipliers bring the constraints in
+    and prove the property."""
+    from graphcert.verify import BRANCH_BETA, verify
+    proto, layers = relu_network([4, 20, 20, 2], seed=1)
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    points = np.random.default_rng(0).uniform(-1, 1, size=(200000, 4))
+    top = float(pre_activations(layers, points)[1][:, 0].max())
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 4, -1, 1, f"(>= Y_0 {top + 0.6 * (crown_upper_bound(proto, 4) - top)})", 2)
+    assert verify(model, spec, timeout=5, method="crown", branching="relus", beta=None).status != "holds"
+    assert verify(model, spec, timeout=20, method="crown", branching="relus", beta=BRANCH_BETA).status == "holds"
