@@ -184,18 +184,20 @@ def test_relu_splitting_proves_what_crown_cannot_and_never_proves_a_violation(tm
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_relu_splitting_never_proves_a_property_with_a_counterexample_attacks_miss(tmp_path, seed):
+@pytest.mark.parametrize("beta", ["default", None])
+def test_relu_splitting_never_proves_a_property_with_a_counterexample_attacks_miss(tmp_path, seed, beta):
     """A spike: a violation confined to a tiny region that sampling and PGD rarely find. Whatever the
-    search answers, it must not be `holds`."""
+    search answers (with β-CROWN multipliers, by default, or clamps alone), it must not be `holds`."""
     from graphcert.verify import verify
-    proto, layers = relu_network([3, 12, 12, 2], seed + 10)
+    options = {} if beta == "default" else {"beta": None}
+    proto, layers = relu_network([3, 12, 12, 2], seed + 10 * (2 if beta == "default" else 1))
     model = tmp_path / "m.onnx"
     onnx.save(proto, model)
     points = np.random.default_rng(seed).uniform(-1, 1, size=(200000, 3))
     top = float(pre_activations(layers, points)[1][:, 0].max())
     spec = tmp_path / "p.vnnlib"
     write_box_property(spec, 3, -1, 1, f"(>= Y_0 {top - 1e-4})", 2)
-    assert verify(model, spec, timeout=3, method="crown", branching="relus").status != "holds"
+    assert verify(model, spec, timeout=3, method="crown", branching="relus", **options).status != "holds"
 
 
 def test_a_wide_input_branches_on_relus(tmp_path):
