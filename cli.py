@@ -62,8 +62,11 @@ def run_inspect(args) -> int:
         for item in info[kind]:
             print(f"  {kind[:-1]:6} {item['name']}: {item['shape']}")
     print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
+    from graphcert.api import NORMS, TRAINING_ONLY
     for method, missing in info["methods"].items():
-        print(f"  {method:12} " + ("supported" if not missing else "unsupported: " + ", ".join(missing)))
+        role = "train only" if method in TRAINING_ONLY else "bounds " + "/".join(NORMS[method])
+        state = "supported" if not missing else "unsupported: " + ", ".join(missing)
+        print(f"  {method:12} {role:17} {state}")
     return 0
 
 
