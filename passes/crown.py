@@ -412,7 +412,8 @@ class CrownPass(ir.passes.FunctionalPass):
                 perturbed.update(part.outputs[0] for part in parts)
                 nodes[index:index] = parts
                 continue
-            needs = crown_products.relaxed_inputs(node, perturbed)
+            # A decomposed op (a pair MaxPool) is bounded through its primitives, not relaxed itself.
+            needs = [] if node in cx.decomposed else crown_products.relaxed_inputs(node, perturbed)
             split = self.split_bounds is not None and node.op_type in SPLIT_UNITS
             for x in needs:
                 # IBP is exact up to one linear layer on a box, never on an L2 ball.

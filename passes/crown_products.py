@@ -37,8 +37,20 @@ class Primitive:
 
 
 def decomposes(node: ir.Node, perturbed: set) -> bool:
-    """Softmax and LayerNormalization always; Div when its denominator is bounded (x / y = x · (1/y))."""
+    """Softmax and LayerNormalization always; Div when its denominator is bounded (x / y = x · (1/y)); MaxPool
+    over disjoint pairs of the last axis (GroupSort2 exports as it)."""
+    if node.op_type == "MaxPool":
+        return _pair_max(node)
     return node.op_type in DECOMPOSED and (node.op_type != "Div" or node.inputs[1] in perturbed)
+
+
+def _pair_max(node: ir.Node) -> bool:
+    """A 1-D MaxPool with window 2 and stride 2, no padding or dilation, over a static even length."""
+    shape = static_shape(node.inputs[0])
+    return (len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] % 2 == 0
+            and list(attr(node, "kernel_shape", [])) == [2] and list(attr(node, "strides", [1])) == [2]
+            and not any(attr(node, "pads", [0, 0])) and list(attr(node, "dilations", [1])) == [1]
+            and len(node.outputs) == 1)
 
 
 def relaxed_inputs(node, perturbed: set) -> list[ir.Value]:
@@ -90,6 +102,8 @@ def decompose(b: Builder, node: ir.Node, env: dict) -> tuple[list[Primitive], ir
         result = _softmax(steps, node, env[node.inputs[0]])
     elif node.op_type == "LayerNormalization":
         result = _layer_norm(steps, node)
+    elif node.op_type == "MaxPool":
+        result = _pair_max_steps(steps, node.inputs[0])
     else:
         result = steps("Mul", node.inputs[0], steps("Reciprocal", node.inputs[1]))
     return steps.made, result
@@ -124,6 +138,20 @@ def _shifted_softmax(steps: _Steps, x: ir.Value, axis: int, box: Interval) -> ir
     shift = b.reduce("ReduceMax", clamped(b, box.upper, FLOAT_MAX), [axis], keepdims=1)
     e = steps("Exp", steps("Sub", x, shift, shape=static_shape(x)))
     return steps("Mul", e, steps("Reciprocal", steps.sum(e, [axis])))
+
+
+def _pair_max_steps(steps: _Steps, x: ir.Value) -> ir.Value:
+    """max(a, b) = b + relu(a - b) for the pairs (a, b) = (x[2i], x[2i+1]): the Relu then sees bounds of a - b
+    itself, which linear bounds keep tight when a and b move together (intervals of a and b alone cannot)."""
+    dims = static_shape(x)
+    n = dims[-1]
+    evens, odds = np.zeros((n, n // 2), np.float32), np.zeros((n, n // 2), np.float32)
+    evens[0::2, :] = np.eye(n // 2, dtype=np.float32)
+    odds[1::2, :] = np.eye(n // 2, dtype=np.float32)
+    pooled = dims[:-1] + [n // 2]
+    second = steps("MatMul", x, steps.b.const(odds), shape=pooled)
+    gap = steps("MatMul", x, steps.b.const(evens - odds), shape=pooled)
+    return steps("Add", second, steps("Relu", gap))
 
 
 def _layer_norm(steps: _Steps, node: ir.Node) -> ir.Value:
