@@ -21,14 +21,15 @@ SUPPORTS: dict[str, Callable[[ir.Node], bool]] = {}
 NORMS: dict[str, tuple[str, ...]] = {}
 # Methods that fold a run-time objective themselves: their factory takes `objective=True` for spec="runtime".
 OWN_OBJECTIVE: set[str] = set()
-# Methods whose graphs only train (their bounds are estimates): never suggested for certify or convert.
-TRAINING_ONLY: set[str] = set()
+# Methods whose graphs only train (their bounds are estimates) -> why, and what certifies instead; never
+# suggested for certify or convert.
+TRAINING_ONLY: dict[str, str] = {}
 NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
 
 
 def register_method(name: str, factory: Callable[..., ir.passes.PassBase],
                     supports: Callable[[ir.Node], bool] | None = None, norms: tuple[str, ...] = ("linf",),
-                    own_objective: bool = False, training_only: bool = False) -> None:
+                    own_objective: bool = False, training_only: str | None = None) -> None:
     METHODS[name] = factory
     NORMS[name] = norms
     if supports is not None:
@@ -36,7 +37,7 @@ def register_method(name: str, factory: Callable[..., ir.passes.PassBase],
     if own_objective:
         OWN_OBJECTIVE.add(name)
     if training_only:
-        TRAINING_ONLY.add(name)
+        TRAINING_ONLY[name] = training_only
 
 
 def bounding_methods(norm: str) -> list[str]:
@@ -52,6 +53,12 @@ def check_norm(method: str, norm: str) -> None:
         others = ", ".join(bounding_methods(norm))
         bounds = " and ".join(NORM_NAMES[n] for n in NORMS[method])
         raise InputError(f"method '{method}' bounds {bounds} balls only; for {NORM_NAMES[norm]} use {others}")
+
+
+GLORO_REFUSAL = ("gloro estimates Lipschitz constants by power iteration, from below: it is for training "
+                 "(graphcert train --method gloro); certify with --method lipschitz --norm l2")
+ORTHOGONAL_REFUSAL = ("orthogonal builds training graphs whose margin bound trusts the Björck iteration: it is "
+                      "for training (graphcert train --method orthogonal); certify with --method lipschitz --norm l2")
 
 
 def _register_builtin() -> None:
@@ -71,10 +78,10 @@ def _register_builtin() -> None:
                     own_objective=True)
     from graphcert.passes import gloro
     register_method("gloro", _gloro_factory, supports=gloro.supports, norms=("l2",), own_objective=True,
-                    training_only=True)
+                    training_only=GLORO_REFUSAL)
     from graphcert.passes import orthogonal
     register_method("orthogonal", _orthogonal_factory, supports=orthogonal.supports, norms=("l2",),
-                    own_objective=True, training_only=True)
+                    own_objective=True, training_only=ORTHOGONAL_REFUSAL)
 
 
 def _lipschitz_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
@@ -88,17 +95,14 @@ def _lipschitz_factory(input_set, keep_original=True, trainable=False, norm="l2"
 def _gloro_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
     from graphcert.passes.gloro import GloroPass
     if not (trainable and objective):
-        raise InputError("gloro estimates Lipschitz constants by power iteration, from below: it is for training "
-                         "(graphcert train --method gloro); certify with --method lipschitz --norm l2")
+        raise InputError(GLORO_REFUSAL)
     return GloroPass(input_set, keep_original=keep_original)
 
 
 def _orthogonal_factory(input_set, keep_original=True, trainable=False, norm="l2", objective=False):
     from graphcert.passes.orthogonal import OrthogonalPass
     if not (trainable and objective):
-        raise InputError("orthogonal builds training graphs whose margin bound trusts the Björck iteration: it is "
-                         "for training (graphcert train --method orthogonal); certify with --method lipschitz "
-                         "--norm l2")
+        raise InputError(ORTHOGONAL_REFUSAL)
     return OrthogonalPass(input_set, keep_original=keep_original)
 
 

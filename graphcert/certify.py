@@ -233,7 +233,7 @@ def check_method_norm(method: str, norm: str) -> None:
     if norms is None or norm in norms:
         return
     if method in api.TRAINING_ONLY:
-        api.METHODS[method](None)  # its factory says why it does not certify and what does
+        raise InputError(api.TRAINING_ONLY[method])
     able = sorted(api.bounding_methods(norm) + [m for m, kinds in CERTIFIER_NORMS.items() if norm in kinds])
     balls = " and ".join(api.NORM_NAMES[n] for n in norms)
     raise InputError(f"method '{method}' bounds {balls} balls only; for {api.NORM_NAMES[norm]} use {', '.join(able)}")

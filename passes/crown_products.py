@@ -45,12 +45,12 @@ def decomposes(node: ir.Node, perturbed: set) -> bool:
 
 
 def _pair_max(node: ir.Node) -> bool:
-    """A 1-D MaxPool with window 2 and stride 2, no padding or dilation, over a static even length."""
+    """A 1-D MaxPool over disjoint windows of 2 (`lipschitz.disjoint_windows`), on a static even length."""
+    from graphcert.passes.lipschitz import disjoint_windows
     shape = static_shape(node.inputs[0])
-    return (len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] % 2 == 0
-            and list(attr(node, "kernel_shape", [])) == [2] and list(attr(node, "strides", [1])) == [2]
-            and not any(attr(node, "pads", [0, 0])) and list(attr(node, "dilations", [1])) == [1]
-            and len(node.outputs) == 1)
+    return (len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] % 2 == 0 and len(node.outputs) == 1
+            and tuple(attr(node, "kernel_shape", ())) == (2,) and tuple(attr(node, "strides", (1,))) == (2,)
+            and disjoint_windows(node))
 
 
 def relaxed_inputs(node, perturbed: set) -> list[ir.Value]:

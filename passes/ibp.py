@@ -440,14 +440,18 @@ class IntervalPass(ir.passes.FunctionalPass):
         return ir.passes.PassResult(result, modified=True)
 
 
+SAMPLEWISE_LINEAR = {"MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "GlobalAveragePool",
+                     "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Dropout"}
+
+
 def _keeps_batch_axis(node: ir.Node) -> bool:
     """Ops that act on each sample alone with the batch on axis 0 in and out: a batch-shared radius (see
     `Interval.shared`) goes through them as one row. Others that index the batch axis (Slice, Gather, Tile,
     reshapes across it, reductions over it) get a materialised radius."""
     op = node.op_type
-    if op in ("Gemm",):
+    if op == "Gemm":
         return not attr(node, "transA", 0)
-    if op in ("Flatten",):
+    if op == "Flatten":
         return attr(node, "axis", 1) == 1
     if op == "Reshape":
         target = node.inputs[1].const_value
@@ -458,10 +462,6 @@ def _keeps_batch_axis(node: ir.Node) -> bool:
         axes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
         return axes is not None and 0 not in axes.numpy().reshape(-1).tolist()
     return op in SAMPLEWISE_LINEAR
-
-
-SAMPLEWISE_LINEAR = {"MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "GlobalAveragePool",
-                     "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Dropout"}
 
 
 def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,

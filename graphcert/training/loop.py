@@ -34,12 +34,11 @@ from graphcert.training.checkpoint import (Checkpoint, check_resumable, checkpoi
 from graphcert.training.initialisation import ibp_initialise
 from graphcert.training.hr import check_hr, hr_weights
 from graphcert.training.losses import KAPPA, SAMPLE_WEIGHTS, Loss, check_loss, training_graph, training_norm
-
-# Methods whose training graphs are not sound bounds -> the method that certifies what they train.
-CERTIFIED_BY = {"gloro": "lipschitz", "orthogonal": "lipschitz"}
 from graphcert.training.schedule import SHAPES, Schedule, default_phases
 from graphcert.training.writeback import deployed_weights, trainable_names, write_back
 
+# Methods whose training graphs are not sound bounds -> the method that certifies what they train.
+CERTIFIED_BY = {"gloro": "lipschitz", "orthogonal": "lipschitz"}
 INITS = ("ibp", "default")
 SPLIT_SEED = 20210331  # the held-out split does not depend on --seed, so runs with other seeds compare
 
