@@ -11,6 +11,7 @@ import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
 
 from .errors import ModelLoadError
+from .normalise_ops import expand_functions
 
 TARGET_OPSET = 17
 BATCH = "batch"
@@ -50,6 +51,7 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
     if len(proto.graph.node) == 0:
         raise ModelLoadError("the model has no nodes")
     _drop_initializer_inputs(proto)
+    proto = expand_functions(proto)  # ops defined by an ONNX function body, where no pass has a rule
     # IR < 4 requires initializers to be listed as inputs; the newer IR lets them stand alone.
     proto.ir_version = max(proto.ir_version, 8)
     made_symbolic = _make_batch_symbolic(proto)
