@@ -29,7 +29,7 @@ def add_convert(sub) -> None:
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
     p.add_argument("--norm", default="linf",
                    help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
-    p.set_defaults(run=run_convert)
+    p.set_defaults(run=run_convert, reads=("model", "spec"), writes=("output",))
 
 
 def run_convert(args) -> int:
@@ -90,7 +90,7 @@ def add_certify(sub) -> None:
     from graphcert.alpha import CERTIFY_ALPHA
     add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run_certify)
+    p.set_defaults(run=run_certify, reads=("model", "data"), writes=())
 
 
 def add_alpha_options(p, defaults) -> None:
@@ -125,10 +125,16 @@ def run_certify(args) -> int:
 
 # ---- verify --------------------------------------------------------------------------------------------
 
+# A script can branch on the verdict without parsing output; 2 stays "bad input" and 130 "interrupted".
+VERDICT_EXIT_CODES = {"holds": 0, "violated": 10, "unknown": 20, "timeout": 30}
+
+
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="decide a VNN-LIB property (holds / violated / unknown)",
-                       description="graphcert verify MODEL SPEC, or graphcert verify --instances FILE.csv")
-    p.add_argument("model", nargs="?", help="ONNX model file")
+                       description="graphcert verify MODEL SPEC, or graphcert verify --instances FILE.csv. "
+                                   "Exit code: 0 holds, 10 violated, 20 unknown, 30 timeout, 2 bad input "
+                                   "(with --instances: 0 once every instance has a result).")
+    p.add_argument("model", nargs="?", help="ONNX model file (or the name of a shipped model)")
     p.add_argument("spec", nargs="?", help="VNN-LIB property file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for one property (default: 60)")
     p.add_argument("--out", help="result file (competition format), or the results CSV with --instances")
@@ -137,7 +143,7 @@ def add_verify(sub) -> None:
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
     from graphcert.alpha import VERIFY_ALPHA
     add_alpha_options(p, VERIFY_ALPHA)
-    p.set_defaults(run=run_verify)
+    p.set_defaults(run=run_verify, reads=("model", "spec", "instances"), writes=("out",))
 
 
 def run_verify(args) -> int:
@@ -158,13 +164,13 @@ def run_verify(args) -> int:
         return 0
     if not (args.model and args.spec):
         raise InputError("verify needs MODEL and SPEC (or --instances FILE.csv)")
-    result = verifier.verify(args.model, args.spec, timeout=args.timeout, method=args.method,
+    result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
                              alpha=alpha_settings(args, VERIFY_ALPHA))
     if args.out:
         verifier.write_result(result, args.out)
     print(result.status)
     print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded", file=sys.stderr)
-    return 0
+    return VERDICT_EXIT_CODES[result.status]
 
 
 # ---- train ---------------------------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def add_train(sub) -> None:
                         "plain certified training)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    p.set_defaults(run=run_train)
+    p.set_defaults(run=run_train, reads=("model", "data"), writes=("output", "checkpoint"))
 
 
 def run_train(args) -> int:
@@ -271,7 +277,7 @@ def add_export_training(sub) -> None:
     p.add_argument("--eps", type=float, help="target L-inf radius, recorded in the manifest (epsilon is an input)")
     p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"), help="clip the input box to [LO, HI]")
     p.add_argument("--grad-clip", type=float, default=10.0, help="clip the gradient's L2 norm (0: off)")
-    p.set_defaults(run=run_export_training)
+    p.set_defaults(run=run_export_training, reads=("model",), writes=())
 
 
 def run_export_training(args) -> int:
@@ -289,18 +295,58 @@ def run_export_training(args) -> int:
 
 # ---- entry point ---------------------------------------------------------------------------------------
 
+def _version() -> str:
+    try:  # the installed distribution's version, without importing the library (it loads onnx)
+        from importlib.metadata import version
+        return version("graphcert")
+    except Exception:  # a checkout run without installing
+        return "0.1.0 (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphcert", description="Certified robustness for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"graphcert {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_convert, add_inspect, add_certify, add_verify, add_train, add_export_training):
         add(sub)
     return parser
 
 
+def read_paths(args) -> list[str]:
+    """The files a command reads: its `reads` arguments, shipped model names resolved, and for --instances
+    every model and property the instances file lists."""
+    paths = []
+    for name in getattr(args, "reads", ()):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        paths.append(shipped_model(value) if name == "model" else value)
+        if name == "instances" and os.path.isfile(value):
+            import csv
+            folder = os.path.dirname(os.path.abspath(value))
+            with open(value, newline="") as handle:
+                paths += [os.path.join(folder, cell) for row in csv.reader(handle)
+                          if row and not row[0].startswith("#") for cell in row[:2]]
+    return paths
+
+
+def written_paths(args) -> list[str]:
+    """The files a command writes: its `writes` arguments; train's checkpoint sits beside its output."""
+    paths = []
+    for name in getattr(args, "writes", ()):
+        if name == "checkpoint":
+            paths.append(f"{args.output}.ckpt" if getattr(args, "output", None) else None)
+        else:
+            paths.append(getattr(args, name, None))
+    return [p for p in paths if p is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from graphcert.errors import GraphcertError
+    from graphcert.files import refuse_overwrite
     try:
+        refuse_overwrite(written_paths(args), read_paths(args))
         return args.run(args)
     except GraphcertError as exc:
         print(f"graphcert: error: {exc}", file=sys.stderr)

@@ -148,7 +148,9 @@ def convert(model_path: str | os.PathLike, out_path: str | os.PathLike, method: 
             norm: str = "linf") -> onnx.ModelProto:
     """Write the bound graph of a model file (`epsilon` an L-inf or, with norm "l2", an L2 radius); never
     overwrites the input."""
+    from .files import refuse_overwrite
     check_norm(method, norm)
+    refuse_overwrite([out_path], [model_path, spec_path])
     normalised = load(model_path)
     spec, offset = None, None
     if spec_path is not None:

@@ -26,6 +26,7 @@ from graphcert.certify import CertifyResult, certify, check_eps, margin_objectiv
 from graphcert.data import Dataset, fit_to_input, load_dataset
 from graphcert.errors import InputError
 from graphcert.export import atomic_write, save
+from graphcert.files import refuse_overwrite
 from graphcert.interface import epsilon_name, perturbed_inputs
 from graphcert.model import static_shape
 from graphcert.training.backends import BACKENDS, make_backend
@@ -159,9 +160,7 @@ def validate(config: TrainConfig) -> tuple[int, int]:
     folder = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(folder):
         raise InputError(f"output folder does not exist: {folder}; create it first")
-    if config.model is not None and os.path.exists(config.output) and os.path.exists(config.model) \
-            and os.path.samefile(config.model, config.output):
-        raise InputError(f"refusing to overwrite the input model {config.output}; choose another output path")
+    refuse_overwrite([config.output, checkpoint_path(config.output)], [config.model, config.data])
     return warmup, rampup
 
 
