@@ -105,6 +105,18 @@ def alpha_settings(args, defaults):
     return dataclasses.replace(defaults, iterations=args.alpha_iterations, lr=args.alpha_lr)
 
 
+def clipping_note(data, clip: bool, method: str) -> str:
+    """Say whether the ball was clipped to the data domain: a data file without `domain` is never clipped."""
+    if data.domain is None:
+        return "input set: the whole ball (the data declare no domain, so nothing is clipped)"
+    lo, hi = data.domain
+    if not clip:
+        return f"input set: the whole ball (--no-clip; the data domain is [{lo:g}, {hi:g}])"
+    if method == "lipschitz":
+        return f"input set: the whole ball (lipschitz never clips; a superset of the ball within [{lo:g}, {hi:g}])"
+    return f"input set: the ball clipped to the data domain [{lo:g}, {hi:g}]"
+
+
 def run_certify(args) -> int:
     from graphcert.alpha import CERTIFY_ALPHA
     from graphcert.certify import certify
@@ -117,6 +129,7 @@ def run_certify(args) -> int:
         print(json.dumps(result.as_dict()))
     else:
         print(f"{result.n} samples of {data.name}, {result.norm} eps={result.eps:g}, method={result.method}")
+        print(clipping_note(data, not args.no_clip, args.method))
         print(f"clean accuracy:     {result.clean_accuracy:.2%} ({result.clean}/{result.n})")
         print(f"certified accuracy: {result.certified_accuracy:.2%} ({result.certified}/{result.n})")
         print(f"seconds:            {result.seconds:.2f}")
