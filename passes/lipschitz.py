@@ -13,6 +13,8 @@ a superset of the clipped ball, so still sound.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import scipy.linalg
@@ -24,6 +26,7 @@ from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
 from graphcert.model import static_shape
+from graphcert.ops import WindowGeometry
 from graphcert.passes.spec import MARGINS, _affine_producer
 
 RULES: dict = {}
@@ -93,52 +96,13 @@ def spectral_norm(matrix) -> float:
     return outward(np.sqrt(column_sums * row_sums))
 
 
-class ConvGeometry:
-    """The sliding-window layout of a Conv / pooling node on its input's spatial size."""
-
-    def __init__(self, node: ir.Node, spatial: list[int], kernel: list[int]):
-        rank = len(spatial)
-        self.spatial, self.kernel = list(spatial), list(kernel)
-        self.strides = list(attr(node, "strides", None) or [1] * rank)
-        self.dilations = list(attr(node, "dilations", None) or [1] * rank)
-        pads = list(attr(node, "pads", None) or [0] * (2 * rank))
-        begin, end = pads[:rank], pads[rank:]
-        auto_pad = attr(node, "auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        ceil_mode = attr(node, "ceil_mode", 0)
-        extents = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
-        if auto_pad == "VALID":
-            begin, end = [0] * rank, [0] * rank
-        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            totals = [max((-(-n // s) - 1) * s + e - n, 0) for n, s, e in zip(spatial, self.strides, extents)]
-            small = [t // 2 for t in totals]
-            large = [t - s for t, s in zip(totals, small)]
-            begin, end = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-        self.begin, self.end = begin, end
-        self.padded = [n + b + e for n, b, e in zip(spatial, begin, end)]
-        # With ceil_mode a last window starting in the end padding may or may not exist (runtimes differ):
-        # counting it only adds a row to the operator, which never lowers the bound.
-        rounding = np.ceil if ceil_mode else np.floor
-        self.out = [max(int(rounding((padded - extent) / stride)) + 1, 0)
-                    for padded, extent, stride in zip(self.padded, extents, self.strides)]
-
-    def taps(self, axis: int) -> np.ndarray:
-        """[out, kernel] input positions read along `axis` (outside [0, size) means padding)."""
-        o = np.arange(self.out[axis])[:, None]
-        a = np.arange(self.kernel[axis])[None, :]
-        return o * self.strides[axis] - self.begin[axis] + a * self.dilations[axis]
-
-    def max_cover(self) -> int:
-        """The most windows any single input element lies in (a product over axes of per-axis maxima)."""
-        cover = 1
-        for axis, size in enumerate(self.spatial):
-            positions = self.taps(axis)
-            inside = positions[(positions >= 0) & (positions < size)]
-            cover *= int(np.bincount(inside, minlength=size).max()) if inside.size else 0
-        return cover
+def ConvGeometry(node: ir.Node, spatial: list[int], kernel: list[int]) -> WindowGeometry:  # noqa: N802
+    """The window layout of a Conv / pooling node on its input's spatial size, counting a ceil-mode window that
+    starts in the end padding too: runtimes differ on it, and an extra row never lowers a norm bound."""
+    return dataclasses.replace(WindowGeometry.of(node, spatial, kernel), count_padding_starts=True)
 
 
-def conv_matrix(weight: np.ndarray, geometry: ConvGeometry, group: int) -> scipy.sparse.csr_matrix:
+def conv_matrix(weight: np.ndarray, geometry: WindowGeometry, group: int) -> scipy.sparse.csr_matrix:
     """The dense-layout (out × in) matrix of a Conv without bias, as a sparse matrix."""
     cout, cin_group = weight.shape[:2]
     spatial, out_spatial = geometry.spatial, geometry.out
@@ -164,7 +128,7 @@ def conv_matrix(weight: np.ndarray, geometry: ConvGeometry, group: int) -> scipy
     return scipy.sparse.coo_matrix((values[keep], (rows[keep], cols[keep])), shape=shape).tocsr()
 
 
-def circular_conv_norm(weight: np.ndarray, geometry: ConvGeometry, group: int) -> float:
+def circular_conv_norm(weight: np.ndarray, geometry: WindowGeometry, group: int) -> float:
     """The operator norm of the stride-1 circular convolution on the padded input size.
 
     The padded, strided conv is (keep strided outputs) ∘ (circular conv on the padded torus) ∘ (zero-embed),
@@ -189,7 +153,7 @@ def circular_conv_norm(weight: np.ndarray, geometry: ConvGeometry, group: int) -
     return outward(top + error)
 
 
-def average_pool_norm(geometry: ConvGeometry, count_include_pad: int, ceil_mode: int) -> float:
+def average_pool_norm(geometry: WindowGeometry, count_include_pad: int, ceil_mode: int) -> float:
     """AveragePool is a Kronecker product of per-axis averaging matrices (divisors factor over axes too)."""
     norm = 1.0
     for axis, size in enumerate(geometry.spatial):
@@ -431,7 +395,7 @@ def _pad_sources(positions: np.ndarray, size: int, mode: str) -> np.ndarray:
     return np.where((positions >= 0) & (positions < size), positions, -1)
 
 
-def _pool_geometry(node: ir.Node, x: ir.Value) -> ConvGeometry:
+def _pool_geometry(node: ir.Node, x: ir.Value) -> WindowGeometry:
     return ConvGeometry(node, static_shape(x)[2:], list(attr(node, "kernel_shape")))
 
 
@@ -484,7 +448,8 @@ def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
         w = _constant(node.inputs[1])
         dims = geo.sample_dims(x)
         bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2] not in tainted
-        return w is not None and dims is not None and x in tainted and bias_ok
+        return w is not None and dims is not None and x in tainted and bias_ok \
+            and WindowGeometry.of(node, static_shape(x)[2:], w.shape[2:]).fits
     if op == "BatchNormalization":
         params = node.inputs[1:5]
         return (attr(node, "training_mode", 0) == 0 and len(node.outputs) == 1 and x in tainted
@@ -493,7 +458,8 @@ def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
         used = [o for o in node.outputs[1:] if o.uses()]
         dims = static_shape(x)
         return not used and len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:]) \
-            and attr(node, "kernel_shape") is not None and attr(node, "storage_order", 0) == 0
+            and attr(node, "kernel_shape") is not None and attr(node, "storage_order", 0) == 0 \
+            and _pool_geometry(node, x).fits
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
         dims = static_shape(x)
         return len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:])
