@@ -8,6 +8,8 @@ import sys
 
 DEFAULT_MODEL = "mnist_mlp"
 
+from graphcert import methods  # noqa: E402  (the method registry: names and norms only, no passes imported)
+
 
 def shipped_model(name: str) -> str:
     """A model path, or the name of a model shipped in models/ (with or without .onnx)."""
@@ -23,7 +25,7 @@ def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write the bound graph of a model")
     p.add_argument("model", help="ONNX model file (or the name of a shipped model)")
     p.add_argument("-o", "--output", required=True, help="where to write the bound graph (.onnx)")
-    p.add_argument("--method", default="ibp", help="ibp, crown-ibp, crown or lipschitz (default: ibp)")
+    p.add_argument("--method", default="ibp", help=f"{methods.help_text(graph=True)} (default: ibp)")
     p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI] (e.g. 0 1 for pixels)")
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
@@ -62,9 +64,10 @@ def run_inspect(args) -> int:
         for item in info[kind]:
             print(f"  {kind[:-1]:6} {item['name']}: {item['shape']}")
     print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
-    from graphcert.api import NORMS, TRAINING_ONLY
+    from graphcert import methods
     for method, missing in info["methods"].items():
-        role = "train only" if method in TRAINING_ONLY else "bounds " + "/".join(NORMS[method])
+        record = methods.get(method)
+        role = "train only" if record.role == "trains" else "bounds " + "/".join(record.norms)
         state = "supported" if not missing else "unsupported: " + ", ".join(missing)
         print(f"  {method:12} {role:17} {state}")
     return 0
@@ -83,9 +86,8 @@ def add_certify(sub) -> None:
                    help="the perturbation ball: linf (default) or l2 (methods lipschitz, crown-ibp, crown, "
                         "alpha-crown, auto; lipschitz never clips the ball to the data domain)")
     p.add_argument("--method", default="ibp",
-                   help="ibp, crown-ibp, crown, alpha-crown, lipschitz (L2 only: a Lipschitz-margin certificate), "
-                        "or auto (cheapest first, escalating on undecided samples only), or a list (ibp,crown) "
-                        "(default: ibp)")
+                   help=f"{methods.help_text()}: lipschitz is L2 only (a Lipschitz-margin certificate); auto runs "
+                        "the cheapest first, escalating on undecided samples only; or a list (ibp,crown) (default: ibp)")
     p.add_argument("--radius", action="store_true",
                    help="find each sample's largest certified radius per method (bisection; closed form for "
                         "lipschitz) and report its distribution")
@@ -243,7 +245,7 @@ def add_verify(sub) -> None:
     p.add_argument("spec", nargs="?", help="VNN-LIB property file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for one property (default: 60)")
     p.add_argument("--out", help="result file (competition format), or the results CSV with --instances")
-    p.add_argument("--method", default="crown", help="ibp, crown-ibp, crown, alpha-crown, or auto (default: crown)")
+    p.add_argument("--method", default="crown", help=f"{methods.help_text(norm='linf')} (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
     p.add_argument("--plot", metavar="FILE", help="with --instances: draw the cactus plot (.png or .svg)")
@@ -307,8 +309,9 @@ def add_train(sub) -> None:
     p.add_argument("--data", default="mnist5k", help="mnist5k, digits, mnist-test or FILE.npz (x, y) (default: mnist5k)")
     p.add_argument("--eps", type=float, help="target radius: L-inf, or L2 for --method gloro and orthogonal")
     p.add_argument("--method", default="ibp",
-                   help="bound method to train through: ibp, crown-ibp, gloro (L2), or orthogonal (L2: Björck-"
-                        "orthonormal weights, a 1-Lipschitz network; certify with --method lipschitz) (default: ibp)")
+                   help=f"bound method to train through: {methods.help_text(role=None, trainable=True)} (gloro "
+                        "and orthogonal train for L2: orthogonal keeps Björck-orthonormal weights, a 1-Lipschitz "
+                        "network; certify those with --method lipschitz --norm l2) (default: ibp)")
     p.add_argument("--loss", default="ce",
                    help="ce (cross-entropy on certified margins, annealed by --kappa), or with --method orthogonal: "
                         "tau-ce (cross-entropy of tau-scaled logits, over tau) or hkr (hinge minus "

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import api
+from . import api, methods
 from .alpha import CERTIFY_ALPHA, AlphaSettings, ProofWatch
 from .data import Dataset, fit_to_input
 from .errors import InputError, UnsupportedOpError
@@ -62,14 +62,13 @@ def check_eps(eps: float) -> float:
 # Linear-relaxation graphs hold coefficients of (rows x tensor elements) per sample; samples per run are
 # limited so that such coefficients (with a few temporaries each) stay within this many bytes.
 COEFFICIENT_BYTES = 2 << 30
-LINEAR_RELAXATIONS = ("crown", "crown-ibp", "alpha-crown")
 
 
 def samples_per_run(model, method: str) -> int | None:
     """How many samples a bound graph of `method` may take at once (None: no limit), from a crude upper bound
     on its largest coefficient tensor: rows for both bounds of the largest relaxed or output tensor, times the
     largest tensor any backward pass crosses."""
-    if method not in LINEAR_RELAXATIONS:
+    if not methods.get(method).linear_relaxation:
         return None
     sizes, targets = [], []
     for node in model.graph:
@@ -206,12 +205,9 @@ class AlphaCertifier:
 class EscalatingCertifier:
     """`auto`: the cheapest method first, each stronger one only on the samples still undecided."""
 
-    LADDERS = {"linf": ("ibp", "crown-ibp", "crown", "alpha-crown"),
-               "l2": ("lipschitz", "crown-ibp", "crown", "alpha-crown")}
-
     def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf"):
         self.model, self.domain, self.settings, self.norm = model, domain, settings, norm
-        self.ladder = self.LADDERS[norm]
+        self.ladder = methods.get(method).stages_of(norm)
         self.stages: dict[str, object] = {}
         self.refusals: dict[str, UnsupportedOpError] = {}
         self.first = next((name for name in self.ladder if self._stage(name) is not None), None)
@@ -245,29 +241,16 @@ def _undecided(logits, lower, objective) -> np.ndarray:
     return (margins_at_x > 0).all(axis=1) & ~(lower > 0).all(axis=1)
 
 
-# method name -> factory(normalised model, method, domain, alpha settings) -> callable(x, eps, objective) ->
-# (logits, margin lower)
-CERTIFIERS = {"alpha-crown": AlphaCertifier, "auto": EscalatingCertifier}
-# The norms of the certifiers that are not single bound graphs.
-CERTIFIER_NORMS = {"alpha-crown": ("linf", "l2"), "auto": ("linf", "l2")}
-
-
 def check_method_norm(method: str, norm: str) -> None:
-    """An InputError when `method` cannot certify balls of `norm`, with the methods that can."""
-    api.check_norm("auto", norm)  # a known norm
-    norms = CERTIFIER_NORMS.get(method) or api.NORMS.get(method)
-    if norms is None or norm in norms:
-        return
-    if method in api.TRAINING_ONLY:
-        raise InputError(api.TRAINING_ONLY[method])
-    able = sorted(api.bounding_methods(norm) + [m for m, kinds in CERTIFIER_NORMS.items() if norm in kinds])
-    balls = " and ".join(api.NORM_NAMES[n] for n in norms)
-    raise InputError(f"method '{method}' bounds {balls} balls only; for {api.NORM_NAMES[norm]} use {', '.join(able)}")
+    """An InputError when `method` cannot certify balls of `norm` (or only trains), with the methods that can."""
+    methods.check_certifies(method, norm)
 
 
 def certifier(model, method: str, domain, settings: AlphaSettings | None = None, norm: str = "linf"):
-    if method in CERTIFIERS:
-        return CERTIFIERS[method](model, method, domain, settings or CERTIFY_ALPHA, norm)
-    if method not in api.METHODS:
-        raise InputError(f"unknown method '{method}'; choose one of: {', '.join(sorted(set(api.METHODS) | set(CERTIFIERS)))}")
-    return GraphCertifier(model, method, domain, norm)
+    """callable(x, eps, objective) -> (logits, margin lower bounds) for a method: one bound graph run by
+    onnxruntime, alpha-CROWN on what CROWN leaves open, or a cheapest-first ladder of other methods."""
+    record = methods.get(method)
+    if record.combines == "graph":
+        return GraphCertifier(model, method, domain, norm)
+    kind = AlphaCertifier if record.combines == "refine" else EscalatingCertifier
+    return kind(model, method, domain, settings or CERTIFY_ALPHA, norm)

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from . import __version__, api
+from . import __version__, methods
 from .errors import InputError
 from .files import atomic_write
 from .inspect import describe
@@ -50,7 +50,7 @@ def default_methods(model_path, norm: str) -> list[str]:
     able = [m for m in DEFAULT_METHODS[norm] if not info["methods"].get(m)]
     if not able:
         missing = sorted({op for m in DEFAULT_METHODS[norm] for op in info["methods"].get(m, [])})
-        raise InputError(f"no method bounds this model on {api.NORM_NAMES[norm]} balls (unsupported ops: "
+        raise InputError(f"no method bounds this model on {methods.NORM_NAMES[norm]} balls (unsupported ops: "
                          f"{', '.join(missing)})")
     return able
 
@@ -91,7 +91,7 @@ def _pct(count: int, total: int) -> str:
 
 
 def render(result: SweepResult, info: dict, x: np.ndarray, clip: bool) -> str:
-    norm = api.NORM_NAMES.get(result.norm, result.norm)
+    norm = methods.NORM_NAMES.get(result.norm, result.norm)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     clipped = ("the whole ball (no data domain)" if result.domain is None
                else f"the ball clipped to the data domain [{result.domain[0]:g}, {result.domain[1]:g}]"
@@ -123,8 +123,9 @@ def _model_section(info: dict) -> str:
     ops = ", ".join(f"{_e(op)} ×{n}" for op, n in info["ops"].items())
     method_rows = []
     for method, missing in info["methods"].items():
-        role = "training only" if method in api.TRAINING_ONLY else "bounds " + "/".join(
-            api.NORM_NAMES[n] for n in api.NORMS[method])
+        record = methods.get(method)
+        role = "training only" if record.role == "trains" else "bounds " + "/".join(
+            methods.NORM_NAMES[n] for n in record.norms)
         state = ('<span class="ok">supported</span>' if not missing
                  else '<span class="no">unsupported: ' + _e(", ".join(missing)) + "</span>")
         method_rows.append([_e(method), role, state])
@@ -181,7 +182,7 @@ def _radius_section(result: SweepResult) -> str:
     bins = np.linspace(0, top, 31)
     for m, radii in result.radii.items():
         ax.hist(radii[radii > 0], bins=bins, histtype="step", linewidth=1.6, label=m)
-    ax.set_xlabel(f"certified radius ({api.NORM_NAMES.get(result.norm, result.norm)})")
+    ax.set_xlabel(f"certified radius ({methods.NORM_NAMES.get(result.norm, result.norm)})")
     ax.set_ylabel("samples")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
