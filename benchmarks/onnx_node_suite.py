@@ -69,7 +69,7 @@ def primary_op(case, cases: dict) -> str:
 
 def _array(x):
     from onnx import numpy_helper
-    return numpy_helper.to_array(x) if not isinstance(x, np.ndarray) else x
+    return np.asarray(x) if isinstance(x, np.ndarray | np.generic) else numpy_helper.to_array(x)
 
 
 # ---- one test, one method ----------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def check(case, bound) -> str:
 
         # eps = 0: the bounds hold the reference output.
         for out, value in zip(outputs, expected):
-            if out not in bounded or not isinstance(value, np.ndarray | onnx_tensor_type()):
+            if out not in bounded or not isinstance(value, np.ndarray | np.generic | onnx_tensor_type()):
                 continue
             lower, upper = bounds_at(0.0)[out]
             problem = _outside(_array(value), lower, upper, rtol, atol, "eps=0 expected output")
@@ -157,7 +157,7 @@ def check(case, bound) -> str:
             continue
         box = bounds_at(EPSILON)
         for where, points in _points(rng, given, original, inputs, box, bounded):
-            values = original.run(bounded, dict(zip(inputs, points)))
+            values = original.run(bounded, {k: np.asarray(v) for k, v in zip(inputs, points)})
             for out, value in zip(bounded, values):
                 problem = _outside(value, *box[out], rtol, atol, f"eps={EPSILON} {where}")
                 if problem:
@@ -223,7 +223,7 @@ def _points(rng, given, original, inputs, box, bounded):
 
 
 def _score(session, inputs, points, out, lower, upper, sign) -> float:
-    value = session.run([out], dict(zip(inputs, points)))[0].astype(np.float64)
+    value = session.run([out], {k: np.asarray(v) for k, v in zip(inputs, points)})[0].astype(np.float64)
     gap = (value - upper) if sign > 0 else (lower - value)
     gap = np.where(np.isfinite(gap), gap, -np.inf)
     return float(np.max(gap)) if gap.size else -np.inf
