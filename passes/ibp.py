@@ -54,16 +54,6 @@ def _concat(cx, node, *xs):
                                  cx.b.copy(node, [p.upper for p in parts]))]
 
 
-@rule("Where")
-def _where(cx, node, cond, x, y):
-    if isinstance(cond, Interval):
-        px, py = iv.as_interval(cx.b, x), iv.as_interval(cx.b, y)
-        return [Interval.from_bounds(cx.b, cx.b.op("Min", px.lower, py.lower), cx.b.op("Max", px.upper, py.upper))]
-    px, py = iv.as_interval(cx.b, x), iv.as_interval(cx.b, y)
-    return [Interval.from_bounds(cx.b, cx.b.op("Where", cond, px.lower, py.lower),
-                                 cx.b.op("Where", cond, px.upper, py.upper))]
-
-
 @rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
 def _positive_linear(cx, node, x, *rest):
     # Non-negative weights: |op| is the op itself.
@@ -308,9 +298,17 @@ class IntervalPass(ir.passes.FunctionalPass):
         b = Builder(result.graph, prefix="ibp")
         boxes = open_inputs(result, b, self.input_set, share_radius=True)
         bounds = propagate(result.graph, nodes, b, boxes, trainable=self.trainable)
-        named = {name: (v.lower, v.upper) for name, v in bounds.items()}
+        named = {name: _as_float(b, result.graph, name, v) for name, v in bounds.items()}
         close_outputs(result, b, named, self.keep_original, "ibp")
         return ir.passes.PassResult(result, modified=True)
+
+
+def _as_float(b: Builder, graph: ir.Graph, name: str, bounds: Interval) -> tuple[ir.Value, ir.Value]:
+    """Bounds of a boolean or integer output (a comparison, an arg-max index) as float32 numbers."""
+    out = next(v for v in graph.outputs if v.name == name)
+    if out.dtype is None or out.dtype.is_floating_point():
+        return bounds.lower, bounds.upper
+    return tuple(b.op("Cast", v, to=ir.DataType.FLOAT) for v in (bounds.lower, bounds.upper))
 
 
 SAMPLEWISE_LINEAR = {"MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "GlobalAveragePool",
@@ -360,4 +358,4 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
 
 
 # The other rule families register into the same table (passes/ibp_core.RULES).
-from graphcert.passes import ibp_rules_linear  # noqa: E402,F401
+from graphcert.passes import ibp_rules_linear, ibp_rules_logic  # noqa: E402,F401
