@@ -153,6 +153,11 @@ def check(case, bound) -> str:
             problem = _outside(_array(value), lower, upper, rtol, atol, "eps=0 expected output")
             if problem:
                 return f"{out}: {problem}"
+        if original is not None:
+            try:
+                original.run(bounded, feeds)
+            except Exception:  # an output type numpy cannot hold (int4): eps = 0 only
+                original = None
         if original is None:
             continue
         box = bounds_at(EPSILON)

@@ -130,7 +130,7 @@ def _monotone(cx, node, x, *rest):
     return [Interval.from_bounds(cx.b, cx.b.copy(node, [x.lower, *low]), cx.b.copy(node, [x.upper, *high]))]
 
 
-@rule("Floor", "Ceil", "Sign", "Cast", "CastLike")
+@rule("Floor", "Ceil", "Sign")
 def _step(cx, node, x, *rest):
     """Non-decreasing but rounding: widened first, so an ulp of error cannot cost a whole step."""
     x = _widened(cx, x, node.inputs[0].dtype)
@@ -161,28 +161,6 @@ def _abs(cx, node, x):
 @rule("Reciprocal")
 def _reciprocal(cx, node, x):
     return [iv.reciprocal(cx.b, _widened(cx, x, node.inputs[0].dtype))]
-
-
-@rule("Pow")
-def _pow(cx, node, x, exponent):
-    p = float(np.asarray(exponent.const_value.numpy()).reshape(-1)[0])
-    if p == 2.0:
-        return [iv.square(cx.b, x)]
-    if p == 1.0:
-        return [x]
-    # Odd integer powers are increasing everywhere, other positive powers on x >= 0 (the only valid inputs),
-    # with an unbounded slope at 0 when p < 1.
-    if p < 1.0:
-        x = _widened(cx, x, node.inputs[0].dtype, non_negative=True)
-    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, exponent]))]
-
-
-def _pow_supported(node: ir.Node) -> bool:
-    e = node.inputs[1]
-    if e is None or e.const_value is None or e.const_value.numpy().size != 1:
-        return False
-    p = float(e.const_value.numpy().reshape(-1)[0])
-    return p in (1.0, 2.0) or (p > 0 and p.is_integer() and int(p) % 2 == 1) or (0 < p < 1)
 
 
 def _softmax_bounds(cx, node, x):
@@ -261,20 +239,9 @@ def _layer_norm_supported(node: ir.Node) -> bool:
 # Per-node conditions beyond the op type; a node failing its check is reported as unsupported.
 CONDITIONS.update({
     **{op: _is_monotone for op in ("LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu")},
-    "Pow": _pow_supported,
     "LayerNormalization": _layer_norm_supported,
     "Pad": lambda node: True,
-    "Cast": lambda node: _monotone_cast(attr(node, "to")),
-    "CastLike": lambda node: node.inputs[1] is not None and node.inputs[1].dtype is not None
-    and _monotone_cast(node.inputs[1].dtype.value),
 })
-
-
-def _monotone_cast(target: int | None) -> bool:
-    """Casts to floats and signed integers keep order; to bool (x != 0) or unsigned types (negatives wrap) not."""
-    return target is not None and ir.DataType(target) in (
-        ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8,
-        ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64)
 
 
 def accepts(node: ir.Node) -> bool:
@@ -358,4 +325,5 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
 
 
 # The other rule families register into the same table (passes/ibp_core.RULES).
-from graphcert.passes import ibp_rules_linear, ibp_rules_logic  # noqa: E402,F401
+from graphcert.passes import (ibp_rules_elementwise, ibp_rules_linear, ibp_rules_logic,  # noqa: E402,F401
+                              ibp_rules_reduce)
