@@ -87,3 +87,14 @@ def constant_array(value) -> np.ndarray | None:
     if isinstance(value, ir.Value) and value.const_value is not None:
         return value.const_value.numpy()
     return None
+
+
+def sane(cx, x: Interval, dtype: ir.DataType | None) -> Interval:
+    """x with NaN bounds (inf - inf after an overflow upstream) read as unbounded: comparisons, casts and
+    periodic functions of a NaN would otherwise answer as if the bound were tight."""
+    if dtype is None or not dtype.is_floating_point():
+        return x
+    b = cx.b
+    inf = b.op("CastLike", b.const(np.inf), x.lower)
+    return Interval.from_bounds(b, b.op("Where", b.op("IsNaN", x.lower), b.op("Neg", inf), x.lower),
+                                b.op("Where", b.op("IsNaN", x.upper), inf, x.upper))

@@ -10,7 +10,7 @@ from graphcert import interval as iv
 from graphcert.errors import UnsupportedOpError
 from graphcert.interpret import attr
 from graphcert.interval import Interval
-from graphcert.passes.ibp_core import condition, constant_array, rule, widened
+from graphcert.passes.ibp_core import condition, constant_array, rule, sane, widened
 
 
 def refuse(node: ir.Node, why: str):
@@ -86,7 +86,7 @@ def _sine_bounds(b, lo, hi, phase: float, dtype):
 
 @rule("Sin", "Cos")
 def _sine(cx, node, x):
-    x = iv.as_interval(cx.b, x)
+    x = sane(cx, iv.as_interval(cx.b, x), node.inputs[0].dtype)
     dtype = node.inputs[0].dtype or ir.DataType.FLOAT
     phase = 0.0 if node.op_type == "Sin" else np.pi / 2  # cos x = sin(x + π/2)
     return [Interval.from_bounds(cx.b, *_sine_bounds(cx.b, x.lower, x.upper, phase, dtype))]
@@ -96,7 +96,7 @@ def _sine(cx, node, x):
 def _tan(cx, node, x):
     """Increasing between its poles at π/2 + kπ: unbounded where the interval holds a pole."""
     b = cx.b
-    x = widened(cx, iv.as_interval(b, x), node.inputs[0].dtype)
+    x = widened(cx, sane(cx, iv.as_interval(b, x), node.inputs[0].dtype), node.inputs[0].dtype)
     dtype = node.inputs[0].dtype or ir.DataType.FLOAT
     lo64, hi64 = (b.op("Cast", v, to=ir.DataType.DOUBLE) for v in (x.lower, x.upper))
     half_pi, pi = b.const(np.pi / 2, dtype=np.float64), b.const(np.pi, dtype=np.float64)
@@ -175,7 +175,7 @@ def _pow_bounded_exponent(cx, node, x: Interval, p: Interval) -> Interval:
 def _mod(cx, node, x, y):
     """x mod y is increasing in x within one period of the quotient; across periods it spans the remainders."""
     b = cx.b
-    x, y = iv.as_interval(b, x), iv.as_interval(b, y)
+    x, y = (sane(cx, iv.as_interval(b, v), node.inputs[k].dtype) for k, v in enumerate((x, y)))
     if node.inputs[0].dtype is not None and node.inputs[0].dtype.is_floating_point():
         x = widened(cx, x, node.inputs[0].dtype)  # the quotient is a step: an ulp of error must not cross it
     fmod = attr(node, "fmod", 0)
@@ -203,6 +203,18 @@ def _mod(cx, node, x, y):
 
 # ---- casts ------------------------------------------------------------------------------------------------
 
+# Casting to half precision rounds by up to this relative amount (and subnormals by their spacing); the
+# runtime may also drop a cast pair in one graph and not in the other, so bounds cover both.
+HALF_ULP = {ir.DataType.FLOAT16: (2.0 ** -10, 2.0 ** -24), ir.DataType.BFLOAT16: (2.0 ** -7, 2.0 ** -126)}
+
+
+def _widened_by(b, x: Interval, ulp) -> Interval:
+    relative, absolute = ulp
+    slack = b.op("Add", b.op("Mul", b.op("Max", b.op("Abs", x.lower), b.op("Abs", x.upper)),
+                             b.op("CastLike", b.const(relative), x.lower)), b.op("CastLike", b.const(absolute), x.lower))
+    return Interval.from_bounds(b, b.op("Sub", x.lower, slack), b.op("Add", x.upper, slack))
+
+
 UNSIGNED = {ir.DataType.UINT8: 255, ir.DataType.UINT16: 65535, ir.DataType.UINT32: 2 ** 32 - 1}
 
 
@@ -211,7 +223,7 @@ def _cast(cx, node, x, *rest):
     """Order-keeping casts map bounds to bounds (widened: they round); casts to bool test x != 0; casts to
     unsigned types wrap outside their range, where any value of the type is possible."""
     b = cx.b
-    x = iv.as_interval(b, x)
+    x = sane(cx, iv.as_interval(b, x), node.inputs[0].dtype)
     target = ir.DataType(attr(node, "to")) if node.op_type == "Cast" else node.inputs[1].dtype
     source = node.inputs[0].dtype
     if target == ir.DataType.BOOL:
@@ -221,7 +233,14 @@ def _cast(cx, node, x, *rest):
         return [Interval.from_bounds(b, certain, possible)]
     if source is not None and source.is_floating_point():
         x = widened(cx, x, source)
+        if target in HALF_ULP:
+            x = _widened_by(b, x, HALF_ULP[target])
     low, high = b.copy(node, [x.lower, *rest]), b.copy(node, [x.upper, *rest])
+    if target in HALF_ULP:  # beyond the largest half value the cast overflows to infinity
+        top = b.op("CastLike", b.const(float(np.finfo(np.float16).max)), x.lower)
+        inf = b.op("CastLike", b.const(np.inf), high)
+        high = b.op("Where", b.op("GreaterOrEqual", x.upper, top), inf, high)
+        low = b.op("Where", b.op("LessOrEqual", x.lower, b.op("Neg", top)), b.op("Neg", inf), low)
     if target in UNSIGNED and (source is None or source not in UNSIGNED):
         zero = b.op("CastLike", b.const(0.0), x.lower)
         top = b.op("CastLike", b.const(float(UNSIGNED[target])), x.lower)

@@ -15,9 +15,18 @@ from graphcert.interval import Interval
 from graphcert.passes.ibp_core import condition, constant_array, rule
 
 
-def _bounds(b, x):
+def _bounds(b, x, dtype=None):
+    """Lower and upper of x; NaN bounds of a float tensor (inf - inf upstream) read as unbounded."""
     x = iv.as_interval(b, x)
-    return x.lower, x.upper
+    if dtype is None or not dtype.is_floating_point():
+        return x.lower, x.upper
+    inf = b.op("CastLike", b.const(np.inf), x.lower)
+    return (b.op("Where", b.op("IsNaN", x.lower), b.op("Neg", inf), x.lower),
+            b.op("Where", b.op("IsNaN", x.upper), inf, x.upper))
+
+
+def _dtypes(node):
+    return [v.dtype if v is not None else None for v in node.inputs]
 
 
 def _orderable(b, x, dtype):
@@ -31,10 +40,10 @@ def _orderable(b, x, dtype):
 def _order(cx, node, x, y):
     """x < y for sure where x's upper < y's lower; possibly where x's lower < y's upper."""
     b = cx.b
+    (xl, xu), (yl, yu) = (_bounds(b, v, t) for v, t in zip((x, y), _dtypes(node)))
     if node.op_type.startswith("Greater"):
-        x, y = y, x
+        (xl, xu), (yl, yu) = (yl, yu), (xl, xu)
     op = "Less" if node.op_type in ("Less", "Greater") else "LessOrEqual"
-    (xl, xu), (yl, yu) = _bounds(b, x), _bounds(b, y)
     return [Interval.from_bounds(b, b.op(op, xu, yl), b.op(op, xl, yu))]
 
 
@@ -43,7 +52,8 @@ def _equal(cx, node, x, y):
     """Certainly equal where both are exact and equal; possibly where the two ranges overlap."""
     b = cx.b
     dtype = node.inputs[0].dtype
-    (xl, xu), (yl, yu) = (tuple(_orderable(b, v, dtype) for v in _bounds(b, z)) for z in (x, y))
+    (xl, xu), (yl, yu) = (tuple(_orderable(b, v, dtype) for v in _bounds(b, z, t))
+                          for z, t in zip((x, y), _dtypes(node)))
     exact = b.op("And", b.op("Equal", xl, xu), b.op("Equal", yl, yu))
     certain = b.op("And", exact, b.op("Equal", xl, yl))
     possible = b.op("And", b.op("LessOrEqual", xl, yu), b.op("LessOrEqual", yl, xu))
@@ -82,26 +92,20 @@ def _is_nan(cx, node, x):
 
 @rule("IsInf")
 def _is_inf(cx, node, x):
-    """Infinite only where a bound is infinite; certainly infinite where both bounds are the same infinity."""
+    """Possibly infinite where a bound is (within rounding of) infinite; never certain (an infinite bound may
+    stand for a finite value that rounded differently)."""
     b = cx.b
-    lo, hi = _bounds(b, x)
-    positive, negative = attr(node, "detect_positive", 1), attr(node, "detect_negative", 1)
-    inf = b.const(np.inf, dtype=(node.inputs[0].dtype or ir.DataType.FLOAT).numpy())
-    neg_inf = b.op("Neg", inf)
-    exact = b.op("Equal", lo, hi)
-    pieces_low, pieces_high = [], []
-    if positive:
-        pieces_low.append(b.op("And", exact, b.op("Equal", lo, inf)))
-        pieces_high.append(b.op("Equal", hi, inf))
-    if negative:
-        pieces_low.append(b.op("And", exact, b.op("Equal", hi, neg_inf)))
-        pieces_high.append(b.op("Equal", lo, neg_inf))
-    if not pieces_low:
-        never = b.op("Less", lo, neg_inf)
-        return [Interval.from_bounds(b, never, never)]
-    low = pieces_low[0] if len(pieces_low) == 1 else b.op("Or", *pieces_low)
-    high = pieces_high[0] if len(pieces_high) == 1 else b.op("Or", *pieces_high)
-    return [Interval.from_bounds(b, low, high)]
+    lo, hi = _bounds(b, x, node.inputs[0].dtype)
+    dtype = (node.inputs[0].dtype or ir.DataType.FLOAT).numpy()
+    near = b.const(np.finfo(dtype).max * (1 - 2.0 ** -10), dtype=dtype)
+    possible = []
+    if attr(node, "detect_positive", 1):
+        possible.append(b.op("GreaterOrEqual", hi, near))
+    if attr(node, "detect_negative", 1):
+        possible.append(b.op("LessOrEqual", lo, b.op("Neg", near)))
+    never = b.op("Less", lo, b.op("Neg", b.op("CastLike", b.const(np.inf), lo)))
+    high = never if not possible else possible[0] if len(possible) == 1 else b.op("Or", *possible)
+    return [Interval.from_bounds(b, never, high)]
 
 
 @rule("Where")
@@ -130,7 +134,7 @@ def _candidates(b, node, x: Interval, largest: bool):
 def _arg_extreme(cx, node, x):
     """The index lies between the first and the last element that can win."""
     b = cx.b
-    x = iv.as_interval(b, x)
+    x = Interval.from_bounds(b, *_bounds(b, x, node.inputs[0].dtype))
     mask, axis = _candidates(b, node, x, node.op_type == "ArgMax")
     keepdims = attr(node, "keepdims", 1)
     numeric = b.op("Cast", mask, to=ir.DataType.FLOAT)
@@ -143,7 +147,7 @@ def _arg_extreme(cx, node, x):
 def _hardmax(cx, node, x):
     """1 where an element is the only one that can win, 0 where it cannot win, {0, 1} elsewhere."""
     b = cx.b
-    x = iv.as_interval(b, x)
+    x = Interval.from_bounds(b, *_bounds(b, x, node.inputs[0].dtype))
     axis = attr(node, "axis", -1)
     possible = b.op("GreaterOrEqual", x.upper, b.reduce("ReduceMax", x.lower, [axis]))
     count = b.reduce("ReduceSum", b.op("Cast", possible, to=ir.DataType.FLOAT), [axis])
@@ -157,7 +161,7 @@ def _one_hot(cx, node, indices, depth, values):
     """Position k is `on` where the index is certainly k, `off` where it cannot be k, either in between."""
     b = cx.b
     n = int(np.asarray(constant_array(depth)).reshape(-1)[0])
-    lo, hi = (b.op("Cast", v, to=ir.DataType.DOUBLE) for v in _bounds(b, indices))
+    lo, hi = (b.op("Cast", v, to=ir.DataType.DOUBLE) for v in _bounds(b, indices, node.inputs[0].dtype))
     rank = len(node.inputs[0].shape)
     axis = attr(node, "axis", -1) % (rank + 1)
     lo, hi = (b.op("Unsqueeze", v, b.ints([axis])) for v in (lo, hi))

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphcert import interval as iv
 from graphcert.interpret import attr
 from graphcert.interval import Interval
-from graphcert.passes.ibp_core import both_forms, rule, widened
+from graphcert.passes.ibp_core import rule, widened
 from graphcert.passes.ibp_rules_elementwise import refuse
 from graphcert.passes.ibp_rules_linear import _bilinear
 
@@ -83,36 +83,6 @@ def _einsum(cx, node, *xs):
     if isinstance(a, Interval):
         return [Interval.from_center(b, b.copy(node, [a.center, w]), b.copy(node, [a.radius, cx.abs(w)]))]
     return [Interval.from_center(b, b.copy(node, [a, w.center]), b.copy(node, [cx.abs(a), w.radius]))]
-
-
-def _normalised(cx, x: Interval, axes: list[int], n: int, eps: float) -> Interval:
-    """(x - mean) / sqrt(var + eps) over `axes` (n elements), each factor bounded soundly."""
-    b = cx.b
-    centered_c = b.op("Sub", x.center, b.reduce("ReduceMean", x.center, axes))
-    spread = b.op("Mul", b.reduce("ReduceSum", x.radius, axes), b.const(1.0 / n))
-    centered = Interval.from_center(b, centered_c, b.op("Add", b.op("Mul", x.radius, b.const(max(1.0 - 2.0 / n, 0.0))),
-                                                         spread))
-    sq = iv.square(b, centered)
-    var = Interval.from_bounds(b, b.reduce("ReduceMean", sq.lower, axes), b.reduce("ReduceMean", sq.upper, axes))
-    std = iv.monotone(b, var, lambda v: b.op("Sqrt", b.op("Add", v, b.const(eps))))
-    normed = iv.mul(b, centered, iv.reciprocal(b, std))
-    # |x_i - mean| <= sqrt(n - 1) * std: the normalised value never leaves [-sqrt(n - 1), sqrt(n - 1)].
-    limit = b.const(float(np.sqrt(max(n - 1, 0))) + 1e-5)
-    return Interval.from_bounds(b, b.op("Max", normed.lower, b.op("Neg", limit)), b.op("Min", normed.upper, limit))
-
-
-@rule("InstanceNormalization")
-def _instance_norm(cx, node, x, scale, bias):
-    b = cx.b
-    shape = node.inputs[0].shape
-    if shape is None or not all(isinstance(d, int) for d in list(shape)[2:]):
-        refuse(node, "its spatial size is not known")
-    rank = len(shape)
-    n = int(np.prod(list(shape)[2:]))
-    normed = _normalised(cx, iv.as_interval(b, x), list(range(2, rank)), n, attr(node, "epsilon", 1e-5))
-    per_channel = b.ints([-1] + [1] * (rank - 2))
-    s, bi = (both_forms(cx, iv.as_interval(b, p), lambda t: b.op("Reshape", t, per_channel)) for p in (scale, bias))
-    return [iv.add(b, iv.mul(b, normed, s), bi)]
 
 
 @rule("LpNormalization")
