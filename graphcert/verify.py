@@ -10,7 +10,6 @@ that does not decide a domain, by alpha-beta-CROWN with the split constraints' m
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ import torch
 from . import api
 from .alpha import VERIFY_ALPHA, AlphaCrown, AlphaSettings, ProofWatch
 from .attack import Attack, FlatNetwork, unsafe_objective
-from .errors import GraphcertError, InputError, SpecError
+from .errors import InputError, SpecError
 from .export import IR_VERSION, atomic_write, to_proto
 from .interface import OBJECTIVE, InputSet, perturbed_inputs
 from .model import read_proto
@@ -770,35 +769,11 @@ class InstanceResult:
 
 def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
                   progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
-                  alpha: AlphaSettings = VERIFY_ALPHA) -> list[InstanceResult]:
-    """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it."""
-    from tqdm import tqdm
-    csv_path = os.fspath(csv_path)
-    if not os.path.isfile(csv_path):
-        raise InputError(f"instances file not found: {csv_path}")
-    folder = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="") as handle:
-        rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
-    if any(len(r) < 3 for r in rows):
-        raise InputError(f"{csv_path}: every row needs onnx, vnnlib and timeout columns")
-    rows = rows[:limit] if limit is not None else rows
-    results = []
-    bar = tqdm(rows, disable=not progress, unit="instance")
-    for onnx_name, spec_name, timeout, *_ in bar:
-        bar.set_description(f"{os.path.basename(onnx_name)} {os.path.basename(spec_name)}")
-        seconds = float(timeout) * timeout_scale
-        started = time.monotonic()
-        try:
-            result = verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha)
-            status = result.status
-        except GraphcertError as exc:
-            status = f"error: {str(exc).splitlines()[0]}"
-        results.append(InstanceResult(onnx_name, spec_name, status, time.monotonic() - started, seconds))
-    if out_csv is not None:
-        lines = ["onnx,vnnlib,status,seconds"] + [f"{r.onnx},{r.vnnlib},{r.status.replace(',', ';')},{r.seconds:.3f}"
-                                                    for r in results]
-        atomic_write(("\n".join(lines) + "\n").encode(), out_csv)
-    return results
+                  alpha: AlphaSettings = VERIFY_ALPHA, executor=None, resume: bool = False) -> list[InstanceResult]:
+    """Verify every (onnx, vnnlib, timeout) row of a competition instances file (paths relative to it), serially
+    or on `executor` (graphcert.distributed), streaming rows into `out_csv`; `resume` keeps the rows there."""
+    from .distributed.instances import run_instances as run
+    return run(csv_path, out_csv, method, progress, timeout_scale, limit, alpha, executor, resume)[0]
 
 
 def summarize(results: list[InstanceResult]) -> dict:
