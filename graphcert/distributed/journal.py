@@ -39,13 +39,13 @@ class Journal:
 
     def append(self, key: str, line: str) -> None:
         data = (line.rstrip("\n") + "\n").encode()
+        self.lines[key] = line.rstrip("\n")  # first: an interrupt during the write still keeps it for finish()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.lines[key] = line.rstrip("\n")
 
     def finish(self, order: list[str]) -> None:
         """Rewrite the file in input order (keys not finished are left out)."""

@@ -17,7 +17,8 @@ import time
 from multiprocessing.connection import wait
 from typing import Iterator
 
-from .tasks import DEFAULT_RETRIES, ONE_THREAD_ENV, Event, Outcome, Task, configure_worker, execute, is_memory_error
+from .tasks import (DEFAULT_RETRIES, ONE_THREAD_ENV, Event, Outcome, Task, configure_worker, execute, is_memory_error,
+                    task_log)
 
 POLL_SECONDS = 0.5
 
@@ -31,13 +32,26 @@ class SerialExecutor:
         return "this process"
 
     def run(self, tasks: list[Task]) -> Iterator[Event]:
+        log = task_log()
         for task in tasks:
             yield Event("start", task.key)
-            yield Event("done", task.key, execute(task, 1))
+            yield Event("done", task.key, execute(task, 1, log))
+
+
+# Workers are forked by multiprocessing's fork server, a clean single-threaded process that imports these modules
+# once (torch, onnxruntime, graphcert: seconds), so a worker starts in milliseconds and inherits no thread pool
+# or lock of ours. The server's environment is ours when the first worker starts, with ONE_THREAD_ENV.
+PRELOAD = ["graphcert.distributed.local", "graphcert.verify", "graphcert.certify"]
+
+
+def _context():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 class ProcessExecutor:
-    """`workers` worker processes on this machine (spawned: no thread pool or lock is inherited from us)."""
+    """`workers` worker processes on this machine."""
 
     def __init__(self, workers: int, retries: int = DEFAULT_RETRIES, memory_mb: float | None = None):
         self.workers, self.retries, self.memory_mb = workers, retries, memory_mb
@@ -48,7 +62,8 @@ class ProcessExecutor:
     def run(self, tasks: list[Task]) -> Iterator[Event]:
         queue = collections.deque((task, 1) for task in tasks)
         pool: list[_Worker] = []
-        context = multiprocessing.get_context("spawn")
+        context = _context()
+        log = task_log()
         try:
             while queue or any(w.task for w in pool):
                 pool = [w for w in pool if w.alive() or w.task]
@@ -57,7 +72,7 @@ class ProcessExecutor:
                     worker = idle.pop() if idle else _Worker.start(context, self.memory_mb)
                     if worker not in pool:
                         pool.append(worker)
-                    worker.assign(*queue.popleft())
+                    worker.assign(*queue.popleft(), log)
                 busy = [w for w in pool if w.task]
                 wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL_SECONDS)
                 for worker in busy:
@@ -118,14 +133,14 @@ class _Worker:
     def start(cls, context, memory_mb):
         parent_end, child_end = context.Pipe()
         process = context.Process(target=_worker_main, args=(child_end, memory_mb), daemon=True)
-        with _environment(ONE_THREAD_ENV):  # a spawned child's environment is ours at start()
+        with _environment(ONE_THREAD_ENV):  # the fork server (started by the first start()) keeps this environment
             process.start()
         child_end.close()
         return cls(process, parent_end)
 
-    def assign(self, task: Task, attempt: int) -> None:
+    def assign(self, task: Task, attempt: int, log: str | None) -> None:
         self.task, self.attempt, self.started = task, attempt, None
-        self.conn.send((task, attempt))
+        self.conn.send((task, attempt, log))
 
     def alive(self) -> bool:
         return self.process.is_alive()
@@ -189,9 +204,9 @@ def _worker_main(conn, memory_mb) -> None:
             return
         if message is None:
             return
-        task, attempt = message
+        task, attempt, log = message
         conn.send("started")
-        outcome = execute(task, attempt)
+        outcome = execute(task, attempt, log)
         try:
             conn.send(outcome)
         except Exception as exc:  # the value does not pickle: report that instead of dying

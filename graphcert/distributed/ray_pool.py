@@ -14,7 +14,8 @@ import time
 from typing import Iterator
 
 from ..errors import InputError
-from .tasks import DEFAULT_RETRIES, ONE_THREAD_ENV, Event, Outcome, Task, configure_worker, execute, is_memory_error
+from .tasks import (DEFAULT_RETRIES, ONE_THREAD_ENV, Event, Outcome, Task, configure_worker, execute, is_memory_error,
+                    task_log)
 
 INSTALL_HINT = "pip install 'graphcert[ray]' (in a clone: pip install -e '.[ray]')"
 # A cluster started for one run: small, since graphcert passes file names and small results, not arrays.
@@ -49,13 +50,14 @@ class RayExecutor:
         remote = ray.remote(num_cpus=1, max_retries=0)(_ray_execute)
         capacity = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.workers = capacity
+        log = task_log()
         queue = list(reversed([(task, 1) for task in tasks]))  # pop() takes the next in input order
         flight: dict = {}  # ref -> (task, attempt, submitted at)
         try:
             while queue or flight:
                 while queue and len(flight) < capacity:
                     task, attempt = queue.pop()
-                    flight[remote.remote(task, attempt, self.memory_mb)] = (task, attempt, time.monotonic())
+                    flight[remote.remote(task, attempt, self.memory_mb, log)] = (task, attempt, time.monotonic())
                     yield Event("start", task.key)
                 ready, _ = ray.wait(list(flight), num_returns=1, timeout=POLL_SECONDS)
                 for ref in ready:
@@ -112,6 +114,6 @@ class RayExecutor:
                     timed_out=True, attempts=attempt, seconds=now - submitted))
 
 
-def _ray_execute(task: Task, attempt: int, memory_mb: float | None) -> Outcome:
+def _ray_execute(task: Task, attempt: int, memory_mb: float | None, log: str | None) -> Outcome:
     configure_worker(memory_mb)
-    return execute(task, attempt)
+    return execute(task, attempt, log)

@@ -18,7 +18,8 @@ from typing import Any, Callable
 # torch, numpy or onnxruntime start their thread pools (a worker's environment is fixed when it starts).
 ONE_THREAD_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                          "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
-# Diagnostics and tests: when set, every task start is appended to this file as "pid key attempt".
+# Diagnostics and tests: when set (in the process that runs the executor), every task start is appended to this
+# file as "pid key attempt" by the process that runs the task.
 TASK_LOG_ENV = "GRAPHCERT_TASK_LOG"
 # A task is stopped this long after its own timeout (it is expected to honour the timeout itself; this is the
 # backstop for a task stuck in native code): the larger of GRACE_SECONDS and GRACE_SHARE of the timeout.
@@ -86,8 +87,12 @@ def configure_worker(memory_mb: float | None) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
-def log_start(key: str, attempt: int) -> None:
-    path = os.environ.get(TASK_LOG_ENV)
+def task_log() -> str | None:
+    """The task log path, read where the executor runs (workers may have been started with another environment)."""
+    return os.environ.get(TASK_LOG_ENV) or None
+
+
+def log_start(path: str | None, key: str, attempt: int) -> None:
     if not path:
         return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -97,9 +102,9 @@ def log_start(key: str, attempt: int) -> None:
         os.close(fd)
 
 
-def execute(task: Task, attempt: int) -> Outcome:
+def execute(task: Task, attempt: int, log: str | None = None) -> Outcome:
     """Run one task in this process and capture its value or its error (the worker-side half of every executor)."""
-    log_start(task.key, attempt)
+    log_start(log, task.key, attempt)
     wall, cpu = time.monotonic(), time.process_time()
     try:
         value, error = task.fn(*task.args), None
