@@ -5,6 +5,7 @@ import os
 from collections import Counter
 
 from . import api
+from . import methods as method_registry
 from .interface import perturbed_inputs
 from .interpret import perturbed_nodes
 from .model import read_proto, static_shape
@@ -16,9 +17,15 @@ def describe(path: str | os.PathLike) -> dict:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     nodes = perturbed_nodes(model.graph, set(perturbed_inputs(model)))
     methods = {}
-    for name, supports in sorted(api.SUPPORTS.items()):
-        missing = sorted({n.op_type for n in nodes if n.domain not in ("", "ai.onnx") or not supports(n)})
+    for name, record in sorted(method_registry.all_methods().items()):
+        if record.supports is None:  # a ladder: it runs whichever of its stages take the model
+            continue
+        missing = sorted({n.op_type for n in nodes if n.domain not in ("", "ai.onnx") or not record.supports(n)})
         methods[name] = missing
+    for name, record in sorted(method_registry.all_methods().items()):
+        if record.supports is None:
+            stages = [methods[stage] for stage in record.stages_of("linf") if stage in methods]
+            methods[name] = sorted(set.intersection(*map(set, stages))) if stages else []
     return {
         "path": os.fspath(path),
         "producer": proto.producer_name,

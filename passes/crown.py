@@ -273,7 +273,7 @@ def _window_max_backward(cx: Context, node: ir.Node, relaxation: WindowMax, posi
     flat = fold_leading(b, spread, [size, *shape_out[1:]])
     geometry = relaxation.geometry
     back = b.op("ConvTranspose", flat, relaxation.patches,
-                output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+                output_padding=geometry.output_padding(shape_out[1:]), **geometry.attributes())
     back = unfold_leading(b, back, spread, shape_in)
     return [(x, back), (relaxation.upper_intercept, negative)]
 

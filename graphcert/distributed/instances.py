@@ -7,32 +7,15 @@ there and runs only the missing instances. An instance whose worker is stopped a
 """
 from __future__ import annotations
 
-import csv
 import os
 
 from ..errors import InputError
+from ..verify.competition import InstanceResult, read_instances
 from .journal import Journal, occurrence_key
 from .runner import RunSummary, run_tasks
 from .tasks import Outcome, Task
 
 HEADER = "onnx,vnnlib,status,seconds"
-
-
-def read_instances(csv_path: str | os.PathLike, limit: int | None = None) -> tuple[str, list[list[str]]]:
-    """The folder the paths are relative to, and the (onnx, vnnlib, timeout, ...) rows."""
-    csv_path = os.fspath(csv_path)
-    if not os.path.isfile(csv_path):
-        raise InputError(f"instances file not found: {csv_path}")
-    with open(csv_path, newline="") as handle:
-        rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
-    if any(len(r) < 3 for r in rows):
-        raise InputError(f"{csv_path}: every row needs onnx, vnnlib and timeout columns")
-    for r in rows:
-        try:
-            float(r[2])
-        except ValueError:
-            raise InputError(f"{csv_path}: timeout '{r[2]}' of {r[0]} {r[1]} is not a number") from None
-    return os.path.dirname(os.path.abspath(csv_path)), rows[:limit] if limit is not None else rows
 
 
 def verify_instance(onnx_path: str, spec_path: str, timeout: float, method: str, alpha) -> str:
@@ -96,7 +79,6 @@ def run_instances(csv_path, out_csv=None, method: str = "crown", progress: bool 
     """Verify every instance of a competition instances file on `executor` (serial by default); the results in
     input order and the run's summary."""
     from ..alpha import VERIFY_ALPHA
-    from ..verify import InstanceResult
     from . import SerialExecutor
     if resume and out_csv is None:
         raise InputError("--resume needs --out RESULTS.csv: the results file to resume from")
