@@ -24,7 +24,7 @@ from graphcert import __version__
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
+from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
 from graphcert.model import static_shape
 from graphcert.ops import WindowGeometry
 from graphcert.passes.spec import MARGINS, _affine_producer
@@ -523,7 +523,7 @@ def supports(node: ir.Node) -> bool:
     tainted = [v for v in node.inputs if v is not None and v.const_value is None]
     dims = static_shape(tainted[0]) if tainted else []
     batched = len(dims) >= 2 and not isinstance(dims[0], int)
-    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node)
+    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node) and refusal(node) is None
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
