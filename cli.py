@@ -33,11 +33,34 @@ def add_convert(sub) -> None:
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
     p.add_argument("--norm", default="linf",
                    help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
+    p.add_argument("--certificate", action="store_true",
+                   help="write a certified-prediction graph instead: input -> logits, prediction, certified_radius "
+                        "(closed form for lipschitz, else the largest certified rung of --ladder)")
+    p.add_argument("--ladder", help="with --certificate: the radii tried, e.g. 0.001,0.002,0.005 or start:stop:step "
+                                    "(default: 0.001,0.002,0.005,...,0.2 for linf; ten times that for l2)")
     p.set_defaults(run=run_convert, reads=("model", "spec"), writes=("output",))
 
 
 def run_convert(args) -> int:
     from graphcert import api
+    from graphcert.errors import InputError
+    if args.ladder and not args.certificate:
+        raise InputError("--ladder goes with --certificate")
+    if args.certificate:
+        if args.spec:
+            raise InputError("--certificate certifies the prediction; it takes no --spec")
+        from graphcert.sweep import parse_eps
+        ladder = parse_eps(args.ladder) if args.ladder else None
+        if ladder and args.method == "lipschitz":
+            raise InputError("lipschitz certificates are in closed form; drop --ladder")
+        proto = api.convert_certificate(shipped_model(args.model), args.output, method=args.method,
+                                        domain=tuple(args.domain) if args.domain else None, norm=args.norm,
+                                        ladder=ladder)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        print(f"wrote {args.output} (certificate, {args.method}, {args.norm}, radii: "
+              f"{meta.get('graphcert.certificate.rungs')}): input {proto.graph.input[0].name}; outputs "
+              + ", ".join(o.name for o in proto.graph.output))
+        return 0
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
                         domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
     inputs = ", ".join(i.name for i in proto.graph.input)

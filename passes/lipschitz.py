@@ -20,7 +20,7 @@ from graphcert import __version__
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
+from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
 from graphcert.model import static_shape
 from graphcert.operator_norms import (EXACT_SIDE, RELATIVE_SLACK, ConvGeometry, average_pool_norm,  # noqa: F401
                                       circular_conv_norm, conv_matrix, outward, spectral_norm)
@@ -358,7 +358,7 @@ def supports(node: ir.Node) -> bool:
     tainted = [v for v in node.inputs if v is not None and v.const_value is None]
     dims = static_shape(tainted[0]) if tainted else []
     batched = len(dims) >= 2 and not isinstance(dims[0], int)
-    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node)
+    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node) and refusal(node) is None
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
