@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert import interval as iv
+from graphcert import ops
 from graphcert.builder import Builder
 from graphcert.interface import InputSet, clone, close_outputs, open_inputs, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
@@ -252,6 +253,16 @@ def _monotone(cx, node, x, *rest):
     return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
 
 
+def _monotone_family(spec: ops.Elementwise) -> None:
+    """Element-wise ops stated in graphcert.ops as non-decreasing get the monotone rule (unless this module
+    has a rule of its own), accepted where the node's attributes keep them non-decreasing."""
+    if spec.op_type in RULES:
+        return
+    RULES[spec.op_type] = _monotone
+    CONDITIONS[spec.op_type] = spec.monotone
+    MONOTONE.append(spec.op_type)
+
+
 def _widened(cx, x: Interval, dtype: ir.DataType | None, non_negative: bool = False) -> Interval:
     """x widened by 2^-20 of |lower| + |upper|, about eight ulps of the larger end.
 
@@ -443,6 +454,9 @@ def _monotone_cast(target: int | None) -> bool:
     return target is not None and ir.DataType(target) in (
         ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8,
         ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64)
+
+
+ops.on_elementwise(_monotone_family)
 
 
 def accepts(node: ir.Node) -> bool:
