@@ -86,7 +86,8 @@ def _sine_bounds(b, lo, hi, phase: float, dtype):
 
 @rule("Sin", "Cos")
 def _sine(cx, node, x):
-    x = sane(cx, iv.as_interval(cx.b, x), node.inputs[0].dtype)
+    # Widened: at large |x| an ulp of the input moves the sine by an ulp times |x|'s spacing.
+    x = widened(cx, sane(cx, iv.as_interval(cx.b, x), node.inputs[0].dtype), node.inputs[0].dtype)
     dtype = node.inputs[0].dtype or ir.DataType.FLOAT
     phase = 0.0 if node.op_type == "Sin" else np.pi / 2  # cos x = sin(x + π/2)
     return [Interval.from_bounds(cx.b, *_sine_bounds(cx.b, x.lower, x.upper, phase, dtype))]
