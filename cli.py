@@ -90,7 +90,7 @@ def add_certify(sub) -> None:
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
-    from graphcert.alpha import CERTIFY_ALPHA
+    from graphcert.alpha_settings import CERTIFY_ALPHA
     add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_certify, reads=("model", "data"), writes=())
@@ -121,7 +121,7 @@ def clipping_note(data, clip: bool, method: str) -> str:
 
 
 def run_certify(args) -> int:
-    from graphcert.alpha import CERTIFY_ALPHA
+    from graphcert.alpha_settings import CERTIFY_ALPHA
     from graphcert.certify import certify
     from graphcert.data import load_dataset
     data = load_dataset(args.data)
@@ -152,26 +152,39 @@ def add_verify(sub) -> None:
                                    "(with --instances: 0 once every instance has a result).")
     p.add_argument("model", nargs="?", help="ONNX model file (or the name of a shipped model)")
     p.add_argument("spec", nargs="?", help="VNN-LIB property file")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds for one property (default: 60)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds for one property, process start and model loading included (default: 60)")
+    p.add_argument("--memory", help="memory budget such as 4GB or 512MB; every stage sizes its batches to it "
+                                    "(default: half of the memory available at start)")
     p.add_argument("--out", help="result file (competition format), or the results CSV with --instances")
     p.add_argument("--method", default="crown", help=f"{methods.help_text(norm='linf')} (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
-    from graphcert.alpha import VERIFY_ALPHA
+    from graphcert.alpha_settings import VERIFY_ALPHA
     add_alpha_options(p, VERIFY_ALPHA)
     p.set_defaults(run=run_verify, reads=("model", "spec", "instances"), writes=("out",))
 
 
 def run_verify(args) -> int:
-    from graphcert import verify as verifier
-    from graphcert.alpha import VERIFY_ALPHA
+    import math
+    import time
+
+    from graphcert.alpha_settings import VERIFY_ALPHA
     from graphcert.errors import InputError
+    started = getattr(args, "process_started", None) or time.monotonic()
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise InputError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if not (math.isfinite(args.timeout_scale) and args.timeout_scale > 0):
+        raise InputError(f"--timeout-scale must be a positive number, got {args.timeout_scale:g}")
+    from graphcert.verify.resources import parse_memory
+    memory = parse_memory(args.memory) if args.memory is not None else None
     if args.instances:
         if args.model or args.spec:
             raise InputError("give either MODEL SPEC or --instances FILE.csv, not both")
+        from graphcert import verify as verifier
         results = verifier.run_instances(args.instances, args.out, method=args.method,
                                          progress=sys.stderr.isatty(), timeout_scale=args.timeout_scale,
-                                         alpha=alpha_settings(args, VERIFY_ALPHA))
+                                         alpha=alpha_settings(args, VERIFY_ALPHA), memory=memory)
         for r in results:
             print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
         summary = verifier.summarize(results)
@@ -180,12 +193,31 @@ def run_verify(args) -> int:
         return 0
     if not (args.model and args.spec):
         raise InputError("verify needs MODEL and SPEC (or --instances FILE.csv)")
-    result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
-                             alpha=alpha_settings(args, VERIFY_ALPHA))
-    if args.out:
-        verifier.write_result(result, args.out)
-    print(result.status)
-    print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded", file=sys.stderr)
+    from graphcert.verify.resources import Budget, ProcessGuard
+    budget = Budget(memory)
+    alpha = alpha_settings(args, VERIFY_ALPHA)
+
+    def answer(status: str, reason: str, result=None) -> None:
+        """Print (and write) the verdict; the guard calls it when a stage overruns the deadline or budget."""
+        from graphcert.verify.competition import write_result
+        from graphcert.verify import Result
+        result = result or Result(status, None, time.monotonic() - started, reason=reason)
+        if args.out:
+            write_result(result, args.out)
+        print(result.status, flush=True)
+        print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded" + (f"; {result.reason}" if result.reason
+                                                                          else ""), file=sys.stderr, flush=True)
+
+    with ProcessGuard(started + args.timeout, budget, answer, VERDICT_EXIT_CODES.__getitem__):
+        from graphcert import verify as verifier
+        result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
+                                 alpha=alpha, memory=budget.total, started=started)
+    answer(result.status, result.reason, result)
+    if getattr(args, "process_started", None) is not None:
+        # The command itself: end now rather than spend the promised second tearing down large sessions.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(VERDICT_EXIT_CODES[result.status])
     return VERDICT_EXIT_CODES[result.status]
 
 
@@ -358,8 +390,23 @@ def written_paths(args) -> list[str]:
     return [p for p in paths if p is not None]
 
 
+def process_started() -> float | None:
+    """When this process started, on the time.monotonic() clock (Linux /proc), or None."""
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        import time
+        return time.monotonic() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command itself (not a caller in this process): its clock starts with the process
+        args.process_started = process_started()
     from graphcert.errors import GraphcertError
     from graphcert.files import refuse_overwrite
     try:

@@ -104,3 +104,113 @@ def test_relu_branching_on_a_batch_one_residual_export_runs_and_stays_sound(tmp_
     assert result.status in ("holds", "timeout") and result.boxes > 2
     write_property(spec, low, high, f"(>= Y_0 {top - 1e-3})", 3)
     assert verify(model, spec, timeout=6, method="crown", branching="relus").status == "violated"
+
+
+# ---- memory budget, deadline, many boxes ------------------------------------------------------------------
+
+def index_network(path, seed: int = 0) -> None:
+    """A learned-index-like model: one input key -> 16 -> 16 -> one position, batch 1 as exported."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w1", rng.normal(size=(1, 16))), ("b1", rng.normal(size=16)), ("w2", rng.normal(size=(16, 16)) / 4),
+        ("b2", rng.normal(size=16) * 0.1), ("w3", rng.normal(size=(16, 1)) / 4), ("b3", np.zeros(1)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["z1"]),
+             helper.make_node("Relu", ["z1"], ["r1"]), helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["z2"]), helper.make_node("Relu", ["z2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["m3"]), helper.make_node("Add", ["m3", "b3"], ["y"])]
+    graph = helper.make_graph(nodes, "index", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def boxes_property(path, edges: np.ndarray, unsafe: str) -> None:
+    """X_0 in one of the boxes [edges[k], edges[k + 1]] (as learned-index specs list thousands of key ranges)."""
+    terms = " ".join(f"(and (>= X_0 {float(a)!r}) (<= X_0 {float(b)!r}))" for a, b in zip(edges[:-1], edges[1:]))
+    path.write_text(f"(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (or {terms}))\n(assert {unsafe})\n")
+
+
+def test_a_spec_with_2000_input_boxes_is_decided_within_its_timeout(tmp_path):
+    import time
+
+    from graphcert.verify import verify
+    model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"
+    index_network(model)
+    edges = np.linspace(-1, 1, 2001)
+    keys = np.linspace(-1, 1, 20001, dtype=np.float32)[:, None]
+    session = Session(onnx.load(model))
+    outputs = np.concatenate([session.run({"x": k[None]})["y"].reshape(-1) for k in keys[::10]])
+    boxes_property(spec, edges, f"(>= Y_0 {float(outputs.max()) + 1.0})")
+    began = time.monotonic()
+    result = verify(model, spec, timeout=20, memory=1 << 30)
+    assert result.status == "holds" and time.monotonic() - began < 21
+    boxes_property(spec, edges, f"(>= Y_0 {float(outputs.max()) - 1e-3})")
+    result = verify(model, spec, timeout=20, memory=1 << 30)
+    assert result.status == "violated"
+    x, y = result.counterexample
+    assert float(session.run({"x": x.reshape(1, 1)})["y"][0, 0]) >= float(outputs.max()) - 1e-3
+
+
+def test_a_budget_too_small_answers_unknown_with_its_reason(tmp_path):
+    """A budget below what the process already holds: once a bound call is measured, the next cannot fit,
+    and verify says so instead of growing (a property that needs branching, so later calls are due)."""
+    from graphcert.verify import verify
+    model, spec = tmp_path / "res.onnx", tmp_path / "p.vnnlib"
+    onnx.save(residual_network(seed=2), model)
+    write_property(spec, np.zeros(36), np.full(36, 0.6), "(>= Y_0 0.5)", 3)
+    result = verify(model, spec, timeout=20, memory=64 << 20, branching="inputs")
+    assert result.status == "unknown" and "memory budget" in result.reason
+
+
+def test_memory_sizes_parse_and_bad_ones_are_one_line_errors():
+    import pytest
+
+    from graphcert.errors import InputError
+    from graphcert.verify.resources import parse_memory
+    assert parse_memory("2GB") == 2 << 30 and parse_memory("512MB") == 512 << 20 and parse_memory("1.5") == 3 << 29
+    for bad in ("", "-1GB", "3xb", "10MB", "nan"):
+        with pytest.raises(InputError):
+            parse_memory(bad)
+
+
+def test_an_isolated_job_past_its_deadline_or_budget_is_answered_and_ended():
+    """The guard answers for a child stuck in one uninterruptible call, within a second of its deadline; a
+    child that grows past its budget is ended with unknown; a crash is reported, not raised."""
+    import time
+
+    from graphcert.verify.isolate import run_isolated
+    from graphcert.verify.resources import Budget, resident_bytes
+
+    def stuck():
+        time.sleep(30)
+
+    def hungry():
+        hoard = []
+        while True:
+            hoard.append(np.ones(1 << 24))   # 128 MB a step
+
+    def broken():
+        raise ValueError("a bug")
+
+    began = time.monotonic()
+    outcome = run_isolated(stuck, began + 1.0, None, lambda status, reason: (status, reason))
+    assert outcome.kind == "result" and outcome.value[0] == "timeout" and time.monotonic() - began < 2.0
+    outcome = run_isolated(hungry, time.monotonic() + 20, Budget(resident_bytes() + (256 << 20)),
+                           lambda status, reason: (status, reason))
+    assert outcome.value[0] == "unknown" and "memory" in outcome.value[1]
+    assert outcome.peak_bytes < resident_bytes() + (1 << 30)
+    outcome = run_isolated(broken, time.monotonic() + 20, None, lambda status, reason: (status, reason))
+    assert outcome.kind == "crash" and "a bug" in outcome.value
+
+
+def test_the_command_line_refuses_a_timeout_that_is_not_positive(tmp_path, capsys):
+    import cli
+    model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"
+    index_network(model)
+    boxes_property(spec, np.linspace(-1, 1, 3), "(>= Y_0 100.0)")
+    for timeout in ("-1", "0", "nan"):
+        assert cli.main(["verify", str(model), str(spec), "--timeout", timeout]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "--timeout" in err
+    assert cli.main(["verify", str(model), str(spec), "--memory", "lots"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert cli.main(["verify", str(model), str(spec), "--timeout", "10", "--memory", "1GB"]) == 0

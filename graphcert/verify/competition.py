@@ -36,15 +36,26 @@ class InstanceResult:
     status: str
     seconds: float
     timeout: float
+    peak_mb: float = 0.0       # the verify process's peak resident memory (0: not measured)
+    reason: str = ""           # why unknown or timeout, or the crash
+    counterexample: tuple | None = None
 
 
 def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
                   progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
-                  alpha: AlphaSettings = VERIFY_ALPHA) -> list[InstanceResult]:
-    """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it."""
+                  alpha: AlphaSettings = VERIFY_ALPHA, memory: int | None = None,
+                  isolate: bool = True) -> list[InstanceResult]:
+    """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it.
+
+    With `isolate` (the default) each instance runs in a process of its own (`isolate.run_isolated`): its
+    deadline and memory budget (`memory` bytes, default half of what is available) are guarded, a crash
+    becomes that instance's `error: crash ...` status, and its peak memory is recorded.
+    """
     from tqdm import tqdm
 
-    from . import verify  # the package's verify(), which imports this module
+    from . import Result, verify  # the package's verify(), which imports this module
+    from .isolate import run_isolated
+    from .resources import Budget
     csv_path = os.fspath(csv_path)
     if not os.path.isfile(csv_path):
         raise InputError(f"instances file not found: {csv_path}")
@@ -60,15 +71,31 @@ def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None
         bar.set_description(f"{os.path.basename(onnx_name)} {os.path.basename(spec_name)}")
         seconds = float(timeout) * timeout_scale
         started = time.monotonic()
-        try:
-            result = verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha)
-            status = result.status
-        except GraphcertError as exc:
-            status = f"error: {str(exc).splitlines()[0]}"
-        results.append(InstanceResult(onnx_name, spec_name, status, time.monotonic() - started, seconds))
+        budget = Budget(memory)
+
+        def job():
+            return verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha,
+                          memory=budget.total, started=started)
+
+        if isolate:
+            outcome = run_isolated(job, started + seconds, budget,
+                                   lambda status, reason: Result(status, None, time.monotonic() - started,
+                                                                 reason=reason))
+            kind, value, peak = outcome.kind, outcome.value, outcome.peak_bytes
+        else:
+            try:
+                kind, value, peak = "result", job(), 0
+            except GraphcertError as exc:
+                kind, value, peak = "error", str(exc).splitlines()[0], 0
+        if kind == "result":
+            status, reason, counterexample = value.status, value.reason, value.counterexample
+        else:
+            status, reason, counterexample = f"error: {'crash ' if kind == 'crash' else ''}{value}", "", None
+        results.append(InstanceResult(onnx_name, spec_name, status, time.monotonic() - started, seconds,
+                                      peak / (1 << 20), reason, counterexample))
     if out_csv is not None:
-        lines = ["onnx,vnnlib,status,seconds"] + [f"{r.onnx},{r.vnnlib},{r.status.replace(',', ';')},{r.seconds:.3f}"
-                                                    for r in results]
+        lines = ["onnx,vnnlib,status,seconds,peak_mb"] + [
+            f"{r.onnx},{r.vnnlib},{r.status.replace(',', ';')},{r.seconds:.3f},{r.peak_mb:.0f}" for r in results]
         atomic_write(("\n".join(lines) + "\n").encode(), out_csv)
     return results
 
