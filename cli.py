@@ -31,11 +31,34 @@ def add_convert(sub) -> None:
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
     p.add_argument("--norm", default="linf",
                    help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
+    p.add_argument("--certificate", action="store_true",
+                   help="write a certified-prediction graph instead: input -> logits, prediction, certified_radius "
+                        "(closed form for lipschitz, else the largest certified rung of --ladder)")
+    p.add_argument("--ladder", help="with --certificate: the radii tried, e.g. 0.001,0.002,0.005 or start:stop:step "
+                                    "(default: 0.001,0.002,0.005,...,0.2 for linf; ten times that for l2)")
     p.set_defaults(run=run_convert, reads=("model", "spec"), writes=("output",))
 
 
 def run_convert(args) -> int:
     from graphcert import api
+    from graphcert.errors import InputError
+    if args.ladder and not args.certificate:
+        raise InputError("--ladder goes with --certificate")
+    if args.certificate:
+        if args.spec:
+            raise InputError("--certificate certifies the prediction; it takes no --spec")
+        from graphcert.sweep import parse_eps
+        ladder = parse_eps(args.ladder) if args.ladder else None
+        if ladder and args.method == "lipschitz":
+            raise InputError("lipschitz certificates are in closed form; drop --ladder")
+        proto = api.convert_certificate(shipped_model(args.model), args.output, method=args.method,
+                                        domain=tuple(args.domain) if args.domain else None, norm=args.norm,
+                                        ladder=ladder)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        print(f"wrote {args.output} (certificate, {args.method}, {args.norm}, radii: "
+              f"{meta.get('graphcert.certificate.rungs')}): input {proto.graph.input[0].name}; outputs "
+              + ", ".join(o.name for o in proto.graph.output))
+        return 0
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
                         domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
     inputs = ", ".join(i.name for i in proto.graph.input)
@@ -80,20 +103,28 @@ def add_certify(sub) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"ONNX model file or shipped model name (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default="mnist-test", help="mnist-test, mnist5k, digits or FILE.npz (x, y)")
-    p.add_argument("--eps", type=float, default=0.01, help="radius in --norm (default: 0.01)")
+    p.add_argument("--eps", default="0.01",
+                   help="radius in --norm, a list (0.005,0.01,0.02) or start:stop:step (stop included) (default: 0.01)")
     p.add_argument("--norm", default="linf",
                    help="the perturbation ball: linf (default) or l2 (methods lipschitz, crown-ibp, crown, "
                         "alpha-crown, auto; lipschitz never clips the ball to the data domain)")
     p.add_argument("--method", default="ibp",
                    help=f"{methods.help_text()}: lipschitz is L2 only (a Lipschitz-margin certificate); auto runs "
-                        "the cheapest first, escalating on undecided samples only (default: ibp)")
+                        "the cheapest first, escalating on undecided samples only; or a list (ibp,crown) (default: ibp)")
+    p.add_argument("--radius", action="store_true",
+                   help="find each sample's largest certified radius per method (bisection; closed form for "
+                        "lipschitz) and report its distribution")
+    p.add_argument("--radius-tol", type=float, default=1e-4, help="bisection tolerance of --radius (default: 1e-4)")
+    p.add_argument("--per-sample", metavar="FILE.csv",
+                   help="write index, label, prediction, certified at each radius and the radius per sample")
+    p.add_argument("--plot", metavar="FILE", help="draw certified accuracy against the radius (.png or .svg)")
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
     from graphcert.alpha_settings import CERTIFY_ALPHA
     add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run_certify, reads=("model", "data"), writes=())
+    p.set_defaults(run=run_certify, reads=("model", "data"), writes=("per_sample", "plot"))
 
 
 def add_alpha_options(p, defaults) -> None:
@@ -122,20 +153,103 @@ def clipping_note(data, clip: bool, method: str) -> str:
 
 def run_certify(args) -> int:
     from graphcert.alpha_settings import CERTIFY_ALPHA
-    from graphcert.certify import certify
     from graphcert.data import load_dataset
+    from graphcert.sweep import parse_eps, parse_methods
+    eps, methods = parse_eps(args.eps), parse_methods(args.method)
+    if args.plot:
+        from graphcert.plots import figure_format
+        figure_format(args.plot)
     data = load_dataset(args.data)
-    result = certify(shipped_model(args.model), data, args.eps, method=args.method, limit=args.limit,
+    if len(eps) == 1 and len(methods) == 1 and not (args.radius or args.per_sample or args.plot):
+        return _certify_one(args, data, eps[0], methods[0], alpha_settings(args, CERTIFY_ALPHA))
+    from graphcert.sweep import sweep
+    result = sweep(shipped_model(args.model), data, eps, methods, limit=args.limit, batch_size=args.batch_size,
+                   clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
+                   alpha=alpha_settings(args, CERTIFY_ALPHA), norm=args.norm, radius=args.radius,
+                   tolerance=args.radius_tol, model_name=args.model)
+    if args.per_sample:
+        result.write_per_sample(args.per_sample)
+    if args.plot:
+        from graphcert.plots import plot_curves
+        plot_curves(result, args.plot)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    print(f"{result.n} samples of {data.name}, {result.norm}; clean accuracy {result.clean / result.n:.2%} "
+          f"({result.clean}/{result.n})")
+    for note in dict.fromkeys(clipping_note(data, not args.no_clip, m) for m in methods):
+        print(note)
+    print(f"{'method':12} {'eps':>8} {'certified':>20} {'seconds':>9}")
+    for row in result.rows():
+        share = f"{row.certified_accuracy:.2%} ({row.certified}/{row.n})"
+        print(f"{row.method:12} {row.eps:8.4g} {share:>20} {row.seconds:9.2f}")
+    if result.radii:
+        print(f"certified radius per sample (0: not certified; bisection to {args.radius_tol:g}, "
+              f"closed form for lipschitz):")
+        print(f"{'method':12} {'median':>9} {'q10':>9} {'q25':>9} {'q75':>9} {'q90':>9} {'max':>9} {'seconds':>9}")
+        for method, stats in result.radius_stats().items():
+            q = stats["quantiles"]
+            print(f"{method:12} {stats['median']:9.4g} {q['0.1']:9.4g} {q['0.25']:9.4g} {q['0.75']:9.4g} "
+                  f"{q['0.9']:9.4g} {stats['max']:9.4g} {stats['seconds']:9.2f}")
+    for path, what in ((args.per_sample, "per-sample results"), (args.plot, "plot")):
+        if path:
+            print(f"wrote {what} to {path}")
+    return 0
+
+
+def _certify_one(args, data, eps: float, method: str, alpha) -> int:
+    from graphcert.certify import certify
+    result = certify(shipped_model(args.model), data, eps, method=method, limit=args.limit,
                      batch_size=args.batch_size, clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
-                     alpha=alpha_settings(args, CERTIFY_ALPHA), norm=args.norm)
+                     alpha=alpha, norm=args.norm)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
         print(f"{result.n} samples of {data.name}, {result.norm} eps={result.eps:g}, method={result.method}")
-        print(clipping_note(data, not args.no_clip, args.method))
+        print(clipping_note(data, not args.no_clip, method))
         print(f"clean accuracy:     {result.clean_accuracy:.2%} ({result.clean}/{result.n})")
         print(f"certified accuracy: {result.certified_accuracy:.2%} ({result.certified}/{result.n})")
         print(f"seconds:            {result.seconds:.2f}")
+    return 0
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="a self-contained HTML report: model, certified accuracy curves, radii, "
+                                      "per-class accuracy, least robust samples")
+    p.add_argument("model", help="ONNX model file or shipped model name")
+    p.add_argument("--data", default="mnist-test", help="mnist-test, mnist5k, digits or FILE.npz (x, y)")
+    p.add_argument("-o", "--output", required=True, help="where to write the report (.html)")
+    p.add_argument("--norm", default="linf", help="linf (default) or l2")
+    p.add_argument("--eps", help="radii: a list or start:stop:step (default: 0:0.05:0.005 for linf, 0:1:0.1 for l2)")
+    p.add_argument("--method", help="a list of methods (default: those of ibp, crown-ibp, crown (linf) or "
+                                    "lipschitz, crown-ibp, crown (l2) that support the model)")
+    p.add_argument("--limit", type=int, default=200, help="the first N samples (default: 200)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
+    p.add_argument("--radius-tol", type=float, default=1e-4, help="bisection tolerance of the radii (default: 1e-4)")
+    p.set_defaults(run=run_report, reads=("model", "data"), writes=("output",))
+
+
+def run_report(args) -> int:
+    from graphcert.data import load_dataset
+    from graphcert.errors import InputError
+    from graphcert.report import DEFAULT_EPS, build_report, default_methods, write_report
+    from graphcert.sweep import parse_eps, parse_methods
+    if args.norm not in DEFAULT_EPS:
+        raise InputError(f"unknown norm '{args.norm}'; choose linf or l2")
+    if not args.output.lower().endswith((".html", ".htm")):
+        raise InputError(f"report {args.output}: give a file ending in .html")
+    model = shipped_model(args.model)
+    eps = parse_eps(args.eps or DEFAULT_EPS[args.norm])
+    methods = parse_methods(args.method) if args.method else default_methods(model, args.norm)
+    page, result = build_report(model, load_dataset(args.data), eps, methods, args.limit, norm=args.norm,
+                                clip=not args.no_clip, batch_size=args.batch_size, tolerance=args.radius_tol,
+                                progress=sys.stderr.isatty(), model_name=args.model)
+    write_report(page, args.output)
+    print(f"wrote {args.output}: {result.n} samples, methods {', '.join(methods)}, {len(eps)} radii "
+          f"({len(page) // 1024} KB)")
     return 0
 
 
@@ -160,9 +274,13 @@ def add_verify(sub) -> None:
     p.add_argument("--method", default="crown", help=f"{methods.help_text(norm='linf')} (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
+    p.add_argument("--plot", metavar="FILE", help="with --instances: draw the cactus plot (.png or .svg)")
+    p.add_argument("--reference", metavar="CSV",
+                   help="with --plot: another tool's results (onnx, vnnlib, abcrown_answer or status, wall_s or "
+                        "seconds) drawn beside ours on the same instances")
     from graphcert.alpha_settings import VERIFY_ALPHA
     add_alpha_options(p, VERIFY_ALPHA)
-    p.set_defaults(run=run_verify, reads=("model", "spec", "instances"), writes=("out",))
+    p.set_defaults(run=run_verify, reads=("model", "spec", "instances", "reference"), writes=("out", "plot"))
 
 
 def run_verify(args) -> int:
@@ -178,9 +296,18 @@ def run_verify(args) -> int:
         raise InputError(f"--timeout-scale must be a positive number, got {args.timeout_scale:g}")
     from graphcert.verify.resources import parse_memory
     memory = parse_memory(args.memory) if args.memory is not None else None
+    if (args.plot or args.reference) and not args.instances:
+        raise InputError("--plot and --reference draw a cactus plot of --instances runs")
+    if args.reference and not args.plot:
+        raise InputError("--reference needs --plot FILE")
     if args.instances:
         if args.model or args.spec:
             raise InputError("give either MODEL SPEC or --instances FILE.csv, not both")
+        if args.plot:
+            from graphcert.plots import figure_format, read_reference
+            figure_format(args.plot)
+            if args.reference:
+                read_reference(args.reference)   # a malformed reference fails before hours of verification
         from graphcert import verify as verifier
         results = verifier.run_instances(args.instances, args.out, method=args.method,
                                          progress=sys.stderr.isatty(), timeout_scale=args.timeout_scale,
@@ -190,6 +317,10 @@ def run_verify(args) -> int:
         summary = verifier.summarize(results)
         print(f"{len(results)} instances: " + ", ".join(f"{k} {summary[k]}" for k in (*verifier.STATUSES, "error"))
               + f"; median {summary['median_seconds']:.2f} s")
+        if args.plot:
+            from graphcert.plots import plot_cactus
+            plot_cactus(results, args.plot, args.reference)
+            print(f"wrote cactus plot to {args.plot}")
         return 0
     if not (args.model and args.spec):
         raise InputError("verify needs MODEL and SPEC (or --instances FILE.csv)")
@@ -356,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphcert", description="Certified robustness for ONNX models.")
     parser.add_argument("--version", action="version", version=f"graphcert {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_convert, add_inspect, add_certify, add_verify, add_train, add_export_training):
+    for add in (add_convert, add_inspect, add_certify, add_report, add_verify, add_train, add_export_training):
         add(sub)
     return parser
 

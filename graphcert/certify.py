@@ -98,24 +98,40 @@ class GraphCertifier:
         self.output_name = next(n for n in self.session.output_names if n not in ("margins",) and not n.endswith(("_lower", "_upper")))
         self.per_run = samples_per_run(model, method) or np.inf
 
-    def __call__(self, x: np.ndarray, eps: float, objective: np.ndarray):
+    def __call__(self, x: np.ndarray, eps, objective: np.ndarray):
         logits, lower = [], []
         for start in range(0, len(x), int(min(self.per_run, max(len(x), 1)))):
             part = slice(start, start + int(min(self.per_run, len(x))))
-            out = self.session.run({self.x_name: x[part], self.eps_name: np.float32(eps), OBJECTIVE: objective[part]},
+            out = self.session.run({self.x_name: x[part], self.eps_name: rows_of(eps, part), OBJECTIVE: objective[part]},
                                    [self.output_name, "margins_lower"])
             logits.append(out[self.output_name])
             lower.append(out["margins_lower"])
         return np.concatenate(logits), np.concatenate(lower)
 
 
-def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
-            batch_size: int = 256, clip: bool = True, progress: bool = False,
-            alpha: AlphaSettings | None = None, norm: str = "linf") -> CertifyResult:
-    """Clean and certified accuracy at radius `eps` in `norm` ("linf" or "l2"); `alpha` tunes alpha-CROWN
-    (methods alpha-crown, auto)."""
-    eps = check_eps(eps)
-    check_method_norm(method, norm)
+def rows_of(eps, index) -> np.ndarray:
+    """The radii of the samples `index`: eps is one radius for all (a scalar) or one per sample ([batch, 1, ...])."""
+    eps = np.asarray(eps, dtype=np.float32)
+    return eps[index] if eps.ndim and eps.shape[0] > 1 else eps
+
+
+def certified_mask(logits: np.ndarray, margins_lower: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Samples classified correctly at x whose every margin lower bound is proved positive."""
+    return (logits.argmax(axis=1) == labels) & (margins_lower > 0).all(axis=1)
+
+
+@dataclass
+class Prepared:
+    """A model and data set checked for certification: inputs fitted to the model's shape."""
+    model: object
+    data: Dataset
+    x: np.ndarray
+    n_classes: int
+    domain: tuple | None
+
+
+def prepare(model, data: Dataset, limit: int | None, batch_size: int, clip: bool) -> Prepared:
+    """Load and check a batched single-input classifier and its data (one-line InputErrors)."""
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -133,8 +149,19 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     data = data.head(limit)
     if not isinstance(n_classes, int) or data.y.max() >= n_classes:
         raise InputError(f"labels go up to {data.y.max()} but the model has {n_classes} outputs")
-    x_all = fit_to_input(data.x, shape)
-    domain = data.domain if clip else None
+    return Prepared(normalised, data, fit_to_input(data.x, shape), n_classes, data.domain if clip else None)
+
+
+def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
+            batch_size: int = 256, clip: bool = True, progress: bool = False,
+            alpha: AlphaSettings | None = None, norm: str = "linf") -> CertifyResult:
+    """Clean and certified accuracy at radius `eps` in `norm` ("linf" or "l2"); `alpha` tunes alpha-CROWN
+    (methods alpha-crown, auto)."""
+    eps = check_eps(eps)
+    check_method_norm(method, norm)
+    prepared = prepare(model, data, limit, batch_size, clip)
+    normalised, data, x_all, n_classes, domain = (prepared.model, prepared.data, prepared.x, prepared.n_classes,
+                                                  prepared.domain)
     start = time.perf_counter()
     bounder = certifier(normalised, method, domain, alpha or CERTIFY_ALPHA, norm)
     clean = certified = 0
@@ -145,9 +172,8 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     for lo in batches:
         x, y = x_all[lo:lo + batch_size], data.y[lo:lo + batch_size]
         logits, margins_lower = bounder(x, eps, margin_objective(y, n_classes))
-        correct = logits.argmax(axis=1) == y
-        clean += int(correct.sum())
-        certified += int((correct & (margins_lower > 0).all(axis=1)).sum())
+        clean += int((logits.argmax(axis=1) == y).sum())
+        certified += int(certified_mask(logits, margins_lower, y).sum())
     n = len(data)
     return CertifyResult(clean / n, certified / n, n, clean, certified, eps, method,
                          time.perf_counter() - start, norm)
@@ -169,7 +195,7 @@ class AlphaCertifier:
         settings = self.settings
         for start in range(0, len(undecided), int(min(self.per_run, max(len(undecided), 1)))):
             part = undecided[start:start + int(min(self.per_run, len(undecided)))]
-            feeds = self.alpha.feeds(x=x[part], eps=np.float32(eps), objective=objective[part])
+            feeds = self.alpha.feeds(x=x[part], eps=rows_of(eps, part), objective=objective[part])
             watch = ProofWatch(lambda low: low.min(axis=1), settings.iterations, settings.give_up)
             tighter, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=watch)
             lower[part] = np.maximum(lower[part], tighter)
@@ -204,7 +230,7 @@ class EscalatingCertifier:
             stage = self._stage(name)
             if not open_.any() or stage is None:
                 continue
-            _, tighter = stage(x[open_], eps, objective[open_])
+            _, tighter = stage(x[open_], rows_of(eps, open_), objective[open_])
             lower[open_] = np.maximum(lower[open_], tighter)  # both are sound lower bounds
         return logits, lower
 
