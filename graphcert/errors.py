@@ -35,3 +35,7 @@ class InputError(GraphcertError):
 
 class SpecError(GraphcertError):
     """A malformed or unsupported VNN-LIB property."""
+
+
+class RunError(GraphcertError):
+    """Tasks of a parallel or resumable run failed after their retries (the message says which and why)."""

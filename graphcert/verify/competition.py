@@ -4,12 +4,11 @@ from __future__ import annotations
 import csv
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..alpha import VERIFY_ALPHA, AlphaSettings
-from ..errors import GraphcertError, InputError
+from ..alpha_settings import VERIFY_ALPHA, AlphaSettings
+from ..errors import InputError
 from ..files import atomic_write
 
 if TYPE_CHECKING:
@@ -41,63 +40,31 @@ class InstanceResult:
     counterexample: tuple | None = None
 
 
-def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
-                  progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
-                  alpha: AlphaSettings = VERIFY_ALPHA, memory: int | None = None,
-                  isolate: bool = True) -> list[InstanceResult]:
-    """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it.
-
-    With `isolate` (the default) each instance runs in a process of its own (`isolate.run_isolated`): its
-    deadline and memory budget (`memory` bytes, default half of what is available) are guarded, a crash
-    becomes that instance's `error: crash ...` status, and its peak memory is recorded.
-    """
-    from tqdm import tqdm
-
-    from . import Result, verify  # the package's verify(), which imports this module
-    from .isolate import run_isolated
-    from .resources import Budget
+def read_instances(csv_path: str | os.PathLike, limit: int | None = None) -> tuple[str, list[list[str]]]:
+    """The folder an instances file's paths are relative to, and its (onnx, vnnlib, timeout, ...) rows."""
     csv_path = os.fspath(csv_path)
     if not os.path.isfile(csv_path):
         raise InputError(f"instances file not found: {csv_path}")
-    folder = os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline="") as handle:
         rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
     if any(len(r) < 3 for r in rows):
         raise InputError(f"{csv_path}: every row needs onnx, vnnlib and timeout columns")
-    rows = rows[:limit] if limit is not None else rows
-    results = []
-    bar = tqdm(rows, disable=not progress, unit="instance")
-    for onnx_name, spec_name, timeout, *_ in bar:
-        bar.set_description(f"{os.path.basename(onnx_name)} {os.path.basename(spec_name)}")
-        seconds = float(timeout) * timeout_scale
-        started = time.monotonic()
-        budget = Budget(memory)
+    for r in rows:
+        try:
+            float(r[2])
+        except ValueError:
+            raise InputError(f"{csv_path}: timeout '{r[2]}' of {r[0]} {r[1]} is not a number") from None
+    return os.path.dirname(os.path.abspath(csv_path)), rows[:limit] if limit is not None else rows
 
-        def job():
-            return verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha,
-                          memory=budget.total, started=started)
 
-        if isolate:
-            outcome = run_isolated(job, started + seconds, budget,
-                                   lambda status, reason: Result(status, None, time.monotonic() - started,
-                                                                 reason=reason))
-            kind, value, peak = outcome.kind, outcome.value, outcome.peak_bytes
-        else:
-            try:
-                kind, value, peak = "result", job(), 0
-            except GraphcertError as exc:
-                kind, value, peak = "error", str(exc).splitlines()[0], 0
-        if kind == "result":
-            status, reason, counterexample = value.status, value.reason, value.counterexample
-        else:
-            status, reason, counterexample = f"error: {'crash ' if kind == 'crash' else ''}{value}", "", None
-        results.append(InstanceResult(onnx_name, spec_name, status, time.monotonic() - started, seconds,
-                                      peak / (1 << 20), reason, counterexample))
-    if out_csv is not None:
-        lines = ["onnx,vnnlib,status,seconds,peak_mb"] + [
-            f"{r.onnx},{r.vnnlib},{r.status.replace(',', ';')},{r.seconds:.3f},{r.peak_mb:.0f}" for r in results]
-        atomic_write(("\n".join(lines) + "\n").encode(), out_csv)
-    return results
+def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
+                  progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
+                  alpha: AlphaSettings = VERIFY_ALPHA, executor=None, resume: bool = False,
+                  memory: int | None = None) -> list[InstanceResult]:
+    """Verify every (onnx, vnnlib, timeout) row of a competition instances file (paths relative to it), serially
+    or on `executor` (graphcert.distributed), streaming rows into `out_csv`; `resume` keeps the rows there."""
+    from ..distributed.instances import run_instances as run
+    return run(csv_path, out_csv, method, progress, timeout_scale, limit, alpha, executor, resume, memory)[0]
 
 
 def summarize(results: list[InstanceResult]) -> dict:
