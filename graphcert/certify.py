@@ -65,9 +65,21 @@ COEFFICIENT_BYTES = 2 << 30
 
 
 def samples_per_run(model, method: str) -> int | None:
-    """How many samples a bound graph of `method` may take at once (None: no limit), from a crude upper bound
-    on its largest coefficient tensor: rows for both bounds of the largest relaxed or output tensor, times the
-    largest tensor any backward pass crosses."""
+    """How many samples a bound graph of `method` may take at once (None: no limit): the model's batch when
+    it stays fixed (see graphcert.model.batch_note), and the coefficient budget of linear relaxations."""
+    limits = [n for n in (_fixed_batch(model), _coefficient_limit(model, method)) if n is not None]
+    return min(limits) if limits else None
+
+
+def _fixed_batch(model) -> int | None:
+    """The exported batch size of a model whose batch the importer could not free (None: any batch)."""
+    dims = static_shape(perturbed_inputs(model)[0]) if perturbed_inputs(model) else []
+    return dims[0] if len(dims) >= 2 and isinstance(dims[0], int) else None
+
+
+def _coefficient_limit(model, method: str) -> int | None:
+    """A crude upper bound from the largest coefficient tensor: rows for both bounds of the largest relaxed or
+    output tensor, times the largest tensor any backward pass crosses."""
     if not methods.get(method).linear_relaxation:
         return None
     sizes, targets = [], []
