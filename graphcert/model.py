@@ -107,8 +107,11 @@ def _normalised(proto: onnx.ModelProto, opset: int, free_batch: bool) -> tuple[i
         from .batch_axis import Tracer
         starts = {v: 0 for v in model_inputs(model) if v.name in batched}
         tracer = Tracer(model, starts, model.opset_imports.get("", opset))
-        tracer.run()
+        axes = tracer.run()
         if tracer.rewrites:
+            for out in model.graph.outputs:  # inference ran while a rewritten Reshape still said 1
+                if axes.get(out) == 0 and out.shape is not None:
+                    out.shape = ir.Shape([BATCH, *list(out.shape)[1:]])
             model = _infer_shapes(model, fresh=True)
     common_passes.RemoveUnusedNodesPass()(model)
     return model, freed
