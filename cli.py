@@ -7,6 +7,8 @@ import os
 import sys
 
 DEFAULT_MODEL = "mnist_mlp"
+# graphcert.distributed's defaults, repeated so that parsing arguments does not import it (kept equal by a test).
+DEFAULT_RETRIES, DEFAULT_TASK_MEMORY_MB = 2, 3072
 
 from graphcert import methods  # noqa: E402  (the method registry: names and norms only, no passes imported)
 
@@ -31,11 +33,34 @@ def add_convert(sub) -> None:
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
     p.add_argument("--norm", default="linf",
                    help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
+    p.add_argument("--certificate", action="store_true",
+                   help="write a certified-prediction graph instead: input -> logits, prediction, certified_radius "
+                        "(closed form for lipschitz, else the largest certified rung of --ladder)")
+    p.add_argument("--ladder", help="with --certificate: the radii tried, e.g. 0.001,0.002,0.005 or start:stop:step "
+                                    "(default: 0.001,0.002,0.005,...,0.2 for linf; ten times that for l2)")
     p.set_defaults(run=run_convert, reads=("model", "spec"), writes=("output",))
 
 
 def run_convert(args) -> int:
     from graphcert import api
+    from graphcert.errors import InputError
+    if args.ladder and not args.certificate:
+        raise InputError("--ladder goes with --certificate")
+    if args.certificate:
+        if args.spec:
+            raise InputError("--certificate certifies the prediction; it takes no --spec")
+        from graphcert.sweep import parse_eps
+        ladder = parse_eps(args.ladder) if args.ladder else None
+        if ladder and args.method == "lipschitz":
+            raise InputError("lipschitz certificates are in closed form; drop --ladder")
+        proto = api.convert_certificate(shipped_model(args.model), args.output, method=args.method,
+                                        domain=tuple(args.domain) if args.domain else None, norm=args.norm,
+                                        ladder=ladder)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        print(f"wrote {args.output} (certificate, {args.method}, {args.norm}, radii: "
+              f"{meta.get('graphcert.certificate.rungs')}): input {proto.graph.input[0].name}; outputs "
+              + ", ".join(o.name for o in proto.graph.output))
+        return 0
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
                         domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
     inputs = ", ".join(i.name for i in proto.graph.input)
@@ -102,7 +127,37 @@ def add_certify(sub) -> None:
     from graphcert.alpha import CERTIFY_ALPHA
     add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run_certify, reads=("model", "data"), writes=("per_sample", "plot"))
+    add_parallel_options(p)
+    p.add_argument("--results", metavar="FILE.jsonl",
+                   help="stream one JSON line per shard of samples into FILE as shards finish (for --resume)")
+    p.add_argument("--shard-size", type=int,
+                   help="samples per task with --workers/--ray, rounded up to whole batches (default: 4 batches)")
+    p.set_defaults(run=run_certify, reads=("model", "data"), writes=("per_sample", "plot", "results"))
+
+
+def add_parallel_options(p) -> None:
+    g = p.add_argument_group("parallel runs (one task per instance or shard of samples)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="run N tasks at a time in worker processes of this machine (one thread each); with --ray: "
+                        "tasks in flight, and the CPUs of a local cluster")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the tasks on Ray: 'auto' or ADDRESS joins a running cluster; with no ADDRESS a local "
+                        "cluster is started for the run (needs pip install 'graphcert[ray]')")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the results already in the results file and run only the missing tasks")
+    g.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help=f"times a task whose worker died is run again before it is an error (default: {DEFAULT_RETRIES})")
+    g.add_argument("--task-memory", type=float, default=DEFAULT_TASK_MEMORY_MB, metavar="MB",
+                   help=f"memory cap of one task in a worker, in MB (default: {DEFAULT_TASK_MEMORY_MB})")
+
+
+def parallel_executor(args):
+    from graphcert.distributed import make_executor
+    return make_executor(args.workers, args.ray, args.retries, args.task_memory)
+
+
+def parallel_requested(args) -> bool:
+    return args.workers is not None or args.ray is not None or args.resume
 
 
 def add_alpha_options(p, defaults) -> None:
@@ -132,6 +187,7 @@ def clipping_note(data, clip: bool, method: str) -> str:
 def run_certify(args) -> int:
     from graphcert.alpha import CERTIFY_ALPHA
     from graphcert.data import load_dataset
+    from graphcert.errors import InputError
     from graphcert.sweep import parse_eps, parse_methods
     eps, methods = parse_eps(args.eps), parse_methods(args.method)
     if args.plot:
@@ -140,6 +196,9 @@ def run_certify(args) -> int:
     data = load_dataset(args.data)
     if len(eps) == 1 and len(methods) == 1 and not (args.radius or args.per_sample or args.plot):
         return _certify_one(args, data, eps[0], methods[0], alpha_settings(args, CERTIFY_ALPHA))
+    if parallel_requested(args) or args.results:
+        raise InputError("--workers, --ray, --results and --resume run one --eps and one --method without "
+                         "--radius, --per-sample or --plot; a sweep runs in this process")
     from graphcert.sweep import sweep
     result = sweep(shipped_model(args.model), data, eps, methods, limit=args.limit, batch_size=args.batch_size,
                    clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
@@ -177,9 +236,18 @@ def run_certify(args) -> int:
 
 def _certify_one(args, data, eps: float, method: str, alpha) -> int:
     from graphcert.certify import certify
-    result = certify(shipped_model(args.model), data, eps, method=method, limit=args.limit,
-                     batch_size=args.batch_size, clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
-                     alpha=alpha, norm=args.norm)
+    if parallel_requested(args) or args.results:
+        from graphcert.distributed.shards import certify_sharded
+        result, summary = certify_sharded(
+            shipped_model(args.model), args.data, eps, method=method, limit=args.limit, batch_size=args.batch_size,
+            clip=not args.no_clip, alpha=alpha, norm=args.norm, executor=parallel_executor(args),
+            results_path=args.results, resume=args.resume, progress=not args.json and sys.stderr.isatty(),
+            shard_size=args.shard_size)
+        print(summary.line(), file=sys.stderr)
+    else:
+        result = certify(shipped_model(args.model), data, eps, method=method, limit=args.limit,
+                         batch_size=args.batch_size, clip=not args.no_clip,
+                         progress=not args.json and sys.stderr.isatty(), alpha=alpha, norm=args.norm)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -260,6 +328,7 @@ def add_verify(sub) -> None:
                         "seconds) drawn beside ours on the same instances")
     from graphcert.alpha import VERIFY_ALPHA
     add_alpha_options(p, VERIFY_ALPHA)
+    add_parallel_options(p)
     p.set_defaults(run=run_verify, reads=("model", "spec", "instances", "reference"), writes=("out", "plot"))
 
 
@@ -279,14 +348,16 @@ def run_verify(args) -> int:
             figure_format(args.plot)
             if args.reference:
                 read_reference(args.reference)   # a malformed reference fails before hours of verification
-        results = verifier.run_instances(args.instances, args.out, method=args.method,
-                                         progress=sys.stderr.isatty(), timeout_scale=args.timeout_scale,
-                                         alpha=alpha_settings(args, VERIFY_ALPHA))
+        from graphcert.distributed.instances import run_instances
+        results, run = run_instances(args.instances, args.out, method=args.method, progress=sys.stderr.isatty(),
+                                     timeout_scale=args.timeout_scale, alpha=alpha_settings(args, VERIFY_ALPHA),
+                                     executor=parallel_executor(args), resume=args.resume)
         for r in results:
             print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
         summary = verifier.summarize(results)
         print(f"{len(results)} instances: " + ", ".join(f"{k} {summary[k]}" for k in (*verifier.STATUSES, "error"))
               + f"; median {summary['median_seconds']:.2f} s")
+        print(run.line(), file=sys.stderr)
         if args.plot:
             from graphcert.plots import plot_cactus
             plot_cactus(results, args.plot, args.reference)
@@ -294,6 +365,9 @@ def run_verify(args) -> int:
         return 0
     if not (args.model and args.spec):
         raise InputError("verify needs MODEL and SPEC (or --instances FILE.csv)")
+    if parallel_requested(args):
+        raise InputError("--workers, --ray and --resume run the instances of --instances FILE.csv; "
+                         "a single property runs in this process")
     result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
                              alpha=alpha_settings(args, VERIFY_ALPHA))
     if args.out:
@@ -472,8 +546,24 @@ def written_paths(args) -> list[str]:
     return [p for p in paths if p is not None]
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: workers stopped, the results file left resumable
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     from graphcert.errors import GraphcertError
     from graphcert.files import refuse_overwrite
     try:

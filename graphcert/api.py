@@ -97,3 +97,17 @@ def _check_property_fits(prop, model: ir.Model, model_path, spec_path) -> None:
     if (n_in is not None and n_in != prop.n_inputs) or (n_out is not None and n_out != prop.n_outputs):
         raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
                         f"{model_path} has {n_in} inputs and {n_out} outputs; pick the property for this model")
+
+
+def convert_certificate(model_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "ibp",
+                        domain: tuple[float, float] | None = None, norm: str = "linf",
+                        ladder=None) -> onnx.ModelProto:
+    """Write the certified-prediction graph of a model file (input -> logits, prediction, certified_radius; see
+    graphcert.passes.certificate); never overwrites the input."""
+    from graphcert.passes.certificate import certificate_graph
+    from .files import refuse_overwrite
+    methods.check_certifies(method, norm)
+    refuse_overwrite([out_path], [model_path])
+    proto = to_proto(certificate_graph(load(model_path), method, domain, norm, ladder))
+    save(proto, out_path, source=model_path)
+    return proto

@@ -1,13 +1,18 @@
 """Facts about ONNX ops that every pass and the torch executor share, each implemented once and tested once
 against onnxruntime (tests/test_ops.py).
 
-Today: the sliding-window geometry of Conv, ConvTranspose's forward view, and the pools (explicit pads,
-SAME_UPPER/SAME_LOWER/VALID, dilations, ceil mode). Before, three copies of this arithmetic treated the ceil-mode
-overhang differently; a pass that reads the wrong window is unsound, so there is one.
+- The sliding-window geometry of Conv, ConvTranspose's forward view, and the pools (explicit pads,
+  SAME_UPPER/SAME_LOWER/VALID, dilations, ceil mode). Three copies of this arithmetic once treated the ceil-mode
+  overhang differently; a pass that reads the wrong window is unsound, so there is one.
+- Element-wise op families (JAX's `defjvp`-style registration): `def_elementwise("Op", torch=..., monotone=...,
+  lipschitz=...)` states an op's facts once, and every pass that bounds a family (IBP's monotone rule, the
+  Lipschitz pass's slope rule, the torch executor's kernels; CROWN through its IBP fallback) picks it up through
+  `on_elementwise`. Adding such an op is that one call plus its test.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -136,3 +141,66 @@ class WindowGeometry:
         return [size - ((out - 1) * s + x - b - e)
                 for size, out, s, x, b, e in zip(self.spatial, spatial_out, self.strides, self.extents, self.begin,
                                                  self.end)]
+
+
+# ---- element-wise op families ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Elementwise:
+    """An element-wise op of one tensor input.
+
+    torch(node) -> f: the torch function for the executor (attributes read from the node once).
+    monotone(node) -> bool: non-decreasing on the whole real line for this node's attributes (then the interval
+    of f(x) over [l, u] is [f(l), f(u)]).
+    lipschitz(node) -> float | None: a bound on |f'| everywhere (None: unbounded), for the L2 Lipschitz pass.
+    """
+    op_type: str
+    torch: Callable
+    monotone: Callable = lambda node: True
+    lipschitz: Callable = lambda node: None
+
+
+ELEMENTWISE: dict[str, Elementwise] = {}
+_HANDLERS: list[Callable[[Elementwise], None]] = []
+
+
+def def_elementwise(op_type: str, torch: Callable, monotone: Callable | bool = True,
+                    lipschitz: Callable | float | None = None) -> Elementwise:
+    """State an element-wise op's facts once; every pass registered with `on_elementwise` learns it."""
+    spec = Elementwise(op_type, torch,
+                       monotone if callable(monotone) else (lambda node, value=monotone: value),
+                       lipschitz if callable(lipschitz) else (lambda node, value=lipschitz: value))
+    ELEMENTWISE[op_type] = spec
+    for handler in _HANDLERS:
+        handler(spec)
+    return spec
+
+
+def on_elementwise(handler: Callable[[Elementwise], None]) -> None:
+    """Call `handler` for every element-wise op stated so far and every one stated later (a pass's family rule
+    registration: handlers should not replace a pass's own, tighter rule)."""
+    _HANDLERS.append(handler)
+    for spec in list(ELEMENTWISE.values()):
+        handler(spec)
+
+
+def forget_elementwise(op_type: str, tables: list[dict]) -> None:
+    """Remove an op from the family and from the given rule tables (for tests that state an op afresh)."""
+    ELEMENTWISE.pop(op_type, None)
+    for table in tables:
+        table.pop(op_type, None)
+
+
+def _torch():
+    import torch  # imported when a graph runs on the executor, not when the CLI parses arguments
+    return torch
+
+
+def _alpha(node, default: float) -> float:
+    return float(_attribute(node, "alpha", default))
+
+
+# Celu(x) = max(0, x) + min(0, alpha·(exp(x/alpha) − 1)): increasing with slope at most 1 when alpha > 0.
+def_elementwise("Celu", torch=lambda node: (lambda x, a=_alpha(node, 1.0): _torch().nn.functional.celu(x, a)),
+                monotone=lambda node: _alpha(node, 1.0) > 0,
+                lipschitz=lambda node: 1.0 if _alpha(node, 1.0) > 0 else None)

@@ -10,9 +10,10 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert import interval as iv
+from graphcert import ops
 from graphcert.builder import Builder
 from graphcert.interface import InputSet, clone, close_outputs, open_inputs, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
+from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
 from graphcert.interval import Interval
 
 RULES: dict = {}
@@ -252,6 +253,16 @@ def _monotone(cx, node, x, *rest):
     return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
 
 
+def _monotone_family(spec: ops.Elementwise) -> None:
+    """Element-wise ops stated in graphcert.ops as non-decreasing get the monotone rule (unless this module
+    has a rule of its own), accepted where the node's attributes keep them non-decreasing."""
+    if spec.op_type in RULES:
+        return
+    RULES[spec.op_type] = _monotone
+    CONDITIONS[spec.op_type] = spec.monotone
+    MONOTONE.append(spec.op_type)
+
+
 def _widened(cx, x: Interval, dtype: ir.DataType | None, non_negative: bool = False) -> Interval:
     """x widened by 2^-20 of |lower| + |upper|, about eight ulps of the larger end.
 
@@ -357,8 +368,36 @@ def _softmax(cx, node, x):
 
 @rule("LogSoftmax")
 def _log_softmax(cx, node, x):
-    lower, upper = _softmax_bounds(cx, node, x)
-    return [Interval.from_bounds(cx.b, cx.b.op("Log", lower), cx.b.op("Log", upper))]
+    """In log space (the log of softmax bounds is -inf once exp underflows): x_i - logsumexp(x) is smallest at
+    x_i = l_i, x_j = u_j and equals -softplus(logsumexp_{j != i} u_j - l_i); the largest vice versa."""
+    b = cx.b
+    axis = attr(node, "axis", -1)
+    lower = b.op("Neg", b.op("Softplus", b.op("Sub", _log_sum_exp_of_others(b, x.upper, axis), x.lower)))
+    upper = b.op("Neg", b.op("Softplus", b.op("Sub", _log_sum_exp_of_others(b, x.lower, axis), x.upper)))
+    # A few ulps outward for the rounding of the softplus; NaN (inf - inf at infinite ends) says nothing.
+    slack = b.const(1.0 + 2.0 ** -20)
+    lower = b.op("Where", b.op("IsNaN", lower), b.const(-np.inf), b.op("Mul", lower, slack))
+    upper = b.op("Where", b.op("IsNaN", upper), b.const(0.0), b.op("Min", b.op("Div", upper, slack), b.const(0.0)))
+    return [Interval.from_bounds(b, lower, upper)]
+
+
+def _log_sum_exp_of_others(b: Builder, v: ir.Value, axis: int) -> ir.Value:
+    """log sum_{j != i} exp(v_j) along `axis` for every i (-inf for an axis of one), shifted by the largest other
+    entry so that the sum lies in [1, n - 1]: the top of the axis for every i but a unique top, the runner-up
+    for that one."""
+    top = b.reduce("ReduceMax", v, [axis])
+    is_top = b.op("Equal", v, top)
+    count = b.reduce("ReduceSum", b.op("Cast", is_top, to=ir.DataType.FLOAT), [axis])
+    minus_inf = b.const(-np.inf)
+    runner_up = b.reduce("ReduceMax", b.op("Where", is_top, minus_inf, v), [axis])
+    alone = b.op("And", is_top, b.op("Equal", count, b.const(1.0)))
+    shift = b.op("Where", alone, runner_up, top)
+    # Others' sum for the unique top (shift = runner-up): every entry but the top. For the rest (shift = top):
+    # the entries before and after i, which keeps the top's term of 1 exact.
+    below_top = b.reduce("ReduceSum", b.op("Where", is_top, b.const(0.0), b.op("Exp", b.op("Sub", v, runner_up))),
+                         [axis])
+    others = _sum_of_others(b, b.op("Exp", b.op("Sub", v, top)), axis)
+    return b.op("Add", shift, b.op("Log", b.op("Where", alone, below_top, others)))
 
 
 @rule("LayerNormalization")
@@ -379,11 +418,14 @@ def _layer_norm(cx, node, x, scale, bias=None):
     sq = iv.square(b, centered)
     var = Interval.from_bounds(b, b.reduce("ReduceMean", sq.lower, axes), b.reduce("ReduceMean", sq.upper, axes))
     std = iv.monotone(b, var, lambda v: b.op("Sqrt", b.op("Add", v, b.const(eps))))
-    normed = iv.mul(b, centered, iv.reciprocal(b, std))
+    inverse = iv.reciprocal(b, std)
+    normed = iv.mul(b, centered, inverse)
     out = Interval.from_center(b, b.op("Mul", normed.center, scale), b.op("Mul", normed.radius, cx.abs(scale)))
     if bias is not None:
         out = Interval.from_center(b, b.op("Add", out.center, bias), out.radius)
-    return [out]
+    # The optional Mean and InvStdDev outputs (reduced axes kept as 1, like the reductions here).
+    mean = Interval.from_center(b, b.reduce("ReduceMean", x.center, axes), b.reduce("ReduceMean", x.radius, axes))
+    return [out, mean, inverse][:len(node.outputs)]
 
 
 def _layer_norm_supported(node: ir.Node) -> bool:
@@ -414,9 +456,12 @@ def _monotone_cast(target: int | None) -> bool:
         ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64)
 
 
+ops.on_elementwise(_monotone_family)
+
+
 def accepts(node: ir.Node) -> bool:
     check = CONDITIONS.get(node.op_type)
-    return check is None or check(node)
+    return (check is None or check(node)) and refusal(node) is None
 
 
 class IntervalPass(ir.passes.FunctionalPass):

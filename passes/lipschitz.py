@@ -20,10 +20,11 @@ from graphcert import __version__
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
+from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
 from graphcert.model import static_shape
 from graphcert.operator_norms import (EXACT_SIDE, RELATIVE_SLACK, ConvGeometry, average_pool_norm,  # noqa: F401
                                       circular_conv_norm, conv_matrix, outward, spectral_norm)
+from graphcert import ops
 from graphcert.ops import WindowGeometry
 from graphcert.passes.patterns import disjoint_windows, group_sort_input  # noqa: F401  (re-exported)
 from graphcert.passes.spec import MARGINS, _affine_producer
@@ -74,6 +75,18 @@ def _at_most_one(geo, node, k, *rest):
         # |max(a) - max(b)| <= ||a - b||_2 per window; an input in m windows counts m times.
         return [k * float(np.sqrt(_pool_geometry(node, node.inputs[0]).max_cover()))]
     return [k] * len(node.outputs)
+
+
+def _slope_family(spec: ops.Elementwise) -> None:
+    """Element-wise ops stated in graphcert.ops with a bounded slope: K grows by that slope (unless this module
+    has a rule of its own); nodes whose slope is unbounded are refused by `_conditions`."""
+    if spec.op_type not in RULES:
+        RULES[spec.op_type] = lambda geo, node, k: [k * spec.lipschitz(node)]
+        _SLOPE_FAMILY.add(spec.op_type)
+
+
+_SLOPE_FAMILY: set[str] = set()
+ops.on_elementwise(_slope_family)
 
 
 @rule("Sigmoid")
@@ -259,6 +272,8 @@ def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
     op = node.op_type
     x = node.inputs[0]
     out = node.outputs[0]
+    if op in _SLOPE_FAMILY:
+        return len(node.inputs) == 1 and ops.ELEMENTWISE[op].lipschitz(node) is not None
     if op in ("Identity", "Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Softplus", "Softsign", "LeakyRelu", "Elu",
               "Selu", "HardSigmoid"):
         return True
@@ -358,7 +373,7 @@ def supports(node: ir.Node) -> bool:
     tainted = [v for v in node.inputs if v is not None and v.const_value is None]
     dims = static_shape(tainted[0]) if tainted else []
     batched = len(dims) >= 2 and not isinstance(dims[0], int)
-    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node)
+    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node) and refusal(node) is None
 
 
 # ---- the pass -----------------------------------------------------------------------------------------

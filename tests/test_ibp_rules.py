@@ -163,6 +163,11 @@ def _parametric_activation(t: Tiny, op_type):
     return t.model(t.op(op_type, t.perturbed(t.shape()), **attrs))
 
 
+@case("Celu")
+def _celu(t: Tiny, op_type):
+    return t.model(t.op("Celu", t.perturbed(t.shape()), alpha=t.draw(st.floats(0.05, 3.0))))
+
+
 @case("Clip")
 def _clip(t: Tiny, op_type):
     lo = t.draw(st.floats(-2.0, 1.0))

@@ -18,12 +18,12 @@ import numpy as np
 from ..alpha import VERIFY_ALPHA, AlphaSettings
 from ..errors import SpecError
 from ..vnnlib import load_property
-from .bounds import LADDERS, outward_float32, spec_bounds  # noqa: F401  (re-exported)
+from .bounds import outward_float32, spec_bounds  # noqa: F401  (re-exported)
 from .competition import (COMPETITION_WORDS, STATUSES, InstanceResult, run_instances,  # noqa: F401
                           summarize, write_result)
 from .input_bab import BRANCH_DIMENSIONS, InputSplitSearch  # noqa: F401
 from .network import Network
-from .relu_bab import BRANCH_BETA, RELU_SPLIT_METHODS  # noqa: F401
+from .relu_bab import BRANCH_BETA  # noqa: F401
 from .search import Search
 
 

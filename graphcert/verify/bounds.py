@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .. import api
+from .. import api, methods
 from ..alpha import VERIFY_ALPHA, AlphaCrown, AlphaSettings, ProofWatch
 from ..export import to_proto
 from ..interface import OBJECTIVE, InputSet
@@ -208,17 +208,15 @@ class BetaSplitBounds:
         return low.reshape(len(lo), -1)
 
 
-# method -> (stages, how many of the last run on the root boxes only). `auto` branches with CROWN, which
-# decides far more boxes per second than alpha-CROWN; alpha-CROWN only tries the unsplit property first.
-LADDERS = {"auto": (("ibp", "crown", "alpha-crown"), 1), "alpha-crown": (("crown", "alpha-crown"), 0)}
-
-
 def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
                 deadline: float, mixtures: list[np.ndarray] = (), alpha: AlphaSettings = VERIFY_ALPHA):
-    """The bound function of a method name: a bound graph, or a ladder of them ending in alpha-CROWN."""
-    if method not in LADDERS:
+    """The bound function of a method name: a bound graph, or the method's verify ladder (graphcert.methods:
+    its stages, the last `verify_root_stages` of them run on the root boxes only; `auto` branches with CROWN,
+    which decides far more boxes per second than alpha-CROWN)."""
+    record = methods.get(method)
+    if record.combines == "graph":
         return SpecBounds(network, matrix, offset, method)
-    names, root_stages = LADDERS[method]
+    names, root_stages = record.verify_stages, record.verify_root_stages
     stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline, mixtures, alpha)
               if name == "alpha-crown"
               else SpecBounds(network, matrix, offset, name) for name in names]

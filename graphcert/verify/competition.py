@@ -4,12 +4,11 @@ from __future__ import annotations
 import csv
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..alpha import VERIFY_ALPHA, AlphaSettings
-from ..errors import GraphcertError, InputError
+from ..errors import InputError
 from ..files import atomic_write
 
 if TYPE_CHECKING:
@@ -38,39 +37,30 @@ class InstanceResult:
     timeout: float
 
 
-def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
-                  progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
-                  alpha: AlphaSettings = VERIFY_ALPHA) -> list[InstanceResult]:
-    """Verify every (onnx, vnnlib, timeout) row of a competition instances file; paths are relative to it."""
-    from tqdm import tqdm
-
-    from . import verify  # the package's verify(), which imports this module
+def read_instances(csv_path: str | os.PathLike, limit: int | None = None) -> tuple[str, list[list[str]]]:
+    """The folder an instances file's paths are relative to, and its (onnx, vnnlib, timeout, ...) rows."""
     csv_path = os.fspath(csv_path)
     if not os.path.isfile(csv_path):
         raise InputError(f"instances file not found: {csv_path}")
-    folder = os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline="") as handle:
         rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
     if any(len(r) < 3 for r in rows):
         raise InputError(f"{csv_path}: every row needs onnx, vnnlib and timeout columns")
-    rows = rows[:limit] if limit is not None else rows
-    results = []
-    bar = tqdm(rows, disable=not progress, unit="instance")
-    for onnx_name, spec_name, timeout, *_ in bar:
-        bar.set_description(f"{os.path.basename(onnx_name)} {os.path.basename(spec_name)}")
-        seconds = float(timeout) * timeout_scale
-        started = time.monotonic()
+    for r in rows:
         try:
-            result = verify(os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha)
-            status = result.status
-        except GraphcertError as exc:
-            status = f"error: {str(exc).splitlines()[0]}"
-        results.append(InstanceResult(onnx_name, spec_name, status, time.monotonic() - started, seconds))
-    if out_csv is not None:
-        lines = ["onnx,vnnlib,status,seconds"] + [f"{r.onnx},{r.vnnlib},{r.status.replace(',', ';')},{r.seconds:.3f}"
-                                                    for r in results]
-        atomic_write(("\n".join(lines) + "\n").encode(), out_csv)
-    return results
+            float(r[2])
+        except ValueError:
+            raise InputError(f"{csv_path}: timeout '{r[2]}' of {r[0]} {r[1]} is not a number") from None
+    return os.path.dirname(os.path.abspath(csv_path)), rows[:limit] if limit is not None else rows
+
+
+def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
+                  progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
+                  alpha: AlphaSettings = VERIFY_ALPHA, executor=None, resume: bool = False) -> list[InstanceResult]:
+    """Verify every (onnx, vnnlib, timeout) row of a competition instances file (paths relative to it), serially
+    or on `executor` (graphcert.distributed), streaming rows into `out_csv`; `resume` keeps the rows there."""
+    from ..distributed.instances import run_instances as run
+    return run(csv_path, out_csv, method, progress, timeout_scale, limit, alpha, executor, resume)[0]
 
 
 def summarize(results: list[InstanceResult]) -> dict:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import methods
 from ..alpha import AlphaSettings, ProofWatch
 from ..attack import unsafe_objective
 from .bounds import BetaSplitBounds, SplitBounds
@@ -27,7 +28,6 @@ from .search import ABSOLUTE_SLACK, FRONTIER_BYTES, RELATIVE_SLACK, Arrays, Call
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
 # bounds on the property's boxes).
-RELU_SPLIT_METHODS = ("crown", "auto", "alpha-crown")
 # ReLU domains are re-bounded with alpha-beta-CROWN (None: CROWN with clamps only), in calls of about this long
 # (each of many optimisation steps; the steps check the deadline).
 BRANCH_BETA = AlphaSettings(iterations=20, give_up=True)
@@ -51,7 +51,7 @@ def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, 
                 beta: AlphaSettings | None):
     """Branch and bound over ReLU units of the undecided property boxes (lower, upper [B, n], alive, margin
     lower bounds [B, rows]); (status, counterexample, boxes bounded)."""
-    if method not in RELU_SPLIT_METHODS or not search.network.batched:
+    if not methods.get(method).branches_on_relus or not search.network.batched:
         return search.finish("unknown")
     if time.monotonic() + build_seconds > search.deadline:
         return search.finish("timeout")
