@@ -60,6 +60,12 @@ def run_convert(args) -> int:
         print(f"wrote {args.output} (certificate, {args.method}, {args.norm}, radii: "
               f"{meta.get('graphcert.certificate.rungs')}): input {proto.graph.input[0].name}; outputs "
               + ", ".join(o.name for o in proto.graph.output))
+        from graphcert.certify import samples_per_run
+        per_run = samples_per_run(api.load(shipped_model(args.model)), args.method)
+        if per_run is not None:
+            rungs = len(meta.get("graphcert.certificate.rungs", "").split(","))
+            print(f"note: {args.method} holds coefficient matrices for every input and rung; serve this graph in "
+                  f"batches of about {max(1, per_run // rungs)} inputs or fewer per 2 GB of memory")
         return 0
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
                         domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
