@@ -110,8 +110,11 @@ class GraphCertifier:
 
 
 def rows_of(eps, index) -> np.ndarray:
-    """The radii of the samples `index`: eps is one radius for all (a scalar) or one per sample ([batch, 1, ...])."""
-    eps = np.asarray(eps, dtype=np.float32)
+    """The radii of the samples `index` in float32, rounded up (the ball bounded holds the ball asked for): eps is
+    one radius for all (a scalar) or one per sample ([batch, 1, ...])."""
+    wide = np.asarray(eps, dtype=np.float64)
+    eps = wide.astype(np.float32)
+    eps = np.where(eps.astype(np.float64) < wide, np.nextafter(eps, np.float32(np.inf)), eps).astype(np.float32)
     return eps[index] if eps.ndim and eps.shape[0] > 1 else eps
 
 

@@ -70,8 +70,14 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
     except Exception as exc:
         raise ModelLoadError(f"constant folding failed: {_first_line(exc)}") from None
     model = _infer_shapes(model)
-    if made_symbolic:
-        _unlock_reshapes(model)
+    if made_symbolic and _unlock_reshapes(model):
+        # Shapes inferred through a locked Reshape say 1 where the batch now goes: infer them again, or graphs
+        # that declare such a value as an input (ReLU split bounds) would accept only one sample.
+        for node in model.graph:
+            for value in node.outputs:
+                if not value.is_graph_output():
+                    value.shape = None
+        model = _infer_shapes(model)
     common_passes.RemoveUnusedNodesPass()(model)
     return model
 
@@ -142,8 +148,10 @@ def _infer_shapes(model: ir.Model) -> ir.Model:
     return ir.from_proto(proto)
 
 
-def _unlock_reshapes(model: ir.Model) -> None:
-    """A Reshape folded from a batch-1 export carries shape [1, ...]; copy the batch dimension instead."""
+def _unlock_reshapes(model: ir.Model) -> int:
+    """A Reshape folded from a batch-1 export carries shape [1, ...]; copy the batch dimension instead.
+    Returns how many were unlocked."""
+    unlocked = 0
     for node in model.graph:
         if node.op_type != "Reshape" or node.inputs[1] is None or node.inputs[1].const_value is None:
             continue
@@ -161,6 +169,8 @@ def _unlock_reshapes(model: ir.Model) -> None:
                              shape=ir.Shape(fixed.shape), type=ir.TensorType(ir.DataType.INT64))
         model.graph.register_initializer(new_value)
         node.replace_input_with(1, new_value)
+        unlocked += 1
+    return unlocked
 
 
 def is_constant(value: ir.Value | None) -> bool:

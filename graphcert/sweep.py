@@ -207,9 +207,8 @@ def _sweep_method(result: SweepResult, method, bounder, prepared, batch_size, ra
                 index = np.flatnonzero(alive)
                 if len(index):
                     logits, lower = bounder(x[index], e, objective[index])
-                    if i == 0:
-                        result.predictions[lo:lo + len(y)] = -1
-                        result.predictions[lo + index] = logits.argmax(axis=1)
+                    if i == 0:   # every sample is alive at the first radius
+                        result.predictions[lo:lo + len(y)] = logits.argmax(axis=1)
                     alive[index] = certified_mask(logits, lower, y[index])
                 certified[lo:lo + len(y), i] = alive
                 seconds[i] += time.perf_counter() - started

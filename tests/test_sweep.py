@@ -28,6 +28,14 @@ def mnist():
     return load_dataset("mnist-test").head(60)
 
 
+def test_radii_are_rounded_up_to_float32():
+    from graphcert.certify import rows_of
+    for eps in (0.01, 0.1, 1 / 3, 0.3):
+        assert float(rows_of(eps, slice(None))) >= eps
+    per_sample = rows_of(np.array([0.1, 0.2, 0.3]).reshape(-1, 1), [0, 2])
+    assert per_sample.dtype == np.float32 and (per_sample[:, 0].astype(np.float64) >= [0.1, 0.3]).all()
+
+
 def test_parse_eps_lists_and_ranges():
     assert parse_eps("0.02,0.005,0.01,0.01") == [0.005, 0.01, 0.02]
     assert parse_eps("0:0.03:0.01") == [0.0, 0.01, 0.02, 0.03]
