@@ -95,11 +95,12 @@ def run_inspect(args) -> int:
         for item in info[kind]:
             print(f"  {kind[:-1]:6} {item['name']}: {item['shape']}")
     print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
+    print(f"batch: {info['batch']}")
     from graphcert import methods
     for method, missing in info["methods"].items():
         record = methods.get(method)
         role = "train only" if record.role == "trains" else "bounds " + "/".join(record.norms)
-        state = "supported" if not missing else "unsupported: " + ", ".join(missing)
+        state = "supported" if not missing else "unsupported: " + info["reasons"].get(method, ", ".join(missing))
         print(f"  {method:12} {role:17} {state}")
     return 0
 
@@ -261,6 +262,11 @@ def _certify_one(args, data, eps: float, method: str, alpha) -> int:
         print(f"clean accuracy:     {result.clean_accuracy:.2%} ({result.clean}/{result.n})")
         print(f"certified accuracy: {result.certified_accuracy:.2%} ({result.certified}/{result.n})")
         print(f"seconds:            {result.seconds:.2f}")
+        for name, stage in (result.stages or {}).items():
+            detail = {"ran": lambda: f"ran on {stage['samples']} samples, certified {stage['certified']} more",
+                      "skipped": lambda: f"skipped: {stage.get('reason')}",
+                      "not needed": lambda: "not needed (every sample decided before it)"}[stage["status"]]()
+            print(f"  {name:12} {detail}")
     return 0
 
 
