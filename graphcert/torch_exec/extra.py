@@ -1,0 +1,169 @@
+"""Torch kernels of the ops IBP bounds beyond the classic layers (passes/ibp_rules_*.py) and of the ops their
+bound graphs emit: trigonometry, Mod, Round, Xor, Mean, Hardmax, OneHot, Lp pools and norms, Resize,
+GridSample, ReduceL1/ReduceL2."""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphcert.interpret import attr
+from graphcert.torch_exec.core import KERNELS, _Unsupported, _ints, kernel
+from graphcert.torch_exec.layers import _Window, _torch_pads
+from graphcert.torch_exec.pooling import _REDUCTIONS, _reduce
+
+for _op, _function in {
+    "Sin": torch.sin, "Cos": torch.cos, "Tan": torch.tan, "Asin": torch.asin, "Acos": torch.acos,
+    "Atanh": torch.atanh, "Acosh": torch.acosh, "Cosh": torch.cosh, "Round": torch.round,  # half to even, as ONNX
+    "Xor": torch.logical_xor,
+    "Mean": lambda *xs: functools.reduce(torch.add, xs) / len(xs),
+}.items():
+    KERNELS[_op] = lambda node, setup, function=_function: function
+
+_REDUCTIONS["ReduceL1"] = lambda x, dim, keepdim: torch.sum(x.abs(), dim=dim, keepdim=keepdim)
+_REDUCTIONS["ReduceL2"] = lambda x, dim, keepdim: torch.sqrt(torch.sum(x * x, dim=dim, keepdim=keepdim))
+KERNELS["ReduceL1"] = KERNELS["ReduceL2"] = _reduce
+
+
+@kernel("Mod")
+def _mod(node, setup):
+    return torch.fmod if attr(node, "fmod", 0) else torch.remainder  # C's fmod, or the divisor's sign
+
+
+@kernel("Hardmax")
+def _hardmax(node, setup):
+    axis = attr(node, "axis", -1)
+
+    def hardmax(x):
+        index = torch.argmax(x, dim=axis, keepdim=True)  # the first of tied maxima, as ONNX
+        return torch.zeros_like(x).scatter(axis % x.dim(), index, 1.0)
+    return hardmax
+
+
+@kernel("OneHot")
+def _one_hot(node, setup):
+    axis = attr(node, "axis", -1)
+
+    def one_hot(indices, depth, values):
+        n = int(depth.reshape(-1)[0].item())
+        index = indices.to(torch.int64)
+        index = torch.where(index < 0, index + n, index)
+        where = axis % (index.dim() + 1)
+        shape = [1] * (index.dim() + 1)
+        shape[where] = n
+        hit = index.unsqueeze(where) == torch.arange(n, device=index.device).reshape(shape)
+        return torch.where(hit, values[1], values[0])
+    return one_hot
+
+
+@kernel("LpPool")
+def _lp_pool(node, setup):
+    kernel_shape, p = list(attr(node, "kernel_shape")), attr(node, "p", 2)
+    window = _Window(node)
+
+    def lp_pool(x):
+        strides, dilations, begin, end, _ = window.geometry(list(x.shape[2:]), kernel_shape)
+        if any(d != 1 for d in dilations):
+            raise _Unsupported("LpPool with dilations")
+        powered = F.pad(x.abs() ** p, _torch_pads(begin, end))
+        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel_shape)]
+        total = pool(powered, kernel_shape, strides) * math.prod(kernel_shape)
+        return total ** (1.0 / p)
+    return lp_pool
+
+
+@kernel("GlobalLpPool")
+def _global_lp_pool(node, setup):
+    p = attr(node, "p", 2)
+    return lambda x: torch.sum(x.abs() ** p, dim=tuple(range(2, x.dim())), keepdim=True) ** (1.0 / p)
+
+
+@kernel("LpNormalization")
+def _lp_normalization(node, setup):
+    axis, p = attr(node, "axis", -1), attr(node, "p", 2)
+    return lambda x: x / torch.linalg.vector_norm(x, ord=p, dim=axis, keepdim=True)
+
+
+@kernel("GridSample")
+def _grid_sample(node, setup):
+    mode = {"linear": "bilinear", "bilinear": "bilinear", "nearest": "nearest"}.get(attr(node, "mode", "linear"))
+    if mode is None:
+        raise _Unsupported(f"GridSample mode {attr(node, 'mode')}")
+    padding = attr(node, "padding_mode", "zeros")
+    align = bool(attr(node, "align_corners", 0))
+    return lambda x, grid: F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding, align_corners=align)
+
+
+# ---- Resize: separable 1-D resampling with ONNX's coordinate maps -----------------------------------------
+
+def _source_coordinates(mode: str, out_size: int, in_size: int, scale: float) -> np.ndarray:
+    x = np.arange(out_size, dtype=np.float64)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "align_corners":
+        return x * (in_size - 1) / (out_size - 1) if out_size > 1 else np.zeros_like(x)
+    if mode == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if out_size > 1 else np.zeros_like(x)
+    if mode == "half_pixel_symmetric":
+        adjustment = out_size / (scale * in_size)
+        offset = in_size / 2 * (1 - adjustment)
+        return offset + (x + 0.5) / scale - 0.5
+    if mode == "half_pixel":
+        return (x + 0.5) / scale - 0.5
+    raise _Unsupported(f"Resize coordinate_transformation_mode {mode}")
+
+
+def _nearest(mode: str, coordinates: np.ndarray) -> np.ndarray:
+    if mode == "floor":
+        return np.floor(coordinates)
+    if mode == "ceil":
+        return np.ceil(coordinates)
+    if mode == "round_prefer_ceil":
+        return np.floor(coordinates + 0.5)
+    return np.ceil(coordinates - 0.5)  # round_prefer_floor (the default)
+
+
+@kernel("Resize", "Upsample")
+def _resize(node, setup):
+    mode = attr(node, "mode", "nearest")
+    transform = attr(node, "coordinate_transformation_mode", "half_pixel" if node.op_type == "Resize" else "asymmetric")
+    nearest_mode = attr(node, "nearest_mode", "round_prefer_floor")
+    if mode not in ("nearest", "linear", "bilinear") or attr(node, "antialias", 0) or attr(node, "axes") is not None \
+            or attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch" or node.op_type == "Upsample" \
+            and setup.opset > 9:
+        raise _Unsupported(f"{node.op_type} with these attributes")
+
+    def resize(x, *rest):
+        scales, sizes = (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
+        if node.op_type == "Upsample":
+            scales = rest[0]
+        if sizes is not None and sizes.numel():
+            out_sizes = _ints(sizes)
+            factors = [o / i for o, i in zip(out_sizes, x.shape)]
+        else:
+            factors = [float(s) for s in scales.reshape(-1).tolist()]
+            out_sizes = [int(math.floor(i * f)) for i, f in zip(x.shape, factors)]
+        for axis, (n_in, n_out, factor) in enumerate(zip(x.shape, out_sizes, factors)):
+            if n_in == n_out and factor == 1.0:
+                continue
+            source = _source_coordinates("asymmetric" if mode == "nearest" and node.op_type == "Upsample" else
+                                         transform, n_out, n_in, factor)
+            if mode == "nearest":
+                index = np.clip(_nearest("floor" if node.op_type == "Upsample" else nearest_mode, source), 0, n_in - 1)
+                x = torch.index_select(x, axis, torch.as_tensor(index.astype(np.int64), device=x.device))
+                continue
+            source = np.clip(source, 0, n_in - 1)
+            low = np.floor(source).astype(np.int64)
+            high = np.minimum(low + 1, n_in - 1)
+            weight = torch.as_tensor(source - low, dtype=x.dtype, device=x.device)
+            shape = [1] * x.dim()
+            shape[axis] = n_out
+            weight = weight.reshape(shape)
+            below = torch.index_select(x, axis, torch.as_tensor(low, device=x.device))
+            above = torch.index_select(x, axis, torch.as_tensor(high, device=x.device))
+            x = below * (1 - weight) + above * weight
+        return x
+    return resize
