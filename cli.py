@@ -8,7 +8,7 @@ import sys
 
 DEFAULT_MODEL = "mnist_mlp"
 # graphcert.distributed's defaults, repeated so that parsing arguments does not import it (kept equal by a test).
-DEFAULT_RETRIES, DEFAULT_TASK_MEMORY_MB = 2, 3072
+DEFAULT_RETRIES, DEFAULT_TASK_MEMORY_MB = 2, 4096
 
 from graphcert import methods  # noqa: E402  (the method registry: names and norms only, no passes imported)
 
