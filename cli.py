@@ -130,6 +130,9 @@ def add_certify(sub) -> None:
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
+    p.add_argument("--rounding", default="float32", choices=("float32", "real"),
+                   help="float32 (default): certificates hold for the model as it runs in float32 (margins must "
+                        "beat a rounding-error bound); real: in real arithmetic only")
     from graphcert.alpha_settings import CERTIFY_ALPHA
     add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -209,7 +212,7 @@ def run_certify(args) -> int:
     result = sweep(shipped_model(args.model), data, eps, methods, limit=args.limit, batch_size=args.batch_size,
                    clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
                    alpha=alpha_settings(args, CERTIFY_ALPHA), norm=args.norm, radius=args.radius,
-                   tolerance=args.radius_tol, model_name=args.model)
+                   tolerance=args.radius_tol, model_name=args.model, rounding=args.rounding)
     if args.per_sample:
         result.write_per_sample(args.per_sample)
     if args.plot:
@@ -242,6 +245,9 @@ def run_certify(args) -> int:
 
 def _certify_one(args, data, eps: float, method: str, alpha) -> int:
     from graphcert.certify import certify
+    from graphcert.errors import InputError
+    if (parallel_requested(args) or args.results) and args.rounding != "float32":
+        raise InputError("--workers, --ray and --results certify for the float32 model; drop --rounding real")
     if parallel_requested(args) or args.results:
         from graphcert.distributed.shards import certify_sharded
         result, summary = certify_sharded(
@@ -253,7 +259,8 @@ def _certify_one(args, data, eps: float, method: str, alpha) -> int:
     else:
         result = certify(shipped_model(args.model), data, eps, method=method, limit=args.limit,
                          batch_size=args.batch_size, clip=not args.no_clip,
-                         progress=not args.json and sys.stderr.isatty(), alpha=alpha, norm=args.norm)
+                         progress=not args.json and sys.stderr.isatty(), alpha=alpha, norm=args.norm,
+                         rounding=args.rounding)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -331,6 +338,9 @@ def add_verify(sub) -> None:
     p.add_argument("--method", default="crown", help=f"{methods.help_text(norm='linf')} (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
+    p.add_argument("--rounding", default="float32", choices=("float32", "real"),
+                   help="float32 (default): holds means for the model as it runs in float32; real: in real "
+                        "arithmetic, as the competition reads properties")
     p.add_argument("--plot", metavar="FILE", help="with --instances: draw the cactus plot (.png or .svg)")
     p.add_argument("--reference", metavar="CSV",
                    help="with --plot: another tool's results (onnx, vnnlib, abcrown_answer or status, wall_s or "
@@ -370,7 +380,8 @@ def run_verify(args) -> int:
         from graphcert.distributed.instances import run_instances
         results, run = run_instances(args.instances, args.out, method=args.method, progress=sys.stderr.isatty(),
                                      timeout_scale=args.timeout_scale, alpha=alpha_settings(args, VERIFY_ALPHA),
-                                     executor=parallel_executor(args), resume=args.resume, memory=memory)
+                                     executor=parallel_executor(args), resume=args.resume, memory=memory,
+                                     rounding=args.rounding)
         for r in results:
             print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
         summary = verifier.summarize(results)
@@ -405,7 +416,7 @@ def run_verify(args) -> int:
     with ProcessGuard(started + args.timeout, budget, answer, VERDICT_EXIT_CODES.__getitem__):
         from graphcert import verify as verifier
         result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
-                                 alpha=alpha, memory=budget.total, started=started)
+                                 alpha=alpha, memory=budget.total, started=started, rounding=args.rounding)
     answer(result.status, result.reason, result)
     if getattr(args, "process_started", None) is not None:
         # The command itself: end now rather than spend the promised second tearing down large sessions.

@@ -148,7 +148,7 @@ class SweepResult:
 def sweep(model, data: Dataset, eps: list[float], methods: list[str], limit: int | None = None,
           batch_size: int = 256, clip: bool = True, progress: bool = False, alpha: AlphaSettings | None = None,
           norm: str = "linf", radius: bool = False, tolerance: float = DEFAULT_TOLERANCE,
-          model_name: str | None = None) -> SweepResult:
+          model_name: str | None = None, rounding: str = "float32") -> SweepResult:
     """Certify every (method, radius) pair over the data set; with `radius`, each sample's largest certified
     radius per method as well (to within `tolerance`, exact up to float32 for closed forms)."""
     eps = sorted({check_eps(e) for e in eps})
@@ -173,7 +173,7 @@ def sweep(model, data: Dataset, eps: list[float], methods: list[str], limit: int
             if bar is not None:
                 bar.set_description(f"certify {method}")
             started = time.perf_counter()
-            bounder = certifier(prepared.model, method, prepared.domain, alpha or CERTIFY_ALPHA, norm)
+            bounder = certifier(prepared.model, method, prepared.domain, alpha or CERTIFY_ALPHA, norm, rounding)
             result.build_seconds[method] = time.perf_counter() - started
             _sweep_method(result, method, bounder, prepared, batch_size, radius, tolerance, norm, bar)
     finally:
