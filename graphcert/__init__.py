@@ -1,9 +1,18 @@
 """graphcert: a graph-rewriting compiler over ONNX models for certified robustness."""
 __version__ = "0.1.0"
 
-from .api import bound_graph, convert, load  # noqa: E402
-from .certify import certify  # noqa: E402
-from .data import load_dataset  # noqa: E402
-from .export import save  # noqa: E402
-
 __all__ = ["bound_graph", "certify", "convert", "load", "load_dataset", "save", "__version__"]
+
+# The API is imported on first use (PEP 562), so the command line starts without loading onnx or torch when it
+# only parses arguments or prints help.
+_HOMES = {"bound_graph": "api", "convert": "api", "load": "api", "certify": "certify", "load_dataset": "data",
+          "save": "export"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        import importlib
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'graphcert' has no attribute {name!r}")

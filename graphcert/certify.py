@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import api
+from . import api, methods
 from .alpha import CERTIFY_ALPHA, AlphaSettings, ProofWatch
 from .data import Dataset, fit_to_input
-from .errors import InputError, UnsupportedOpError
+from .errors import GraphcertError, InputError
 from .export import to_proto
 from .interface import OBJECTIVE, InputSet, epsilon_name, perturbed_inputs
 from .model import static_shape
@@ -35,6 +35,8 @@ class CertifyResult:
     method: str
     seconds: float
     norm: str = "linf"
+    # `auto`: per ladder stage, {"status": "ran" | "skipped" | "not needed", "samples", "certified", "reason"}
+    stages: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,14 +64,25 @@ def check_eps(eps: float) -> float:
 # Linear-relaxation graphs hold coefficients of (rows x tensor elements) per sample; samples per run are
 # limited so that such coefficients (with a few temporaries each) stay within this many bytes.
 COEFFICIENT_BYTES = 2 << 30
-LINEAR_RELAXATIONS = ("crown", "crown-ibp", "alpha-crown")
 
 
 def samples_per_run(model, method: str) -> int | None:
-    """How many samples a bound graph of `method` may take at once (None: no limit), from a crude upper bound
-    on its largest coefficient tensor: rows for both bounds of the largest relaxed or output tensor, times the
-    largest tensor any backward pass crosses."""
-    if method not in LINEAR_RELAXATIONS:
+    """How many samples a bound graph of `method` may take at once (None: no limit): the model's batch when
+    it stays fixed (see graphcert.model.batch_note), and the coefficient budget of linear relaxations."""
+    limits = [n for n in (_fixed_batch(model), _coefficient_limit(model, method)) if n is not None]
+    return min(limits) if limits else None
+
+
+def _fixed_batch(model) -> int | None:
+    """The exported batch size of a model whose batch the importer could not free (None: any batch)."""
+    dims = static_shape(perturbed_inputs(model)[0]) if perturbed_inputs(model) else []
+    return dims[0] if len(dims) >= 2 and isinstance(dims[0], int) else None
+
+
+def _coefficient_limit(model, method: str) -> int | None:
+    """A crude upper bound from the largest coefficient tensor: rows for both bounds of the largest relaxed or
+    output tensor, times the largest tensor any backward pass crosses."""
+    if not methods.get(method).linear_relaxation:
         return None
     sizes, targets = [], []
     for node in model.graph:
@@ -99,24 +112,43 @@ class GraphCertifier:
         self.output_name = next(n for n in self.session.output_names if n not in ("margins",) and not n.endswith(("_lower", "_upper")))
         self.per_run = samples_per_run(model, method) or np.inf
 
-    def __call__(self, x: np.ndarray, eps: float, objective: np.ndarray):
+    def __call__(self, x: np.ndarray, eps, objective: np.ndarray):
         logits, lower = [], []
         for start in range(0, len(x), int(min(self.per_run, max(len(x), 1)))):
             part = slice(start, start + int(min(self.per_run, len(x))))
-            out = self.session.run({self.x_name: x[part], self.eps_name: np.float32(eps), OBJECTIVE: objective[part]},
+            out = self.session.run({self.x_name: x[part], self.eps_name: rows_of(eps, part), OBJECTIVE: objective[part]},
                                    [self.output_name, "margins_lower"])
             logits.append(out[self.output_name])
             lower.append(out["margins_lower"])
         return np.concatenate(logits), np.concatenate(lower)
 
 
-def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
-            batch_size: int = 256, clip: bool = True, progress: bool = False,
-            alpha: AlphaSettings | None = None, norm: str = "linf") -> CertifyResult:
-    """Clean and certified accuracy at radius `eps` in `norm` ("linf" or "l2"); `alpha` tunes alpha-CROWN
-    (methods alpha-crown, auto)."""
-    eps = check_eps(eps)
-    check_method_norm(method, norm)
+def rows_of(eps, index) -> np.ndarray:
+    """The radii of the samples `index` in float32, rounded up (the ball bounded holds the ball asked for): eps is
+    one radius for all (a scalar) or one per sample ([batch, 1, ...])."""
+    wide = np.asarray(eps, dtype=np.float64)
+    eps = wide.astype(np.float32)
+    eps = np.where(eps.astype(np.float64) < wide, np.nextafter(eps, np.float32(np.inf)), eps).astype(np.float32)
+    return eps[index] if eps.ndim and eps.shape[0] > 1 else eps
+
+
+def certified_mask(logits: np.ndarray, margins_lower: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Samples classified correctly at x whose every margin lower bound is proved positive."""
+    return (logits.argmax(axis=1) == labels) & (margins_lower > 0).all(axis=1)
+
+
+@dataclass
+class Prepared:
+    """A model and data set checked for certification: inputs fitted to the model's shape."""
+    model: object
+    data: Dataset
+    x: np.ndarray
+    n_classes: int
+    domain: tuple | None
+
+
+def prepare(model, data: Dataset, limit: int | None, batch_size: int, clip: bool) -> Prepared:
+    """Load and check a batched single-input classifier and its data (one-line InputErrors)."""
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -134,8 +166,19 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     data = data.head(limit)
     if not isinstance(n_classes, int) or data.y.max() >= n_classes:
         raise InputError(f"labels go up to {data.y.max()} but the model has {n_classes} outputs")
-    x_all = fit_to_input(data.x, shape)
-    domain = data.domain if clip else None
+    return Prepared(normalised, data, fit_to_input(data.x, shape), n_classes, data.domain if clip else None)
+
+
+def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
+            batch_size: int = 256, clip: bool = True, progress: bool = False,
+            alpha: AlphaSettings | None = None, norm: str = "linf") -> CertifyResult:
+    """Clean and certified accuracy at radius `eps` in `norm` ("linf" or "l2"); `alpha` tunes alpha-CROWN
+    (methods alpha-crown, auto)."""
+    eps = check_eps(eps)
+    check_method_norm(method, norm)
+    prepared = prepare(model, data, limit, batch_size, clip)
+    normalised, data, x_all, n_classes, domain = (prepared.model, prepared.data, prepared.x, prepared.n_classes,
+                                                  prepared.domain)
     start = time.perf_counter()
     bounder = certifier(normalised, method, domain, alpha or CERTIFY_ALPHA, norm)
     clean = certified = 0
@@ -146,12 +189,12 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     for lo in batches:
         x, y = x_all[lo:lo + batch_size], data.y[lo:lo + batch_size]
         logits, margins_lower = bounder(x, eps, margin_objective(y, n_classes))
-        correct = logits.argmax(axis=1) == y
-        clean += int(correct.sum())
-        certified += int((correct & (margins_lower > 0).all(axis=1)).sum())
+        clean += int((logits.argmax(axis=1) == y).sum())
+        certified += int(certified_mask(logits, margins_lower, y).sum())
     n = len(data)
+    stages = bounder.report() if hasattr(bounder, "report") else None
     return CertifyResult(clean / n, certified / n, n, clean, certified, eps, method,
-                         time.perf_counter() - start, norm)
+                         time.perf_counter() - start, norm, stages)
 
 
 class AlphaCertifier:
@@ -170,7 +213,7 @@ class AlphaCertifier:
         settings = self.settings
         for start in range(0, len(undecided), int(min(self.per_run, max(len(undecided), 1)))):
             part = undecided[start:start + int(min(self.per_run, len(undecided)))]
-            feeds = self.alpha.feeds(x=x[part], eps=np.float32(eps), objective=objective[part])
+            feeds = self.alpha.feeds(x=x[part], eps=rows_of(eps, part), objective=objective[part])
             watch = ProofWatch(lambda low: low.min(axis=1), settings.iterations, settings.give_up)
             tighter, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=watch)
             lower[part] = np.maximum(lower[part], tighter)
@@ -180,14 +223,13 @@ class AlphaCertifier:
 class EscalatingCertifier:
     """`auto`: the cheapest method first, each stronger one only on the samples still undecided."""
 
-    LADDERS = {"linf": ("ibp", "crown-ibp", "crown", "alpha-crown"),
-               "l2": ("lipschitz", "crown-ibp", "crown", "alpha-crown")}
-
     def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf"):
         self.model, self.domain, self.settings, self.norm = model, domain, settings, norm
-        self.ladder = self.LADDERS[norm]
+        self.ladder = methods.get(method).stages_of(norm)
         self.stages: dict[str, object] = {}
-        self.refusals: dict[str, UnsupportedOpError] = {}
+        self.refusals: dict[str, GraphcertError] = {}
+        self.samples = dict.fromkeys(self.ladder, 0)    # samples each stage bounded
+        self.certified = dict.fromkeys(self.ladder, 0)  # samples each stage proved that earlier ones did not
         self.first = next((name for name in self.ladder if self._stage(name) is not None), None)
         if self.first is None:
             raise self.refusals[self.ladder[0]]
@@ -196,21 +238,46 @@ class EscalatingCertifier:
         if name not in self.stages:
             try:
                 self.stages[name] = certifier(self.model, name, self.domain, self.settings, self.norm)
-            except UnsupportedOpError as refusal:
+            except GraphcertError as refusal:
                 self.refusals[name] = refusal
-                self.stages[name] = None  # the model has ops this method cannot bound: skip it
+                self.stages[name] = None  # the method cannot bound this model: skip it, and say why
         return self.stages[name]
 
     def __call__(self, x, eps, objective):
         logits, lower = self._stage(self.first)(x, eps, objective)
+        self._count(self.first, len(x), (lower > 0).all(axis=1) & _correct(logits, objective))
         for name in self.ladder[self.ladder.index(self.first) + 1:]:
             open_ = _undecided(logits, lower, objective)
+            if not open_.any():
+                break
             stage = self._stage(name)
-            if not open_.any() or stage is None:
+            if stage is None:
                 continue
-            _, tighter = stage(x[open_], eps, objective[open_])
+            _, tighter = stage(x[open_], rows_of(eps, open_), objective[open_])
             lower[open_] = np.maximum(lower[open_], tighter)  # both are sound lower bounds
+            self._count(name, int(open_.sum()), (lower[open_] > 0).all(axis=1))
         return logits, lower
+
+    def _count(self, name, samples, proved) -> None:
+        self.samples[name] += samples
+        self.certified[name] += int(np.sum(proved))
+
+    def report(self) -> dict:
+        """Per stage of the ladder: whether it ran (on how many samples, certifying how many more), was skipped
+        (and why), or was not needed (every sample was decided before it)."""
+        stages = {}
+        for name in self.ladder:
+            if name in self.refusals:
+                stages[name] = {"status": "skipped", "reason": str(self.refusals[name])}
+            elif self.samples[name]:
+                stages[name] = {"status": "ran", "samples": self.samples[name], "certified": self.certified[name]}
+            else:
+                stages[name] = {"status": "not needed"}
+        return stages
+
+
+def _correct(logits, objective) -> np.ndarray:
+    return (np.einsum("bmn,bn->bm", objective, logits) > 0).all(axis=1)
 
 
 def _undecided(logits, lower, objective) -> np.ndarray:
@@ -219,29 +286,16 @@ def _undecided(logits, lower, objective) -> np.ndarray:
     return (margins_at_x > 0).all(axis=1) & ~(lower > 0).all(axis=1)
 
 
-# method name -> factory(normalised model, method, domain, alpha settings) -> callable(x, eps, objective) ->
-# (logits, margin lower)
-CERTIFIERS = {"alpha-crown": AlphaCertifier, "auto": EscalatingCertifier}
-# The norms of the certifiers that are not single bound graphs.
-CERTIFIER_NORMS = {"alpha-crown": ("linf", "l2"), "auto": ("linf", "l2")}
-
-
 def check_method_norm(method: str, norm: str) -> None:
-    """An InputError when `method` cannot certify balls of `norm`, with the methods that can."""
-    api.check_norm("auto", norm)  # a known norm
-    norms = CERTIFIER_NORMS.get(method) or api.NORMS.get(method)
-    if norms is None or norm in norms:
-        return
-    if method in api.TRAINING_ONLY:
-        raise InputError(api.TRAINING_ONLY[method])
-    able = sorted(api.bounding_methods(norm) + [m for m, kinds in CERTIFIER_NORMS.items() if norm in kinds])
-    balls = " and ".join(api.NORM_NAMES[n] for n in norms)
-    raise InputError(f"method '{method}' bounds {balls} balls only; for {api.NORM_NAMES[norm]} use {', '.join(able)}")
+    """An InputError when `method` cannot certify balls of `norm` (or only trains), with the methods that can."""
+    methods.check_certifies(method, norm)
 
 
 def certifier(model, method: str, domain, settings: AlphaSettings | None = None, norm: str = "linf"):
-    if method in CERTIFIERS:
-        return CERTIFIERS[method](model, method, domain, settings or CERTIFY_ALPHA, norm)
-    if method not in api.METHODS:
-        raise InputError(f"unknown method '{method}'; choose one of: {', '.join(sorted(set(api.METHODS) | set(CERTIFIERS)))}")
-    return GraphCertifier(model, method, domain, norm)
+    """callable(x, eps, objective) -> (logits, margin lower bounds) for a method: one bound graph run by
+    onnxruntime, alpha-CROWN on what CROWN leaves open, or a cheapest-first ladder of other methods."""
+    record = methods.get(method)
+    if record.combines == "graph":
+        return GraphCertifier(model, method, domain, norm)
+    kind = AlphaCertifier if record.combines == "refine" else EscalatingCertifier
+    return kind(model, method, domain, settings or CERTIFY_ALPHA, norm)

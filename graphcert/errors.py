@@ -12,10 +12,15 @@ class ModelLoadError(GraphcertError):
 class UnsupportedOpError(GraphcertError):
     """A pass met op types it has no rule for."""
 
-    def __init__(self, method: str, nodes_by_op: dict[str, list[str]]):
+    def __init__(self, method: str, nodes_by_op: dict[str, list[str]], reasons: dict[str, str] | None = None):
+        """reasons: node name -> why the node is refused although its op has a rule (shown after the name)."""
         self.nodes_by_op = nodes_by_op
+        reasons = reasons or {}
+
+        def named(name: str) -> str:
+            return f"{name}: {reasons[name]}" if name in reasons else name
         listed = "; ".join(
-            f"{op} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+            f"{op} ({', '.join(named(n) for n in names[:5])}{', ...' if len(names) > 5 else ''})"
             for op, names in sorted(nodes_by_op.items())
         )
         super().__init__(
@@ -30,3 +35,7 @@ class InputError(GraphcertError):
 
 class SpecError(GraphcertError):
     """A malformed or unsupported VNN-LIB property."""
+
+
+class RunError(GraphcertError):
+    """Tasks of a parallel or resumable run failed after their retries (the message says which and why)."""

@@ -30,12 +30,31 @@ def perturbed_nodes(graph: ir.Graph, sources: set[ir.Value]) -> list[ir.Node]:
 
 
 def check_supported(nodes: list[ir.Node], rules: dict[str, Callable], method: str, accepts=None) -> None:
+    """An UnsupportedOpError listing every node without a rule, that `accepts` refuses, or that no method can
+    bound (`refusal`, with its reason)."""
     missing: dict[str, list[str]] = {}
+    reasons: dict[str, str] = {}
     for node in nodes:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in rules or (accepts and not accepts(node)):
+        reason = refusal(node)
+        if reason or node.domain not in ("", "ai.onnx") or node.op_type not in rules or (accepts and not accepts(node)):
             missing.setdefault(node.op_type, []).append(node.name or "(unnamed)")
+            if reason:
+                reasons[node.name or "(unnamed)"] = reason
     if missing:
-        raise UnsupportedOpError(method, missing)
+        raise UnsupportedOpError(method, missing, reasons)
+
+
+def refusal(node: ir.Node) -> str | None:
+    """Why no bound method takes this node whatever its op's rule says, or None: an output that depends on the
+    perturbed values in a way no interval captures, or randomness."""
+    op = node.op_type
+    if op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+        return "its Indices output is used (argmax positions of perturbed values are not bounded)"
+    if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        mode = node.inputs[2].const_value
+        if mode is None or bool(mode.numpy().reshape(-1)[0]):
+            return "training_mode may be true (dropout in training mode is random)"
+    return None
 
 
 def attr(node: ir.Node, name: str, default=None):

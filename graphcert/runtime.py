@@ -5,6 +5,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+# Compute threads of every session that does not ask for a number (0: onnxruntime's default, one per core).
+# Parallel workers set 1 so that N workers on N cores do not fight for them (graphcert.distributed).
+DEFAULT_THREADS = 0
+
 
 class Session:
     """An onnxruntime session over a ModelProto that takes and returns dicts of numpy arrays."""
@@ -12,6 +16,7 @@ class Session:
     def __init__(self, proto: onnx.ModelProto, threads: int = 0):
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        threads = threads or DEFAULT_THREADS
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GraphcertError, InputError, UnsupportedOpError
+from . import ops
 from .interpret import attr, registrar
 
 KERNELS: dict[str, Callable] = {}
@@ -99,6 +100,14 @@ _simple({
     "Size": lambda x: torch.tensor(x.numel(), dtype=torch.int64),
     "NonZero": lambda x: torch.nonzero(x).T,
 })
+
+
+def _elementwise_family(spec: ops.Elementwise) -> None:
+    """Element-wise ops stated in graphcert.ops run their own torch function (unless a kernel here exists)."""
+    KERNELS.setdefault(spec.op_type, lambda node, setup: spec.torch(node))
+
+
+ops.on_elementwise(_elementwise_family)
 
 
 @kernel("LeakyRelu")

@@ -8,51 +8,21 @@ terms sum(coefficients · value).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 
 from graphcert.builder import Builder
 from graphcert.interpret import attr, registrar
 from graphcert.model import static_shape
+from graphcert.ops import WindowGeometry
 
 ADJOINTS: dict = {}
 adjoint = registrar(ADJOINTS)
 
 
-class Geometry:
-    """Strides, explicit pads and dilations of a sliding-window op, from its attributes and static shapes."""
-
-    def __init__(self, node: ir.Node, spatial_in: list[int], kernel: list[int]):
-        n = len(kernel)
-        self.kernel = list(kernel)
-        self.strides = list(attr(node, "strides", None) or [1] * n)
-        self.dilations = list(attr(node, "dilations", None) or [1] * n)
-        auto_pad = attr(node, "auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            begin, end = [], []
-            for size, k, s, d in zip(spatial_in, kernel, self.strides, self.dilations):
-                total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-                small, large = total // 2, total - total // 2
-                begin.append(small if auto_pad == "SAME_UPPER" else large)
-                end.append(large if auto_pad == "SAME_UPPER" else small)
-            self.pads = begin + end
-        elif auto_pad == "VALID":
-            self.pads = [0] * (2 * n)
-        else:
-            self.pads = list(attr(node, "pads", None) or [0] * (2 * n))
-
-    def output_padding(self, spatial_in: list[int], spatial_out: list[int]) -> list[int]:
-        """What the transposed window op must add at the end to give back exactly the input size."""
-        n = len(self.kernel)
-        return [size - ((out - 1) * s + (k - 1) * d + 1 - self.pads[i] - self.pads[i + n])
-                for i, (size, out, k, s, d) in enumerate(zip(spatial_in, spatial_out, self.kernel, self.strides,
-                                                               self.dilations))]
-
-    def attributes(self) -> dict:
-        return {"strides": self.strides, "pads": self.pads, "dilations": self.dilations}
+def Geometry(node: ir.Node, spatial_in: list[int], kernel: list[int]) -> WindowGeometry:  # noqa: N802
+    """Strides, explicit pads and dilations of a sliding-window op (graphcert.ops holds the one implementation)."""
+    return WindowGeometry.of(node, spatial_in, kernel)
 
 
 def trailing(value: ir.Value) -> list[int]:
@@ -256,7 +226,7 @@ def _convolution(cx, node, coef):
     folded = fold_leading(b, coef, shape_out)
     if node.op_type == "Conv":
         back = b.op("ConvTranspose", folded, w, group=attr(node, "group", 1),
-                    output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+                    output_padding=geometry.output_padding(shape_out[1:]), **geometry.attributes())
     else:
         back = b.op("Conv", folded, w, group=attr(node, "group", 1), **geometry.attributes())
     pairs = [(x, unfold_leading(b, back, coef, shape_in))]
@@ -297,7 +267,7 @@ def _average_pool(cx, node, coef):
                      b.const(np.ones([1, 1, *kernel], dtype=np.float32)), **geometry.attributes())
         scaled = b.op("Div", coef, b.op("Squeeze", count, b.ints([0])))
     back = b.op("ConvTranspose", fold_leading(b, scaled, shape_out), ones, group=channels,
-                output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+                output_padding=geometry.output_padding(shape_out[1:]), **geometry.attributes())
     return [(x, unfold_leading(b, back, coef, shape_in))]
 
 

@@ -42,6 +42,9 @@ SPLIT_UNITS = {"Relu"}
 # beta: run-time split signs of ReLU inputs and the multipliers of the split constraints (beta-CROWN).
 SPLIT_SIGN_PREFIX, BETA_PREFIX = "split_sign.", "beta."
 
+# Relative slack for the float error of concretising A·x over the input set (see `Context.concretise`).
+CONCRETE_SLACK = 2.0 ** -21
+
 # How IBP bounds of a tensor compare with the best linear bounds: exact for ops that only move or scale single
 # input elements (POINTWISE) and after one linear layer on such a tensor (AFFINE); otherwise possibly loose.
 POINTWISE, AFFINE, LOOSE = 0, 1, 2
@@ -78,6 +81,9 @@ class Context:
         # every training backend differentiates.
         self.support: dict[ir.Value, ir.Value] | None = {}
         self.alive: dict[ir.Node, ir.Value] = {}
+        self._slackened: dict[Interval, ir.Value] = {}
+        # 0/1 flags of relaxed ops' infinite range ends (see `infinite_ends`), full-shaped like intercepts.
+        self.unbounded: set[ir.Value] = set()
 
     @property
     def lead(self) -> int:
@@ -135,6 +141,7 @@ class Context:
         b = self.b
         pending = {start: coef}
         bias = None
+        reach = None   # > 0 where the bound leans on an infinite end of a relaxed op's range
         for node in reversed(nodes):
             out = node.outputs[0]
             if out not in pending:
@@ -148,13 +155,28 @@ class Context:
             for value, part in rule(self, node, pending.pop(out)):
                 if value in self.perturbed:
                     pending[value] = part if value not in pending else b.op("Add", pending[value], part)
+                elif value in self.unbounded:
+                    term = self.contract(part, value, like=out)
+                    reach = term if reach is None else b.op("Add", reach, term)
                 else:
                     term = self.contract(part, value, like=out)
                     bias = term if bias is None else b.op("Add", bias, term)
         for source, part in pending.items():
             term = self.concretise(source, part)
             bias = term if bias is None else b.op("Add", bias, term)
+        if reach is not None:
+            bias = b.op("Where", b.op("Greater", reach, b.const(0.0)), b.const(-np.inf), bias)
         return bias
+
+    def infinite_ends(self, lower_flag: ir.Value | None, upper_flag: ir.Value | None, coef: ir.Value) -> list:
+        """Pairs that make a lower bound -inf where a positive coefficient meets a lower end of -inf or a
+        negative one an upper end of +inf (flags from `relaxations.unbounded`)."""
+        pairs = []
+        for flag, weight in ((lower_flag, coef), (upper_flag, self.b.op("Neg", coef))):
+            if flag is not None:
+                self.unbounded.add(flag)
+                pairs.append((flag, self.b.op("Relu", weight)))
+        return pairs
 
     def concretise(self, source: ir.Value, coef: ir.Value) -> ir.Value:
         b = self.b
@@ -162,10 +184,33 @@ class Context:
             # min over ||x' - x||_2 <= eps of A·x' is A·x - eps·||A||_2 (the dual norm of L2 is L2).
             squares = b.op("Reshape", b.op("Mul", coef, coef), b.ints([0] * self.lead + [-1]))
             norm = b.op("Sqrt", b.reduce("ReduceSum", squares, [self.lead], keepdims=0))
-            return b.op("Sub", self._per_sample_product(coef, source), b.op("Mul", norm, self.radius_l2(source)))
+            # Rounding slack of A·x: a few ulps of |A|·|x| <= ||A||_2·||x||_2 (see `_radius_with_slack`).
+            size = b.op("Sqrt", b.reduce("ReduceSum", b.op("Reshape", b.op("Mul", source, source),
+                                                            b.ints([0 if self.batched else 1, -1])), [1], keepdims=0))
+            reach = b.op("Add", self.radius_l2(source), b.op("Mul", size, b.const(CONCRETE_SLACK)))
+            return b.op("Sub", self._per_sample_product(coef, source), b.op("Mul", norm, reach))
         box = self.boxes[source]
         return b.op("Sub", self._per_sample_product(coef, box.center),
-                    self._per_sample_product(b.op("Abs", coef), box.radius))
+                    self._per_sample_product(b.op("Abs", coef), self._radius_with_slack(box)))
+
+    def _radius_with_slack(self, box: Interval) -> ir.Value:
+        """The box radius plus a few ulps of the centre: |A|·(r + s·|c|) also covers the rounding of A·c, which
+        cancels where the input is large and the coefficients sum to about zero (a softmax at 1e4)."""
+        if box not in self._slackened:
+            b = self.b
+            self._slackened[box] = b.op("Add", box.radius, b.op("Mul", b.op("Abs", box.center), b.const(CONCRETE_SLACK)))
+        return self._slackened[box]
+
+    def l2_box(self, source: ir.Value, domain: tuple[float, float] | None) -> Interval:
+        """The box x ± r around the L2 ball of radius r (per sample), clipped to the data domain like IBP's."""
+        b = self.b
+        rank = len(static_shape(source))
+        radius = b.op("Reshape", self.radius_l2(source), b.ints([-1] + [1] * (rank - 1) if self.batched else [1] * rank))
+        lower, upper = b.op("Sub", source, radius), b.op("Add", source, radius)
+        if domain is not None:
+            lower = b.op("Clip", lower, b.const(domain[0]))
+            upper = b.op("Clip", upper, None, b.const(domain[1]))
+        return Interval.from_bounds(b, lower, upper)
 
     def radius_l2(self, source: ir.Value) -> ir.Value:
         """The L2 radius per sample: the largest epsilon entry of the sample (epsilon broadcasts like x)."""
@@ -246,6 +291,7 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
         pairs.append((relaxation.lower_intercept, b.op("Relu", coef)))
     if relaxation.upper_intercept is not None:
         pairs.append((relaxation.upper_intercept, b.op("Min", coef, b.const(0.0))))
+    pairs += cx.infinite_ends(relaxation.lower_unbounded, relaxation.upper_unbounded, coef)
     if cx.beta is not None and node in cx.split_signs:
         # The Lagrangian term -beta·s·z of the split constraint s·z >= 0: it is <= 0 on the split domain, so
         # the bound of the objective plus it is a bound of the objective there, for every beta >= 0.
@@ -273,7 +319,7 @@ def _window_max_backward(cx: Context, node: ir.Node, relaxation: WindowMax, posi
     flat = fold_leading(b, spread, [size, *shape_out[1:]])
     geometry = relaxation.geometry
     back = b.op("ConvTranspose", flat, relaxation.patches,
-                output_padding=geometry.output_padding(shape_in[1:], shape_out[1:]), **geometry.attributes())
+                output_padding=geometry.output_padding(shape_out[1:]), **geometry.attributes())
     back = unfold_leading(b, back, spread, shape_in)
     return [(x, back), (relaxation.upper_intercept, negative)]
 
@@ -283,7 +329,8 @@ def _relax(cx: Context, node: ir.Node, box: Interval, other: Interval | None = N
         return relaxations.mccormick(cx.b, box, other)
     if node.op_type != "MaxPool":
         found = relaxations.relax(cx.b, node, box)
-        cx.full_shaped.update(v for v in (found.lower_intercept, found.upper_intercept) if v is not None)
+        cx.full_shaped.update(v for v in (found.lower_intercept, found.upper_intercept, found.lower_unbounded,
+                                          found.upper_unbounded) if v is not None)
         if found.negative_slope == 0.0 and cx.support is not None and len(node.inputs[0].shape) == cx.lead:
             cx.alive[node] = _alive_units(cx, box)
         return found
@@ -395,6 +442,9 @@ class CrownPass(ir.passes.FunctionalPass):
         if self.norm == "l2":
             by_name = {v.name: v for v in graph.inputs}
             cx.epsilons = {x.name: by_name[epsilon_names[x.name]] for x in boxes}
+            # The ball of radius r (the largest epsilon entry) lies in the box x ± r, not in x ± epsilon.
+            for x in boxes:
+                boxes[x] = cx.l2_box(x, self.input_set.domain)
         if self.alpha == "inputs":
             cx.alpha = AlphaInputs(graph)
         if self.trainable:

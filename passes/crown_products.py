@@ -178,4 +178,5 @@ def product_backward(cx, node, planes: Planes, coef: ir.Value):
     along_x = b.op("Mul", coef, b.op("Where", negative, planes.upper_x, planes.lower_x))
     along_y = b.op("Mul", coef, b.op("Where", negative, planes.upper_y, planes.lower_y))
     return [(x, cx.fit(along_x, x, out)), (y, cx.fit(along_y, y, out)),
-            (planes.lower_intercept, b.op("Relu", coef)), (planes.upper_intercept, b.op("Min", coef, b.const(0.0)))]
+            (planes.lower_intercept, b.op("Relu", coef)), (planes.upper_intercept, b.op("Min", coef, b.const(0.0))),
+            *cx.infinite_ends(planes.lower_unbounded, planes.upper_unbounded, coef)]

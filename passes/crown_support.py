@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from graphcert.interpret import attr
 from graphcert.model import static_shape
+from graphcert.ops import WindowGeometry
 from graphcert.passes import ibp, relaxations
 from graphcert.passes.adjoints import ADJOINTS, pad_axes, pad_mode, reduced_axes
 
@@ -118,7 +119,7 @@ def acceptor(perturbed: set, batched: bool):
             window_ok = not attr(node, "ceil_mode", 0) and attr(node, "output_shape", None) is None \
                 and not (op == "ConvTranspose" and attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"))
             return window_ok and static_trailing(node.inputs[0]) and static_trailing(node.outputs[0]) \
-                and all(v is None or v.shape is not None for v in node.inputs) \
+                and all(v is None or v.shape is not None for v in node.inputs) and _windows_fit(node) \
                 and (op != "MaxPool" or len(node.outputs) == 1 or not node.outputs[1].uses())
         if op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
             return _keeps_batch(node, batched) and static_shape(node.inputs[0]) != []
@@ -132,6 +133,19 @@ def acceptor(perturbed: set, batched: bool):
             return relaxations.accepts(node)
         return op in ADJOINTS
     return accepts
+
+
+def _windows_fit(node: ir.Node) -> bool:
+    """Every window inside the padded input: where one is not, runtimes disagree on the output size."""
+    if node.op_type in ("GlobalAveragePool", "ConvTranspose"):
+        return True
+    kernel = attr(node, "kernel_shape", None)
+    if kernel is None:
+        kernel = static_shape(node.inputs[1])[2:]
+    spatial = static_shape(node.inputs[0])[2:]
+    if not all(isinstance(d, int) for d in [*kernel, *spatial]):
+        return False
+    return WindowGeometry.of(node, spatial, kernel).fits
 
 
 def supports(node: ir.Node) -> bool:

@@ -24,7 +24,7 @@ from graphcert.errors import InputError
 from graphcert.interface import clone, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
 from graphcert.model import static_shape
-from graphcert.passes.lipschitz import ConvGeometry
+from graphcert.ops import WindowGeometry
 from graphcert.passes.spec import LipschitzTrainingPass, lipschitz_margin_outputs
 
 # 2 power steps, then 5 Chebyshev blocks of degree 6 (32 applications of AᵀA in all).
@@ -96,16 +96,13 @@ def largest_singular_value(b: Builder, matrix: ir.Value, columns: int) -> ir.Val
                          _start((columns, 1)))
 
 
-def conv_operator_norm(b: Builder, weight: ir.Value, geometry: ConvGeometry, group: int) -> ir.Value:
+def conv_operator_norm(b: Builder, weight: ir.Value, geometry: WindowGeometry, group: int) -> ir.Value:
     """Estimate, from below, of the operator norm of x -> Conv(x, weight) on inputs [1, C, *geometry.spatial]:
     the adjoint is the ConvTranspose with the same window and an output_padding restoring what the stride
     skipped."""
     channels = static_shape(weight)[1] * group
-    window = dict(strides=geometry.strides, dilations=geometry.dilations, pads=geometry.begin + geometry.end,
-                  group=group)
-    extents = [(k - 1) * d + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
-    restored = [size - (stride * (out - 1) + extent - begin - end) for size, stride, out, extent, begin, end
-                in zip(geometry.spatial, geometry.strides, geometry.out, extents, geometry.begin, geometry.end)]
+    window = dict(**geometry.attributes(), group=group)
+    restored = geometry.output_padding(geometry.out)
     return operator_norm(b, lambda v: b.op("Conv", v, weight, **window),
                          lambda u: b.op("ConvTranspose", u, weight, output_padding=restored, **window),
                          _start((1, channels, *geometry.spatial)))
@@ -114,7 +111,7 @@ def conv_operator_norm(b: Builder, weight: ir.Value, geometry: ConvGeometry, gro
 @rule("Conv")
 def _conv(walk: _Walk, node: ir.Node):
     weight = node.inputs[1]
-    geometry = ConvGeometry(node, static_shape(node.inputs[0])[2:], static_shape(weight)[2:])
+    geometry = WindowGeometry.of(node, static_shape(node.inputs[0])[2:], static_shape(weight)[2:])
     return walk.times(walk.constants[node.inputs[0]],
                       conv_operator_norm(walk.b, weight, geometry, int(attr(node, "group", 1))))
 

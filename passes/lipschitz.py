@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import scipy.linalg
-import scipy.sparse
 
 from graphcert import __version__
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
+from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
 from graphcert.model import static_shape
+from graphcert.operator_norms import (EXACT_SIDE, RELATIVE_SLACK, ConvGeometry, average_pool_norm,  # noqa: F401
+                                      circular_conv_norm, conv_matrix, outward, spectral_norm)
+from graphcert import ops
+from graphcert.ops import WindowGeometry
+from graphcert.passes.patterns import disjoint_windows, group_sort_input  # noqa: F401  (re-exported)
 from graphcert.passes.spec import MARGINS, _affine_producer
 
 RULES: dict = {}
 rule = registrar(RULES)
 
-# Outward slack on every folded constant: covers float64 rounding in the SVD / eigenvalue solvers.
-RELATIVE_SLACK = 1e-6
-# Matrices whose smaller side is at most this get an exact largest singular value (dense Gram eigenvalue).
-EXACT_SIDE = 2048
 # Margins are computed in float32 by the runtime: this fraction of their magnitude is subtracted as well.
 FLOAT32_SLACK = 2.0 ** -16
 ABSOLUTE_SLACK = 1e-6
@@ -61,153 +60,6 @@ class Geometry:
         return not self.batched or all(int(a) != 0 for a in axes)
 
 
-# ---- operator norms -------------------------------------------------------------------------------------
-
-def outward(value: float) -> float:
-    """A float64 bound pushed up by the relative slack."""
-    return float(value) * (1.0 + RELATIVE_SLACK) + np.finfo(np.float64).tiny
-
-
-def spectral_norm(matrix) -> float:
-    """A sound upper bound on the largest singular value of a dense or sparse matrix (float64).
-
-    Exact up to rounding (largest eigenvalue of the smaller Gram matrix) when a side is at most EXACT_SIDE;
-    otherwise sqrt(||A||_1·||A||_inf), which bounds it for every matrix.
-    """
-    sparse = scipy.sparse.issparse(matrix)
-    matrix = matrix.astype(np.float64) if sparse else np.asarray(matrix, dtype=np.float64)
-    rows, cols = matrix.shape
-    if min(rows, cols) == 0:
-        return 0.0
-    if min(rows, cols) <= EXACT_SIDE:
-        gram = matrix @ matrix.T if rows <= cols else matrix.T @ matrix
-        gram = gram.toarray() if sparse else gram
-        n = gram.shape[0]
-        top = scipy.linalg.eigvalsh(gram, subset_by_index=[n - 1, n - 1])[0]
-        # eigvalsh is backward stable: the error is a few ulps of ||G|| <= its largest row sum.
-        error = 8 * n * np.finfo(np.float64).eps * float(np.abs(gram).sum(axis=1).max())
-        return outward(np.sqrt(max(top, 0.0) + error))
-    magnitude = abs(matrix)
-    column_sums = np.asarray(magnitude.sum(axis=0)).max()
-    row_sums = np.asarray(magnitude.sum(axis=1)).max()
-    return outward(np.sqrt(column_sums * row_sums))
-
-
-class ConvGeometry:
-    """The sliding-window layout of a Conv / pooling node on its input's spatial size."""
-
-    def __init__(self, node: ir.Node, spatial: list[int], kernel: list[int]):
-        rank = len(spatial)
-        self.spatial, self.kernel = list(spatial), list(kernel)
-        self.strides = list(attr(node, "strides", None) or [1] * rank)
-        self.dilations = list(attr(node, "dilations", None) or [1] * rank)
-        pads = list(attr(node, "pads", None) or [0] * (2 * rank))
-        begin, end = pads[:rank], pads[rank:]
-        auto_pad = attr(node, "auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        ceil_mode = attr(node, "ceil_mode", 0)
-        extents = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
-        if auto_pad == "VALID":
-            begin, end = [0] * rank, [0] * rank
-        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            totals = [max((-(-n // s) - 1) * s + e - n, 0) for n, s, e in zip(spatial, self.strides, extents)]
-            small = [t // 2 for t in totals]
-            large = [t - s for t, s in zip(totals, small)]
-            begin, end = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-        self.begin, self.end = begin, end
-        self.padded = [n + b + e for n, b, e in zip(spatial, begin, end)]
-        # With ceil_mode a last window starting in the end padding may or may not exist (runtimes differ):
-        # counting it only adds a row to the operator, which never lowers the bound.
-        rounding = np.ceil if ceil_mode else np.floor
-        self.out = [max(int(rounding((padded - extent) / stride)) + 1, 0)
-                    for padded, extent, stride in zip(self.padded, extents, self.strides)]
-
-    def taps(self, axis: int) -> np.ndarray:
-        """[out, kernel] input positions read along `axis` (outside [0, size) means padding)."""
-        o = np.arange(self.out[axis])[:, None]
-        a = np.arange(self.kernel[axis])[None, :]
-        return o * self.strides[axis] - self.begin[axis] + a * self.dilations[axis]
-
-    def max_cover(self) -> int:
-        """The most windows any single input element lies in (a product over axes of per-axis maxima)."""
-        cover = 1
-        for axis, size in enumerate(self.spatial):
-            positions = self.taps(axis)
-            inside = positions[(positions >= 0) & (positions < size)]
-            cover *= int(np.bincount(inside, minlength=size).max()) if inside.size else 0
-        return cover
-
-
-def conv_matrix(weight: np.ndarray, geometry: ConvGeometry, group: int) -> scipy.sparse.csr_matrix:
-    """The dense-layout (out × in) matrix of a Conv without bias, as a sparse matrix."""
-    cout, cin_group = weight.shape[:2]
-    spatial, out_spatial = geometry.spatial, geometry.out
-    n_in, n_out = int(np.prod(spatial)), int(np.prod(out_spatial))
-    rank = len(spatial)
-    out_idx = np.indices(out_spatial).reshape(rank, -1)                   # [rank, n_out]
-    tap_idx = np.indices(geometry.kernel).reshape(rank, -1)                # [rank, taps]
-    stride = np.array(geometry.strides)[:, None, None]
-    begin = np.array(geometry.begin)[:, None, None]
-    dilation = np.array(geometry.dilations)[:, None, None]
-    position = out_idx[:, :, None] * stride - begin + tap_idx[:, None, :] * dilation   # [rank, n_out, taps]
-    size = np.array(spatial)[:, None, None]
-    valid = ((position >= 0) & (position < size)).all(axis=0)
-    flat_in = np.ravel_multi_index(tuple(np.where(valid, position, 0)), spatial)       # [n_out, taps]
-    out_channel = np.arange(cout)[:, None, None, None]
-    in_channel = (out_channel // (cout // group)) * cin_group + np.arange(cin_group)[None, :, None, None]
-    rows = out_channel * n_out + np.arange(n_out)[None, None, :, None]
-    cols = in_channel * n_in + flat_in[None, None]
-    values = weight.reshape(cout, cin_group, 1, -1).astype(np.float64) * valid[None, None]
-    shape = (cout * n_out, weight.shape[1] * group * n_in)
-    rows, cols, values = (np.broadcast_to(a, values.shape).reshape(-1) for a in (rows, cols, values))
-    keep = values != 0
-    return scipy.sparse.coo_matrix((values[keep], (rows[keep], cols[keep])), shape=shape).tocsr()
-
-
-def circular_conv_norm(weight: np.ndarray, geometry: ConvGeometry, group: int) -> float:
-    """The operator norm of the stride-1 circular convolution on the padded input size.
-
-    The padded, strided conv is (keep strided outputs) ∘ (circular conv on the padded torus) ∘ (zero-embed),
-    with no wrap-around for the kept outputs; the outer maps have norm <= 1. The circular conv is
-    diagonalised by the DFT: its norm is the largest singular value of the kernel's DFT at any frequency.
-    """
-    cout, cin_group = weight.shape[:2]
-    torus = geometry.padded
-    per_group = cout // group
-    top = 0.0
-    for g in range(group):
-        kernel = np.zeros((per_group, cin_group, *torus), dtype=np.float64)
-        for tap in np.ndindex(*geometry.kernel):
-            offset = tuple(t * d for t, d in zip(tap, geometry.dilations))
-            kernel[(slice(None), slice(None), *offset)] += weight[(slice(g * per_group, (g + 1) * per_group),
-                                                                   slice(None), *tap)]
-        spectrum = np.fft.fftn(kernel, axes=tuple(range(2, 2 + len(torus))))
-        blocks = np.moveaxis(spectrum.reshape(per_group, cin_group, -1), -1, 0)     # [freq, out, in]
-        top = max(top, float(np.linalg.svd(blocks, compute_uv=False)[:, 0].max()))
-    # FFT rounding is a few ulps of the kernel's L1 mass per entry.
-    error = 16 * np.finfo(np.float64).eps * float(np.abs(weight).sum()) * np.log2(max(np.prod(torus), 2))
-    return outward(top + error)
-
-
-def average_pool_norm(geometry: ConvGeometry, count_include_pad: int, ceil_mode: int) -> float:
-    """AveragePool is a Kronecker product of per-axis averaging matrices (divisors factor over axes too)."""
-    norm = 1.0
-    for axis, size in enumerate(geometry.spatial):
-        positions = geometry.taps(axis)
-        inside = (positions >= 0) & (positions < size)
-        if count_include_pad and not ceil_mode:
-            divisor = np.full(len(positions), geometry.kernel[axis], dtype=np.float64)
-        else:
-            # The number of real elements: never more than the op's divisor, so every entry is at least as
-            # large, and the norm of a non-negative matrix grows with its entries.
-            divisor = np.maximum(inside.sum(axis=1), 1).astype(np.float64)
-        matrix = np.zeros((len(positions), size))
-        for o in range(len(positions)):
-            np.add.at(matrix[o], positions[o][inside[o]], 1.0 / divisor[o])
-        norm *= spectral_norm(matrix)
-    return norm
-
-
 # ---- rules: (geometry, node, K of each input or None for constants) -> K of each output ----------------
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
@@ -223,6 +75,18 @@ def _at_most_one(geo, node, k, *rest):
         # |max(a) - max(b)| <= ||a - b||_2 per window; an input in m windows counts m times.
         return [k * float(np.sqrt(_pool_geometry(node, node.inputs[0]).max_cover()))]
     return [k] * len(node.outputs)
+
+
+def _slope_family(spec: ops.Elementwise) -> None:
+    """Element-wise ops stated in graphcert.ops with a bounded slope: K grows by that slope (unless this module
+    has a rule of its own); nodes whose slope is unbounded are refused by `_conditions`."""
+    if spec.op_type not in RULES:
+        RULES[spec.op_type] = lambda geo, node, k: [k * spec.lipschitz(node)]
+        _SLOPE_FAMILY.add(spec.op_type)
+
+
+_SLOPE_FAMILY: set[str] = set()
+ops.on_elementwise(_slope_family)
 
 
 @rule("Sigmoid")
@@ -341,58 +205,6 @@ def _concat(geo, node, *ks):
     return [float(np.sqrt(sum(k * k for k in ks if k is not None)))]
 
 
-def group_sort_input(node: ir.Node) -> ir.Value | None:
-    """The tensor P when `node` is Concat(-MaxPool(-P), MaxPool(P)) (either order) over the same disjoint,
-    unpadded windows of at least 2 elements each: every window's min and max (GroupSort2 for windows of 2).
-    Else None.
-
-    The min and max of a window are two entries of the window sorted, and sorting is 1-Lipschitz in L2; each
-    window's min and max appear once in the output, so the map is 1-Lipschitz in P, where the generic Concat
-    rule would say sqrt(2).
-    """
-    if node.op_type != "Concat" or len(node.inputs) != 2:
-        return None
-    for high_value, low_value in (node.inputs, node.inputs[::-1]):
-        high, low = _max_pool(high_value), _max_pool(_negation_of(low_value))
-        if high is None or low is None:
-            continue
-        source = high.inputs[0]
-        if _negation_of(low.inputs[0]) is source and _window(high) == _window(low) and disjoint_windows(high):
-            return source
-    return None
-
-
-def _negation_of(value: ir.Value | None) -> ir.Value | None:
-    """x when value = Neg(x)."""
-    node = value.producer() if value is not None else None
-    return node.inputs[0] if node is not None and node.op_type == "Neg" and node.domain in ("", "ai.onnx") else None
-
-
-def _max_pool(value: ir.Value | None) -> ir.Node | None:
-    """The MaxPool producing value, when its indices output is unused."""
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx"):
-        return None
-    return node if all(not out.uses() for out in node.outputs[1:]) else None
-
-
-def _window(pool: ir.Node) -> tuple:
-    kernel = tuple(attr(pool, "kernel_shape", None) or ())
-    ones, zeros = (1,) * len(kernel), (0,) * (2 * len(kernel))
-    auto_pad = attr(pool, "auto_pad", "NOTSET")
-    return (kernel, tuple(attr(pool, "strides", None) or ones), tuple(attr(pool, "dilations", None) or ones),
-            tuple(attr(pool, "pads", None) or zeros), auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad,
-            attr(pool, "ceil_mode", 0), attr(pool, "storage_order", 0))
-
-
-def disjoint_windows(pool: ir.Node) -> bool:
-    """Windows that never overlap or reach into padding, each of at least 2 elements."""
-    kernel, strides, dilations, pads, auto_pad, ceil_mode, _ = _window(pool)
-    return (len(kernel) > 0 and int(np.prod(kernel)) >= 2 and all(d == 1 for d in dilations)
-            and all(p == 0 for p in pads) and auto_pad in ("NOTSET", "VALID") and ceil_mode == 0
-            and all(s >= k for s, k in zip(strides, kernel)))
-
-
 @rule("Gather")
 def _gather(geo, node, k, indices):
     picked = _constant(node.inputs[1]).reshape(-1).astype(np.int64)
@@ -431,7 +243,7 @@ def _pad_sources(positions: np.ndarray, size: int, mode: str) -> np.ndarray:
     return np.where((positions >= 0) & (positions < size), positions, -1)
 
 
-def _pool_geometry(node: ir.Node, x: ir.Value) -> ConvGeometry:
+def _pool_geometry(node: ir.Node, x: ir.Value) -> WindowGeometry:
     return ConvGeometry(node, static_shape(x)[2:], list(attr(node, "kernel_shape")))
 
 
@@ -460,6 +272,8 @@ def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
     op = node.op_type
     x = node.inputs[0]
     out = node.outputs[0]
+    if op in _SLOPE_FAMILY:
+        return len(node.inputs) == 1 and ops.ELEMENTWISE[op].lipschitz(node) is not None
     if op in ("Identity", "Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Softplus", "Softsign", "LeakyRelu", "Elu",
               "Selu", "HardSigmoid"):
         return True
@@ -484,7 +298,8 @@ def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
         w = _constant(node.inputs[1])
         dims = geo.sample_dims(x)
         bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2] not in tainted
-        return w is not None and dims is not None and x in tainted and bias_ok
+        return w is not None and dims is not None and x in tainted and bias_ok \
+            and WindowGeometry.of(node, static_shape(x)[2:], w.shape[2:]).fits
     if op == "BatchNormalization":
         params = node.inputs[1:5]
         return (attr(node, "training_mode", 0) == 0 and len(node.outputs) == 1 and x in tainted
@@ -493,7 +308,8 @@ def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
         used = [o for o in node.outputs[1:] if o.uses()]
         dims = static_shape(x)
         return not used and len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:]) \
-            and attr(node, "kernel_shape") is not None and attr(node, "storage_order", 0) == 0
+            and attr(node, "kernel_shape") is not None and attr(node, "storage_order", 0) == 0 \
+            and _pool_geometry(node, x).fits
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
         dims = static_shape(x)
         return len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:])
@@ -557,7 +373,7 @@ def supports(node: ir.Node) -> bool:
     tainted = [v for v in node.inputs if v is not None and v.const_value is None]
     dims = static_shape(tainted[0]) if tainted else []
     batched = len(dims) >= 2 and not isinstance(dims[0], int)
-    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node)
+    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node) and refusal(node) is None
 
 
 # ---- the pass -----------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from graphcert.errors import InputError
 from graphcert.interface import FLOAT, clone, perturbed_inputs
 from graphcert.interpret import attr, check_supported, perturbed_nodes
 from graphcert.model import static_shape
-from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, acceptor, disjoint_windows, \
-    group_sort_input
+from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, acceptor
+from graphcert.passes.patterns import disjoint_windows, group_sort_input
 from graphcert.passes.spec import LipschitzTrainingPass, lipschitz_margin_outputs
 
 BETA = 0.5

@@ -35,6 +35,10 @@ class Lines:
     alpha_floor: ir.Value | None = None
     alpha_ceiling: ir.Value | None = None
     adaptive_alpha: ir.Value | None = None
+    # 1 where f may be -inf (+inf) on the interval (log at 0, a pole, exp overflowing): the constant line at
+    # -FLOAT_MAX (FLOAT_MAX) stands in for it, and a bound that leans on it must become infinite.
+    lower_unbounded: ir.Value | None = None
+    upper_unbounded: ir.Value | None = None
 
     def lower_slope_for(self, b: Builder, alpha: ir.Value) -> ir.Value:
         """The lower slope with alpha (any value) projected onto its valid range."""
@@ -155,7 +159,10 @@ def elu(b: Builder, box: Interval, alpha: float) -> Lines:
 
 def clip(b: Builder, box: Interval, low: ir.Value | None, high: ir.Value | None) -> Lines:
     """Clip(x) = lo + Relu(x - lo) - Relu(x - hi), or x - Relu(x - hi) without a lower bound; each Relu is
-    relaxed on its shifted interval and the lines are summed (subtracting a Relu swaps its lines)."""
+    relaxed on its shifted interval and the lines are summed (subtracting a Relu swaps its lines). ONNX's Clip is
+    min(max(x, lo), hi): with lo > hi it is hi everywhere, which is the clip to [min(lo, hi), hi]."""
+    if low is not None and high is not None:
+        low = b.op("Min", low, high)
     sides = {"lower": [b.const(0.0 if low is not None else 1.0), low],
              "upper": [b.const(0.0 if low is not None else 1.0), low]}  # [slope, intercept or None]
     terms = ([("Add", low)] if low is not None else []) + ([("Sub", high)] if high is not None else [])
@@ -224,7 +231,14 @@ def guarded(b: Builder, lines: Lines, box: Interval, low: ir.Value, high: ir.Val
     return Lines(b.op("Where", lower_ok, lines.lower_slope, zero),
                  b.op("Where", lower_ok, lower, clamped(b, low, -FLOAT_MAX)),
                  b.op("Where", upper_ok, lines.upper_slope, zero),
-                 b.op("Where", upper_ok, upper, clamped(b, high, FLOAT_MAX)))
+                 b.op("Where", upper_ok, upper, clamped(b, high, FLOAT_MAX)),
+                 lower_unbounded=unbounded(b, lower_ok, low, -np.inf),
+                 upper_unbounded=unbounded(b, upper_ok, high, np.inf))
+
+
+def unbounded(b: Builder, line_ok: ir.Value, end: ir.Value, infinity: float) -> ir.Value:
+    """1.0 where the constant fallback line replaces an infinite end of f's range, else 0.0."""
+    return _as_float(b, b.op("And", b.op("Not", line_ok), b.op("Equal", end, b.const(infinity))))
 
 
 def concave(b: Builder, box: Interval, f, df) -> Lines:
@@ -392,6 +406,8 @@ class Planes:
     upper_x: ir.Value
     upper_y: ir.Value
     upper_intercept: ir.Value
+    lower_unbounded: ir.Value | None = None   # as in `Lines`
+    upper_unbounded: ir.Value | None = None
 
 
 def mccormick(b: Builder, x: Interval, y: Interval) -> Planes:
@@ -423,8 +439,10 @@ def mccormick(b: Builder, x: Interval, y: Interval) -> Planes:
     lower_ok = _finite(b, planes.lower_x, planes.lower_y, planes.lower_intercept)
     upper_ok = _finite(b, planes.upper_x, planes.upper_y, planes.upper_intercept)
     corners = [b.op("Where", b.op("IsNaN", p), zero, p) for p in (ll, lu, ul, uu)]   # 0·inf is 0 here
-    low, high = clamped(b, b.op("Min", *corners), -FLOAT_MAX), clamped(b, b.op("Max", *corners), FLOAT_MAX)
+    lowest, highest = b.op("Min", *corners), b.op("Max", *corners)
+    low, high = clamped(b, lowest, -FLOAT_MAX), clamped(b, highest, FLOAT_MAX)
     return Planes(b.op("Where", lower_ok, planes.lower_x, zero), b.op("Where", lower_ok, planes.lower_y, zero),
                   b.op("Where", lower_ok, planes.lower_intercept, low),
                   b.op("Where", upper_ok, planes.upper_x, zero), b.op("Where", upper_ok, planes.upper_y, zero),
-                  b.op("Where", upper_ok, planes.upper_intercept, high))
+                  b.op("Where", upper_ok, planes.upper_intercept, high),
+                  unbounded(b, lower_ok, lowest, -np.inf), unbounded(b, upper_ok, highest, np.inf))

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from graphcert import api, model as model_lib
+from graphcert import model as model_lib
 from graphcert.architectures import build
 from graphcert.certify import GraphCertifier, margin_objective
 from graphcert.data import load_dataset
@@ -180,8 +180,6 @@ def test_fine_tuning_a_model_file_keeps_its_graph(tmp_path):
 
 
 def test_crown_ibp_and_the_cnn_train(tmp_path):
-    if "crown-ibp" not in api.METHODS:
-        pytest.skip("crown-ibp is not registered")
     result = train(_digits_config(tmp_path, arch="cnn", method="crown-ibp", epochs=1))
     assert math.isfinite(result.history[0].loss)
     assert result.holdout.method == "crown-ibp"
@@ -284,8 +282,6 @@ def test_ort_training_missing_gives_install_hint(tmp_path):
     ("ibp", {}, 1e-3), ("crown-ibp", {}, 1e-3), ("gloro", dict(eps=0.3), 1e-3),
     ("orthogonal", dict(eps=0.3, arch="lipmlp", loss="hkr"), 2e-2)])
 def test_backends_agree_on_the_loss_and_reach_the_same_accuracy(tmp_path, method, changes, tolerance):
-    if method not in api.METHODS:
-        pytest.skip(f"{method} is not registered")
     results = {name: train(_digits_config(tmp_path, f"{name}.onnx", backend=name, method=method, epochs=4,
                                           batch_size=32, **changes))
                for name in ("torch", "ort-training")}
@@ -323,8 +319,6 @@ def test_export_training_writes_loadable_artifacts(tmp_path):
 @pytest.mark.ort_training
 @pytest.mark.skipif(not HAS_ORT_TRAINING, reason="onnxruntime-training is not installed")
 def test_ort_training_names_a_missing_gradient_kernel(tmp_path):
-    if "crown-ibp" not in api.METHODS:
-        pytest.skip("crown-ibp is not registered")
     proc = graphcert("train", "--arch", "cnn", "--method", "crown-ibp", "--data", "digits", "--eps", "0.01",
                      "--epochs", "1", "--backend", "ort-training", "-o", str(tmp_path / "cnn.onnx"))
     assert proc.returncode == 2, proc.stderr

@@ -134,7 +134,7 @@ def test_cli_prints_the_answer_and_writes_the_result(tmp_path, capsys):
     outputs = tiny_network(model)
     spec, out = tmp_path / "p.vnnlib", tmp_path / "out.txt"
     write_property(spec, [([-1, -1], [1, 1])], f"(>= Y_0 {float(outputs[:, 0].min())})")
-    assert cli.main(["verify", str(model), str(spec), "--timeout", "10", "--out", str(out)]) == 0
+    assert cli.main(["verify", str(model), str(spec), "--timeout", "10", "--out", str(out)]) == cli.VERDICT_EXIT_CODES["violated"]
     assert capsys.readouterr().out.strip() == "violated"
     assert out.read_text().startswith("sat\n((X_0 ")
     assert cli.main(["verify", str(model)]) == 2

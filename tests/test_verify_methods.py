@@ -4,16 +4,17 @@ from __future__ import annotations
 import pytest
 
 from conftest import VNNCOMP
-from graphcert.verify import LADDERS, verify
+from graphcert import methods
+from graphcert.verify import verify
 from test_verify import check_holds_above_maximum_and_violated_below, hopeless_instance
 
 
-@pytest.mark.parametrize("method", sorted(LADDERS))
+@pytest.mark.parametrize("method", methods.names(graph=False, norm="linf"))
 def test_ladder_methods_prove_and_falsify_the_tiny_network(tmp_path, method):
     check_holds_above_maximum_and_violated_below(tmp_path, method)
 
 
-@pytest.mark.parametrize("method", sorted(LADDERS))
+@pytest.mark.parametrize("method", methods.names(graph=False, norm="linf"))
 def test_ladder_methods_respect_the_timeout(tmp_path, method):
     model, spec = hopeless_instance(tmp_path)
     result = verify(model, spec, timeout=3.0, method=method)

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from graphcert import api, model as model_lib
+from graphcert import api, methods, model as model_lib
 from graphcert.architectures import ARCHITECTURES, build
 from graphcert.certify import CertifyResult, certify, check_eps, margin_objective
 from graphcert.data import Dataset, fit_to_input, load_dataset
 from graphcert.errors import InputError
 from graphcert.export import atomic_write, save
+from graphcert.files import refuse_overwrite
 from graphcert.interface import epsilon_name, perturbed_inputs
 from graphcert.model import static_shape
 from graphcert.training.backends import BACKENDS, make_backend
@@ -37,8 +38,6 @@ from graphcert.training.losses import KAPPA, SAMPLE_WEIGHTS, Loss, check_loss, t
 from graphcert.training.schedule import SHAPES, Schedule, default_phases
 from graphcert.training.writeback import deployed_weights, trainable_names, write_back
 
-# Methods whose training graphs are not sound bounds -> the method that certifies what they train.
-CERTIFIED_BY = {"gloro": "lipschitz", "orthogonal": "lipschitz"}
 INITS = ("ibp", "default")
 SPLIT_SEED = 20210331  # the held-out split does not depend on --seed, so runs with other seeds compare
 
@@ -124,8 +123,9 @@ def validate(config: TrainConfig) -> tuple[int, int]:
                          f"not both or neither")
     if config.arch is not None and config.arch not in ARCHITECTURES:
         raise InputError(f"unknown architecture '{config.arch}'; choose one of: {', '.join(ARCHITECTURES)}")
-    if config.method not in api.METHODS:
-        raise InputError(f"unknown method '{config.method}'; choose one of: {', '.join(sorted(api.METHODS))}")
+    if not methods.get(config.method).trainable:
+        raise InputError(f"method '{config.method}' cannot be trained through; choose one of: "
+                         f"{', '.join(methods.names(role=None, trainable=True))}")
     if config.backend not in BACKENDS:
         raise InputError(f"unknown backend '{config.backend}'; choose one of: {', '.join(BACKENDS)}")
     if config.schedule not in SHAPES:
@@ -159,9 +159,7 @@ def validate(config: TrainConfig) -> tuple[int, int]:
     folder = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(folder):
         raise InputError(f"output folder does not exist: {folder}; create it first")
-    if config.model is not None and os.path.exists(config.output) and os.path.exists(config.model) \
-            and os.path.samefile(config.model, config.output):
-        raise InputError(f"refusing to overwrite the input model {config.output}; choose another output path")
+    refuse_overwrite([config.output, checkpoint_path(config.output)], [config.model, config.data])
     return warmup, rampup
 
 
@@ -275,7 +273,7 @@ def train(config: TrainConfig, progress: bool = False, on_epoch=None) -> TrainRe
     save(trained, config.output, source=config.model)
     final, reproduce = None, None
     if problem.holdout is not None:
-        method, norm = CERTIFIED_BY.get(config.method, config.method), training_norm(config.method)
+        method, norm = methods.get(config.method).certified_with(), training_norm(config.method)
         final = certify(model_lib.load(trained), problem.holdout, config.eps, method=method, norm=norm)
         holdout_file = holdout_path(config.output)
         _save_dataset(problem.holdout, holdout_file)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphcert import api
+from graphcert import api, methods
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet
@@ -77,7 +77,7 @@ def check_loss(loss: Loss, method: str, holistic: bool = False) -> None:
 
 def training_norm(method: str) -> str:
     """The ball a method trains for: L-inf where it bounds those (ibp, crown-ibp), else its own (gloro: L2)."""
-    norms = api.NORMS.get(method, ("linf",))
+    norms = methods.get(method).norms
     return "linf" if "linf" in norms else norms[0]
 
 

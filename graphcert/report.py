@@ -1,0 +1,231 @@
+"""A self-contained HTML report of a model's robustness on a data set: one file, plots inline as base64 PNG.
+
+It holds the model (inputs, outputs, op counts, which methods bound it), clean and certified accuracy against
+the radius per method, the time each method took, certified accuracy per class, the distribution of per-sample
+certified radii, and the least robust samples (smallest certified radius), drawn when the data are images.
+The page has no scripts and loads nothing from outside.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import os
+
+import numpy as np
+
+from . import __version__, methods
+from .errors import InputError
+from .files import atomic_write
+from .inspect import describe
+from .plots import _pyplot, curves_figure, figure_bytes
+from .sweep import SweepResult, sweep
+
+DEFAULT_EPS = {"linf": "0:0.05:0.005", "l2": "0:1:0.1"}
+# Methods a report tries by default (those the model supports); alpha-crown and auto are opt-in: slower.
+DEFAULT_METHODS = {"linf": ("ibp", "crown-ibp", "crown"), "l2": ("lipschitz", "crown-ibp", "crown")}
+LEAST_ROBUST = 12
+PER_CLASS_COLUMNS = 12
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 980px;
+       color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-top: 1.8em;
+     border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.meta { color: #666; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f4f4f4; } td.l, th.l { text-align: left; }
+img.plot { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
+.ok { color: #1a7f37; } .no { color: #b42318; }
+figure { display: inline-block; margin: 0.3em; text-align: center; font-size: 0.8em; }
+figure img { width: 84px; height: 84px; image-rendering: pixelated; border: 1px solid #ccc; }
+"""
+
+
+def default_methods(model_path, norm: str) -> list[str]:
+    """The default methods of `norm` that can bound the model (none: a one-line error naming the ops)."""
+    info = describe(model_path)
+    able = [m for m in DEFAULT_METHODS[norm] if not info["methods"].get(m)]
+    if not able:
+        missing = sorted({op for m in DEFAULT_METHODS[norm] for op in info["methods"].get(m, [])})
+        raise InputError(f"no method bounds this model on {methods.NORM_NAMES[norm]} balls (unsupported ops: "
+                         f"{', '.join(missing)})")
+    return able
+
+
+def build_report(model_path, data, eps: list[float], methods: list[str], limit: int | None, norm: str = "linf",
+                 clip: bool = True, batch_size: int = 256, tolerance: float = 1e-4, progress: bool = False,
+                 model_name: str | None = None) -> tuple[str, SweepResult]:
+    info = describe(model_path)
+    result = sweep(model_path, data, eps, methods, limit=limit, batch_size=batch_size, clip=clip, progress=progress,
+                   norm=norm, radius=True, tolerance=tolerance, model_name=model_name or os.fspath(model_path))
+    x = data.head(limit).x
+    return render(result, info, x, clip), result
+
+
+def write_report(page: str, path) -> None:
+    atomic_write(page.encode("utf-8"), path)
+
+
+# ---- rendering ------------------------------------------------------------------------------------------
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img class="plot" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _table(header: list[str], rows: list[list], left: int = 1) -> str:
+    head = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(row))
+                   + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pct(count: int, total: int) -> str:
+    return f"{count / total:.1%} ({count}/{total})" if total else "–"
+
+
+def render(result: SweepResult, info: dict, x: np.ndarray, clip: bool) -> str:
+    norm = methods.NORM_NAMES.get(result.norm, result.norm)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    clipped = ("the whole ball (no data domain)" if result.domain is None
+               else f"the ball clipped to the data domain [{result.domain[0]:g}, {result.domain[1]:g}]"
+               + (" (lipschitz: the whole ball)" if "lipschitz" in result.methods else ""))
+    if not clip:
+        clipped = "the whole ball (--no-clip)"
+    parts = [f"<h1>Robustness report: {_e(os.path.basename(str(result.model)))}</h1>",
+             f'<p class="meta">{result.n} samples of {_e(result.data)}, {norm} radii, input set {_e(clipped)}. '
+             f"Generated by graphcert {_e(__version__)} on {stamp}.</p>",
+             _summary(result), _model_section(info), _curves_section(result), _time_section(result),
+             _class_section(result), _radius_section(result), _least_robust_section(result, x)]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>graphcert report: {_e(os.path.basename(str(result.model)))}</title>"
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _summary(result: SweepResult) -> str:
+    best = []
+    for method in result.methods:
+        flags = result.certified[method]
+        best.append(f"{_e(method)}: {flags[:, -1].mean():.1%} at ε = {result.eps[-1]:g}")
+    return (f"<p><b>Clean accuracy {result.clean / result.n:.1%}</b> ({result.clean}/{result.n}). "
+            f"Certified accuracy at the largest radius: {'; '.join(best)}.</p>")
+
+
+def _model_section(info: dict) -> str:
+    io_rows = [[kind[:-1], _e(item["name"]), _e(item["shape"])] for kind in ("inputs", "outputs")
+               for item in info[kind]]
+    ops = ", ".join(f"{_e(op)} ×{n}" for op, n in info["ops"].items())
+    method_rows = []
+    for method, missing in info["methods"].items():
+        record = methods.get(method)
+        role = "training only" if record.role == "trains" else "bounds " + "/".join(
+            methods.NORM_NAMES[n] for n in record.norms)
+        state = ('<span class="ok">supported</span>' if not missing
+                 else '<span class="no">unsupported: ' + _e(", ".join(missing)) + "</span>")
+        method_rows.append([_e(method), role, state])
+    return ("<h2>Model</h2>"
+            f'<p class="meta">{_e(info["path"])}: opset {_e(info["opset"])}, producer {_e(info["producer"] or "?")}</p>'
+            + _table(["", "name", "shape"], io_rows, left=3) + f"<p>Ops: {ops}</p>"
+            + _table(["method", "role", "this model"], method_rows, left=3))
+
+
+def _curves_section(result: SweepResult) -> str:
+    png = figure_bytes(curves_figure(result), "png")
+    header = ["method"] + [f"ε = {e:g}" for e in result.eps]
+    rows = [[_e(m)] + [_pct(int(result.certified[m][:, i].sum()), result.n) for i in range(len(result.eps))]
+            for m in result.methods]
+    return ("<h2>Certified accuracy against the radius</h2>" + _img(png, "certified accuracy against epsilon")
+            + _table(header, rows))
+
+
+def _time_section(result: SweepResult) -> str:
+    rows = []
+    for m in result.methods:
+        sweep_s = float(result.seconds[m].sum())
+        radius_s = result.radius_seconds.get(m, 0.0)
+        shared = m in ("lipschitz",)   # the closed-form radius is the sweep
+        total = result.build_seconds[m] + sweep_s + (0.0 if shared else radius_s)
+        rows.append([_e(m), f"{result.build_seconds[m]:.2f}", f"{sweep_s:.2f}",
+                     "(same run)" if shared else f"{radius_s:.2f}", f"{total:.2f}",
+                     f"{1000 * total / result.n:.1f}"])
+    return ("<h2>Time per method</h2>"
+            + _table(["method", "build graph (s)", f"{len(result.eps)} radii (s)", "radii per sample (s)",
+                      "total (s)", "ms per sample"], rows)
+            + '<p class="meta">Wall-clock seconds on this machine, one run.</p>')
+
+
+def _class_section(result: SweepResult) -> str:
+    pairs = [(m, i) for m in result.methods for i in range(len(result.eps))]
+    if len(pairs) > PER_CLASS_COLUMNS:   # too many columns: the middle radius of each method
+        pairs = [(m, len(result.eps) // 2) for m in result.methods]
+    classes = np.unique(result.labels)
+    rows = []
+    for c in classes:
+        members = result.labels == c
+        total = int(members.sum())
+        rows.append([str(int(c)), str(total), _pct(int((result.predictions[members] == c).sum()), total)]
+                    + [_pct(int(result.certified[m][members, i].sum()), total) for m, i in pairs])
+    header = ["class", "samples", "clean"] + [f"{m} ε={result.eps[i]:g}" for m, i in pairs]
+    return "<h2>Certified accuracy per class</h2>" + _table(header, rows)
+
+
+def _radius_section(result: SweepResult) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    top = max(float(r.max()) for r in result.radii.values()) or 1.0
+    bins = np.linspace(0, top, 31)
+    for m, radii in result.radii.items():
+        ax.hist(radii[radii > 0], bins=bins, histtype="step", linewidth=1.6, label=m)
+    ax.set_xlabel(f"certified radius ({methods.NORM_NAMES.get(result.norm, result.norm)})")
+    ax.set_ylabel("samples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    png = figure_bytes(fig, "png")
+    rows = []
+    for m, s in result.radius_stats().items():
+        q = s["quantiles"]
+        rows.append([_e(m), f"{s['median']:.4g}", f"{q['0.1']:.4g}", f"{q['0.25']:.4g}", f"{q['0.75']:.4g}",
+                     f"{q['0.9']:.4g}", f"{s['max']:.4g}", str(s["certified_somewhere"]),
+                     "closed form" if not s["tolerance"] else f"{s['tolerance']:g}"])
+    return ("<h2>Certified radius per sample</h2><p>The largest radius each method certifies for each sample "
+            "(0 for a misclassified sample or one not certified at any radius). The histogram shows the samples "
+            "with a positive radius.</p>" + _img(png, "histogram of certified radii")
+            + _table(["method", "median", "10 %", "25 %", "75 %", "90 %", "max", "radius > 0", "tolerance"], rows))
+
+
+def _is_image(x: np.ndarray) -> bool:
+    return x.ndim == 4 and x.shape[1] in (1, 3) and min(x.shape[2:]) >= 4
+
+
+def _least_robust_section(result: SweepResult, x: np.ndarray) -> str:
+    correct = np.flatnonzero(result.predictions == result.labels)
+    if not len(correct):
+        return "<h2>Least robust samples</h2><p>No sample is classified correctly.</p>"
+    best = np.max(np.stack([result.radii[m] for m in result.methods]), axis=0)
+    order = correct[np.argsort(best[correct], kind="stable")][:LEAST_ROBUST]
+    header = ["index", "label", "prediction"] + [f"radius {m}" for m in result.methods]
+    rows = [[str(k), str(int(result.labels[k])), str(int(result.predictions[k]))]
+            + [f"{result.radii[m][k]:.4g}" for m in result.methods] for k in order]
+    figures = ""
+    if _is_image(x):
+        figures = "<div>" + "".join(
+            f'<figure><img alt="sample {k}" src="data:image/png;base64,{_sample_png(x[k], result.domain)}">'
+            f"<figcaption>#{k}, r = {best[k]:.3g}</figcaption></figure>" for k in order) + "</div>"
+    return ("<h2>Least robust samples</h2><p>Correctly classified samples with the smallest certified radius "
+            "(the largest over the methods).</p>" + figures + _table(header, rows))
+
+
+def _sample_png(image: np.ndarray, domain) -> str:
+    plt = _pyplot()
+    lo, hi = domain if domain is not None else (float(image.min()), float(image.max()))
+    picture = np.clip((image - lo) / ((hi - lo) or 1.0), 0, 1)
+    picture = picture[0] if picture.shape[0] == 1 else np.transpose(picture, (1, 2, 0))
+    buffer = io.BytesIO()
+    plt.imsave(buffer, picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1, format="png")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,225 @@
+"""Bound functions over input boxes and ReLU split domains, each a bound graph (or alpha-CROWN) run on a batch.
+
+`spec_bounds` gives the bound function of a method (one graph, or a ladder ending in alpha-CROWN) over input
+boxes; `SplitBounds` and `BetaSplitBounds` bound ReLU split domains (an input box plus bounds on every ReLU
+input) for `relu_bab`.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from .. import api, methods
+from ..alpha import VERIFY_ALPHA, AlphaCrown, AlphaSettings, ProofWatch
+from ..export import to_proto
+from ..interface import OBJECTIVE, InputSet
+from ..passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX, SPLIT_SIGN_PREFIX,
+                           SPLIT_UPPER_PREFIX, CrownPass)
+from ..passes.spec import SpecPass
+from ..runtime import Session
+from .network import Network
+
+
+
+def outward_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest float32 box containing [lower, upper]."""
+    lo, hi = lower.astype(np.float32), upper.astype(np.float32)
+    lo = np.where(lo > lower, np.nextafter(lo, np.float32(-np.inf)), lo)
+    hi = np.where(hi < upper, np.nextafter(hi, np.float32(np.inf)), hi)
+    return lo, hi
+
+
+class SpecBounds:
+    """bound_fn(lower [B, n], upper [B, n]) -> (margin_lower, margin_upper, margins at the box centers)."""
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, method: str):
+        graph = api.bound_graph(network.model, method, InputSet("box"), spec=matrix, spec_offset=offset,
+                                keep_original=True)
+        self.session = Session(to_proto(graph))
+        self.network = network
+        name = network.input_name
+        self.feeds = (f"{name}_lower", f"{name}_upper")
+        self.outputs = ["margins_lower", "margins_upper", "margins"]
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray):
+        lo, hi = outward_float32(lower, upper)
+        if self.network.batched:
+            out = self.session.run(dict(zip(self.feeds, (self.network.model_shaped(lo), self.network.model_shaped(hi)))),
+                                   self.outputs)
+            return tuple(out[k].reshape(len(lo), -1) for k in self.outputs)
+        # Models without a batch dimension take one box at a time.
+        rows = [self.session.run(dict(zip(self.feeds, (a.reshape(self.network.sample_shape),
+                                                        b.reshape(self.network.sample_shape)))), self.outputs)
+                for a, b in zip(lo, hi)]
+        return tuple(np.stack([r[k].reshape(-1) for r in rows]) for k in self.outputs)
+
+
+class LadderBounds:
+    """`auto` and `alpha-crown`: each stage bounds only the boxes the stages before it left undecided.
+
+    A box is undecided while some conjunct has no row with a positive lower bound; every stage is sound,
+    so the tightest of their bounds is kept.
+    """
+
+    def __init__(self, stages, membership: np.ndarray, root_stages: int = 0):
+        """The last `root_stages` stages run only on the first call (the property's own boxes)."""
+        self.stages, self.membership, self.root_stages = stages, membership, root_stages
+        self.calls = 0
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray):
+        stages = self.stages if self.calls == 0 else self.stages[:len(self.stages) - self.root_stages]
+        self.calls += 1
+        margin_lower, margin_upper, center = stages[0](lower, upper)
+        for stage in stages[1:]:
+            refuted = ((margin_lower > 0).astype(np.int32) @ self.membership) > 0
+            open_ = ~refuted.all(axis=1)
+            if not open_.any():
+                break
+            tighter_lower, tighter_upper, _ = stage(lower[open_], upper[open_])
+            margin_lower[open_] = np.maximum(margin_lower[open_], tighter_lower)
+            margin_upper[open_] = np.minimum(margin_upper[open_], tighter_upper)
+        return margin_lower, margin_upper, center
+
+
+class AlphaSpecBounds:
+    """alpha-CROWN margins over boxes, stopping once every conjunct is refuted or (with the settings' give_up)
+    once the weakest one cannot be refuted at its recent rate of progress (`graphcert.alpha.ProofWatch`).
+
+    The last `len(mixtures)` rows of `matrix` are averages of the rows listed in `mixtures`
+    (`Property.rows_with_mixtures`); on models with a batch dimension alpha-CROWN learns their weights instead.
+    """
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
+                 deadline: float, mixtures: list[np.ndarray] = (), settings: AlphaSettings = VERIFY_ALPHA):
+        self.network, self.membership, self.settings = network, membership, settings
+        self.deadline = deadline
+        self.learned = network.batched and len(mixtures) > 0
+        if self.learned:
+            base = len(offset) - len(mixtures)
+            self.objective, self.offset = matrix[:base].astype(np.float32), offset[:base]
+            self.mixtures = list(mixtures)
+            self.alpha = AlphaCrown(network.model, "box", spec="runtime")
+        else:
+            self.alpha = AlphaCrown(network.model, "box", spec=matrix, spec_offset=offset)
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray):
+        lo, hi = outward_float32(lower, upper)
+        shape = self.network.model_shaped if self.network.batched else (lambda a: a.reshape(self.network.sample_shape))
+        rows = [(lo, hi)] if self.network.batched else list(zip(lo, hi))
+        found_lower, found_upper = [], []
+        for a, b in rows:
+            feeds = self.alpha.feeds(lower=shape(a), upper=shape(b))
+            extra = {}
+            if self.learned:
+                feeds[OBJECTIVE] = np.ascontiguousarray(
+                    np.broadcast_to(self.objective, (len(a),) + self.objective.shape))
+                extra = {"offset": self.offset, "mixtures": self.mixtures}
+            settings = self.settings
+            watch = ProofWatch(self._weakest_conjunct, settings.iterations, settings.give_up)
+            low, high = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay,
+                                          stop=lambda low, high: self._past_deadline() or watch(low, high), **extra)
+            found_lower.append(low.reshape(len(a) if self.network.batched else 1, -1))
+            found_upper.append(high.reshape(len(a) if self.network.batched else 1, -1))
+        margin_lower, margin_upper = np.concatenate(found_lower), np.concatenate(found_upper)
+        return margin_lower, margin_upper, np.full_like(margin_lower, np.nan)
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() > self.deadline  # the bounds so far are sound; the search sees the deadline next
+
+    def _weakest_conjunct(self, low: np.ndarray) -> float:
+        """The smallest over boxes and conjuncts (with rows) of the conjunct's best row lower bound."""
+        per_row = low.reshape(-1, 1, self.membership.shape[0])
+        has_rows = self.membership.any(axis=0)
+        best = np.where(self.membership.T[None, has_rows], per_row, -np.inf).max(axis=2)
+        return float(best.min()) if best.size else np.inf
+
+
+class SplitBounds:
+    """CROWN margins of ReLU split domains, one domain per batch element.
+
+    A domain is an input box and bounds on the input z of every ReLU unit (flattened over layers in graph
+    order). `mode` "clamp" intersects them with CROWN's bounds of z (-inf / +inf: plain CROWN), "given" takes
+    them as they are (they must hold on the domain, e.g. a parent's clamped bounds with a unit's bound set
+    to 0), which costs one backward pass instead of one per layer. Returns margin lower bounds [B, rows] and
+    the clamped bounds [B, units] of z the relaxations used.
+    """
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, mode: str):
+        spec = SpecPass(np.asarray(matrix, dtype=np.float32), offset, keep_output=False)(network.model).model
+        graph = CrownPass(InputSet("box"), keep_original=False, split_bounds=mode)(spec).model
+        self.names = json.loads(graph.metadata_props["graphcert.splits"])
+        by_name = {v.name: v for v in graph.graph.inputs}
+        self.shapes = [[int(d) for d in by_name[SPLIT_LOWER_PREFIX + name].shape[1:]] for name in self.names]
+        sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.layer = np.repeat(np.arange(len(sizes)), sizes)
+        self.session = Session(to_proto(graph))
+        self.network = network
+        x = network.input_name
+        self.feeds = (f"{x}_lower", f"{x}_upper")
+        self.outputs = ["margins_lower"] + [p + n for n in self.names for p in (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX)]
+
+    @property
+    def units(self) -> int:
+        return int(self.offsets[-1])
+
+    def split_feeds(self, unit_lower: np.ndarray, unit_upper: np.ndarray,
+                    signs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The split graph's per-layer feeds from flat [B, units] bounds of z (and split signs, for beta)."""
+        feeds = {}
+        for k, (name, shape) in enumerate(zip(self.names, self.shapes)):
+            part = slice(self.offsets[k], self.offsets[k + 1])
+            for prefix, values in ((SPLIT_LOWER_PREFIX, unit_lower), (SPLIT_UPPER_PREFIX, unit_upper),
+                                   (SPLIT_SIGN_PREFIX, signs)):
+                if values is not None:
+                    feeds[prefix + name] = values[:, part].astype(np.float32).reshape(-1, *shape)
+        return feeds
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray, unit_lower: np.ndarray, unit_upper: np.ndarray):
+        lo, hi = outward_float32(lower, upper)
+        feeds = dict(zip(self.feeds, (self.network.model_shaped(lo), self.network.model_shaped(hi))))
+        feeds.update(self.split_feeds(unit_lower, unit_upper))
+        out = self.session.run(feeds, self.outputs)
+        clamped = [out[name].reshape(len(lo), -1) for name in self.outputs[1:]]
+        return (out["margins_lower"].reshape(len(lo), -1), np.concatenate(clamped[0::2], axis=1),
+                np.concatenate(clamped[1::2], axis=1))
+
+
+class BetaSplitBounds:
+    """alpha- and beta-CROWN margins of ReLU split domains (`graphcert.alpha`): the clamped bounds of z that
+    `SplitBounds` found are given, and the split signs (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units])
+    bring in the split constraints with multipliers optimised per domain and row. Returns margin lower
+    bounds [B, rows], never below those of CROWN with the given bounds."""
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
+                 settings: AlphaSettings):
+        self.alpha = AlphaCrown(network.model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
+                                split_bounds="given", beta=True)
+        self.network, self.splits, self.settings = network, splits, settings
+
+    def __call__(self, lower, upper, unit_lower, unit_upper, signs, stop) -> np.ndarray:
+        lo, hi = outward_float32(lower, upper)
+        feeds = self.alpha.feeds(lower=self.network.model_shaped(lo), upper=self.network.model_shaped(hi))
+        feeds.update(self.splits.split_feeds(unit_lower, unit_upper, signs))
+        settings = self.settings
+        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop)
+        return low.reshape(len(lo), -1)
+
+
+def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
+                deadline: float, mixtures: list[np.ndarray] = (), alpha: AlphaSettings = VERIFY_ALPHA):
+    """The bound function of a method name: a bound graph, or the method's verify ladder (graphcert.methods:
+    its stages, the last `verify_root_stages` of them run on the root boxes only; `auto` branches with CROWN,
+    which decides far more boxes per second than alpha-CROWN)."""
+    record = methods.get(method)
+    if record.combines == "graph":
+        return SpecBounds(network, matrix, offset, method)
+    names, root_stages = record.verify_stages, record.verify_root_stages
+    stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline, mixtures, alpha)
+              if name == "alpha-crown"
+              else SpecBounds(network, matrix, offset, name) for name in names]
+    return LadderBounds(stages, membership, root_stages)
+
+

@@ -1,0 +1,190 @@
+"""Branch and bound over input boxes: bound the property's boxes, halve the undecided ones, attack meanwhile.
+
+The property's own boxes are always bounded and attacked here; on inputs with more than BRANCH_DIMENSIONS
+dimensions (or with branching="relus") the undecided ones go on to `relu_bab` instead of being halved.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..alpha import VERIFY_ALPHA, AlphaSettings
+from ..attack import unsafe_objective
+from ..errors import InputError
+from . import relu_bab
+from .bounds import spec_bounds
+from .resources import MemorySizer
+from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
+
+# Halving one of many input dimensions barely tightens bounds: beyond this many, bounds and attacks decide alone.
+BRANCH_DIMENSIONS = 64
+# Trying a split costs two bound evaluations; each box tries this many dimensions.
+SPLIT_CANDIDATES = 3
+
+BoundFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Boxes(Arrays):
+    """Undecided input boxes. score: the unsafe objective at the box center; boxes whose centers come closest
+    to the unsafe set are split first (for a proof the order does not change the work; for a violated
+    property it leads to the region where a counterexample lies)."""
+    lower: np.ndarray     # [B, n]
+    upper: np.ndarray     # [B, n]
+    alive: np.ndarray     # [B, conjuncts]: not yet refuted on the box
+    score: np.ndarray     # [B]
+
+
+class InputSplitSearch:
+    """Branch and bound over input boxes, with attacks on what bounds cannot decide.
+
+    branching: "inputs" halves input boxes, "relus" splits ReLU units (CROWN-bounded methods on models with a
+    batch dimension only); None picks inputs up to BRANCH_DIMENSIONS input dimensions, ReLUs beyond.
+    """
+
+    def __init__(self, search: Search, method: str, bound_fn: BoundFn | None = None,
+                 alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None,
+                 beta: AlphaSettings | None = relu_bab.BRANCH_BETA):
+        if branching not in (None, "inputs", "relus"):
+            raise InputError(f"branching is 'inputs' or 'relus', not {branching!r}")
+        self.search, self.method, self.beta = search, method, beta
+        self.branching = branching or ("inputs" if search.network.n_inputs <= BRANCH_DIMENSIONS else "relus")
+        began = time.monotonic()
+        self.bound_fn = bound_fn or (spec_bounds(search.network, search.matrix, search.offset, method,
+                                                 search.membership, search.deadline, search.mixtures, alpha)
+                                     if search.has_rows else None)
+        # Building a split bound graph takes about as long: ReLU branching starts only with that much time left.
+        self.build_seconds = time.monotonic() - began
+        # A box costs its float64 bounds in and its margins out at least; the bound graph's own memory is measured.
+        rows = len(search.offset)
+        self.box_calls = CallSizer(memory=MemorySizer(search.budget, floor=16 * search.network.n_inputs + 24 * rows))
+        widths = np.max([hi - lo for lo, hi in search.prop.input_boxes], axis=0) if search.prop.cases else None
+        self.root_width = None if widths is None else np.where(widths > 0, widths, 1.0)
+        search.start_clock()
+
+    def run(self) -> tuple[str, tuple | None, int]:
+        search, prop = self.search, self.search.prop
+        if not prop.cases:
+            return search.finish("holds")
+        lower = np.stack([lo for lo, _ in prop.input_boxes])
+        upper = np.stack([hi for _, hi in prop.input_boxes])
+        alive = np.zeros((len(lower), len(prop.unsafe)), dtype=bool)
+        for box, conjunct in prop.cases:
+            alive[box, conjunct] = True
+        if search.attack_boxes(lower, upper, alive, budget=0.25, samples=1024, restarts=32, steps=100) or \
+                search.conjunct_without_rows(lower, upper, alive):
+            return search.finish("violated")
+        if not search.has_rows:
+            return search.finish("unknown", "the unsafe set has no output constraint to bound")
+        evaluated = self._evaluate(lower, upper, alive)
+        if evaluated is None:
+            return search.timeout()
+        alive, _, center_objective, margin_lower = evaluated
+        keep = alive.any(axis=1)
+        roots = Boxes(lower[keep], upper[keep], alive[keep], center_objective[keep])
+        if len(roots) and self.branching == "relus":
+            return relu_bab.split_relus(search, self.method, roots.lower, roots.upper, roots.alive,
+                                        margin_lower[keep], self.build_seconds, self.beta)
+        frontier = Frontier(roots)
+        while len(frontier):
+            if search.past_deadline():
+                return search.timeout(frontier)
+            if search.counterexample is not None:
+                break
+            too_large = search.frontier_too_large(len(frontier), 16 * lower.shape[1] + alive.shape[1] + 8)
+            if too_large:
+                return search.finish("unknown", too_large)
+            parents = frontier.pop(max(1, self.box_calls.size // (2 * SPLIT_CANDIDATES)))
+            children = self._split(parents)
+            if children is None:
+                return search.timeout(frontier)
+            frontier.push(children)
+            self._attack_if_due(frontier)
+        return search.finish("holds")
+
+    def _evaluate(self, lower, upper, alive):
+        """Bound boxes, drop refuted conjuncts, try the centers; (alive, score, center objective, margin lower
+        bounds) or None at the deadline.
+
+        score: the weakest live conjunct's best row lower bound (> 0 means refuted; +inf when the box is).
+        center objective: the unsafe objective at the box center (<= 0 there means a candidate counterexample).
+        """
+        search = self.search
+        bounds = self._bound_batched(lower, upper)
+        if bounds is None:
+            return None
+        margin_lower, margin_upper, center = bounds
+        search.boxes_bounded += len(lower)
+        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper))
+        refuted = ((margin_lower > slack).astype(np.int32) @ search.membership) > 0
+        alive = alive & ~refuted
+        membership, alive_t = torch.from_numpy(search.membership), torch.from_numpy(alive)
+        center_objective = unsafe_objective(torch.from_numpy(center), membership, alive_t).numpy()
+        for box in np.flatnonzero(center_objective <= 0)[:8]:
+            if search.confirm(0.5 * (lower[box] + upper[box])):
+                break
+        return alive, unsafe_objective(torch.from_numpy(margin_lower), membership, alive_t).numpy(), center_objective, \
+            margin_lower
+
+    def _bound_batched(self, lower, upper):
+        """bound_fn over chunks sized to take about CALL_SECONDS each; None when the deadline passes."""
+        parts = []
+        for chunk in self.box_calls.slices(len(lower), self.search.deadline):
+            if chunk is None:
+                return None
+            parts.append(self.bound_fn(lower[chunk], upper[chunk]))
+        return tuple(np.concatenate([p[k] for p in parts]).astype(np.float64) for k in range(3))
+
+    def _split(self, boxes: Boxes) -> Boxes | None:
+        """Halve each box along one dimension and return the live halves.
+
+        Candidates: the dimension widest relative to the property's box, plus the ones with the largest
+        |gradient| x width of the unsafe objective at the center. All candidate halves are bounded in one
+        call; the split kept is the one whose halves get closest to refuted in total (scores clipped at 0,
+        since a refuted half cannot do better).
+        """
+        lower, upper, alive = boxes.lower, boxes.upper, boxes.alive
+        m, n = lower.shape
+        dims = self._candidate_dimensions(lower, upper, alive)
+        d = dims.shape[1]
+        parent, dim = np.repeat(np.arange(m), d), dims.reshape(-1)
+        rows = np.arange(len(parent))
+        mid = 0.5 * (lower[parent, dim] + upper[parent, dim])
+        left_upper, right_lower = upper[parent], lower[parent]
+        left_upper[rows, dim] = mid
+        right_lower[rows, dim] = mid
+        child_lower = np.concatenate([lower[parent], right_lower])
+        child_upper = np.concatenate([left_upper, upper[parent]])
+        evaluated = self._evaluate(child_lower, child_upper, np.concatenate([alive[parent], alive[parent]]))
+        if evaluated is None:
+            return None
+        child_alive, child_score, child_objective, _ = evaluated
+        half = len(parent)
+        progress = (np.minimum(child_score[:half], 0) + np.minimum(child_score[half:], 0)).reshape(m, d)
+        pick = np.arange(m) * d + np.argmax(progress, axis=1)
+        selected = np.concatenate([pick, pick + half])
+        keep = selected[child_alive[selected].any(axis=1)]
+        return Boxes(child_lower[keep], child_upper[keep], child_alive[keep], child_objective[keep])
+
+    def _candidate_dimensions(self, lower, upper, alive) -> np.ndarray:
+        """[m, <= SPLIT_CANDIDATES] dimensions per box, the relatively widest first (it wins ties)."""
+        m, n = lower.shape
+        center = torch.from_numpy((0.5 * (lower + upper)).astype(np.float32)).requires_grad_(True)
+        objective = self.search.attack.objective(center, torch.from_numpy(alive))
+        grad, = torch.autograd.grad(objective.sum(), center)
+        by_smear = np.argsort(-np.abs(grad.numpy()) * (upper - lower), axis=1)
+        widest = np.argmax((upper - lower) / self.root_width, axis=1)[:, None]
+        others = by_smear[by_smear != widest].reshape(m, n - 1)[:, :SPLIT_CANDIDATES - 1]
+        return np.concatenate([widest, others], axis=1)
+
+    def _attack_if_due(self, frontier: Frontier) -> None:
+        """Attack the boxes whose centers come closest to the unsafe set, within ATTACK_SHARE of the time."""
+        if not self.search.attack_due() or not len(frontier):
+            return
+        boxes = frontier.closest(ATTACK_BOXES)
+        self.search.attack_boxes(boxes.lower, boxes.upper, boxes.alive, budget=1.0, samples=64, restarts=4,
+                                 steps=30)

@@ -1,0 +1,94 @@
+"""Helpers of the parallel-run tests: tasks that worker processes import by name, reading the task log, killing
+a worker in the middle of a task, and small instance files drawn from the shared benchmarks."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import VNNCOMP, shared_path
+
+# ACAS Xu instances with their verdicts at a timeout of a few seconds (truth.csv agrees with every decided one;
+# 4_7 prop_1 and 1_1 prop_5 hold but take graphcert far longer than these timeouts, so it stops at its timeout).
+ACAS_QUICK = [("ACASXU_run2a_1_1_batch_2000.onnx", "prop_1.vnnlib", "holds"),
+              ("ACASXU_run2a_3_5_batch_2000.onnx", "prop_2.vnnlib", "violated"),
+              ("ACASXU_run2a_2_8_batch_2000.onnx", "prop_4.vnnlib", "holds"),
+              ("ACASXU_run2a_5_4_batch_2000.onnx", "prop_2.vnnlib", "violated")]
+ACAS_SLOW = ("ACASXU_run2a_4_7_batch_2000.onnx", "prop_1.vnnlib", "timeout")
+ACAS_SLOW_TOO = ("ACASXU_run2a_1_1_batch_2000.onnx", "prop_5.vnnlib", "timeout")
+
+
+def sleep_then(value, seconds: float):
+    time.sleep(seconds)
+    return value
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def allocate(megabytes: int) -> int:
+    return int(np.ones(megabytes * 2 ** 20 // 8).sum())
+
+
+def fail(message: str):
+    raise ValueError(message)
+
+
+def acas_instances(path: Path, rows, timeout: float, decided_timeout: float = 30.0) -> Path:
+    """An instances file of ACAS Xu (onnx, vnnlib, verdict) rows with absolute paths: `timeout` seconds for the
+    rows expected to time out, a generous `decided_timeout` for the others (they take well under a second alone,
+    but a cold worker on a loaded machine may take seconds)."""
+    folder = shared_path("benchmarks", "vnncomp2021", "acasxu")
+    path.write_text("".join(f"{folder / o},{folder / v},{timeout if verdict == 'timeout' else decided_timeout}\n"
+                            for o, v, verdict in rows))
+    return path
+
+
+def shared_test_family() -> Path:
+    return shared_path("benchmarks", "vnncomp2021", "test", "test_instances.csv")
+
+
+def logged_starts(log: Path) -> list[tuple[int, str, int]]:
+    """(pid, task key, attempt) of every task start in the task log."""
+    if not log.exists():
+        return []
+    starts = []
+    for line in log.read_text().splitlines():
+        pid, rest = line.split(" ", 1)
+        key, attempt = rest.rsplit(" ", 1)
+        starts.append((int(pid), key, int(attempt)))
+    return starts
+
+
+def kill_worker_of(log: Path, key_part: str, after: float = 1.0, give_up: float = 120.0) -> threading.Thread:
+    """A thread that waits until the task whose key contains `key_part` starts, then SIGKILLs its worker process
+    `after` seconds into the task; it records the pid it killed in `thread.killed`."""
+    def run():
+        deadline = time.monotonic() + give_up
+        while time.monotonic() < deadline:
+            for pid, key, attempt in logged_starts(log):
+                if key_part in key and attempt == 1:
+                    time.sleep(after)
+                    os.kill(pid, signal.SIGKILL)
+                    thread.killed = pid
+                    return
+            time.sleep(0.05)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.killed = None
+    thread.start()
+    return thread
+
+
+def results_rows(path: Path) -> list[list[str]]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "onnx,vnnlib,status,seconds"
+    return [line.split(",") for line in lines[1:]]
+
+
+__all__ = ["ACAS_QUICK", "ACAS_SLOW", "ACAS_SLOW_TOO", "VNNCOMP", "acas_instances", "allocate", "fail", "kill_self", "kill_worker_of",
+           "logged_starts", "results_rows", "shared_test_family", "sleep_then"]

@@ -1,0 +1,70 @@
+"""verify --instances and certify on a real local Ray cluster (started once for this module, 2 CPUs, a small object
+store): the serial answers, and a Ray worker killed mid-task costs nothing. Skipped when Ray is not installed
+(`pip install -e '.[ray]'`; .ci/run installs it)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import cli
+from graphcert.distributed.tasks import ONE_THREAD_ENV, TASK_LOG_ENV
+from parallel_tasks import (ACAS_QUICK, ACAS_SLOW, acas_instances, kill_worker_of, logged_starts, results_rows,
+                            shared_test_family)
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2 ** 20, log_to_driver=False,
+             runtime_env={"env_vars": dict(ONE_THREAD_ENV)})
+    yield
+    ray.shutdown()
+
+
+def run_cli(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr()
+
+
+def test_ray_gives_the_serial_answers(tmp_path, capsys):
+    instances = tmp_path / "instances.csv"
+    acas_instances(instances, ACAS_QUICK + [ACAS_SLOW], timeout=4)
+    family = shared_test_family()
+    test_rows = [line.split(",") for line in family.read_text().splitlines() if line]
+    instances.write_text("".join(f"{family.parent / o},{family.parent / v},{t}\n" for o, v, t in test_rows)
+                         + instances.read_text())
+    answers = {}
+    for mode, extra in (("serial", []), ("ray", ["--ray"])):
+        out = tmp_path / f"{mode}.csv"
+        code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--timeout-scale", "0.5",
+                                 *extra)
+        assert code == 0, captured.err
+        answers[mode] = [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)]
+    assert answers["ray"] == answers["serial"]
+    assert "Ray" in captured.err
+    counts = {}
+    for mode, extra in (("serial", []), ("ray", ["--ray", "--shard-size", 200])):
+        code, captured = run_cli(capsys, "certify", "--method", "crown", "--limit", 700, "--batch-size", 100,
+                                 "--json", *extra)
+        assert code == 0, captured.err
+        result = json.loads(captured.out)
+        counts[mode] = (result["n"], result["clean"], result["certified"])
+    assert counts["ray"] == counts["serial"]
+
+
+def test_a_ray_worker_killed_mid_task_has_its_task_retried(tmp_path, capsys, monkeypatch):
+    log = tmp_path / "tasks.log"
+    monkeypatch.setenv(TASK_LOG_ENV, str(log))
+    rows = ACAS_QUICK[:1] + [ACAS_SLOW] + ACAS_QUICK[1:2]
+    instances = acas_instances(tmp_path / "acas.csv", rows, timeout=3)
+    out = tmp_path / "results.csv"
+    killer = kill_worker_of(log, ACAS_SLOW[0], after=1.0)
+    code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--ray")
+    killer.join(timeout=1)
+    assert code == 0 and killer.killed is not None, captured.err
+    assert [(os.path.basename(r[0]), r[2]) for r in results_rows(out)] == [(o, v) for o, _, v in rows]
+    slow_starts = [attempt for _, key, attempt in logged_starts(log) if ACAS_SLOW[0] in key]
+    assert slow_starts == [1, 2] and "1 retried" in captured.err
