@@ -71,13 +71,15 @@ def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
 
 def convert(model_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "ibp",
             domain: tuple[float, float] | None = None, spec_path: str | None = None,
-            norm: str = "linf") -> onnx.ModelProto:
+            norm: str = "linf", perturb: list[str] | None = None) -> onnx.ModelProto:
     """Write the bound graph of a model file (`epsilon` an L-inf or, with norm "l2", an L2 radius); never
-    overwrites the input."""
+    overwrites the input. `perturb` names the inputs to perturb (default: the first floating-point input),
+    each with its own radius `<name>_epsilon` when there are several; the other inputs are fed as given."""
     from .files import refuse_overwrite
+    from .interface import fix_inputs
     check_norm(method, norm)
     refuse_overwrite([out_path], [model_path, spec_path])
-    normalised = load(model_path)
+    normalised = fix_inputs(load(model_path), perturb)
     spec, offset = None, None
     if spec_path is not None:
         from graphcert.vnnlib import load_property
