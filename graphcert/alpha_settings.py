@@ -33,3 +33,5 @@ VERIFY_ALPHA = AlphaSettings(iterations=60, give_up=True)
 # Certify gives up on each sample by its own history: on the MNIST CNN (100 images, eps 0.03) the same 85 % in
 # 42 s instead of 248 s.
 CERTIFY_ALPHA = AlphaSettings(give_up=True)
+# verify re-bounds ReLU split domains with alpha-beta-CROWN for at most this many steps, giving up early.
+BRANCH_BETA = AlphaSettings(iterations=20, give_up=True)

@@ -16,6 +16,9 @@ from .runner import RunSummary, run_tasks
 from .tasks import Outcome, Task
 
 HEADER = "onnx,vnnlib,status,seconds"
+# In a worker with a memory cap, verify's own budget (which sizes its batches) is this share of the cap: the rest
+# is the process's baseline (torch, onnxruntime, the model) and allocator slack.
+BUDGET_SHARE_OF_CAP = 0.75
 
 
 def verify_instance(onnx_path: str, spec_path: str, timeout: float, method: str, alpha, memory=None) -> str:
@@ -85,6 +88,10 @@ def run_instances(csv_path, out_csv=None, method: str = "crown", progress: bool 
     from . import SerialExecutor
     if resume and out_csv is None:
         raise InputError("--resume needs --out RESULTS.csv: the results file to resume from")
+    cap = getattr(executor, "memory_mb", None)
+    if cap:  # verify sizes its batches to its budget: keep that within the worker's hard cap, with headroom
+        within = int(cap * 2 ** 20 * BUDGET_SHARE_OF_CAP)
+        memory = within if memory is None else min(memory, within)
     folder, rows = read_instances(csv_path, limit)
     tasks = instance_tasks(folder, rows, method, alpha or VERIFY_ALPHA, timeout_scale, memory)
     journal = Journal(out_csv, InstanceCodec, _header_check(out_csv)) if out_csv is not None else None

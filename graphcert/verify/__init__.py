@@ -15,17 +15,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..alpha import VERIFY_ALPHA, AlphaSettings
+from ..alpha_settings import BRANCH_BETA, VERIFY_ALPHA, AlphaSettings
 from ..errors import InputError, SpecError
-from ..vnnlib import load_property
-from .bounds import outward_float32, spec_bounds  # noqa: F401  (re-exported)
 from .competition import (COMPETITION_WORDS, STATUSES, InstanceResult, run_instances,  # noqa: F401
                           summarize, write_result)
-from .input_bab import BRANCH_DIMENSIONS, InputSplitSearch  # noqa: F401
-from .network import Network
-from .relu_bab import BRANCH_BETA  # noqa: F401
 from .resources import Budget, OutOfBudget, parse_memory  # noqa: F401
-from .search import Search
+
+# The search's modules load onnx, onnxruntime and torch: imported on first use (PEP 562), so that the command
+# line starts its deadline guard and reads the property before paying for them.
+_LAZY = {"outward_float32": "bounds", "spec_bounds": "bounds", "BRANCH_DIMENSIONS": "input_bab",
+         "InputSplitSearch": "input_bab", "Network": "network", "Search": "search"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -59,9 +67,13 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     def ended(status: str, reason: str, boxes: int = 0) -> Result:
         return Result(status, None, time.monotonic() - start, boxes, reason)
 
+    from ..vnnlib import load_property
     prop = load_property(spec_path)
     if time.monotonic() > deadline:
         return ended("timeout", "the deadline passed while reading the property")
+    from .input_bab import InputSplitSearch
+    from .network import Network
+    from .search import Search
     network = Network(model_path)
     if (prop.n_inputs, prop.n_outputs) != (network.n_inputs, network.n_outputs):
         raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "

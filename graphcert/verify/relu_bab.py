@@ -22,6 +22,7 @@ import torch
 
 from .. import methods
 from ..alpha import AlphaSettings, ProofWatch
+from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
 from ..attack import unsafe_objective
 from .bounds import BetaSplitBounds, SplitBounds
 from .resources import MemorySizer
@@ -31,7 +32,6 @@ from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier,
 # bounds on the property's boxes).
 # ReLU domains are re-bounded with alpha-beta-CROWN (None: CROWN with clamps only), in calls of about this long
 # (each of many optimisation steps; the steps check the deadline).
-BRANCH_BETA = AlphaSettings(iterations=20, give_up=True)
 BETA_CALL_SECONDS = 1.0
 WEAKEST = "the weakest domain's margin lower bound (> 0 refutes)"
 
