@@ -35,7 +35,9 @@ def _rank(value: ir.Value | None) -> int | None:
 
 
 def _dim(value: ir.Value, axis: int):
-    return value.shape[axis] if value.shape is not None and -len(value.shape) <= axis < len(value.shape) else None
+    # A constant's own tensor is the truth; its value's recorded shape may have lost static dims.
+    shape = list(value.const_value.shape) if value.const_value is not None else value.shape
+    return shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -347,7 +349,9 @@ class Tracer:
 
     def _op_Concat(self, node, axes_in):
         axis = _attr(node, "axis", 0)
-        rank = _rank(node.outputs[0])
+        # Concat keeps the rank; an input's shape may be known where the output's is not yet (before a rewrite
+        # upstream is re-inferred).
+        rank = _rank(node.outputs[0]) or next((_rank(v) for v in node.inputs if _rank(v)), None)
         batched = [a for a in axes_in if a is not None]
         if rank is None or len(set(batched)) != 1 or batched[0] == axis % rank:
             return None
