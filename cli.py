@@ -387,7 +387,7 @@ def run_verify(args) -> int:
     if parallel_requested(args):
         raise InputError("--workers, --ray and --resume run the instances of --instances FILE.csv; "
                          "a single property runs in this process")
-    from graphcert.verify.resources import Budget, ProcessGuard
+    from graphcert.verify.resources import Budget
     budget = Budget(memory)
     alpha = alpha_settings(args, VERIFY_ALPHA)
 
@@ -402,13 +402,24 @@ def run_verify(args) -> int:
         print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded" + (f"; {result.reason}" if result.reason
                                                                           else ""), file=sys.stderr, flush=True)
 
-    with ProcessGuard(started + args.timeout, budget, answer, VERDICT_EXIT_CODES.__getitem__):
-        from graphcert import verify as verifier
-        result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
-                                 alpha=alpha, memory=budget.total, started=started)
+    process = getattr(args, "process_started", None) is not None
+    if process:
+        # The command itself: a small parent keeps the deadline and the budget while a child does the work
+        # (a thread could not: the heavy imports and kernels hold the GIL for seconds).
+        from graphcert.verify.isolate import supervise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = supervise(started + args.timeout, budget, answer, VERDICT_EXIT_CODES.__getitem__)
+        if code is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    from graphcert import verify as verifier
+    result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
+                             alpha=alpha, memory=budget.total, started=started)
     answer(result.status, result.reason, result)
-    if getattr(args, "process_started", None) is not None:
-        # The command itself: end now rather than spend the promised second tearing down large sessions.
+    if process:
+        # End now rather than spend the promised second tearing down large sessions.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(VERDICT_EXIT_CODES[result.status])

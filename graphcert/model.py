@@ -11,6 +11,7 @@ import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
 
 from .errors import ModelLoadError
+from .normalise_ops import expand_functions
 
 TARGET_OPSET = 17
 BATCH = "batch"
@@ -82,6 +83,7 @@ def batch_note(model: ir.Model) -> str | None:
 def _normalised(proto: onnx.ModelProto, opset: int, free_batch: bool) -> tuple[ir.Model, set[str]]:
     proto = _copy(proto)
     _drop_initializer_inputs(proto)
+    proto = expand_functions(proto)  # ops defined by an ONNX function body, where no pass has a rule
     # IR < 4 requires initializers to be listed as inputs; the newer IR lets them stand alone.
     proto.ir_version = max(proto.ir_version, 8)
     freed = _make_batch_symbolic(proto) if free_batch else set()
