@@ -8,7 +8,7 @@ import sys
 
 DEFAULT_MODEL = "mnist_mlp"
 # graphcert.distributed's defaults, repeated so that parsing arguments does not import it (kept equal by a test).
-DEFAULT_RETRIES, DEFAULT_TASK_MEMORY_MB = 2, 3072
+DEFAULT_RETRIES, DEFAULT_TASK_MEMORY_MB = 2, 4096
 
 from graphcert import methods  # noqa: E402  (the method registry: names and norms only, no passes imported)
 
@@ -95,11 +95,12 @@ def run_inspect(args) -> int:
         for item in info[kind]:
             print(f"  {kind[:-1]:6} {item['name']}: {item['shape']}")
     print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
+    print(f"batch: {info['batch']}")
     from graphcert import methods
     for method, missing in info["methods"].items():
         record = methods.get(method)
         role = "train only" if record.role == "trains" else "bounds " + "/".join(record.norms)
-        state = "supported" if not missing else "unsupported: " + ", ".join(missing)
+        state = "supported" if not missing else "unsupported: " + info["reasons"].get(method, ", ".join(missing))
         print(f"  {method:12} {role:17} {state}")
     return 0
 
@@ -129,7 +130,7 @@ def add_certify(sub) -> None:
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
-    from graphcert.alpha import CERTIFY_ALPHA
+    from graphcert.alpha_settings import CERTIFY_ALPHA
     add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_parallel_options(p)
@@ -190,7 +191,7 @@ def clipping_note(data, clip: bool, method: str) -> str:
 
 
 def run_certify(args) -> int:
-    from graphcert.alpha import CERTIFY_ALPHA
+    from graphcert.alpha_settings import CERTIFY_ALPHA
     from graphcert.data import load_dataset
     from graphcert.errors import InputError
     from graphcert.sweep import parse_eps, parse_methods
@@ -261,6 +262,11 @@ def _certify_one(args, data, eps: float, method: str, alpha) -> int:
         print(f"clean accuracy:     {result.clean_accuracy:.2%} ({result.clean}/{result.n})")
         print(f"certified accuracy: {result.certified_accuracy:.2%} ({result.certified}/{result.n})")
         print(f"seconds:            {result.seconds:.2f}")
+        for name, stage in (result.stages or {}).items():
+            detail = {"ran": lambda: f"ran on {stage['samples']} samples, certified {stage['certified']} more",
+                      "skipped": lambda: f"skipped: {stage.get('reason')}",
+                      "not needed": lambda: "not needed (every sample decided before it)"}[stage["status"]]()
+            print(f"  {name:12} {detail}")
     return 0
 
 
@@ -317,7 +323,10 @@ def add_verify(sub) -> None:
                                    "(with --instances: 0 once every instance has a result).")
     p.add_argument("model", nargs="?", help="ONNX model file (or the name of a shipped model)")
     p.add_argument("spec", nargs="?", help="VNN-LIB property file")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds for one property (default: 60)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds for one property, process start and model loading included (default: 60)")
+    p.add_argument("--memory", help="memory budget such as 4GB or 512MB; every stage sizes its batches to it "
+                                    "(default: half of the memory available at start)")
     p.add_argument("--out", help="result file (competition format), or the results CSV with --instances")
     p.add_argument("--method", default="crown", help=f"{methods.help_text(norm='linf')} (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
@@ -326,16 +335,25 @@ def add_verify(sub) -> None:
     p.add_argument("--reference", metavar="CSV",
                    help="with --plot: another tool's results (onnx, vnnlib, abcrown_answer or status, wall_s or "
                         "seconds) drawn beside ours on the same instances")
-    from graphcert.alpha import VERIFY_ALPHA
+    from graphcert.alpha_settings import VERIFY_ALPHA
     add_alpha_options(p, VERIFY_ALPHA)
     add_parallel_options(p)
     p.set_defaults(run=run_verify, reads=("model", "spec", "instances", "reference"), writes=("out", "plot"))
 
 
 def run_verify(args) -> int:
-    from graphcert import verify as verifier
-    from graphcert.alpha import VERIFY_ALPHA
+    import math
+    import time
+
+    from graphcert.alpha_settings import VERIFY_ALPHA
     from graphcert.errors import InputError
+    started = getattr(args, "process_started", None) or time.monotonic()
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise InputError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if not (math.isfinite(args.timeout_scale) and args.timeout_scale > 0):
+        raise InputError(f"--timeout-scale must be a positive number, got {args.timeout_scale:g}")
+    from graphcert.verify.resources import parse_memory
+    memory = parse_memory(args.memory) if args.memory is not None else None
     if (args.plot or args.reference) and not args.instances:
         raise InputError("--plot and --reference draw a cactus plot of --instances runs")
     if args.reference and not args.plot:
@@ -348,10 +366,11 @@ def run_verify(args) -> int:
             figure_format(args.plot)
             if args.reference:
                 read_reference(args.reference)   # a malformed reference fails before hours of verification
+        from graphcert import verify as verifier
         from graphcert.distributed.instances import run_instances
         results, run = run_instances(args.instances, args.out, method=args.method, progress=sys.stderr.isatty(),
                                      timeout_scale=args.timeout_scale, alpha=alpha_settings(args, VERIFY_ALPHA),
-                                     executor=parallel_executor(args), resume=args.resume)
+                                     executor=parallel_executor(args), resume=args.resume, memory=memory)
         for r in results:
             print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
         summary = verifier.summarize(results)
@@ -368,12 +387,42 @@ def run_verify(args) -> int:
     if parallel_requested(args):
         raise InputError("--workers, --ray and --resume run the instances of --instances FILE.csv; "
                          "a single property runs in this process")
+    from graphcert.verify.resources import Budget
+    budget = Budget(memory)
+    alpha = alpha_settings(args, VERIFY_ALPHA)
+
+    def answer(status: str, reason: str, result=None) -> None:
+        """Print (and write) the verdict; the guard calls it when a stage overruns the deadline or budget."""
+        from graphcert.verify.competition import write_result
+        from graphcert.verify import Result
+        result = result or Result(status, None, time.monotonic() - started, reason=reason)
+        if args.out:
+            write_result(result, args.out)
+        print(result.status, flush=True)
+        print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded" + (f"; {result.reason}" if result.reason
+                                                                          else ""), file=sys.stderr, flush=True)
+
+    process = getattr(args, "process_started", None) is not None
+    if process:
+        # The command itself: a small parent keeps the deadline and the budget while a child does the work
+        # (a thread could not: the heavy imports and kernels hold the GIL for seconds).
+        from graphcert.verify.isolate import supervise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = supervise(started + args.timeout, budget, answer, VERDICT_EXIT_CODES.__getitem__)
+        if code is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    from graphcert import verify as verifier
     result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
-                             alpha=alpha_settings(args, VERIFY_ALPHA))
-    if args.out:
-        verifier.write_result(result, args.out)
-    print(result.status)
-    print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded", file=sys.stderr)
+                             alpha=alpha, memory=budget.total, started=started)
+    answer(result.status, result.reason, result)
+    if process:
+        # End now rather than spend the promised second tearing down large sessions.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(VERDICT_EXIT_CODES[result.status])
     return VERDICT_EXIT_CODES[result.status]
 
 
@@ -546,12 +595,27 @@ def written_paths(args) -> list[str]:
     return [p for p in paths if p is not None]
 
 
+def process_started() -> float | None:
+    """When this process started, on the time.monotonic() clock (Linux /proc), or None."""
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        import time
+        return time.monotonic() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: workers stopped, the results file left resumable
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command itself (not a caller in this process): its clock starts with the process
+        args.process_started = process_started()
     import signal
     import threading
     on_main_thread = threading.current_thread() is threading.main_thread()

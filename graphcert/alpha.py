@@ -18,44 +18,19 @@ optimised with the slopes from 0 (the plain bound) and projected back onto >= 0 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from . import model as model_lib
+from .alpha_settings import CERTIFY_ALPHA, VERIFY_ALPHA, AlphaSettings  # noqa: F401  (re-exported)
 from .errors import InputError
 from .export import to_proto
 from .interface import OBJECTIVE, InputSet, clone, perturbed_inputs
 from .runtime import Session
 
 Stop = Callable[[np.ndarray, np.ndarray], bool]
-
-
-@dataclass(frozen=True)
-class AlphaSettings:
-    """How alpha-CROWN optimises: at most `iterations` Adam steps at learning rate `lr` (times `lr_decay` after
-    each step); `give_up` also stops when the bound cannot reach the goal at its recent rate (`ProofWatch`)."""
-    iterations: int = 20
-    lr: float = 0.1
-    lr_decay: float = 0.98
-    give_up: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.iterations, int) or self.iterations < 0:
-            raise InputError(f"alpha-CROWN iterations must be a whole number >= 0, got {self.iterations}")
-        if not np.isfinite(self.lr) or self.lr <= 0:
-            raise InputError(f"alpha-CROWN learning rate must be a positive number, got {self.lr}")
-        if not 0 < self.lr_decay <= 1:
-            raise InputError(f"alpha-CROWN learning-rate decay must be in (0, 1], got {self.lr_decay}")
-
-
-# Properties often need more than 20 steps to prove; giving up on hopeless bounds keeps that affordable.
-VERIFY_ALPHA = AlphaSettings(iterations=60, give_up=True)
-# Certify gives up on each sample by its own history: on the MNIST CNN (100 images, eps 0.03) the same 85 % in
-# 42 s instead of 248 s.
-CERTIFY_ALPHA = AlphaSettings(give_up=True)
 
 
 class AlphaCrown:

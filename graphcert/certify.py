@@ -17,7 +17,7 @@ import numpy as np
 from . import api, methods
 from .alpha import CERTIFY_ALPHA, AlphaSettings, ProofWatch
 from .data import Dataset, fit_to_input
-from .errors import InputError, UnsupportedOpError
+from .errors import GraphcertError, InputError
 from .export import to_proto
 from .interface import OBJECTIVE, InputSet, epsilon_name, perturbed_inputs
 from .model import static_shape
@@ -35,6 +35,8 @@ class CertifyResult:
     method: str
     seconds: float
     norm: str = "linf"
+    # `auto`: per ladder stage, {"status": "ran" | "skipped" | "not needed", "samples", "certified", "reason"}
+    stages: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,9 +67,21 @@ COEFFICIENT_BYTES = 2 << 30
 
 
 def samples_per_run(model, method: str) -> int | None:
-    """How many samples a bound graph of `method` may take at once (None: no limit), from a crude upper bound
-    on its largest coefficient tensor: rows for both bounds of the largest relaxed or output tensor, times the
-    largest tensor any backward pass crosses."""
+    """How many samples a bound graph of `method` may take at once (None: no limit): the model's batch when
+    it stays fixed (see graphcert.model.batch_note), and the coefficient budget of linear relaxations."""
+    limits = [n for n in (_fixed_batch(model), _coefficient_limit(model, method)) if n is not None]
+    return min(limits) if limits else None
+
+
+def _fixed_batch(model) -> int | None:
+    """The exported batch size of a model whose batch the importer could not free (None: any batch)."""
+    dims = static_shape(perturbed_inputs(model)[0]) if perturbed_inputs(model) else []
+    return dims[0] if len(dims) >= 2 and isinstance(dims[0], int) else None
+
+
+def _coefficient_limit(model, method: str) -> int | None:
+    """A crude upper bound from the largest coefficient tensor: rows for both bounds of the largest relaxed or
+    output tensor, times the largest tensor any backward pass crosses."""
     if not methods.get(method).linear_relaxation:
         return None
     sizes, targets = [], []
@@ -178,8 +192,9 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
         clean += int((logits.argmax(axis=1) == y).sum())
         certified += int(certified_mask(logits, margins_lower, y).sum())
     n = len(data)
+    stages = bounder.report() if hasattr(bounder, "report") else None
     return CertifyResult(clean / n, certified / n, n, clean, certified, eps, method,
-                         time.perf_counter() - start, norm)
+                         time.perf_counter() - start, norm, stages)
 
 
 class AlphaCertifier:
@@ -212,7 +227,9 @@ class EscalatingCertifier:
         self.model, self.domain, self.settings, self.norm = model, domain, settings, norm
         self.ladder = methods.get(method).stages_of(norm)
         self.stages: dict[str, object] = {}
-        self.refusals: dict[str, UnsupportedOpError] = {}
+        self.refusals: dict[str, GraphcertError] = {}
+        self.samples = dict.fromkeys(self.ladder, 0)    # samples each stage bounded
+        self.certified = dict.fromkeys(self.ladder, 0)  # samples each stage proved that earlier ones did not
         self.first = next((name for name in self.ladder if self._stage(name) is not None), None)
         if self.first is None:
             raise self.refusals[self.ladder[0]]
@@ -221,21 +238,46 @@ class EscalatingCertifier:
         if name not in self.stages:
             try:
                 self.stages[name] = certifier(self.model, name, self.domain, self.settings, self.norm)
-            except UnsupportedOpError as refusal:
+            except GraphcertError as refusal:
                 self.refusals[name] = refusal
-                self.stages[name] = None  # the model has ops this method cannot bound: skip it
+                self.stages[name] = None  # the method cannot bound this model: skip it, and say why
         return self.stages[name]
 
     def __call__(self, x, eps, objective):
         logits, lower = self._stage(self.first)(x, eps, objective)
+        self._count(self.first, len(x), (lower > 0).all(axis=1) & _correct(logits, objective))
         for name in self.ladder[self.ladder.index(self.first) + 1:]:
             open_ = _undecided(logits, lower, objective)
+            if not open_.any():
+                break
             stage = self._stage(name)
-            if not open_.any() or stage is None:
+            if stage is None:
                 continue
             _, tighter = stage(x[open_], rows_of(eps, open_), objective[open_])
             lower[open_] = np.maximum(lower[open_], tighter)  # both are sound lower bounds
+            self._count(name, int(open_.sum()), (lower[open_] > 0).all(axis=1))
         return logits, lower
+
+    def _count(self, name, samples, proved) -> None:
+        self.samples[name] += samples
+        self.certified[name] += int(np.sum(proved))
+
+    def report(self) -> dict:
+        """Per stage of the ladder: whether it ran (on how many samples, certifying how many more), was skipped
+        (and why), or was not needed (every sample was decided before it)."""
+        stages = {}
+        for name in self.ladder:
+            if name in self.refusals:
+                stages[name] = {"status": "skipped", "reason": str(self.refusals[name])}
+            elif self.samples[name]:
+                stages[name] = {"status": "ran", "samples": self.samples[name], "certified": self.certified[name]}
+            else:
+                stages[name] = {"status": "not needed"}
+        return stages
+
+
+def _correct(logits, objective) -> np.ndarray:
+    return (np.einsum("bmn,bn->bm", objective, logits) > 0).all(axis=1)
 
 
 def _undecided(logits, lower, objective) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""What a model is made of, and which bound methods can rewrite it."""
+"""What a model is made of, and which bound methods can rewrite it.
+
+Support is not guessed from op names: each method builds its graph for the model (alpha-CROWN also its PyTorch
+executor), so `inspect` says exactly what `convert` and `certify` will do.
+"""
 from __future__ import annotations
 
 import os
@@ -6,32 +10,59 @@ from collections import Counter
 
 from . import api
 from . import methods as method_registry
+from .errors import GraphcertError, UnsupportedOpError
 from .interface import perturbed_inputs
-from .interpret import perturbed_nodes
-from .model import read_proto, static_shape
+from .model import batch_note, read_proto, static_shape
 
 
 def describe(path: str | os.PathLike) -> dict:
     proto = read_proto(path)
     model = api.load(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    nodes = perturbed_nodes(model.graph, set(perturbed_inputs(model)))
-    methods = {}
-    for name, record in sorted(method_registry.all_methods().items()):
-        if record.supports is None:  # a ladder: it runs whichever of its stages take the model
+    methods, reasons = {}, {}
+    registry = method_registry.all_methods()
+    for name, record in sorted(registry.items()):
+        if record.combines == "ladder":
             continue
-        missing = sorted({n.op_type for n in nodes if n.domain not in ("", "ai.onnx") or not record.supports(n)})
+        missing, reason = support(model, record, methods)
         methods[name] = missing
-    for name, record in sorted(method_registry.all_methods().items()):
-        if record.supports is None:
-            stages = [methods[stage] for stage in record.stages_of("linf") if stage in methods]
-            methods[name] = sorted(set.intersection(*map(set, stages))) if stages else []
+        if reason:
+            reasons[name] = reason
+    for name, record in sorted(registry.items()):
+        if record.combines == "ladder":  # it runs whichever of its stages take the model
+            stages = [stage for stage in record.stages_of("linf") if stage in methods]
+            methods[name] = sorted(set.intersection(*(set(methods[s]) for s in stages))) if stages else []
+            if methods[name]:
+                reasons[name] = "no stage bounds the model: " + "; ".join(f"{s}: {reasons[s]}" for s in stages)
     return {
         "path": os.fspath(path),
         "producer": proto.producer_name,
         "opset": opset,
         "inputs": [{"name": v.name, "shape": static_shape(v)} for v in perturbed_inputs(model)],
         "outputs": [{"name": v.name, "shape": static_shape(v)} for v in model.graph.outputs],
+        "batch": batch_note(model) or "any",
         "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
         "methods": methods,
+        "reasons": reasons,
     }
+
+
+def support(model, record, known: dict) -> tuple[list[str], str | None]:
+    """([unsupported op types], one-line reason) for one method: both empty when it bounds the model. A refusal
+    that names no op (a model-level limit) is listed by its reason."""
+    try:
+        if record.combines == "refine":
+            base = record.stages_of("linf")[0]
+            if known.get(base):
+                return known[base], f"needs {base}, which cannot bound the model"
+            from .alpha import AlphaCrown
+            AlphaCrown(model, "linf", spec=None)
+        elif record.role == "trains":
+            api.bound_graph(model, record.name, spec="runtime", trainable=True, norm=record.norms[0])
+        else:
+            api.bound_graph(model, record.name, norm=record.norms[0])
+    except UnsupportedOpError as refusal:
+        return sorted(refusal.nodes_by_op), str(refusal)
+    except GraphcertError as refusal:
+        return [str(refusal)], str(refusal)
+    return [], None

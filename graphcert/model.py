@@ -11,6 +11,7 @@ import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
 
 from .errors import ModelLoadError
+from .normalise_ops import expand_functions
 
 TARGET_OPSET = 17
 BATCH = "batch"
@@ -41,7 +42,10 @@ def load(source: str | os.PathLike | onnx.ModelProto | ir.Model, opset: int = TA
     return normalise(proto, opset)
 
 
-def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
+def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET, check: bool = True) -> ir.Model:
+    """The model at `opset`, constants folded, shapes inferred and a batch of 1 freed where the trace proves it
+    is the batch axis; with `check`, compared with the original in onnxruntime (ModelLoadError when it
+    disagrees). A batch that cannot be freed stays fixed; metadata `graphcert.fixed_batch` says why."""
     proto = _copy(proto)
     try:
         onnx.checker.check_model(proto)
@@ -49,10 +53,40 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
         raise ModelLoadError(f"invalid ONNX model: {_first_line(exc)}") from None
     if len(proto.graph.node) == 0:
         raise ModelLoadError("the model has no nodes")
+    original = _copy(proto) if check else None
+    model, freed = _normalised(proto, opset, free_batch=True)
+    if not check:
+        return model
+    why_fixed = _compare(original, model, freed, _dynamic_batch(original))
+    if why_fixed is not None:
+        model, _ = _normalised(proto, opset, free_batch=False)
+        _compare(original, model, set())
+        model.metadata_props["graphcert.fixed_batch"] = why_fixed
+    return model
+
+
+def _compare(original: onnx.ModelProto, model: ir.Model, freed: set[str],
+             dynamic: frozenset[str] = frozenset()) -> str | None:
+    from .load_check import Disagreement, check
+    try:
+        return check(original, ir.to_proto(model), freed, dynamic)
+    except Disagreement as exc:
+        raise ModelLoadError(f"graphcert's normalised model disagrees with the original in onnxruntime: {exc}; "
+                             f"refusing to bound a different function (please report this model)") from None
+
+
+def batch_note(model: ir.Model) -> str | None:
+    """Why the model's batch stays fixed at its exported size (None when it runs at any batch size)."""
+    return model.metadata_props.get("graphcert.fixed_batch")
+
+
+def _normalised(proto: onnx.ModelProto, opset: int, free_batch: bool) -> tuple[ir.Model, set[str]]:
+    proto = _copy(proto)
     _drop_initializer_inputs(proto)
+    proto = expand_functions(proto)  # ops defined by an ONNX function body, where no pass has a rule
     # IR < 4 requires initializers to be listed as inputs; the newer IR lets them stand alone.
     proto.ir_version = max(proto.ir_version, 8)
-    made_symbolic = _make_batch_symbolic(proto)
+    freed = _make_batch_symbolic(proto) if free_batch else set()
     current = _default_opset(proto)
     if current < opset:
         try:
@@ -70,10 +104,19 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET) -> ir.Model:
     except Exception as exc:
         raise ModelLoadError(f"constant folding failed: {_first_line(exc)}") from None
     model = _infer_shapes(model)
-    if made_symbolic:
-        _unlock_reshapes(model)
+    batched = freed | (_dynamic_batch(proto) if free_batch else set())
+    if batched:
+        from .batch_axis import Tracer
+        starts = {v: 0 for v in model_inputs(model) if v.name in batched}
+        tracer = Tracer(model, starts, model.opset_imports.get("", opset))
+        axes = tracer.run()
+        if tracer.rewrites:
+            for out in model.graph.outputs:  # inference ran while a rewritten Reshape still said 1
+                if axes.get(out) == 0 and out.shape is not None:
+                    out.shape = ir.Shape([BATCH, *list(out.shape)[1:]])
+            model = _infer_shapes(model, fresh=True)
     common_passes.RemoveUnusedNodesPass()(model)
-    return model
+    return model, freed
 
 
 def _small_fill(node: ir.Node) -> bool | None:
@@ -120,47 +163,39 @@ def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
     proto.graph.input.extend(keep)
 
 
-def _make_batch_symbolic(proto: onnx.ModelProto) -> bool:
-    """A leading dimension of 1 on inputs of rank >= 2 becomes the symbolic `batch`, so graphs run batched."""
-    changed = False
-    for value in list(proto.graph.input) + list(proto.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) >= 2 and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-            dims[0].dim_param = BATCH
-            changed = True
-    if changed:
+def _dynamic_batch(proto: onnx.ModelProto) -> frozenset[str]:
+    """Inputs of rank >= 2 whose leading dimension is symbolic: exported with a dynamic batch."""
+    initializers = {init.name for init in proto.graph.initializer}
+    return frozenset(v.name for v in proto.graph.input if v.name not in initializers
+                     and len(v.type.tensor_type.shape.dim) >= 2
+                     and not v.type.tensor_type.shape.dim[0].HasField("dim_value"))
+
+
+def _make_batch_symbolic(proto: onnx.ModelProto) -> set[str]:
+    """A leading dimension of 1 on inputs of rank >= 2 becomes the symbolic `batch`, so graphs run batched;
+    returns the inputs so freed."""
+    freed = set()
+    for is_input, values in ((True, proto.graph.input), (False, proto.graph.output)):
+        for value in values:
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) >= 2 and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+                dims[0].dim_param = BATCH
+                if is_input:
+                    freed.add(value.name)
+    if freed:
         del proto.graph.value_info[:]
-    return changed
+    return freed
 
 
-def _infer_shapes(model: ir.Model) -> ir.Model:
+def _infer_shapes(model: ir.Model, fresh: bool = False) -> ir.Model:
     proto = ir.to_proto(model)
+    if fresh:
+        del proto.graph.value_info[:]  # re-derived: a rewrite has freed a dimension recorded as 1
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:
         raise ModelLoadError(f"shape inference failed: {_first_line(exc)}") from None
     return ir.from_proto(proto)
-
-
-def _unlock_reshapes(model: ir.Model) -> None:
-    """A Reshape folded from a batch-1 export carries shape [1, ...]; copy the batch dimension instead."""
-    for node in model.graph:
-        if node.op_type != "Reshape" or node.inputs[1] is None or node.inputs[1].const_value is None:
-            continue
-        target = node.inputs[1].const_value.numpy()
-        data_shape = node.inputs[0].shape
-        if target.ndim != 1 or len(target) == 0 or target[0] != 1 or data_shape is None or len(data_shape) == 0:
-            continue
-        if isinstance(data_shape[0], int):
-            continue
-        fixed = target.copy()
-        fixed[0] = 0
-        if node.attributes.get("allowzero") is not None and node.attributes["allowzero"].as_int() == 1:
-            continue
-        new_value = ir.Value(name=f"{node.inputs[1].name}_batched", const_value=ir.tensor(fixed),
-                             shape=ir.Shape(fixed.shape), type=ir.TensorType(ir.DataType.INT64))
-        model.graph.register_initializer(new_value)
-        node.replace_input_with(1, new_value)
 
 
 def is_constant(value: ir.Value | None) -> bool:

@@ -16,48 +16,8 @@ from graphcert.interface import InputSet, clone, close_outputs, open_inputs, per
 from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
 from graphcert.interval import Interval
 
-RULES: dict = {}
-
-
-class Context:
-    """What rules share: the builder and whether weights stay trainable (|W| computed in-graph)."""
-
-    def __init__(self, b: Builder, trainable: bool = False):
-        self.b = b
-        self.trainable = trainable
-        self._abs: dict[str, ir.Value] = {}
-
-    def abs(self, value: ir.Value, scale: float = 1.0) -> ir.Value:
-        """scale·|W|, precomputed as an initializer for constant weights."""
-        return self._derived(value, scale, np.abs, "Abs")
-
-    def scaled(self, value: ir.Value, scale: float) -> ir.Value:
-        return value if scale == 1.0 else self._derived(value, scale, None, None)
-
-    def _derived(self, value: ir.Value, scale: float, fn, op_type):
-        if value.const_value is None or self.trainable:
-            out = self.b.op(op_type, value) if op_type else value
-            return out if scale == 1.0 else self.b.op("Mul", out, self.b.const(scale))
-        key = (value.name, scale, op_type)
-        if key not in self._abs:
-            array = value.const_value.numpy()
-            self._abs[key] = self.b.const((fn(array) if fn else array) * scale, dtype=array.dtype)
-        return self._abs[key]
-
-    def constant(self, value: ir.Value) -> np.ndarray | None:
-        if isinstance(value, ir.Value) and value.const_value is not None and not self.trainable:
-            return value.const_value.numpy()
-        return None
-
-
-rule = registrar(RULES)
-
-
-def _both_forms(cx: Context, x: Interval, apply) -> Interval:
-    """Apply a selection-like op (one that only moves or copies elements) to whichever form x has."""
-    if x.has_center_form:
-        return Interval.from_center(cx.b, apply(x.center), apply(x.radius))
-    return Interval.from_bounds(cx.b, apply(x.lower), apply(x.upper))
+from graphcert.passes.ibp_core import (CONDITIONS, RULES, Context, both_forms as _both_forms, rule,
+                                       widened as _widened)
 
 
 # ---- ops that only move, copy or select elements -------------------------------------------------------
@@ -93,92 +53,6 @@ def _concat(cx, node, *xs):
     parts = [iv.as_interval(cx.b, x) for x in xs]
     return [Interval.from_bounds(cx.b, cx.b.copy(node, [p.lower for p in parts]),
                                  cx.b.copy(node, [p.upper for p in parts]))]
-
-
-@rule("Where")
-def _where(cx, node, cond, x, y):
-    if isinstance(cond, Interval):
-        px, py = iv.as_interval(cx.b, x), iv.as_interval(cx.b, y)
-        return [Interval.from_bounds(cx.b, cx.b.op("Min", px.lower, py.lower), cx.b.op("Max", px.upper, py.upper))]
-    px, py = iv.as_interval(cx.b, x), iv.as_interval(cx.b, y)
-    return [Interval.from_bounds(cx.b, cx.b.op("Where", cond, px.lower, py.lower),
-                                 cx.b.op("Where", cond, px.upper, py.upper))]
-
-
-# ---- linear ops: center through the op, radius through |op| --------------------------------------------
-
-@rule("MatMul")
-def _matmul(cx, node, a, w):
-    b = cx.b
-    if isinstance(a, Interval) and isinstance(w, Interval):
-        # Rump's midpoint-radius product: |ca|·rw + ra·|cw| + ra·rw bounds the deviation from ca·cw.
-        radius = b.op("Add", b.op("Add", b.op("MatMul", b.op("Abs", a.center), w.radius),
-                                  b.op("MatMul", a.radius, b.op("Abs", w.center))),
-                      b.op("MatMul", a.radius, w.radius))
-        return [Interval.from_center(b, b.op("MatMul", a.center, w.center), radius)]
-    if isinstance(a, Interval):
-        c, r, k = a.scaled_center_radius()
-        return [Interval.from_center(b, b.op("MatMul", c, cx.scaled(w, k)), b.op("MatMul", r, cx.abs(w, k)))]
-    c, r, k = w.scaled_center_radius()
-    return [Interval.from_center(b, b.op("MatMul", cx.scaled(a, k), c), b.op("MatMul", cx.abs(a, k), r))]
-
-
-@rule("Gemm")
-def _gemm(cx, node, a, w, bias=None):
-    b = cx.b
-    alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-    trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
-    if isinstance(a, Interval) and not isinstance(w, Interval) and not isinstance(bias, Interval):
-        c, r, k = a.scaled_center_radius()
-        given = [c, w, *([bias] if bias is not None else [])]
-        # At k = 1 the center is the original node itself, which onnxruntime merges with it (one product less).
-        center = b.copy(node, given) if k == 1.0 else b.op("Gemm", *given, alpha=alpha * k, beta=beta,
-                                                          transA=trans_a, transB=trans_b)
-        radius = b.op("Gemm", r, cx.abs(w), alpha=abs(alpha) * k, transA=trans_a, transB=trans_b)
-        return [Interval.from_center(b, center, radius)]
-    # General case from the pieces: alpha·op(A)·op(B) + beta·C with interval products.
-    def oriented(x, transpose):
-        if not transpose:
-            return x
-        if isinstance(x, Interval):
-            return _both_forms(cx, x, lambda v: b.op("Transpose", v, perm=[1, 0]))
-        return b.op("Transpose", x, perm=[1, 0])
-    product = _matmul(cx, node, oriented(a, trans_a), oriented(w, trans_b))[0]
-    result = _scale(cx, product, alpha)
-    if bias is not None:
-        result = iv.add(b, result, _scale(cx, iv.as_interval(b, bias), beta))
-    return [result]
-
-
-def _scale(cx, x: Interval, factor: float) -> Interval:
-    if factor == 1.0:
-        return x
-    k = cx.b.const(factor)
-    return Interval.from_center(cx.b, cx.b.op("Mul", x.center, k), cx.b.op("Mul", x.radius, cx.b.const(abs(factor))))
-
-
-@rule("Conv", "ConvTranspose")
-def _conv(cx, node, x, w, bias=None):
-    c, r, k = x.scaled_center_radius()
-    center = cx.b.copy(node, [c, cx.scaled(w, k)] + ([bias] if bias is not None else []))
-    radius = cx.b.copy(node, [r, cx.abs(w, k)])
-    return [Interval.from_center(cx.b, center, radius)]
-
-
-@rule("BatchNormalization")
-def _batchnorm(cx, node, x, scale, bias, mean, var):
-    b = cx.b
-    eps = attr(node, "epsilon", 1e-5)
-    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 4
-    per_channel = [-1] + [1] * (rank - 2)
-    consts = [cx.constant(v) for v in (scale, var)]
-    if all(c is not None for c in consts):
-        gain = b.const(np.abs(consts[0] / np.sqrt(consts[1] + eps)).reshape(per_channel))
-    else:
-        gain = b.op("Reshape", b.op("Abs", b.op("Div", scale, b.op("Sqrt", b.op("Add", var, b.const(eps))))),
-                    b.ints(per_channel))
-    center = b.copy(node, [x.center, scale, bias, mean, var])
-    return [Interval.from_center(b, center, b.op("Mul", x.radius, gain))]
 
 
 @rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
@@ -250,7 +124,11 @@ def _is_monotone(node: ir.Node) -> bool:
 
 @rule(*MONOTONE)
 def _monotone(cx, node, x, *rest):
-    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
+    # Clip is non-decreasing in its bounds too: bounded min/max inputs go lower to lower, upper to upper.
+    low = [r.lower if isinstance(r, Interval) else r for r in rest]
+    high = [r.upper if isinstance(r, Interval) else r for r in rest]
+    x = iv.as_interval(cx.b, x)
+    return [Interval.from_bounds(cx.b, cx.b.copy(node, [x.lower, *low]), cx.b.copy(node, [x.upper, *high]))]
 
 
 def _monotone_family(spec: ops.Elementwise) -> None:
@@ -263,27 +141,7 @@ def _monotone_family(spec: ops.Elementwise) -> None:
     MONOTONE.append(spec.op_type)
 
 
-def _widened(cx, x: Interval, dtype: ir.DataType | None, non_negative: bool = False) -> Interval:
-    """x widened by 2^-20 of |lower| + |upper|, about eight ulps of the larger end.
-
-    Bounds carry the float error of earlier rules (centre-radius conversions cancel: c - r for c ~ r keeps
-    only the ulps of c). Most ops pass that on at its size; ops that round (a step) or have an unbounded
-    slope (1/x, log, sqrt at 0) can turn it into a whole jump or a large error, so their rules widen first.
-    `non_negative` clips the lower end at 0 for ops defined on x >= 0 only. Half-precision inputs are left as
-    they are: onnxruntime computes half arithmetic in float32 and drops the rounding casts around it.
-    """
-    if dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
-        return x
-    b = cx.b
-    factor = b.const(2.0 ** -20, dtype=dtype.numpy())
-    slack = b.op("Mul", b.op("Add", b.op("Abs", x.lower), b.op("Abs", x.upper)), factor)
-    lower = b.op("Sub", x.lower, slack)
-    if non_negative:
-        lower = b.op("Relu", lower)
-    return Interval.from_bounds(b, lower, b.op("Add", x.upper, slack))
-
-
-@rule("Floor", "Ceil", "Sign", "Cast", "CastLike")
+@rule("Floor", "Ceil", "Sign")
 def _step(cx, node, x, *rest):
     """Non-decreasing but rounding: widened first, so an ulp of error cannot cost a whole step."""
     x = _widened(cx, x, node.inputs[0].dtype)
@@ -314,28 +172,6 @@ def _abs(cx, node, x):
 @rule("Reciprocal")
 def _reciprocal(cx, node, x):
     return [iv.reciprocal(cx.b, _widened(cx, x, node.inputs[0].dtype))]
-
-
-@rule("Pow")
-def _pow(cx, node, x, exponent):
-    p = float(np.asarray(exponent.const_value.numpy()).reshape(-1)[0])
-    if p == 2.0:
-        return [iv.square(cx.b, x)]
-    if p == 1.0:
-        return [x]
-    # Odd integer powers are increasing everywhere, other positive powers on x >= 0 (the only valid inputs),
-    # with an unbounded slope at 0 when p < 1.
-    if p < 1.0:
-        x = _widened(cx, x, node.inputs[0].dtype, non_negative=True)
-    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, exponent]))]
-
-
-def _pow_supported(node: ir.Node) -> bool:
-    e = node.inputs[1]
-    if e is None or e.const_value is None or e.const_value.numpy().size != 1:
-        return False
-    p = float(e.const_value.numpy().reshape(-1)[0])
-    return p in (1.0, 2.0) or (p > 0 and p.is_integer() and int(p) % 2 == 1) or (0 < p < 1)
 
 
 def _softmax_bounds(cx, node, x):
@@ -404,6 +240,7 @@ def _log_sum_exp_of_others(b: Builder, v: ir.Value, axis: int) -> ir.Value:
 def _layer_norm(cx, node, x, scale, bias=None):
     """(x - mean) / sqrt(var + eps) · scale + bias, bounding each factor soundly rather than the whole."""
     b = cx.b
+    x = iv.as_interval(b, x)
     shape = node.inputs[0].shape
     rank = len(shape)
     axis = attr(node, "axis", -1) % rank
@@ -420,8 +257,13 @@ def _layer_norm(cx, node, x, scale, bias=None):
     std = iv.monotone(b, var, lambda v: b.op("Sqrt", b.op("Add", v, b.const(eps))))
     inverse = iv.reciprocal(b, std)
     normed = iv.mul(b, centered, inverse)
-    out = Interval.from_center(b, b.op("Mul", normed.center, scale), b.op("Mul", normed.radius, cx.abs(scale)))
-    if bias is not None:
+    if isinstance(scale, Interval):
+        out = iv.mul(b, normed, scale)
+    else:
+        out = Interval.from_center(b, b.op("Mul", normed.center, scale), b.op("Mul", normed.radius, cx.abs(scale)))
+    if isinstance(bias, Interval):
+        out = iv.add(b, out, bias)
+    elif bias is not None:
         out = Interval.from_center(b, b.op("Add", out.center, bias), out.radius)
     # The optional Mean and InvStdDev outputs (reduced axes kept as 1, like the reductions here).
     mean = Interval.from_center(b, b.reduce("ReduceMean", x.center, axes), b.reduce("ReduceMean", x.radius, axes))
@@ -437,23 +279,11 @@ def _layer_norm_supported(node: ir.Node) -> bool:
 
 
 # Per-node conditions beyond the op type; a node failing its check is reported as unsupported.
-CONDITIONS = {
+CONDITIONS.update({
     **{op: _is_monotone for op in ("LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu")},
-    "Pow": _pow_supported,
     "LayerNormalization": _layer_norm_supported,
-    "BatchNormalization": lambda node: attr(node, "training_mode", 0) == 0,
     "Pad": lambda node: True,
-    "Cast": lambda node: _monotone_cast(attr(node, "to")),
-    "CastLike": lambda node: node.inputs[1] is not None and node.inputs[1].dtype is not None
-    and _monotone_cast(node.inputs[1].dtype.value),
-}
-
-
-def _monotone_cast(target: int | None) -> bool:
-    """Casts to floats and signed integers keep order; to bool (x != 0) or unsigned types (negatives wrap) not."""
-    return target is not None and ir.DataType(target) in (
-        ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8,
-        ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64)
+})
 
 
 ops.on_elementwise(_monotone_family)
@@ -480,9 +310,17 @@ class IntervalPass(ir.passes.FunctionalPass):
         b = Builder(result.graph, prefix="ibp")
         boxes = open_inputs(result, b, self.input_set, share_radius=True)
         bounds = propagate(result.graph, nodes, b, boxes, trainable=self.trainable)
-        named = {name: (v.lower, v.upper) for name, v in bounds.items()}
+        named = {name: _as_float(b, result.graph, name, v) for name, v in bounds.items()}
         close_outputs(result, b, named, self.keep_original, "ibp")
         return ir.passes.PassResult(result, modified=True)
+
+
+def _as_float(b: Builder, graph: ir.Graph, name: str, bounds: Interval) -> tuple[ir.Value, ir.Value]:
+    """Bounds of a boolean or integer output (a comparison, an arg-max index) as float32 numbers."""
+    out = next(v for v in graph.outputs if v.name == name)
+    if out.dtype is None or out.dtype.is_floating_point():
+        return bounds.lower, bounds.upper
+    return tuple(b.op("Cast", v, to=ir.DataType.FLOAT) for v in (bounds.lower, bounds.upper))
 
 
 SAMPLEWISE_LINEAR = {"MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "GlobalAveragePool",
@@ -529,3 +367,8 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
                     out.shared = out.has_center_form
         env.update(zip(node.outputs, outs))
     return {out.name: iv.as_interval(b, env.get(out, out)) for out in graph.outputs if out in env}
+
+
+# The other rule families register into the same table (passes/ibp_core.RULES).
+from graphcert.passes import (ibp_rules_elementwise, ibp_rules_linear, ibp_rules_logic,  # noqa: E402,F401
+                              ibp_rules_reduce)

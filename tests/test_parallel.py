@@ -192,3 +192,42 @@ def test_certify_with_workers_and_resume_equals_the_serial_run(tmp_path, capsys,
     code, captured = run_cli(capsys, "certify", "--method", "ibp", "--limit", 700, "--batch-size", 100,
                              "--results", results, "--resume")
     assert code == 2 and "another certify run" in captured.err and captured.err.count("\n") == 1
+
+
+class LosingExecutor(SerialExecutor):
+    """Serial, except that the task `lost` comes back as an error, as after a worker died on every attempt."""
+
+    def __init__(self, lost: str):
+        self.lost = lost
+
+    def run(self, tasks):
+        from graphcert.distributed import Outcome
+        from graphcert.distributed.tasks import Event
+        for event in super().run(tasks):
+            if event.kind == "done" and event.key == self.lost:
+                event = Event("done", event.key, Outcome(event.key, error="its worker (pid 1) died of SIGKILL (3 "
+                                                                           "attempts)", attempts=3))
+            yield event
+
+
+def test_a_lost_shard_is_an_error_naming_it_and_resume_redoes_only_it(tmp_path):
+    from graphcert.certify import certify
+    from graphcert.data import load_dataset
+    from graphcert.distributed.shards import certify_sharded
+    from graphcert.errors import RunError
+    model, results = str(REPO / "models" / "mnist_mlp.onnx"), tmp_path / "shards.jsonl"
+    options = dict(eps=0.01, method="ibp", limit=300, batch_size=100, shard_size=100, results_path=str(results))
+    with pytest.raises(RunError, match=r"1 of 3 shards failed \(samples 100-199: its worker .* died of SIGKILL"):
+        certify_sharded(model, "mnist-test", executor=LosingExecutor("100:200"), **options)
+    assert len(results.read_text().splitlines()) == 1 + 3  # the failure is recorded, not dropped
+    seen = []
+
+    class Watching(SerialExecutor):
+        def run(self, tasks):
+            seen.extend(t.key for t in tasks)
+            return super().run(tasks)
+    result, summary = certify_sharded(model, "mnist-test", executor=Watching(), resume=True, progress=True,
+                                      **options)
+    serial = certify(model, load_dataset("mnist-test"), 0.01, "ibp", limit=300, batch_size=100)
+    assert seen == ["100:200"] and summary.resumed == 2
+    assert (result.clean, result.certified, result.n) == (serial.clean, serial.certified, serial.n)

@@ -17,7 +17,7 @@ from .runner import RunSummary, run_tasks
 from .tasks import DEFAULT_RETRIES, Outcome, Task
 
 # The default memory cap of one task, in MB (the data segment of its worker process).
-DEFAULT_TASK_MEMORY_MB = 3072
+DEFAULT_TASK_MEMORY_MB = 4096
 
 
 def make_executor(workers: int | None = None, ray: str | None = None, retries: int = DEFAULT_RETRIES,

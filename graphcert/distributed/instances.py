@@ -16,22 +16,28 @@ from .runner import RunSummary, run_tasks
 from .tasks import Outcome, Task
 
 HEADER = "onnx,vnnlib,status,seconds"
+# In a worker with a memory cap, verify's own budget (which sizes its batches) is this share of the cap: the rest
+# is the process's baseline (torch, onnxruntime, the model) and allocator slack.
+BUDGET_SHARE_OF_CAP = 0.75
 
 
-def verify_instance(onnx_path: str, spec_path: str, timeout: float, method: str, alpha) -> str:
-    """The task: the verdict of one instance (an error propagates and becomes the instance's `error` row)."""
+def verify_instance(onnx_path: str, spec_path: str, timeout: float, method: str, alpha, memory=None) -> str:
+    """The task: the verdict of one instance (an error propagates and becomes the instance's `error` row);
+    `memory`: the verify call's budget in bytes (default: half of the memory available)."""
     from ..verify import verify
-    return verify(onnx_path, spec_path, timeout, method, alpha).status
+    return verify(onnx_path, spec_path, timeout, method, alpha, memory=memory).status
 
 
-def instance_tasks(folder: str, rows: list[list[str]], method: str, alpha, timeout_scale: float) -> list[Task]:
+def instance_tasks(folder: str, rows: list[list[str]], method: str, alpha, timeout_scale: float,
+                   memory=None) -> list[Task]:
     tasks, seen = [], {}
     for onnx_name, spec_name, timeout, *_ in rows:
         base = f"{onnx_name},{spec_name}"
         seen[base] = seen.get(base, 0) + 1
         seconds = float(timeout) * timeout_scale
         tasks.append(Task(occurrence_key(base, seen[base]), verify_instance,
-                          (os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha),
+                          (os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha,
+                           memory),
                           timeout=seconds))
     return tasks
 
@@ -75,15 +81,19 @@ class InstanceCodec:
 
 
 def run_instances(csv_path, out_csv=None, method: str = "crown", progress: bool = True, timeout_scale: float = 1.0,
-                  limit: int | None = None, alpha=None, executor=None, resume: bool = False):
+                  limit: int | None = None, alpha=None, executor=None, resume: bool = False, memory=None):
     """Verify every instance of a competition instances file on `executor` (serial by default); the results in
     input order and the run's summary."""
     from ..alpha import VERIFY_ALPHA
     from . import SerialExecutor
     if resume and out_csv is None:
         raise InputError("--resume needs --out RESULTS.csv: the results file to resume from")
+    cap = getattr(executor, "memory_mb", None)
+    if cap:  # verify sizes its batches to its budget: keep that within the worker's hard cap, with headroom
+        within = int(cap * 2 ** 20 * BUDGET_SHARE_OF_CAP)
+        memory = within if memory is None else min(memory, within)
     folder, rows = read_instances(csv_path, limit)
-    tasks = instance_tasks(folder, rows, method, alpha or VERIFY_ALPHA, timeout_scale)
+    tasks = instance_tasks(folder, rows, method, alpha or VERIFY_ALPHA, timeout_scale, memory)
     journal = Journal(out_csv, InstanceCodec, _header_check(out_csv)) if out_csv is not None else None
     lines, summary = run_tasks(tasks, executor or SerialExecutor(), InstanceCodec.encode, journal, resume,
                                progress, unit="instance")

@@ -24,13 +24,15 @@ class RunSummary:
     failed: int = 0                  # finished with an error
     retried: int = 0                 # attempts lost with their worker
     wall_seconds: float = 0.0
+    startup_seconds: float = 0.0     # until the first task started (starting workers, or a Ray cluster)
     task_seconds: float = 0.0        # the tasks' own wall time, summed over this run's tasks
     task_cpu_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         """One line for the terminal: what ran where, how long, and what went wrong."""
-        parts = [f"{self.done} of {self.tasks} tasks run on {self.where} in {self.wall_seconds:.1f} s"]
+        parts = [f"{self.done} of {self.tasks} tasks run on {self.where} in {self.wall_seconds:.1f} s "
+                 f"({self.startup_seconds:.1f} s to start the first)"]
         if self.resumed:
             parts.append(f"{self.resumed} resumed from the results file")
         if self.done:
@@ -58,6 +60,8 @@ def run_tasks(tasks: list[Task], executor, encode: Callable[[Task, Outcome], str
     try:
         for event in executor.run(pending):
             if event.kind == "start":
+                if not summary.startup_seconds:
+                    summary.startup_seconds = time.monotonic() - start
                 running.add(event.key)
             elif event.kind == "retry":
                 running.discard(event.key)

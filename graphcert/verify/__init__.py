@@ -15,16 +15,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..alpha import VERIFY_ALPHA, AlphaSettings
-from ..errors import SpecError
-from ..vnnlib import load_property
-from .bounds import outward_float32, spec_bounds  # noqa: F401  (re-exported)
+from ..alpha_settings import BRANCH_BETA, VERIFY_ALPHA, AlphaSettings
+from ..errors import InputError, SpecError
 from .competition import (COMPETITION_WORDS, STATUSES, InstanceResult, run_instances,  # noqa: F401
                           summarize, write_result)
-from .input_bab import BRANCH_DIMENSIONS, InputSplitSearch  # noqa: F401
-from .network import Network
-from .relu_bab import BRANCH_BETA  # noqa: F401
-from .search import Search
+from .resources import Budget, OutOfBudget, parse_memory  # noqa: F401
+
+# The search's modules load onnx, onnxruntime and torch: imported on first use (PEP 562), so that the command
+# line starts its deadline guard and reads the property before paying for them.
+_LAZY = {"outward_float32": "bounds", "spec_bounds": "bounds", "BRANCH_DIMENSIONS": "input_bab",
+         "InputSplitSearch": "input_bab", "Network": "network", "Search": "search"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -33,31 +42,56 @@ class Result:
     counterexample: tuple[np.ndarray, np.ndarray] | None
     seconds: float
     boxes: int = 0          # sub-boxes bounded
+    reason: str = ""        # why the answer is unknown or timeout, with the best partial result
 
 
 def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
            method: str = "crown", alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None,
-           beta: AlphaSettings | None = BRANCH_BETA) -> Result:
+           beta: AlphaSettings | None = BRANCH_BETA, memory: int | None = None,
+           started: float | None = None) -> Result:
     """Decide whether the property holds on the model within `timeout` seconds (loading included); `alpha`
     tunes alpha-CROWN (methods alpha-crown, auto); `branching` ("inputs" or "relus") overrides the choice
-    by input dimension; `beta` tunes the alpha-beta-CROWN bounds of ReLU domains (None: CROWN only)."""
-    import torch
-    start = time.monotonic()
+    by input dimension; `beta` tunes the alpha-beta-CROWN bounds of ReLU domains (None: CROWN only);
+    `memory` is the budget in bytes (default: half of the memory available now); `started` is when the
+    clock started (time.monotonic(), default now: the command line passes its process start).
+
+    The deadline is checked between stages; a stage that cannot be interrupted (converting the model,
+    creating an onnxruntime session) may overrun it here, which `resources.ProcessGuard` bounds for a process.
+    """
+    if not timeout > 0 or not np.isfinite(timeout):
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout}")
+    start = time.monotonic() if started is None else started
     deadline = start + timeout
+    budget = Budget(memory)
+
+    def ended(status: str, reason: str, boxes: int = 0) -> Result:
+        return Result(status, None, time.monotonic() - start, boxes, reason)
+
+    from ..vnnlib import load_property
     prop = load_property(spec_path)
+    if time.monotonic() > deadline:
+        return ended("timeout", "the deadline passed while reading the property")
+    from .input_bab import InputSplitSearch
+    from .network import Network
+    from .search import Search
     network = Network(model_path)
     if (prop.n_inputs, prop.n_outputs) != (network.n_inputs, network.n_outputs):
         raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
                         f"{model_path} has {network.n_inputs} inputs and {network.n_outputs} outputs")
+    if time.monotonic() > deadline:
+        return ended("timeout", "the deadline passed while loading the model")
+    import torch
     threads = torch.get_num_threads()
     # torch runs attacks and alpha-beta-CROWN on small tensors through many ops, where a second thread gains
     # little and costs much on a busy machine (mnistfc 256x2 prop_5_0.03 beside other jobs: 1,500-2,600 domain
     # bounds in 12 s with one thread, 60-700 with torch's default of two).
     torch.set_num_threads(1)
+    search = Search(prop, network, deadline, budget)
     try:
-        search = Search(prop, network, deadline)
         status, counterexample, boxes = InputSplitSearch(search, method, alpha=alpha, branching=branching,
                                                          beta=beta).run()
+    except OutOfBudget as exc:
+        status, counterexample, boxes = search.finish("unknown", str(exc))
     finally:
         torch.set_num_threads(threads)
-    return Result(status, counterexample, time.monotonic() - start, boxes)
+    return Result(status, counterexample, time.monotonic() - start, boxes, search.reason)

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..alpha import VERIFY_ALPHA, AlphaSettings
+from ..alpha_settings import VERIFY_ALPHA, AlphaSettings
 from ..errors import InputError
 from ..files import atomic_write
 
@@ -35,6 +35,9 @@ class InstanceResult:
     status: str
     seconds: float
     timeout: float
+    peak_mb: float = 0.0       # the verify process's peak resident memory (0: not measured)
+    reason: str = ""           # why unknown or timeout, or the crash
+    counterexample: tuple | None = None
 
 
 def read_instances(csv_path: str | os.PathLike, limit: int | None = None) -> tuple[str, list[list[str]]]:
@@ -56,11 +59,12 @@ def read_instances(csv_path: str | os.PathLike, limit: int | None = None) -> tup
 
 def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
                   progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
-                  alpha: AlphaSettings = VERIFY_ALPHA, executor=None, resume: bool = False) -> list[InstanceResult]:
+                  alpha: AlphaSettings = VERIFY_ALPHA, executor=None, resume: bool = False,
+                  memory: int | None = None) -> list[InstanceResult]:
     """Verify every (onnx, vnnlib, timeout) row of a competition instances file (paths relative to it), serially
     or on `executor` (graphcert.distributed), streaming rows into `out_csv`; `resume` keeps the rows there."""
     from ..distributed.instances import run_instances as run
-    return run(csv_path, out_csv, method, progress, timeout_scale, limit, alpha, executor, resume)[0]
+    return run(csv_path, out_csv, method, progress, timeout_scale, limit, alpha, executor, resume, memory)[0]
 
 
 def summarize(results: list[InstanceResult]) -> dict:

@@ -17,8 +17,8 @@ from ..attack import unsafe_objective
 from ..errors import InputError
 from . import relu_bab
 from .bounds import spec_bounds
-from .search import (ABSOLUTE_SLACK, ATTACK_BOXES, FRONTIER_BYTES, RELATIVE_SLACK, Arrays, CallSizer, Frontier,
-                     Search)
+from .resources import MemorySizer
+from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
 
 # Halving one of many input dimensions barely tightens bounds: beyond this many, bounds and attacks decide alone.
 BRANCH_DIMENSIONS = 64
@@ -59,7 +59,9 @@ class InputSplitSearch:
                                      if search.has_rows else None)
         # Building a split bound graph takes about as long: ReLU branching starts only with that much time left.
         self.build_seconds = time.monotonic() - began
-        self.box_calls = CallSizer()
+        # A box costs its float64 bounds in and its margins out at least; the bound graph's own memory is measured.
+        rows = len(search.offset)
+        self.box_calls = CallSizer(memory=MemorySizer(search.budget, floor=16 * search.network.n_inputs + 24 * rows))
         widths = np.max([hi - lo for lo, hi in search.prop.input_boxes], axis=0) if search.prop.cases else None
         self.root_width = None if widths is None else np.where(widths > 0, widths, 1.0)
         search.start_clock()
@@ -77,10 +79,10 @@ class InputSplitSearch:
                 search.conjunct_without_rows(lower, upper, alive):
             return search.finish("violated")
         if not search.has_rows:
-            return search.finish("unknown")
+            return search.finish("unknown", "the unsafe set has no output constraint to bound")
         evaluated = self._evaluate(lower, upper, alive)
         if evaluated is None:
-            return search.finish("timeout")
+            return search.timeout()
         alive, _, center_objective, margin_lower = evaluated
         keep = alive.any(axis=1)
         roots = Boxes(lower[keep], upper[keep], alive[keep], center_objective[keep])
@@ -90,15 +92,16 @@ class InputSplitSearch:
         frontier = Frontier(roots)
         while len(frontier):
             if search.past_deadline():
-                return search.finish("timeout")
+                return search.timeout(frontier)
             if search.counterexample is not None:
                 break
-            if len(frontier) * lower.shape[1] * 16 > FRONTIER_BYTES:
-                return search.finish("unknown")
+            too_large = search.frontier_too_large(len(frontier), 16 * lower.shape[1] + alive.shape[1] + 8)
+            if too_large:
+                return search.finish("unknown", too_large)
             parents = frontier.pop(max(1, self.box_calls.size // (2 * SPLIT_CANDIDATES)))
             children = self._split(parents)
             if children is None:
-                return search.finish("timeout")
+                return search.timeout(frontier)
             frontier.push(children)
             self._attack_if_due(frontier)
         return search.finish("holds")

@@ -22,16 +22,18 @@ import torch
 
 from .. import methods
 from ..alpha import AlphaSettings, ProofWatch
+from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
 from ..attack import unsafe_objective
 from .bounds import BetaSplitBounds, SplitBounds
-from .search import ABSOLUTE_SLACK, FRONTIER_BYTES, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
+from .resources import MemorySizer
+from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
 # bounds on the property's boxes).
 # ReLU domains are re-bounded with alpha-beta-CROWN (None: CROWN with clamps only), in calls of about this long
 # (each of many optimisation steps; the steps check the deadline).
-BRANCH_BETA = AlphaSettings(iterations=20, give_up=True)
 BETA_CALL_SECONDS = 1.0
+WEAKEST = "the weakest domain's margin lower bound (> 0 refutes)"
 
 
 @dataclass
@@ -52,12 +54,13 @@ def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, 
     """Branch and bound over ReLU units of the undecided property boxes (lower, upper [B, n], alive, margin
     lower bounds [B, rows]); (status, counterexample, boxes bounded)."""
     if not methods.get(method).branches_on_relus or not search.network.batched:
-        return search.finish("unknown")
+        return search.finish("unknown", f"bounds left the property undecided; method {method} does not split ReLUs"
+                             if search.network.batched else "the model has no batch axis to bound split domains on")
     if time.monotonic() + build_seconds > search.deadline:
-        return search.finish("timeout")
+        return search.finish("timeout", "too little time left to build the ReLU split bound graph")
     clamp = SplitBounds(search.network, search.matrix, search.offset, "clamp")
     if clamp.units == 0:
-        return search.finish("unknown")
+        return search.finish("unknown", "bounds left the property undecided and the model has no ReLU to split")
     return ReluSplitSearch(search, clamp, lower, upper, beta).run(alive, margin_lower)
 
 
@@ -72,8 +75,10 @@ class ReluSplitSearch:
         self.beta_settings = beta
         self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, clamp, beta) \
             if beta is not None else None
-        self.domain_calls = CallSizer()
-        self.beta_calls = CallSizer(seconds=BETA_CALL_SECONDS)
+        # A domain costs its input box and unit bounds in and out at least; the graphs' own memory is measured.
+        floor = 16 * search.network.n_inputs + 24 * clamp.units
+        self.domain_calls = CallSizer(memory=MemorySizer(search.budget, floor))
+        self.beta_calls = CallSizer(seconds=BETA_CALL_SECONDS, memory=MemorySizer(search.budget, floor))
 
     def run(self, alive, margin_lower):
         search, clamp = self.search, self.clamp
@@ -82,22 +87,23 @@ class ReluSplitSearch:
         domains = self._bound_domains(clamp, np.arange(len(self.lower)), alive, -unbounded, unbounded, unsplit,
                                       margin_lower)
         if domains is None:
-            return search.finish("timeout")
+            return search.timeout()
         frontier = Frontier(domains)
         while len(frontier):
             if search.counterexample is not None:
                 break
             if search.past_deadline():
-                return search.finish("timeout")
+                return search.timeout(frontier, "ReLU split domains", WEAKEST)
             if (frontier.items.unit < 0).any():
-                return search.finish("unknown")
+                return search.finish("unknown", "a live domain has no unstable ReLU left to split")
             # float32 bounds of every unit, an int8 split sign, float32 margins
-            if len(frontier) * (9 * clamp.units + 4 * margin_lower.shape[1]) > FRONTIER_BYTES:
-                return search.finish("unknown")
+            too_large = search.frontier_too_large(len(frontier), 9 * clamp.units + 4 * margin_lower.shape[1] + 32)
+            if too_large:
+                return search.finish("unknown", too_large)
             parents = frontier.pop(max(1, self.domain_calls.size // 2))
             children = self._split(parents)
             if children is None:
-                return search.finish("timeout")
+                return search.timeout(frontier, "ReLU split domains", WEAKEST)
             for group in children:
                 frontier.push(group)
             self._attack_domains_if_due(frontier)

@@ -14,13 +14,15 @@ import numpy as np
 from ..attack import Attack
 from ..vnnlib import Property
 from .network import Network
+from .resources import Budget, MemorySizer, PeakSampler, log, size
 
 # Bound graphs compute in float32 without outward rounding: demand a little more than > 0 to refute.
 ABSOLUTE_SLACK, RELATIVE_SLACK = 1e-6, 1e-5
 # Bound calls are sized to take about this long, so the clock is checked often enough to honour timeouts.
 CALL_SECONDS = 0.2
 MAX_CHUNK = 16384
-FRONTIER_BYTES = 1 << 28
+# The frontier of branch and bound may hold this share of the memory budget (bound calls need the rest).
+FRONTIER_SHARE = 0.25
 # Attacks during branch and bound take at most this share of the time, on this many boxes at a time.
 ATTACK_SHARE = 0.2
 ATTACK_BOXES = 64
@@ -34,14 +36,20 @@ class Search:
     alpha-CROWN may learn, `Property.rows_with_mixtures`).
     """
 
-    def __init__(self, prop: Property, network: Network, deadline: float):
+    def __init__(self, prop: Property, network: Network, deadline: float, budget: Budget | None = None):
         self.prop, self.network, self.deadline = prop, network, deadline
+        self.budget = budget or Budget()
+        self.reason = ""
         self.matrix, self.offset, rows, self.mixtures = prop.rows_with_mixtures()
         self.membership = np.zeros((len(self.offset), len(prop.unsafe)), dtype=bool)
         for k, indices in enumerate(rows):
             self.membership[indices, k] = True
         self.has_rows = len(self.offset) > 0
-        self.attack = Attack(network.differentiable, self.matrix, self.offset, self.membership)
+        self.attack = Attack(network.differentiable, self.matrix, self.offset, self.membership,
+                             memory_bytes=max(64 << 20, self.budget.total // 4))
+        # Attack rows (boxes x samples) through the torch graph, with activations and gradients.
+        self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
+                                         share=0.25, first=1 << 16)
         self.counterexample: tuple[np.ndarray, np.ndarray] | None = None
         self.boxes_bounded = 0
         self.attack_seconds = 0.0
@@ -54,11 +62,32 @@ class Search:
     def past_deadline(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def finish(self, status: str) -> tuple[str, tuple | None, int]:
-        """(status, counterexample, boxes bounded): a confirmed counterexample always wins."""
+    def finish(self, status: str, reason: str = "") -> tuple[str, tuple | None, int]:
+        """(status, counterexample, boxes bounded): a confirmed counterexample always wins. `reason` says why
+        the search ended undecided (kept in `self.reason` and logged)."""
         if self.counterexample is not None:
             return "violated", self.counterexample, self.boxes_bounded
+        if reason:
+            self.reason = reason
+            log.info("%s: %s", status, reason)
         return status, None, self.boxes_bounded
+
+    def timeout(self, frontier: "Frontier | None" = None, kind: str = "input boxes",
+                score: str = "the unsafe objective at the closest box center") -> tuple[str, tuple | None, int]:
+        """finish("timeout"), logging the best partial result: how much is left undecided and how close."""
+        if frontier is None or not len(frontier):
+            return self.finish("timeout", f"the deadline passed after {self.boxes_bounded} bound evaluations")
+        return self.finish("timeout", f"{len(frontier)} {kind} left undecided after {self.boxes_bounded} bound "
+                                      f"evaluations; {score} is {frontier.items.score.min():.4g}")
+
+    def frontier_too_large(self, domains: int, bytes_each: int) -> str:
+        """Why a frontier of `domains` rows of `bytes_each` bytes does not fit its share of the budget ("" when
+        it fits)."""
+        allowed = FRONTIER_SHARE * self.budget.total
+        if domains * bytes_each <= allowed:
+            return ""
+        return (f"the frontier of {domains} undecided domains ({size(domains * bytes_each)}) would pass its "
+                f"share of the memory budget ({size(int(allowed))} of {self.budget})")
 
     def attack_due(self) -> bool:
         return self.attack_seconds <= ATTACK_SHARE * (time.monotonic() - self.started)
@@ -66,11 +95,23 @@ class Search:
     def attack_boxes(self, lower, upper, alive, budget: float, **settings) -> bool:
         """Attack the boxes for at most `budget` of the remaining time; True when a counterexample is confirmed."""
         began = time.monotonic()
-        deadline = began + budget * max(0.0, self.deadline - began)
-        points, objective = self.attack.run(lower, upper, alive, deadline, **settings)
-        for index in np.argsort(objective)[:8]:
-            if objective[index] > 0 or self.confirm(points[index]):
-                break
+        seconds = budget * max(0.0, self.deadline - began)
+        # Many boxes (specs with thousands of input boxes) are attacked in chunks sized to the memory budget,
+        # each with its share of the time; the attack's memory grows with boxes x samples.
+        sizer = self.attack_memory
+        start = 0
+        while start < len(lower) and self.counterexample is None and time.monotonic() < self.deadline:
+            part = slice(start, start + max(1, min(sizer.limit() // max(1, settings.get("samples", 64)),
+                                                      len(lower))))
+            share = (part.stop - start) / len(lower) if part.stop < len(lower) else 1.0
+            deadline = min(self.deadline, time.monotonic() + share * max(0.0, began + seconds - time.monotonic()))
+            with PeakSampler() as sampler:
+                points, objective = self.attack.run(lower[part], upper[part], alive[part], deadline, **settings)
+            sizer.record((part.stop - start) * settings.get("samples", 64), sampler.growth)
+            for index in np.argsort(objective)[:8]:
+                if objective[index] > 0 or self.confirm(points[index]):
+                    break
+            start = part.stop
         self.attack_seconds += time.monotonic() - began
         return self.counterexample is not None
 
@@ -89,11 +130,12 @@ class Search:
 
 
 class CallSizer:
-    """Slices of a batch sized so that one bound call takes about CALL_SECONDS: the clock is checked often
-    enough to honour timeouts, and calls stay large enough to amortise their overhead."""
+    """Slices of a batch sized so that one bound call takes about CALL_SECONDS (the clock is checked often
+    enough to honour timeouts, and calls stay large enough to amortise their overhead) and, with a
+    `MemorySizer`, fits the memory budget (the peak resident memory of each call is measured)."""
 
-    def __init__(self, size: int = 64, seconds: float = CALL_SECONDS):
-        self.size, self.seconds = size, seconds
+    def __init__(self, size: int = 8, seconds: float = CALL_SECONDS, memory: MemorySizer | None = None):
+        self.size, self.seconds, self.memory = size, seconds, memory
 
     def slices(self, total: int, deadline: float):
         """Consecutive slices over range(total); a None (and no more) once the deadline has passed. Each full
@@ -103,12 +145,18 @@ class CallSizer:
             if time.monotonic() > deadline:
                 yield None
                 return
-            part = slice(start, min(start + self.size, total))
+            size = self.size if self.memory is None else max(1, min(self.size, self.memory.limit()))
+            part = slice(start, min(start + size, total))
             began = time.monotonic()
-            yield part
-            if part.stop - part.start == self.size:
+            if self.memory is None:
+                yield part
+            else:
+                with PeakSampler() as sampler:
+                    yield part
+                self.memory.record(part.stop - part.start, sampler.growth)
+            if part.stop - part.start == size:
                 seconds = max(time.monotonic() - began, 1e-4)
-                self.size = int(np.clip(self.size * self.seconds / seconds, 8, MAX_CHUNK))
+                self.size = int(np.clip(size * self.seconds / seconds, 1, MAX_CHUNK))
             start = part.stop
 
 

@@ -1,0 +1,105 @@
+"""Normalising op types before rewriting: ops that ONNX defines by a function body are expanded into it.
+
+ONNX gives many ops (Gelu, Mish, HardSwish, Swish, RMSNormalization, GroupNormalization, Attention, Celu,
+Shrink, ...) a function body in the spec: the op *is* that subgraph of primitive ops. Where no bound pass has
+a rule of its own for the op (a tighter one), the node is replaced by its body (instantiated for the node's
+attributes and input types, then inlined by onnx's inliner), so every pass bounds it through the primitives.
+"""
+from __future__ import annotations
+
+import onnx
+import onnx.defs
+import onnx.inliner
+
+EXPANDED_DOMAIN = "graphcert.expanded"
+# Bodies that loop, draw random numbers or build sequences: expanding them gains nothing for bounding.
+NOT_EXPANDED = {"Range", "Bernoulli", "SequenceMap", "BlackmanWindow", "HammingWindow", "HannWindow"}
+ROUNDS = 3  # a body may use ops that have bodies themselves
+
+
+def _kept(op_type: str) -> bool:
+    """Ops with a rule of their own in IBP (the pass with the widest op coverage) keep their node."""
+    from graphcert.passes import ibp
+    return op_type in ibp.RULES or op_type in NOT_EXPANDED
+
+
+def expand_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with every default-domain node that has a function body and no bound rule expanded."""
+    for _ in range(ROUNDS):
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset is None:
+            return proto
+        candidates = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and not _kept(n.op_type)]
+        if not candidates:
+            return proto
+        types = _value_types(proto)
+        functions = []
+        for k, node in enumerate(candidates):
+            body = _body(node, opset, types)
+            if body is None:
+                continue
+            _spell_out_defaults(node, opset)
+            body.name, body.domain = f"{node.op_type}_{k}", EXPANDED_DOMAIN
+            node.op_type, node.domain = body.name, EXPANDED_DOMAIN
+            functions.append(body)
+        if not functions:
+            return proto
+        proto.functions.extend(functions)
+        proto.opset_import.append(onnx.helper.make_opsetid(EXPANDED_DOMAIN, 1))
+        proto = onnx.inliner.inline_local_functions(proto)
+        kept = [o for o in proto.opset_import if o.domain != EXPANDED_DOMAIN]
+        del proto.opset_import[:]
+        proto.opset_import.extend(kept)
+    return proto
+
+
+def _spell_out_defaults(node: onnx.NodeProto, opset: int) -> None:
+    """Give the node every attribute the schema defaults: the inliner drops references to unset ones."""
+    schema = onnx.defs.get_schema(node.op_type, opset, "")
+    given = {a.name for a in node.attribute}
+    for name, spec in schema.attributes.items():
+        if name not in given and spec.default_value is not None and spec.default_value.type != 0:
+            default = onnx.AttributeProto()
+            default.CopyFrom(spec.default_value)
+            default.name = name
+            node.attribute.append(default)
+
+
+def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # types stay unknown; context-dependent bodies are then not expanded
+        inferred = proto
+    graph = inferred.graph
+    types = {v.name: v.type for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    for init in graph.initializer:
+        types[init.name] = onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims))
+    return types
+
+
+def _body(node: onnx.NodeProto, opset: int, types: dict) -> onnx.FunctionProto | None:
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    raw = None
+    try:
+        if schema.has_function:
+            versions = [v for v in schema.function_opset_versions if v <= opset]
+            if versions:
+                raw = schema.get_function_with_opset_version(max(versions))
+        if raw is None and schema.has_context_dependent_function:
+            versions = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+            if not versions or any(name and name not in types for name in node.input):
+                return None
+            input_types = [types[name].SerializeToString() if name else onnx.TypeProto().SerializeToString()
+                           for name in node.input]
+            raw = schema.get_context_dependent_function_with_opset_version(
+                max(versions), node.SerializeToString(), input_types)
+    except Exception:  # the body cannot be built for this node (unknown types, unsupported attributes)
+        return None
+    if not raw:
+        return None
+    body = onnx.FunctionProto()
+    body.ParseFromString(raw)
+    return body if len(body.node) else None

@@ -1,0 +1,118 @@
+"""IBP rules of the linear and bilinear ops: the center goes through the op, the radius through |op|; a product
+of two bounded tensors (MatMul, Gemm, Conv with a bounded weight, Einsum) by Rump's midpoint-radius rule."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphcert import interval as iv
+from graphcert.interpret import attr
+from graphcert.interval import Interval
+from graphcert.passes.ibp_core import both_forms, condition, rule
+
+
+def _bilinear(b, op, a: Interval, w: Interval) -> Interval:
+    """op(a, w) for an op linear in each argument: |ca|·rw + ra·|cw| + ra·rw bounds the deviation from op(ca, cw)."""
+    radius = b.op("Add", b.op("Add", op(b.op("Abs", a.center), w.radius), op(a.radius, b.op("Abs", w.center))),
+                  op(a.radius, w.radius))
+    return Interval.from_center(b, op(a.center, w.center), radius)
+
+
+# ---- linear ops: center through the op, radius through |op| --------------------------------------------
+
+@rule("MatMul")
+def _matmul(cx, node, a, w):
+    b = cx.b
+    if isinstance(a, Interval) and isinstance(w, Interval):
+        return [_bilinear(b, lambda p, q: b.op("MatMul", p, q), a, w)]
+    if isinstance(a, Interval):
+        c, r, k = a.scaled_center_radius()
+        return [Interval.from_center(b, b.op("MatMul", c, cx.scaled(w, k)), b.op("MatMul", r, cx.abs(w, k)))]
+    c, r, k = w.scaled_center_radius()
+    return [Interval.from_center(b, b.op("MatMul", cx.scaled(a, k), c), b.op("MatMul", cx.abs(a, k), r))]
+
+
+@rule("Gemm")
+def _gemm(cx, node, a, w, bias=None):
+    b = cx.b
+    alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+    trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
+    if isinstance(a, Interval) and not isinstance(w, Interval) and not isinstance(bias, Interval):
+        c, r, k = a.scaled_center_radius()
+        given = [c, w, *([bias] if bias is not None else [])]
+        # At k = 1 the center is the original node itself, which onnxruntime merges with it (one product less).
+        center = b.copy(node, given) if k == 1.0 else b.op("Gemm", *given, alpha=alpha * k, beta=beta,
+                                                          transA=trans_a, transB=trans_b)
+        radius = b.op("Gemm", r, cx.abs(w), alpha=abs(alpha) * k, transA=trans_a, transB=trans_b)
+        return [Interval.from_center(b, center, radius)]
+    # General case from the pieces: alpha·op(A)·op(B) + beta·C with interval products.
+    def oriented(x, transpose):
+        if not transpose:
+            return x
+        if isinstance(x, Interval):
+            return both_forms(cx, x, lambda v: b.op("Transpose", v, perm=[1, 0]))
+        return b.op("Transpose", x, perm=[1, 0])
+    product = _matmul(cx, node, oriented(a, trans_a), oriented(w, trans_b))[0]
+    result = _scale(cx, product, alpha)
+    if bias is not None:
+        result = iv.add(b, result, _scale(cx, iv.as_interval(b, bias), beta))
+    return [result]
+
+
+def _scale(cx, x: Interval, factor: float) -> Interval:
+    if factor == 1.0:
+        return x
+    k = cx.b.const(factor)
+    return Interval.from_center(cx.b, cx.b.op("Mul", x.center, k), cx.b.op("Mul", x.radius, cx.b.const(abs(factor))))
+
+
+@rule("Conv", "ConvTranspose")
+def _conv(cx, node, x, w, bias=None):
+    b = cx.b
+    if isinstance(w, Interval) or not isinstance(x, Interval):
+        # A bounded (computed or perturbed) weight: the product of two intervals.
+        out = _bilinear(b, lambda p, q: b.copy(node, [p, q]), iv.as_interval(b, x), iv.as_interval(b, w))
+        if bias is not None:
+            out = iv.add(b, out, _per_channel(cx, node, iv.as_interval(b, bias)))
+        return [out]
+    if isinstance(bias, Interval):
+        out = _conv(cx, node, x, w)[0]
+        return [iv.add(b, out, _per_channel(cx, node, bias))]
+    c, r, k = x.scaled_center_radius()
+    center = b.copy(node, [c, cx.scaled(w, k)] + ([bias] if bias is not None else []))
+    radius = b.copy(node, [r, cx.abs(w, k)])
+    return [Interval.from_center(b, center, radius)]
+
+
+def _per_channel(cx, node, v: Interval) -> Interval:
+    """A [C] parameter as [C, 1, ...] to broadcast against [N, C, spatial...]."""
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 4
+    shape = cx.b.ints([-1] + [1] * (rank - 2))
+    return both_forms(cx, v, lambda t: cx.b.op("Reshape", t, shape))
+
+
+@rule("BatchNormalization")
+def _batchnorm(cx, node, x, scale, bias, mean, var):
+    b = cx.b
+    eps = attr(node, "epsilon", 1e-5)
+    params = (scale, bias, mean, var)
+    if any(isinstance(p, Interval) for p in params):
+        # Bounded parameters: (x - mean) · scale / sqrt(var + eps) + bias, factor by factor.
+        s, bi, m, v = (_per_channel(cx, node, iv.as_interval(b, p)) for p in params)
+        inv_std = Interval.from_bounds(  # decreasing in var; a negative variance is invalid (clipped to 0)
+            b, b.op("Reciprocal", b.op("Sqrt", b.op("Add", b.op("Relu", v.upper), b.const(eps)))),
+            b.op("Reciprocal", b.op("Sqrt", b.op("Add", b.op("Relu", v.lower), b.const(eps)))))
+        gain = iv.mul(b, s, inv_std)
+        return [iv.add(b, iv.mul(b, iv.sub(b, iv.as_interval(b, x), m), gain), bi)]
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 4
+    per_channel = [-1] + [1] * (rank - 2)
+    consts = [cx.constant(v) for v in (scale, var)]
+    if all(c is not None for c in consts):
+        gain = b.const(np.abs(consts[0] / np.sqrt(consts[1] + eps)).reshape(per_channel))
+    else:
+        gain = b.op("Reshape", b.op("Abs", b.op("Div", scale, b.op("Sqrt", b.op("Add", var, b.const(eps))))),
+                    b.ints(per_channel))
+    center = b.copy(node, [x.center, scale, bias, mean, var])
+    return [Interval.from_center(b, center, b.op("Mul", x.radius, gain))]
+
+
+condition("BatchNormalization")(lambda node: attr(node, "training_mode", 0) == 0)

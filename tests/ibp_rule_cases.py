@@ -1,0 +1,213 @@
+"""Property-test cases for the IBP rules of passes/ibp_rules_*.py (registered into test_ibp_rules.CASES, which
+imports this module, so `test_every_rule_has_a_property_test` sees them). Boolean and integer results are cast
+to float inside the tiny graph; `_large` scales some inputs to large magnitudes."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+from onnx import TensorProto
+
+from test_ibp_rules import Tiny, _broadcast_pair, _window, case
+
+
+def _large(t: Tiny, x: str) -> str:
+    """x, or x times a large factor (the box grows with it)."""
+    factor = t.pick([1.0, 1.0, 1e3, 1e5])
+    return x if factor == 1.0 else t.op("Mul", x, t.const(np.float32(factor)))
+
+
+def _as_float(t: Tiny, x: str) -> str:
+    return t.op("Cast", x, to=TensorProto.FLOAT)
+
+
+@case("Round", "Cosh", "Sin", "Cos", "Tan")
+def _unary(t: Tiny, op_type):
+    x = t.perturbed(t.shape())
+    if op_type != "Cosh":
+        x = _large(t, x)
+    return t.model(t.op(op_type, x))
+
+
+@case("Asin", "Acos", "Atanh")
+def _unit_domain(t: Tiny, op_type):
+    """Inputs inside (-1, 1) (a Tanh squashes them), some boxes reaching past the ends."""
+    x = t.op("Tanh", t.perturbed(t.shape()))
+    return t.model(t.op(op_type, t.op("Mul", x, t.const(np.float32(t.pick([0.5, 0.999]))))))
+
+
+@case("Acosh")
+def _acosh(t: Tiny, op_type):
+    x = t.op("Add", t.perturbed(t.shape(), positive=True), t.const(np.float32(1.0)))
+    return t.model(t.op(op_type, x))
+
+
+@case("Pow")
+def _pow(t: Tiny, op_type):
+    which = t.pick(["constant", "constant", "bounded"])
+    if which == "bounded":
+        base = t.perturbed(t.shape(1, 2), positive=True)
+        return t.model(t.op("Pow", base, t.perturbed([1])))
+    exponent = t.pick([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, -1.0, -2.0, -3.0, 0.5, 0.25, 1.5, -0.5])
+    positive = not float(exponent).is_integer()
+    x = t.perturbed(t.shape(), positive=positive)
+    return t.model(t.op("Pow", x, t.const(np.float32(exponent))))
+
+
+@case("Mod")
+def _mod(t: Tiny, op_type):
+    left, right = _broadcast_pair(t)
+    divisor = t.rng.uniform(0.3, 3.0, right) * t.rng.choice([-1.0, 1.0], right)
+    y = t.const(divisor) if t.draw(st.booleans()) else t.perturbed(right, positive=True)
+    return t.model(t.op("Mod", _large(t, t.perturbed(left)), y, fmod=1))
+
+
+@case("Cast", "CastLike")
+def _cast(t: Tiny, op_type):
+    """Through an integer, half, boolean or wrapping unsigned type and back."""
+    middle = t.pick([TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT16, TensorProto.DOUBLE,
+                     TensorProto.BOOL, TensorProto.UINT8])
+    x = t.perturbed(t.shape())
+    if middle == TensorProto.BOOL and t.draw(st.booleans()):
+        x = t.op("Relu", x)  # exact zeros
+    if op_type == "Cast":
+        return t.model(_as_float(t, t.op("Cast", _large(t, x), to=middle)))
+    numpy_type = {TensorProto.INT32: np.int32, TensorProto.INT64: np.int64, TensorProto.FLOAT16: np.float16,
+                  TensorProto.DOUBLE: np.float64, TensorProto.BOOL: np.bool_, TensorProto.UINT8: np.uint8}[middle]
+    like = t.const(np.zeros(1), dtype=numpy_type)
+    return t.model(t.op("CastLike", t.op("CastLike", x, like), t.const(np.zeros(1))))
+
+
+@case("Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal")
+def _compare(t: Tiny, op_type):
+    left, right = _broadcast_pair(t)
+    x = t.op("Round", t.perturbed(left)) if op_type == "Equal" else t.perturbed(left)
+    y = t.perturbed(right) if t.draw(st.booleans()) else t.const(t.rng.integers(-2, 3, right))
+    if op_type == "Equal":
+        y = t.op("Round", y)
+    return t.model(_as_float(t, t.op(op_type, x, y)))
+
+
+@case("Not", "And", "Or", "Xor")
+def _logic(t: Tiny, op_type):
+    left, right = _broadcast_pair(t)
+    x = t.op("Less", t.perturbed(left), t.const(np.float32(0.0)))
+    if op_type == "Not":
+        return t.model(_as_float(t, t.op("Not", x)))
+    y = t.op("Greater", t.perturbed(right), t.const(np.float32(0.0))) if t.draw(st.booleans()) else \
+        t.const(t.rng.random(right) < 0.5, dtype=np.bool_)
+    return t.model(_as_float(t, t.op(op_type, x, y)))
+
+
+@case("IsNaN", "IsInf")
+def _is_special(t: Tiny, op_type):
+    x = t.op("Reciprocal", t.perturbed(t.shape()))  # unbounded where the box holds zero
+    if op_type == "IsInf":
+        x = t.op("Mul", x, t.const(np.float32(1e38)))
+        attrs = dict(detect_positive=int(t.draw(st.booleans())), detect_negative=int(t.draw(st.booleans())))
+        return t.model(_as_float(t, t.op("IsInf", x, **attrs)))
+    return t.model(_as_float(t, t.op("IsNaN", t.op("Sqrt", x))))
+
+
+@case("Where")
+def _where(t: Tiny, op_type):
+    left, right = _broadcast_pair(t)
+    if t.draw(st.booleans()):
+        condition = t.op("Less", t.perturbed(t.pick([left, right])), t.const(np.float32(0.0)))
+    else:
+        condition = t.const(t.rng.random(t.pick([left, right])) < 0.5, dtype=np.bool_)
+    which = t.pick(["x", "y", "both"])
+    x = t.perturbed(left) if which != "y" else t.weights(left)
+    y = t.perturbed(right) if which != "x" else t.weights(right)
+    return t.model(t.op("Where", condition, x, y))
+
+
+@case("ArgMax", "ArgMin")
+def _arg_extreme(t: Tiny, op_type):
+    shape = t.shape(1, 3)
+    axis = t.draw(st.integers(-len(shape), len(shape) - 1))
+    attrs = dict(axis=axis, keepdims=int(t.draw(st.booleans())), select_last_index=int(t.draw(st.booleans())))
+    return t.model(_as_float(t, t.op(op_type, _large(t, t.perturbed(shape)), **attrs)))
+
+
+@case("Hardmax")
+def _hardmax(t: Tiny, op_type):
+    shape = t.shape(1, 3)
+    return t.model(t.op("Hardmax", t.perturbed(shape), axis=t.draw(st.integers(-len(shape), len(shape) - 1))))
+
+
+@case("OneHot")
+def _one_hot(t: Tiny, op_type):
+    shape = t.shape(1, 2)
+    depth = t.draw(st.integers(1, 4))
+    index = t.op("Cast", t.op("Round", t.perturbed(shape)), to=TensorProto.INT64)
+    values = t.perturbed([2]) if t.draw(st.booleans()) else t.const(np.float32([-1.0, 2.0]))
+    axis = t.draw(st.integers(-len(shape) - 1, len(shape)))
+    return t.model(t.op("OneHot", index, t.ints([depth]), values, axis=axis))
+
+
+@case("LpPool", "GlobalLpPool")
+def _lp_pool(t: Tiny, op_type):
+    shape = [t.draw(st.integers(1, 2)), t.draw(st.integers(1, 2))] + t.shape(1, 2, max_dim=4)
+    p = t.pick([1, 2, 3])
+    if op_type == "GlobalLpPool":
+        return t.model(t.op(op_type, t.perturbed(shape), p=p))
+    kernel, strides, pads = _window(t, shape[2:])
+    return t.model(t.op(op_type, t.perturbed(shape), kernel_shape=kernel, strides=strides, pads=pads, p=p))
+
+
+@case("CumSum")
+def _cumsum(t: Tiny, op_type):
+    shape = t.shape(1, 3)
+    axis = t.draw(st.integers(-len(shape), len(shape) - 1))
+    return t.model(t.op("CumSum", t.perturbed(shape), t.ints(axis), exclusive=int(t.draw(st.booleans())),
+                        reverse=int(t.draw(st.booleans()))))
+
+
+@case("Mean")
+def _mean(t: Tiny, op_type):
+    left, right = _broadcast_pair(t)
+    inputs = [t.perturbed(left)] + [t.perturbed(right) if t.draw(st.booleans()) else t.weights(right)
+                                    for _ in range(t.draw(st.integers(0, 2)))]
+    return t.model(t.op("Mean", *inputs))
+
+
+@case("Resize", "Upsample")
+def _resize(t: Tiny, op_type):
+    shape = [1, t.draw(st.integers(1, 2))] + t.shape(1, 2, max_dim=3)
+    scales = [1.0, 1.0] + [t.pick([0.5, 1.0, 1.5, 2.0]) for _ in shape[2:]]
+    mode = t.pick(["nearest", "linear"])
+    if op_type == "Upsample":
+        t.opset = 9
+        scales = [max(s, 1.0) for s in scales]
+        return t.model(t.op("Upsample", t.perturbed(shape), t.const(np.float32(scales)), mode=mode))
+    transform = t.pick(["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"])
+    return t.model(t.op("Resize", t.perturbed(shape), "", t.const(np.float32(scales)), mode=mode,
+                        coordinate_transformation_mode=transform))
+
+
+@case("GridSample")
+def _grid_sample(t: Tiny, op_type):
+    t.opset = max(t.opset, 16)
+    shape = [1, t.draw(st.integers(1, 2)), t.draw(st.integers(1, 3)), t.draw(st.integers(1, 3))]
+    grid = t.const(t.rng.uniform(-1.2, 1.2, [1, 2, 3, 2]))
+    return t.model(t.op("GridSample", t.perturbed(shape), grid, mode=t.pick(["bilinear", "nearest"]),
+                        padding_mode=t.pick(["zeros", "border", "reflection"]),
+                        align_corners=int(t.draw(st.booleans()))))
+
+
+@case("Einsum")
+def _einsum(t: Tiny, op_type):
+    m, k, n = (t.draw(st.integers(1, 3)) for _ in range(3))
+    form = t.pick(["one", "a", "b", "both"])
+    if form == "one":
+        return t.model(t.op("Einsum", t.perturbed([m, k]), equation="ij->ji"))
+    a = t.perturbed([m, k]) if form != "b" else t.weights([m, k])
+    b = t.perturbed([k, n]) if form != "a" else t.weights([k, n])
+    return t.model(t.op("Einsum", a, b, equation="ij,jk->ik"))
+
+
+@case("LpNormalization")
+def _lp_normalization(t: Tiny, op_type):
+    shape = t.shape(1, 3)
+    return t.model(t.op(op_type, t.perturbed(shape), axis=t.draw(st.integers(-len(shape), len(shape) - 1)),
+                        p=t.pick([1, 2])))
