@@ -19,7 +19,9 @@ from harness import check_bounds_sound, graph_bound_fn
 
 # (architecture, exporter, opset, float16 copy) -> the methods checked on it
 EXPORTS = {**{(name, "dynamo", None, False): ("ibp", "crown-ibp", "crown") for name in arch_zoo.ARCHITECTURES},
-           **{(name, "torchscript", 17, False): ("ibp", "crown") for name in arch_zoo.ARCHITECTURES},
+           **{(name, "torchscript", 17, False): ("ibp",) for name in arch_zoo.ARCHITECTURES},
+           ("resnet", "torchscript", 17, False): ("ibp", "crown"),
+           ("convnext_tanh", "torchscript", 17, False): ("ibp", "crown"),
            ("resnet", "torchscript", 13, False): ("ibp", "crown"), ("lstm", "torchscript", 13, False): ("ibp",),
            ("resnet", "torchscript", 17, True): ("ibp", "crown"),
            ("efficientnet", "torchscript", 17, True): ("ibp", "crown")}
