@@ -31,6 +31,9 @@ def add_convert(sub) -> None:
     p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI] (e.g. 0 1 for pixels)")
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
+    p.add_argument("--perturb", metavar="NAME[,NAME]",
+                   help="the inputs to perturb, each with its own radius NAME_epsilon when several (default: the "
+                        "first floating-point input); the other inputs are fed as given")
     p.add_argument("--norm", default="linf",
                    help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
     p.add_argument("--certificate", action="store_true",
@@ -68,7 +71,8 @@ def run_convert(args) -> int:
                   f"batches of about {max(1, per_run // rungs)} inputs or fewer per 2 GB of memory")
         return 0
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
-                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
+                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm,
+                        perturb=args.perturb.split(",") if args.perturb else None)
     inputs = ", ".join(i.name for i in proto.graph.input)
     outputs = ", ".join(o.name for o in proto.graph.output)
     print(f"wrote {args.output} ({args.method}): inputs {inputs}; outputs {outputs}")
