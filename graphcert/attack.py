@@ -126,9 +126,9 @@ class _Rows:
 class Attack:
     """Sampling, gradient corners and multi-start sign-gradient PGD per live conjunct, over many boxes at once.
 
-    Each PGD start aims at one (box, live conjunct) pair: its loss is that conjunct's largest row margin,
-    and for every other start one row's margin is weighted up (a targeted margin, which escapes the plateaus
-    where the maximum keeps switching rows). Progress is always judged by the true unsafe objective.
+    Each PGD start belongs to one (box, live conjunct) pair; its loss is, in turn, the whole unsafe objective,
+    that conjunct's largest row margin, or that plus one of its rows' margins (a targeted margin, which
+    escapes the plateaus where the maximum keeps switching rows). Progress is judged by the unsafe objective.
     """
 
     def __init__(self, network: FlatNetwork, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
@@ -202,9 +202,11 @@ class Attack:
         starts, conjunct = self._starts(view, lo, hi, alive, samples, restarts, targets)   # [m*targets*restarts, n]
         owner = torch.arange(m).repeat_interleave(targets * restarts)
         lo_r, hi_r, alive_r = lo[owner], hi[owner], alive[owner]
-        # The loss of each start: its conjunct's rows (targeted: one of them weighted up on every other start).
+        # The loss of each start, in turn: the whole unsafe objective, its conjunct's largest margin, or that
+        # plus one of the conjunct's rows (a targeted margin).
         member = view.membership[:, conjunct].T                       # [P, r]
         targeted = self._targeted_rows(member, restarts)
+        aim_whole = torch.arange(len(member)) % 3 == 0
         x = starts.clone()
         with torch.no_grad():
             best = view.objective(self.network, x, alive_r, self.points_per_chunk(n, view))
@@ -215,12 +217,14 @@ class Attack:
                 break
             x.requires_grad_(True)
             margins = view.margins(self.network, x)
+            whole = unsafe_objective(margins, view.membership, alive_r)
             loss = margins.masked_fill(~member, -math.inf).amax(dim=1)
             loss = loss + torch.where(targeted >= 0, margins.gather(1, targeted.clamp(min=0)[:, None])[:, 0],
                                       torch.zeros_like(loss))
+            loss = torch.where(aim_whole, whole, loss)
             grad, = torch.autograd.grad(loss.sum(), x)
             with torch.no_grad():
-                current = unsafe_objective(margins.detach(), view.membership, alive_r)
+                current = whole.detach()
                 improved = current < best
                 best = torch.where(improved, current, best)
                 best_x[improved] = x.detach()[improved]
@@ -235,14 +239,14 @@ class Attack:
         return best_x[order].numpy(), best[order].numpy()
 
     def _targeted_rows(self, member: torch.Tensor, restarts: int) -> torch.Tensor:
-        """[P]: a member row of each start's conjunct to weight up (every other start), or -1."""
+        """[P]: a member row of each start's conjunct to weight up (every third start), or -1."""
         p = len(member)
         counts = member.sum(dim=1)
-        pick = torch.arange(p) // 2 % counts.clamp(min=1)
+        pick = torch.arange(p) // 3 % counts.clamp(min=1)
         ranks = member.cumsum(dim=1) - 1                              # rank of each member row in its conjunct
         row = torch.where(member & (ranks == pick[:, None]), torch.arange(member.shape[1]), member.shape[1])
         row = row.amin(dim=1)
-        return torch.where((torch.arange(p) % 2 == 1) & (counts > 1), row, torch.full_like(row, -1))
+        return torch.where((torch.arange(p) % 3 == 2) & (counts > 1), row, torch.full_like(row, -1))
 
     def _starts(self, view: _Rows, lo, hi, alive, samples, restarts, targets):
         """Starting points [m*targets*restarts, n] and each one's conjunct [m*targets*restarts].
@@ -256,11 +260,18 @@ class Attack:
         count = max(samples, restarts)
         # Score the samples in rounds within the budget, keeping each conjunct's best `restarts` per box.
         per_round = max(1, self.points_per_chunk(n, view) // max(m, 1))
+        # Where points are cheap (small networks, few boxes), sample up to 16 times more: one round of scoring.
+        count = max(count, min(16 * count, per_round))
         kept_points = lo.new_zeros((m, 0, n))
         kept_scores = lo.new_zeros((m, k, 0))
         for begin in range(0, count, per_round):
             size = min(per_round, count - begin)
             u = torch.rand(m, size, n, generator=self.generator)
+            # Every other sample has each coordinate on a face of the box with probability 1/2: counterexamples
+            # often lie on the boundary, where uniform samples hardly ever go.
+            face = torch.rand(m, size, n, generator=self.generator)
+            on_face = (torch.arange(size) % 2 == 1).view(1, -1, 1) & (face < 0.5)
+            u = torch.where(on_face, (face < 0.25).to(u.dtype), u)
             points = lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1)
             if begin == 0:
                 points[:, 0] = 0.5 * (lo + hi)
