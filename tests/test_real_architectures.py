@@ -14,12 +14,15 @@ import pytest
 import arch_zoo
 from graphcert import api
 from graphcert import model as model_lib
+from graphcert.errors import ModelLoadError, UnsupportedOpError
 from graphcert.runtime import Session
 from harness import check_bounds_sound, graph_bound_fn
 
 # (architecture, exporter, opset, float16 copy) -> the methods checked on it
 EXPORTS = {**{(name, "dynamo", None, False): ("ibp", "crown-ibp", "crown") for name in arch_zoo.ARCHITECTURES},
-           **{(name, "torchscript", 17, False): ("ibp", "crown") for name in arch_zoo.ARCHITECTURES},
+           **{(name, "torchscript", 17, False): ("ibp",) for name in arch_zoo.ARCHITECTURES},
+           ("resnet", "torchscript", 17, False): ("ibp", "crown"),
+           ("convnext_tanh", "torchscript", 17, False): ("ibp", "crown"),
            ("resnet", "torchscript", 13, False): ("ibp", "crown"), ("lstm", "torchscript", 13, False): ("ibp",),
            ("resnet", "torchscript", 17, True): ("ibp", "crown"),
            ("efficientnet", "torchscript", 17, True): ("ibp", "crown")}
@@ -29,7 +32,8 @@ EPS = 1e-3
 # Resize, LSTM/GRU), helper "rules" the CROWN fallback. The dynamo exporter writes Gelu (tanh GELU too), the
 # TorchScript one Erf (exact) or Tanh arithmetic (tanh).
 MISSING = {
-    "mobilenet_v3": "HardSwish/HardSigmoid rules: helper ops/rules",
+    "mobilenet_v3": "HardSwish: the function-body expansion declares opset 14 inside an opset-20 model and "
+                    "the inliner refuses it at load (graphcert/normalise_ops.py): helper ops",
     "convnext": "CROWN Erf rule (Gelu is expanded to Erf): helper rules",
     "convnext_tanh": "CROWN rule for the expanded Gelu: helper rules",
     "vit": "CROWN Erf/Concat/Gather/MatMul-of-two-bounded/Slice rules: helper rules",
@@ -77,7 +81,9 @@ def _params():
     for case, methods in EXPORTS.items():
         for method in methods:
             reason = _missing(case, method)
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            # Only the refusal (or, where the reason says so, the load error) is expected: anything else fails.
+            raises = (UnsupportedOpError, ModelLoadError) if case[0] == "mobilenet_v3" else UnsupportedOpError
+            marks = [pytest.mark.xfail(strict=True, reason=reason, raises=raises)] if reason else []
             params.append(pytest.param(case, method, id=f"{_id(case)}-{method}", marks=marks))
     return params
 
