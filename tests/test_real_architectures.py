@@ -18,14 +18,15 @@ from graphcert.errors import ModelLoadError, UnsupportedOpError
 from graphcert.runtime import Session
 from harness import check_bounds_sound, graph_bound_fn
 
-# (architecture, exporter, opset, float16 copy) -> the methods checked on it
+# (architecture, exporter, opset, variant: False, True = a float16 copy, "qdq" = int8 QDQ) -> methods checked
 EXPORTS = {**{(name, "dynamo", None, False): ("ibp", "crown-ibp", "crown") for name in arch_zoo.ARCHITECTURES},
            **{(name, "torchscript", 17, False): ("ibp",) for name in arch_zoo.ARCHITECTURES},
            ("resnet", "torchscript", 17, False): ("ibp", "crown"),
            ("convnext_tanh", "torchscript", 17, False): ("ibp", "crown"),
            ("resnet", "torchscript", 13, False): ("ibp", "crown"), ("lstm", "torchscript", 13, False): ("ibp",),
            ("resnet", "torchscript", 17, True): ("ibp", "crown"),
-           ("efficientnet", "torchscript", 17, True): ("ibp", "crown")}
+           ("efficientnet", "torchscript", 17, True): ("ibp", "crown"),
+           ("residual_cnn", "torchscript", 17, "qdq"): ("ibp", "crown")}
 EPS = 1e-3
 
 # Rules missing on main today: helper "ops" adds IBP rules and function-body expansion (HardSwish, Gelu,
@@ -49,14 +50,16 @@ ALREADY = {("convnext", "torchscript", "ibp"), ("convnext_tanh", "torchscript", 
 
 
 def _missing(case, method=None) -> str | None:
+    if case[3] == "qdq":
+        return "QuantizeLinear/DequantizeLinear rules: helper ops"
     if (case[0], case[1], method) in ALREADY:
         return None
     return MISSING.get(case[0])
 
 
 def _id(case):
-    name, exporter, opset, half = case
-    return f"{name}-{exporter}{opset or ''}{'-fp16' if half else ''}"
+    name, exporter, opset, variant = case
+    return f"{name}-{exporter}{opset or ''}{'-qdq' if variant == 'qdq' else '-fp16' if variant else ''}"
 
 
 @pytest.fixture(scope="session")
@@ -70,9 +73,13 @@ _EXPORTED: dict = {}
 def exported(case, folder) -> str:
     """The case's ONNX file, exported once per session."""
     if case not in _EXPORTED:
-        name, exporter, opset, half = case
+        name, exporter, opset, variant = case
         path = arch_zoo.export(name, str(folder), exporter, opset)
-        _EXPORTED[case] = arch_zoo.float16_copy(path, str(folder)) if half else path
+        if variant == "qdq":
+            path = arch_zoo.qdq_copy(path, str(folder))
+        elif variant:
+            path = arch_zoo.float16_copy(path, str(folder))
+        _EXPORTED[case] = path
     return _EXPORTED[case]
 
 
