@@ -31,6 +31,9 @@ def add_convert(sub) -> None:
     p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI] (e.g. 0 1 for pixels)")
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
+    p.add_argument("--perturb", metavar="NAME[,NAME]",
+                   help="the inputs to perturb, each with its own radius NAME_epsilon when several (default: the "
+                        "first floating-point input); the other inputs are fed as given")
     p.add_argument("--norm", default="linf",
                    help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
     p.add_argument("--certificate", action="store_true",
@@ -68,7 +71,8 @@ def run_convert(args) -> int:
                   f"batches of about {max(1, per_run // rungs)} inputs or fewer per 2 GB of memory")
         return 0
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
-                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
+                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm,
+                        perturb=args.perturb.split(",") if args.perturb else None)
     inputs = ", ".join(i.name for i in proto.graph.input)
     outputs = ", ".join(o.name for o in proto.graph.output)
     print(f"wrote {args.output} ({args.method}): inputs {inputs}; outputs {outputs}")
@@ -398,7 +402,7 @@ def run_verify(args) -> int:
     if parallel_requested(args):
         raise InputError("--workers, --ray and --resume run the instances of --instances FILE.csv; "
                          "a single property runs in this process")
-    from graphcert.verify.resources import Budget, ProcessGuard
+    from graphcert.verify.resources import Budget
     budget = Budget(memory)
     alpha = alpha_settings(args, VERIFY_ALPHA)
 
@@ -413,13 +417,24 @@ def run_verify(args) -> int:
         print(f"{result.seconds:.2f} s, {result.boxes} boxes bounded" + (f"; {result.reason}" if result.reason
                                                                           else ""), file=sys.stderr, flush=True)
 
-    with ProcessGuard(started + args.timeout, budget, answer, VERDICT_EXIT_CODES.__getitem__):
-        from graphcert import verify as verifier
-        result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
-                                 alpha=alpha, memory=budget.total, started=started, rounding=args.rounding)
+    process = getattr(args, "process_started", None) is not None
+    if process:
+        # The command itself: a small parent keeps the deadline and the budget while a child does the work
+        # (a thread could not: the heavy imports and kernels hold the GIL for seconds).
+        from graphcert.verify.isolate import supervise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = supervise(started + args.timeout, budget, answer, VERDICT_EXIT_CODES.__getitem__)
+        if code is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    from graphcert import verify as verifier
+    result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
+                             alpha=alpha, memory=budget.total, started=started, rounding=args.rounding)
     answer(result.status, result.reason, result)
-    if getattr(args, "process_started", None) is not None:
-        # The command itself: end now rather than spend the promised second tearing down large sessions.
+    if process:
+        # End now rather than spend the promised second tearing down large sessions.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(VERDICT_EXIT_CODES[result.status])

@@ -84,6 +84,8 @@ def test_split_bounds_of_a_batch_one_residual_export_take_any_number_of_domains(
 def test_relu_branching_on_a_batch_one_residual_export_runs_and_stays_sound(tmp_path):
     """y_0 >= t with t between the sampled maximum and the root bound: ReLU branching bounds many domains
     per call (no crash) and never answers holds below the sampled maximum."""
+    import torch  # noqa: F401  (loaded outside the timed search: this test is about branching, not start-up)
+
     from graphcert.verify import verify
     from graphcert.verify.bounds import SplitBounds
     from graphcert.verify.network import Network
@@ -214,3 +216,24 @@ def test_the_command_line_refuses_a_timeout_that_is_not_positive(tmp_path, capsy
     assert cli.main(["verify", str(model), str(spec), "--memory", "lots"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert cli.main(["verify", str(model), str(spec), "--timeout", "10", "--memory", "1GB"]) == 0
+
+
+def test_the_command_answers_within_a_second_of_its_timeout_from_process_start(tmp_path):
+    """`verify --timeout 1` as its own process: whatever it is doing at the deadline (here, most likely still
+    importing), the supervising parent answers within the promised second, writes the result file and exits
+    with the verdict's code."""
+    import os
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model, spec, out = tmp_path / "index.onnx", tmp_path / "p.vnnlib", tmp_path / "result.txt"
+    index_network(model)
+    boxes_property(spec, np.linspace(-1, 1, 3), "(>= Y_0 100.0)")
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, os.path.join(root, "cli.py"), "verify", str(model), str(spec),
+                           "--timeout", "1", "--out", str(out)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert time.monotonic() - began < 2.0
+    assert (done.returncode, done.stdout.strip()) in ((0, "holds"), (30, "timeout"))
+    assert out.read_text().split()[0] == {"holds": "unsat", "timeout": "timeout"}[done.stdout.strip()]

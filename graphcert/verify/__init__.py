@@ -73,16 +73,17 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     prop = load_property(spec_path)
     if time.monotonic() > deadline:
         return ended("timeout", "the deadline passed while reading the property")
-    from .input_bab import InputSplitSearch
     from .network import Network
-    from .search import Search
-    network = Network(model_path)
+    network = Network(model_path)   # onnx and onnxruntime only: the model is read before torch loads
     if (prop.n_inputs, prop.n_outputs) != (network.n_inputs, network.n_outputs):
         raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
                         f"{model_path} has {network.n_inputs} inputs and {network.n_outputs} outputs")
     if time.monotonic() > deadline:
         return ended("timeout", "the deadline passed while loading the model")
     import torch
+
+    from .input_bab import InputSplitSearch
+    from .search import Search
     threads = torch.get_num_threads()
     # torch runs attacks and alpha-beta-CROWN on small tensors through many ops, where a second thread gains
     # little and costs much on a busy machine (mnistfc 256x2 prop_5_0.03 beside other jobs: 1,500-2,600 domain

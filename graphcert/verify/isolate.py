@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import GraphcertError
-from .resources import Budget, ProcessGuard
+from .resources import Budget, ProcessGuard, size
 
 # A child that has not answered this long after its deadline (its guard failed too) is killed.
 KILL_AFTER = 1.0
@@ -105,3 +105,60 @@ def _read_all(fd: int, pid: int, kill_at: float) -> bytes:
     except Exception:  # noqa: BLE001 (a child killed mid-write leaves a partial message)
         return b""
     return data
+
+
+def supervise(deadline: float, budget: Budget | None, answer: Callable[[str, str], None],
+              exit_code: Callable[[str], int], grace: float = 0.3, interval: float = 0.05) -> int | None:
+    """Split this process in two: the child returns None and does the work; the parent returns the exit code
+    once the child ends, or, if the child passes `deadline + grace` or its memory budget first, kills it,
+    calls `answer(status, reason)` and returns `exit_code(status)`.
+
+    The parent holds no model and runs no Python while the child works, so unlike a thread (which needs the
+    GIL, and a C extension's import or kernel can hold that for seconds) it keeps the deadline to the poll
+    interval. Where fork is missing the work runs unsupervised here (None).
+    """
+    if not hasattr(os, "fork"):
+        return None
+    pid = os.fork()
+    if pid == 0:
+        return None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status) else 128 + os.WTERMSIG(status)
+        reason = ""
+        if time.monotonic() > deadline + grace:
+            verdict, reason = "timeout", "the deadline passed inside a stage that cannot be interrupted"
+        elif budget is not None and _resident_of(pid) > budget.total:
+            verdict, reason = "unknown", f"resident memory passed the memory budget of {budget}"
+        if reason:
+            # Freeze it at once (freeing a large process after SIGKILL takes a while on a busy machine), answer,
+            # then kill it without waiting: the caller exits and the kernel reaps the child.
+            os.kill(pid, signal.SIGSTOP)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done and os.WIFEXITED(status):   # it finished (and answered) just before
+                return os.waitstatus_to_exitcode(status)
+            answer(verdict, f"{reason} (peak resident memory {size(_peak_of(pid))})")
+            os.kill(pid, signal.SIGKILL)
+            return exit_code(verdict)
+        time.sleep(interval)
+
+
+def _resident_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _peak_of(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
