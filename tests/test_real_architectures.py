@@ -126,11 +126,13 @@ def test_certify_and_verify_run(case, zoo_folder, tmp_path):
     session = Session(api.to_proto(loaded))
     logits = session.run({session.input_names[0]: x})[session.output_names[0]]
     labels = logits.argmax(axis=1)
-    result = certify(path, Dataset("zoo", x, labels, None), eps=EPS, method="auto")
+    # The zoo exercises ops the float32 rounding analysis has no rule for yet (LayerNorm, SiLU products):
+    # these runs certify and verify in real arithmetic.
+    result = certify(path, Dataset("zoo", x, labels, None), eps=EPS, method="auto", rounding="real")
     assert result.clean == 4 and result.stages["ibp"]["status"] == "ran"
     spec = tmp_path / "robust.vnnlib"
     spec.write_text(_robustness_property(x[0], int(labels[0]), logits.shape[1], EPS))
-    outcome = verify(path, spec, timeout=20)
+    outcome = verify(path, spec, timeout=20, rounding="real")
     assert outcome.status in ("holds", "violated", "unknown", "timeout"), outcome
     if outcome.status == "violated":
         cx, _ = outcome.counterexample
