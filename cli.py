@@ -31,6 +31,9 @@ def add_convert(sub) -> None:
     p.add_argument("--domain", nargs=2, type=float, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI] (e.g. 0 1 for pixels)")
     p.add_argument("--spec", help="VNN-LIB property whose output constraints are folded in as margins")
+    p.add_argument("--perturb", metavar="NAME[,NAME]",
+                   help="the inputs to perturb, each with its own radius NAME_epsilon when several (default: the "
+                        "first floating-point input); the other inputs are fed as given")
     p.add_argument("--norm", default="linf",
                    help="epsilon is an L-inf (default) or L2 (l2: methods crown-ibp, crown, lipschitz) radius")
     p.add_argument("--certificate", action="store_true",
@@ -68,7 +71,8 @@ def run_convert(args) -> int:
                   f"batches of about {max(1, per_run // rungs)} inputs or fewer per 2 GB of memory")
         return 0
     proto = api.convert(shipped_model(args.model), args.output, method=args.method,
-                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm)
+                        domain=tuple(args.domain) if args.domain else None, spec_path=args.spec, norm=args.norm,
+                        perturb=args.perturb.split(",") if args.perturb else None)
     inputs = ", ".join(i.name for i in proto.graph.input)
     outputs = ", ".join(o.name for o in proto.graph.output)
     print(f"wrote {args.output} ({args.method}): inputs {inputs}; outputs {outputs}")
@@ -130,6 +134,9 @@ def add_certify(sub) -> None:
     p.add_argument("--limit", type=int, help="certify only the first N samples")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="do not clip the input box to the data domain")
+    p.add_argument("--rounding", default="float32", choices=("float32", "real"),
+                   help="float32 (default): certificates hold for the model as it runs in float32 (margins must "
+                        "beat a rounding-error bound); real: in real arithmetic only")
     from graphcert.alpha_settings import CERTIFY_ALPHA
     add_alpha_options(p, CERTIFY_ALPHA)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -209,7 +216,7 @@ def run_certify(args) -> int:
     result = sweep(shipped_model(args.model), data, eps, methods, limit=args.limit, batch_size=args.batch_size,
                    clip=not args.no_clip, progress=not args.json and sys.stderr.isatty(),
                    alpha=alpha_settings(args, CERTIFY_ALPHA), norm=args.norm, radius=args.radius,
-                   tolerance=args.radius_tol, model_name=args.model)
+                   tolerance=args.radius_tol, model_name=args.model, rounding=args.rounding)
     if args.per_sample:
         result.write_per_sample(args.per_sample)
     if args.plot:
@@ -242,6 +249,9 @@ def run_certify(args) -> int:
 
 def _certify_one(args, data, eps: float, method: str, alpha) -> int:
     from graphcert.certify import certify
+    from graphcert.errors import InputError
+    if (parallel_requested(args) or args.results) and args.rounding != "float32":
+        raise InputError("--workers, --ray and --results certify for the float32 model; drop --rounding real")
     if parallel_requested(args) or args.results:
         from graphcert.distributed.shards import certify_sharded
         result, summary = certify_sharded(
@@ -253,7 +263,8 @@ def _certify_one(args, data, eps: float, method: str, alpha) -> int:
     else:
         result = certify(shipped_model(args.model), data, eps, method=method, limit=args.limit,
                          batch_size=args.batch_size, clip=not args.no_clip,
-                         progress=not args.json and sys.stderr.isatty(), alpha=alpha, norm=args.norm)
+                         progress=not args.json and sys.stderr.isatty(), alpha=alpha, norm=args.norm,
+                         rounding=args.rounding)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -331,6 +342,9 @@ def add_verify(sub) -> None:
     p.add_argument("--method", default="crown", help=f"{methods.help_text(norm='linf')} (default: crown)")
     p.add_argument("--instances", help="competition instances CSV (onnx, vnnlib, timeout; paths relative to it)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="with --instances: scale every timeout")
+    p.add_argument("--rounding", default="float32", choices=("float32", "real"),
+                   help="float32 (default): holds means for the model as it runs in float32; real: in real "
+                        "arithmetic, as the competition reads properties")
     p.add_argument("--plot", metavar="FILE", help="with --instances: draw the cactus plot (.png or .svg)")
     p.add_argument("--reference", metavar="CSV",
                    help="with --plot: another tool's results (onnx, vnnlib, abcrown_answer or status, wall_s or "
@@ -370,7 +384,8 @@ def run_verify(args) -> int:
         from graphcert.distributed.instances import run_instances
         results, run = run_instances(args.instances, args.out, method=args.method, progress=sys.stderr.isatty(),
                                      timeout_scale=args.timeout_scale, alpha=alpha_settings(args, VERIFY_ALPHA),
-                                     executor=parallel_executor(args), resume=args.resume, memory=memory)
+                                     executor=parallel_executor(args), resume=args.resume, memory=memory,
+                                     rounding=args.rounding)
         for r in results:
             print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
         summary = verifier.summarize(results)
@@ -416,7 +431,7 @@ def run_verify(args) -> int:
             os._exit(code)
     from graphcert import verify as verifier
     result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
-                             alpha=alpha, memory=budget.total, started=started)
+                             alpha=alpha, memory=budget.total, started=started, rounding=args.rounding)
     answer(result.status, result.reason, result)
     if process:
         # End now rather than spend the promised second tearing down large sessions.

@@ -1,7 +1,8 @@
 """Certified-accuracy curves of the shipped models, per-sample radius statistics, the cost of certificate graphs
 in onnxruntime, and a sweep against certifying each radius separately.
 
-    python benchmarks/certs_bench.py --limit 200 --radius-limit 100 --plot benchmarks/certified_curves.png
+    python benchmarks/certs_bench.py --limit 200 --radius-limit 100 --sweep-limit 100 \
+        --plot benchmarks/certified_curves.png
 
 Prints Markdown tables (the "Certificates and curves" section of benchmarks/RESULTS.md).
 """
@@ -135,6 +136,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--radius-limit", type=int, default=100)
+    parser.add_argument("--sweep-limit", type=int, default=100)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -147,7 +149,7 @@ def main():
     if "certificate" in parts:
         certificate_cost(data, args.batch, args.repeats)
     if "sweep" in parts:
-        sweep_against_separate(data, args.limit)
+        sweep_against_separate(data, args.sweep_limit)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ local worker processes, and with 1 and 2 tasks at a time on a local Ray cluster 
 
 Usage: python benchmarks/parallel_bench.py [--acas-timeout-scale 0.05] [--acas-limit N] [--certify-limit N]
                                             [--modes serial,local1,local2,ray1,ray2]
+                                            [--workloads empty,verify,certify] [--empty-tasks 200]
 Each configuration runs in a fresh Python process (as a user's command would: worker and cluster start-up
-included) and is what `graphcert verify --instances ACAS.csv --timeout-scale K [--workers N] [--ray]` and
-`graphcert certify mnist_mlp --method crown [--workers N] [--ray]` run. Prints one markdown table: wall time,
-the tasks' own summed wall and CPU time, time to the first task's start, speed-up over one worker, overhead per
-task ((wall x slots - summed task time) / tasks) and whether the answers equal the serial run's. A load average
+included). `empty` runs tasks that do nothing: the executor's own cost per task. `verify` and `certify` are
+what `graphcert verify --instances ACAS.csv --timeout-scale K [--workers N] [--ray]` and `graphcert certify
+mnist_mlp --method crown [--workers N] [--ray]` run. Prints one markdown table: wall time, time to the first
+task's start, the tasks' own summed wall and CPU time, speed-up over one slot and over the serial command,
+overhead per task ((wall x slots - summed task time) / tasks, start-up included), dispatch cost per task (the
+same after the first task started) and whether the answers equal the serial run's. A load average
 above 1.5 at the start makes speed-ups meaningless (2 cores): the script says so; the CPU times still hold.
 Reads ../shared (the ACAS Xu family); skips the verify rows when it is absent.
 """
@@ -43,7 +46,12 @@ def one(workload: str, mode: str, args) -> dict:
     workers, ray = MODES[mode]
     executor = make_executor(workers, ray)
     started = time.monotonic()
-    if workload == "verify":
+    if workload == "empty":  # the executor's own cost: tasks that do nothing
+        from graphcert.distributed import Task, run_tasks
+        tasks = [Task(str(i), time.sleep, (0,)) for i in range(args.empty_tasks)]
+        _, summary = run_tasks(tasks, executor, lambda task, outcome: task.key)
+        answers = []
+    elif workload == "verify":
         from graphcert.distributed.instances import run_instances
         with tempfile.TemporaryDirectory() as tmp:
             csv = pathlib.Path(tmp) / "acas.csv"
@@ -79,6 +87,8 @@ def main() -> int:
                         help="fraction of the competition timeouts (116 s) given to each ACAS Xu instance")
     parser.add_argument("--acas-limit", type=int, help="a subset of this many instances, spread evenly (default: all)")
     parser.add_argument("--certify-limit", type=int, help="the first N MNIST test images (default: all 10,000)")
+    parser.add_argument("--empty-tasks", type=int, default=200, help="tasks that do nothing, to time the executor")
+    parser.add_argument("--workloads", default="empty,verify,certify")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -86,11 +96,11 @@ def main() -> int:
         print(json.dumps(one(*args.one, args)))
         return 0
     modes = args.modes.split(",")
-    workloads = ["verify", "certify"] if ACAS.exists() else ["certify"]
+    workloads = [w for w in args.workloads.split(",") if w != "verify" or ACAS.exists()]
     load = os.getloadavg()[0]
     print(f"load average at start: {load:.2f} on {os.cpu_count()} cores"
           + ("  (above 1.5: speed-ups below are not meaningful; CPU times are)" if load > 1.5 else ""))
-    forwarded = [f"--acas-timeout-scale={args.acas_timeout_scale}"]
+    forwarded = [f"--acas-timeout-scale={args.acas_timeout_scale}", f"--empty-tasks={args.empty_tasks}"]
     forwarded += [f"--acas-limit={args.acas_limit}"] if args.acas_limit else []
     forwarded += [f"--certify-limit={args.certify_limit}"] if args.certify_limit else []
     rows = []
@@ -106,8 +116,8 @@ def main() -> int:
             print(f"  {workload} {mode}: {runs[mode]['wall']:.1f} s", file=sys.stderr, flush=True)
         rows += table_rows(workload, runs)
     print("| workload | mode | slots | tasks | wall s | to first task s | task s (sum) | task CPU s (sum) | "
-          "speed-up vs 1 slot | vs serial | overhead s/task | answers = serial |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "speed-up vs 1 slot | vs serial | overhead s/task | dispatch s/task | answers = serial |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
@@ -122,11 +132,12 @@ def table_rows(workload: str, runs: dict) -> list[list[str]]:
         speedup = f"{one_slot['wall'] / run['wall']:.2f}x" if one_slot and mode != "serial" else ""
         versus = f"{runs['serial']['wall'] / run['wall']:.2f}x" if "serial" in runs and mode != "serial" else ""
         overhead = (run["wall"] * run["slots"] - run["task_seconds"]) / max(run["tasks"], 1)
+        dispatch = ((run["wall"] - run["startup"]) * run["slots"] - run["task_seconds"]) / max(run["tasks"], 1)
         same = "" if serial is None or mode == "serial" else ("yes" if run["answers"] == serial else
                                                                f"no ({differences(serial, run['answers'])})")
         rows.append([workload, mode, str(run["slots"]), str(run["tasks"]), f"{run['wall']:.1f}",
                      f"{run['startup']:.1f}", f"{run['task_seconds']:.1f}", f"{run['task_cpu']:.1f}", speedup, versus,
-                     f"{overhead:.3f}", same])
+                     f"{overhead:.3f}", f"{dispatch:.3f}", same])
     return rows
 
 

@@ -83,7 +83,13 @@ def run_one(model: pathlib.Path, spec: pathlib.Path, timeout: float, memory: str
         text = out.read_text() if out.exists() else ""
     code = process.returncode
     answer = ANSWERS.get(text.split("\n", 1)[0].strip(), "error") if text else "error"
-    return {"answer": answer, "seconds": seconds, "code": code, "text": text, "peak": usage.ru_maxrss / 1024,
+    # A run its supervisor ended reports the worker's peak itself (the worker is not reaped before the answer).
+    import re
+    stated = re.search(r"peak resident memory ([0-9.]+) (GB|MB|kB)", "\n".join(errors))
+    peak = usage.ru_maxrss / 1024
+    if stated:
+        peak = max(peak, float(stated.group(1)) * {"GB": 1024, "MB": 1, "kB": 1 / 1024}[stated.group(2)])
+    return {"answer": answer, "seconds": seconds, "code": code, "text": text, "peak": peak,
             "stderr": errors[-1:] or [""]}
 
 

@@ -30,12 +30,15 @@ def load(source) -> ir.Model:
 
 def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
                 spec: np.ndarray | str | None = None, spec_offset: np.ndarray | None = None,
-                keep_original: bool = True, trainable: bool = False, norm: str = "linf") -> ir.Model:
+                keep_original: bool = True, trainable: bool = False, norm: str = "linf",
+                native_types: bool = False) -> ir.Model:
     """The bound graph of `model` by `method`.
 
     spec: None bounds the outputs; a [m, n] matrix bounds margins C·y + spec_offset (output `margins`);
     "runtime" adds an `objective` input [batch, m, n] and bounds objective·y.
     norm: "linf" (epsilon is the L-inf radius) or "l2" (epsilon is the L2 radius; crown, crown-ibp, lipschitz).
+    native_types: a float16/bfloat16/float64 model's graph takes and returns that type (bounds rounded
+    outward); otherwise (what certify and verify feed) every graph computes and talks float32.
     """
     record = methods.get(method)
     if record.combines != "graph":
@@ -57,25 +60,34 @@ def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
         kwargs["trainable"] = True
     if norm != "linf":
         kwargs["norm"] = norm
-    return factory(input_set or InputSet(), **kwargs)(normalised).model
+    bound = factory(input_set or InputSet(), **kwargs)(normalised).model
+    dtype = normalised.metadata_props.get("graphcert.dtype")
+    if native_types and dtype:
+        from .dtypes import restore_interface
+        from .interface import epsilon_name, perturbed_inputs
+        restore_interface(bound, dtype, {epsilon_name(normalised, x) for x in perturbed_inputs(normalised)})
+    return bound
 
 
 def convert(model_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "ibp",
             domain: tuple[float, float] | None = None, spec_path: str | None = None,
-            norm: str = "linf") -> onnx.ModelProto:
+            norm: str = "linf", perturb: list[str] | None = None) -> onnx.ModelProto:
     """Write the bound graph of a model file (`epsilon` an L-inf or, with norm "l2", an L2 radius); never
-    overwrites the input."""
+    overwrites the input. `perturb` names the inputs to perturb (default: the first floating-point input),
+    each with its own radius `<name>_epsilon` when there are several; the other inputs are fed as given."""
     from .files import refuse_overwrite
+    from .interface import fix_inputs
     check_norm(method, norm)
     refuse_overwrite([out_path], [model_path, spec_path])
-    normalised = load(model_path)
+    normalised = fix_inputs(load(model_path), perturb)
     spec, offset = None, None
     if spec_path is not None:
         from graphcert.vnnlib import load_property
         prop = load_property(spec_path)
         _check_property_fits(prop, normalised, model_path, spec_path)
         spec, offset = prop.stacked_rows()
-    bound = bound_graph(normalised, method, InputSet("linf", domain), spec=spec, spec_offset=offset, norm=norm)
+    bound = bound_graph(normalised, method, InputSet("linf", domain), spec=spec, spec_offset=offset, norm=norm,
+                        native_types=True)
     proto = to_proto(bound)
     save(proto, out_path, source=model_path)
     return proto

@@ -3,6 +3,10 @@
 The objective of a point is min over the live conjuncts of max over the conjunct's rows of the margin
 `c·y - d`: it is <= 0 exactly when y satisfies some conjunct, so minimising it aims into the unsafe set.
 Points found here are only candidates; the verifier re-runs them on the original model before reporting.
+
+Memory: boxes and their starting points stream through in chunks sized to `memory_bytes` from a per-point
+estimate (the network's activations forward and backward, the property's rows and conjuncts), so a spec with
+thousands of boxes or conjuncts costs time, not memory. Only the best points found are kept.
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ import torch
 
 from .interface import perturbed_inputs
 from .torch_exec import TorchGraph
+
+DEFAULT_MEMORY_BYTES = 1 << 30
+# Points returned by `Attack.run` (the verifier confirms candidates best first).
+KEEP_POINTS = 16
 
 
 class FlatNetwork:
@@ -29,6 +37,7 @@ class FlatNetwork:
         dims = list(x.shape) if x.shape is not None else []
         self.batched = len(dims) >= 2 and not isinstance(dims[0], int)
         self.sample_shape = dims[1:] if self.batched else dims
+        self.floats_per_sample = _activation_floats(model, self.batched)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batched:
@@ -39,11 +48,53 @@ class FlatNetwork:
                             for xi in x])
 
 
+def _activation_floats(model: ir.Model, batched: bool) -> int:
+    """Floats one sample's forward pass produces (values of unknown shape count as the largest known one)."""
+    sizes, unknown = [], 0
+    for node in model.graph:
+        for value in node.outputs:
+            dims = list(value.shape) if value.shape is not None else None
+            if dims is not None and batched and dims and not isinstance(dims[0], int):
+                dims = dims[1:]
+            if dims is None or not all(isinstance(d, int) for d in dims):
+                unknown += 1
+            else:
+                sizes.append(int(np.prod(dims)))
+    return max(1, sum(sizes) + unknown * max(sizes, default=1024))
+
+
+def _row_conjunct_pairs(membership: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, conjuncts = membership.nonzero(as_tuple=True)
+    return rows, conjuncts
+
+
 def unsafe_objective(margins: torch.Tensor, membership: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """margins [B, r], membership [r, K] (row r belongs to conjunct k), alive [B, K] -> objective [B]."""
-    per_row = margins.unsqueeze(1).masked_fill(~membership.T.unsqueeze(0), -math.inf)   # [B, K, r]
-    per_conjunct = per_row.amax(dim=2) if margins.shape[1] else margins.new_full(alive.shape, -math.inf)
-    return per_conjunct.masked_fill(~alive, math.inf).amin(dim=1)
+    """margins [B, r], membership [r, K] (row r belongs to conjunct k), alive [B, K] -> objective [B].
+
+    Each conjunct's maximum is gathered over its own rows only (memory B x (member pairs + K), not B x K x r).
+    """
+    return conjunct_margins(margins, membership).masked_fill(~alive, math.inf).amin(dim=1)
+
+
+def conjunct_margins(margins: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """[B, K]: each conjunct's largest row margin (-inf for a conjunct without rows: every output meets it)."""
+    rows, conjuncts = _row_conjunct_pairs(membership)
+    b, k = len(margins), membership.shape[1]
+    out = margins.new_full((b, k), -math.inf)
+    if not len(rows):
+        return out
+    return out.scatter_reduce(1, conjuncts.expand(b, -1), margins[:, rows], reduce="amax", include_self=True)
+
+
+def step_scale(step: int, steps: int) -> float:
+    """Sign-step size relative to the box width: cosine-decayed over the first 70 % of the steps (large moves
+    escape flat regions), then geometric from 1e-2 to 1e-5 (counterexamples can sit in slivers thinner than
+    the cosine schedule's last step)."""
+    coarse = max(1, int(0.7 * steps))
+    if step < coarse:
+        return 0.25 * 0.5 * (1 + math.cos(math.pi * step / coarse)) + 1e-3
+    fraction = (step - coarse) / max(1, steps - coarse - 1)
+    return 1e-2 * 1e-3 ** fraction
 
 
 def inner_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,70 +106,215 @@ def inner_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.
     return lo, np.maximum(hi, lo)
 
 
+class _Rows:
+    """Some rows of the property (margins c·y + d) and the conjuncts they belong to."""
+
+    def __init__(self, matrix: torch.Tensor, offset: torch.Tensor, membership: torch.Tensor):
+        self.matrix, self.offset, self.membership = matrix, offset, membership
+        self.pairs = _row_conjunct_pairs(membership)
+
+    def margins(self, network, x: torch.Tensor) -> torch.Tensor:
+        return network(x) @ self.matrix.T + self.offset
+
+    def objective(self, network, x: torch.Tensor, alive: torch.Tensor, step: int) -> torch.Tensor:
+        if len(x) <= step:
+            return unsafe_objective(self.margins(network, x), self.membership, alive)
+        return torch.cat([unsafe_objective(self.margins(network, x[i:i + step]), self.membership, alive[i:i + step])
+                          for i in range(0, len(x), step)])
+
+
 class Attack:
-    """Sampling + sign-gradient PGD with restarts, over many boxes at once."""
+    """Sampling, gradient corners and multi-start sign-gradient PGD per live conjunct, over many boxes at once.
+
+    Each PGD start belongs to one (box, live conjunct) pair; its loss is, in turn, the whole unsafe objective,
+    that conjunct's largest row margin, or that plus one of its rows' margins (a targeted margin, which
+    escapes the plateaus where the maximum keeps switching rows). Progress is judged by the unsafe objective.
+    """
 
     def __init__(self, network: FlatNetwork, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
-                 seed: int = 0):
+                 seed: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES):
         self.network = network
         self.matrix = torch.as_tensor(matrix, dtype=torch.float32)
         self.offset = torch.as_tensor(offset, dtype=torch.float32)
         self.membership = torch.as_tensor(membership, dtype=torch.bool)
         self.generator = torch.Generator().manual_seed(seed)
+        self.memory_bytes = memory_bytes
+        self.rows_view = _Rows(self.matrix, self.offset, self.membership)
+
+    def points_per_chunk(self, n_inputs: int, rows: "_Rows | None" = None) -> int:
+        """How many points one chunk may hold within the memory budget (evaluating `rows`, default all)."""
+        rows = rows or self.rows_view
+        n_rows, n_conjuncts = rows.membership.shape
+        # Per point: input, gradient, bounds, sample and best copies; activations forward and backward;
+        # margins, the gathered member pairs and the conjunct table (with gradients); the live mask.
+        per_point = 4 * (8 * n_inputs + 3 * self.network.floats_per_sample
+                         + 3 * (n_rows + len(rows.pairs[0]) + n_conjuncts)) + n_conjuncts
+        return max(1, int(self.memory_bytes // per_point))
 
     def objective(self, x: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        margins = self.network(x) @ self.matrix.T + self.offset
-        return unsafe_objective(margins, self.membership, alive)
+        """The unsafe objective of points x [B, n] with live conjuncts [B, K], in chunks within the budget."""
+        return self.rows_view.objective(self.network, x, alive, self.points_per_chunk(x.shape[1]))
 
     def run(self, lower: np.ndarray, upper: np.ndarray, alive: np.ndarray, deadline: float,
             samples: int = 256, restarts: int = 8, steps: int = 50) -> tuple[np.ndarray, np.ndarray]:
-        """For boxes [M, n] with live conjuncts [M, K]: the best points found [M*restarts, n] and objectives.
+        """For boxes [M, n] with live conjuncts [M, K]: the best points found [<= KEEP_POINTS, n] and their
+        objectives, best first.
 
-        `samples` uniform random points per box are scored first; the best ones start the PGD restarts.
-        Stops early once some point reaches the unsafe set (objective <= 0) or at the deadline.
+        Per box, `samples` uniform random points are scored; PGD then starts `restarts` times per live
+        conjunct (at most 4 conjuncts per box, the ones whose best sample comes closest) from the box
+        center, the best samples and gradient-sign corners. Boxes go in chunks within the memory budget;
+        stops once some point reaches the unsafe set (objective <= 0) or at the deadline.
         """
-        lo, hi = (torch.from_numpy(a) for a in inner_float32(lower, upper))
-        alive_t = torch.as_tensor(alive, dtype=torch.bool)
-        starts = self._best_samples(lo, hi, alive_t, samples, restarts)
-        m, r = len(lo), restarts
-        lo_r, hi_r = lo.repeat_interleave(r, 0), hi.repeat_interleave(r, 0)
-        alive_r = alive_t.repeat_interleave(r, 0)
-        x = starts.reshape(m * r, -1).clone()
-        best_x = x.clone()
+        lo_all, hi_all = inner_float32(lower, upper)
+        alive_all = np.asarray(alive, dtype=bool)
+        n = lo_all.shape[1]
+        targets = max(1, min(4, int(alive_all.sum(axis=1).max(initial=1))))
+        per_box = restarts * targets
+        best_x = np.zeros((0, n), dtype=np.float32)
+        best = np.zeros(0, dtype=np.float32)
+        membership = self.membership.numpy()
+        start, size = 0, len(lo_all)      # shrunk below until a chunk's own rows fit the budget
+        while start < len(lo_all):
+            part = slice(start, start + size)
+            # Only the conjuncts live in this chunk, and their rows, are evaluated: a spec whose boxes each
+            # have their own conjuncts costs each point its own rows, not all of them.
+            conjuncts = np.flatnonzero(alive_all[part].any(axis=0))
+            rows = np.flatnonzero(membership[:, conjuncts].any(axis=1))
+            view = _Rows(self.matrix[rows], self.offset[rows], self.membership[rows][:, conjuncts])
+            fits = max(1, self.points_per_chunk(n, view) // per_box)
+            if fits < size and size > 1:
+                size = max(1, min(fits, size // 2))
+                continue
+            x, objective = self._run_chunk(view, torch.from_numpy(lo_all[part]), torch.from_numpy(hi_all[part]),
+                                           torch.from_numpy(alive_all[part][:, conjuncts]), deadline, samples,
+                                           restarts, targets, steps)
+            start += size
+            best_x = np.concatenate([best_x, x])
+            best = np.concatenate([best, objective])
+            order = np.argsort(best, kind="stable")[:KEEP_POINTS]
+            best_x, best = best_x[order], best[order]
+            if best[0] <= 0 or time.monotonic() > deadline:
+                break
+        return best_x, best
+
+    def _run_chunk(self, view: _Rows, lo, hi, alive, deadline, samples, restarts, targets, steps):
+        m, n = lo.shape
+        starts, conjunct = self._starts(view, lo, hi, alive, samples, restarts, targets)   # [m*targets*restarts, n]
+        owner = torch.arange(m).repeat_interleave(targets * restarts)
+        lo_r, hi_r, alive_r = lo[owner], hi[owner], alive[owner]
+        # The loss of each start, in turn: the whole unsafe objective, its conjunct's largest margin, or that
+        # plus one of the conjunct's rows (a targeted margin).
+        member = view.membership[:, conjunct].T                       # [P, r]
+        targeted = self._targeted_rows(member, restarts)
+        aim_whole = torch.arange(len(member)) % 3 == 0
+        x = starts.clone()
         with torch.no_grad():
-            best = self.objective(x, alive_r)
+            best = view.objective(self.network, x, alive_r, self.points_per_chunk(n, view))
+        best_x = x.clone()
         width = hi_r - lo_r
         for step in range(steps):
             if best.min() <= 0 or time.monotonic() > deadline:
                 break
             x.requires_grad_(True)
-            loss = self.objective(x, alive_r)
+            margins = view.margins(self.network, x)
+            whole = unsafe_objective(margins, view.membership, alive_r)
+            loss = margins.masked_fill(~member, -math.inf).amax(dim=1)
+            loss = loss + torch.where(targeted >= 0, margins.gather(1, targeted.clamp(min=0)[:, None])[:, 0],
+                                      torch.zeros_like(loss))
+            loss = torch.where(aim_whole, whole, loss)
             grad, = torch.autograd.grad(loss.sum(), x)
             with torch.no_grad():
-                improved = loss < best
-                best = torch.where(improved, loss, best)
-                best_x[improved] = x[improved]
-                # Cosine-decayed step: large moves to escape flat regions, small ones to settle near the boundary.
-                scale = 0.25 * 0.5 * (1 + math.cos(math.pi * step / steps)) + 1e-3
-                x = torch.minimum(torch.maximum(x - scale * width * grad.sign(), lo_r), hi_r)
+                current = whole.detach()
+                improved = current < best
+                best = torch.where(improved, current, best)
+                best_x[improved] = x.detach()[improved]
+                x = torch.minimum(torch.maximum(x.detach() - step_scale(step, steps) * width * grad.sign(), lo_r),
+                                  hi_r)
         with torch.no_grad():
-            loss = self.objective(x, alive_r)
-            improved = loss < best
-            best = torch.where(improved, loss, best)
+            current = view.objective(self.network, x, alive_r, self.points_per_chunk(n, view))
+            improved = current < best
+            best = torch.where(improved, current, best)
             best_x[improved] = x[improved]
-        return best_x.numpy(), best.numpy()
+        order = best.argsort()[:KEEP_POINTS]
+        return best_x[order].numpy(), best[order].numpy()
 
-    def _best_samples(self, lo: torch.Tensor, hi: torch.Tensor, alive: torch.Tensor, samples: int,
-                      restarts: int) -> torch.Tensor:
-        """[M, restarts, n] starting points: the box center and the best of uniform random samples."""
+    def _targeted_rows(self, member: torch.Tensor, restarts: int) -> torch.Tensor:
+        """[P]: a member row of each start's conjunct to weight up (every third start), or -1."""
+        p = len(member)
+        counts = member.sum(dim=1)
+        pick = torch.arange(p) // 3 % counts.clamp(min=1)
+        ranks = member.cumsum(dim=1) - 1                              # rank of each member row in its conjunct
+        row = torch.where(member & (ranks == pick[:, None]), torch.arange(member.shape[1]), member.shape[1])
+        row = row.amin(dim=1)
+        return torch.where((torch.arange(p) % 3 == 2) & (counts > 1), row, torch.full_like(row, -1))
+
+    def _starts(self, view: _Rows, lo, hi, alive, samples, restarts, targets):
+        """Starting points [m*targets*restarts, n] and each one's conjunct [m*targets*restarts].
+
+        Per box: the `targets` live conjuncts whose best sample comes closest; for each, the box center,
+        the gradient-sign corner of its largest row at the center (the corner minimising its linearisation),
+        then the best of the samples by that conjunct's margin.
+        """
         m, n = lo.shape
+        k = alive.shape[1]
         count = max(samples, restarts)
-        u = torch.rand(m, count, n, generator=self.generator)
-        points = lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1)
-        points[:, 0] = 0.5 * (lo + hi)
-        with torch.no_grad():
-            scores = self.objective(points.reshape(m * count, n), alive.repeat_interleave(count, 0)).reshape(m, count)
-        scores[:, 0] = -math.inf       # always keep the center
-        order = scores.argsort(dim=1)[:, :restarts]
-        return torch.gather(points, 1, order.unsqueeze(2).expand(-1, -1, n))
+        # Score the samples in rounds within the budget, keeping each conjunct's best `restarts` per box.
+        per_round = max(1, self.points_per_chunk(n, view) // max(m, 1))
+        # Where points are cheap (small networks, few boxes), sample up to 16 times more: one round of scoring.
+        count = max(count, min(16 * count, per_round))
+        kept_points = lo.new_zeros((m, 0, n))
+        kept_scores = lo.new_zeros((m, k, 0))
+        for begin in range(0, count, per_round):
+            size = min(per_round, count - begin)
+            u = torch.rand(m, size, n, generator=self.generator)
+            # Every other sample has each coordinate on a face of the box with probability 1/2: counterexamples
+            # often lie on the boundary, where uniform samples hardly ever go.
+            face = torch.rand(m, size, n, generator=self.generator)
+            on_face = (torch.arange(size) % 2 == 1).view(1, -1, 1) & (face < 0.5)
+            u = torch.where(on_face, (face < 0.25).to(u.dtype), u)
+            points = lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1)
+            if begin == 0:
+                points[:, 0] = 0.5 * (lo + hi)
+            with torch.no_grad():
+                scores = conjunct_margins(view.margins(self.network, points.reshape(m * size, n)), view.membership)
+            scores = scores.reshape(m, size, k).transpose(1, 2).masked_fill(~alive.unsqueeze(2), math.inf)
+            if begin == 0:
+                scores[:, :, 0] = -math.inf      # always keep the center
+            kept_points = torch.cat([kept_points, points], dim=1)
+            kept_scores = torch.cat([kept_scores, scores], dim=2)
+            # Keep, per box, the union of every conjunct's best `restarts` samples (bounded by k*restarts).
+            keep = kept_scores.argsort(dim=2)[:, :, :restarts]            # [m, k, restarts]
+            union = torch.zeros(m, kept_points.shape[1], dtype=torch.bool)
+            union.scatter_(1, keep.reshape(m, -1), True)
+            width = int(union.sum(dim=1).max())
+            index = union.float().argsort(dim=1, descending=True, stable=True)[:, :width]
+            kept_points = torch.gather(kept_points, 1, index.unsqueeze(2).expand(-1, -1, n))
+            kept_scores = torch.gather(kept_scores, 2, index.unsqueeze(1).expand(-1, k, -1))
+        best_score = kept_scores.amin(dim=2).masked_fill(~alive, math.inf)     # [m, k]
+        chosen = best_score.argsort(dim=1)[:, :targets]                          # [m, targets]
+        # Dead conjuncts (boxes with fewer live ones) fall back to the box's first choice.
+        live_chosen = torch.gather(alive, 1, chosen)
+        chosen = torch.where(live_chosen, chosen, chosen[:, :1])
+        scores = torch.gather(kept_scores, 1, chosen.unsqueeze(2).expand(-1, -1, kept_scores.shape[2]))
+        order = scores.argsort(dim=2)[:, :, :restarts]                           # [m, targets, restarts]
+        starts = torch.gather(kept_points.unsqueeze(1).expand(-1, targets, -1, -1), 2,
+                              order.unsqueeze(3).expand(-1, -1, -1, n)).clone()
+        if order.shape[2] < restarts:       # fewer samples than restarts: pad with the center
+            pad = 0.5 * (lo + hi)
+            starts = torch.cat([starts, pad[:, None, None].expand(-1, targets, restarts - order.shape[2], -1)], 2)
+        if restarts >= 3:
+            starts[:, :, 1] = self._corners(view, lo, hi, chosen)
+        return starts.reshape(-1, n), chosen.reshape(-1).repeat_interleave(restarts)
 
+    def _corners(self, view: _Rows, lo, hi, chosen):
+        """[m, targets, n]: for each chosen conjunct, the box corner against the gradient of its largest row
+        margin at the center (the vertex minimising that margin's linearisation there)."""
+        m, n = lo.shape
+        targets = chosen.shape[1]
+        center = (0.5 * (lo + hi)).repeat_interleave(targets, 0).requires_grad_(True)
+        member = view.membership[:, chosen.reshape(-1)].T
+        loss = view.margins(self.network, center).masked_fill(~member, -math.inf).amax(dim=1)
+        grad, = torch.autograd.grad(loss.sum(), center)
+        corner = torch.where(grad > 0, lo.repeat_interleave(targets, 0), hi.repeat_interleave(targets, 0))
+        corner = torch.where(grad == 0, center.detach(), corner)
+        return corner.reshape(m, targets, n)

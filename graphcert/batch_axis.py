@@ -35,7 +35,9 @@ def _rank(value: ir.Value | None) -> int | None:
 
 
 def _dim(value: ir.Value, axis: int):
-    return value.shape[axis] if value.shape is not None and -len(value.shape) <= axis < len(value.shape) else None
+    # A constant's own tensor is the truth; its value's recorded shape may have lost static dims.
+    shape = list(value.const_value.shape) if value.const_value is not None else value.shape
+    return shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -76,7 +78,8 @@ class Tracer:
                 self.from_inputs.update(node.outputs)
             self._shape_expression(node)
             axes_in = [self.axis.get(v) if v is not None else None for v in node.inputs]
-            if all(a is None for a in axes_in):
+            if all(a is None for a in axes_in) and not (
+                    node.op_type == "Expand" and node.inputs[1] in self.shape_values):
                 continue
             rule = getattr(self, f"_op_{node.op_type}", None)
             if node.domain not in ("", "ai.onnx"):
@@ -128,6 +131,16 @@ class Tracer:
             source, index = self._entries(node.inputs[0]), _const(node.inputs[1])
             if source is not None and index is not None and index.size == 1:
                 entries = [source[int(index.reshape(-1)[0])]]
+        elif op == "Slice" and len(node.inputs) >= 3:
+            source = self._entries(node.inputs[0])
+            starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
+            steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+            axes = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+            if source is not None and starts is not None and ends is not None and starts.size == 1 and \
+                    (axes is None or int(axes.reshape(-1)[0]) in (0, -1)):
+                step = 1 if steps is None else int(steps.reshape(-1)[0])
+                end = int(ends.reshape(-1)[0])
+                entries = source[int(starts.reshape(-1)[0]):(None if end >= 2 ** 62 else end):step]
         elif op == "Concat":
             parts = [self._entries(v) for v in node.inputs]
             if all(p is not None for p in parts):
@@ -336,7 +349,9 @@ class Tracer:
 
     def _op_Concat(self, node, axes_in):
         axis = _attr(node, "axis", 0)
-        rank = _rank(node.outputs[0])
+        # Concat keeps the rank; an input's shape may be known where the output's is not yet (before a rewrite
+        # upstream is re-inferred).
+        rank = _rank(node.outputs[0]) or next((_rank(v) for v in node.inputs if _rank(v)), None)
         batched = [a for a in axes_in if a is not None]
         if rank is None or len(set(batched)) != 1 or batched[0] == axis % rank:
             return None
@@ -415,6 +430,13 @@ class Tracer:
     def _op_Expand(self, node, axes_in):
         shape = _const(node.inputs[1])
         out = _rank(node.outputs[0])
+        entries = self.shape_values.get(node.inputs[1])
+        if axes_in[0] is None and entries is not None and entries.count(BATCH) == 1 and out == len(entries):
+            # A constant broadcast to the batch extent (a class token): batched where that extent goes, when
+            # the constant itself has extent 1 there.
+            position = entries.index(BATCH)
+            at = position - (out - (_rank(node.inputs[0]) or 0))
+            return [position] if at < 0 or _dim(node.inputs[0], at) == 1 else None
         if axes_in[0] is None or shape is None or out is None:
             return None
         position = axes_in[0] + out - _rank(node.inputs[0])

@@ -37,6 +37,7 @@ class CertifyResult:
     norm: str = "linf"
     # `auto`: per ladder stage, {"status": "ran" | "skipped" | "not needed", "samples", "certified", "reason"}
     stages: dict | None = None
+    rounding: str = "float32"   # "float32": certified for the model as it runs in float32; "real": real arithmetic
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -171,16 +172,17 @@ def prepare(model, data: Dataset, limit: int | None, batch_size: int, clip: bool
 
 def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | None = None,
             batch_size: int = 256, clip: bool = True, progress: bool = False,
-            alpha: AlphaSettings | None = None, norm: str = "linf") -> CertifyResult:
+            alpha: AlphaSettings | None = None, norm: str = "linf", rounding: str = "float32") -> CertifyResult:
     """Clean and certified accuracy at radius `eps` in `norm` ("linf" or "l2"); `alpha` tunes alpha-CROWN
-    (methods alpha-crown, auto)."""
+    (methods alpha-crown, auto); `rounding` "float32" certifies the model as it runs in float32 (see
+    graphcert.rounding), "real" in real arithmetic."""
     eps = check_eps(eps)
     check_method_norm(method, norm)
     prepared = prepare(model, data, limit, batch_size, clip)
     normalised, data, x_all, n_classes, domain = (prepared.model, prepared.data, prepared.x, prepared.n_classes,
                                                   prepared.domain)
     start = time.perf_counter()
-    bounder = certifier(normalised, method, domain, alpha or CERTIFY_ALPHA, norm)
+    bounder = certifier(normalised, method, domain, alpha or CERTIFY_ALPHA, norm, rounding)
     clean = certified = 0
     batches = range(0, len(data), batch_size)
     if progress:
@@ -194,7 +196,7 @@ def certify(model, data: Dataset, eps: float, method: str = "ibp", limit: int | 
     n = len(data)
     stages = bounder.report() if hasattr(bounder, "report") else None
     return CertifyResult(clean / n, certified / n, n, clean, certified, eps, method,
-                         time.perf_counter() - start, norm, stages)
+                         time.perf_counter() - start, norm, stages, rounding)
 
 
 class AlphaCertifier:
@@ -237,7 +239,8 @@ class EscalatingCertifier:
     def _stage(self, name):
         if name not in self.stages:
             try:
-                self.stages[name] = certifier(self.model, name, self.domain, self.settings, self.norm)
+                self.stages[name] = certifier(self.model, name, self.domain, self.settings, self.norm,
+                                              rounding="real")  # the ladder's caller applies the slack once
             except GraphcertError as refusal:
                 self.refusals[name] = refusal
                 self.stages[name] = None  # the method cannot bound this model: skip it, and say why
@@ -291,11 +294,50 @@ def check_method_norm(method: str, norm: str) -> None:
     methods.check_certifies(method, norm)
 
 
-def certifier(model, method: str, domain, settings: AlphaSettings | None = None, norm: str = "linf"):
+ROUNDINGS = ("float32", "real")
+
+
+def certifier(model, method: str, domain, settings: AlphaSettings | None = None, norm: str = "linf",
+              rounding: str = "float32"):
     """callable(x, eps, objective) -> (logits, margin lower bounds) for a method: one bound graph run by
-    onnxruntime, alpha-CROWN on what CROWN leaves open, or a cheapest-first ladder of other methods."""
+    onnxruntime, alpha-CROWN on what CROWN leaves open, or a cheapest-first ladder of other methods.
+
+    rounding "float32" (the default) lowers every margin bound by the float32 rounding slack of
+    graphcert.rounding, so a positive bound holds for the model as it runs in float32; "real" leaves the
+    bounds of real arithmetic."""
+    if rounding not in ROUNDINGS:
+        raise InputError(f"unknown rounding '{rounding}'; choose float32 or real")
     record = methods.get(method)
     if record.combines == "graph":
-        return GraphCertifier(model, method, domain, norm)
-    kind = AlphaCertifier if record.combines == "refine" else EscalatingCertifier
-    return kind(model, method, domain, settings or CERTIFY_ALPHA, norm)
+        found = GraphCertifier(model, method, domain, norm)
+    else:
+        kind = AlphaCertifier if record.combines == "refine" else EscalatingCertifier
+        found = kind(model, method, domain, settings or CERTIFY_ALPHA, norm)
+    return Float32Certifier(found, model, domain, norm) if rounding == "float32" else found
+
+
+class Float32Certifier:
+    """Margin lower bounds minus the float32 rounding slack of each sample's input set (graphcert.rounding)."""
+
+    def __init__(self, inner, model, domain, norm: str):
+        from .errors import UnsupportedOpError
+        from .rounding import RoundingSlack
+        try:
+            self.slack = RoundingSlack(model, norm)
+        except UnsupportedOpError as refusal:
+            raise InputError(f"{str(refusal).split('; run')[0]}: certificates for the float32 model need it; "
+                             f"--rounding real certifies in real arithmetic instead") from None
+        self.inner, self.domain, self.norm = inner, domain, norm
+
+    def __getattr__(self, name):  # report(), per_run, ... of the wrapped certifier
+        return getattr(self.inner, name)
+
+    def __call__(self, x, eps, objective):
+        logits, lower = self.inner(x, eps, objective)
+        radius = np.asarray(eps, dtype=np.float32)
+        if radius.ndim == 1 and len(radius) == len(x) and x.ndim > 1:
+            radius = radius.reshape(len(x), *([1] * (x.ndim - 1)))
+        low, high = x - radius, x + radius
+        if self.domain is not None and self.norm == "linf":
+            low, high = np.maximum(low, self.domain[0]), np.minimum(high, self.domain[1])
+        return logits, lower - self.slack.of_rows(low, high, objective)

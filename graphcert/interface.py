@@ -22,8 +22,36 @@ FLOAT = ir.TensorType(ir.DataType.FLOAT)
 OBJECTIVE = "objective"
 
 
+# Metadata naming the model inputs fed as given (never perturbed), set by `fix_inputs`.
+FIXED_INPUTS = "graphcert.fixed_inputs"
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
 def perturbed_inputs(model: ir.Model) -> list[ir.Value]:
-    return [v for v in model_inputs(model) if v.name != OBJECTIVE]
+    """The inputs bound graphs put an input set around: every floating-point input except the objective and
+    those `fix_inputs` marked as fed as given (indices, masks and other non-float inputs are never perturbed)."""
+    fixed = set(filter(None, model.metadata_props.get(FIXED_INPUTS, "").split(",")))
+    return [v for v in model_inputs(model) if v.name != OBJECTIVE and v.name not in fixed
+            and (v.type is None or v.type.dtype in FLOAT_TYPES)]
+
+
+def fix_inputs(model: ir.Model, perturb: list[str] | None) -> ir.Model:
+    """Perturb only the inputs named in `perturb` (None: the first floating-point input); the model's other
+    inputs are fed as given. Marks `model` (normalised) in place and returns it."""
+    from .errors import InputError
+    floats = perturbed_inputs(model)
+    names = [v.name for v in floats]
+    if perturb is None:
+        chosen = names[:1]
+    else:
+        unknown = [n for n in perturb if n not in names]
+        if unknown or not perturb:
+            raise InputError(f"--perturb names {', '.join(unknown) or 'no input'}; the model's floating-point "
+                             f"inputs are: {', '.join(names) or 'none'}")
+        chosen = list(dict.fromkeys(perturb))
+    others = [v.name for v in model_inputs(model) if v.name not in chosen]
+    model.metadata_props[FIXED_INPUTS] = ",".join(others)
+    return model
 
 
 @dataclass

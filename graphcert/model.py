@@ -54,7 +54,13 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET, check: bool = T
     if len(proto.graph.node) == 0:
         raise ModelLoadError("the model has no nodes")
     original = _copy(proto) if check else None
+    from .dtypes import META, model_dtype, to_float32
+    dtype = model_dtype(proto)
+    if dtype is not None:  # bounds are computed in float32 (see graphcert.dtypes)
+        proto = to_float32(proto)
     model, freed = _normalised(proto, opset, free_batch=True)
+    if dtype is not None:
+        model.metadata_props[META] = dtype
     if not check:
         return model
     why_fixed = _compare(original, model, freed, _dynamic_batch(original))
@@ -62,6 +68,8 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET, check: bool = T
         model, _ = _normalised(proto, opset, free_batch=False)
         _compare(original, model, set())
         model.metadata_props["graphcert.fixed_batch"] = why_fixed
+        if dtype is not None:
+            model.metadata_props[META] = dtype
     return model
 
 

@@ -102,4 +102,24 @@ def _body(node: onnx.NodeProto, opset: int, types: dict) -> onnx.FunctionProto |
         return None
     body = onnx.FunctionProto()
     body.ParseFromString(raw)
-    return body if len(body.node) else None
+    return _at_opset(body, opset) if len(body.node) else None
+
+
+def _at_opset(body: onnx.FunctionProto, opset: int) -> onnx.FunctionProto | None:
+    """The body declared at the model's opset (the inliner refuses a function whose default opset differs from
+    the model's), when every op in it means the same at both versions; None (no expansion) otherwise."""
+    declared = next((o.version for o in body.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if declared == opset:
+        return body
+    try:
+        same = all(onnx.defs.get_schema(n.op_type, declared, "").since_version ==
+                   onnx.defs.get_schema(n.op_type, opset, "").since_version
+                   for n in body.node if n.domain in ("", "ai.onnx"))
+    except onnx.defs.SchemaError:
+        return None
+    if not same:
+        return None
+    for entry in body.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    return body

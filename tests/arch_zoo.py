@@ -344,3 +344,25 @@ def float16_copy(path: str, folder: str) -> str:
 
 def sample_input(shape, n: int = 1, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, (n, *shape)).astype(np.float32)
+
+
+def qdq_copy(path: str, folder: str, samples: int = 8) -> str:
+    """The model quantized to int8 in QDQ form by onnxruntime's static quantizer (what an int8 deployment
+    ships), calibrated on a few random inputs."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    model = onnx.load(path)
+    source = model.graph.input[0]
+    shape = [d.dim_value or 1 for d in source.type.tensor_type.shape.dim][1:]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{source.name: sample_input(shape, seed=s)} for s in range(samples)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    out = os.path.join(folder, os.path.basename(path).replace(".onnx", "-qdq.onnx"))
+    quantize_static(path, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
+    return out

@@ -57,6 +57,18 @@ def test_lipschitz_certified_numbers(mnist, model, pattern):
     else:
         *certified, clean = numbers
     for radius, stated in zip((0.1, 0.3, 0.5), certified):
-        result = certify(shipped_path(model), mnist, radius, method="lipschitz", norm="l2")
+        result = certify(shipped_path(model), mnist, radius, method="lipschitz", norm="l2", rounding="real")
         assert_rounds_to(result.certified_accuracy, stated)
     assert_rounds_to(result.clean_accuracy, clean)
+
+
+@pytest.mark.parametrize("model, pattern", [
+    ("mnist_mlp_gloro", rf"for the float32 model \(the default\) at {NUMBER} / {NUMBER} / {NUMBER} % and "),
+    ("mnist_cnn_gloro", rf"for the float32 model \(the default\) at [\d.]+ / [\d.]+ / [\d.]+ % and "
+                        rf"{NUMBER} / {NUMBER} / {NUMBER} %"),
+    ("mnist_lipmlp", rf"For the float32 model \(the default\) it certifies {NUMBER} / {NUMBER} / {NUMBER} %"),
+])
+def test_float32_certified_numbers(mnist, model, pattern):
+    for radius, stated in zip((0.1, 0.3, 0.5), claims(pattern)):
+        result = certify(shipped_path(model), mnist, radius, method="lipschitz", norm="l2")
+        assert_rounds_to(result.certified_accuracy, stated)

@@ -94,7 +94,7 @@ def test_a_batch_that_cannot_be_freed_stays_fixed_and_certify_runs_sample_by_sam
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 4)).astype(np.float32)
     y = (x @ (np.arange(12, dtype=np.float32).reshape(4, 3) / 10)).argmax(axis=1)
-    result = certify(loaded, Dataset("random", x, y, None), eps=1e-4, method="ibp", batch_size=4)
+    result = certify(loaded, Dataset("random", x, y, None), eps=1e-4, method="ibp", batch_size=4, rounding="real")
     assert result.n == 5 and result.clean == 5
 
 
@@ -110,3 +110,15 @@ def test_a_normalisation_that_changes_the_function_is_refused(monkeypatch):
     monkeypatch.setattr(model_lib, "_normalised", broken)
     with pytest.raises(ModelLoadError, match="disagrees with the original"):
         model_lib.load(_unfreeable_model())
+
+
+def test_a_model_that_draws_random_numbers_loads():
+    """A Dropout in training mode draws a new mask per run: the load check has nothing to compare and must
+    not refuse the model (whether a method bounds it is the passes' business)."""
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "training"], ["y"])]
+    graph = helper.make_graph(nodes, "noisy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor("ratio", TensorProto.FLOAT, [], [0.5]),
+                               helper.make_tensor("training", TensorProto.BOOL, [], [True])])
+    loaded = model_lib.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [n.op_type for n in loaded.graph] == ["Dropout"]

@@ -94,7 +94,8 @@ def test_workers_give_the_serial_answers_on_the_test_family_and_acas_xu(tmp_path
     answers = {}
     for mode, extra in (("serial", []), ("workers", ["--workers", 2])):
         out = tmp_path / f"{mode}.csv"
-        code, _ = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--timeout-scale", "0.5", *extra)
+        code, _ = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--timeout-scale", "0.5",
+                          "--rounding", "real", *extra)  # the competition's answers are in real arithmetic
         assert code == 0
         answers[mode] = [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)]
     assert answers["workers"] == answers["serial"]  # the same verdicts, in input order
@@ -109,7 +110,8 @@ def test_a_worker_killed_mid_task_has_its_task_retried_and_nothing_lost(tmp_path
     instances = acas_instances(tmp_path / "acas.csv", rows, timeout=3)
     out = tmp_path / "results.csv"
     killer = kill_worker_of(log, ACAS_SLOW[0], after=1.0)
-    code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--workers", 2)
+    code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--workers", 2,
+                             "--rounding", "real")
     killer.join(timeout=1)
     assert code == 0 and killer.killed is not None
     results = results_rows(out)
@@ -125,7 +127,7 @@ def test_resume_after_sigterm_redoes_no_finished_instance(tmp_path):
     instances = acas_instances(tmp_path / "acas.csv", rows, timeout=3)
     out = tmp_path / "results.csv"
     command = [sys.executable, str(REPO / "cli.py"), "verify", "--instances", str(instances), "--out", str(out),
-               "--workers", "2"]
+               "--workers", "2", "--rounding", "real"]
     env = dict(os.environ, **{TASK_LOG_ENV: str(tmp_path / "first.log")})
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -97,3 +97,15 @@ def test_inspect_reports_what_building_each_method_says(tmp_path, exported):
     assert info["batch"] == "any"
     for method in ("ibp", "crown", "crown-ibp", "alpha-crown", "auto"):
         assert info["methods"][method] == [], (method, info["reasons"].get(method))
+
+
+def test_alpha_crown_certifies_the_default_export(exported, tmp_path):
+    from graphcert.certify import certify
+    from graphcert.data import Dataset
+    loaded = model_lib.load(exported["dynamo"])
+    session = Session(api.to_proto(loaded))
+    x = arch_zoo.sample_input((1, 16, 16), n=8, seed=4)
+    y = session.run({session.input_names[0]: x})[session.output_names[0]].argmax(axis=1)
+    crown = certify(exported["dynamo"], Dataset("zoo", x, y, None), eps=0.02, method="crown")
+    alpha = certify(exported["dynamo"], Dataset("zoo", x, y, None), eps=0.02, method="alpha-crown")
+    assert alpha.clean == crown.clean == 8 and alpha.certified >= crown.certified

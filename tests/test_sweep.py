@@ -65,17 +65,19 @@ def test_sweep_agrees_with_certify_at_every_radius(mnist, model, methods, norm, 
         assert (flags[:, 1:] <= flags[:, :-1]).all()   # certified at a radius -> at every smaller one
 
 
-@pytest.mark.parametrize("model,method,norm", [(MLP, "ibp", "linf"), (MLP, "crown", "linf"),
-                                               (LIPMLP, "lipschitz", "l2")])
-def test_radius_is_certified_and_nearly_the_largest(mnist, model, method, norm):
+# lipmlp's Lipschitz certificates hold in real arithmetic only (the float32 slack takes them all: RESULTS.md).
+@pytest.mark.parametrize("model,method,norm,rounding", [(MLP, "ibp", "linf", "float32"),
+                                                        (MLP, "crown", "linf", "float32"),
+                                                        (LIPMLP, "lipschitz", "l2", "real")])
+def test_radius_is_certified_and_nearly_the_largest(mnist, model, method, norm, rounding):
     data = mnist.head(25)
     tolerance = 1e-3
-    result = sweep(model, data, [0.01], [method], norm=norm, radius=True, tolerance=tolerance)
+    result = sweep(model, data, [0.01], [method], norm=norm, radius=True, tolerance=tolerance, rounding=rounding)
     radii = result.radii[method]
     correct = result.predictions == result.labels
     assert (radii[~correct] == 0).all() and (radii[correct] > 0).all()
     import graphcert
-    bounder = certifier(graphcert.load(model), method, data.domain, norm=norm)
+    bounder = certifier(graphcert.load(model), method, data.domain, norm=norm, rounding=rounding)
     objective = margin_objective(data.y, 10)
     shaped = lambda r: np.asarray(r, np.float32).reshape(-1, 1, 1, 1)
     logits, lower = bounder(data.x, shaped(radii), objective)

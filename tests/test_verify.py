@@ -151,7 +151,9 @@ def test_the_whole_test_family_matches_the_truth(tmp_path):
     instances = shared_path("benchmarks", "vnncomp2021", "test", "test_instances.csv")
     expected = truth("test")
     out = tmp_path / "results.csv"
-    results = run_instances(instances, out, method=METHOD, progress=False, timeout_scale=0.5)
+    # The competition reads properties in real arithmetic: test_unsat holds with a margin of about 0.006, which
+    # the float32 rounding analysis does not prove within these timeouts.
+    results = run_instances(instances, out, method=METHOD, progress=False, timeout_scale=0.5, rounding="real")
     assert [r.status for r in results] == [expected[(r.onnx, r.vnnlib)] for r in results]
     assert summarize(results)["holds"] == 4 and len(out.read_text().splitlines()) == 6
 
@@ -168,7 +170,7 @@ def test_shared_instances_are_decided_as_the_competition_did(family, onnx_name, 
     folder = VNNCOMP / family
     model, spec = shared_path(folder / onnx_name), folder / spec_name
     expected = truth(family)[(onnx_name, spec_name)]
-    result = verify(model, spec, timeout=30, method=METHOD)
+    result = verify(model, spec, timeout=30, method=METHOD, rounding="real")  # the competition's reading
     assert result.status == expected
     if expected == "violated":
         assert confirmed_by_onnxruntime(model, spec, result.counterexample)

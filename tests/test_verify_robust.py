@@ -84,6 +84,8 @@ def test_split_bounds_of_a_batch_one_residual_export_take_any_number_of_domains(
 def test_relu_branching_on_a_batch_one_residual_export_runs_and_stays_sound(tmp_path):
     """y_0 >= t with t between the sampled maximum and the root bound: ReLU branching bounds many domains
     per call (no crash) and never answers holds below the sampled maximum."""
+    import torch  # noqa: F401  (loaded outside the timed search: this test is about branching, not start-up)
+
     from graphcert.verify import verify
     from graphcert.verify.bounds import SplitBounds
     from graphcert.verify.network import Network

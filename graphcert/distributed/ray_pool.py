@@ -75,11 +75,16 @@ class RayExecutor:
         if ray.is_initialized():
             return False
         env = {"env_vars": dict(ONE_THREAD_ENV)}
-        if self.address:
-            ray.init(address=self.address, runtime_env=env, log_to_driver=False)
-        else:
-            ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=OBJECT_STORE_BYTES, runtime_env=env)
+        try:
+            if self.address:
+                ray.init(address=self.address, runtime_env=env, log_to_driver=False)
+            else:
+                ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         object_store_memory=OBJECT_STORE_BYTES, runtime_env=env)
+        except Exception as exc:  # Ray raises ConnectionError, ValueError, RuntimeError...: say which cluster
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"cannot start or join {where}: {first}") from None
         return True
 
     def _finished(self, ray, ref, task: Task, attempt: int, queue) -> Iterator[Event]:

@@ -48,12 +48,14 @@ class Result:
 def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
            method: str = "crown", alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None,
            beta: AlphaSettings | None = BRANCH_BETA, memory: int | None = None,
-           started: float | None = None) -> Result:
+           started: float | None = None, rounding: str = "float32") -> Result:
     """Decide whether the property holds on the model within `timeout` seconds (loading included); `alpha`
     tunes alpha-CROWN (methods alpha-crown, auto); `branching` ("inputs" or "relus") overrides the choice
     by input dimension; `beta` tunes the alpha-beta-CROWN bounds of ReLU domains (None: CROWN only);
     `memory` is the budget in bytes (default: half of the memory available now); `started` is when the
-    clock started (time.monotonic(), default now: the command line passes its process start).
+    clock started (time.monotonic(), default now: the command line passes its process start); `rounding`
+    "float32" (the default) proves `holds` for the model as it runs in float32 (graphcert.rounding), "real"
+    in real arithmetic (the competition's reading).
 
     The deadline is checked between stages; a stage that cannot be interrupted (converting the model,
     creating an onnxruntime session) may overrun it here, which `resources.ProcessGuard` bounds for a process.
@@ -71,22 +73,25 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     prop = load_property(spec_path)
     if time.monotonic() > deadline:
         return ended("timeout", "the deadline passed while reading the property")
-    from .input_bab import InputSplitSearch
     from .network import Network
-    from .search import Search
-    network = Network(model_path)
+    network = Network(model_path)   # onnx and onnxruntime only: the model is read before torch loads
     if (prop.n_inputs, prop.n_outputs) != (network.n_inputs, network.n_outputs):
         raise SpecError(f"{spec_path} declares {prop.n_inputs} inputs and {prop.n_outputs} outputs, but "
                         f"{model_path} has {network.n_inputs} inputs and {network.n_outputs} outputs")
     if time.monotonic() > deadline:
         return ended("timeout", "the deadline passed while loading the model")
     import torch
+
+    from .input_bab import InputSplitSearch
+    from .search import Search
     threads = torch.get_num_threads()
     # torch runs attacks and alpha-beta-CROWN on small tensors through many ops, where a second thread gains
     # little and costs much on a busy machine (mnistfc 256x2 prop_5_0.03 beside other jobs: 1,500-2,600 domain
     # bounds in 12 s with one thread, 60-700 with torch's default of two).
     torch.set_num_threads(1)
-    search = Search(prop, network, deadline, budget)
+    if rounding not in ("float32", "real"):
+        raise InputError(f"unknown rounding '{rounding}'; choose float32 or real")
+    search = Search(prop, network, deadline, budget, rounding)
     try:
         status, counterexample, boxes = InputSplitSearch(search, method, alpha=alpha, branching=branching,
                                                          beta=beta).run()

@@ -60,11 +60,13 @@ def read_instances(csv_path: str | os.PathLike, limit: int | None = None) -> tup
 def run_instances(csv_path: str | os.PathLike, out_csv: str | os.PathLike | None = None, method: str = "crown",
                   progress: bool = True, timeout_scale: float = 1.0, limit: int | None = None,
                   alpha: AlphaSettings = VERIFY_ALPHA, executor=None, resume: bool = False,
-                  memory: int | None = None) -> list[InstanceResult]:
+                  memory: int | None = None, rounding: str = "float32") -> list[InstanceResult]:
     """Verify every (onnx, vnnlib, timeout) row of a competition instances file (paths relative to it), serially
-    or on `executor` (graphcert.distributed), streaming rows into `out_csv`; `resume` keeps the rows there."""
+    or on `executor` (graphcert.distributed), streaming rows into `out_csv`; `resume` keeps the rows there;
+    `rounding` "real" reads the properties in real arithmetic, as the competition does."""
     from ..distributed.instances import run_instances as run
-    return run(csv_path, out_csv, method, progress, timeout_scale, limit, alpha, executor, resume, memory)[0]
+    return run(csv_path, out_csv, method, progress, timeout_scale, limit, alpha, executor, resume, memory,
+               rounding)[0]
 
 
 def summarize(results: list[InstanceResult]) -> dict:

@@ -119,7 +119,8 @@ class InputSplitSearch:
             return None
         margin_lower, margin_upper, center = bounds
         search.boxes_bounded += len(lower)
-        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper))
+        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper)) \
+            + search.rounding_slack(lower, upper)
         refuted = ((margin_lower > slack).astype(np.int32) @ search.membership) > 0
         alive = alive & ~refuted
         membership, alive_t = torch.from_numpy(search.membership), torch.from_numpy(alive)

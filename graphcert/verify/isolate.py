@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import GraphcertError
-from .resources import Budget, ProcessGuard
+from .resources import Budget, ProcessGuard, size
 
 # A child that has not answered this long after its deadline (its guard failed too) is killed.
 KILL_AFTER = 1.0
@@ -132,14 +132,14 @@ def supervise(deadline: float, budget: Budget | None, answer: Callable[[str, str
         elif budget is not None and _resident_of(pid) > budget.total:
             verdict, reason = "unknown", f"resident memory passed the memory budget of {budget}"
         if reason:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            _, status = os.waitpid(pid, 0)
-            if os.WIFEXITED(status):   # it finished (and answered) just before the kill
+            # Freeze it at once (freeing a large process after SIGKILL takes a while on a busy machine), answer,
+            # then kill it without waiting: the caller exits and the kernel reaps the child.
+            os.kill(pid, signal.SIGSTOP)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done and os.WIFEXITED(status):   # it finished (and answered) just before
                 return os.waitstatus_to_exitcode(status)
-            answer(verdict, reason)
+            answer(verdict, f"{reason} (peak resident memory {size(_peak_of(pid))})")
+            os.kill(pid, signal.SIGKILL)
             return exit_code(verdict)
         time.sleep(interval)
 
@@ -150,3 +150,15 @@ def _resident_of(pid: int) -> int:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _peak_of(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

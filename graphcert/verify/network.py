@@ -1,13 +1,13 @@
 """The model under verification, twice: normalised (bounds, attacks) and as given (confirming counterexamples)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 import onnx
 
 from .. import api
-from ..attack import FlatNetwork
 from ..errors import InputError
 from ..export import IR_VERSION
 from ..interface import perturbed_inputs
@@ -33,7 +33,7 @@ class Network:
         self.sample_shape = dims[1:] if self.batched else dims
         if not all(isinstance(d, int) for d in self.sample_shape):
             raise InputError(f"{model_path}: input {x.name} has free dimensions {dims}; fix its shape first")
-        self.differentiable = FlatNetwork(self.model, y.name)
+        self.output_name = y.name
         self.n_inputs = int(np.prod(self.sample_shape))
         self.n_outputs = int(np.prod([d for d in (y.shape or [])[1 if self.batched else 0:]]))
         # The original computation, with the IR version capped to one onnxruntime loads (the graph is unchanged).
@@ -44,6 +44,12 @@ class Network:
         original_input = next(i for i in proto.graph.input if i.name == x.name)
         original_dims = [d.dim_value for d in original_input.type.tensor_type.shape.dim]
         self.original_shape = original_dims if all(original_dims) else ([1] if self.batched else []) + self.sample_shape
+
+    @functools.cached_property
+    def differentiable(self):
+        """The normalised model as a torch function of flat inputs (built on first use: torch loads then)."""
+        from ..attack import FlatNetwork
+        return FlatNetwork(self.model, self.output_name)
 
     def model_shaped(self, flat: np.ndarray) -> np.ndarray:
         """[B, n] -> the model's batched input shape (only for batched models)."""

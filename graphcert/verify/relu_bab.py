@@ -70,6 +70,7 @@ class ReluSplitSearch:
     def __init__(self, search: Search, clamp: SplitBounds, lower, upper, beta: AlphaSettings | None):
         self.search, self.clamp = search, clamp
         self.lower, self.upper = lower, upper
+        self.root_slack = search.rounding_slack(lower, upper)   # sub-domains of a root box need no more
         self.layer = clamp.layer
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
         self.beta_settings = beta
@@ -166,7 +167,7 @@ class ReluSplitSearch:
     def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower) -> Domains:
         """The domains with a live conjunct left after refuting by margin_lower."""
         membership = self.search.membership
-        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
+        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower) + self.root_slack[root]
         refuted = ((margin_lower > slack).astype(np.int32) @ membership) > 0
         live = alive & ~refuted
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),

@@ -28,6 +28,35 @@ ATTACK_SHARE = 0.2
 ATTACK_BOXES = 64
 
 
+class Float32Slack:
+    """How much each row's margin lower bound must exceed 0 on a box for the property to hold there for the
+    model as it runs in float32 (graphcert.rounding). Each box gets its own: IBP magnitudes over small boxes are
+    far below those over the property's box. A model with ops the rounding analysis has no rule for gets
+    +inf: bounds then never prove the property."""
+
+    def __init__(self, network: Network, matrix: np.ndarray):
+        from ..errors import UnsupportedOpError
+        from ..rounding import RoundingSlack
+        self.network, self.matrix = network, matrix
+        try:
+            self.slack = RoundingSlack(network.model)
+        except UnsupportedOpError as refusal:
+            log.info("no float32 rounding analysis (%s): bounds cannot prove the property", refusal)
+            self.slack = None
+
+    def __call__(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """[B, rows] for boxes lower, upper [B, n]."""
+        if self.slack is None:
+            return np.full((len(lower), len(self.matrix)), np.inf)
+        network = self.network
+        if network.batched:
+            return self.slack.of_rows(network.model_shaped(lower.astype(np.float32)),
+                                      network.model_shaped(upper.astype(np.float32)), self.matrix[None])
+        return np.concatenate([self.slack.of_rows(lo.reshape(network.sample_shape).astype(np.float32),
+                                                  hi.reshape(network.sample_shape).astype(np.float32),
+                                                  self.matrix[None]) for lo, hi in zip(lower, upper)])
+
+
 class Search:
     """The property, network and deadline of one verify call, with its attack and what it has found so far.
 
@@ -36,7 +65,8 @@ class Search:
     alpha-CROWN may learn, `Property.rows_with_mixtures`).
     """
 
-    def __init__(self, prop: Property, network: Network, deadline: float, budget: Budget | None = None):
+    def __init__(self, prop: Property, network: Network, deadline: float, budget: Budget | None = None,
+                 rounding: str = "float32"):
         self.prop, self.network, self.deadline = prop, network, deadline
         self.budget = budget or Budget()
         self.reason = ""
@@ -45,11 +75,14 @@ class Search:
         for k, indices in enumerate(rows):
             self.membership[indices, k] = True
         self.has_rows = len(self.offset) > 0
-        self.attack = Attack(network.differentiable, self.matrix, self.offset, self.membership)
+        self.attack = Attack(network.differentiable, self.matrix, self.offset, self.membership,
+                             memory_bytes=max(64 << 20, self.budget.total // 4))
         # Attack rows (boxes x samples) through the torch graph, with activations and gradients.
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
         self.counterexample: tuple[np.ndarray, np.ndarray] | None = None
+        self.rounding_slack = Float32Slack(network, self.matrix) if rounding == "float32" else \
+            (lambda lower, upper: np.zeros((len(lower), len(self.matrix))))
         self.boxes_bounded = 0
         self.attack_seconds = 0.0
         self.started = time.monotonic()

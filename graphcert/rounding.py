@@ -1,0 +1,426 @@
+"""Float32 rounding: how far the deployed model's float32 outputs, and a bound graph's float32 margins, may be
+from their real-arithmetic values, so that certificates hold for the model as it runs.
+
+Bound graphs bound the model in real arithmetic and are themselves computed in float32. A certificate is about
+the deployed model evaluated in float32 (each op rounded to nearest, in any summation order), so `certify` and
+`verify` require every margin lower bound to beat `slack`, an upper bound on both errors.
+
+The error analysis is the standard one for dot products (Higham, Accuracy and Stability of Numerical
+Algorithms, ch. 3): with u = 2^-24 and γ_n = n·u / (1 - n·u), |fl(w·x + b) - (w·x + b)| <= γ_{n+1}·(|w|·|x| + |b|).
+It is run as an interpreter with one rule per op over the model graph, emitting a graph that computes, for a
+batch of input boxes, E, a bound on |fl(value) - value| of every value, from M, a bound on |value| over the box
+(IBP's interval of the value, so magnitudes are those the network really reaches, not products of |W|).
+Linear ops propagate E through |W| and add γ_n of the magnitudes they sum; exact ops (ReLU, max, reshapes,
+selections) carry E through; smooth ops add their Lipschitz constant times E plus a few ulps of libm error.
+The bound graph's own rounding follows the same ops at no larger magnitudes (centres and radii, or CROWN's
+coefficient chains, are bounded by the same |W|-products), so a margin's slack is
+    3·(E_i + E_j) + 8·u·(M_i + M_j)   per margin row e_i - e_j (rows c: 3·|c|·E + 8·u·|c|·M),
+the model's error, twice the bound graph's, and the final subtraction, all computed in the graph rounded up.
+Ops without a rule here make `certify`/`verify` refuse with a one-line error naming them (rounding="real" opts
+out: certificates then hold in real arithmetic only).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .builder import Builder
+from .errors import UnsupportedOpError
+from .interface import clone, perturbed_inputs
+from .interpret import attr, check_supported, perturbed_nodes, registrar
+from .interval import Interval
+from .model import static_shape
+
+UNIT = 2.0 ** -24                 # float32 unit roundoff
+LIBM_ULPS = 4                     # exp, tanh, ... are within a few ulps in every runtime we know
+SAFETY = 1.0 + 2.0 ** -10         # the A/E graph itself rounds: every rule's result is pushed up by this
+BOUND_GRAPH_FACTOR = 3.0          # the model's error plus twice the bound graph's (centre and radius parts)
+
+RULES: dict = {}
+rule = registrar(RULES)
+
+
+def gamma(n: int) -> float:
+    return n * UNIT / (1.0 - n * UNIT)
+
+
+class Walk:
+    """What rules read and emit: the builder, E of every perturbed value, and bounds of every value over the
+    input set: IBP intervals over boxes, or for L2 balls the value at the centre ± K·ε, K its Lipschitz
+    constant (IBP over the box around an L2 ball is far looser)."""
+
+    def __init__(self, b: Builder, intervals: dict, lipschitz: dict | None = None, radius: ir.Value | None = None):
+        self.b = b
+        self.intervals = intervals
+        self.lipschitz, self.radius = lipschitz, radius
+        self.errors: dict[ir.Value, ir.Value] = {}
+        self._magnitudes: dict[ir.Value, ir.Value] = {}
+
+    def c(self, number: float) -> ir.Value:
+        return self.b.const(np.float32(number))
+
+    def upper(self, value: ir.Value) -> ir.Value:
+        if self.lipschitz is not None:
+            return self.b.op("Add", value, self._spread(value))
+        interval = self.intervals[value]
+        return (interval.materialised() if getattr(interval, "shared", False) else interval).upper
+
+    def _spread(self, value: ir.Value) -> ir.Value:
+        rank = len(static_shape(value))
+        radius = self.b.op("Reshape", self.radius, self.b.ints([-1, *([1] * (rank - 1))]))
+        return self.b.op("Mul", radius, self.c(self.lipschitz[value.name]))
+
+    def magnitude(self, value: ir.Value) -> ir.Value:
+        """A bound on |value| over the input set (the value itself when it does not depend on the input)."""
+        if value not in self._magnitudes:
+            if value in self.errors and self.lipschitz is not None:
+                found = self.b.op("Add", self.b.op("Abs", value), self._spread(value))
+            elif value in self.intervals:
+                interval = self.intervals[value]
+                interval = interval.materialised() if getattr(interval, "shared", False) else interval
+                found = self.b.op("Max", self.b.op("Abs", interval.lower), self.b.op("Abs", interval.upper))
+            elif value.const_value is not None:
+                found = self.b.const(np.abs(value.const_value.numpy()).astype(np.float32))
+            else:
+                found = self.b.op("Abs", value)
+            self._magnitudes[value] = found
+        return self._magnitudes[value]
+
+    def up(self, value: ir.Value) -> ir.Value:
+        return self.b.op("Mul", value, self.c(SAFETY))
+
+    def plus(self, error: ir.Value, magnitude: ir.Value, factor: float) -> ir.Value:
+        """error + factor·magnitude, pushed up."""
+        return self.up(self.b.op("Add", error, self.b.op("Mul", magnitude, self.c(factor))))
+
+
+def _refused(node: ir.Node, why: str) -> UnsupportedOpError:
+    return UnsupportedOpError("float32 rounding analysis", {node.op_type: [f"{node.name or '(unnamed)'}: {why}"]})
+
+
+def _perturbed(walk: Walk, value) -> bool:
+    return value is not None and value in walk.errors
+
+
+# ---- exact ops: rounding-free selections, moves and maxima carry E through ---------------------------------
+
+@rule("Relu", "Identity", "Dropout", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Neg", "Abs",
+      "Slice", "Gather", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "Expand", "Tile", "DepthToSpace",
+      "SpaceToDepth", "Split", "Clip", "Concat", "Pad")
+def _exact(walk: Walk, node: ir.Node):
+    """|op(x~) - op(x)| <= op(|x~ - x|) elementwise for these ops (no arithmetic rounds); the other inputs
+    (indices, shapes, limits, fill values) must not depend on the box, and unperturbed tensors fed to Concat
+    carry no error."""
+    x = node.inputs[0]
+    if node.op_type == "Relu":
+        # A unit whose exact input stays below -E is 0 in both the exact and the rounded network: no error.
+        error = walk.errors[x]
+        live = walk.b.op("Cast", walk.b.op("Greater", walk.b.op("Add", walk.upper(x), error), walk.c(0.0)), to=1)
+        return [walk.b.op("Mul", error, live)]
+    if node.op_type in ("Neg", "Abs", "Clip"):
+        if any(_perturbed(walk, v) for v in node.inputs[1:]):
+            raise _refused(node, "perturbed limits")
+        return [walk.errors[x]]
+    if node.op_type == "Concat":
+        parts = [walk.errors[v] if _perturbed(walk, v) else walk.b.op("Mul", walk.magnitude(v), walk.c(0.0))
+                 for v in node.inputs]
+        return [walk.b.copy(node, parts)]
+    if any(_perturbed(walk, v) for v in node.inputs[1:]):
+        raise _refused(node, "a perturbed index, shape or fill value")
+    rest = list(node.inputs[1:])
+    if node.op_type == "Pad" and len(rest) > 1:
+        rest[1] = None  # the fill value is exact: no error at the border
+    count = len(node.outputs) if node.op_type == "Split" else 1
+    out = walk.b.copy(node, [walk.errors[x], *rest], count)
+    return [out] if count == 1 else list(out)
+
+
+@rule("LeakyRelu")
+def _leaky_relu(walk: Walk, node: ir.Node):
+    alpha = abs(attr(node, "alpha", 0.01))
+    error = walk.b.op("Mul", walk.errors[node.inputs[0]], walk.c(max(1.0, alpha)))
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), 2 * UNIT)]
+
+
+# ---- linear ops: E through |W| plus γ_n of what they sum ---------------------------------------------------
+
+def _linear(walk: Walk, node: ir.Node, x: ir.Value, apply_abs, fan_in: int, bias_abs=None) -> ir.Value:
+    """y = W·x + b summed from fan_in terms: the runtime sums the computed x~ (|x~| <= M + E), so
+    |fl(y~) - y| <= (1 + γ)·|W|·E + γ·(|W|·M + |b|), γ = γ_{fan_in + 1}."""
+    g = gamma(fan_in + 1)
+    summed = apply_abs(walk.magnitude(x))
+    if bias_abs is not None:
+        summed = walk.b.op("Add", summed, bias_abs)
+    error = walk.b.op("Mul", apply_abs(walk.errors[x]), walk.c(1.0 + g))
+    return walk.plus(error, summed, g)
+
+
+def _weight(walk: Walk, node: ir.Node, value: ir.Value) -> ir.Value:
+    if _perturbed(walk, value):
+        raise _refused(node, "a weight that depends on the input")
+    return walk.magnitude(value)
+
+
+@rule("MatMul")
+def _matmul(walk: Walk, node: ir.Node):
+    x, w = node.inputs
+    if _perturbed(walk, x) and _perturbed(walk, w):
+        raise _refused(node, "a product of two perturbed tensors")
+    if _perturbed(walk, x):
+        weight, dims = _weight(walk, node, w), static_shape(w)
+        return [_linear(walk, node, x, lambda v: walk.b.op("MatMul", v, weight), int(dims[-2] if len(dims) >= 2
+                                                                                      else dims[0]))]
+    weight = _weight(walk, node, x)
+    return [_linear(walk, node, w, lambda v: walk.b.op("MatMul", weight, v), int(static_shape(x)[-1]))]
+
+
+@rule("Gemm")
+def _gemm(walk: Walk, node: ir.Node):
+    x, w, c = (list(node.inputs) + [None])[:3]
+    if attr(node, "transA", 0):
+        raise _refused(node, "transA")
+    weight = _weight(walk, node, w)
+    alpha, beta = abs(attr(node, "alpha", 1.0)), abs(attr(node, "beta", 1.0))
+    trans_b = attr(node, "transB", 0)
+    dims = static_shape(w)
+    fan_in = int(dims[1] if trans_b else dims[0]) + 2   # the alpha and beta scalings round too
+    bias = walk.b.op("Mul", _weight(walk, node, c), walk.c(beta)) if c is not None else None
+    return [_linear(walk, node, x, lambda v: walk.b.op("Gemm", v, weight, alpha=alpha, transB=trans_b), fan_in,
+                    bias)]
+
+
+@rule("Conv", "ConvTranspose")
+def _conv(walk: Walk, node: ir.Node):
+    x, w, bias = (list(node.inputs) + [None])[:3]
+    weight = _weight(walk, node, w)
+    dims = static_shape(w)
+    fan_in = int(np.prod(dims[1:])) if node.op_type == "Conv" else int(dims[0] * np.prod(dims[2:]))
+    bias_abs = None
+    if bias is not None:
+        rank = len(static_shape(x))
+        bias_abs = walk.b.op("Reshape", _weight(walk, node, bias), walk.b.ints([-1, *([1] * (rank - 2))]))
+    return [_linear(walk, node, x, lambda v: walk.b.copy(node, [v, weight]), fan_in, bias_abs)]
+
+
+@rule("BatchNormalization")
+def _batch_norm(walk: Walk, node: ir.Node):
+    x, *params = node.inputs[:5]
+    if any(_perturbed(walk, p) or p.const_value is None for p in params):
+        raise _refused(node, "parameters that are not constants")
+    s, b, m, v = (p.const_value.numpy().astype(np.float64) for p in params)
+    factor = s / np.sqrt(v + attr(node, "epsilon", 1e-5))
+    shape = [-1, *([1] * (len(static_shape(x)) - 2))]
+    times = walk.b.const(np.abs(factor).astype(np.float32).reshape(shape))
+    shift = walk.b.const((np.abs(b) + np.abs(m * factor)).astype(np.float32).reshape(shape))
+    # y = (x - mean)·factor + bias: a few roundings (sqrt and divide in the factor, subtract, multiply, add).
+    return [_linear(walk, node, x, lambda val: walk.b.op("Mul", val, times), 5, shift)]
+
+
+@rule("Add", "Sub", "Sum")
+def _add(walk: Walk, node: ir.Node):
+    errors = [walk.errors[v] for v in node.inputs if _perturbed(walk, v)]
+    total = errors[0]
+    for error in errors[1:]:
+        total = walk.b.op("Add", total, error)
+    # Each addition rounds once, relative to a sum of at most the terms' magnitudes (plus their errors).
+    magnitudes = [walk.magnitude(v) for v in node.inputs]
+    summed = magnitudes[0]
+    for magnitude in magnitudes[1:]:
+        summed = walk.b.op("Add", summed, magnitude)
+    g = gamma(len(node.inputs) - 1)
+    return [walk.plus(walk.b.op("Mul", total, walk.c(1.0 + g)), summed, g)]
+
+
+@rule("Mul", "Div")
+def _scale(walk: Walk, node: ir.Node):
+    x, y = node.inputs
+    if _perturbed(walk, x) and _perturbed(walk, y):
+        raise _refused(node, "a product of two perturbed tensors")
+    if node.op_type == "Div" and not _perturbed(walk, x):
+        raise _refused(node, "a division by a perturbed tensor")
+    moving, fixed = (x, y) if _perturbed(walk, x) else (y, x)
+    factor = walk.magnitude(fixed)
+    if node.op_type == "Div":
+        if fixed.const_value is None or np.any(fixed.const_value.numpy() == 0):
+            raise _refused(node, "a division by a tensor that is not a non-zero constant")
+        factor = walk.b.const((1.0 / np.abs(fixed.const_value.numpy().astype(np.float64))).astype(np.float32))
+    error = walk.b.op("Mul", walk.errors[moving], factor)
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), 3 * UNIT)]
+
+
+@rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
+def _average(walk: Walk, node: ir.Node):
+    x = node.inputs[0]
+    if node.op_type == "AveragePool":
+        count = int(np.prod(attr(node, "kernel_shape")))
+    else:
+        dims = static_shape(x)
+        axes = _axes(node)
+        picked = range(2, len(dims)) if node.op_type == "GlobalAveragePool" else \
+            (range(len(dims)) if not axes else [int(i) % len(dims) for i in axes])
+        sizes = [dims[i] for i in picked]
+        if not all(isinstance(d, int) for d in sizes):
+            raise _refused(node, "a reduction over axes of unknown size")
+        count = int(np.prod(sizes))
+    rest = list(node.inputs[1:])
+    error = walk.b.copy(node, [walk.errors[x], *rest])
+    summed = walk.b.copy(node, [walk.magnitude(x), *rest])   # the same average (or sum) of the magnitudes
+    g = gamma(count + 1)
+    return [walk.plus(walk.b.op("Mul", error, walk.c(1.0 + g)), summed, g)]
+
+
+def _axes(node: ir.Node):
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        return node.inputs[1].const_value.numpy().reshape(-1).tolist()
+    return attr(node, "axes", None)
+
+
+# ---- smooth element-wise ops: Lipschitz constant times E, plus libm's error -------------------------------
+
+SLOPES = {"Sigmoid": 0.25, "Tanh": 1.0, "Softsign": 1.0, "Softplus": 1.0, "Erf": 1.13, "Atan": 1.0}
+
+
+@rule(*SLOPES, "Elu", "HardSigmoid", "Selu", "Celu")
+def _smooth(walk: Walk, node: ir.Node):
+    op = node.op_type
+    alpha = abs(attr(node, "alpha", 1.0))
+    slope = SLOPES.get(op) or {"Elu": max(1.0, alpha), "HardSigmoid": abs(attr(node, "alpha", 0.2)),
+                               "Selu": abs(attr(node, "gamma", 1.0507)) * max(1.0, abs(attr(node, "alpha", 1.6733))),
+                               "Celu": 1.0}[op]
+    error = walk.b.op("Mul", walk.errors[node.inputs[0]], walk.c(slope))
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), LIBM_ULPS * UNIT + 3 * UNIT)]
+
+
+@rule("Softmax")
+def _softmax(walk: Walk, node: ir.Node):
+    """Softmax is 1/2-Lipschitz from L-inf to L-inf and its outputs lie in [0, 1]. Runtimes subtract the
+    maximum first (an error of 2u·M each), then exp, sum n terms and divide."""
+    x = node.inputs[0]
+    axis = attr(node, "axis", -1)
+    dims = static_shape(x)
+    n = dims[axis]
+    if not isinstance(n, int):
+        raise _refused(node, "a softmax over an axis of unknown size")
+    b = walk.b
+    spread = b.op("Add", walk.errors[x], b.op("Mul", walk.magnitude(x), walk.c(2 * UNIT)))
+    worst = b.reduce("ReduceMax", spread, [axis % len(dims)])
+    error = b.op("Add", b.op("Mul", worst, walk.c(0.5)), walk.c((n + LIBM_ULPS + 2) * UNIT))
+    return [walk.up(b.op("Add", error, b.op("Mul", walk.magnitude(node.outputs[0]), walk.c(0.0))))]
+
+
+# ---- the pass --------------------------------------------------------------------------------------------
+
+MAGNITUDE, ERROR = "_magnitude", "_rounding_error"
+
+
+def error_graph(model: ir.Model, norm: str = "linf") -> ir.Model:
+    """A graph whose inputs describe input sets, for every model output y giving `<y>_magnitude` (a bound on |y|
+    over the set) and `<y>_rounding_error` (a bound on |fl32(y) - y|), or UnsupportedOpError naming the nodes
+    it cannot analyse. Input sets: boxes `<x>_lower`/`<x>_upper` (norm "linf"), or L2 balls, the point `<x>`
+    and a radius `<x>_radius` [batch] (norm "l2"; magnitudes from the lipschitz pass's constants)."""
+    from .passes import ibp
+    result = clone(model)
+    graph = result.graph
+    sources = perturbed_inputs(result)
+    nodes = perturbed_nodes(graph, set(sources))
+    check_supported(nodes, RULES, "float32 rounding analysis")
+    others = [x for x in sources if x.dtype != ir.DataType.FLOAT]
+    if others:  # float16 arithmetic rounds far more (and float64 less): u = 2^-24 would not describe it
+        raise UnsupportedOpError("float32 rounding analysis",
+                                 {"(input)": [f"{x.name}: the analysis covers float32 models, not {x.dtype.name}"
+                                              for x in others]})
+    b = Builder(graph, prefix="fp32")
+    intervals: dict = {}
+    if norm == "l2":
+        from .passes.lipschitz import lipschitz_constants
+        constants, _ = lipschitz_constants(model)
+        lipschitz = {value.name: float(k) for value, k in constants.items()}
+        missing = [n for n in nodes for v in n.outputs if v.name not in lipschitz and v.uses()]
+        if missing:
+            raise _refused(missing[0], "no Lipschitz constant for its output (L2 balls need one)")
+        [x] = sources[:1]
+        radius = ir.Value(name=f"{x.name}_radius", type=x.type, shape=ir.Shape(["batch"]))
+        graph.inputs.append(radius)
+        walk = Walk(b, intervals, lipschitz, radius)
+        lipschitz[x.name] = 1.0
+        walk.errors[x] = b.op("Mul", x, walk.c(0.0))
+        for node in nodes:
+            for value, error in zip(node.outputs, RULES[node.op_type](walk, node)):
+                walk.errors[value] = error
+    else:
+        check_supported(nodes, ibp.RULES, "float32 rounding analysis (through IBP)", ibp.accepts)
+        walk = Walk(b, intervals)
+        cx = ibp.Context(b, False)
+        for x in sources:
+            lower = ir.Value(name=f"{x.name}_lower", type=x.type, shape=x.shape)
+            upper = ir.Value(name=f"{x.name}_upper", type=x.type, shape=x.shape)
+            graph.inputs.extend([lower, upper])
+            intervals[x] = Interval.from_bounds(b, lower, upper)
+            walk.errors[x] = b.op("Mul", lower, walk.c(0.0))   # inputs are given exactly
+        for node in nodes:
+            args = [intervals.get(v, v) if v is not None else None for v in node.inputs]
+            while args and args[-1] is None:
+                args.pop()
+            for value, interval in zip(node.outputs, ibp.RULES[node.op_type](cx, node, *args)):
+                intervals[value] = interval
+            for value, error in zip(node.outputs, RULES[node.op_type](walk, node)):
+                walk.errors[value] = error
+    originals = list(graph.outputs)
+    graph.outputs.clear()
+    for y in originals:
+        if y not in walk.errors:
+            continue
+        for value, suffix in ((walk.magnitude(y), MAGNITUDE), (walk.errors[y], ERROR)):
+            named = b.op("Identity", value)
+            named.name = f"{y.name}{suffix}"
+            named.shape, named.type = y.shape, y.type
+            graph.outputs.append(named)
+    for node in reversed(list(graph)):  # the original computation is not needed (a shape read may stay)
+        if node in nodes and not any(out.uses() for out in node.outputs):
+            graph.remove(node, safe=True)
+    return result
+
+
+class RoundingSlack:
+    """Per-sample slack of margin rows: a margin lower bound must exceed it for the certificate to hold for the
+    model evaluated in float32. norm "linf": input sets are boxes; "l2": balls (radius = the largest entry)."""
+
+    def __init__(self, model: ir.Model, norm: str = "linf"):
+        from .export import to_proto
+        from .runtime import Session
+        graph = error_graph(model, norm)
+        self.norm = norm
+        self.session = Session(to_proto(graph))
+        [x] = perturbed_inputs(model)[:1]
+        self.x_name = x.name
+        dims = list(x.shape) if x.shape is not None else []
+        # A model without a batch axis takes one input set at a time: its results get a batch of 1.
+        self.batched = len(dims) >= 2 and not isinstance(dims[0], int)
+        self.needs_point = any(v.name == x.name for v in graph.graph.inputs)
+        self.output = next(v.name for v in graph.graph.outputs if v.name.endswith(MAGNITUDE))[:-len(MAGNITUDE)]
+
+    def outputs(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(M, E) of the model's first output over each input set, flattened per sample: boxes [lower, upper],
+        or for L2 the balls of centre (lower + upper) / 2 and radius the largest half-width."""
+        lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
+        if self.norm == "l2":
+            centre = (lower + upper) / 2
+            radius = ((upper - lower) / 2).reshape(len(lower), -1).max(axis=1) * np.float32(1 + 2 ** -20)
+            feeds = {self.x_name: centre.astype(np.float32), f"{self.x_name}_radius": radius.astype(np.float32)}
+        else:
+            feeds = {f"{self.x_name}_lower": lower, f"{self.x_name}_upper": upper}
+            if self.needs_point:
+                feeds[self.x_name] = lower
+        out = self.session.run(feeds, [self.output + MAGNITUDE, self.output + ERROR])
+        m, e = out[self.output + MAGNITUDE], out[self.output + ERROR]
+        count = len(m) if self.batched else 1
+        return m.reshape(count, -1).astype(np.float64), e.reshape(count, -1).astype(np.float64)
+
+    def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[batch, m] slack of the margin rows c (rows [batch, m, n] or [m, n]) over each input set."""
+        m, e = self.outputs(lower, upper)
+        weights = np.abs(np.asarray(rows, dtype=np.float64))
+        weights = np.broadcast_to(weights, (len(m), *weights.shape[-2:]))
+        slack = (BOUND_GRAPH_FACTOR * np.einsum("bmn,bn->bm", weights, e)
+                 + 8 * UNIT * np.einsum("bmn,bn->bm", weights, m))
+        return slack * SAFETY + np.finfo(np.float32).tiny

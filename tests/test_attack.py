@@ -1,0 +1,70 @@
+"""The attack: memory within its budget on specs with thousands of boxes and conjuncts, and its candidates."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+
+from graphcert.attack import conjunct_margins, unsafe_objective
+from test_verify import tiny_network
+
+MANY_BOXES = textwrap.dedent("""
+    import resource, sys, time
+    import numpy as np
+    from graphcert.verify import Network
+    from graphcert.attack import Attack
+    network = Network(sys.argv[1])
+    boxes = 2000
+    rng = np.random.default_rng(0)
+    centers = rng.uniform(-1, 1, size=(boxes, 2))
+    lower, upper = centers - 0.01, centers + 0.01
+    # One conjunct per box, each of two rows (y0 >= t_i and y1 <= s_i): 2000 x 2000 liveness, 4000 rows.
+    matrix = np.tile(np.array([[-1.0, 0.0], [0.0, 1.0]]), (boxes, 1))
+    offset = np.tile(np.array([100.0, -100.0]), boxes)
+    if sys.argv[2] == "reachable":      # the last box's conjunct is met at its center
+        y = network.differentiable(__import__("torch").tensor(centers[-1:], dtype=__import__("torch").float32))
+        offset[-2:] = [float(y[0, 0]) - 1e-3, -float(y[0, 1]) - 1e-3]
+    membership = np.zeros((2 * boxes, boxes), dtype=bool)
+    membership[np.arange(2 * boxes), np.arange(2 * boxes) // 2] = True
+    alive = np.eye(boxes, dtype=bool)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    attack = Attack(network.differentiable, matrix, offset, membership, memory_bytes=64 << 20)
+    points, objective = attack.run(lower, upper, alive, time.monotonic() + 60, samples=256, restarts=8, steps=5)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    inside = bool(np.all((points >= lower[-1] - 1e-6) & (points <= upper[-1] + 1e-6), axis=1)[0])
+    print(f"{grown:.0f} {objective[0]:.6g} {inside} {len(points)}")
+""")
+
+
+def run_many_boxes(tmp_path, mode):
+    model = tmp_path / "tiny.onnx"
+    tiny_network(model)
+    out = subprocess.run([sys.executable, "-c", MANY_BOXES, str(model), mode], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    return float(out[0]), float(out[1]), out[2] == "True", int(out[3])
+
+
+def test_two_thousand_boxes_and_conjuncts_stay_within_the_memory_budget(tmp_path):
+    grown_mb, objective, _, kept = run_many_boxes(tmp_path, "unreachable")
+    # The former attack materialised [points, conjuncts, rows] at once here (tens of GB).
+    assert grown_mb < 300, f"the attack grew by {grown_mb:.0f} MB"
+    assert objective > 0 and kept <= 16
+
+
+def test_the_only_reachable_conjunct_among_thousands_is_found(tmp_path):
+    _, objective, inside, _ = run_many_boxes(tmp_path, "reachable")
+    assert objective <= 0 and inside
+
+
+def test_unsafe_objective_matches_the_dense_definition():
+    rng = np.random.default_rng(1)
+    margins = torch.tensor(rng.normal(size=(7, 5)), dtype=torch.float32)
+    membership = torch.tensor(rng.random((5, 3)) < 0.5)
+    membership[:, 2] = False                      # a conjunct without rows is met by every output
+    alive = torch.tensor(rng.random((7, 3)) < 0.7)
+    dense = margins.unsqueeze(1).masked_fill(~membership.T.unsqueeze(0), -np.inf).amax(dim=2)
+    assert torch.equal(conjunct_margins(margins, membership), dense)
+    assert torch.equal(unsafe_objective(margins, membership, alive), dense.masked_fill(~alive, np.inf).amin(dim=1))

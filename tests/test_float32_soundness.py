@@ -1,0 +1,125 @@
+"""Certificates hold for the model as it runs in float32 (graphcert.rounding), not only in real arithmetic.
+
+A near-tied linear classifier is the sharpest case: its logits differ by about the float32 rounding of their
+own computation, so real-arithmetic bounds "certify" samples whose ball holds a vertex where onnxruntime, in
+float32, predicts another class. With rounding="float32" (the default) no such sample is certified."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphcert import api
+from graphcert.certify import certify
+from graphcert.data import Dataset
+from graphcert.rounding import RoundingSlack, error_graph
+from graphcert.runtime import Session
+from graphcert.verify import verify
+
+
+def near_tied_classifier(path=None, inputs: int = 8) -> onnx.ModelProto:
+    """Two logits y = W·x + b whose rows differ by a few float32 ulps: the margin is rounding noise."""
+    rng = np.random.default_rng(7)
+    row = rng.normal(size=inputs).astype(np.float32) * 1000
+    other = (row.astype(np.float64) * (1 + 3e-7 * rng.normal(size=inputs))).astype(np.float32)
+    w = np.stack([row, other], axis=1)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"])], "tied",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    if path is not None:
+        onnx.save(model, path)
+    return model
+
+
+def vertex_counterexample(session: Session, x: np.ndarray, label: int, eps: float) -> bool:
+    """Whether some vertex of the L-inf ball makes the float32 model (onnxruntime) not predict `label`."""
+    signs = np.array(list(itertools.product([-1.0, 1.0], repeat=x.size)), dtype=np.float32)
+    vertices = (x[None] + eps * signs).astype(np.float32)
+    logits = session.run({"x": vertices})["y"]
+    return bool((logits[:, label] <= logits[:, 1 - label]).any())
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_no_certified_sample_has_a_float32_counterexample_at_a_vertex(method):
+    model = near_tied_classifier()
+    session = Session(model)
+    rng = np.random.default_rng(0)
+    x = rng.random((600, 8), dtype=np.float32)
+    logits = session.run({"x": x})["y"]
+    y = logits.argmax(axis=1)
+    data = Dataset("tied", x, y, None)
+    eps = 1e-7
+    flagged = {rounding: [] for rounding in ("real", "float32")}
+    for rounding in flagged:
+        from graphcert.certify import certifier, margin_objective
+        bounder = certifier(api.load(model), method, None, rounding=rounding)
+        _, lower = bounder(x, eps, margin_objective(y, 2))
+        flagged[rounding] = np.flatnonzero((lower > 0).all(axis=1))
+    unsound = [i for i in flagged["real"] if vertex_counterexample(session, x[i], y[i], eps)]
+    assert unsound, "the example no longer shows the rounding problem: make the logits closer"
+    assert not [i for i in flagged["float32"] if vertex_counterexample(session, x[i], y[i], eps)]
+    assert certify(api.load(model), data, eps, method=method).certified == len(flagged["float32"])
+
+
+def test_rounding_error_bounds_contain_the_float32_error_of_every_shipped_model():
+    """E bounds |float32 output - float64 output| at sampled points of the box (float64 stands in for reals)."""
+    from graphcert.data import load_dataset
+    from graphcert.models import shipped_path
+    from graphcert.torch_exec import TorchGraph
+    import torch
+    data = load_dataset("mnist-test")
+    for name in ("mnist_mlp", "mnist_cnn", "mnist_lipmlp"):
+        model = api.load(shipped_path(name))
+        slack = RoundingSlack(model)
+        x = data.x[:16]
+        low, high = np.clip(x - 0.02, 0, 1), np.clip(x + 0.02, 0, 1)
+        magnitude, error = slack.outputs(low, high)
+        points = (low + np.random.default_rng(1).random(x.shape, dtype=np.float32) * (high - low)).astype(np.float32)
+        exact = TorchGraph(model, dtype=torch.float64)({"image": points.astype(np.float64)})
+        exact = next(iter(exact.values())).detach().numpy().reshape(len(x), -1)
+        rounded = Session(onnx.load(shipped_path(name))).run({"image": points})
+        rounded = next(iter(rounded.values())).reshape(len(x), -1)
+        assert (np.abs(rounded - exact) <= error).all(), name
+        assert (np.abs(exact) <= magnitude).all(), name
+
+
+def test_ops_without_a_rounding_rule_are_refused_with_the_way_out(tmp_path):
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "square",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    from graphcert.errors import InputError, UnsupportedOpError
+    with pytest.raises(UnsupportedOpError, match="Mul"):
+        error_graph(api.load(model))
+    data = Dataset("d", np.zeros((2, 2), np.float32), np.array([0, 1]), None)
+    with pytest.raises(InputError, match="--rounding real"):
+        certify(api.load(model), data, 0.1, method="ibp")
+    assert certify(api.load(model), data, 0.1, method="ibp", rounding="real").n == 2
+
+
+def test_verify_never_proves_a_property_within_float32_error_of_its_boundary(tmp_path):
+    """The property 'y0 >= y1' is false somewhere in float32 only through rounding: verify must not say holds."""
+    path = tmp_path / "tied.onnx"
+    model = near_tied_classifier(path, inputs=4)
+    session = Session(model)
+    rng = np.random.default_rng(3)
+    for trial in range(6):
+        x = rng.random(4, dtype=np.float32)
+        eps = 1e-7
+        logits = session.run({"x": x[None]})["y"][0]
+        label = int(logits.argmax())
+        spec = tmp_path / f"p{trial}.vnnlib"
+        lines = [f"(declare-const X_{i} Real)" for i in range(4)] + ["(declare-const Y_0 Real)",
+                                                                      "(declare-const Y_1 Real)"]
+        lines += [f"(assert (>= X_{i} {float(v) - eps!r}))\n(assert (<= X_{i} {float(v) + eps!r}))"
+                  for i, v in enumerate(x)]
+        lines.append(f"(assert (>= Y_{1 - label} Y_{label}))")
+        spec.write_text("\n".join(lines) + "\n")
+        result = verify(path, spec, timeout=4)
+        if result.status == "holds":
+            assert not vertex_counterexample(session, x, label, eps), f"trial {trial}: unsound holds"
