@@ -12,10 +12,20 @@ batch of input boxes, E, a bound on |fl(value) - value| of every value, from M, 
 (IBP's interval of the value, so magnitudes are those the network really reaches, not products of |W|).
 Linear ops propagate E through |W| and add γ_n of the magnitudes they sum; exact ops (ReLU, max, reshapes,
 selections) carry E through; smooth ops add their Lipschitz constant times E plus a few ulps of libm error.
-The bound graph's own rounding follows the same ops at no larger magnitudes (centres and radii, or CROWN's
-coefficient chains, are bounded by the same |W|-products), so a margin's slack is
-    3·(E_i + E_j) + 8·u·(M_i + M_j)   per margin row e_i - e_j (rows c: 3·|c|·E + 8·u·|c|·M),
-the model's error, twice the bound graph's, and the final subtraction, all computed in the graph rounded up.
+Next to E the graph carries N, a per-sample bound on the L2 norm of the error (graphcert.rounding_norms:
+||W||_2 through linear ops, so orthogonal and Lipschitz layers do not amplify it), and E is tightened to
+min(E, N) at every op; a margin row c sees at most min(|c|·E, ||c||_2·N) of the model's error.
+
+The bound graph's own rounding: a lipschitz bound graph (POINT_BOUND_GRAPHS) is the model evaluated at the
+centre of the ball plus folded constants rounded up, so the same bound covers it. IBP propagates centres (the
+model's own recursion, at magnitudes at most M) and radii through |W| (non-negative sums: no cancellation, the
+error is γ_n of |W| times magnitudes at most M, layer after layer): together the recursion of the plain
+|W|-product E, computed without the N tightening. CROWN's coefficient chains are products of the same |W|
+and relaxation slopes in [0, 1] and are taken to be bounded the same way (argued, not proved op by op). So a
+margin's slack is
+    model + 2·bound graph + 8·u·|c|·M,   model = min(|c|·E, ||c||_2·N),
+    bound graph = model (lipschitz) or |c|·E_plain (IBP, CROWN family),
+computed in float64 from the graph's outputs and rounded up.
 Ops without a rule here make `certify`/`verify` refuse with a one-line error naming them (rounding="real" opts
 out: certificates then hold in real arithmetic only).
 """

@@ -125,3 +125,79 @@ def test_verify_never_proves_a_property_within_float32_error_of_its_boundary(tmp
         result = verify(path, spec, timeout=4)
         if result.status == "holds":
             assert not vertex_counterexample(session, x, label, eps), f"trial {trial}: unsound holds"
+
+
+def orthogonal_group_sort_net(width: int = 16, depth: int = 3, scale: float = 1.0, seed: int = 0,
+                              residual: bool = False) -> onnx.ModelProto:
+    """Orthogonal Gemm layers (times `scale`), GroupSort2 between them as the lipschitz nets export it
+    (Reshape, MaxPool/Neg/MaxPool/Neg, Concat, Flatten), optionally a residual Add around each block."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], [onnx.numpy_helper.from_array(np.array([0, 1, -1], np.int64), "shape")]
+    current = "x"
+    for layer in range(depth):
+        q, _ = np.linalg.qr(rng.normal(size=(width, width)))
+        inits += [onnx.numpy_helper.from_array((q * scale).astype(np.float32), f"w{layer}"),
+                  onnx.numpy_helper.from_array(rng.normal(size=width).astype(np.float32) * scale, f"b{layer}")]
+        t = f"l{layer}_"
+        nodes += [helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [t + "g"], transB=1),
+                  helper.make_node("Reshape", [t + "g", "shape"], [t + "r"]),
+                  helper.make_node("MaxPool", [t + "r"], [t + "hi"], kernel_shape=[2], strides=[2]),
+                  helper.make_node("Neg", [t + "r"], [t + "n"]),
+                  helper.make_node("MaxPool", [t + "n"], [t + "nlo"], kernel_shape=[2], strides=[2]),
+                  helper.make_node("Neg", [t + "nlo"], [t + "lo"]),
+                  helper.make_node("Concat", [t + "lo", t + "hi"], [t + "c"], axis=1),
+                  helper.make_node("Flatten", [t + "c"], [t + "f"])]
+        if residual:
+            nodes.append(helper.make_node("Add", [t + "f", current], [t + "a"]))
+        current = t + ("a" if residual else "f")
+    head = rng.normal(size=(3, width)).astype(np.float32)
+    inits.append(onnx.numpy_helper.from_array(head, "head"))
+    nodes.append(helper.make_node("Gemm", [current, "head"], ["y"], transB=1))
+    graph = helper.make_graph(nodes, "orthogonal", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("scale,residual", [(1.0, False), (30.0, False), (1.0, True)])
+def test_error_bounds_contain_the_float32_error_of_orthogonal_group_sort_nets(norm, scale, residual):
+    """E and N bound the float32 output error at sampled points of boxes / L2 balls, at large magnitudes
+    (inputs up to 1e3, layers scaled up to 30), with and without residual sums (float64 stands in for reals)."""
+    from graphcert.torch_exec import TorchGraph
+    import torch
+    proto = orthogonal_group_sort_net(scale=scale, residual=residual)
+    model = api.load(proto)
+    slack = RoundingSlack(model, norm)
+    rng = np.random.default_rng(5)
+    centres = (rng.normal(size=(8, 16)) * 1e3).astype(np.float32)
+    radius = 0.5
+    magnitude, error, norm_bound = slack.outputs(centres - radius, centres + radius)
+    assert np.isfinite(norm_bound).all()
+    session = Session(proto)
+    float64 = TorchGraph(model, dtype=torch.float64)
+    for _ in range(20):
+        steps = rng.normal(size=centres.shape)
+        if norm == "l2":
+            steps = steps / np.linalg.norm(steps, axis=1, keepdims=True) * rng.random((len(steps), 1))
+        else:
+            steps = np.clip(steps, -1, 1)
+        points = (centres + radius * steps).astype(np.float32)
+        rounded = session.run({"x": points})["y"].astype(np.float64)
+        exact = next(iter(float64({"x": points.astype(np.float64)}).values())).detach().numpy()
+        assert (np.abs(rounded - exact) <= error).all()
+        assert (np.linalg.norm(rounded - exact, axis=1) <= norm_bound).all()
+        assert (np.abs(exact) <= magnitude).all()
+    if not residual:
+        # Orthogonal layers do not amplify N: it is far below the plain |W|-product E (16 wide: |W| row sums ~3).
+        loose = slack.loose_errors(centres - radius, centres + radius)
+        assert (norm_bound < np.linalg.norm(loose, axis=1)).all()
+
+
+def test_auto_certifies_at_least_what_crown_alone_certifies_in_float32():
+    """auto escalates on slacked margins: a sample crown certifies in float32 is certified by auto too."""
+    from graphcert.data import load_dataset
+    from graphcert.models import shipped_path
+    data = load_dataset("mnist-test")
+    crown = certify(shipped_path("mnist_mlp"), data, 0.02, method="crown", limit=40)
+    auto = certify(shipped_path("mnist_mlp"), data, 0.02, method="auto", limit=40)
+    assert auto.certified >= crown.certified
