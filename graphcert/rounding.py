@@ -17,14 +17,15 @@ Next to E the graph carries N, a per-sample bound on the L2 norm of the error (g
 min(E, N) at every op; a margin row c sees at most min(|c|·E, ||c||_2·N) of the model's error.
 
 The bound graph's own rounding: a lipschitz bound graph (POINT_BOUND_GRAPHS) is the model evaluated at the
-centre of the ball plus folded constants rounded up, so the same bound covers it. IBP propagates centres (the
+centre of the ball (a point of the set: the same bound covers it) minus eps·K·||row||, with K folded rounded
+up and a relative slack of its own (2^-16 of the magnitudes, passes/lipschitz.py) for the margin products. IBP propagates centres (the
 model's own recursion, at magnitudes at most M) and radii through |W| (non-negative sums: no cancellation, the
 error is γ_n of |W| times magnitudes at most M, layer after layer): together the recursion of the plain
 |W|-product E, computed without the N tightening. CROWN's coefficient chains are products of the same |W|
 and relaxation slopes in [0, 1] and are taken to be bounded the same way (argued, not proved op by op). So a
 margin's slack is
-    model + 2·bound graph + 8·u·|c|·M,   model = min(|c|·E, ||c||_2·N),
-    bound graph = model (lipschitz) or |c|·E_plain (IBP, CROWN family),
+    model + bound graph + 8·u·|c|·M,   model = min(|c|·E, ||c||_2·N),
+    bound graph = model (lipschitz) or 2·|c|·E_plain (IBP, CROWN family: centre and radius parts),
 computed in float64 from the graph's outputs and rounded up.
 Ops without a rule here make `certify`/`verify` refuse with a one-line error naming them (rounding="real" opts
 out: certificates then hold in real arithmetic only).
@@ -62,9 +63,18 @@ class Walk:
         self.b = b
         self.intervals = intervals
         self.lipschitz, self.radius = lipschitz, radius
+        self.spreads: dict = {}   # L2 balls: per-element spreads of some values (rounding_norms.element_spreads)
+        self.reach: dict = {}     # L2 balls, linear outputs z = W·h: bounds on |W|·|h(x) - h(centre)| per element
         self.errors: dict[ir.Value, ir.Value] = {}
         self.norms = None   # a rounding_norms.NormTracker when L2 norms of the errors are tracked too
+        # 1 for a float64 model narrowed to float32 when loaded (graphcert.dtypes): each weight w32 = w64·(1 + δ),
+        # |δ| <= u, is one more rounding in every product, so γ_n becomes γ_{n+1}; the float64 model's own
+        # rounding (u = 2^-53) is far below what the float32 analysis allows.
+        self.weight_rounding = 0
         self._magnitudes: dict[ir.Value, ir.Value] = {}
+
+    def gamma(self, n: int) -> float:
+        return gamma(n + self.weight_rounding)
 
     def c(self, number: float) -> ir.Value:
         return self.b.const(np.float32(number))
@@ -78,7 +88,18 @@ class Walk:
     def _spread(self, value: ir.Value) -> ir.Value:
         rank = len(static_shape(value))
         radius = self.b.op("Reshape", self.radius, self.b.ints([-1, *([1] * (rank - 1))]))
+        per_element = self.spreads.get(value)
+        if per_element is not None:
+            return self.spread_of(value, per_element)
         return self.b.op("Mul", radius, self.c(self.lipschitz[value.name]))
+
+    def spread_of(self, value: ir.Value, per_element: np.ndarray) -> ir.Value:
+        """radius · a per-element float64 array (rounded up to float32), shaped like `value`."""
+        rank = len(static_shape(value))
+        radius = self.b.op("Reshape", self.radius, self.b.ints([-1, *([1] * (rank - 1))]))
+        array = per_element.astype(np.float32)
+        array = np.where(array < per_element, np.nextafter(array, np.float32(np.inf)), array)
+        return self.b.op("Mul", radius, self.b.const(array[None] if rank > array.ndim else array))
 
     def magnitude(self, value: ir.Value) -> ir.Value:
         """A bound on |value| over the input set (the value itself when it does not depend on the input)."""
@@ -133,6 +154,8 @@ def _exact(walk: Walk, node: ir.Node):
     if node.op_type in ("Neg", "Abs", "Clip"):
         if any(_perturbed(walk, v) for v in node.inputs[1:]):
             raise _refused(node, "perturbed limits")
+        if node.op_type == "Clip" and walk.weight_rounding:  # the limits were rounded to float32 too
+            return [walk.plus(walk.errors[x], walk.magnitude(node.outputs[0]), UNIT)]
         return [walk.errors[x]]
     if node.op_type == "Concat":
         parts = [walk.errors[v] if _perturbed(walk, v) else walk.b.op("Mul", walk.magnitude(v), walk.c(0.0))
@@ -161,8 +184,12 @@ def _linear(walk: Walk, node: ir.Node, x: ir.Value, apply_abs, fan_in: int, bias
     """y = W·x + b summed from fan_in terms: the runtime sums the computed x~ (|x~| <= M + E), so
     |fl(y~) - y| <= (1 + γ)·|W|·E + γ·(|W|·M + |b|), γ = γ_{fan_in + 1}. With norms tracked, (E, N): the
     rounding added, γ·(|W|·(M + E) + |b|), is what graphcert.rounding_norms adds to ||W||_2·N."""
-    g = gamma(fan_in + 1)
-    summed = apply_abs(walk.magnitude(x))
+    g = walk.gamma(fan_in + 1)
+    out = node.outputs[0]
+    if out in walk.reach:   # an L2 ball: |W|·|h(x)| <= |W|·|h(centre)| + ||w_j||_2·||h(x) - h(centre)||_2
+        summed = walk.b.op("Add", apply_abs(walk.b.op("Abs", x)), walk.spread_of(out, walk.reach[out]))
+    else:
+        summed = apply_abs(walk.magnitude(x))
     if bias_abs is not None:
         summed = walk.b.op("Add", summed, bias_abs)
     propagated = apply_abs(walk.errors[x])
@@ -245,7 +272,7 @@ def _add(walk: Walk, node: ir.Node):
     summed = magnitudes[0]
     for magnitude in magnitudes[1:]:
         summed = walk.b.op("Add", summed, magnitude)
-    g = gamma(len(node.inputs) - 1)
+    g = walk.gamma(len(node.inputs) - 1)
     error = walk.plus(walk.b.op("Mul", total, walk.c(1.0 + g)), summed, g)
     if walk.norms is None:
         return [error]
@@ -267,7 +294,7 @@ def _scale(walk: Walk, node: ir.Node):
             raise _refused(node, "a division by a tensor that is not a non-zero constant")
         factor = walk.b.const((1.0 / np.abs(fixed.const_value.numpy().astype(np.float64))).astype(np.float32))
     error = walk.b.op("Mul", walk.errors[moving], factor)
-    return [walk.plus(error, walk.magnitude(node.outputs[0]), 3 * UNIT)]
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), (3 + walk.weight_rounding) * UNIT)]
 
 
 @rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
@@ -287,7 +314,7 @@ def _average(walk: Walk, node: ir.Node):
     rest = list(node.inputs[1:])
     error = walk.b.copy(node, [walk.errors[x], *rest])
     summed = walk.b.copy(node, [walk.magnitude(x), *rest])   # the same average (or sum) of the magnitudes
-    g = gamma(count + 1)
+    g = walk.gamma(count + 1)
     return [walk.plus(walk.b.op("Mul", error, walk.c(1.0 + g)), summed, g)]
 
 
@@ -344,7 +371,7 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir
     the point `<x>` and a radius `<x>_radius` [batch] (norm "l2"; magnitudes from the lipschitz pass's
     constants)."""
     from .passes import ibp
-    from .rounding_norms import NormTracker
+    from .rounding_norms import NormTracker, element_spreads
     result = clone(model)
     graph = result.graph
     sources = perturbed_inputs(result)
@@ -355,6 +382,12 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir
         raise UnsupportedOpError("float32 rounding analysis",
                                  {"(input)": [f"{x.name}: the analysis covers float32 models, not {x.dtype.name}"
                                               for x in others]})
+    from .dtypes import META
+    loaded_from = model.metadata_props.get(META)
+    if loaded_from in ("float16", "bfloat16"):
+        raise UnsupportedOpError("float32 rounding analysis", {"(model)": [
+            f"a {loaded_from} model runs in {loaded_from} arithmetic, which rounds far more than the float32 this "
+            f"analysis covers"]})
     b = Builder(graph, prefix="fp32")
     intervals: dict = {}
     dims = static_shape(sources[0]) if sources else []
@@ -391,6 +424,7 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir
                 args.pop()
             for value, interval in zip(node.outputs, ibp.RULES[node.op_type](cx, node, *args)):
                 intervals[value] = interval
+    walk.weight_rounding = 1 if loaded_from == "float64" else 0
     if tighten:
         walk.norms = NormTracker(walk, batched, tainted)
         for x in sources:
@@ -400,6 +434,10 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir
     for node in nodes:
         if step is not None:
             step(node)
+        elif norm == "l2":
+            for value, spread in zip(node.outputs, element_spreads(node, walk.lipschitz, walk.spreads, batched, walk.reach)):
+                if spread is not None:
+                    walk.spreads[value] = spread
         results = RULES[node.op_type](walk, node)
         errors = walk.norms.after(node, results) if walk.norms is not None else results
         for value, error in zip(node.outputs, errors):
@@ -432,8 +470,8 @@ class RoundingSlack:
     """Per-sample slack of margin rows: a margin lower bound must exceed it for the certificate to hold for the
     model evaluated in float32. norm "linf": input sets are boxes; "l2": balls (radius = the largest entry).
 
-    The slack is the deployed model's error, twice the bound graph's own, and the final subtraction:
-        |c|-weighted model error  +  2·(bound graph error)  +  8u·|c|·M    (all rounded up)
+    The slack is the deployed model's error, the bound graph's own, and the final subtraction:
+        |c|-weighted model error  +  bound graph error  +  8u·|c|·M    (all rounded up)
     The model's error is min(|c|·E, ||c||_2·N) of the tightened analysis (graphcert.rounding_norms). A bound
     graph of POINT_BOUND_GRAPHS computes the model at a point of the set, so the same bound covers it. A
     relaxation bound graph (IBP, CROWN) propagates radii and coefficient chains through |W|, where no
@@ -498,7 +536,7 @@ class RoundingSlack:
         lengths = np.sqrt((np.broadcast_to(rows, weights.shape) ** 2).sum(axis=2)) * (1 + 2 ** -40)
         model = np.minimum(np.einsum("bmn,bn->bm", weights, e), lengths * n[:, None])
         if point:
-            bound_graph = 2 * model
+            bound_graph = model
         else:
             bound_graph = 2 * np.einsum("bmn,bn->bm", weights, self.loose_errors(lower, upper))
         slack = model + bound_graph + 8 * UNIT * np.einsum("bmn,bn->bm", weights, m)

@@ -159,3 +159,84 @@ class NormTracker:
 def _safety() -> float:
     from .rounding import SAFETY
     return SAFETY
+
+
+# ---- magnitudes over L2 balls, per element -------------------------------------------------------------------
+
+ELEMENTWISE_1_LIPSCHITZ = ("Relu", "Identity", "Neg", "Abs", "Dropout", "Clip")
+
+
+def element_spreads(node: ir.Node, lipschitz: dict, spreads: dict, batched: bool, reach: dict) -> list:
+    """For each output of `node`, how far each element can move over an L2 ball of radius 1 around the centre
+    (a float64 array of the per-sample shape, rounded up), or None. graphcert.rounding's magnitudes over a
+    ball are |v(centre)| + radius·spread; without an array the spread is v's Lipschitz constant K[v], the same
+    for every element. A linear output z_j = w_j·h + b_j moves by at most ||w_j||_2·K[h]·radius, usually far
+    less than K[z] = ||W||_2·K[h]; element-wise 1-Lipschitz ops and reshapes keep their input's arrays.
+    For linear ops `reach[z]` gets ||w_j||_2·K[h] itself: it also bounds sum_i |w_ji|·|h_i(x) - h_i(centre)|,
+    which is what the rounding of the sum w_j·h scales with (graphcert.rounding._linear).
+    Disjoint max pooling takes each window's largest spread, Concat concatenates."""
+    out = node.outputs[0]
+    dims = static_shape(out)
+    dims = dims[1:] if batched else dims
+    if len(node.outputs) != 1 or not all(isinstance(d, int) for d in dims):
+        return [None] * len(node.outputs)
+    op, x = node.op_type, node.inputs[0]
+    found = None
+    try:
+        weight = node.inputs[1].const_value.numpy().astype(np.float64) if op in ("Gemm", "MatMul", "Conv") \
+            and node.inputs[1].const_value is not None else None
+        k = lipschitz.get(x.name)
+        if op == "Gemm" and weight is not None and k is not None and weight.ndim == 2 \
+                and not _attr(node, "transA", 0):
+            axis = 1 if _attr(node, "transB", 0) else 0
+            found = abs(_attr(node, "alpha", 1.0)) * np.sqrt((weight ** 2).sum(axis=axis)) * k
+        elif op == "MatMul" and weight is not None and k is not None and weight.ndim == 2 \
+                and node.inputs[1].const_value is not None and x.const_value is None:
+            found = np.sqrt((weight ** 2).sum(axis=0)) * k
+        elif op == "Conv" and weight is not None and k is not None and batched:
+            channels = np.sqrt((weight.reshape(weight.shape[0], -1) ** 2).sum(axis=1)) * k
+            found = channels.reshape(-1, *([1] * (len(dims) - 1)))
+        elif op == "MaxPool" and x in spreads:
+            found = _pooled(node, spreads[x])
+        elif op == "Concat" and all(v in spreads for v in node.inputs):
+            axis = _attr(node, "axis", 0) % len(static_shape(out)) - (1 if batched else 0)
+            found = np.concatenate([np.broadcast_to(spreads[v], _dims(v, batched)) for v in node.inputs], axis=axis) \
+                if axis >= 0 else None
+        elif op in ELEMENTWISE_1_LIPSCHITZ or (op == "LeakyRelu" and abs(_attr(node, "alpha", 0.01)) <= 1):
+            found = spreads.get(x)
+        elif op in ("Flatten", "Reshape") and batched and x in spreads:
+            found = spreads[x].reshape(-1) if spreads[x].size == int(np.prod(dims)) else None
+            found = None if found is None else found.reshape(dims)
+    except (AttributeError, TypeError, ValueError):
+        found = None
+    if found is None:
+        return [None]
+    found = np.broadcast_to(found, dims).astype(np.float64) * (1 + 1e-6) + np.finfo(np.float64).tiny
+    if op in ("Gemm", "MatMul", "Conv"):
+        reach[out] = found
+    known = lipschitz.get(out.name)
+    return [np.minimum(found, known) if known is not None else found]
+
+
+def _dims(value: ir.Value, batched: bool) -> list:
+    dims = static_shape(value)
+    return dims[1:] if batched else dims
+
+
+def _pooled(node: ir.Node, spread: np.ndarray) -> np.ndarray | None:
+    """The largest spread of each window of an unpadded, undilated, floor-mode MaxPool (None otherwise)."""
+    kernel = list(_attr(node, "kernel_shape", None) or [])
+    strides = list(_attr(node, "strides", None) or [1] * len(kernel))
+    pads, dilations = _attr(node, "pads", None), _attr(node, "dilations", None)
+    if (not kernel or (pads and any(pads)) or (dilations and any(d != 1 for d in dilations))
+            or _attr(node, "ceil_mode", 0) or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+        return None
+    axes = tuple(range(spread.ndim - len(kernel), spread.ndim))
+    windows = np.lib.stride_tricks.sliding_window_view(spread, kernel, axis=axes)
+    picked = windows[(slice(None),) * (spread.ndim - len(kernel)) + tuple(slice(None, None, s) for s in strides)]
+    return picked.max(axis=tuple(range(spread.ndim, picked.ndim)))
+
+
+def _attr(node: ir.Node, name: str, default):
+    from .interpret import attr
+    return attr(node, name, default)

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphcert import api
-from graphcert.certify import certify
+from graphcert.certify import certifier, certify, margin_objective
 from graphcert.data import Dataset
 from graphcert.rounding import RoundingSlack, error_graph
 from graphcert.runtime import Session
@@ -88,6 +88,22 @@ def test_rounding_error_bounds_contain_the_float32_error_of_every_shipped_model(
         assert (np.abs(rounded - exact) <= error).all(), name
         assert (np.linalg.norm(rounded - exact, axis=1) <= norm).all(), name
         assert (np.abs(exact) <= magnitude).all(), name
+    for name in ("mnist_cnn_gloro", "mnist_lipmlp"):   # L2 balls: per-element spreads through Conv, GroupSort
+        model = api.load(shipped_path(name))
+        x = data.x[:16]
+        magnitude, error, norm = RoundingSlack(model, "l2").outputs(x - 0.5, x + 0.5)
+        rng = np.random.default_rng(2)
+        for _ in range(3):
+            steps = rng.normal(size=x.shape)
+            steps *= 0.5 / np.linalg.norm(steps.reshape(len(x), -1), axis=1).reshape(-1, 1, 1, 1)
+            points = (x + steps).astype(np.float32)
+            exact = next(iter(TorchGraph(model, dtype=torch.float64)({"image": points.astype(np.float64)})
+                              .values())).detach().numpy().reshape(len(x), -1)
+            rounded = next(iter(Session(onnx.load(shipped_path(name))).run({"image": points}).values()))
+            rounded = rounded.reshape(len(x), -1)
+            assert (np.abs(rounded - exact) <= error).all(), name
+            assert (np.linalg.norm(rounded - exact, axis=1) <= norm).all(), name
+            assert (np.abs(exact) <= magnitude).all(), name
 
 
 def test_ops_without_a_rounding_rule_are_refused_with_the_way_out(tmp_path):
@@ -201,3 +217,50 @@ def test_auto_certifies_at_least_what_crown_alone_certifies_in_float32():
     crown = certify(shipped_path("mnist_mlp"), data, 0.02, method="crown", limit=40)
     auto = certify(shipped_path("mnist_mlp"), data, 0.02, method="auto", limit=40)
     assert auto.certified >= crown.certified
+
+
+def wide_classifier(dtype, inputs: int = 8) -> onnx.ModelProto:
+    """The near-tied classifier with weights and interface in `dtype` (float64: rows closer than a float32 ulp)."""
+    rng = np.random.default_rng(11)
+    row = rng.normal(size=inputs) * 1000
+    other = row * (1 + 2e-8 * rng.normal(size=inputs))
+    w = np.stack([row, other], axis=1).astype(dtype)
+    code = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"])], "tied",
+                              [helper.make_tensor_value_info("x", code, ["batch", inputs])],
+                              [helper.make_tensor_value_info("y", code, ["batch", 2])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_float64_models_are_certified_for_their_own_weights_and_float16_refused():
+    """A float64 model is analysed as loaded, narrowed to float32: the analysis adds the weights' rounding, so
+    no sample is certified whose box holds a vertex where the float64 model (onnxruntime) predicts another
+    class, although real-arithmetic bounds of the narrowed model certify some (labels: the narrowed model's
+    predictions, which the float64 model often does not share)."""
+    import onnxruntime as ort
+    proto = wide_classifier(np.float64)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    x = rng.random((400, 8)).astype(np.float32)
+    narrowed = onnx.numpy_helper.to_array(proto.graph.initializer[0]).astype(np.float32).astype(np.float64)
+    y = (x.astype(np.float64) @ narrowed).argmax(axis=1)   # the class the float32-rounded weights prefer
+    data = Dataset("tied64", x, y, None)
+    eps = 1e-7
+    signs = np.array(list(itertools.product([-1.0, 1.0], repeat=8)))
+
+    def wrong_somewhere(i):
+        vertices = x[i].astype(np.float64)[None] + eps * signs
+        logits = session.run(None, {"x": vertices})[0]
+        return bool((logits[:, y[i]] <= logits[:, 1 - y[i]]).any())
+
+    flagged = {}
+    for rounding in ("real", "float32"):
+        bounder = certifier(api.load(proto), "crown", None, rounding=rounding)
+        _, lower = bounder(x, eps, margin_objective(y, 2))
+        flagged[rounding] = np.flatnonzero((lower > 0).all(axis=1))
+    assert [i for i in flagged["real"] if wrong_somewhere(i)], "the narrowed weights no longer mislead: retune"
+    assert not [i for i in flagged["float32"] if wrong_somewhere(i)]
+    from graphcert.errors import InputError
+    with pytest.raises(InputError, match="float16 model.*--rounding real"):
+        certify(api.load(wide_classifier(np.float16)), Dataset("h", x[:4], y[:4], None), eps, method="ibp")
