@@ -225,8 +225,11 @@ class AlphaCertifier:
 class EscalatingCertifier:
     """`auto`: the cheapest method first, each stronger one only on the samples still undecided."""
 
-    def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf"):
+    def __init__(self, model, method: str, domain, settings: AlphaSettings, norm: str = "linf",
+                 rounding: str = "real"):
         self.model, self.domain, self.settings, self.norm = model, domain, settings, norm
+        self.rounding = rounding   # each stage's margins are slacked for its own bound graph, so undecided is
+        self.slack = None          # judged on what would be certified (one RoundingSlack shared by the stages)
         self.ladder = methods.get(method).stages_of(norm)
         self.stages: dict[str, object] = {}
         self.refusals: dict[str, GraphcertError] = {}
@@ -239,8 +242,11 @@ class EscalatingCertifier:
     def _stage(self, name):
         if name not in self.stages:
             try:
-                self.stages[name] = certifier(self.model, name, self.domain, self.settings, self.norm,
-                                              rounding="real")  # the ladder's caller applies the slack once
+                stage = certifier(self.model, name, self.domain, self.settings, self.norm, rounding="real")
+                if self.rounding == "float32":
+                    stage = Float32Certifier(stage, self.model, self.domain, self.norm, name, self.slack)
+                    self.slack = stage.slack
+                self.stages[name] = stage
             except GraphcertError as refusal:
                 self.refusals[name] = refusal
                 self.stages[name] = None  # the method cannot bound this model: skip it, and say why
@@ -311,19 +317,21 @@ def certifier(model, method: str, domain, settings: AlphaSettings | None = None,
     if record.combines == "graph":
         found = GraphCertifier(model, method, domain, norm)
     else:
-        kind = AlphaCertifier if record.combines == "refine" else EscalatingCertifier
-        found = kind(model, method, domain, settings or CERTIFY_ALPHA, norm)
-    return Float32Certifier(found, model, domain, norm) if rounding == "float32" else found
+        if record.combines == "ladder":
+            return EscalatingCertifier(model, method, domain, settings or CERTIFY_ALPHA, norm, rounding)
+        found = AlphaCertifier(model, method, domain, settings or CERTIFY_ALPHA, norm)
+    return Float32Certifier(found, model, domain, norm, method) if rounding == "float32" else found
 
 
 class Float32Certifier:
     """Margin lower bounds minus the float32 rounding slack of each sample's input set (graphcert.rounding)."""
 
-    def __init__(self, inner, model, domain, norm: str):
+    def __init__(self, inner, model, domain, norm: str, method: str = "crown", slack=None):
         from .errors import UnsupportedOpError
-        from .rounding import RoundingSlack
+        from .rounding import POINT_BOUND_GRAPHS, RoundingSlack
+        self.point = method in POINT_BOUND_GRAPHS
         try:
-            self.slack = RoundingSlack(model, norm)
+            self.slack = slack if slack is not None else RoundingSlack(model, norm)
         except UnsupportedOpError as refusal:
             raise InputError(f"{str(refusal).split('; run')[0]}: certificates for the float32 model need it; "
                              f"--rounding real certifies in real arithmetic instead") from None
@@ -340,4 +348,4 @@ class Float32Certifier:
         low, high = x - radius, x + radius
         if self.domain is not None and self.norm == "linf":
             low, high = np.maximum(low, self.domain[0]), np.minimum(high, self.domain[1])
-        return logits, lower - self.slack.of_rows(low, high, objective)
+        return logits, lower - self.slack.of_rows(low, high, objective, point=self.point)

@@ -12,10 +12,21 @@ batch of input boxes, E, a bound on |fl(value) - value| of every value, from M, 
 (IBP's interval of the value, so magnitudes are those the network really reaches, not products of |W|).
 Linear ops propagate E through |W| and add γ_n of the magnitudes they sum; exact ops (ReLU, max, reshapes,
 selections) carry E through; smooth ops add their Lipschitz constant times E plus a few ulps of libm error.
-The bound graph's own rounding follows the same ops at no larger magnitudes (centres and radii, or CROWN's
-coefficient chains, are bounded by the same |W|-products), so a margin's slack is
-    3·(E_i + E_j) + 8·u·(M_i + M_j)   per margin row e_i - e_j (rows c: 3·|c|·E + 8·u·|c|·M),
-the model's error, twice the bound graph's, and the final subtraction, all computed in the graph rounded up.
+Next to E the graph carries N, a per-sample bound on the L2 norm of the error (graphcert.rounding_norms:
+||W||_2 through linear ops, so orthogonal and Lipschitz layers do not amplify it), and E is tightened to
+min(E, N) at every op; a margin row c sees at most min(|c|·E, ||c||_2·N) of the model's error.
+
+The bound graph's own rounding: a lipschitz bound graph (POINT_BOUND_GRAPHS) is the model evaluated at the
+centre of the ball (a point of the set: the same bound covers it) minus eps·K·||row||, with K folded rounded
+up and a relative slack of its own (2^-16 of the magnitudes, passes/lipschitz.py) for the margin products. IBP propagates centres (the
+model's own recursion, at magnitudes at most M) and radii through |W| (non-negative sums: no cancellation, the
+error is γ_n of |W| times magnitudes at most M, layer after layer): together the recursion of the plain
+|W|-product E, computed without the N tightening. CROWN's coefficient chains are products of the same |W|
+and relaxation slopes in [0, 1] and are taken to be bounded the same way (argued, not proved op by op). So a
+margin's slack is
+    model + bound graph + 8·u·|c|·M,   model = min(|c|·E, ||c||_2·N),
+    bound graph = model (lipschitz) or 2·|c|·E_plain (IBP, CROWN family: centre and radius parts),
+computed in float64 from the graph's outputs and rounded up.
 Ops without a rule here make `certify`/`verify` refuse with a one-line error naming them (rounding="real" opts
 out: certificates then hold in real arithmetic only).
 """
@@ -34,7 +45,6 @@ from .model import static_shape
 UNIT = 2.0 ** -24                 # float32 unit roundoff
 LIBM_ULPS = 4                     # exp, tanh, ... are within a few ulps in every runtime we know
 SAFETY = 1.0 + 2.0 ** -10         # the A/E graph itself rounds: every rule's result is pushed up by this
-BOUND_GRAPH_FACTOR = 3.0          # the model's error plus twice the bound graph's (centre and radius parts)
 
 RULES: dict = {}
 rule = registrar(RULES)
@@ -53,8 +63,18 @@ class Walk:
         self.b = b
         self.intervals = intervals
         self.lipschitz, self.radius = lipschitz, radius
+        self.spreads: dict = {}   # L2 balls: per-element spreads of some values (rounding_norms.element_spreads)
+        self.reach: dict = {}     # L2 balls, linear outputs z = W·h: bounds on |W|·|h(x) - h(centre)| per element
         self.errors: dict[ir.Value, ir.Value] = {}
+        self.norms = None   # a rounding_norms.NormTracker when L2 norms of the errors are tracked too
+        # 1 for a float64 model narrowed to float32 when loaded (graphcert.dtypes): each weight w32 = w64·(1 + δ),
+        # |δ| <= u, is one more rounding in every product, so γ_n becomes γ_{n+1}; the float64 model's own
+        # rounding (u = 2^-53) is far below what the float32 analysis allows.
+        self.weight_rounding = 0
         self._magnitudes: dict[ir.Value, ir.Value] = {}
+
+    def gamma(self, n: int) -> float:
+        return gamma(n + self.weight_rounding)
 
     def c(self, number: float) -> ir.Value:
         return self.b.const(np.float32(number))
@@ -68,7 +88,18 @@ class Walk:
     def _spread(self, value: ir.Value) -> ir.Value:
         rank = len(static_shape(value))
         radius = self.b.op("Reshape", self.radius, self.b.ints([-1, *([1] * (rank - 1))]))
+        per_element = self.spreads.get(value)
+        if per_element is not None:
+            return self.spread_of(value, per_element)
         return self.b.op("Mul", radius, self.c(self.lipschitz[value.name]))
+
+    def spread_of(self, value: ir.Value, per_element: np.ndarray) -> ir.Value:
+        """radius · a per-element float64 array (rounded up to float32), shaped like `value`."""
+        rank = len(static_shape(value))
+        radius = self.b.op("Reshape", self.radius, self.b.ints([-1, *([1] * (rank - 1))]))
+        array = per_element.astype(np.float32)
+        array = np.where(array < per_element, np.nextafter(array, np.float32(np.inf)), array)
+        return self.b.op("Mul", radius, self.b.const(array[None] if rank > array.ndim else array))
 
     def magnitude(self, value: ir.Value) -> ir.Value:
         """A bound on |value| over the input set (the value itself when it does not depend on the input)."""
@@ -104,9 +135,12 @@ def _perturbed(walk: Walk, value) -> bool:
 
 # ---- exact ops: rounding-free selections, moves and maxima carry E through ---------------------------------
 
-@rule("Relu", "Identity", "Dropout", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Neg", "Abs",
-      "Slice", "Gather", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "Expand", "Tile", "DepthToSpace",
-      "SpaceToDepth", "Split", "Clip", "Concat", "Pad")
+EXACT_OPS = ("Relu", "Identity", "Dropout", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Neg", "Abs",
+             "Slice", "Gather", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "Expand", "Tile",
+             "DepthToSpace", "SpaceToDepth", "Split", "Clip", "Concat", "Pad")
+
+
+@rule(*EXACT_OPS)
 def _exact(walk: Walk, node: ir.Node):
     """|op(x~) - op(x)| <= op(|x~ - x|) elementwise for these ops (no arithmetic rounds); the other inputs
     (indices, shapes, limits, fill values) must not depend on the box, and unperturbed tensors fed to Concat
@@ -120,6 +154,8 @@ def _exact(walk: Walk, node: ir.Node):
     if node.op_type in ("Neg", "Abs", "Clip"):
         if any(_perturbed(walk, v) for v in node.inputs[1:]):
             raise _refused(node, "perturbed limits")
+        if node.op_type == "Clip" and walk.weight_rounding:  # the limits were rounded to float32 too
+            return [walk.plus(walk.errors[x], walk.magnitude(node.outputs[0]), UNIT)]
         return [walk.errors[x]]
     if node.op_type == "Concat":
         parts = [walk.errors[v] if _perturbed(walk, v) else walk.b.op("Mul", walk.magnitude(v), walk.c(0.0))
@@ -144,15 +180,24 @@ def _leaky_relu(walk: Walk, node: ir.Node):
 
 # ---- linear ops: E through |W| plus γ_n of what they sum ---------------------------------------------------
 
-def _linear(walk: Walk, node: ir.Node, x: ir.Value, apply_abs, fan_in: int, bias_abs=None) -> ir.Value:
+def _linear(walk: Walk, node: ir.Node, x: ir.Value, apply_abs, fan_in: int, bias_abs=None):
     """y = W·x + b summed from fan_in terms: the runtime sums the computed x~ (|x~| <= M + E), so
-    |fl(y~) - y| <= (1 + γ)·|W|·E + γ·(|W|·M + |b|), γ = γ_{fan_in + 1}."""
-    g = gamma(fan_in + 1)
-    summed = apply_abs(walk.magnitude(x))
+    |fl(y~) - y| <= (1 + γ)·|W|·E + γ·(|W|·M + |b|), γ = γ_{fan_in + 1}. With norms tracked, (E, N): the
+    rounding added, γ·(|W|·(M + E) + |b|), is what graphcert.rounding_norms adds to ||W||_2·N."""
+    g = walk.gamma(fan_in + 1)
+    out = node.outputs[0]
+    if out in walk.reach:   # an L2 ball: |W|·|h(x)| <= |W|·|h(centre)| + ||w_j||_2·||h(x) - h(centre)||_2
+        summed = walk.b.op("Add", apply_abs(walk.b.op("Abs", x)), walk.spread_of(out, walk.reach[out]))
+    else:
+        summed = apply_abs(walk.magnitude(x))
     if bias_abs is not None:
         summed = walk.b.op("Add", summed, bias_abs)
-    error = walk.b.op("Mul", apply_abs(walk.errors[x]), walk.c(1.0 + g))
-    return walk.plus(error, summed, g)
+    propagated = apply_abs(walk.errors[x])
+    error = walk.plus(walk.b.op("Mul", propagated, walk.c(1.0 + g)), summed, g)
+    if walk.norms is None:
+        return error
+    fresh = walk.b.op("Mul", walk.b.op("Add", summed, propagated), walk.c(g))
+    return error, walk.norms.linear(node, x, fresh)
 
 
 def _weight(walk: Walk, node: ir.Node, value: ir.Value) -> ir.Value:
@@ -227,8 +272,12 @@ def _add(walk: Walk, node: ir.Node):
     summed = magnitudes[0]
     for magnitude in magnitudes[1:]:
         summed = walk.b.op("Add", summed, magnitude)
-    g = gamma(len(node.inputs) - 1)
-    return [walk.plus(walk.b.op("Mul", total, walk.c(1.0 + g)), summed, g)]
+    g = walk.gamma(len(node.inputs) - 1)
+    error = walk.plus(walk.b.op("Mul", total, walk.c(1.0 + g)), summed, g)
+    if walk.norms is None:
+        return [error]
+    fresh = walk.b.op("Mul", walk.b.op("Add", summed, total), walk.c(g))  # g·Σ|x~_i| bounds the rounding
+    return [(error, walk.norms.add(node, fresh))]
 
 
 @rule("Mul", "Div")
@@ -245,7 +294,7 @@ def _scale(walk: Walk, node: ir.Node):
             raise _refused(node, "a division by a tensor that is not a non-zero constant")
         factor = walk.b.const((1.0 / np.abs(fixed.const_value.numpy().astype(np.float64))).astype(np.float32))
     error = walk.b.op("Mul", walk.errors[moving], factor)
-    return [walk.plus(error, walk.magnitude(node.outputs[0]), 3 * UNIT)]
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), (3 + walk.weight_rounding) * UNIT)]
 
 
 @rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
@@ -265,7 +314,7 @@ def _average(walk: Walk, node: ir.Node):
     rest = list(node.inputs[1:])
     error = walk.b.copy(node, [walk.errors[x], *rest])
     summed = walk.b.copy(node, [walk.magnitude(x), *rest])   # the same average (or sum) of the magnitudes
-    g = gamma(count + 1)
+    g = walk.gamma(count + 1)
     return [walk.plus(walk.b.op("Mul", error, walk.c(1.0 + g)), summed, g)]
 
 
@@ -310,15 +359,19 @@ def _softmax(walk: Walk, node: ir.Node):
 
 # ---- the pass --------------------------------------------------------------------------------------------
 
-MAGNITUDE, ERROR = "_magnitude", "_rounding_error"
+MAGNITUDE, ERROR, NORM = "_magnitude", "_rounding_error", "_rounding_norm"
 
 
-def error_graph(model: ir.Model, norm: str = "linf") -> ir.Model:
+def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir.Model:
     """A graph whose inputs describe input sets, for every model output y giving `<y>_magnitude` (a bound on |y|
-    over the set) and `<y>_rounding_error` (a bound on |fl32(y) - y|), or UnsupportedOpError naming the nodes
-    it cannot analyse. Input sets: boxes `<x>_lower`/`<x>_upper` (norm "linf"), or L2 balls, the point `<x>`
-    and a radius `<x>_radius` [batch] (norm "l2"; magnitudes from the lipschitz pass's constants)."""
+    over the set), `<y>_rounding_error` (a bound on |fl32(y) - y|) and, with `tighten`, `<y>_rounding_norm`
+    [batch] (a bound on ||fl32(y) - y||_2 per sample, graphcert.rounding_norms; the elementwise bound is then
+    tightened by it at every op). Without `tighten`, E is the plain |W|-product analysis. UnsupportedOpError
+    names the nodes it cannot analyse. Input sets: boxes `<x>_lower`/`<x>_upper` (norm "linf"), or L2 balls,
+    the point `<x>` and a radius `<x>_radius` [batch] (norm "l2"; magnitudes from the lipschitz pass's
+    constants)."""
     from .passes import ibp
+    from .rounding_norms import NormTracker, element_spreads
     result = clone(model)
     graph = result.graph
     sources = perturbed_inputs(result)
@@ -329,8 +382,17 @@ def error_graph(model: ir.Model, norm: str = "linf") -> ir.Model:
         raise UnsupportedOpError("float32 rounding analysis",
                                  {"(input)": [f"{x.name}: the analysis covers float32 models, not {x.dtype.name}"
                                               for x in others]})
+    from .dtypes import META
+    loaded_from = model.metadata_props.get(META)
+    if loaded_from in ("float16", "bfloat16"):
+        raise UnsupportedOpError("float32 rounding analysis", {"(model)": [
+            f"a {loaded_from} model runs in {loaded_from} arithmetic, which rounds far more than the float32 this "
+            f"analysis covers"]})
     b = Builder(graph, prefix="fp32")
     intervals: dict = {}
+    dims = static_shape(sources[0]) if sources else []
+    batched = len(dims) >= 2 and not isinstance(dims[0], int)
+    tainted = set(sources) | {out for node in nodes for out in node.outputs}
     if norm == "l2":
         from .passes.lipschitz import lipschitz_constants
         constants, _ = lipschitz_constants(model)
@@ -344,9 +406,7 @@ def error_graph(model: ir.Model, norm: str = "linf") -> ir.Model:
         walk = Walk(b, intervals, lipschitz, radius)
         lipschitz[x.name] = 1.0
         walk.errors[x] = b.op("Mul", x, walk.c(0.0))
-        for node in nodes:
-            for value, error in zip(node.outputs, RULES[node.op_type](walk, node)):
-                walk.errors[value] = error
+        step = None
     else:
         check_supported(nodes, ibp.RULES, "float32 rounding analysis (through IBP)", ibp.accepts)
         walk = Walk(b, intervals)
@@ -357,23 +417,43 @@ def error_graph(model: ir.Model, norm: str = "linf") -> ir.Model:
             graph.inputs.extend([lower, upper])
             intervals[x] = Interval.from_bounds(b, lower, upper)
             walk.errors[x] = b.op("Mul", lower, walk.c(0.0))   # inputs are given exactly
-        for node in nodes:
+
+        def step(node):
             args = [intervals.get(v, v) if v is not None else None for v in node.inputs]
             while args and args[-1] is None:
                 args.pop()
             for value, interval in zip(node.outputs, ibp.RULES[node.op_type](cx, node, *args)):
                 intervals[value] = interval
-            for value, error in zip(node.outputs, RULES[node.op_type](walk, node)):
-                walk.errors[value] = error
+    walk.weight_rounding = 1 if loaded_from == "float64" else 0
+    if tighten:
+        walk.norms = NormTracker(walk, batched, tainted)
+        for x in sources:
+            found = walk.norms.l2(walk.errors[x], x)
+            if found is not None:
+                walk.norms.norms[x] = found
+    for node in nodes:
+        if step is not None:
+            step(node)
+        elif norm == "l2":
+            for value, spread in zip(node.outputs, element_spreads(node, walk.lipschitz, walk.spreads, batched, walk.reach)):
+                if spread is not None:
+                    walk.spreads[value] = spread
+        results = RULES[node.op_type](walk, node)
+        errors = walk.norms.after(node, results) if walk.norms is not None else results
+        for value, error in zip(node.outputs, errors):
+            walk.errors[value] = error
     originals = list(graph.outputs)
     graph.outputs.clear()
     for y in originals:
         if y not in walk.errors:
             continue
-        for value, suffix in ((walk.magnitude(y), MAGNITUDE), (walk.errors[y], ERROR)):
+        wanted = [(walk.magnitude(y), MAGNITUDE, y.shape), (walk.errors[y], ERROR, y.shape)]
+        if walk.norms is not None and y in walk.norms.norms:
+            wanted.append((walk.norms.norms[y], NORM, ir.Shape(["batch"])))
+        for value, suffix, shape in wanted:
             named = b.op("Identity", value)
             named.name = f"{y.name}{suffix}"
-            named.shape, named.type = y.shape, y.type
+            named.shape, named.type = shape, y.type
             graph.outputs.append(named)
     for node in reversed(list(graph)):  # the original computation is not needed (a shape read may stay)
         if node in nodes and not any(out.uses() for out in node.outputs):
@@ -381,16 +461,29 @@ def error_graph(model: ir.Model, norm: str = "linf") -> ir.Model:
     return result
 
 
+# Bound graphs whose margin is the model evaluated at one point of the input set plus folded constants (the
+# lipschitz pass: objective·y(centre) - eps·K·||row||): their own rounding is the model's at that point.
+POINT_BOUND_GRAPHS = ("lipschitz",)
+
+
 class RoundingSlack:
     """Per-sample slack of margin rows: a margin lower bound must exceed it for the certificate to hold for the
-    model evaluated in float32. norm "linf": input sets are boxes; "l2": balls (radius = the largest entry)."""
+    model evaluated in float32. norm "linf": input sets are boxes; "l2": balls (radius = the largest entry).
+
+    The slack is the deployed model's error, the bound graph's own, and the final subtraction:
+        |c|-weighted model error  +  bound graph error  +  8u·|c|·M    (all rounded up)
+    The model's error is min(|c|·E, ||c||_2·N) of the tightened analysis (graphcert.rounding_norms). A bound
+    graph of POINT_BOUND_GRAPHS computes the model at a point of the set, so the same bound covers it. A
+    relaxation bound graph (IBP, CROWN) propagates radii and coefficient chains through |W|, where no
+    cancellation helps: its error is bounded by the plain |W|-product E (tighten=False), as before."""
 
     def __init__(self, model: ir.Model, norm: str = "linf"):
         from .export import to_proto
         from .runtime import Session
+        self.model, self.norm = model, norm
         graph = error_graph(model, norm)
-        self.norm = norm
         self.session = Session(to_proto(graph))
+        self._loose = None
         [x] = perturbed_inputs(model)[:1]
         self.x_name = x.name
         dims = list(x.shape) if x.shape is not None else []
@@ -398,29 +491,53 @@ class RoundingSlack:
         self.batched = len(dims) >= 2 and not isinstance(dims[0], int)
         self.needs_point = any(v.name == x.name for v in graph.graph.inputs)
         self.output = next(v.name for v in graph.graph.outputs if v.name.endswith(MAGNITUDE))[:-len(MAGNITUDE)]
+        self.has_norm = any(v.name == self.output + NORM for v in graph.graph.outputs)
 
-    def outputs(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(M, E) of the model's first output over each input set, flattened per sample: boxes [lower, upper],
-        or for L2 the balls of centre (lower + upper) / 2 and radius the largest half-width."""
+    def _feeds(self, lower: np.ndarray, upper: np.ndarray) -> dict:
         lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
         if self.norm == "l2":
             centre = (lower + upper) / 2
             radius = ((upper - lower) / 2).reshape(len(lower), -1).max(axis=1) * np.float32(1 + 2 ** -20)
-            feeds = {self.x_name: centre.astype(np.float32), f"{self.x_name}_radius": radius.astype(np.float32)}
-        else:
-            feeds = {f"{self.x_name}_lower": lower, f"{self.x_name}_upper": upper}
-            if self.needs_point:
-                feeds[self.x_name] = lower
-        out = self.session.run(feeds, [self.output + MAGNITUDE, self.output + ERROR])
-        m, e = out[self.output + MAGNITUDE], out[self.output + ERROR]
-        count = len(m) if self.batched else 1
-        return m.reshape(count, -1).astype(np.float64), e.reshape(count, -1).astype(np.float64)
+            return {self.x_name: centre.astype(np.float32), f"{self.x_name}_radius": radius.astype(np.float32)}
+        feeds = {f"{self.x_name}_lower": lower, f"{self.x_name}_upper": upper}
+        if self.needs_point:
+            feeds[self.x_name] = lower
+        return feeds
 
-    def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """[batch, m] slack of the margin rows c (rows [batch, m, n] or [m, n]) over each input set."""
-        m, e = self.outputs(lower, upper)
-        weights = np.abs(np.asarray(rows, dtype=np.float64))
-        weights = np.broadcast_to(weights, (len(m), *weights.shape[-2:]))
-        slack = (BOUND_GRAPH_FACTOR * np.einsum("bmn,bn->bm", weights, e)
-                 + 8 * UNIT * np.einsum("bmn,bn->bm", weights, m))
+    def _per_sample(self, array: np.ndarray, count: int) -> np.ndarray:
+        return array.reshape(count, -1).astype(np.float64)
+
+    def outputs(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(M, E, N) of the model's first output over each input set: M and E flattened per sample, N [batch]
+        (+inf when not tracked). Boxes [lower, upper], or for L2 the balls of centre (lower + upper) / 2 and
+        radius the largest half-width."""
+        names = [self.output + MAGNITUDE, self.output + ERROR] + ([self.output + NORM] if self.has_norm else [])
+        out = self.session.run(self._feeds(lower, upper), names)
+        m = out[self.output + MAGNITUDE]
+        count = len(m) if self.batched else 1
+        n = out[self.output + NORM].reshape(count).astype(np.float64) if self.has_norm else np.full(count, np.inf)
+        return self._per_sample(m, count), self._per_sample(out[self.output + ERROR], count), n
+
+    def loose_errors(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """E of the plain |W|-product analysis, flattened per sample (what bounds a relaxation bound graph)."""
+        if self._loose is None:
+            from .export import to_proto
+            from .runtime import Session
+            self._loose = Session(to_proto(error_graph(self.model, self.norm, tighten=False)))
+        e = self._loose.run(self._feeds(lower, upper), [self.output + ERROR])[self.output + ERROR]
+        return self._per_sample(e, len(e) if self.batched else 1)
+
+    def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray, point: bool = False) -> np.ndarray:
+        """[batch, m] slack of the margin rows c (rows [batch, m, n] or [m, n]) over each input set, for a
+        relaxation bound graph, or with `point` for one of POINT_BOUND_GRAPHS."""
+        m, e, n = self.outputs(lower, upper)
+        rows = np.asarray(rows, dtype=np.float64)
+        weights = np.broadcast_to(np.abs(rows), (len(m), *rows.shape[-2:]))
+        lengths = np.sqrt((np.broadcast_to(rows, weights.shape) ** 2).sum(axis=2)) * (1 + 2 ** -40)
+        model = np.minimum(np.einsum("bmn,bn->bm", weights, e), lengths * n[:, None])
+        if point:
+            bound_graph = model
+        else:
+            bound_graph = 2 * np.einsum("bmn,bn->bm", weights, self.loose_errors(lower, upper))
+        slack = model + bound_graph + 8 * UNIT * np.einsum("bmn,bn->bm", weights, m)
         return slack * SAFETY + np.finfo(np.float32).tiny

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphcert import api
-from graphcert.certify import certify
+from graphcert.certify import certifier, certify, margin_objective
 from graphcert.data import Dataset
 from graphcert.rounding import RoundingSlack, error_graph
 from graphcert.runtime import Session
@@ -67,7 +67,8 @@ def test_no_certified_sample_has_a_float32_counterexample_at_a_vertex(method):
 
 
 def test_rounding_error_bounds_contain_the_float32_error_of_every_shipped_model():
-    """E bounds |float32 output - float64 output| at sampled points of the box (float64 stands in for reals)."""
+    """E bounds |float32 output - float64 output| at sampled points of the box, and N its L2 norm per sample
+    (float64 stands in for reals)."""
     from graphcert.data import load_dataset
     from graphcert.models import shipped_path
     from graphcert.torch_exec import TorchGraph
@@ -78,14 +79,31 @@ def test_rounding_error_bounds_contain_the_float32_error_of_every_shipped_model(
         slack = RoundingSlack(model)
         x = data.x[:16]
         low, high = np.clip(x - 0.02, 0, 1), np.clip(x + 0.02, 0, 1)
-        magnitude, error = slack.outputs(low, high)
+        magnitude, error, norm = slack.outputs(low, high)
         points = (low + np.random.default_rng(1).random(x.shape, dtype=np.float32) * (high - low)).astype(np.float32)
         exact = TorchGraph(model, dtype=torch.float64)({"image": points.astype(np.float64)})
         exact = next(iter(exact.values())).detach().numpy().reshape(len(x), -1)
         rounded = Session(onnx.load(shipped_path(name))).run({"image": points})
         rounded = next(iter(rounded.values())).reshape(len(x), -1)
         assert (np.abs(rounded - exact) <= error).all(), name
+        assert (np.linalg.norm(rounded - exact, axis=1) <= norm).all(), name
         assert (np.abs(exact) <= magnitude).all(), name
+    for name in ("mnist_cnn_gloro", "mnist_lipmlp"):   # L2 balls: per-element spreads through Conv, GroupSort
+        model = api.load(shipped_path(name))
+        x = data.x[:16]
+        magnitude, error, norm = RoundingSlack(model, "l2").outputs(x - 0.5, x + 0.5)
+        rng = np.random.default_rng(2)
+        for _ in range(3):
+            steps = rng.normal(size=x.shape)
+            steps *= 0.5 / np.linalg.norm(steps.reshape(len(x), -1), axis=1).reshape(-1, 1, 1, 1)
+            points = (x + steps).astype(np.float32)
+            exact = next(iter(TorchGraph(model, dtype=torch.float64)({"image": points.astype(np.float64)})
+                              .values())).detach().numpy().reshape(len(x), -1)
+            rounded = next(iter(Session(onnx.load(shipped_path(name))).run({"image": points}).values()))
+            rounded = rounded.reshape(len(x), -1)
+            assert (np.abs(rounded - exact) <= error).all(), name
+            assert (np.linalg.norm(rounded - exact, axis=1) <= norm).all(), name
+            assert (np.abs(exact) <= magnitude).all(), name
 
 
 def test_ops_without_a_rounding_rule_are_refused_with_the_way_out(tmp_path):
@@ -123,3 +141,126 @@ def test_verify_never_proves_a_property_within_float32_error_of_its_boundary(tmp
         result = verify(path, spec, timeout=4)
         if result.status == "holds":
             assert not vertex_counterexample(session, x, label, eps), f"trial {trial}: unsound holds"
+
+
+def orthogonal_group_sort_net(width: int = 16, depth: int = 3, scale: float = 1.0, seed: int = 0,
+                              residual: bool = False) -> onnx.ModelProto:
+    """Orthogonal Gemm layers (times `scale`), GroupSort2 between them as the lipschitz nets export it
+    (Reshape, MaxPool/Neg/MaxPool/Neg, Concat, Flatten), optionally a residual Add around each block."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], [onnx.numpy_helper.from_array(np.array([0, 1, -1], np.int64), "shape")]
+    current = "x"
+    for layer in range(depth):
+        q, _ = np.linalg.qr(rng.normal(size=(width, width)))
+        inits += [onnx.numpy_helper.from_array((q * scale).astype(np.float32), f"w{layer}"),
+                  onnx.numpy_helper.from_array(rng.normal(size=width).astype(np.float32) * scale, f"b{layer}")]
+        t = f"l{layer}_"
+        nodes += [helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [t + "g"], transB=1),
+                  helper.make_node("Reshape", [t + "g", "shape"], [t + "r"]),
+                  helper.make_node("MaxPool", [t + "r"], [t + "hi"], kernel_shape=[2], strides=[2]),
+                  helper.make_node("Neg", [t + "r"], [t + "n"]),
+                  helper.make_node("MaxPool", [t + "n"], [t + "nlo"], kernel_shape=[2], strides=[2]),
+                  helper.make_node("Neg", [t + "nlo"], [t + "lo"]),
+                  helper.make_node("Concat", [t + "lo", t + "hi"], [t + "c"], axis=1),
+                  helper.make_node("Flatten", [t + "c"], [t + "f"])]
+        if residual:
+            nodes.append(helper.make_node("Add", [t + "f", current], [t + "a"]))
+        current = t + ("a" if residual else "f")
+    head = rng.normal(size=(3, width)).astype(np.float32)
+    inits.append(onnx.numpy_helper.from_array(head, "head"))
+    nodes.append(helper.make_node("Gemm", [current, "head"], ["y"], transB=1))
+    graph = helper.make_graph(nodes, "orthogonal", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("scale,residual", [(1.0, False), (30.0, False), (1.0, True)])
+def test_error_bounds_contain_the_float32_error_of_orthogonal_group_sort_nets(norm, scale, residual):
+    """E and N bound the float32 output error at sampled points of boxes / L2 balls, at large magnitudes
+    (inputs up to 1e3, layers scaled up to 30), with and without residual sums (float64 stands in for reals)."""
+    from graphcert.torch_exec import TorchGraph
+    import torch
+    proto = orthogonal_group_sort_net(scale=scale, residual=residual)
+    model = api.load(proto)
+    slack = RoundingSlack(model, norm)
+    rng = np.random.default_rng(5)
+    centres = (rng.normal(size=(8, 16)) * 1e3).astype(np.float32)
+    radius = 0.5
+    magnitude, error, norm_bound = slack.outputs(centres - radius, centres + radius)
+    assert np.isfinite(norm_bound).all()
+    session = Session(proto)
+    float64 = TorchGraph(model, dtype=torch.float64)
+    for _ in range(20):
+        steps = rng.normal(size=centres.shape)
+        if norm == "l2":
+            steps = steps / np.linalg.norm(steps, axis=1, keepdims=True) * rng.random((len(steps), 1))
+        else:
+            steps = np.clip(steps, -1, 1)
+        points = (centres + radius * steps).astype(np.float32)
+        rounded = session.run({"x": points})["y"].astype(np.float64)
+        exact = next(iter(float64({"x": points.astype(np.float64)}).values())).detach().numpy()
+        assert (np.abs(rounded - exact) <= error).all()
+        assert (np.linalg.norm(rounded - exact, axis=1) <= norm_bound).all()
+        assert (np.abs(exact) <= magnitude).all()
+    if not residual:
+        # Orthogonal layers do not amplify N: it is far below the plain |W|-product E (16 wide: |W| row sums ~3).
+        loose = slack.loose_errors(centres - radius, centres + radius)
+        assert (norm_bound < np.linalg.norm(loose, axis=1)).all()
+
+
+def test_auto_certifies_at_least_what_crown_alone_certifies_in_float32():
+    """auto escalates on slacked margins: a sample crown certifies in float32 is certified by auto too."""
+    from graphcert.data import load_dataset
+    from graphcert.models import shipped_path
+    data = load_dataset("mnist-test")
+    crown = certify(shipped_path("mnist_mlp"), data, 0.02, method="crown", limit=40)
+    auto = certify(shipped_path("mnist_mlp"), data, 0.02, method="auto", limit=40)
+    assert auto.certified >= crown.certified
+
+
+def wide_classifier(dtype, inputs: int = 8) -> onnx.ModelProto:
+    """The near-tied classifier with weights and interface in `dtype` (float64: rows closer than a float32 ulp)."""
+    rng = np.random.default_rng(11)
+    row = rng.normal(size=inputs) * 1000
+    other = row * (1 + 2e-8 * rng.normal(size=inputs))
+    w = np.stack([row, other], axis=1).astype(dtype)
+    code = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"])], "tied",
+                              [helper.make_tensor_value_info("x", code, ["batch", inputs])],
+                              [helper.make_tensor_value_info("y", code, ["batch", 2])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_float64_models_are_certified_for_their_own_weights_and_float16_refused():
+    """A float64 model is analysed as loaded, narrowed to float32: the analysis adds the weights' rounding, so
+    no sample is certified whose box holds a vertex where the float64 model (onnxruntime) predicts another
+    class, although real-arithmetic bounds of the narrowed model certify some (labels: the narrowed model's
+    predictions, which the float64 model often does not share)."""
+    import onnxruntime as ort
+    proto = wide_classifier(np.float64)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    x = rng.random((400, 8)).astype(np.float32)
+    narrowed = onnx.numpy_helper.to_array(proto.graph.initializer[0]).astype(np.float32).astype(np.float64)
+    y = (x.astype(np.float64) @ narrowed).argmax(axis=1)   # the class the float32-rounded weights prefer
+    data = Dataset("tied64", x, y, None)
+    eps = 1e-7
+    signs = np.array(list(itertools.product([-1.0, 1.0], repeat=8)))
+
+    def wrong_somewhere(i):
+        vertices = x[i].astype(np.float64)[None] + eps * signs
+        logits = session.run(None, {"x": vertices})[0]
+        return bool((logits[:, y[i]] <= logits[:, 1 - y[i]]).any())
+
+    flagged = {}
+    for rounding in ("real", "float32"):
+        bounder = certifier(api.load(proto), "crown", None, rounding=rounding)
+        _, lower = bounder(x, eps, margin_objective(y, 2))
+        flagged[rounding] = np.flatnonzero((lower > 0).all(axis=1))
+    assert [i for i in flagged["real"] if wrong_somewhere(i)], "the narrowed weights no longer mislead: retune"
+    assert not [i for i in flagged["float32"] if wrong_somewhere(i)]
+    from graphcert.errors import InputError
+    with pytest.raises(InputError, match="float16 model.*--rounding real"):
+        certify(api.load(wide_classifier(np.float16)), Dataset("h", x[:4], y[:4], None), eps, method="ibp")
