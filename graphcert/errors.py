@@ -15,7 +15,7 @@ class UnsupportedOpError(GraphcertError):
     def __init__(self, method: str, nodes_by_op: dict[str, list[str]], reasons: dict[str, str] | None = None):
         """reasons: node name -> why the node is refused although its op has a rule (shown after the name)."""
         self.nodes_by_op = nodes_by_op
-        reasons = reasons or {}
+        reasons = self.reasons = reasons or {}
 
         def named(name: str) -> str:
             return f"{name}: {reasons[name]}" if name in reasons else name

@@ -12,6 +12,7 @@ from . import api
 from . import methods as method_registry
 from .errors import GraphcertError, UnsupportedOpError
 from .interface import perturbed_inputs
+from .interpret import NO_RULE
 from .model import batch_note, read_proto, static_shape
 
 
@@ -19,12 +20,12 @@ def describe(path: str | os.PathLike) -> dict:
     proto = read_proto(path)
     model = api.load(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    methods, reasons = {}, {}
+    methods, reasons, refused = {}, {}, {}
     registry = method_registry.all_methods()
     for name, record in sorted(registry.items()):
         if record.combines == "ladder":
             continue
-        missing, reason = support(model, record, methods)
+        missing, reason, refused[name] = support(model, record, methods)
         methods[name] = missing
         if reason:
             reasons[name] = reason
@@ -44,17 +45,19 @@ def describe(path: str | os.PathLike) -> dict:
         "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
         "methods": methods,
         "reasons": reasons,
+        "refused": refused,
     }
 
 
-def support(model, record, known: dict) -> tuple[list[str], str | None]:
-    """([unsupported op types], one-line reason) for one method: both empty when it bounds the model. A refusal
-    that names no op (a model-level limit) is listed by its reason."""
+def support(model, record, known: dict) -> tuple[list[str], str | None, dict[str, str]]:
+    """([unsupported op types], one-line reason, {refused node: why}) for one method: all empty when it bounds
+    the model. A refusal that names no op (a model-level limit) is listed by its reason. The per-node verdicts
+    are the pass's own (its rule table's `verdict`, see graphcert.interpret.RuleTable)."""
     try:
         if record.combines == "refine":
             base = record.stages_of("linf")[0]
             if known.get(base):
-                return known[base], f"needs {base}, which cannot bound the model"
+                return known[base], f"needs {base}, which cannot bound the model", {}
             from .alpha import AlphaCrown
             AlphaCrown(model, "linf", spec=None)
         elif record.role == "trains":
@@ -62,7 +65,9 @@ def support(model, record, known: dict) -> tuple[list[str], str | None]:
         else:
             api.bound_graph(model, record.name, norm=record.norms[0])
     except UnsupportedOpError as refusal:
-        return sorted(refusal.nodes_by_op), str(refusal)
+        per_node = {name: refusal.reasons.get(name, NO_RULE) for names in refusal.nodes_by_op.values()
+                    for name in names}
+        return sorted(refusal.nodes_by_op), str(refusal), per_node
     except GraphcertError as refusal:
-        return [str(refusal)], str(refusal)
-    return [], None
+        return [str(refusal)], str(refusal), {}
+    return [], None, {}

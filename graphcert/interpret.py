@@ -31,17 +31,96 @@ def perturbed_nodes(graph: ir.Graph, sources: set[ir.Value]) -> list[ir.Node]:
 
 def check_supported(nodes: list[ir.Node], rules: dict[str, Callable], method: str, accepts=None) -> None:
     """An UnsupportedOpError listing every node without a rule, that `accepts` refuses, or that no method can
-    bound (`refusal`, with its reason)."""
+    bound (`refusal`, with its reason). Tables that are a `RuleTable` check their own preconditions too."""
+    table = rules if isinstance(rules, RuleTable) else RuleTable(method, rules)
+    verdicts = {}
+    for node in nodes:
+        reason = table.verdict(node)
+        if reason is None and accepts is not None and not accepts(node):
+            reason = UNMET
+        verdicts[node] = reason
+    raise_refused(method, verdicts)
+
+
+NO_RULE = "no rule for this op type"
+UNMET = "outside what its rule bounds (attributes, shapes or which inputs are perturbed)"
+
+
+def raise_refused(method: str, verdicts: dict[ir.Node, str | None]) -> None:
+    """Raise one UnsupportedOpError naming every refused node (verdict not None) and why, if there is one."""
     missing: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
-    for node in nodes:
-        reason = refusal(node)
-        if reason or node.domain not in ("", "ai.onnx") or node.op_type not in rules or (accepts and not accepts(node)):
-            missing.setdefault(node.op_type, []).append(node.name or "(unnamed)")
-            if reason:
-                reasons[node.name or "(unnamed)"] = reason
+    for node, reason in verdicts.items():
+        if reason is None:
+            continue
+        name = node.name or "(unnamed)"
+        missing.setdefault(node.op_type, []).append(name)
+        if reason != NO_RULE:
+            reasons[name] = reason
     if missing:
         raise UnsupportedOpError(method, missing, reasons)
+
+
+class RuleTable(dict):
+    """One pass's rules: op type -> rule function (a dict, so `RULES[op]` and `op in RULES` read as they
+    always did), with each rule's precondition registered beside it (`@table.rule("Gemm", accepts=...)`).
+
+    The pass's support check, `graphcert inspect` and the error listing every unsupported node all ask
+    `verdict`, so they cannot disagree. A precondition takes the node, plus the pass's support context (what
+    is perturbed, whether there is a batch axis...) when the pass gives one; it answers True or False, and its
+    docstring's first line says what it requires (the reason shown when it answers False).
+    """
+
+    def __init__(self, method: str, rules: dict | None = None):
+        super().__init__(rules or {})
+        self.method = method
+        self.preconditions: dict[str, Callable] = {}
+
+    def rule(self, *op_types: str, accepts: Callable | None = None):
+        """Decorator: the function is the rule of every op type named, accepted where `accepts` holds."""
+        def register(fn):
+            for op_type in op_types:
+                self[op_type] = fn
+                if accepts is not None:
+                    self.preconditions[op_type] = accepts
+            return fn
+        return register
+
+    def precondition(self, *op_types: str):
+        """Decorator: a precondition alone, for rules a family registered (graphcert.ops) or a shared rule."""
+        def register(check):
+            for op_type in op_types:
+                self.preconditions[op_type] = check
+            return check
+        return register
+
+    def verdict(self, node: ir.Node, context=None) -> str | None:
+        """None when this table bounds the node, else why not, in one line."""
+        reason = refusal(node)
+        if reason:
+            return reason
+        if node.domain not in ("", "ai.onnx"):
+            return f"no rules for ops of domain '{node.domain}'"
+        if node.op_type not in self:
+            return NO_RULE
+        check = self.preconditions.get(node.op_type)
+        if check is None:
+            return None
+        try:
+            accepted = check(node) if context is None else check(node, context)
+        except (TypeError, IndexError, ValueError):
+            accepted = False  # attributes or shapes the precondition cannot read
+        return None if accepted else requirement(check)
+
+    def check(self, nodes: list[ir.Node], context=None, method: str | None = None) -> None:
+        """Raise an UnsupportedOpError listing every node `verdict` refuses, with its reason."""
+        raise_refused(method or self.method, {node: self.verdict(node, context) for node in nodes})
+
+
+def requirement(check: Callable) -> str:
+    """What a precondition requires (its docstring's first line), for a node it refuses."""
+    doc = (getattr(check, "__doc__", None) or "").strip()
+    return f"outside its rule's precondition: {doc.splitlines()[0].rstrip('.')}" if doc else UNMET
 
 
 def refusal(node: ir.Node) -> str | None:
@@ -65,7 +144,11 @@ def attr(node: ir.Node, name: str, default=None):
 
 
 def registrar(table: dict):
-    """A decorator factory filling `table`: `@rule("Relu", "Sigmoid")` maps both op types to the function."""
+    """A decorator factory filling `table`: `@rule("Relu", "Sigmoid")` maps both op types to the function (for
+    a `RuleTable`, `@rule("Gemm", accepts=check)` registers the rule's precondition beside it)."""
+    if isinstance(table, RuleTable):
+        return table.rule
+
     def register_for(*op_types):
         def register(fn):
             for op_type in op_types:

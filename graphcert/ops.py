@@ -189,6 +189,7 @@ def forget_elementwise(op_type: str, tables: list[dict]) -> None:
     ELEMENTWISE.pop(op_type, None)
     for table in tables:
         table.pop(op_type, None)
+        getattr(table, "preconditions", {}).pop(op_type, None)
 
 
 def _torch():

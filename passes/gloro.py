@@ -22,15 +22,16 @@ import onnx_ir as ir
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import clone, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, registrar
+from graphcert.interpret import RuleTable, attr, perturbed_nodes
 from graphcert.model import static_shape
 from graphcert.ops import WindowGeometry
 from graphcert.passes.spec import LipschitzTrainingPass, lipschitz_margin_outputs
 
 # 2 power steps, then 5 Chebyshev blocks of degree 6 (32 applications of AᵀA in all).
 WARMUP, BLOCKS, DEGREE = 2, 5, 6
-RULES: dict = {}
-rule = registrar(RULES)
+# op type -> rule, each with its precondition (graphcert.interpret.RuleTable; the context is the perturbed tensors)
+RULES = RuleTable("gloro")
+rule, precondition = RULES.rule, RULES.precondition
 
 
 class _Walk:
@@ -157,33 +158,53 @@ def _one_lipschitz(walk: _Walk, node: ir.Node):
     return walk.constants[node.inputs[0]]
 
 
-def _accepts(tainted: set):
-    def accepts(node: ir.Node) -> bool:
-        op = node.op_type
-        if op == "Gemm":
-            weight = node.inputs[1]
-            return weight not in tainted and not attr(node, "transA", 0) and len(static_shape(weight)) == 2
-        if op == "Conv":  # a fixed kernel on a known input size (the bias is a constant)
-            x, weight = node.inputs[:2]
-            shapes = (static_shape(x)[1:], static_shape(weight))
-            return x in tainted and weight not in tainted and not any(v in tainted for v in node.inputs[2:]) \
-                and all(isinstance(d, int) for dims in shapes for d in dims) and len(shapes[1]) >= 3
-        if op == "MatMul":
-            return node.inputs[0] in tainted and node.inputs[1] not in tainted and \
-                len(static_shape(node.inputs[1])) == 2
-        if op in ("Add", "Sub"):
-            return sum(v in tainted for v in node.inputs) == 1 and (op == "Add" or node.inputs[0] in tainted)
-        if op in ("Mul", "Div"):
-            c = node.inputs[1]
-            return node.inputs[0] in tainted and c.const_value is not None and \
-                (op == "Mul" or np.all(c.const_value.numpy() != 0))
-        if op == "LeakyRelu":
-            return abs(float(attr(node, "alpha", 0.01))) <= 1.0
-        if op == "Reshape":  # keeps the batch axis: [0, -1]-like shapes only
-            shape = node.inputs[1].const_value
-            return shape is not None and int(shape.numpy().reshape(-1)[0]) in (0, -1)
-        return True
-    return accepts
+@precondition("Gemm")
+def _gemm_fixed(node: ir.Node, tainted: set) -> bool:
+    """A constant 2-D weight and transA = 0."""
+    weight = node.inputs[1]
+    return weight not in tainted and not attr(node, "transA", 0) and len(static_shape(weight)) == 2
+
+
+@precondition("Conv")
+def _conv_fixed(node: ir.Node, tainted: set) -> bool:
+    """A fixed kernel and bias on a perturbed input of known size."""
+    x, weight = node.inputs[:2]
+    shapes = (static_shape(x)[1:], static_shape(weight))
+    return x in tainted and weight not in tainted and not any(v in tainted for v in node.inputs[2:]) \
+        and all(isinstance(d, int) for dims in shapes for d in dims) and len(shapes[1]) >= 3
+
+
+@precondition("MatMul")
+def _matmul_fixed(node: ir.Node, tainted: set) -> bool:
+    """A perturbed left operand times a constant matrix."""
+    return node.inputs[0] in tainted and node.inputs[1] not in tainted and len(static_shape(node.inputs[1])) == 2
+
+
+@precondition("Add", "Sub")
+def _bias(node: ir.Node, tainted: set) -> bool:
+    """One perturbed operand (a bias, not a residual), the first for Sub."""
+    return sum(v in tainted for v in node.inputs) == 1 and (node.op_type == "Add" or node.inputs[0] in tainted)
+
+
+@precondition("Mul", "Div")
+def _scaling(node: ir.Node, tainted: set) -> bool:
+    """A perturbed tensor times (or divided by a nonzero) constant."""
+    c = node.inputs[1]
+    return node.inputs[0] in tainted and c.const_value is not None and \
+        (node.op_type == "Mul" or np.all(c.const_value.numpy() != 0))
+
+
+@precondition("LeakyRelu")
+def _slope_at_most_one(node: ir.Node, tainted: set) -> bool:
+    """|alpha| <= 1."""
+    return abs(float(attr(node, "alpha", 0.01))) <= 1.0
+
+
+@precondition("Reshape")
+def _keeps_batch(node: ir.Node, tainted: set) -> bool:
+    """A constant shape keeping the batch axis ([0, ...] or [-1, ...])."""
+    shape = node.inputs[1].const_value
+    return shape is not None and int(shape.numpy().reshape(-1)[0]) in (0, -1)
 
 
 class GloroPass(LipschitzTrainingPass):
@@ -196,7 +217,7 @@ class GloroPass(LipschitzTrainingPass):
         x = perturbed_inputs(result)[0]
         nodes = perturbed_nodes(graph, {x})
         tainted = {x} | {out for node in nodes for out in node.outputs}
-        check_supported(nodes, RULES, "gloro", _accepts(tainted))
+        RULES.check(nodes, tainted)
         b = Builder(graph, prefix="gloro")
         walk = _Walk(b)
         walk.constants[x] = b.const(np.float32(1.0))
@@ -212,4 +233,5 @@ class GloroPass(LipschitzTrainingPass):
 
 
 def supports(node: ir.Node) -> bool:
-    return node.op_type in RULES
+    """Node-level support, for `inspect` (takes every non-constant input as perturbed)."""
+    return RULES.verdict(node, {v for v in node.inputs if v is not None and v.const_value is None}) is None

@@ -13,10 +13,10 @@ from graphcert import interval as iv
 from graphcert import ops
 from graphcert.builder import Builder
 from graphcert.interface import InputSet, clone, close_outputs, open_inputs, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
+from graphcert.interpret import attr, perturbed_nodes
 from graphcert.interval import Interval
 
-from graphcert.passes.ibp_core import (CONDITIONS, RULES, Context, both_forms as _both_forms, rule,
+from graphcert.passes.ibp_core import (CONDITIONS, RULES, Context, both_forms as _both_forms, condition, rule,
                                        widened as _widened)
 
 
@@ -113,8 +113,9 @@ MONOTONE = ["Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "Softsign", "Exp", "E
             "LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu"]
 
 
+@condition("LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu")
 def _is_monotone(node: ir.Node) -> bool:
-    """Negative slopes make LeakyRelu/Elu/Selu/HardSigmoid decreasing somewhere."""
+    """Non-negative slopes (a negative alpha or gamma makes LeakyRelu/Elu/Selu/HardSigmoid decreasing somewhere)."""
     if node.op_type in ("LeakyRelu", "Elu", "Selu", "HardSigmoid"):
         return attr(node, "alpha", 0.01) >= 0 and attr(node, "gamma", 1.0) >= 0
     if node.op_type == "ThresholdedRelu":
@@ -236,7 +237,16 @@ def _log_sum_exp_of_others(b: Builder, v: ir.Value, axis: int) -> ir.Value:
     return b.op("Add", shift, b.op("Log", b.op("Where", alone, below_top, others)))
 
 
-@rule("LayerNormalization")
+def _layer_norm_supported(node: ir.Node) -> bool:
+    """Static sizes along the normalised axes."""
+    shape = node.inputs[0].shape
+    if shape is None:
+        return False
+    axis = attr(node, "axis", -1) % len(shape)
+    return all(isinstance(shape[a], int) for a in range(axis, len(shape)))
+
+
+@rule("LayerNormalization", accepts=_layer_norm_supported)
 def _layer_norm(cx, node, x, scale, bias=None):
     """(x - mean) / sqrt(var + eps) · scale + bias, bounding each factor soundly rather than the whole."""
     b = cx.b
@@ -270,28 +280,14 @@ def _layer_norm(cx, node, x, scale, bias=None):
     return [out, mean, inverse][:len(node.outputs)]
 
 
-def _layer_norm_supported(node: ir.Node) -> bool:
-    shape = node.inputs[0].shape
-    if shape is None:
-        return False
-    axis = attr(node, "axis", -1) % len(shape)
-    return all(isinstance(shape[a], int) for a in range(axis, len(shape)))
-
-
-# Per-node conditions beyond the op type; a node failing its check is reported as unsupported.
-CONDITIONS.update({
-    **{op: _is_monotone for op in ("LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu")},
-    "LayerNormalization": _layer_norm_supported,
-    "Pad": lambda node: True,
-})
 
 
 ops.on_elementwise(_monotone_family)
 
 
 def accepts(node: ir.Node) -> bool:
-    check = CONDITIONS.get(node.op_type)
-    return (check is None or check(node)) and refusal(node) is None
+    """Whether IBP's rule takes the node (the table's verdict; kept for callers that ask yes or no)."""
+    return RULES.verdict(node) is None
 
 
 class IntervalPass(ir.passes.FunctionalPass):
@@ -306,7 +302,7 @@ class IntervalPass(ir.passes.FunctionalPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = clone(model)
         nodes = perturbed_nodes(result.graph, set(perturbed_inputs(result)))
-        check_supported(nodes, RULES, "ibp", accepts)
+        RULES.check(nodes)
         b = Builder(result.graph, prefix="ibp")
         boxes = open_inputs(result, b, self.input_set, share_radius=True)
         bounds = propagate(result.graph, nodes, b, boxes, trainable=self.trainable)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphcert.interpret import attr, registrar
+from graphcert.interpret import RuleTable, attr
 from graphcert.interval import Interval
 
-RULES: dict = {}
+# The one IBP table: op type -> rule, with each rule's precondition beside it (graphcert.interpret.RuleTable).
+RULES = RuleTable("ibp")
 
 
 class Context:
@@ -76,10 +77,10 @@ def widened(cx, x: Interval, dtype: ir.DataType | None, non_negative: bool = Fal
 
 
 
-rule = registrar(RULES)
-# Per-node conditions beyond the op type; a node failing its check is reported as unsupported.
-CONDITIONS: dict = {}
-condition = registrar(CONDITIONS)
+rule = RULES.rule                   # @rule("Gemm", accepts=check): a rule and its precondition, one place
+# Per-node conditions beyond the op type (a node failing its check is reported as unsupported), by op type.
+CONDITIONS = RULES.preconditions
+condition = RULES.precondition     # a precondition alone, for a rule registered by a family
 
 
 def constant_array(value) -> np.ndarray | None:

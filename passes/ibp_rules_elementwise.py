@@ -10,7 +10,7 @@ from graphcert import interval as iv
 from graphcert.errors import UnsupportedOpError
 from graphcert.interpret import attr
 from graphcert.interval import Interval
-from graphcert.passes.ibp_core import condition, constant_array, rule, sane, widened
+from graphcert.passes.ibp_core import constant_array, rule, sane, widened
 
 
 def refuse(node: ir.Node, why: str):
@@ -219,7 +219,14 @@ def _widened_by(b, x: Interval, ulp) -> Interval:
 UNSIGNED = {ir.DataType.UINT8: 255, ir.DataType.UINT16: 65535, ir.DataType.UINT32: 2 ** 32 - 1}
 
 
-@rule("Cast", "CastLike")
+def _target_known(node) -> bool:
+    """A known target type (Cast's `to`, CastLike's second input's type)."""
+    if node.op_type == "Cast":
+        return attr(node, "to") is not None
+    return node.inputs[1] is not None and node.inputs[1].dtype is not None
+
+
+@rule("Cast", "CastLike", accepts=_target_known)
 def _cast(cx, node, x, *rest):
     """Order-keeping casts map bounds to bounds (widened: they round); casts to bool test x != 0; casts to
     unsigned types wrap outside their range, where any value of the type is possible."""
@@ -250,6 +257,3 @@ def _cast(cx, node, x, *rest):
         high = b.op("Where", fits, high, b.op("CastLike", b.const(float(UNSIGNED[target])), high))
     return [Interval.from_bounds(b, low, high)]
 
-
-condition("Cast")(lambda node: attr(node, "to") is not None)
-condition("CastLike")(lambda node: node.inputs[1] is not None and node.inputs[1].dtype is not None)

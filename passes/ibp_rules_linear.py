@@ -7,7 +7,7 @@ import numpy as np
 from graphcert import interval as iv
 from graphcert.interpret import attr
 from graphcert.interval import Interval
-from graphcert.passes.ibp_core import both_forms, condition, rule
+from graphcert.passes.ibp_core import both_forms, rule
 
 
 def _bilinear(b, op, a: Interval, w: Interval) -> Interval:
@@ -90,7 +90,12 @@ def _per_channel(cx, node, v: Interval) -> Interval:
     return both_forms(cx, v, lambda t: cx.b.op("Reshape", t, shape))
 
 
-@rule("BatchNormalization")
+def _inference_mode(node) -> bool:
+    """training_mode = 0 (batch statistics would make it mix samples)."""
+    return attr(node, "training_mode", 0) == 0
+
+
+@rule("BatchNormalization", accepts=_inference_mode)
 def _batchnorm(cx, node, x, scale, bias, mean, var):
     b = cx.b
     eps = attr(node, "epsilon", 1e-5)
@@ -114,5 +119,3 @@ def _batchnorm(cx, node, x, scale, bias, mean, var):
     center = b.copy(node, [x.center, scale, bias, mean, var])
     return [Interval.from_center(b, center, b.op("Mul", x.radius, gain))]
 
-
-condition("BatchNormalization")(lambda node: attr(node, "training_mode", 0) == 0)

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphcert import interval as iv
 from graphcert.interpret import attr
 from graphcert.interval import Interval
-from graphcert.passes.ibp_core import condition, constant_array, rule
+from graphcert.passes.ibp_core import constant_array, rule
 
 
 def _bounds(b, x, dtype=None):
@@ -156,7 +156,12 @@ def _hardmax(cx, node, x):
     return [Interval.from_bounds(b, b.op("Cast", alone, to=dtype), b.op("Cast", possible, to=dtype))]
 
 
-@rule("OneHot")
+def _depth_constant(node) -> bool:
+    """A constant depth and an indices tensor of known rank."""
+    return node.inputs[1] is not None and node.inputs[1].const_value is not None and node.inputs[0].shape is not None
+
+
+@rule("OneHot", accepts=_depth_constant)
 def _one_hot(cx, node, indices, depth, values):
     """Position k is `on` where the index is certainly k, `off` where it cannot be k, either in between."""
     b = cx.b
@@ -182,6 +187,3 @@ def _one_hot(cx, node, indices, depth, values):
     upper = b.op("Where", certain, on_u, b.op("Where", possible, b.op("Max", on_u, off_u), off_u))
     return [Interval.from_bounds(b, lower, upper)]
 
-
-condition("OneHot")(lambda node: node.inputs[1] is not None and node.inputs[1].const_value is not None
-                    and node.inputs[0].shape is not None)

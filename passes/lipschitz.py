@@ -13,6 +13,8 @@ a superset of the clipped ball, so still sound.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
@@ -20,7 +22,7 @@ from graphcert import __version__
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes, refusal, registrar
+from graphcert.interpret import RuleTable, attr, perturbed_nodes
 from graphcert.model import static_shape
 from graphcert.operator_norms import (EXACT_SIDE, RELATIVE_SLACK, ConvGeometry, average_pool_norm,  # noqa: F401
                                       circular_conv_norm, conv_matrix, outward, spectral_norm)
@@ -29,12 +31,9 @@ from graphcert.ops import WindowGeometry
 from graphcert.passes.patterns import disjoint_windows, group_sort_input  # noqa: F401  (re-exported)
 from graphcert.passes.spec import MARGINS, _affine_producer
 
-RULES: dict = {}
-rule = registrar(RULES)
-
-# Margins are computed in float32 by the runtime: this fraction of their magnitude is subtracted as well.
-FLOAT32_SLACK = 2.0 ** -16
-ABSOLUTE_SLACK = 1e-6
+# op type -> rule, each with its precondition (graphcert.interpret.RuleTable; preconditions below the rules)
+RULES = RuleTable("lipschitz")
+rule, precondition = RULES.rule, RULES.precondition
 
 
 class Geometry:
@@ -79,14 +78,9 @@ def _at_most_one(geo, node, k, *rest):
 
 def _slope_family(spec: ops.Elementwise) -> None:
     """Element-wise ops stated in graphcert.ops with a bounded slope: K grows by that slope (unless this module
-    has a rule of its own); nodes whose slope is unbounded are refused by `_conditions`."""
+    has a rule of its own), accepted where that slope is bounded (`_slope_bounded`)."""
     if spec.op_type not in RULES:
-        RULES[spec.op_type] = lambda geo, node, k: [k * spec.lipschitz(node)]
-        _SLOPE_FAMILY.add(spec.op_type)
-
-
-_SLOPE_FAMILY: set[str] = set()
-ops.on_elementwise(_slope_family)
+        RULES.rule(spec.op_type, accepts=_slope_bounded)(lambda geo, node, k: [k * spec.lipschitz(node)])
 
 
 @rule("Sigmoid")
@@ -268,82 +262,137 @@ def _one_constant_operand(node: ir.Node, max_rank: int) -> bool:
     return len(found) == 1 and found[0].ndim <= max_rank
 
 
-def _conditions(geo: Geometry, node: ir.Node, tainted: set) -> bool:
-    op = node.op_type
+@dataclass(frozen=True)
+class Support:
+    """What a precondition reads besides the node: the geometry and the tensors that depend on the input."""
+    geo: Geometry
+    tainted: set
+
+
+def _slope_bounded(node: ir.Node, cx: Support) -> bool:
+    """One input and a slope bounded on the whole real line for this node's attributes."""
+    return len(node.inputs) == 1 and ops.ELEMENTWISE[node.op_type].lipschitz(node) is not None
+
+
+ops.on_elementwise(_slope_family)
+
+
+@precondition("Dropout")
+def _mask_unused(node: ir.Node, cx: Support) -> bool:
+    """Its mask output unused."""
+    return len(node.outputs) == 1 or not node.outputs[1].uses()
+
+
+@precondition("Clip")
+def _fixed_bounds(node: ir.Node, cx: Support) -> bool:
+    """A perturbed input clipped to bounds that are not."""
+    return node.inputs[0] in cx.tainted and all(v is None or v not in cx.tainted for v in node.inputs[1:])
+
+
+@precondition("Flatten", "Reshape", "Squeeze", "Unsqueeze", "DepthToSpace", "SpaceToDepth", "Transpose")
+def _rearranges_samples(node: ir.Node, cx: Support) -> bool:
+    """The same static number of elements per sample in and out, the batch axis kept in place."""
+    x, out, geo = node.inputs[0], node.outputs[0], cx.geo
+    if node.op_type == "Transpose" and geo.batched and (attr(node, "perm", None) or [1])[0] != 0:
+        return False
+    size_in, size_out = geo.sample_size(x), geo.sample_size(out)
+    return size_in is not None and size_in == size_out and x in cx.tainted
+
+
+@precondition("Gemm")
+def _gemm_fixed(node: ir.Node, cx: Support) -> bool:
+    """A constant 2-D weight, transA = 0 and a bias that is not perturbed."""
+    x, w, c = node.inputs[0], node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    return (not attr(node, "transA", 0) and _constant(w) is not None and _constant(w).ndim == 2
+            and (c is None or c not in cx.tainted) and x in cx.tainted)
+
+
+@precondition("MatMul")
+def _matmul_fixed(node: ir.Node, cx: Support) -> bool:
+    """Exactly one constant operand, of rank at most 2."""
+    return _one_constant_operand(node, 2)
+
+
+@precondition("Conv")
+def _conv_fixed(node: ir.Node, cx: Support) -> bool:
+    """A constant kernel on a perturbed input of static sample size, every window inside the padded input."""
+    x, w = node.inputs[0], _constant(node.inputs[1])
+    dims = cx.geo.sample_dims(x)
+    bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2] not in cx.tainted
+    return w is not None and dims is not None and x in cx.tainted and bias_ok \
+        and WindowGeometry.of(node, static_shape(x)[2:], w.shape[2:]).fits
+
+
+@precondition("BatchNormalization")
+def _batch_norm_fixed(node: ir.Node, cx: Support) -> bool:
+    """Inference mode with constant statistics, one output."""
+    x, params = node.inputs[0], node.inputs[1:5]
+    return (attr(node, "training_mode", 0) == 0 and len(node.outputs) == 1 and x in cx.tainted
+            and all(_constant(v) is not None for v in params) and static_shape(x)[1:2] != [])
+
+
+@precondition("MaxPool", "AveragePool")
+def _pool_fixed(node: ir.Node, cx: Support) -> bool:
+    """Static spatial sizes, a kernel_shape, no used Indices output, every window inside the padded input."""
     x = node.inputs[0]
+    used = [o for o in node.outputs[1:] if o.uses()]
+    dims = static_shape(x)
+    return not used and len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:]) \
+        and attr(node, "kernel_shape") is not None and attr(node, "storage_order", 0) == 0 \
+        and _pool_geometry(node, x).fits
+
+
+@precondition("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool_fixed(node: ir.Node, cx: Support) -> bool:
+    """Static spatial sizes."""
+    dims = static_shape(node.inputs[0])
+    return len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:])
+
+
+@precondition("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+def _reduce_fixed(node: ir.Node, cx: Support) -> bool:
+    """Constant axes of static size, not the batch axis."""
+    runtime_axes = len(node.inputs) > 1 and node.inputs[1] is not None and _constant(node.inputs[1]) is None
+    axes = _reduce_axes(node) if not runtime_axes else None
+    if runtime_axes or (not axes and attr(node, "noop_with_empty_axes", 0)):
+        return False
+    dims = static_shape(node.inputs[0])
+    axes = range(len(dims)) if not axes else [int(a) % len(dims) for a in axes]
+    return cx.geo.keeps_batch_axis(axes) and all(isinstance(dims[a], int) for a in axes)
+
+
+@precondition("Add", "Sub", "Mul", "Div", "Expand", "Tile")
+def _broadcast_fixed(node: ir.Node, cx: Support) -> bool:
+    """Static sample sizes and ranks; Mul by one constant operand, Div by a constant without zeros."""
+    op, x, geo, tainted = node.op_type, node.inputs[0], cx.geo, cx.tainted
+    if op == "Mul" and not _one_constant_operand(node, 8):
+        return False
+    if op == "Div" and (x not in tainted or _constant(node.inputs[1]) is None
+                        or not np.all(_constant(node.inputs[1]) != 0)):
+        return False
+    sources = [v for v in node.inputs[:2 if op in ("Add", "Sub", "Mul", "Div") else 1] if v in tainted]
     out = node.outputs[0]
-    if op in _SLOPE_FAMILY:
-        return len(node.inputs) == 1 and ops.ELEMENTWISE[op].lipschitz(node) is not None
-    if op in ("Identity", "Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Softplus", "Softsign", "LeakyRelu", "Elu",
-              "Selu", "HardSigmoid"):
-        return True
-    if op == "Dropout":
-        return len(node.outputs) == 1 or not node.outputs[1].uses()
-    if op == "Clip":
-        return x in tainted and all(v is None or v not in tainted for v in node.inputs[1:])
-    if op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "DepthToSpace", "SpaceToDepth", "Transpose"):
-        if op == "Transpose" and geo.batched and (attr(node, "perm", None) or [1])[0] != 0:
-            return False
-        size_in, size_out = geo.sample_size(x), geo.sample_size(out)
-        return size_in is not None and size_in == size_out and x in tainted
-    if op in ("Slice", "Split", "Gather", "Concat", "Softmax"):
-        return _selection_ok(geo, node, tainted)
-    if op == "Gemm":
-        w, c = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
-        return (not attr(node, "transA", 0) and _constant(w) is not None and _constant(w).ndim == 2
-                and (c is None or c not in tainted) and x in tainted)
-    if op == "MatMul":
-        return _one_constant_operand(node, 2)
-    if op == "Conv":
-        w = _constant(node.inputs[1])
-        dims = geo.sample_dims(x)
-        bias_ok = len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2] not in tainted
-        return w is not None and dims is not None and x in tainted and bias_ok \
-            and WindowGeometry.of(node, static_shape(x)[2:], w.shape[2:]).fits
-    if op == "BatchNormalization":
-        params = node.inputs[1:5]
-        return (attr(node, "training_mode", 0) == 0 and len(node.outputs) == 1 and x in tainted
-                and all(_constant(v) is not None for v in params) and static_shape(x)[1:2] != [])
-    if op in ("MaxPool", "AveragePool"):
-        used = [o for o in node.outputs[1:] if o.uses()]
-        dims = static_shape(x)
-        return not used and len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:]) \
-            and attr(node, "kernel_shape") is not None and attr(node, "storage_order", 0) == 0 \
-            and _pool_geometry(node, x).fits
-    if op in ("GlobalAveragePool", "GlobalMaxPool"):
-        dims = static_shape(x)
-        return len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:])
-    if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
-        runtime_axes = len(node.inputs) > 1 and node.inputs[1] is not None and _constant(node.inputs[1]) is None
-        axes = _reduce_axes(node) if not runtime_axes else None
-        if runtime_axes or (not axes and attr(node, "noop_with_empty_axes", 0)):
-            return False
-        dims = static_shape(x)
-        axes = range(len(dims)) if not axes else [int(a) % len(dims) for a in axes]
-        return geo.keeps_batch_axis(axes) and all(isinstance(dims[a], int) for a in axes)
-    if op in ("Add", "Sub", "Mul", "Div", "Expand", "Tile"):
-        if op == "Mul" and not _one_constant_operand(node, 8):
-            return False
-        if op == "Div" and (x not in tainted or _constant(node.inputs[1]) is None
-                            or not np.all(_constant(node.inputs[1]) != 0)):
-            return False
-        sources = [v for v in node.inputs[:2 if op in ("Add", "Sub", "Mul", "Div") else 1] if v in tainted]
-        out_size = geo.sample_size(out)
-        return out_size is not None and all(geo.sample_size(v) is not None and len(static_shape(v))
-                                            == len(static_shape(out)) for v in sources)
-    if op == "Pad":
-        pads, axes = _constant(node.inputs[1]), node.inputs[3] if len(node.inputs) > 3 else None
-        dims = static_shape(x)
-        fixed = all(v is None or v not in tainted for v in node.inputs[1:])
-        if pads is None or axes is not None or x not in tainted or not fixed:
-            return False
-        padded = [a for a in range(len(dims)) if pads[a] != 0 or pads[a + len(dims)] != 0]
-        return geo.keeps_batch_axis(padded) and all(isinstance(dims[a], int) for a in padded)
-    return False
+    return geo.sample_size(out) is not None and all(geo.sample_size(v) is not None and len(static_shape(v))
+                                                   == len(static_shape(out)) for v in sources)
 
 
-def _selection_ok(geo: Geometry, node: ir.Node, tainted: set) -> bool:
-    op = node.op_type
+@precondition("Pad")
+def _pad_fixed(node: ir.Node, cx: Support) -> bool:
+    """Constant pads of static axes other than the batch axis, no axes input."""
+    x, tainted = node.inputs[0], cx.tainted
+    pads, axes = _constant(node.inputs[1]), node.inputs[3] if len(node.inputs) > 3 else None
+    dims = static_shape(x)
+    fixed = all(v is None or v not in tainted for v in node.inputs[1:])
+    if pads is None or axes is not None or x not in tainted or not fixed:
+        return False
+    padded = [a for a in range(len(dims)) if pads[a] != 0 or pads[a + len(dims)] != 0]
+    return cx.geo.keeps_batch_axis(padded) and all(isinstance(dims[a], int) for a in padded)
+
+
+@precondition("Slice", "Split", "Gather", "Concat", "Softmax")
+def _selection_fixed(node: ir.Node, cx: Support) -> bool:
+    """Constant indices and split sizes, along an axis other than the batch axis."""
+    geo, tainted, op = cx.geo, cx.tainted, node.op_type
     rank = len(static_shape(node.inputs[0]))
     if op == "Slice":
         axes = _constant(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else range(rank)
@@ -360,12 +409,8 @@ def _selection_ok(geo: Geometry, node: ir.Node, tainted: set) -> bool:
 
 def acceptor(geo: Geometry, tainted: set):
     """The per-node check of what this pass bounds, for `geo` and the tensors that depend on the input."""
-    def accepts(node: ir.Node) -> bool:
-        try:
-            return _conditions(geo, node, tainted)
-        except (TypeError, IndexError, ValueError):
-            return False  # attributes or shapes the rule cannot read
-    return accepts
+    support = Support(geo, tainted)
+    return lambda node: RULES.verdict(node, support) is None
 
 
 def supports(node: ir.Node) -> bool:
@@ -373,7 +418,7 @@ def supports(node: ir.Node) -> bool:
     tainted = [v for v in node.inputs if v is not None and v.const_value is None]
     dims = static_shape(tainted[0]) if tainted else []
     batched = len(dims) >= 2 and not isinstance(dims[0], int)
-    return node.op_type in RULES and acceptor(Geometry(batched), set(tainted))(node) and refusal(node) is None
+    return acceptor(Geometry(batched), set(tainted))(node)
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
@@ -387,7 +432,7 @@ def lipschitz_constants(model: ir.Model) -> tuple[dict[ir.Value, float], list[ir
     dims = static_shape(sources[0])
     geo = Geometry(len(dims) >= 2 and not isinstance(dims[0], int))
     tainted = set(sources) | {out for node in nodes for out in node.outputs}
-    check_supported(nodes, RULES, "lipschitz", acceptor(geo, tainted))
+    RULES.check(nodes, Support(geo, tainted))
     constants: dict[ir.Value, float] = {sources[0]: 1.0}
     for node in nodes:
         ks = [constants.get(v) if v is not None else None for v in node.inputs]
@@ -396,108 +441,6 @@ def lipschitz_constants(model: ir.Model) -> tuple[dict[ir.Value, float], list[ir
     return constants, nodes
 
 
-def output_lipschitz(model: ir.Model, output: ir.Value, constants: dict) -> tuple[float, np.ndarray | None]:
-    """(K_sub, W [k, n]) when output = h·W + c with K_sub = K[h]; else (K[output], None)."""
-    affine = output
-    while affine.producer() is not None and affine.producer().op_type == "Identity":
-        affine = affine.producer().inputs[0]   # the spec pass names its margins with an Identity
-    found = _affine_producer(affine)
-    if found is not None and found[0] in constants and len(static_shape(output)) <= 2:
-        h, weight = found[0], found[1]
-        return constants[h], np.asarray(weight, dtype=np.float64)
-    return constants.get(output, 0.0), None
-
-
-class LipschitzPass(ir.passes.FunctionalPass):
-    """Normalised model in, Lipschitz bound graph out; `objective=True` adds the certify margins interface.
-
-    Inputs: the model input, `epsilon` (an L2 radius; the largest entry per sample counts) and, with an
-    objective, `objective` [batch, m, n]. Outputs: the originals (optional) and either `margins`,
-    `margins_lower`, `margins_upper` (objective·y ∓ eps·K_row) or `<out>_lower/_upper` per output.
-    """
-
-    def __init__(self, input_set: InputSet | None = None, keep_original: bool = True, objective: bool = False):
-        super().__init__()
-        self.input_set = input_set or InputSet()
-        if self.input_set.kind != "linf":
-            raise InputError("lipschitz bounds an L2 ball around x: give an epsilon input set, not a box")
-        self.keep_original = keep_original
-        self.objective = objective
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = clone(model)
-        graph = result.graph
-        constants, _ = lipschitz_constants(result)
-        x = perturbed_inputs(result)[0]
-        b = Builder(graph, prefix="lipschitz")
-        rank = len(x.shape) if x.shape is not None else 0
-        eps = ir.Value(name=epsilon_name(result, x), type=FLOAT,
-                       shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
-        graph.inputs.append(eps)
-        batched = rank >= 2 and not isinstance(static_shape(x)[0], int)
-        radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1] if batched else [1, -1])), [1],
-                          keepdims=0)                                         # [batch] or [1]
-        originals = list(graph.outputs)
-        if not self.keep_original:
-            graph.outputs.clear()
-        if self.objective:
-            self._margins(result, b, originals[0], constants, radius)
-        else:
-            for y in originals:
-                self._elementwise(result, b, y, constants, radius, batched)
-        result.metadata_props["graphcert.method"] = "lipschitz"
-        result.metadata_props["graphcert.version"] = __version__
-        return ir.passes.PassResult(result, modified=True)
-
-    def _margins(self, model, b: Builder, y: ir.Value, constants, radius) -> None:
-        graph = model.graph
-        objective = ir.Value(name=OBJECTIVE, type=FLOAT, shape=ir.Shape(["batch", "spec_rows", "spec_cols"]))
-        graph.inputs.append(objective)
-        k_sub, weight = output_lipschitz(model, y, constants)
-        flat = y if len(static_shape(y)) == 2 else b.op("Flatten", y, axis=1)
-        margins = b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", flat, b.ints([-1]))), b.ints([-1]))
-        rows = objective if weight is None else b.op("MatMul", objective, b.const(weight.T.astype(np.float32)))
-        row_norms = b.op("Sqrt", b.reduce("ReduceSum", b.op("Mul", rows, rows), [-1], keepdims=0))   # [batch, m]
-        spread = b.op("Mul", b.op("Mul", row_norms, b.const(_up32(k_sub))), b.op("Unsqueeze", radius, b.ints([1])))
-        size = b.op("Squeeze", b.op("MatMul", b.op("Abs", objective),
-                                    b.op("Unsqueeze", b.op("Abs", flat), b.ints([-1]))), b.ints([-1]))
-        width = _with_slack(b, spread, size)
-        named = {MARGINS: margins, f"{MARGINS}_lower": b.op("Sub", margins, width),
-                 f"{MARGINS}_upper": b.op("Add", margins, width)}
-        if not self.keep_original:
-            named.pop(MARGINS)
-        for name, value in named.items():
-            _expose(graph, b, name, value, ir.Shape([y.shape[0] if y.shape is not None else "batch", "spec_rows"]))
-
-    def _elementwise(self, model, b: Builder, y: ir.Value, constants, radius, batched) -> None:
-        k_sub, weight = output_lipschitz(model, y, constants)
-        if weight is not None:
-            per_element = k_sub * np.sqrt((weight ** 2).sum(axis=0))                       # [n]
-        else:
-            per_element = np.array(k_sub)
-        rank = len(static_shape(y))
-        # The radius per sample, shaped to broadcast against y ([batch, 1, ...], or y's rank of ones unbatched).
-        scale = b.op("Reshape", radius, b.ints(([-1] + [1] * (rank - 1)) if batched else [1] * rank))
-        spread = b.op("Mul", b.const(_up32(per_element)), scale)
-        width = _with_slack(b, spread, b.op("Abs", y))
-        for suffix, value in (("lower", b.op("Sub", y, width)), ("upper", b.op("Add", y, width))):
-            _expose(model.graph, b, f"{y.name}_{suffix}", value, y.shape)
-
-
-def _up32(value) -> np.ndarray:
-    """float64 constants as float32, rounded towards +inf."""
-    value = np.asarray(value, dtype=np.float64)
-    rounded = value.astype(np.float32)
-    return np.where(rounded.astype(np.float64) < value, np.nextafter(rounded, np.float32(np.inf)), rounded)
-
-
-def _with_slack(b: Builder, spread: ir.Value, magnitude: ir.Value) -> ir.Value:
-    """spread plus what float32 arithmetic may have lost on values of this magnitude (and on spread)."""
-    relative = b.op("Mul", b.op("Add", spread, magnitude), b.const(FLOAT32_SLACK))
-    return b.op("Add", b.op("Add", spread, relative), b.const(ABSOLUTE_SLACK))
-
-
-def _expose(graph: ir.Graph, b: Builder, name: str, value: ir.Value, shape) -> None:
-    named = b.op("Identity", value)
-    named.name, named.type, named.shape = name, FLOAT, shape
-    graph.outputs.append(named)
+# The pass itself (the margin graph it builds) lives in passes/lipschitz_pass.py.
+from graphcert.passes.lipschitz_pass import (ABSOLUTE_SLACK, FLOAT32_SLACK, LipschitzPass,  # noqa: E402,F401
+                                             output_lipschitz)

@@ -28,9 +28,9 @@ import onnx_ir as ir
 from graphcert.builder import Builder
 from graphcert.errors import InputError
 from graphcert.interface import FLOAT, clone, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes
+from graphcert.interpret import RuleTable, attr, perturbed_nodes
 from graphcert.model import static_shape
-from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, acceptor
+from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, Support
 from graphcert.passes.patterns import disjoint_windows, group_sort_input
 from graphcert.passes.spec import LipschitzTrainingPass, lipschitz_margin_outputs
 
@@ -62,25 +62,29 @@ def orthonormalise(b: Builder, weight: ir.Value, shape: tuple[int, int]) -> ir.V
     return w
 
 
-def _accepts(geo: Geometry, tainted: set):
-    sound = acceptor(geo, tainted)
+# The lipschitz rules this pass reuses, each also held to what a 1-Lipschitz training graph needs.
+RULES = RuleTable("orthogonal", {op: LIPSCHITZ_RULES[op] for op in ONE_LIPSCHITZ | LAYERS | {"Add", "Sub", "MaxPool",
+                                                                                           "Concat"}})
 
-    def accepts(node: ir.Node) -> bool:
-        op = node.op_type
-        if not sound(node):
-            return False
-        if op in LAYERS:
-            weight = node.inputs[1]
-            return node.inputs[0] in tainted and weight.is_initializer() and len(static_shape(weight)) == 2 \
-                and float(attr(node, "alpha", 1.0)) == 1.0
-        if op in ("Add", "Sub"):   # a bias, not a residual
-            return sum(v in tainted for v in node.inputs) == 1 and (op == "Add" or node.inputs[0] in tainted)
-        if op == "MaxPool":
-            return disjoint_windows(node)
-        if op == "Concat":
-            return group_sort_input(node) is not None
-        return op in ONE_LIPSCHITZ
-    return accepts
+
+@RULES.precondition(*RULES)
+def _orthogonal_layer(node: ir.Node, cx: Support) -> bool:
+    """What lipschitz accepts, as a dense layer (an initializer weight, alpha 1), a bias, a MaxPool of disjoint
+    windows, a GroupSort's Concat or a 1-Lipschitz map."""
+    op, tainted = node.op_type, cx.tainted
+    if LIPSCHITZ_RULES.verdict(node, cx) is not None:
+        return False
+    if op in LAYERS:
+        weight = node.inputs[1]
+        return node.inputs[0] in tainted and weight.is_initializer() and len(static_shape(weight)) == 2 \
+            and float(attr(node, "alpha", 1.0)) == 1.0
+    if op in ("Add", "Sub"):   # a bias, not a residual
+        return sum(v in tainted for v in node.inputs) == 1 and (op == "Add" or node.inputs[0] in tainted)
+    if op == "MaxPool":
+        return disjoint_windows(node)
+    if op == "Concat":
+        return group_sort_input(node) is not None
+    return op in ONE_LIPSCHITZ
 
 
 def _network(model: ir.Model) -> tuple[ir.Value, list[ir.Node]]:
@@ -92,9 +96,7 @@ def _network(model: ir.Model) -> tuple[ir.Value, list[ir.Node]]:
     nodes = perturbed_nodes(model.graph, {x})
     dims = static_shape(x)
     tainted = {x} | {out for node in nodes for out in node.outputs}
-    rules = {op: LIPSCHITZ_RULES[op] for op in ONE_LIPSCHITZ | LAYERS | {"Add", "Sub", "MaxPool", "Concat"}}
-    check_supported(nodes, rules, "orthogonal", _accepts(Geometry(len(dims) >= 2 and not isinstance(dims[0], int)),
-                                                         tainted))
+    RULES.check(nodes, Support(Geometry(len(dims) >= 2 and not isinstance(dims[0], int)), tainted))
     return x, nodes
 
 
@@ -172,4 +174,7 @@ def deployable_weights(model: ir.Model, trained: dict[str, np.ndarray]) -> dict[
 
 
 def supports(node: ir.Node) -> bool:
-    return node.op_type in ONE_LIPSCHITZ | LAYERS | {"Add", "Sub", "MaxPool", "Concat"}
+    """Node-level support, for `inspect` (takes every non-constant input as perturbed)."""
+    tainted = {v for v in node.inputs if v is not None and v.const_value is None}
+    dims = static_shape(next(iter(tainted))) if tainted else []
+    return RULES.verdict(node, Support(Geometry(len(dims) >= 2 and not isinstance(dims[0], int)), tainted)) is None
