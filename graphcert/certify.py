@@ -208,15 +208,19 @@ class AlphaCertifier:
         self.alpha = AlphaCrown(model, "linf", domain, spec="runtime", norm=norm)
         self.settings = settings
         self.per_run = samples_per_run(model, method) or np.inf
+        self.floor = None   # float32: callable(x, eps, objective) -> the slack margins must beat (Float32Certifier)
 
     def __call__(self, x, eps, objective):
         logits, lower = self.crown(x, eps, objective)
-        undecided = np.flatnonzero(_undecided(logits, lower, objective))
+        floor = self.floor(x, eps, objective) if self.floor is not None else 0.0
+        undecided = np.flatnonzero(_undecided(logits, lower - floor, objective))
         settings = self.settings
         for start in range(0, len(undecided), int(min(self.per_run, max(len(undecided), 1)))):
             part = undecided[start:start + int(min(self.per_run, len(undecided)))]
             feeds = self.alpha.feeds(x=x[part], eps=rows_of(eps, part), objective=objective[part])
-            watch = ProofWatch(lambda low: low.min(axis=1), settings.iterations, settings.give_up)
+            needed = floor[part] if np.ndim(floor) else 0.0   # proved once the margins beat the slack
+            watch = ProofWatch(lambda low, needed=needed: (low - needed).min(axis=1), settings.iterations,
+                               settings.give_up)
             tighter, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=watch)
             lower[part] = np.maximum(lower[part], tighter)
         return logits, lower
@@ -336,16 +340,22 @@ class Float32Certifier:
             raise InputError(f"{str(refusal).split('; run')[0]}: certificates for the float32 model need it; "
                              f"--rounding real certifies in real arithmetic instead") from None
         self.inner, self.domain, self.norm = inner, domain, norm
+        if isinstance(inner, AlphaCertifier):   # refine what CROWN leaves open after the slack, not before it
+            inner.floor = self.slack_of
 
     def __getattr__(self, name):  # report(), per_run, ... of the wrapped certifier
         return getattr(self.inner, name)
 
     def __call__(self, x, eps, objective):
         logits, lower = self.inner(x, eps, objective)
+        return logits, lower - self.slack_of(x, eps, objective)
+
+    def slack_of(self, x, eps, objective) -> np.ndarray:
+        """[batch, m] float32 rounding slack of the margin rows over each sample's input set."""
         radius = np.asarray(eps, dtype=np.float32)
         if radius.ndim == 1 and len(radius) == len(x) and x.ndim > 1:
             radius = radius.reshape(len(x), *([1] * (x.ndim - 1)))
         low, high = x - radius, x + radius
         if self.domain is not None and self.norm == "linf":
             low, high = np.maximum(low, self.domain[0]), np.minimum(high, self.domain[1])
-        return logits, lower - self.slack.of_rows(low, high, objective, point=self.point)
+        return self.slack.of_rows(low, high, objective, point=self.point)
