@@ -114,3 +114,33 @@ def test_every_lipschitz_rule_without_a_precondition_is_a_map_of_slope_at_most_i
     unconditional = set(lipschitz.RULES) - set(lipschitz.RULES.preconditions)
     assert unconditional <= {"Abs", "Elu", "HardSigmoid", "Identity", "LeakyRelu", "Neg", "Relu", "Selu", "Sigmoid",
                              "Softplus", "Softsign", "Tanh"}
+
+
+def test_bound_passes_share_one_skeleton():
+    """requires() is the table's support check (its refusal goes out unwrapped, before `call` builds anything);
+    ensures() holds every graph to the bound-graph interface."""
+    import onnx_ir as ir
+    from graphcert.interface import BoundPass, clone
+    for cls, method in ((ibp.IntervalPass, "ibp"), (lipschitz.LipschitzPass, "lipschitz"),
+                        (gloro.GloroPass, "gloro"), (orthogonal.OrthogonalPass, "orthogonal")):
+        assert issubclass(cls, BoundPass) and cls.rules.method == method
+    model = api.load(_leaky_model(-0.5))
+    called = []
+
+    class Watched(ibp.IntervalPass):
+        def call(self, model):
+            called.append(True)
+            return super().call(model)
+    with pytest.raises(UnsupportedOpError, match="leaky"):
+        Watched()(model)
+    assert not called
+
+    class Forgetful(ibp.IntervalPass):
+        def call(self, model):   # stamps the method but builds no bounds
+            result = clone(model)
+            result.metadata_props["graphcert.method"] = "ibp"
+            return ir.passes.PassResult(result, modified=True)
+    healthy = api.load(_leaky_model(0.5))
+    with pytest.raises(ir.passes.PostconditionError):
+        Forgetful()(healthy)
+    assert {v.name for v in ibp.IntervalPass()(healthy).model.graph.outputs} >= {"y_lower", "y_upper"}
