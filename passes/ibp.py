@@ -286,8 +286,8 @@ ops.on_elementwise(_monotone_family)
 
 
 def accepts(node: ir.Node) -> bool:
-    """Whether IBP's rule takes the node (the table's verdict; kept for callers that ask yes or no)."""
-    return RULES.verdict(node) is None
+    """Whether the node meets IBP's precondition for its op (CROWN asks this of ops it shares with IBP)."""
+    return RULES.meets_precondition(node)
 
 
 class IntervalPass(BoundPass):
