@@ -46,8 +46,13 @@ def check_ladder(ladder) -> tuple[float, ...]:
 
 
 def certificate_graph(model: ir.Model, method: str = "ibp", domain=None, norm: str = "linf",
-                      ladder=None) -> ir.Model:
-    """The certified-prediction graph of a normalised batched classifier ([batch, ...] -> [batch, classes])."""
+                      ladder=None, rounding: str = "float32") -> ir.Model:
+    """The certified-prediction graph of a normalised batched classifier ([batch, ...] -> [batch, classes]).
+    rounding "float32" (the default): radii hold for the model as it runs in float32 (margins must beat the
+    slack of graphcert.rounding, computed in the graph; see passes/certificate_rounding.py); "real": in real
+    arithmetic only."""
+    if rounding not in ("float32", "real"):
+        raise InputError(f"unknown rounding '{rounding}'; choose float32 or real")
     from graphcert import api
     inputs = perturbed_inputs(model)
     if len(inputs) != 1 or len(model.graph.outputs) != 1:
@@ -57,12 +62,23 @@ def certificate_graph(model: ir.Model, method: str = "ibp", domain=None, norm: s
         raise InputError(f"a certificate graph needs a classifier with a batch axis (input [batch, ...], output "
                          f"[batch, classes]); this model maps {in_shape} to {out_shape}")
     rungs = (0.0, 1.0) if method in CLOSED_FORM else check_ladder(ladder or DEFAULT_LADDERS[norm])
+    slack = None
+    if rounding == "float32":
+        from graphcert.passes.certificate_rounding import GraphSlack
+        slack = GraphSlack(model, method, norm)   # refuses (one line) models the analysis cannot cover
     bound = api.bound_graph(model, method, InputSet("linf", domain), spec="runtime", norm=norm, keep_original=True)
-    return _wire(bound, method, rungs, out_shape[1], norm, domain, inputs[0].name, epsilon_name(model, inputs[0]))
+    wired = _wire(bound, method, rungs, out_shape[1], norm, domain, inputs[0].name, epsilon_name(model, inputs[0]),
+                  slack)
+    if slack is not None:
+        wired = slack.splice(wired)
+        wired.metadata_props["graphcert.certificate.rounding"] = "float32"
+    else:
+        wired.metadata_props["graphcert.certificate.rounding"] = "real"
+    return wired
 
 
 def _wire(bound: ir.Model, method: str, rungs, n_classes: int, norm: str, domain, x_name: str,
-          eps_name: str) -> ir.Model:
+          eps_name: str, slack=None) -> ir.Model:
     graph = bound.graph
     b = Builder(graph, prefix="certificate")
     x_old = next(v for v in graph.inputs if v.name == x_name)
@@ -88,7 +104,8 @@ def _wire(bound: ir.Model, method: str, rungs, n_classes: int, norm: str, domain
     is_predicted = b.op("OneHot", prediction, b.ints([n_classes]), b.const([0.0, 1.0]), axis=-1)   # [b, n]
     # objective rows e_p - e_j for every j: [b, n, n], then one copy per rung
     rows = b.op("Sub", b.op("Unsqueeze", is_predicted, b.ints([1])), b.const(np.eye(n_classes, dtype=np.float32)))
-    ir.convenience.replace_all_uses_with(objective_old, _tile(b, rows, count, 3))
+    rows_tiled = _tile(b, rows, count, 3)
+    ir.convenience.replace_all_uses_with(objective_old, rows_tiled)
     radii = b.const(np.asarray(rungs, dtype=np.float32))
     eps = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", radii, b.ints([0])),
                                b.op("Concat", b.op("Slice", b.op("Shape", x), b.ints([0]), b.ints([1])),
@@ -99,9 +116,18 @@ def _wire(bound: ir.Model, method: str, rungs, n_classes: int, norm: str, domain
     # Margin lower bounds per input and rung, the predicted class's own row ignored (+inf).
     lower = b.op("Reshape", lower_old, b.ints([-1, count, n_classes]))
     own = b.op("Cast", b.op("Unsqueeze", is_predicted, b.ints([1])), to=ir.DataType.BOOL)
+    if slack is not None and method not in CLOSED_FORM:   # every rung's margins minus its input set's slack
+        per_copy_slack = slack.emit(b, graph, tiled, eps, rows_tiled, domain, n_classes)
+        lower = b.op("Sub", lower, b.op("Reshape", per_copy_slack, b.ints([-1, count, n_classes])))
     lower = b.op("Where", own, b.const(np.float32(np.inf)), lower)
     if method in CLOSED_FORM:
         radius = _closed_form(b, lower)
+        if slack is not None:
+            # The slack grows with the radius: take it at the real-arithmetic radius r*, and stop where the margin
+            # line meets it. That radius r' <= r* has margin lower(0) - r'·slope = slack(r*) >= slack(r').
+            ball = b.op("Reshape", radius, b.ints([-1] + [1] * (rank - 1)))
+            at_radius = slack.emit(b, graph, x, ball, rows, None, n_classes)
+            radius = _closed_form(b, lower, at_radius)
     else:
         certified = b.op("Greater", b.reduce("ReduceMin", lower, [2], keepdims=0), b.const(np.float32(0.0)))
         radius = b.reduce("ReduceMax", b.op("Where", certified, b.op("Unsqueeze", radii, b.ints([0])),
@@ -134,12 +160,14 @@ def _tile(b: Builder, value: ir.Value, count: int, rank: int) -> ir.Value:
     return b.op("Reshape", tiled, b.op("Concat", b.ints([-1]), rest, axis=0))
 
 
-def _closed_form(b: Builder, lower: ir.Value) -> ir.Value:
+def _closed_form(b: Builder, lower: ir.Value, slack: ir.Value | None = None) -> ir.Value:
     """lower [b, 2, n] at radii 0 and 1 -> the smallest zero crossing over the rows, shrunk by 2^-12; 0 where
-    the margins at radius 0 are not all positive."""
+    the margins at radius 0 are not all positive. With `slack` [b, n], where each row's line meets its slack."""
     at_zero = b.op("Squeeze", b.op("Slice", lower, b.ints([0]), b.ints([1]), b.ints([1])), b.ints([1]))
     at_one = b.op("Squeeze", b.op("Slice", lower, b.ints([1]), b.ints([2]), b.ints([1])), b.ints([1]))
     slope = b.op("Sub", at_zero, at_one)          # NaN on the ignored row (inf - inf): never > 0
+    if slack is not None:
+        at_zero = b.op("Sub", at_zero, slack)     # inf on the ignored row stays inf
     falls = b.op("Greater", slope, b.const(np.float32(0.0)))
     safe_slope = b.op("Where", falls, slope, b.const(np.float32(1.0)))
     crossing = b.op("Where", falls, b.op("Div", at_zero, safe_slope), b.const(np.float32(np.inf)))

@@ -264,3 +264,26 @@ def test_float64_models_are_certified_for_their_own_weights_and_float16_refused(
     from graphcert.errors import InputError
     with pytest.raises(InputError, match="float16 model.*--rounding real"):
         certify(api.load(wide_classifier(np.float16)), Dataset("h", x[:4], y[:4], None), eps, method="ibp")
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_certificate_graph_radii_hold_in_float32(method):
+    """convert --certificate folds the slack in: on the near-tied classifier no radius a float32 certificate
+    graph returns has a vertex where onnxruntime predicts another class (real-arithmetic graphs do)."""
+    import onnxruntime as ort
+    from graphcert.export import to_proto
+    from graphcert.passes.certificate import certificate_graph
+    model = near_tied_classifier()
+    session = Session(model)
+    x = np.random.default_rng(0).random((600, 8), dtype=np.float32)
+    eps = 1e-7
+    wrong = {}
+    for rounding in ("real", "float32"):
+        proto = to_proto(certificate_graph(api.load(model), method, None, "linf", [eps], rounding=rounding))
+        _, prediction, radius = ort.InferenceSession(proto.SerializeToString(),
+                                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        assert set(np.unique(radius)) <= {0.0, np.float32(eps)}
+        wrong[rounding] = [i for i in np.flatnonzero(radius > 0)
+                           if vertex_counterexample(session, x[i], int(prediction[i]), eps)]
+    assert wrong["real"], "the example no longer shows the rounding problem"
+    assert not wrong["float32"]
