@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 from . import __version__
 from .builder import Builder
+from .errors import GraphcertError
+from .interpret import perturbed_nodes
 from .interval import Interval
 from .model import model_inputs
 
@@ -66,6 +68,13 @@ class InputSet:
 
 def epsilon_name(model: ir.Model, value: ir.Value) -> str:
     return "epsilon" if len(perturbed_inputs(model)) == 1 else f"{value.name}_epsilon"
+
+
+def l2_radius(b: Builder, eps: ir.Value, batched: bool, keepdims: int = 0) -> ir.Value:
+    """The L2 radius of each sample: the largest entry of its `epsilon` (which broadcasts like the input),
+    [batch] (or [batch, 1] with keepdims), [1] for an unbatched input. Every L2 pass reads the radius here."""
+    return b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1] if batched else [1, -1])), [1],
+                    keepdims=keepdims)
 
 
 def clone(model: ir.Model) -> ir.Model:
@@ -141,3 +150,47 @@ def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value,
             graph.outputs.append(named)
     model.metadata_props["graphcert.method"] = method
     model.metadata_props["graphcert.version"] = __version__
+
+
+class BoundPass(ir.passes.FunctionalPass):
+    """The skeleton bound passes share (onnx_ir's pass framework runs requires, call, ensures in that order).
+
+    `requires` is the support check: every perturbed node through the pass's rule table (`rules`, a
+    graphcert.interpret.RuleTable), one error naming every refused node and why, before anything is built.
+    `ensures` is this module's contract for the graph `call` returns: the input set comes in as an epsilon
+    input or `<x>_lower/_upper` inputs, bounds go out as `<name>_lower` outputs (each `_upper` with its
+    `_lower`), and the method is stamped in the metadata. A pass whose preconditions read more than the node
+    overrides `support_context`.
+    """
+
+    rules = None  # the pass's RuleTable
+
+    def support_context(self, model: ir.Model) -> tuple[list[ir.Node], object]:
+        """(the nodes the pass rewrites, what their preconditions read besides the node)."""
+        return perturbed_nodes(model.graph, set(perturbed_inputs(model))), None
+
+    def requires(self, model: ir.Model) -> None:
+        nodes, context = self.support_context(model)
+        self.rules.check(nodes, context)
+
+    def ensures(self, model: ir.Model) -> None:
+        method = self.rules.method
+        if model.metadata_props.get("graphcert.method") != method:
+            raise ValueError(f"the {method} graph is not stamped graphcert.method={method}")
+        outputs = {v.name for v in model.graph.outputs}
+        lowers = {name[:-len("_lower")] for name in outputs if name.endswith("_lower")}
+        uppers = {name[:-len("_upper")] for name in outputs if name.endswith("_upper")}
+        if not lowers or not uppers <= lowers:
+            raise ValueError(f"the {method} graph's outputs are not <name>_lower (and _upper): {sorted(outputs)}")
+        inputs = {v.name for v in model.graph.inputs}
+        if not any(name == "epsilon" or name.endswith("_epsilon") or name.endswith("_lower") for name in inputs):
+            raise ValueError(f"the {method} graph has no input-set input (epsilon or <x>_lower/_upper)")
+
+    def __call__(self, model_or_result):
+        # onnx_ir wraps what `requires` raises; a refusal is the user's one-line error, so it goes out as it is.
+        try:
+            return super().__call__(model_or_result)
+        except ir.passes.PreconditionError as error:
+            if isinstance(error.__cause__, GraphcertError):
+                raise error.__cause__ from None
+            raise

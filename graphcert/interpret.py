@@ -103,6 +103,14 @@ class RuleTable(dict):
             return f"no rules for ops of domain '{node.domain}'"
         if node.op_type not in self:
             return NO_RULE
+        return self._unmet(node, context)
+
+    def meets_precondition(self, node: ir.Node, context=None) -> bool:
+        """Whether no method refuses the node and its op's precondition (if it has one) holds, whether or not
+        this table has a rule for the op (for a pass that asks another's table about ops they share)."""
+        return refusal(node) is None and self._unmet(node, context) is None
+
+    def _unmet(self, node: ir.Node, context) -> str | None:
         check = self.preconditions.get(node.op_type)
         if check is None:
             return None

@@ -211,13 +211,18 @@ class GloroPass(LipschitzTrainingPass):
     """Normalised dense or convolutional network in, a training graph with `margins` and `margins_lower`
     (objective·y at an L2 radius `epsilon`) out; see the module docstring for why it is for training only."""
 
+    rules = RULES
+
+    def support_context(self, model: ir.Model) -> tuple[list[ir.Node], set]:
+        x = perturbed_inputs(model)[0]
+        nodes = perturbed_nodes(model.graph, {x})
+        return nodes, {x} | {out for node in nodes for out in node.outputs}
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = clone(model)
         graph = result.graph
         x = perturbed_inputs(result)[0]
-        nodes = perturbed_nodes(graph, {x})
-        tainted = {x} | {out for node in nodes for out in node.outputs}
-        RULES.check(nodes, tainted)
+        nodes, _ = self.support_context(result)   # checked by `requires`
         b = Builder(graph, prefix="gloro")
         walk = _Walk(b)
         walk.constants[x] = b.const(np.float32(1.0))

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphcert import interval as iv
 from graphcert import ops
 from graphcert.builder import Builder
-from graphcert.interface import InputSet, clone, close_outputs, open_inputs, perturbed_inputs
+from graphcert.interface import BoundPass, InputSet, clone, close_outputs, open_inputs, perturbed_inputs
 from graphcert.interpret import attr, perturbed_nodes
 from graphcert.interval import Interval
 
@@ -286,12 +286,14 @@ ops.on_elementwise(_monotone_family)
 
 
 def accepts(node: ir.Node) -> bool:
-    """Whether IBP's rule takes the node (the table's verdict; kept for callers that ask yes or no)."""
-    return RULES.verdict(node) is None
+    """Whether the node meets IBP's precondition for its op (CROWN asks this of ops it shares with IBP)."""
+    return RULES.meets_precondition(node)
 
 
-class IntervalPass(ir.passes.FunctionalPass):
+class IntervalPass(BoundPass):
     """Normalised model in, IBP bound graph out (see `graphcert.interface` for its inputs and outputs)."""
+
+    rules = RULES
 
     def __init__(self, input_set=None, keep_original: bool = True, trainable: bool = False):
         super().__init__()
@@ -301,8 +303,7 @@ class IntervalPass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = clone(model)
-        nodes = perturbed_nodes(result.graph, set(perturbed_inputs(result)))
-        RULES.check(nodes)
+        nodes = perturbed_nodes(result.graph, set(perturbed_inputs(result)))   # checked by `requires`
         b = Builder(result.graph, prefix="ibp")
         boxes = open_inputs(result, b, self.input_set, share_radius=True)
         bounds = propagate(result.graph, nodes, b, boxes, trainable=self.trainable)

@@ -423,20 +423,25 @@ def supports(node: ir.Node) -> bool:
 
 # ---- the pass -----------------------------------------------------------------------------------------
 
-def lipschitz_constants(model: ir.Model) -> tuple[dict[ir.Value, float], list[ir.Node]]:
-    """K[t] for every tensor depending on the model's single input (K[x] = 1), and the nodes walked."""
+def support_context(model: ir.Model, method: str = "lipschitz") -> tuple[list[ir.Node], Support]:
+    """The nodes depending on the model's single input, and what the preconditions read (`Support`)."""
     sources = perturbed_inputs(model)
     if len(sources) != 1:
-        raise InputError(f"lipschitz bounds models with one input; this one has {len(sources)}")
+        raise InputError(f"{method} bounds models with one input; this one has {len(sources)}")
     nodes = perturbed_nodes(model.graph, set(sources))
     dims = static_shape(sources[0])
     geo = Geometry(len(dims) >= 2 and not isinstance(dims[0], int))
-    tainted = set(sources) | {out for node in nodes for out in node.outputs}
-    RULES.check(nodes, Support(geo, tainted))
-    constants: dict[ir.Value, float] = {sources[0]: 1.0}
+    return nodes, Support(geo, set(sources) | {out for node in nodes for out in node.outputs})
+
+
+def lipschitz_constants(model: ir.Model) -> tuple[dict[ir.Value, float], list[ir.Node]]:
+    """K[t] for every tensor depending on the model's single input (K[x] = 1), and the nodes walked."""
+    nodes, support = support_context(model)
+    RULES.check(nodes, support)
+    constants: dict[ir.Value, float] = {perturbed_inputs(model)[0]: 1.0}
     for node in nodes:
         ks = [constants.get(v) if v is not None else None for v in node.inputs]
-        outs = RULES[node.op_type](geo, node, *ks)
+        outs = RULES[node.op_type](support.geo, node, *ks)
         constants.update(zip(node.outputs, outs))
     return constants, nodes
 

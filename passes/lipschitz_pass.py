@@ -11,9 +11,10 @@ import onnx_ir as ir
 from graphcert import __version__
 from graphcert.builder import Builder
 from graphcert.errors import InputError
-from graphcert.interface import FLOAT, OBJECTIVE, InputSet, clone, epsilon_name, perturbed_inputs
+from graphcert.interface import (FLOAT, OBJECTIVE, BoundPass, InputSet, clone, epsilon_name, l2_radius,
+                                 perturbed_inputs)
 from graphcert.model import static_shape
-from graphcert.passes.lipschitz import lipschitz_constants
+from graphcert.passes.lipschitz import RULES, lipschitz_constants, support_context
 from graphcert.passes.spec import MARGINS, _affine_producer
 
 # Margins are computed in float32 by the runtime: this fraction of their magnitude is subtracted as well.
@@ -33,13 +34,18 @@ def output_lipschitz(model: ir.Model, output: ir.Value, constants: dict) -> tupl
     return constants.get(output, 0.0), None
 
 
-class LipschitzPass(ir.passes.FunctionalPass):
+class LipschitzPass(BoundPass):
     """Normalised model in, Lipschitz bound graph out; `objective=True` adds the certify margins interface.
 
     Inputs: the model input, `epsilon` (an L2 radius; the largest entry per sample counts) and, with an
     objective, `objective` [batch, m, n]. Outputs: the originals (optional) and either `margins`,
     `margins_lower`, `margins_upper` (objective·y ∓ eps·K_row) or `<out>_lower/_upper` per output.
     """
+
+    rules = RULES
+
+    def support_context(self, model: ir.Model):
+        return support_context(model)
 
     def __init__(self, input_set: InputSet | None = None, keep_original: bool = True, objective: bool = False):
         super().__init__()
@@ -60,8 +66,7 @@ class LipschitzPass(ir.passes.FunctionalPass):
                        shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(rank)]))
         graph.inputs.append(eps)
         batched = rank >= 2 and not isinstance(static_shape(x)[0], int)
-        radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1] if batched else [1, -1])), [1],
-                          keepdims=0)                                         # [batch] or [1]
+        radius = l2_radius(b, eps, batched)                                   # [batch] or [1]
         originals = list(graph.outputs)
         if not self.keep_original:
             graph.outputs.clear()

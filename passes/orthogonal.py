@@ -30,7 +30,7 @@ from graphcert.errors import InputError
 from graphcert.interface import FLOAT, clone, perturbed_inputs
 from graphcert.interpret import RuleTable, attr, perturbed_nodes
 from graphcert.model import static_shape
-from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, Support
+from graphcert.passes.lipschitz import RULES as LIPSCHITZ_RULES, Geometry, Support, support_context as lipschitz_support
 from graphcert.passes.patterns import disjoint_windows, group_sort_input
 from graphcert.passes.spec import LipschitzTrainingPass, lipschitz_margin_outputs
 
@@ -92,12 +92,9 @@ def _network(model: ir.Model) -> tuple[ir.Value, list[ir.Node]]:
     sources = perturbed_inputs(model)
     if len(sources) != 1:
         raise InputError(f"orthogonal trains models with one input; this one has {len(sources)}")
-    x = sources[0]
-    nodes = perturbed_nodes(model.graph, {x})
-    dims = static_shape(x)
-    tainted = {x} | {out for node in nodes for out in node.outputs}
-    RULES.check(nodes, Support(Geometry(len(dims) >= 2 and not isinstance(dims[0], int)), tainted))
-    return x, nodes
+    nodes, support = lipschitz_support(model, "orthogonal")
+    RULES.check(nodes, support)
+    return sources[0], nodes
 
 
 def _layer_matrix(b: Builder, node: ir.Node, w_bar: ir.Value) -> ir.Value:
@@ -124,6 +121,11 @@ def _last_layer(output: ir.Value, matrices: dict[ir.Node, ir.Value]) -> ir.Value
 class OrthogonalPass(LipschitzTrainingPass):
     """Normalised dense network in, a training graph with orthonormalised weights and outputs `margins` and
     `margins_lower` (objective·y at an L2 radius `epsilon`) out."""
+
+    rules = RULES
+
+    def support_context(self, model: ir.Model):
+        return lipschitz_support(model, "orthogonal")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = clone(model)

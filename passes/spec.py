@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from graphcert.builder import Builder
 from graphcert.errors import InputError
-from graphcert.interface import FLOAT, OBJECTIVE, clone, epsilon_name
+from graphcert.interface import FLOAT, OBJECTIVE, BoundPass, clone, epsilon_name, l2_radius
 from graphcert.interpret import attr
 
 MARGINS = "margins"
@@ -169,7 +169,7 @@ def _appended(b: Builder, y: ir.Value, matrix) -> ir.Value:
     return b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", flat, b.ints([-1]))), b.ints([-1]))
 
 
-class LipschitzTrainingPass(ir.passes.FunctionalPass):
+class LipschitzTrainingPass(BoundPass):
     """Base of the passes whose training graphs bound margins by Lipschitz constants (gloro, orthogonal)."""
 
     def __init__(self, input_set=None, keep_original: bool = True):
@@ -190,7 +190,7 @@ def lipschitz_margin_outputs(model: ir.Model, b: Builder, x: ir.Value, last: ir.
                    shape=ir.Shape([f"{x.name}_eps_d{i}" for i in range(len(x.shape))]))
     objective = ir.Value(name=OBJECTIVE, type=FLOAT, shape=ir.Shape(["batch", "spec_rows", "spec_cols"]))
     graph.inputs.extend([eps, objective])
-    radius = b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=1)          # [batch, 1]
+    radius = l2_radius(b, eps, batched=True, keepdims=1)                                             # [batch, 1]
     margins = b.op("Squeeze", b.op("MatMul", objective, b.op("Unsqueeze", y, b.ints([-1]))), b.ints([-1]))
     # Rows as one [batch·m, n] matrix: onnxruntime-training's MatMul gradient fails on 3-D times 2-D.
     rows = objective if last is None else b.op("MatMul", b.op("Flatten", objective, axis=2), last)  # [batch·m, in]

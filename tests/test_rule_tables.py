@@ -114,3 +114,74 @@ def test_every_lipschitz_rule_without_a_precondition_is_a_map_of_slope_at_most_i
     unconditional = set(lipschitz.RULES) - set(lipschitz.RULES.preconditions)
     assert unconditional <= {"Abs", "Elu", "HardSigmoid", "Identity", "LeakyRelu", "Neg", "Relu", "Selu", "Sigmoid",
                              "Softplus", "Softsign", "Tanh"}
+
+
+def test_bound_passes_share_one_skeleton():
+    """requires() is the table's support check (its refusal goes out unwrapped, before `call` builds anything);
+    ensures() holds every graph to the bound-graph interface."""
+    import onnx_ir as ir
+    from graphcert.interface import BoundPass, clone
+    for cls, method in ((ibp.IntervalPass, "ibp"), (lipschitz.LipschitzPass, "lipschitz"),
+                        (gloro.GloroPass, "gloro"), (orthogonal.OrthogonalPass, "orthogonal")):
+        assert issubclass(cls, BoundPass) and cls.rules.method == method
+    model = api.load(_leaky_model(-0.5))
+    called = []
+
+    class Watched(ibp.IntervalPass):
+        def call(self, model):
+            called.append(True)
+            return super().call(model)
+    with pytest.raises(UnsupportedOpError, match="leaky"):
+        Watched()(model)
+    assert not called
+
+    class Forgetful(ibp.IntervalPass):
+        def call(self, model):   # stamps the method but builds no bounds
+            result = clone(model)
+            result.metadata_props["graphcert.method"] = "ibp"
+            return ir.passes.PassResult(result, modified=True)
+    healthy = api.load(_leaky_model(0.5))
+    with pytest.raises(ir.passes.PostconditionError):
+        Forgetful()(healthy)
+    assert {v.name for v in ibp.IntervalPass()(healthy).model.graph.outputs} >= {"y_lower", "y_upper"}
+
+
+def test_an_op_stated_once_shows_up_in_support_inspect_and_the_torch_executor(tmp_path):
+    """Softsign taken out of every table is refused by name in inspect; one def_elementwise call (a precondition
+    included) makes IBP and lipschitz take it where the precondition holds, and the torch executor run it."""
+    import torch
+    from graphcert import ops, torch_exec
+    from graphcert.torch_exec import TorchGraph
+    nodes = [helper.make_node("Softsign", ["x"], ["y"], name="soft")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
+    path = tmp_path / "softsign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    tables = (ibp.RULES, ibp.CONDITIONS, lipschitz.RULES, lipschitz.RULES.preconditions, torch_exec.KERNELS,
+              ops.ELEMENTWISE)
+    saved, monotone = [dict(t) for t in tables], list(ibp.MONOTONE)
+    try:
+        ops.forget_elementwise("Softsign", [ibp.RULES, lipschitz.RULES, torch_exec.KERNELS])
+        refused = describe(path)["refused"]
+        assert refused["ibp"] == refused["lipschitz"] == {"soft": NO_RULE}
+
+        def softsign_slope(node):
+            """Test precondition: bounded only while the node is named 'soft'."""
+            return 1.0 if node.name == "soft" else None
+        ops.def_elementwise("Softsign", torch=lambda node: torch.nn.functional.softsign, lipschitz=softsign_slope)
+        info = describe(path)
+        assert info["refused"]["ibp"] == info["refused"]["lipschitz"] == {}
+        model = api.load(onnx.load(path))
+        x = np.linspace(-3, 3, 6, dtype=np.float32).reshape(2, 3)
+        with torch.no_grad():
+            y = TorchGraph(model)({"x": x})["y"].numpy()
+        assert np.allclose(y, x / (1 + np.abs(x)), atol=1e-6)
+        node = next(iter(model.graph))
+        node.name = "other"
+        assert lipschitz.RULES.verdict(node, lipschitz.Support(lipschitz.Geometry(True), set(node.inputs))) \
+            .startswith("outside its rule's precondition: One input and a slope bounded")
+    finally:
+        for table, content in zip(tables, saved):
+            table.clear()
+            table.update(content)
+        ibp.MONOTONE[:] = monotone
