@@ -332,7 +332,7 @@ class Float32Certifier:
 
     def __init__(self, inner, model, domain, norm: str, method: str = "crown", slack=None):
         from .errors import UnsupportedOpError
-        from .rounding import POINT_BOUND_GRAPHS, RoundingSlack
+        from .rounding_slack import POINT_BOUND_GRAPHS, RoundingSlack
         self.point = method in POINT_BOUND_GRAPHS
         try:
             self.slack = slack if slack is not None else RoundingSlack(model, norm)

@@ -30,7 +30,8 @@ class GraphSlack:
 
     def __init__(self, model: ir.Model, method: str, norm: str):
         from graphcert.export import to_proto
-        from graphcert.rounding import MAGNITUDE, NORM, POINT_BOUND_GRAPHS, error_graph
+        from graphcert.rounding import MAGNITUDE, NORM, error_graph
+        from graphcert.rounding_slack import POINT_BOUND_GRAPHS
         try:
             tight = error_graph(model, norm)
             loose = None if method in POINT_BOUND_GRAPHS else error_graph(model, norm, tighten=False)

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper
 from graphcert import api
 from graphcert.certify import certifier, certify, margin_objective
 from graphcert.data import Dataset
-from graphcert.rounding import RoundingSlack, error_graph
+from graphcert.rounding import error_graph
+from graphcert.rounding_slack import RoundingSlack
 from graphcert.runtime import Session
 from graphcert.verify import verify
 

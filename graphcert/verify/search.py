@@ -36,7 +36,7 @@ class Float32Slack:
 
     def __init__(self, network: Network, matrix: np.ndarray):
         from ..errors import UnsupportedOpError
-        from ..rounding import RoundingSlack
+        from ..rounding_slack import RoundingSlack
         self.network, self.matrix = network, matrix
         try:
             self.slack = RoundingSlack(network.model)

@@ -1,0 +1,92 @@
+"""Per-sample slack of margin rows from graphcert.rounding's error graphs: what a margin lower bound must beat
+for a certificate (certify), a proof (verify) or a certificate graph to hold for the model as it runs in float32.
+The argument is in graphcert.rounding's docstring."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .interface import perturbed_inputs
+from .rounding import ERROR, MAGNITUDE, NORM, SAFETY, UNIT, error_graph
+
+
+# Bound graphs whose margin is the model evaluated at one point of the input set plus folded constants (the
+# lipschitz pass: objective·y(centre) - eps·K·||row||): their own rounding is the model's at that point.
+POINT_BOUND_GRAPHS = ("lipschitz",)
+
+
+class RoundingSlack:
+    """Per-sample slack of margin rows: a margin lower bound must exceed it for the certificate to hold for the
+    model evaluated in float32. norm "linf": input sets are boxes; "l2": balls (radius = the largest entry).
+
+    The slack is the deployed model's error, the bound graph's own, and the final subtraction:
+        |c|-weighted model error  +  bound graph error  +  8u·|c|·M    (all rounded up)
+    The model's error is min(|c|·E, ||c||_2·N) of the tightened analysis (graphcert.rounding_norms). A bound
+    graph of POINT_BOUND_GRAPHS computes the model at a point of the set, so the same bound covers it. A
+    relaxation bound graph (IBP, CROWN) propagates radii and coefficient chains through |W|, where no
+    cancellation helps: its error is bounded by the plain |W|-product E (tighten=False), as before."""
+
+    def __init__(self, model: ir.Model, norm: str = "linf"):
+        from .export import to_proto
+        from .runtime import Session
+        self.model, self.norm = model, norm
+        graph = error_graph(model, norm)
+        self.session = Session(to_proto(graph))
+        self._loose = None
+        [x] = perturbed_inputs(model)[:1]
+        self.x_name = x.name
+        dims = list(x.shape) if x.shape is not None else []
+        # A model without a batch axis takes one input set at a time: its results get a batch of 1.
+        self.batched = len(dims) >= 2 and not isinstance(dims[0], int)
+        self.needs_point = any(v.name == x.name for v in graph.graph.inputs)
+        self.output = next(v.name for v in graph.graph.outputs if v.name.endswith(MAGNITUDE))[:-len(MAGNITUDE)]
+        self.has_norm = any(v.name == self.output + NORM for v in graph.graph.outputs)
+
+    def _feeds(self, lower: np.ndarray, upper: np.ndarray) -> dict:
+        lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
+        if self.norm == "l2":
+            centre = (lower + upper) / 2
+            radius = ((upper - lower) / 2).reshape(len(lower), -1).max(axis=1) * np.float32(1 + 2 ** -20)
+            return {self.x_name: centre.astype(np.float32), f"{self.x_name}_radius": radius.astype(np.float32)}
+        feeds = {f"{self.x_name}_lower": lower, f"{self.x_name}_upper": upper}
+        if self.needs_point:
+            feeds[self.x_name] = lower
+        return feeds
+
+    def _per_sample(self, array: np.ndarray, count: int) -> np.ndarray:
+        return array.reshape(count, -1).astype(np.float64)
+
+    def outputs(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(M, E, N) of the model's first output over each input set: M and E flattened per sample, N [batch]
+        (+inf when not tracked). Boxes [lower, upper], or for L2 the balls of centre (lower + upper) / 2 and
+        radius the largest half-width."""
+        names = [self.output + MAGNITUDE, self.output + ERROR] + ([self.output + NORM] if self.has_norm else [])
+        out = self.session.run(self._feeds(lower, upper), names)
+        m = out[self.output + MAGNITUDE]
+        count = len(m) if self.batched else 1
+        n = out[self.output + NORM].reshape(count).astype(np.float64) if self.has_norm else np.full(count, np.inf)
+        return self._per_sample(m, count), self._per_sample(out[self.output + ERROR], count), n
+
+    def loose_errors(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """E of the plain |W|-product analysis, flattened per sample (what bounds a relaxation bound graph)."""
+        if self._loose is None:
+            from .export import to_proto
+            from .runtime import Session
+            self._loose = Session(to_proto(error_graph(self.model, self.norm, tighten=False)))
+        e = self._loose.run(self._feeds(lower, upper), [self.output + ERROR])[self.output + ERROR]
+        return self._per_sample(e, len(e) if self.batched else 1)
+
+    def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray, point: bool = False) -> np.ndarray:
+        """[batch, m] slack of the margin rows c (rows [batch, m, n] or [m, n]) over each input set, for a
+        relaxation bound graph, or with `point` for one of POINT_BOUND_GRAPHS."""
+        m, e, n = self.outputs(lower, upper)
+        rows = np.asarray(rows, dtype=np.float64)
+        weights = np.broadcast_to(np.abs(rows), (len(m), *rows.shape[-2:]))
+        lengths = np.sqrt((np.broadcast_to(rows, weights.shape) ** 2).sum(axis=2)) * (1 + 2 ** -40)
+        model = np.minimum(np.einsum("bmn,bn->bm", weights, e), lengths * n[:, None])
+        if point:
+            bound_graph = model
+        else:
+            bound_graph = 2 * np.einsum("bmn,bn->bm", weights, self.loose_errors(lower, upper))
+        slack = model + bound_graph + 8 * UNIT * np.einsum("bmn,bn->bm", weights, m)
+        return slack * SAFETY + np.finfo(np.float32).tiny
