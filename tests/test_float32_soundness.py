@@ -288,3 +288,48 @@ def test_certificate_graph_radii_hold_in_float32(method):
                            if vertex_counterexample(session, x[i], int(prediction[i]), eps)]
     assert wrong["real"], "the example no longer shows the rounding problem"
     assert not wrong["float32"]
+
+
+def relu_net(width: int = 24, depth: int = 4, scale: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """A random dense ReLU classifier (3 classes) with weights times `scale`."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, current, size = [], [], "x", 8
+    for layer in range(depth):
+        w = (rng.normal(size=(size, width)) * scale / np.sqrt(size)).astype(np.float32)
+        inits += [onnx.numpy_helper.from_array(w, f"w{layer}"),
+                  onnx.numpy_helper.from_array((rng.normal(size=width) * scale).astype(np.float32), f"b{layer}")]
+        nodes += [helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [f"g{layer}"]),
+                  helper.make_node("Relu", [f"g{layer}"], [f"r{layer}"])]
+        current, size = f"r{layer}", width
+    inits.append(onnx.numpy_helper.from_array(rng.normal(size=(width, 3)).astype(np.float32), "head"))
+    nodes.append(helper.make_node("Gemm", [current, "head"], ["y"]))
+    graph = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_bound_graph_rounding_is_within_its_share_of_the_slack(method, scale):
+    """The relaxation bound graph's own float32 rounding (its margins evaluated in float32 by onnxruntime versus
+    in float64 by torch) stays within the 2·|c|·E_plain the slack gives it, at large magnitudes."""
+    import torch
+    from graphcert.interface import OBJECTIVE
+    from graphcert.torch_exec import TorchGraph
+    proto = relu_net(scale=scale)
+    model = api.load(proto)
+    bound = api.bound_graph(model, method, spec="runtime")
+    from graphcert.export import to_proto
+    session = Session(to_proto(bound))
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(32, 8)) * 100).astype(np.float32)
+    eps = np.full((32, 1), 0.05, np.float32)
+    objective = np.broadcast_to(np.array([[1, -1, 0], [1, 0, -1]], np.float32), (32, 2, 3)).copy()
+    eps_name = next(v.name for v in bound.graph.inputs if v.name not in ("x", OBJECTIVE))
+    feeds = {"x": x, eps_name: eps, OBJECTIVE: objective}
+    rounded = session.run(feeds)["margins_lower"].astype(np.float64)
+    exact = TorchGraph(bound, dtype=torch.float64)({k: v.astype(np.float64) for k, v in feeds.items()})
+    exact = exact["margins_lower"].detach().numpy()
+    share = 2 * np.einsum("bmn,bn->bm", np.abs(objective), RoundingSlack(model).loose_errors(x - eps, x + eps))
+    assert (np.abs(rounded - exact) <= share).all()
+    assert np.abs(rounded - exact).max() > 0   # float32 rounding is visible at these magnitudes
