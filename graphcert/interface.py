@@ -7,6 +7,8 @@ dropped) plus `<name>_lower` and `<name>_upper`.
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +137,10 @@ def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value,
     originals = list(graph.outputs)
     if not keep_original:
         graph.outputs.clear()
+    # Outputs that do not depend on the perturbed inputs (a Shape, a Size) get no bounds: say so, so that a graph
+    # with nothing to bound is told apart from a pass that lost its bounds.
+    unbounded = [out.name for out in originals if out.name not in bounds]
+    model.metadata_props["graphcert.unbounded_outputs"] = json.dumps(unbounded)
     for out in originals:
         if out.name not in bounds:
             continue
@@ -180,7 +186,8 @@ class BoundPass(ir.passes.FunctionalPass):
         outputs = {v.name for v in model.graph.outputs}
         lowers = {name[:-len("_lower")] for name in outputs if name.endswith("_lower")}
         uppers = {name[:-len("_upper")] for name in outputs if name.endswith("_upper")}
-        if not lowers or not uppers <= lowers:
+        unbounded = json.loads(model.metadata_props.get("graphcert.unbounded_outputs", "[]"))
+        if (not lowers and not unbounded) or not uppers <= lowers:
             raise ValueError(f"the {method} graph's outputs are not <name>_lower (and _upper): {sorted(outputs)}")
         inputs = {v.name for v in model.graph.inputs}
         if not any(name == "epsilon" or name.endswith("_epsilon") or name.endswith("_lower") for name in inputs):

@@ -146,6 +146,19 @@ def test_bound_passes_share_one_skeleton():
     assert {v.name for v in ibp.IntervalPass()(healthy).model.graph.outputs} >= {"y_lower", "y_upper"}
 
 
+def test_a_graph_with_nothing_to_bound_converts_without_bound_outputs():
+    """Shape and Size of the perturbed input do not depend on its values: IBP passes them through (the
+    graph records them as unbounded) instead of failing its own postcondition."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["x"], ["n"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+                               helper.make_tensor_value_info("n", TensorProto.INT64, [])])
+    model = api.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    bound = ibp.IntervalPass()(model).model
+    assert not any(v.name.endswith(("_lower", "_upper")) for v in bound.graph.outputs)
+    assert sorted(json.loads(bound.metadata_props["graphcert.unbounded_outputs"])) == ["n", "s"]
+
+
 def test_an_op_stated_once_shows_up_in_support_inspect_and_the_torch_executor(tmp_path):
     """Softsign taken out of every table is refused by name in inspect; one def_elementwise call (a precondition
     included) makes IBP and lipschitz take it where the precondition holds, and the torch executor run it."""
