@@ -85,18 +85,50 @@ def run_case(case, method: str) -> dict:
     from graphcert.errors import GraphcertError
     from graphcert.export import to_proto
     try:
-        bound = to_proto(api.bound_graph(api.load(case.model), method))
+        # As `convert` writes it: a float16/bfloat16/float64 model's graph takes and returns that type.
+        bound = to_proto(api.bound_graph(api.load(case.model), method, native_types=True))
     except GraphcertError as exc:
         return {"status": "refused", "detail": _one_line(exc)}
     except Exception as exc:
         return {"status": "crashed", "detail": _one_line(exc), "where": _where(exc)}
     try:
-        problem = check(case, bound)
+        problem = check(case, _float32_interface(bound))
     except Exception as exc:
         return {"status": "crashed", "detail": "bound graph: " + _one_line(exc), "where": _where(exc)}
     if problem:
         return {"status": "UNSOUND", "detail": problem}
     return {"status": "sound", "detail": ""}
+
+
+def _float32_interface(proto):
+    """onnxruntime's Python API cannot feed or fetch bfloat16 arrays: give the bound graph's bfloat16 inputs
+    and outputs a float32 interface by exact casts (every bfloat16 is a float32; the test data is bfloat16)."""
+    from onnx import TensorProto, helper
+    bf16 = TensorProto.BFLOAT16
+    if not any(v.type.tensor_type.elem_type == bf16 for v in list(proto.graph.input) + list(proto.graph.output)):
+        return proto
+    out = type(proto)()
+    out.CopyFrom(proto)
+    graph, entry, exit_ = out.graph, [], []
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == bf16:
+            inner = value.name + "__bf16"
+            for node in graph.node:
+                node.input[:] = [inner if n == value.name else n for n in node.input]
+            entry.append(helper.make_node("Cast", [value.name], [inner], to=bf16))
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    for value in graph.output:
+        if value.type.tensor_type.elem_type == bf16:
+            inner = value.name + "__bf16"
+            for node in graph.node:
+                node.output[:] = [inner if n == value.name else n for n in node.output]
+                node.input[:] = [inner if n == value.name else n for n in node.input]
+            exit_.append(helper.make_node("Cast", [inner], [value.name], to=TensorProto.FLOAT))
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = entry + list(graph.node) + exit_
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
 
 
 def _where(exc: BaseException) -> str:
@@ -124,6 +156,8 @@ def check(case, bound) -> str:
         return ""  # no output depends on the inputs: nothing to bound
     eps_inputs = [i.name for i in bound.graph.input if i.name.endswith("epsilon")]
     single = eps_inputs == ["epsilon"]
+    eps_types = {i.name: _no_bfloat16(np.zeros(0, onnx_helper().tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))).dtype
+                 for i in bound.graph.input if i.name in eps_inputs}
     session = _session(bound)
     try:
         original = _session(case.model)
@@ -133,14 +167,14 @@ def check(case, bound) -> str:
     rtol, atol = max(case.rtol, 1e-5), max(case.atol, 1e-5)
     rng = np.random.default_rng(0)
     for given, expected in case.data_sets:
-        given = [np.asarray(_array(x)) for x in given]
+        given = [_no_bfloat16(np.asarray(_array(x))) for x in given]
         feeds = dict(zip(inputs, given))
 
         def bounds_at(eps):
             extra = {}
             for name, x in zip(inputs, given):
                 key = "epsilon" if single else f"{name}_epsilon"
-                extra[key] = np.full((1,) * np.ndim(x), eps, dtype=np.float32)
+                extra[key] = np.full((1,) * np.ndim(x), eps, dtype=eps_types[key])
             values = session.run(wanted, {**feeds, **extra})
             return {o: (values[2 * k].astype(np.float64), values[2 * k + 1].astype(np.float64))
                     for k, o in enumerate(bounded)}
@@ -168,6 +202,15 @@ def check(case, bound) -> str:
                 if problem:
                     return f"{out}: {problem}"
     return ""
+
+
+def _no_bfloat16(x):
+    return x.astype(np.float32) if x.dtype.name == "bfloat16" else x
+
+
+def onnx_helper():
+    from onnx import helper
+    return helper
 
 
 def onnx_tensor_type():

@@ -65,7 +65,9 @@ def bound_graph(model, method: str = "ibp", input_set: InputSet | None = None,
     if native_types and dtype:
         from .dtypes import restore_interface
         from .interface import epsilon_name, perturbed_inputs
-        restore_interface(bound, dtype, {epsilon_name(normalised, x) for x in perturbed_inputs(normalised)})
+        import json
+        restore_interface(bound, dtype, {epsilon_name(normalised, x) for x in perturbed_inputs(normalised)},
+                          json.loads(normalised.metadata_props.get("graphcert.io_dtypes", "{}")))
     return bound
 
 

@@ -38,6 +38,22 @@ def model_dtype(proto: onnx.ModelProto) -> str | None:
     return None
 
 
+IO_META = "graphcert.io_dtypes"
+
+
+def io_dtypes(proto: onnx.ModelProto) -> dict[str, str]:
+    """Each float graph input's and output's own type ("float32" or one graphcert widens or narrows): a model
+    may mix them (a CastLike from double to float), and each keeps its type at the bound graph's interface."""
+    types = {}
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        code = value.type.tensor_type.elem_type
+        if code in WIDENED:
+            types[value.name] = WIDENED[code]
+        elif code == onnx.TensorProto.FLOAT:
+            types[value.name] = "float32"
+    return types
+
+
 def to_float32(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The same graph with every float16/bfloat16/float64 tensor, type and cast made float32."""
     out = onnx.ModelProto()
@@ -64,12 +80,20 @@ def _as_float32(tensor: onnx.TensorProto) -> np.ndarray:
         np.asarray(array.astype(np.float32), dtype=np.float32)
 
 
-def restore_interface(model: ir.Model, dtype: str, epsilon_names: set[str]) -> None:
+def restore_interface(model: ir.Model, dtype: str, epsilon_names: set[str],
+                      io_types: dict[str, str] | None = None) -> None:
     """Give a bound graph built in float32 the interface of a `dtype` model: inputs (and epsilon) of that type
     cast to float32 on entry (epsilon rounded up for float64), the model's outputs cast back, bounds cast
-    outward."""
+    outward. `io_types` (see `io_dtypes`) gives inputs and outputs of other types their own (float32 ones
+    stay); names it does not hold (the single `epsilon`, spec margins) take `dtype`."""
     graph = model.graph
-    target = IR_TYPES[dtype]
+    io_types = io_types or {}
+
+    def type_of(name: str) -> str:
+        for suffix in ("_epsilon", "_lower", "_upper"):
+            if name.endswith(suffix) and name[:-len(suffix)] in io_types:
+                return io_types[name[:-len(suffix)]]
+        return io_types.get(name, dtype)
     new_nodes = []
 
     def node(op, inputs, **attrs):
@@ -86,10 +110,13 @@ def restore_interface(model: ir.Model, dtype: str, epsilon_names: set[str]) -> N
     for position, value in enumerate(list(graph.inputs)):
         if value.is_initializer() or value.type is None or value.type.dtype != ir.DataType.FLOAT:
             continue
-        outer = ir.Value(name=value.name, type=ir.TensorType(target), shape=value.shape)
+        own = type_of(value.name)
+        if own == "float32":
+            continue
+        outer = ir.Value(name=value.name, type=ir.TensorType(IR_TYPES[own]), shape=value.shape)
         value.name = f"{value.name}_float32"
-        if dtype == "float64" and outer.name in epsilon_names:
-            up = node("Mul", [outer, node("Cast", [const(1.0 + 2.0 ** -22)], to=ONNX_TYPES[dtype])])
+        if own == "float64" and outer.name in epsilon_names:
+            up = node("Mul", [outer, node("Cast", [const(1.0 + 2.0 ** -22)], to=ONNX_TYPES[own])])
             inner = node("Cast", [up], to=onnx.TensorProto.FLOAT)
         else:
             inner = node("Cast", [outer], to=onnx.TensorProto.FLOAT)
@@ -99,20 +126,23 @@ def restore_interface(model: ir.Model, dtype: str, epsilon_names: set[str]) -> N
         if value.type is None or value.type.dtype != ir.DataType.FLOAT:
             continue
         name = value.name
-        if name.endswith(("_lower", "_upper")) and dtype in OUTWARD:
-            relative, absolute = OUTWARD[dtype]
+        own = type_of(name)
+        if own == "float32":
+            continue
+        if name.endswith(("_lower", "_upper")) and own in OUTWARD:
+            relative, absolute = OUTWARD[own]
             down = name.endswith("_lower")
             step = node("Add", [node("Mul", [node("Abs", [value]), const(relative)]), const(absolute)])
             moved = node("Sub" if down else "Add", [value, step])
-            limit = LARGEST[dtype]
+            limit = LARGEST[own]
             clipped = node("Clip", [moved, None, const(limit)]) if down else node("Clip", [moved, const(-limit)])
-            cast = node("Cast", [clipped], to=ONNX_TYPES[dtype])
+            cast = node("Cast", [clipped], to=ONNX_TYPES[own])
         else:
-            cast = node("Cast", [value], to=ONNX_TYPES[dtype])
+            cast = node("Cast", [value], to=ONNX_TYPES[own])
         value.name = f"{name}_float32"
         cast.name = name
         cast.shape = value.shape
-        cast.type = ir.TensorType(target)
+        cast.type = ir.TensorType(IR_TYPES[own])
         graph.outputs[position] = cast
     for made in new_nodes:
         graph.append(made)

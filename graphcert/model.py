@@ -54,13 +54,16 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET, check: bool = T
     if len(proto.graph.node) == 0:
         raise ModelLoadError("the model has no nodes")
     original = _copy(proto) if check else None
-    from .dtypes import META, model_dtype, to_float32
+    import json
+
+    from .dtypes import IO_META, META, io_dtypes, model_dtype, to_float32
     dtype = model_dtype(proto)
+    types = json.dumps(io_dtypes(proto))
     if dtype is not None:  # bounds are computed in float32 (see graphcert.dtypes)
         proto = to_float32(proto)
     model, freed = _normalised(proto, opset, free_batch=True)
     if dtype is not None:
-        model.metadata_props[META] = dtype
+        model.metadata_props[META], model.metadata_props[IO_META] = dtype, types
     if not check:
         return model
     why_fixed = _compare(original, model, freed, _dynamic_batch(original))
@@ -69,7 +72,7 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET, check: bool = T
         _compare(original, model, set())
         model.metadata_props["graphcert.fixed_batch"] = why_fixed
         if dtype is not None:
-            model.metadata_props[META] = dtype
+            model.metadata_props[META], model.metadata_props[IO_META] = dtype, types
     return model
 
 

@@ -81,3 +81,34 @@ def test_certify_runs_on_other_float_types(dtype):
     y = _float32_reference(_mlp(dtype), x).argmax(axis=1)
     result = certify(loaded, Dataset("random", x, y, None), eps=0.001, method="crown")
     assert result.clean == 16 and result.certified > 0
+
+
+def test_inputs_and_outputs_of_mixed_types_each_keep_their_own(tmp_path):
+    """A float64 input next to a float32 one (and a float16 output): each keeps its type at the bound graph's
+    interface, so the graph runs on the data the model runs on, and its bounds hold the model's output."""
+    import onnxruntime as ort
+    nodes = [helper.make_node("CastLike", ["x", "like"], ["c"]), helper.make_node("Mul", ["c", "like"], ["y"]),
+             helper.make_node("Cast", ["y"], ["z"], to=TensorProto.FLOAT16)]
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3]),
+                                               helper.make_tensor_value_info("like", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT16, [2, 3])])
+    source, out = tmp_path / "mixed.onnx", tmp_path / "bound.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), source)
+    proto = api.convert(source, out, method="ibp")
+    types = {v.name: v.type.tensor_type.elem_type for v in list(proto.graph.input) + list(proto.graph.output)}
+    assert types["x"] == types["epsilon"] == TensorProto.DOUBLE
+    assert types["like"] == types["y"] == types["y_lower"] == TensorProto.FLOAT
+    assert types["z"] == types["z_upper"] == TensorProto.FLOAT16
+    rng = np.random.default_rng(3)
+    x, like = rng.uniform(-100, 100, (2, 3)), rng.uniform(-3, 3, (2, 3)).astype(np.float32)
+    eps = np.full((1, 1), 0.5)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    y_lower, y_upper, z_lower, z_upper = session.run(["y_lower", "y_upper", "z_lower", "z_upper"],
+                                                     {"x": x, "like": like, "epsilon": eps})
+    original = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    for _ in range(20):
+        point = x + rng.uniform(-0.5, 0.5, x.shape)
+        y, z = original.run(None, {"x": point, "like": like})
+        assert np.all(y_lower <= y) and np.all(y <= y_upper)
+        assert np.all(z_lower <= z) and np.all(z <= z_upper)
