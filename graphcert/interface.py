@@ -145,6 +145,9 @@ def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value,
         if out.name not in bounds:
             continue
         lower, upper = bounds[out.name]
+        # (bfloat16 and float8 outputs stay as they are: onnxruntime has no CPU kernels for the bound ops there)
+        if out.type is not None and out.type.dtype in (ir.DataType.DOUBLE, ir.DataType.FLOAT16):
+            lower, upper = _as_float32_outward(b, lower, upper, out.type.dtype)
         # inf - inf after an overflow is NaN, which says nothing; the sound answer there is the whole line.
         lower = b.op("Where", b.op("IsNaN", lower), b.const(-np.inf), lower)
         upper = b.op("Where", b.op("IsNaN", upper), b.const(np.inf), upper)
@@ -156,6 +159,24 @@ def close_outputs(model: ir.Model, b: Builder, bounds: dict[str, tuple[ir.Value,
             graph.outputs.append(named)
     model.metadata_props["graphcert.method"] = method
     model.metadata_props["graphcert.version"] = __version__
+
+
+def _as_float32_outward(b: Builder, lower: ir.Value, upper: ir.Value, dtype: ir.DataType):
+    """Bounds of an output of another float type (a float32 model ending in a Cast to double or float16) as
+    float32 bounds: float16 casts exactly; double moves out by more than half a float32 ulp (2^-23
+    relative, 2^-149 absolute) and is clipped to float32's range before the cast rounds to nearest."""
+    if dtype != ir.DataType.DOUBLE:
+        return b.op("Cast", lower, to=ir.DataType.FLOAT), b.op("Cast", upper, to=ir.DataType.FLOAT)
+    largest = float(np.finfo(np.float32).max)
+
+    def moved(value, sign):
+        step = b.op("Add", b.op("Mul", b.op("Abs", value), b.const(2.0 ** -23, np.float64)),
+                    b.const(2.0 ** -149, np.float64))
+        shifted = b.op("Add" if sign > 0 else "Sub", value, step)
+        clipped = (b.op("Max", shifted, b.const(-largest, np.float64)) if sign > 0
+                   else b.op("Min", shifted, b.const(largest, np.float64)))
+        return b.op("Cast", clipped, to=ir.DataType.FLOAT)
+    return moved(lower, -1), moved(upper, +1)
 
 
 class BoundPass(ir.passes.FunctionalPass):

@@ -112,3 +112,29 @@ def test_inputs_and_outputs_of_mixed_types_each_keep_their_own(tmp_path):
         y, z = original.run(None, {"x": point, "like": like})
         assert np.all(y_lower <= y) and np.all(y <= y_upper)
         assert np.all(z_lower <= z) and np.all(z <= z_upper)
+
+
+def test_float64_and_float16_outputs_of_a_float32_model_are_bounded_in_float32():
+    """x (float32) cast to a double output and a float16 output: the bound graph's float32 bounds (double
+    moved outward before its cast) hold the outputs at eps = 0 and at sampled points of eps = 0.5."""
+    import onnxruntime as ort
+    from graphcert.export import to_proto
+    nodes = [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE),
+             helper.make_node("Cast", ["x"], ["z"], to=TensorProto.FLOAT16)]
+    graph = helper.make_graph(nodes, "casts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [4, 5]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT16, [4, 5])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    bound = to_proto(api.bound_graph(api.load(proto), "ibp", native_types=True))
+    session = ort.InferenceSession(bound.SerializeToString(), providers=["CPUExecutionProvider"])
+    original = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    x = (rng.uniform(-1, 1, (4, 5)) * 10.0 ** rng.integers(-6, 4, (4, 5))).astype(np.float32)
+    for eps in (0.0, 0.5):
+        bounds = session.run(["y_lower", "y_upper", "z_lower", "z_upper"],
+                             {"x": x, "epsilon": np.full((1, 1), eps, np.float32)})
+        for _ in range(1 if eps == 0 else 20):
+            point = (x + rng.uniform(-eps, eps, x.shape)).astype(np.float32)
+            for value, lower, upper in zip(original.run(None, {"x": point}), bounds[0::2], bounds[1::2]):
+                value = value.astype(np.float64)
+                assert np.all(lower.astype(np.float64) <= value) and np.all(value <= upper.astype(np.float64))
