@@ -10,6 +10,8 @@ Model and data paths are read by the workers: on a cluster of several machines t
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from typing import Iterator
 
@@ -75,6 +77,10 @@ class RayExecutor:
         if ray.is_initialized():
             return False
         env = {"env_vars": dict(ONE_THREAD_ENV)}
+        # ray.init installs its own SIGTERM handler (exit 15 at once); keep the caller's, so SIGTERM still ends
+        # the run like Ctrl-C: tasks cancelled, the results file left whole and resumable.
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
         try:
             if self.address:
                 ray.init(address=self.address, runtime_env=env, log_to_driver=False)
@@ -85,6 +91,9 @@ class RayExecutor:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"cannot start or join {where}: {first}") from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return True
 
     def _finished(self, ray, ref, task: Task, attempt: int, queue) -> Iterator[Event]:
