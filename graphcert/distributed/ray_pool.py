@@ -67,7 +67,9 @@ class RayExecutor:
                     yield from self._finished(ray, ref, task, attempt, queue)
                 yield from self._stop_overdue(ray, flight)
         finally:
-            for ref in flight:
+            # A cluster started for this run goes down with its workers; cancelling first races tasks that are
+            # completing and can abort Ray's core worker ("Tried to complete task that was not pending").
+            for ref in flight if not started_here else ():
                 ray.cancel(ref, force=True)
             if started_here:
                 ray.shutdown()
