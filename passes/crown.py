@@ -279,6 +279,8 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
     if isinstance(relaxation, WindowMax):
         positive = b.op("Relu", coef)
         return _window_max_backward(cx, node, relaxation, positive, b.op("Sub", coef, positive))
+    if cx.alpha is not None and relaxation.tangent_lines is not None:
+        return _tangent_lines_backward(cx, node, relaxation, coef)
     lower_slope = relaxation.lower_slope
     if cx.alpha is not None and relaxation.alpha_floor is not None:
         lower_slope = relaxation.lower_slope_for(b, cx.alpha.get(node))
@@ -295,6 +297,20 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
     if cx.beta is not None and node in cx.split_signs:
         # The Lagrangian term -beta·s·z of the split constraint s·z >= 0: it is <= 0 on the split domain, so
         # the bound of the objective plus it is a bound of the objective there, for every beta >= 0.
+        pairs.append((node.inputs[0], b.op("Neg", b.op("Mul", cx.beta.get(node), cx.split_signs[node]))))
+    return pairs
+
+
+def _tangent_lines_backward(cx: Context, node: ir.Node, relaxation: Lines, coef: ir.Value):
+    """alpha-CROWN on S-shaped ops: the lines of tangent points chosen per objective row and unit; each
+    coefficient takes the lower line where positive and the upper line where negative, as above."""
+    b = cx.b
+    lower_slope, lower_intercept, upper_slope, upper_intercept = relaxation.tangent_lines(cx.alpha.get(node))
+    negative = b.op("Less", coef, b.const(0.0))
+    slope = b.op("Where", negative, upper_slope, lower_slope)
+    intercept = b.op("Where", negative, upper_intercept, lower_intercept)   # [rows, *unit shape]: per row
+    pairs = [(node.inputs[0], b.op("Mul", coef, slope)), (intercept, coef)]
+    if cx.beta is not None and node in cx.split_signs:
         pairs.append((node.inputs[0], b.op("Neg", b.op("Mul", cx.beta.get(node), cx.split_signs[node]))))
     return pairs
 

@@ -9,6 +9,7 @@ is negative. An intercept of None means zero. MaxPool, which mixes elements, is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -30,7 +31,8 @@ class Lines:
     upper_slope: ir.Value
     upper_intercept: ir.Value | None
     # ReLU-like ops only: the lower slope may be any value a + (1 - a)·alpha with alpha in [floor, ceiling]
-    # (floor = 1 where the unit is always active, ceiling = 0 where it is never active); alpha-CROWN picks it.
+    # (floor = 1 where the unit is always active, ceiling = 0 where it is never active); alpha-CROWN picks it,
+    # starting from adaptive_alpha (also the start of `tangent_lines` below).
     negative_slope: float | None = None
     alpha_floor: ir.Value | None = None
     alpha_ceiling: ir.Value | None = None
@@ -39,6 +41,10 @@ class Lines:
     # -FLOAT_MAX (FLOAT_MAX) stands in for it, and a bound that leans on it must become infinite.
     lower_unbounded: ir.Value | None = None
     upper_unbounded: ir.Value | None = None
+    # S-shaped ops only: alpha (any value, clamped to [0, 1]) -> (lower slope, lower intercept, upper slope,
+    # upper intercept), the lines with tangent points chosen by alpha; every alpha gives sound lines, and
+    # `adaptive_alpha` gives the lines above.
+    tangent_lines: Callable[[ir.Value], tuple[ir.Value, ir.Value, ir.Value, ir.Value]] | None = None
 
     def lower_slope_for(self, b: Builder, alpha: ir.Value) -> ir.Value:
         """The lower slope with alpha (any value) projected onto its valid range."""
@@ -72,16 +78,20 @@ def relu_like(b: Builder, box: Interval, negative_slope: float = 0.0) -> Lines:
     return Lines(lower_slope, None, upper_slope, upper_intercept, a, floor, ceiling, adaptive)
 
 
-def _upper_line_s_shaped(b: Builder, f, df, l: ir.Value, u: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """An upper line of f on [l, u] for f convex on x <= 0 and concave on x >= 0 (sigmoid, tanh).
+def _upper_line_s_shaped(b: Builder, f, df, l: ir.Value, u: ir.Value):
+    """An upper line of f on [l, u] for f convex on x <= 0 and concave on x >= 0 (sigmoid, tanh), and the upper
+    line for a tangent-point parameter: ((slope, intercept), line_at(alpha) -> (slope, intercept)).
 
     The chord is above f exactly when f'(u) >= its slope (always when u <= 0). Otherwise a tangent is used:
     at the midpoint when l >= 0 (f concave on [l, u]), else at the smallest d in [0, u] whose tangent passes
     above (l, f(l)); every tangent at d >= that point is above f on [l, inf), so bisection keeps the upper end.
+    Where a tangent is used, every tangent point in [start, u] is sound (start: l when l >= 0, else that
+    bisection end), and alpha in [0, 1] (clamped) picks start + alpha·(u - start) (alpha-CROWN).
     """
     half = b.const(0.5)
     fl, fu = f(l), f(u)
     chord = b.op("Div", b.op("Sub", fu, fl), b.op("Max", b.op("Sub", u, l), b.const(TINY)))
+    chord_intercept = b.op("Sub", fl, b.op("Mul", chord, l))
     zero = b.const(0.0)
     low, high = b.op("Max", l, zero), u
     for _ in range(TANGENT_STEPS):
@@ -90,24 +100,46 @@ def _upper_line_s_shaped(b: Builder, f, df, l: ir.Value, u: ir.Value) -> tuple[i
         valid = b.op("Not", b.op("Less", at_l, fl))
         high = b.op("Where", valid, mid, high)
         low = b.op("Where", valid, low, mid)
-    point = b.op("Where", b.op("Less", l, zero), high, b.op("Mul", b.op("Add", l, u), half))
-    tangent = df(point)
+    crossing = b.op("Less", l, zero)
     use_chord = b.op("Not", b.op("Less", df(u), chord))
-    slope = b.op("Where", use_chord, chord, tangent)
-    intercept = b.op("Where", use_chord, b.op("Sub", fl, b.op("Mul", chord, l)),
-                     b.op("Sub", f(point), b.op("Mul", tangent, point)))
-    return slope, intercept
+
+    def line(point: ir.Value) -> tuple[ir.Value, ir.Value]:
+        tangent = df(point)
+        return (b.op("Where", use_chord, chord, tangent),
+                b.op("Where", use_chord, chord_intercept, b.op("Sub", f(point), b.op("Mul", tangent, point))))
+
+    start = b.op("Where", crossing, high, l)
+    room = b.op("Max", b.op("Sub", u, start), zero)   # never a point below start (rounding at u <= 0)
+
+    def line_at(alpha: ir.Value) -> tuple[ir.Value, ir.Value]:
+        share = b.op("Min", b.op("Max", alpha, zero), b.const(1.0))
+        return line(b.op("Add", start, b.op("Mul", share, room)))
+
+    return line(b.op("Where", crossing, high, b.op("Mul", b.op("Add", l, u), half))), line_at
 
 
 def s_shaped(b: Builder, box: Interval, f, df) -> Lines:
     """Sigmoid-like f (inflection at 0). The lower line of f on [l, u] mirrors the upper line of
-    g(y) = -f(-y) on [-u, -l]: g(y) <= s·y + c there means f(x) >= s·x - c."""
+    g(y) = -f(-y) on [-u, -l]: g(y) <= s·y + c there means f(x) >= s·x - c.
+
+    Both lines take a tangent-point parameter (`Lines.tangent_lines`); a coefficient uses only one of them at a
+    time, so one parameter per unit and objective row serves both. Its starting value gives the lines above."""
     l, u = box.lower, box.upper
-    upper_slope, upper_intercept = _upper_line_s_shaped(b, f, df, l, u)
+    (upper_slope, upper_intercept), upper_at = _upper_line_s_shaped(b, f, df, l, u)
     g = lambda v: b.op("Neg", f(b.op("Neg", v)))  # noqa: E731
     dg = lambda v: df(b.op("Neg", v))  # noqa: E731
-    slope, intercept = _upper_line_s_shaped(b, g, dg, b.op("Neg", u), b.op("Neg", l))
-    return Lines(slope, b.op("Neg", intercept), upper_slope, upper_intercept)
+    (slope, intercept), lower_at = _upper_line_s_shaped(b, g, dg, b.op("Neg", u), b.op("Neg", l))
+
+    def tangent_lines(alpha: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+        lower_slope, negated = lower_at(alpha)
+        return (lower_slope, b.op("Neg", negated), *upper_at(alpha))
+
+    zero = b.const(0.0)
+    # The midpoint tangent (0.5) where f is convex or concave on the whole interval, else the bisection end (0).
+    one_sided = b.op("Or", b.op("Not", b.op("Less", l, zero)), b.op("Not", b.op("Greater", u, zero)))
+    start = b.op("Mul", _as_float(b, one_sided), b.const(0.5))
+    return Lines(slope, b.op("Neg", intercept), upper_slope, upper_intercept, adaptive_alpha=start,
+                 tangent_lines=tangent_lines)
 
 
 def sigmoid(b: Builder, box: Interval) -> Lines:
