@@ -37,8 +37,9 @@ ALPHA_INIT_PREFIX = "alpha_init."
 # split_bounds: run-time clamps on the inputs of ReLU units, and the clamped bounds the graph worked with.
 SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX = "split_lower.", "split_upper."
 CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX = "clamped_lower.", "clamped_upper."
-# Units a split decides (active z >= 0 or inactive z <= 0): their relaxation is exact on either side of 0.
-SPLIT_UNITS = {"Relu"}
+# Units whose input z branch and bound may split: a ReLU's relaxation is exact on either side of 0; an S-shaped
+# unit's lines tighten on each part of a split interval (`graphcert.verify.relu_bab`).
+SPLIT_UNITS = {"Relu", "Sigmoid", "Tanh"}
 # beta: run-time split signs of ReLU inputs and the multipliers of the split constraints (beta-CROWN).
 SPLIT_SIGN_PREFIX, BETA_PREFIX = "split_sign.", "beta."
 
@@ -397,7 +398,7 @@ class CrownPass(ir.passes.FunctionalPass):
         (`alpha.<n>`, shape [rows, *unit shape], projected onto its valid range in the graph; metadata
         `graphcert.alpha` maps each to its unit); "init" adds outputs `alpha_init.<unit>` with CROWN's
         adaptive choice, the starting point of alpha-CROWN.
-    split_bounds: "clamp" adds, for the input z of every Relu, graph inputs `split_lower.<z>` /
+    split_bounds: "clamp" adds, for the input z of every SPLIT_UNITS op, graph inputs `split_lower.<z>` /
         `split_upper.<z>` (shaped like z) that its bounds are intersected with before the Relu is relaxed,
         and outputs `clamped_lower.<z>` / `clamped_upper.<z>` with the intersection (metadata
         `graphcert.splits`: the z names in graph order). Feeding -inf / +inf gives plain CROWN; feeding 0 as

@@ -186,3 +186,59 @@ def test_alpha_crown_with_tangent_points_is_sound_and_tighter(activation, norm, 
     outputs = attacked_outputs(network, x0, eps, norm, rng)
     slack = 1e-4 * (1 + np.abs(outputs))
     assert (outputs >= tuned[0] - slack).all() and (outputs <= tuned[1] + slack).all()
+
+
+def write_box_property(path, n_inputs: int, lower: float, upper: float, output_constraint: str, n_outputs: int):
+    text = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_inputs))
+    text += "".join(f"(declare-const Y_{j} Real)\n" for j in range(n_outputs))
+    text += "".join(f"(assert (>= X_{i} {lower}))\n(assert (<= X_{i} {upper}))\n" for i in range(n_inputs))
+    path.write_text(text + f"(assert {output_constraint})\n")
+
+
+def crown_upper_bound(proto, n_inputs: int) -> float:
+    """Plain CROWN's bound of max y_0 over [-1, 1]^n."""
+    from graphcert.interface import InputSet
+    from graphcert.model import load
+    from graphcert.passes.crown import CrownPass
+    session = Session(to_proto(CrownPass(InputSet("box"))(load(proto)).model))
+    box = {"x_lower": -np.ones((1, n_inputs), np.float32), "x_upper": np.ones((1, n_inputs), np.float32)}
+    return float(session.run(box)["y_upper"][0, 0])
+
+
+@pytest.mark.parametrize("activation", ["Sigmoid", "Tanh", ["Tanh", "Sigmoid"]], ids=str)
+def test_splitting_s_shaped_units_proves_what_crown_cannot(tmp_path, activation):
+    """y_0 < t on [-1, 1]^2 with the true maximum from a dense grid: with t 90 % of the way from it to
+    CROWN's bound the property holds (CROWN alone cannot tell) and splitting the units' intervals proves it;
+    just below the maximum it is violated, never holds."""
+    from graphcert.verify import verify
+    proto, network = activation_network([2, 16, 16, 2], activation, seed=4, scale=2.0, batch="N")
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 401), np.linspace(-1, 1, 401)), -1).reshape(-1, 2)
+    outputs = forward(network, grid)[:, 0]
+    top = float(outputs.max())
+    # Between grid points y_0 moves by at most its gradient's L1 norm times half the spacing.
+    steepest = max(np.abs(np.diff(outputs.reshape(401, 401), axis=a)).max() for a in (0, 1))
+    gap = crown_upper_bound(proto, 2) - top
+    assert gap > 0.1 and 4 * steepest < 0.1 * gap, (gap, steepest)
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top + 0.9 * gap})", 2)
+    result = verify(model, spec, timeout=20, method="crown", branching="relus", rounding="real")
+    assert result.status == "holds" and result.boxes > 1, result.reason
+    write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top - 0.02})", 2)
+    assert verify(model, spec, timeout=5, method="crown", branching="relus", rounding="real").status == "violated"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_splitting_never_proves_a_property_with_a_counterexample_attacks_miss(tmp_path, seed):
+    """The largest of 200,000 sampled outputs minus 1e-4: a violation confined to a tiny region. Whatever the
+    search over S-shaped units answers, it must not be `holds`."""
+    from graphcert.verify import verify
+    proto, network = activation_network([3, 12, 12, 2], ["Sigmoid", "Tanh"], seed=20 + seed, scale=2.0, batch="N")
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    points = np.random.default_rng(seed).uniform(-1, 1, size=(200000, 3))
+    top = float(forward(network, points)[:, 0].max())
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 3, -1, 1, f"(>= Y_0 {top - 1e-4})", 2)
+    assert verify(model, spec, timeout=3, method="crown", branching="relus", rounding="real").status != "holds"

@@ -1,8 +1,8 @@
-"""Bound functions over input boxes and ReLU split domains, each a bound graph (or alpha-CROWN) run on a batch.
+"""Bound functions over input boxes and split domains, each a bound graph (or alpha-CROWN) run on a batch.
 
 `spec_bounds` gives the bound function of a method (one graph, or a ladder ending in alpha-CROWN) over input
-boxes; `SplitBounds` and `BetaSplitBounds` bound ReLU split domains (an input box plus bounds on every ReLU
-input) for `relu_bab`.
+boxes; `SplitBounds` and `BetaSplitBounds` bound split domains (an input box plus bounds on the input of every
+ReLU, Sigmoid and Tanh) for `relu_bab`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..alpha import VERIFY_ALPHA, AlphaCrown, AlphaSettings, ProofWatch
 from ..export import to_proto
 from ..interface import OBJECTIVE, InputSet
 from ..passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX, SPLIT_SIGN_PREFIX,
-                           SPLIT_UPPER_PREFIX, CrownPass)
+                           SPLIT_UNITS, SPLIT_UPPER_PREFIX, CrownPass)
 from ..passes.spec import SpecPass
 from ..runtime import Session
 from .network import Network
@@ -137,10 +137,11 @@ class AlphaSpecBounds:
 
 
 class SplitBounds:
-    """CROWN margins of ReLU split domains, one domain per batch element.
+    """CROWN margins of split domains, one domain per batch element.
 
-    A domain is an input box and bounds on the input z of every ReLU unit (flattened over layers in graph
-    order). `mode` "clamp" intersects them with CROWN's bounds of z (-inf / +inf: plain CROWN), "given" takes
+    A domain is an input box and bounds on the input z of every ReLU, Sigmoid and Tanh unit (`SPLIT_UNITS`,
+    flattened over layers in graph order; `activations` names each layer's op, `relu` marks ReLU units).
+    `mode` "clamp" intersects them with CROWN's bounds of z (-inf / +inf: plain CROWN), "given" takes
     them as they are (they must hold on the domain, e.g. a parent's clamped bounds with a unit's bound set
     to 0), which costs one backward pass instead of one per layer. Returns margin lower bounds [B, rows] and
     the clamped bounds [B, units] of z the relaxations used.
@@ -155,7 +156,15 @@ class SplitBounds:
         sizes = [int(np.prod(shape)) for shape in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.layer = np.repeat(np.arange(len(sizes)), sizes)
+        # The op each layer's z feeds (a ReLU where some ReLU takes it: split at 0 with a sign).
+        feeding: dict[str, set] = {}
+        for node in spec.graph:
+            if node.op_type in SPLIT_UNITS and node.inputs and node.inputs[0] is not None:
+                feeding.setdefault(node.inputs[0].name, set()).add(node.op_type)
+        self.activations = ["Relu" if "Relu" in feeding[name] else min(feeding[name]) for name in self.names]
+        self.relu = np.repeat([op == "Relu" for op in self.activations], sizes)
         self.session = Session(to_proto(graph))
+        self.model = graph
         self.network = network
         x = network.input_name
         self.feeds = (f"{x}_lower", f"{x}_upper")
@@ -188,7 +197,7 @@ class SplitBounds:
 
 
 class BetaSplitBounds:
-    """alpha- and beta-CROWN margins of ReLU split domains (`graphcert.alpha`): the clamped bounds of z that
+    """alpha- and beta-CROWN margins of split domains (`graphcert.alpha`): the clamped bounds of z that
     `SplitBounds` found are given, and the split signs (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units])
     bring in the split constraints with multipliers optimised per domain and row. Returns margin lower
     bounds [B, rows], never below those of CROWN with the given bounds."""

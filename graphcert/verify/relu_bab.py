@@ -1,16 +1,22 @@
-"""Branch and bound over ReLU units of the property boxes that input-box bounds left undecided.
+"""Branch and bound over activation units (ReLU, Sigmoid, Tanh) of the property boxes that input-box bounds left
+undecided.
 
-A domain is a property box, its live conjuncts, bounds of every ReLU input z (flattened over layers in graph
+A domain is a property box, its live conjuncts, bounds of every unit's input z (flattened over layers in graph
 order), its margin lower bounds and split signs. The property boxes get CROWN bounds of z first; each round
-the domains with the weakest margin bounds split their chosen unit both ways (z >= 0 and z <= 0: the parent's
-bounds with one side set to 0, which hold on the child) and the children are bounded in batches: CROWN bounds
+the domains with the weakest margin bounds split their chosen unit's interval [l, u] at a point p, 0 for a
+ReLU (z >= 0 and z <= 0) and for an S-shaped unit whose interval holds 0 (each part is then convex or
+concave, where its lines are tight), else the middle: the children get the parent's bounds with one side
+set to p, which hold on them (together they cover the parent), and their lines are re-relaxed on the
+narrower intervals. Splits at 0 carry a sign (z >= 0 or z <= 0) for beta-CROWN. Children are bounded in
+batches: CROWN bounds
 of the later layers' z are recomputed and clamped by the parent's, except after a split in the last layer,
 where only the margins are (`SplitBounds` modes "clamp" and "given"). Children these bounds leave live are
 re-bounded with alpha-beta-CROWN on their clamped bounds (`BetaSplitBounds`, unless beta is None). A child
 keeps the better of its own and its parent's margin bounds (its inputs are a subset of the parent's; a mixture
 row's root bound may be alpha-CROWN's for its learned weights, another average of the same conjunct's rows,
 which refutes the conjunct just as well); a child whose clamped bounds cross is empty and refuted. A live
-domain without an unstable unit cannot be split further: the answer is then unknown.
+domain without a unit left to split (every ReLU stable, every other unit's interval at the split width
+floor or its relaxation gap negligible) cannot be split further: the answer is then unknown.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from .. import methods
 from ..alpha import AlphaSettings, ProofWatch
 from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
 from ..attack import unsafe_objective
+from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
 from .bounds import BetaSplitBounds, SplitBounds
 from .resources import MemorySizer
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
@@ -36,9 +43,40 @@ BETA_CALL_SECONDS = 1.0
 WEAKEST = "the weakest domain's margin lower bound (> 0 refutes)"
 
 
+# Units other than ReLUs are split while their relaxation can gain: the function strays from its chord by more
+# than GAP_FLOOR somewhere on the interval, which is wider than WIDTH_FLOOR relative to its ends (the middle of
+# a narrower float32 interval may not lie strictly inside it).
+GAP_FLOOR = 1e-6
+WIDTH_FLOOR = 1e-5
+CHORD_POINTS = 8
+CURVES = {"Sigmoid": lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)), "Tanh": np.tanh}
+
+
+def split_point(lower: np.ndarray, upper: np.ndarray, relu: np.ndarray) -> np.ndarray:
+    """Where to split each unit's interval: 0 for a ReLU or an interval holding 0, else the middle (float32)."""
+    holds_zero = (lower < 0) & (upper > 0)
+    middle = (0.5 * (lower.astype(np.float64) + upper)).astype(np.float32)
+    return np.where(relu | holds_zero, np.float32(0), middle).astype(np.float32)
+
+
+def chord_gap(curve, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """The largest distance between curve(z) and its chord over [lower, upper] at CHORD_POINTS inner points
+    (0 where the interval is below the width floor), in float64."""
+    lower, upper = lower.astype(np.float64), upper.astype(np.float64)
+    width = upper - lower
+    wide = np.isfinite(width) & (width > WIDTH_FLOOR * (1.0 + np.abs(lower) + np.abs(upper)))
+    lower, width = np.where(wide, lower, 0.0), np.where(wide, width, 0.0)
+    start, end = curve(lower), curve(lower + width)
+    gap = np.zeros_like(lower)
+    for k in range(1, CHORD_POINTS + 1):
+        t = k / (CHORD_POINTS + 1)
+        gap = np.maximum(gap, np.abs(curve(lower + t * width) - (start + t * (end - start))))
+    return np.where(gap > GAP_FLOOR, gap, 0.0)
+
+
 @dataclass
 class Domains(Arrays):
-    """ReLU split domains, one row each."""
+    """Split domains, one row each."""
     root: np.ndarray          # [B] index of the property box
     alive: np.ndarray         # [B, conjuncts] not yet refuted
     unit_lower: np.ndarray    # [B, units] float32 bounds of every ReLU input z on the domain
@@ -60,7 +98,8 @@ def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, 
         return search.finish("timeout", "too little time left to build the ReLU split bound graph")
     clamp = SplitBounds(search.network, search.matrix, search.offset, "clamp")
     if clamp.units == 0:
-        return search.finish("unknown", "bounds left the property undecided and the model has no ReLU to split")
+        return search.finish("unknown", "bounds left the property undecided and the model has no ReLU, Sigmoid "
+                                        "or Tanh to split")
     return ReluSplitSearch(search, clamp, lower, upper, beta).run(alive, margin_lower)
 
 
@@ -73,6 +112,7 @@ class ReluSplitSearch:
         self.root_slack = search.rounding_slack(lower, upper)   # sub-domains of a root box need no more
         self.layer = clamp.layer
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
+        self.scorer = None                            # the splitter's graph through torch (`_split_gains`)
         self.beta_settings = beta
         self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, clamp, beta) \
             if beta is not None else None
@@ -94,9 +134,10 @@ class ReluSplitSearch:
             if search.counterexample is not None:
                 break
             if search.past_deadline():
-                return search.timeout(frontier, "ReLU split domains", WEAKEST)
+                return search.timeout(frontier, "split domains", WEAKEST)
             if (frontier.items.unit < 0).any():
-                return search.finish("unknown", "a live domain has no unstable ReLU left to split")
+                return search.finish("unknown", "a live domain has no unit left to split (every ReLU stable, "
+                                                "every other unit's interval too narrow to gain from a split)")
             # float32 bounds of every unit, an int8 split sign, float32 margins
             too_large = search.frontier_too_large(len(frontier), 9 * clamp.units + 4 * margin_lower.shape[1] + 32)
             if too_large:
@@ -104,7 +145,7 @@ class ReluSplitSearch:
             parents = frontier.pop(max(1, self.domain_calls.size // 2))
             children = self._split(parents)
             if children is None:
-                return search.timeout(frontier, "ReLU split domains", WEAKEST)
+                return search.timeout(frontier, "split domains", WEAKEST)
             for group in children:
                 frontier.push(group)
             self._attack_domains_if_due(frontier)
@@ -114,11 +155,13 @@ class ReluSplitSearch:
         """Both children of every parent (split on its chosen unit), bounded and filtered to the live ones;
         None at the deadline."""
         rows, unit = np.arange(len(parents)), parents.unit
-        active, inactive = parents.unit_lower.copy(), parents.unit_upper.copy()
-        active[rows, unit] = np.maximum(active[rows, unit], 0)
-        inactive[rows, unit] = np.minimum(inactive[rows, unit], 0)
+        point = split_point(parents.unit_lower[rows, unit], parents.unit_upper[rows, unit], self.clamp.relu[unit])
+        active, inactive = parents.unit_lower.copy(), parents.unit_upper.copy()   # z >= point, z <= point
+        active[rows, unit] = np.maximum(active[rows, unit], point)
+        inactive[rows, unit] = np.minimum(inactive[rows, unit], point)
         active_signs, inactive_signs = parents.signs.copy(), parents.signs.copy()
-        active_signs[rows, unit], inactive_signs[rows, unit] = 1, -1
+        at_zero = point == 0   # elsewhere the children keep the parent's sign (still true on them)
+        active_signs[rows[at_zero], unit[at_zero]], inactive_signs[rows[at_zero], unit[at_zero]] = 1, -1
         # A split before the last layer pays off through the later layers' bounds, so those are
         # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
         last = self.layer[unit] == self.layer[-1]
@@ -174,7 +217,7 @@ class ReluSplitSearch:
                                  torch.from_numpy(live)).numpy()
         keep = live.any(axis=1)
         return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep],
-                       self._branching_unit(unit_lower[keep], unit_upper[keep]),
+                       self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]),
                        margin_lower[keep].astype(np.float32), signs[keep])
 
     def _tighten_with_beta(self, domains: Domains) -> Domains:
@@ -202,17 +245,80 @@ class ReluSplitSearch:
         found.append(domains.take(slice(done, None)))
         return Domains.concat(found)
 
-    def _branching_unit(self, lower, upper) -> np.ndarray:
-        """Per domain, the unstable unit with the largest triangle relaxation intercept -l·u/(u-l) in the
-        earliest layer that has one; -1 when every unit is stable.
+    def _branching_unit(self, root, alive, lower, upper) -> np.ndarray:
+        """Per domain, the unstable ReLU with the largest triangle relaxation intercept -l·u/(u-l) in the
+        earliest layer that has one; without one, among the other units (Sigmoid, Tanh) whose function strays
+        from its chord over [l, u] (`chord_gap`), the one whose split gains most (`_split_gains`); -1 when no
+        unit is left to split.
 
         Early splits tighten every later layer's recomputed bounds. (Measured on random 2-16-16-2 networks,
         properties at 70-90 % of the way from the true maximum to CROWN's bound, 5 s: this proved 5 of 8,
         the last layer first 4, the last layer first without recomputing any bounds 2.)
         """
+        relu = self.clamp.relu
+        unit = self._relu_unit(lower[:, relu], upper[:, relu], self.layer[relu])
+        unit = np.where(unit >= 0, np.flatnonzero(relu)[np.maximum(unit, 0)] if relu.any() else -1, -1)
+        if relu.all():
+            return unit
+        gap = np.zeros(lower.shape, dtype=np.float64)
+        for k, op in enumerate(self.clamp.activations):
+            if op in CURVES:
+                part = slice(self.clamp.offsets[k], self.clamp.offsets[k + 1])
+                gap[:, part] = chord_gap(CURVES[op], lower[:, part], upper[:, part])
+        splittable = gap > 0
+        need = (unit < 0) & splittable.any(axis=1)
+        score = gap
+        if need.any():
+            # First-order gain of the weaker child; the chord gap breaks ties (and decides where gradients vanish).
+            gains = self._split_gains(root[need], alive[need], lower[need], upper[need])
+            score = gap.copy()
+            score[need] = gains + 1e-6 * gap[need]
+        other = np.argmax(np.where(splittable, score, -np.inf), axis=1)
+        return np.where(unit >= 0, unit, np.where(splittable.any(axis=1), other, -1))
+
+    def _split_gains(self, root, alive, lower, upper) -> np.ndarray:
+        """[B, units]: BaBSR-like look-ahead for units other than ReLUs. The gradient of the live rows' summed
+        margin lower bound (the "given" split graph, through torch) with respect to each unit's bounds, times
+        how far a split at `split_point` moves them, is what each child gains to first order; the smaller
+        of the two (the weaker child decides whether the split helps)."""
+        import torch
+
+        from .bounds import outward_float32
+        if self.splitter is None:
+            self.splitter = SplitBounds(self.search.network, self.search.matrix, self.search.offset, "given")
+        if self.scorer is None:
+            from ..torch_exec import TorchGraph
+            self.scorer = TorchGraph(self.splitter.model, trainable=False)
+        network, splitter = self.search.network, self.splitter
+        lo, hi = outward_float32(self.lower[root], self.upper[root])
+        unit_lower = torch.tensor(lower, dtype=torch.float32, requires_grad=True)
+        unit_upper = torch.tensor(upper, dtype=torch.float32, requires_grad=True)
+        feeds = {name: torch.as_tensor(value) for name, value in
+                 zip(splitter.feeds, (network.model_shaped(lo), network.model_shaped(hi)))}
+        for k, (name, shape) in enumerate(zip(splitter.names, splitter.shapes)):
+            part = slice(splitter.offsets[k], splitter.offsets[k + 1])
+            feeds[SPLIT_LOWER_PREFIX + name] = unit_lower[:, part].reshape(-1, *shape)
+            feeds[SPLIT_UPPER_PREFIX + name] = unit_upper[:, part].reshape(-1, *shape)
+        margins = self.scorer(feeds, outputs=["margins_lower"])["margins_lower"].reshape(len(lo), -1)
+        rows = torch.from_numpy((alive.astype(np.float32) @ self.search.membership.T.astype(np.float32)) > 0)
+        objective = torch.where(rows & torch.isfinite(margins), margins, torch.zeros_like(margins)).sum()
+        if not objective.requires_grad:
+            return np.zeros(lower.shape)
+        d_lower, d_upper = torch.autograd.grad(objective, [unit_lower, unit_upper], allow_unused=True)
+        d_lower = np.zeros(lower.shape) if d_lower is None else np.nan_to_num(d_lower.numpy().astype(np.float64))
+        d_upper = np.zeros(lower.shape) if d_upper is None else np.nan_to_num(d_upper.numpy().astype(np.float64))
+        point = split_point(lower, upper, self.clamp.relu[None, :]).astype(np.float64)
+        raised = np.maximum(d_lower, 0) * (point - lower)       # the child z >= point
+        lowered = np.maximum(-d_upper, 0) * (upper - point)     # the child z <= point
+        return np.nan_to_num(np.minimum(raised, lowered), posinf=0.0)
+
+    @staticmethod
+    def _relu_unit(lower, upper, layer) -> np.ndarray:
         unstable = (lower < 0) & (upper > 0)
         intercept = np.where(unstable, -lower * upper / np.where(unstable, upper - lower, 1.0), -1.0)
-        layer = np.where(unstable, self.layer[None, :], np.iinfo(self.layer.dtype).max)
+        if not unstable.size:
+            return np.full(len(lower), -1)
+        layer = np.where(unstable, layer[None, :], np.iinfo(layer.dtype).max)
         earliest = layer.min(axis=1, keepdims=True)
         unit = np.argmax(np.where(layer == earliest, intercept, -2.0), axis=1)
         return np.where(unstable.any(axis=1), unit, -1)
