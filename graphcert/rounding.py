@@ -9,7 +9,8 @@ The error analysis is the standard one for dot products (Higham, Accuracy and St
 Algorithms, ch. 3): with u = 2^-24 and γ_n = n·u / (1 - n·u), |fl(w·x + b) - (w·x + b)| <= γ_{n+1}·(|w|·|x| + |b|).
 It is run as an interpreter with one rule per op over the model graph, emitting a graph that computes, for a
 batch of input boxes, E, a bound on |fl(value) - value| of every value, from M, a bound on |value| over the box
-(IBP's interval of the value, so magnitudes are those the network really reaches, not products of |W|).
+(IBP's interval of the value, so magnitudes are those the network really reaches, not products of |W|; a
+verifier may also feed CROWN's bounds of unit inputs over the set, graphcert.rounding_given).
 Linear ops propagate E through |W| and add γ_n of the magnitudes they sum; exact ops (ReLU, max, reshapes,
 selections) carry E through; smooth ops add their Lipschitz constant times E plus a few ulps of libm error.
 Next to E the graph carries N, a per-sample bound on the L2 norm of the error (graphcert.rounding_norms:

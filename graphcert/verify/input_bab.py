@@ -24,6 +24,8 @@ from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSi
 BRANCH_DIMENSIONS = 64
 # Trying a split costs two bound evaluations; each box tries this many dimensions.
 SPLIT_CANDIDATES = 3
+# Boxes per call when re-computing their float32 slack from CROWN's unit-input bounds (bounds memory).
+SLACK_BOXES = 256
 
 BoundFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -124,8 +126,9 @@ class InputSplitSearch:
         # Boxes that only the float32 slack keeps undecided get the tighter slack of CROWN's magnitudes.
         blocked = np.flatnonzero(((margin_lower > base) & (margin_lower <= base + rounding)).any(axis=1))
         of_boxes = getattr(search.rounding_slack, "of_boxes", None)
-        if of_boxes is not None and len(blocked):
-            rounding[blocked] = of_boxes(lower[blocked], upper[blocked], search.offset, rounding[blocked])
+        for start in range(0, len(blocked) if of_boxes is not None else 0, SLACK_BOXES):
+            part = blocked[start:start + SLACK_BOXES]
+            rounding[part] = of_boxes(lower[part], upper[part], search.offset, rounding[part])
         slack = base + rounding
         refuted = ((margin_lower > slack).astype(np.int32) @ search.membership) > 0
         alive = alive & ~refuted

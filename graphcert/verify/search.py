@@ -38,6 +38,9 @@ class Float32Slack:
         from ..errors import UnsupportedOpError
         from ..rounding_slack import RoundingSlack
         self.network, self.matrix = network, matrix
+        # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
+        # the analysis that takes them (`of_boxes`, `of_domains`).
+        self._splits = self._domains = None
         try:
             self.slack = RoundingSlack(network.model)
         except UnsupportedOpError as refusal:
@@ -56,7 +59,6 @@ class Float32Slack:
                                                   hi.reshape(network.sample_shape).astype(np.float32),
                                                   self.matrix[None]) for lo, hi in zip(lower, upper)])
 
-
     def of_boxes(self, lower: np.ndarray, upper: np.ndarray, offset: np.ndarray, plain: np.ndarray | None = None
                  ) -> np.ndarray:
         """[B, rows] for boxes lower, upper [B, n], no larger than `__call__`'s: the magnitudes also come from
@@ -65,12 +67,12 @@ class Float32Slack:
         plain = self(lower, upper) if plain is None else plain
         if self.slack is None or not self.network.batched:
             return plain
-        if getattr(self, "_splits", None) is None:
-            from ..errors import UnsupportedOpError
+        if self._splits is None:
+            from ..errors import GraphcertError
             from .bounds import SplitBounds
-            try:
+            try:   # a model CROWN cannot bound keeps IBP's magnitudes
                 self._splits = SplitBounds(self.network, self.matrix, offset, "clamp")
-            except UnsupportedOpError as refusal:
+            except GraphcertError as refusal:
                 log.info("float32 slack of boxes from IBP only (%s)", refusal)
                 self._splits = False
             if self._splits is not False and self._splits.units == 0:
@@ -90,12 +92,12 @@ class Float32Slack:
         the tighter of IBP's and these bounds (graphcert.rounding_given), so the slack shrinks as domains split."""
         if self.slack is None or not self.network.batched:
             return self(lower, upper)
-        from ..errors import UnsupportedOpError
+        from ..errors import GraphcertError
         from ..rounding_slack import RoundingSlack
-        if getattr(self, "_domains", None) is None:
-            try:
+        if self._domains is None:
+            try:   # KeyError: a unit input the analysis does not reach (it does not depend on the input)
                 self._domains = RoundingSlack(self.network.model, given=splits.names)
-            except (UnsupportedOpError, KeyError) as refusal:
+            except (GraphcertError, KeyError) as refusal:
                 log.info("float32 slack of split domains from the box only (%s)", refusal)
                 self._domains = False
         if self._domains is False:
