@@ -117,6 +117,9 @@ class Walk:
             self._magnitudes[value] = found
         return self._magnitudes[value]
 
+    def forget_magnitude(self, value: ir.Value) -> None:
+        self._magnitudes.pop(value, None)
+
     def up(self, value: ir.Value) -> ir.Value:
         return self.b.op("Mul", value, self.c(SAFETY))
 
@@ -362,14 +365,16 @@ def _softmax(walk: Walk, node: ir.Node):
 MAGNITUDE, ERROR, NORM = "_magnitude", "_rounding_error", "_rounding_norm"
 
 
-def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir.Model:
+def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True, given: tuple = (),
+                widen: bool = True) -> ir.Model:
     """A graph whose inputs describe input sets, for every model output y giving `<y>_magnitude` (a bound on |y|
     over the set), `<y>_rounding_error` (a bound on |fl32(y) - y|) and, with `tighten`, `<y>_rounding_norm`
     [batch] (a bound on ||fl32(y) - y||_2 per sample, graphcert.rounding_norms; the elementwise bound is then
     tightened by it at every op). Without `tighten`, E is the plain |W|-product analysis. UnsupportedOpError
     names the nodes it cannot analyse. Input sets: boxes `<x>_lower`/`<x>_upper` (norm "linf"), or L2 balls,
     the point `<x>` and a radius `<x>_radius` [batch] (norm "l2"; magnitudes from the lipschitz pass's
-    constants)."""
+    constants). `given` names values whose intervals over boxes are intersected with bounds fed as inputs
+    (graphcert.rounding_given: widened by 2·E there when `widen`), and output as the intervals used."""
     from .passes import ibp
     from .rounding_norms import NormTracker, element_spreads
     result = clone(model)
@@ -431,6 +436,13 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir
             found = walk.norms.l2(walk.errors[x], x)
             if found is not None:
                 walk.norms.norms[x] = found
+    given_bounds = None
+    if given:
+        from .rounding_given import GivenBounds
+        if norm != "linf":
+            raise ValueError("given bounds of intermediate values are for boxes")
+        by_name = {out.name: out for node in nodes for out in node.outputs}
+        given_bounds = GivenBounds(walk, graph, [by_name[name] for name in given], widen)
     for node in nodes:
         if step is not None:
             step(node)
@@ -442,6 +454,8 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir
         errors = walk.norms.after(node, results) if walk.norms is not None else results
         for value, error in zip(node.outputs, errors):
             walk.errors[value] = error
+            if given_bounds is not None:
+                given_bounds.apply(value)
     originals = list(graph.outputs)
     graph.outputs.clear()
     for y in originals:
@@ -455,6 +469,8 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True) -> ir
             named.name = f"{y.name}{suffix}"
             named.shape, named.type = shape, y.type
             graph.outputs.append(named)
+    if given_bounds is not None:
+        given_bounds.outputs(graph)
     for node in reversed(list(graph)):  # the original computation is not needed (a shape read may stay)
         if node in nodes and not any(out.uses() for out in node.outputs):
             graph.remove(node, safe=True)

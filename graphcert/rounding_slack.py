@@ -8,6 +8,7 @@ import onnx_ir as ir
 
 from .interface import perturbed_inputs
 from .rounding import ERROR, MAGNITUDE, NORM, SAFETY, UNIT, error_graph
+from .rounding_given import GIVEN_LOWER, GIVEN_UPPER, USED_LOWER, USED_UPPER
 
 
 # Bound graphs whose margin is the model evaluated at one point of the input set plus folded constants (the
@@ -26,11 +27,13 @@ class RoundingSlack:
     relaxation bound graph (IBP, CROWN) propagates radii and coefficient chains through |W|, where no
     cancellation helps: its error is bounded by the plain |W|-product E (tighten=False), as before."""
 
-    def __init__(self, model: ir.Model, norm: str = "linf"):
+    def __init__(self, model: ir.Model, norm: str = "linf", given: tuple = ()):
+        """`given`: names of values (boxes only) whose bounds over each set are fed to `of_rows`
+        (graphcert.rounding_given: the magnitudes then come from the tighter of IBP's and those bounds)."""
         from .export import to_proto
         from .runtime import Session
-        self.model, self.norm = model, norm
-        graph = error_graph(model, norm)
+        self.model, self.norm, self.given = model, norm, tuple(given)
+        graph = error_graph(model, norm, given=self.given, widen=False)
         self.session = Session(to_proto(graph))
         self._loose = None
         [x] = perturbed_inputs(model)[:1]
@@ -42,7 +45,7 @@ class RoundingSlack:
         self.output = next(v.name for v in graph.graph.outputs if v.name.endswith(MAGNITUDE))[:-len(MAGNITUDE)]
         self.has_norm = any(v.name == self.output + NORM for v in graph.graph.outputs)
 
-    def _feeds(self, lower: np.ndarray, upper: np.ndarray) -> dict:
+    def _feeds(self, lower: np.ndarray, upper: np.ndarray, bounds: dict | None = None) -> dict:
         lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
         if self.norm == "l2":
             centre = (lower + upper) / 2
@@ -51,17 +54,21 @@ class RoundingSlack:
         feeds = {f"{self.x_name}_lower": lower, f"{self.x_name}_upper": upper}
         if self.needs_point:
             feeds[self.x_name] = lower
+        for name, (low, high) in (bounds or {}).items():
+            feeds[name + GIVEN_LOWER] = np.asarray(low, np.float32)
+            feeds[name + GIVEN_UPPER] = np.asarray(high, np.float32)
         return feeds
 
     def _per_sample(self, array: np.ndarray, count: int) -> np.ndarray:
         return array.reshape(count, -1).astype(np.float64)
 
-    def outputs(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def outputs(self, lower: np.ndarray, upper: np.ndarray, used: dict | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(M, E, N) of the model's first output over each input set: M and E flattened per sample, N [batch]
         (+inf when not tracked). Boxes [lower, upper], or for L2 the balls of centre (lower + upper) / 2 and
-        radius the largest half-width."""
+        radius the largest half-width. `used`: the intervals `loose_errors` used for the given values."""
         names = [self.output + MAGNITUDE, self.output + ERROR] + ([self.output + NORM] if self.has_norm else [])
-        out = self.session.run(self._feeds(lower, upper), names)
+        out = self.session.run(self._feeds(lower, upper, used), names)
         m = out[self.output + MAGNITUDE]
         count = len(m) if self.batched else 1
         n = out[self.output + NORM].reshape(count).astype(np.float64) if self.has_norm else np.full(count, np.inf)
@@ -69,17 +76,29 @@ class RoundingSlack:
 
     def loose_errors(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
         """E of the plain |W|-product analysis, flattened per sample (what bounds a relaxation bound graph)."""
+        return self._loose_run(lower, upper, None)[0]
+
+    def _loose_run(self, lower: np.ndarray, upper: np.ndarray, given: dict | None):
+        """`loose_errors` and the intervals the analysis used for the given values (their bounds `given`
+        widened by 2·E, graphcert.rounding_given)."""
         if self._loose is None:
             from .export import to_proto
             from .runtime import Session
-            self._loose = Session(to_proto(error_graph(self.model, self.norm, tighten=False)))
-        e = self._loose.run(self._feeds(lower, upper), [self.output + ERROR])[self.output + ERROR]
-        return self._per_sample(e, len(e) if self.batched else 1)
+            self._loose = Session(to_proto(error_graph(self.model, self.norm, tighten=False, given=self.given)))
+        used_names = [name + suffix for name in self.given for suffix in (USED_LOWER, USED_UPPER)]
+        out = self._loose.run(self._feeds(lower, upper, given), [self.output + ERROR, *used_names])
+        e = out[self.output + ERROR]
+        used = {name: (out[name + USED_LOWER], out[name + USED_UPPER]) for name in self.given}
+        return self._per_sample(e, len(e) if self.batched else 1), used
 
-    def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray, point: bool = False) -> np.ndarray:
+    def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray, point: bool = False,
+                given: dict | None = None) -> np.ndarray:
         """[batch, m] slack of the margin rows c (rows [batch, m, n] or [m, n]) over each input set, for a
-        relaxation bound graph, or with `point` for one of POINT_BOUND_GRAPHS."""
-        m, e, n = self.outputs(lower, upper)
+        relaxation bound graph, or with `point` for one of POINT_BOUND_GRAPHS. `given`: {name: (lower, upper)}
+        bounds over each set of the values named when constructed (real arithmetic, computed in float32 by a
+        relaxation bound graph)."""
+        loose, used = self._loose_run(lower, upper, given) if self.given else (None, None)
+        m, e, n = self.outputs(lower, upper, used)
         rows = np.asarray(rows, dtype=np.float64)
         weights = np.broadcast_to(np.abs(rows), (len(m), *rows.shape[-2:]))
         lengths = np.sqrt((np.broadcast_to(rows, weights.shape) ** 2).sum(axis=2)) * (1 + 2 ** -40)
@@ -87,6 +106,8 @@ class RoundingSlack:
         if point:
             bound_graph = model
         else:
-            bound_graph = 2 * np.einsum("bmn,bn->bm", weights, self.loose_errors(lower, upper))
+            if loose is None:
+                loose = self.loose_errors(lower, upper)
+            bound_graph = 2 * np.einsum("bmn,bn->bm", weights, loose)
         slack = model + bound_graph + 8 * UNIT * np.einsum("bmn,bn->bm", weights, m)
         return slack * SAFETY + np.finfo(np.float32).tiny

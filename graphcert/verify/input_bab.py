@@ -119,8 +119,14 @@ class InputSplitSearch:
             return None
         margin_lower, margin_upper, center = bounds
         search.boxes_bounded += len(lower)
-        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper)) \
-            + search.rounding_slack(lower, upper)
+        base = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper))
+        rounding = search.rounding_slack(lower, upper)
+        # Boxes that only the float32 slack keeps undecided get the tighter slack of CROWN's magnitudes.
+        blocked = np.flatnonzero(((margin_lower > base) & (margin_lower <= base + rounding)).any(axis=1))
+        of_boxes = getattr(search.rounding_slack, "of_boxes", None)
+        if of_boxes is not None and len(blocked):
+            rounding[blocked] = of_boxes(lower[blocked], upper[blocked], search.offset, rounding[blocked])
+        slack = base + rounding
         refuted = ((margin_lower > slack).astype(np.int32) @ search.membership) > 0
         alive = alive & ~refuted
         membership, alive_t = torch.from_numpy(search.membership), torch.from_numpy(alive)

@@ -210,7 +210,8 @@ class ReluSplitSearch:
     def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower) -> Domains:
         """The domains with a live conjunct left after refuting by margin_lower."""
         membership = self.search.membership
-        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower) + self.root_slack[root]
+        slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower) + self._rounding_slack(root, unit_lower,
+                                                                                             unit_upper)
         refuted = ((margin_lower > slack).astype(np.int32) @ membership) > 0
         live = alive & ~refuted
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
@@ -219,6 +220,15 @@ class ReluSplitSearch:
         return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep],
                        self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]),
                        margin_lower[keep].astype(np.float32), signs[keep])
+
+    def _rounding_slack(self, root, unit_lower, unit_upper) -> np.ndarray:
+        """Float32 slack of each domain: its root box's, or smaller from the domain's own unit bounds."""
+        slack = self.root_slack[root]
+        of_domains = getattr(self.search.rounding_slack, "of_domains", None)
+        if of_domains is None or not len(root):
+            return slack
+        own = of_domains(self.clamp, self.lower[root], self.upper[root], unit_lower, unit_upper)
+        return np.minimum(slack, own)
 
     def _tighten_with_beta(self, domains: Domains) -> Domains:
         """Re-bound the live domains with alpha and beta multipliers (`BetaSplitBounds`), in chunks sized by
