@@ -34,6 +34,9 @@ def add_convert(sub) -> None:
                         "(closed form for lipschitz, else the largest certified rung of --ladder)")
     p.add_argument("--ladder", help="with --certificate: the radii tried, e.g. 0.001,0.002,0.005 or start:stop:step "
                                     "(default: 0.001,0.002,0.005,...,0.2 for linf; ten times that for l2)")
+    p.add_argument("--rounding", choices=("float32", "real"), default=None,
+                   help="with --certificate: radii hold for the model as it runs in float32 (default), or in real "
+                        "arithmetic only")
     p.set_defaults(run=run_convert, reads=("model", "spec"), writes=("output",))
 
 
@@ -42,6 +45,8 @@ def run_convert(args) -> int:
     from graphcert.errors import InputError
     if args.ladder and not args.certificate:
         raise InputError("--ladder goes with --certificate")
+    if args.rounding and not args.certificate:
+        raise InputError("--rounding goes with --certificate")
     if args.certificate:
         if args.spec:
             raise InputError("--certificate certifies the prediction; it takes no --spec")
@@ -51,7 +56,7 @@ def run_convert(args) -> int:
             raise InputError("lipschitz certificates are in closed form; drop --ladder")
         proto = api.convert_certificate(shipped_model(args.model), args.output, method=args.method,
                                         domain=tuple(args.domain) if args.domain else None, norm=args.norm,
-                                        ladder=ladder)
+                                        ladder=ladder, rounding=args.rounding or "float32")
         meta = {p.key: p.value for p in proto.metadata_props}
         print(f"wrote {args.output} (certificate, {args.method}, {args.norm}, radii: "
               f"{meta.get('graphcert.certificate.rungs')}): input {proto.graph.input[0].name}; outputs "

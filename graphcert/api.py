@@ -115,13 +115,14 @@ def _check_property_fits(prop, model: ir.Model, model_path, spec_path) -> None:
 
 def convert_certificate(model_path: str | os.PathLike, out_path: str | os.PathLike, method: str = "ibp",
                         domain: tuple[float, float] | None = None, norm: str = "linf",
-                        ladder=None) -> onnx.ModelProto:
+                        ladder=None, rounding: str = "float32") -> onnx.ModelProto:
     """Write the certified-prediction graph of a model file (input -> logits, prediction, certified_radius; see
-    graphcert.passes.certificate); never overwrites the input."""
+    graphcert.passes.certificate; `rounding` "real" for radii in real arithmetic only); never overwrites the
+    input."""
     from graphcert.passes.certificate import certificate_graph
     from .files import refuse_overwrite
     methods.check_certifies(method, norm)
     refuse_overwrite([out_path], [model_path])
-    proto = to_proto(certificate_graph(load(model_path), method, domain, norm, ladder))
+    proto = to_proto(certificate_graph(load(model_path), method, domain, norm, ladder, rounding))
     save(proto, out_path, source=model_path)
     return proto

@@ -157,3 +157,19 @@ def test_refuses_models_that_are_not_classifiers():
                               opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(InputError, match="batch axis"):
         certificate_graph(graphcert.load(proto), "ibp")
+
+
+def test_convert_certificate_cli_rounding(tmp_path):
+    """--rounding real writes radii for real arithmetic only (recorded in the metadata); float32 is the default;
+    --rounding without --certificate is a one-line error."""
+    for rounding in ("real", "float32"):
+        out = tmp_path / f"{rounding}.onnx"
+        proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "convert", "mnist_mlp", "--certificate",
+                               "--ladder", "0.01", "--rounding", rounding, "-o", str(out)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+        assert meta["graphcert.certificate.rounding"] == rounding
+    bad = subprocess.run([sys.executable, str(REPO / "cli.py"), "convert", "mnist_mlp", "--rounding", "real",
+                          "-o", str(tmp_path / "bad.onnx")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--rounding goes with --certificate" in bad.stderr and "Traceback" not in bad.stderr
