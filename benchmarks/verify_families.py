@@ -3,6 +3,7 @@
 Usage:
   python benchmarks/verify_families.py families [--families F ...] [--per-family 5] [--fraction 0.1] [--cap 15]
   python benchmarks/verify_families.py abcrown [--per-family 8] [--cap 60]
+  (both take --method, --rounding, --memory, and --match SUBSTRING to keep instances whose onnx name has it)
 
 `families` runs a sample of each family's instances (spread evenly over its instances file) at a fraction of
 the competition timeout (capped); `abcrown` runs a sample of the instances of
@@ -64,12 +65,14 @@ def confirmed(model: pathlib.Path, spec: pathlib.Path, result_text: str) -> bool
     return load_property(spec).is_counterexample(x, y)
 
 
-def run_one(model: pathlib.Path, spec: pathlib.Path, timeout: float, memory: str | None, method: str) -> dict:
+def run_one(model: pathlib.Path, spec: pathlib.Path, timeout: float, memory: str | None, method: str,
+            rounding: str | None = None) -> dict:
     """One `cli.py verify` process: answer, wall seconds, peak resident MB, exit code, stderr's last line."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "result.txt"
         command = [sys.executable, str(ROOT / "cli.py"), "verify", str(model), str(spec), "--timeout", f"{timeout:g}",
-                   "--out", str(out), "--method", method] + (["--memory", memory] if memory else [])
+                   "--out", str(out), "--method", method] + (["--memory", memory] if memory else []) \
+            + (["--rounding", rounding] if rounding else [])
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         began = time.monotonic()
         with open(pathlib.Path(tmp) / "stderr.txt", "w+b") as stderr:
@@ -98,7 +101,7 @@ def run_rows(family: str, rows: list, timeout_of, args, truth) -> list[dict]:
     for onnx_name, spec_name, competition_timeout, *_ in rows:
         model, spec = SHARED / family / onnx_name, SHARED / family / spec_name
         timeout = timeout_of(float(competition_timeout))
-        record = run_one(model, spec, timeout, args.memory, args.method)
+        record = run_one(model, spec, timeout, args.memory, args.method, args.rounding)
         record.update(family=family, onnx=os.path.basename(onnx_name), vnnlib=os.path.basename(spec_name),
                       timeout=timeout, truth=truth.get((family, os.path.basename(onnx_name),
                                                         os.path.basename(spec_name)), "absent"))
@@ -132,7 +135,7 @@ def families(args) -> None:
     table = []
     for family in args.families:
         with open(SHARED / family / f"{family}_instances.csv", newline="") as handle:
-            rows = spread([r for r in csv.reader(handle) if r], args.per_family)
+            rows = spread([r for r in csv.reader(handle) if r and args.match in r[0]], args.per_family)
         print(f"{family}:", flush=True)
         records = run_rows(family, rows, lambda t: min(args.cap, args.fraction * t), args, truth)
         summary = checks(records)
@@ -155,8 +158,10 @@ def abcrown(args) -> None:
     print(f"side by side with alpha,beta-CROWN (reference-abcrown-cpu.csv, same CPU, its runs): {args.per_family} "
           f"per family, cap {args.cap:g} s, method {args.method}")
     lines = []
-    for family in sorted({r["family"] for r in reference}):
-        rows = spread([r for r in reference if r["family"] == family], args.per_family)
+    for family in sorted({r["family"] for r in reference} & set(args.families)):
+        rows = spread([r for r in reference if r["family"] == family and args.match in r["onnx"]], args.per_family)
+        if not rows:
+            continue
         print(f"{family}:", flush=True)
         ours = run_rows(family, [[r["onnx"], r["vnnlib"], str(args.cap)] for r in rows], lambda t: t, args, truth)
         theirs_decided = sum(ABCROWN.get(r["abcrown_answer"], "unknown") in ("holds", "violated")
@@ -181,6 +186,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cap", type=float, default=15.0, help="seconds at most per instance")
     parser.add_argument("--memory", help="--memory for every run (default: verify's own default)")
     parser.add_argument("--method", default="crown")
+    parser.add_argument("--rounding", choices=("float32", "real"), help="--rounding for every run (default: verify's)")
+    parser.add_argument("--match", default="", help="only instances whose onnx file name contains this")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
         print(f"benchmarks not found at {SHARED}", file=sys.stderr)
