@@ -340,8 +340,25 @@ def _smooth(walk: Walk, node: ir.Node):
     slope = SLOPES.get(op) or {"Elu": max(1.0, alpha), "HardSigmoid": abs(attr(node, "alpha", 0.2)),
                                "Selu": abs(attr(node, "gamma", 1.0507)) * max(1.0, abs(attr(node, "alpha", 1.6733))),
                                "Celu": 1.0}[op]
-    error = walk.b.op("Mul", walk.errors[node.inputs[0]], walk.c(slope))
+    x = node.inputs[0]
+    factor = _local_slope(walk, x, op) if op in ("Sigmoid", "Tanh") and x in walk.intervals else walk.c(slope)
+    error = walk.b.op("Mul", walk.errors[x], factor)
     return [walk.plus(error, walk.magnitude(node.outputs[0]), LIBM_ULPS * UNIT + 3 * UNIT)]
+
+
+def _local_slope(walk: Walk, x: ir.Value, op: str) -> ir.Value:
+    """The largest slope of Sigmoid / Tanh between the exact and the computed input, both in [l - E, u + E]:
+    the slope at d, the distance of that interval from 0 (both are even and fall with |z|). Bounded above by
+    e^-d (Sigmoid: e^-d / (1 + e^-d)^2) and 4·e^-2d (Tanh), which stays a bound where 1 - σ rounds to 0; pushed
+    up for exp's rounding, plus 2^-100 where exp underflows, capped by the global slope."""
+    b, interval = walk.b, walk.intervals[x]
+    interval = interval.materialised() if getattr(interval, "shared", False) else interval
+    error = walk.errors[x]
+    distance = b.op("Relu", b.op("Max", b.op("Sub", interval.lower, error),
+                                 b.op("Neg", b.op("Add", interval.upper, error))))
+    rate, scale, cap = (1.0, 1.0, 0.25) if op == "Sigmoid" else (2.0, 4.0, 1.0)
+    bound = b.op("Mul", b.op("Exp", b.op("Mul", distance, walk.c(-rate))), walk.c(scale * (1 + 2.0 ** -10)))
+    return b.op("Min", b.op("Add", bound, walk.c(2.0 ** -100)), walk.c(cap))
 
 
 @rule("Softmax")

@@ -105,3 +105,59 @@ def test_acasxu_property_1_holds_in_float32():
     result = verify(os.path.join(ACASXU, "ACASXU_run2a_1_1_batch_2000.onnx"), os.path.join(ACASXU, "prop_1.vnnlib"),
                     timeout=60)
     assert result.status == "holds"
+
+
+def s_shaped_net(scale: float, seed: int = 0, centre=None) -> onnx.ModelProto:
+    """8 -> 32 -> 32 -> 3 with Sigmoid then Tanh, weights times `scale` (large scales saturate the units); with
+    `centre`, the first bias cancels W·centre (units near 0 there, their inputs' rounding error large)."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(seed)
+    nodes, inits, current, size = [], [], "x", 8
+    for layer, op in enumerate(("Sigmoid", "Tanh")):
+        w = (rng.normal(size=(size, 32)) * scale / np.sqrt(size)).astype(np.float32)
+        bias = rng.normal(size=32) * scale if centre is None or layer else -(centre.astype(np.float64) @ w)
+        inits += [onnx.numpy_helper.from_array(w, f"w{layer}"),
+                  onnx.numpy_helper.from_array(bias.astype(np.float32), f"b{layer}")]
+        nodes += [helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [f"g{layer}"]),
+                  helper.make_node(op, [f"g{layer}"], [f"a{layer}"])]
+        current, size = f"a{layer}", 32
+    inits.append(onnx.numpy_helper.from_array((rng.normal(size=(32, 3)) * scale).astype(np.float32), "head"))
+    nodes.append(helper.make_node("Gemm", [current, "head"], ["y"]))
+    graph = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("scale,far", [(1.0, False), (30.0, False), (1.0, True)])
+def test_local_sigmoid_tanh_slopes_bound_the_float32_error(scale, far):
+    """Sigmoid/Tanh errors are carried with their largest slope near the box's interval, not the global one:
+    E still bounds |float32 - float64| at sampled, vertex and attacked points, and is smaller on saturated units."""
+    from graphcert import api
+    rng = np.random.default_rng(6)
+    if far:   # inputs ~1000 whose first layer cancels to ~0: the units' input errors (~1e-4) dominate
+        point = (rng.normal(size=8) * 1000).astype(np.float32)
+        proto = s_shaped_net(scale, centre=point)
+        centre = (point + rng.normal(size=(12, 8)) * 1e-3).astype(np.float32)
+        lower, upper = centre - np.float32(1e-4), centre + np.float32(1e-4)
+    else:
+        proto = s_shaped_net(scale)
+        centre = (rng.normal(size=(12, 8)) * 3).astype(np.float32)
+        lower, upper = centre - np.float32(0.02), centre + np.float32(0.02)
+    model = api.load(proto)
+    magnitude, error, _ = RoundingSlack(model).outputs(lower, upper)
+    loose = RoundingSlack(model).loose_errors(lower, upper)
+    for batch in attacked_points(proto, lower.astype(np.float64), upper.astype(np.float64), rng):
+        exact, rounded = unit_values(proto, batch, np.float64)["y"], unit_values(proto, batch, np.float32)["y"]
+        # M is IBP's float32 interval: exact up to its own rounding (an ulp; every rule's SAFETY covers it).
+        assert (np.abs(exact) <= magnitude * (1 + 2.0 ** -20)).all()
+        assert (np.abs(rounded.astype(np.float64) - exact) <= error).all()
+        assert (np.abs(rounded.astype(np.float64) - exact) <= loose).all()
+    if scale > 1:   # saturated units pass (almost) no error on
+        import graphcert.rounding as rounding
+        original = rounding._local_slope
+        rounding._local_slope = lambda walk, x, op: walk.c(0.25 if op == "Sigmoid" else 1.0)
+        try:
+            global_slopes = RoundingSlack(model).loose_errors(lower, upper)
+        finally:
+            rounding._local_slope = original
+        assert np.median(loose) < 0.5 * np.median(global_slopes)
