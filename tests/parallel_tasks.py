@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -92,3 +93,29 @@ def results_rows(path: Path) -> list[list[str]]:
 
 __all__ = ["ACAS_QUICK", "ACAS_SLOW", "ACAS_SLOW_TOO", "VNNCOMP", "acas_instances", "allocate", "fail", "kill_self", "kill_worker_of",
            "logged_starts", "results_rows", "shared_test_family", "sleep_then"]
+
+
+def interrupt_then_resume(command: list[str], env: dict, log_dir: Path, out: Path, rows, at_least: int,
+                          start_seconds: float = 120) -> tuple[set, str]:
+    """Run `command` (a verify --instances run writing `out`), SIGTERM it once `at_least` results are in, check
+    it stopped as an interruption, then run it again with --resume; the finished instances of the first run and
+    the second run's stderr. Each run logs its task starts to log_dir/first.log and log_dir/second.log."""
+    from graphcert.distributed.tasks import TASK_LOG_ENV
+    env = dict(env, **{TASK_LOG_ENV: str(log_dir / "first.log")})
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + start_seconds
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < at_least):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    finished = {(r[0], r[1]) for r in results_rows(out)}
+    assert at_least - 1 <= len(finished) < len(rows)
+    env[TASK_LOG_ENV] = str(log_dir / "second.log")
+    done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    redone = {tuple(key.split("#")[0].split(",")) for _, key, _ in logged_starts(log_dir / "second.log")}
+    assert not redone & finished and len(redone) == len(rows) - len(finished)
+    assert [(os.path.basename(r[0]), r[2]) for r in results_rows(out)] == [(o, v) for o, _, v in rows]
+    assert f"{len(finished)} resumed" in done.stderr
+    return finished, done.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ import cli
 from graphcert.distributed import ProcessExecutor, SerialExecutor, Task, run_tasks, tasks as task_module
 from graphcert.distributed.journal import Journal
 from graphcert.distributed.tasks import TASK_LOG_ENV
-from parallel_tasks import (ACAS_QUICK, ACAS_SLOW, ACAS_SLOW_TOO, acas_instances, allocate, fail, kill_self, kill_worker_of,
+from parallel_tasks import (ACAS_QUICK, interrupt_then_resume, ACAS_SLOW, ACAS_SLOW_TOO, acas_instances, allocate, fail, kill_self, kill_worker_of,
                             logged_starts, results_rows, shared_test_family, sleep_then)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,24 +126,7 @@ def test_resume_after_sigterm_redoes_no_finished_instance(tmp_path):
     out = tmp_path / "results.csv"
     command = [sys.executable, str(REPO / "cli.py"), "verify", "--instances", str(instances), "--out", str(out),
                "--workers", "2", "--rounding", "real"]
-    env = dict(os.environ, **{TASK_LOG_ENV: str(tmp_path / "first.log")})
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
-    finished = {(r[0], r[1]) for r in results_rows(out)}
-    assert 2 <= len(finished) < len(rows)
-    env[TASK_LOG_ENV] = str(tmp_path / "second.log")
-    done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    redone = {tuple(key.split("#")[0].split(",")) for _, key, _ in logged_starts(tmp_path / "second.log")}
-    assert not redone & finished and len(redone) == len(rows) - len(finished)
-    results = results_rows(out)
-    assert [(os.path.basename(r[0]), r[2]) for r in results] == [(o, v) for o, _, v in rows]
-    assert f"{len(finished)} resumed" in done.stderr
+    interrupt_then_resume(command, dict(os.environ), tmp_path, out, rows, at_least=3)
 
 
 def test_resume_needs_a_results_file_and_a_single_property_runs_alone(capsys):

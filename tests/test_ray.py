@@ -73,34 +73,16 @@ def test_a_ray_worker_killed_mid_task_has_its_task_retried(tmp_path, capsys, mon
 def test_resume_on_ray_after_sigterm_redoes_no_finished_instance(tmp_path):
     """A `verify --instances --ray` run (its own local cluster, in a child process) stopped by SIGTERM, then
     resumed on Ray: the finished instances are kept, only the rest run, the file ends complete and in order."""
-    import signal
-    import subprocess
     import sys
-    import time
     from pathlib import Path
 
-    from parallel_tasks import ACAS_SLOW_TOO
+    from parallel_tasks import ACAS_SLOW_TOO, interrupt_then_resume
     repo = Path(__file__).resolve().parents[1]
     rows = ACAS_QUICK[:2] + [ACAS_SLOW, ACAS_SLOW_TOO] + ACAS_QUICK[2:]
     instances = acas_instances(tmp_path / "acas.csv", rows, timeout=3)
     out = tmp_path / "results.csv"
     command = [sys.executable, str(repo / "cli.py"), "verify", "--instances", str(instances), "--out", str(out),
                "--ray", "--rounding", "real"]
-    env = dict(os.environ, **{TASK_LOG_ENV: str(tmp_path / "first.log")})
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
-    finished = {(r[0], r[1]) for r in results_rows(out)}
-    assert 1 <= len(finished) < len(rows)
-    env[TASK_LOG_ENV] = str(tmp_path / "second.log")
-    done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    redone = {tuple(key.split("#")[0].split(",")) for _, key, _ in logged_starts(tmp_path / "second.log")}
-    assert not redone & finished and len(redone) == len(rows) - len(finished)
-    assert [(os.path.basename(r[0]), r[2]) for r in results_rows(out)] == [(o, v) for o, _, v in rows]
-    assert f"{len(finished)} resumed" in done.stderr
+    interrupt_then_resume(command, env, tmp_path, out, rows, at_least=2, start_seconds=180)
