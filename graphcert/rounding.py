@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .arithmetic import FLOAT32, Arithmetic, of_model
 from .builder import Builder
 from .errors import UnsupportedOpError
 from .interface import clone, perturbed_inputs
@@ -43,7 +44,7 @@ from .interpret import attr, check_supported, perturbed_nodes, registrar
 from .interval import Interval
 from .model import static_shape
 
-UNIT = 2.0 ** -24                 # float32 unit roundoff
+UNIT = FLOAT32.unit               # float32 unit roundoff (the default arithmetic)
 LIBM_ULPS = 4                     # exp, tanh, ... are within a few ulps in every runtime we know
 SAFETY = 1.0 + 2.0 ** -10         # the A/E graph itself rounds: every rule's result is pushed up by this
 
@@ -52,7 +53,7 @@ rule = registrar(RULES)
 
 
 def gamma(n: int) -> float:
-    return n * UNIT / (1.0 - n * UNIT)
+    return FLOAT32.gamma(n)
 
 
 class Walk:
@@ -72,10 +73,15 @@ class Walk:
         # |δ| <= u, is one more rounding in every product, so γ_n becomes γ_{n+1}; the float64 model's own
         # rounding (u = 2^-53) is far below what the float32 analysis allows.
         self.weight_rounding = 0
+        self.arithmetic = FLOAT32   # the arithmetic analysed (graphcert.arithmetic); `unit` is its u
         self._magnitudes: dict[ir.Value, ir.Value] = {}
 
+    @property
+    def unit(self) -> float:
+        return self.arithmetic.unit
+
     def gamma(self, n: int) -> float:
-        return gamma(n + self.weight_rounding)
+        return self.arithmetic.gamma(n + self.weight_rounding)
 
     def c(self, number: float) -> ir.Value:
         return self.b.const(np.float32(number))
@@ -125,8 +131,17 @@ class Walk:
         return self.b.op("Mul", value, self.c(SAFETY))
 
     def plus(self, error: ir.Value, magnitude: ir.Value, factor: float) -> ir.Value:
-        """error + factor·magnitude, pushed up."""
-        return self.up(self.b.op("Add", error, self.b.op("Mul", magnitude, self.c(factor))))
+        """error + factor·magnitude + k·η, pushed up: a rounding of relative size factor = k·u adds at most k
+        underflow steps η below the normal range. Where magnitude + error may reach the arithmetic's largest
+        number the computed value may overflow: the error is then unbounded (+inf)."""
+        steps = factor / self.unit * max(self.arithmetic.underflow, 2.0 ** -126)   # a normal float32 constant
+        found = self.up(self.b.op("Add", self.b.op("Add", error, self.c(steps)),
+                                  self.b.op("Mul", magnitude, self.c(factor))))
+        if self.arithmetic.largest >= FLOAT32.largest:
+            return found
+        b = self.b
+        over = b.op("Greater", b.op("Add", magnitude, found), self.c(self.arithmetic.largest * (1 - 2 * self.unit)))
+        return b.op("Where", over, self.c(np.inf), found)
 
 
 def _refused(node: ir.Node, why: str) -> UnsupportedOpError:
@@ -159,7 +174,7 @@ def _exact(walk: Walk, node: ir.Node):
         if any(_perturbed(walk, v) for v in node.inputs[1:]):
             raise _refused(node, "perturbed limits")
         if node.op_type == "Clip" and walk.weight_rounding:  # the limits were rounded to float32 too
-            return [walk.plus(walk.errors[x], walk.magnitude(node.outputs[0]), UNIT)]
+            return [walk.plus(walk.errors[x], walk.magnitude(node.outputs[0]), FLOAT32.unit)]
         return [walk.errors[x]]
     if node.op_type == "Concat":
         parts = [walk.errors[v] if _perturbed(walk, v) else walk.b.op("Mul", walk.magnitude(v), walk.c(0.0))
@@ -179,7 +194,7 @@ def _exact(walk: Walk, node: ir.Node):
 def _leaky_relu(walk: Walk, node: ir.Node):
     alpha = abs(attr(node, "alpha", 0.01))
     error = walk.b.op("Mul", walk.errors[node.inputs[0]], walk.c(max(1.0, alpha)))
-    return [walk.plus(error, walk.magnitude(node.outputs[0]), 2 * UNIT)]
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), 2 * walk.unit)]
 
 
 # ---- linear ops: E through |W| plus γ_n of what they sum ---------------------------------------------------
@@ -298,7 +313,7 @@ def _scale(walk: Walk, node: ir.Node):
             raise _refused(node, "a division by a tensor that is not a non-zero constant")
         factor = walk.b.const((1.0 / np.abs(fixed.const_value.numpy().astype(np.float64))).astype(np.float32))
     error = walk.b.op("Mul", walk.errors[moving], factor)
-    return [walk.plus(error, walk.magnitude(node.outputs[0]), (3 + walk.weight_rounding) * UNIT)]
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), 3 * walk.unit + walk.weight_rounding * FLOAT32.unit)]
 
 
 @rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
@@ -343,7 +358,7 @@ def _smooth(walk: Walk, node: ir.Node):
     x = node.inputs[0]
     factor = _local_slope(walk, x, op) if op in ("Sigmoid", "Tanh") and x in walk.intervals else walk.c(slope)
     error = walk.b.op("Mul", walk.errors[x], factor)
-    return [walk.plus(error, walk.magnitude(node.outputs[0]), LIBM_ULPS * UNIT + 3 * UNIT)]
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), (LIBM_ULPS + 3) * walk.unit)]
 
 
 def _local_slope(walk: Walk, x: ir.Value, op: str) -> ir.Value:
@@ -372,10 +387,12 @@ def _softmax(walk: Walk, node: ir.Node):
     if not isinstance(n, int):
         raise _refused(node, "a softmax over an axis of unknown size")
     b = walk.b
-    spread = b.op("Add", walk.errors[x], b.op("Mul", walk.magnitude(x), walk.c(2 * UNIT)))
+    spread = b.op("Add", walk.errors[x], b.op("Mul", walk.magnitude(x), walk.c(2 * walk.unit)))
     worst = b.reduce("ReduceMax", spread, [axis % len(dims)])
-    error = b.op("Add", b.op("Mul", worst, walk.c(0.5)), walk.c((n + LIBM_ULPS + 2) * UNIT))
-    return [walk.up(b.op("Add", error, b.op("Mul", walk.magnitude(node.outputs[0]), walk.c(0.0))))]
+    error = b.op("Mul", worst, walk.c(0.5))
+    # The outputs lie in [0, 1]: each of the n + LIBM_ULPS + 2 roundings is at most u (plus η) of 1.
+    return [walk.plus(error, b.op("Add", b.op("Mul", walk.magnitude(node.outputs[0]), walk.c(0.0)), walk.c(1.0)),
+                      (n + LIBM_ULPS + 2) * walk.unit)]
 
 
 # ---- the pass --------------------------------------------------------------------------------------------
@@ -384,7 +401,7 @@ MAGNITUDE, ERROR, NORM = "_magnitude", "_rounding_error", "_rounding_norm"
 
 
 def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True, given: tuple = (),
-                widen: bool = True) -> ir.Model:
+                widen: bool = True, arithmetic: Arithmetic | None = None) -> ir.Model:
     """A graph whose inputs describe input sets, for every model output y giving `<y>_magnitude` (a bound on |y|
     over the set), `<y>_rounding_error` (a bound on |fl32(y) - y|) and, with `tighten`, `<y>_rounding_norm`
     [batch] (a bound on ||fl32(y) - y||_2 per sample, graphcert.rounding_norms; the elementwise bound is then
@@ -392,7 +409,9 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True, given
     names the nodes it cannot analyse. Input sets: boxes `<x>_lower`/`<x>_upper` (norm "linf"), or L2 balls,
     the point `<x>` and a radius `<x>_radius` [batch] (norm "l2"; magnitudes from the lipschitz pass's
     constants). `given` names values whose intervals over boxes are intersected with bounds fed as inputs
-    (graphcert.rounding_given: widened by 2·E there when `widen`), and output as the intervals used."""
+    (graphcert.rounding_given: widened by 2·E there when `widen`), and output as the intervals used.
+    `arithmetic`: the one the errors are of (graphcert.arithmetic; default: the model's own, float16 for a
+    float16 model); a bound graph's own rounding is analysed in the arithmetic the bound graph runs in."""
     from .passes import ibp
     from .rounding_norms import NormTracker, element_spreads
     result = clone(model)
@@ -401,16 +420,13 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True, given
     nodes = perturbed_nodes(graph, set(sources))
     check_supported(nodes, RULES, "float32 rounding analysis")
     others = [x for x in sources if x.dtype != ir.DataType.FLOAT]
-    if others:  # float16 arithmetic rounds far more (and float64 less): u = 2^-24 would not describe it
+    if others:  # loaded models compute in float32 (graphcert.dtypes); a raw model of another type is not
         raise UnsupportedOpError("float32 rounding analysis",
-                                 {"(input)": [f"{x.name}: the analysis covers float32 models, not {x.dtype.name}"
-                                              for x in others]})
+                                 {"(input)": [f"{x.name}: the analysis reads models as loaded (float32 inside), "
+                                              f"not {x.dtype.name}" for x in others]})
     from .dtypes import META
     loaded_from = model.metadata_props.get(META)
-    if loaded_from in ("float16", "bfloat16"):
-        raise UnsupportedOpError("float32 rounding analysis", {"(model)": [
-            f"a {loaded_from} model runs in {loaded_from} arithmetic, which rounds far more than the float32 this "
-            f"analysis covers"]})
+    arithmetic = arithmetic or of_model(model)
     b = Builder(graph, prefix="fp32")
     intervals: dict = {}
     dims = static_shape(sources[0]) if sources else []
@@ -448,6 +464,7 @@ def error_graph(model: ir.Model, norm: str = "linf", tighten: bool = True, given
             for value, interval in zip(node.outputs, ibp.RULES[node.op_type](cx, node, *args)):
                 intervals[value] = interval
     walk.weight_rounding = 1 if loaded_from == "float64" else 0
+    walk.arithmetic = arithmetic
     if tighten:
         walk.norms = NormTracker(walk, batched, tainted)
         for x in sources:

@@ -7,7 +7,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .interface import perturbed_inputs
-from .rounding import ERROR, MAGNITUDE, NORM, SAFETY, UNIT, error_graph
+from .arithmetic import FLOAT32, Arithmetic
+from .rounding import ERROR, MAGNITUDE, NORM, SAFETY, error_graph
 from .rounding_given import GIVEN_LOWER, GIVEN_UPPER, USED_LOWER, USED_UPPER
 
 
@@ -25,14 +26,19 @@ class RoundingSlack:
     The model's error is min(|c|·E, ||c||_2·N) of the tightened analysis (graphcert.rounding_norms). A bound
     graph of POINT_BOUND_GRAPHS computes the model at a point of the set, so the same bound covers it. A
     relaxation bound graph (IBP, CROWN) propagates radii and coefficient chains through |W|, where no
-    cancellation helps: its error is bounded by the plain |W|-product E (tighten=False), as before."""
+    cancellation helps: its error is bounded by the plain |W|-product E (tighten=False), as before.
+    The model's error is in the arithmetic it is deployed in (graphcert.arithmetic.of_model: float16 for a
+    float16 model); the bound graph's in the one it runs in (`bound_arithmetic`: float32, or float64 for a bound
+    graph computed in double, graphcert.precision), which the plain analysis and the final term use."""
 
-    def __init__(self, model: ir.Model, norm: str = "linf", given: tuple = ()):
+    def __init__(self, model: ir.Model, norm: str = "linf", given: tuple = (),
+                 bound_arithmetic: Arithmetic = FLOAT32):
         """`given`: names of values (boxes only) whose bounds over each set are fed to `of_rows`
         (graphcert.rounding_given: the magnitudes then come from the tighter of IBP's and those bounds)."""
         from .export import to_proto
         from .runtime import Session
         self.model, self.norm, self.given = model, norm, tuple(given)
+        self.bound_arithmetic = bound_arithmetic
         graph = error_graph(model, norm, given=self.given, widen=False)
         self.session = Session(to_proto(graph))
         self._loose = None
@@ -84,7 +90,8 @@ class RoundingSlack:
         if self._loose is None:
             from .export import to_proto
             from .runtime import Session
-            self._loose = Session(to_proto(error_graph(self.model, self.norm, tighten=False, given=self.given)))
+            self._loose = Session(to_proto(error_graph(self.model, self.norm, tighten=False, given=self.given,
+                                                       arithmetic=self.bound_arithmetic)))
         used_names = [name + suffix for name in self.given for suffix in (USED_LOWER, USED_UPPER)]
         out = self._loose.run(self._feeds(lower, upper, given), [self.output + ERROR, *used_names])
         e = out[self.output + ERROR]
@@ -109,5 +116,5 @@ class RoundingSlack:
             if loose is None:
                 loose = self.loose_errors(lower, upper)
             bound_graph = 2 * np.einsum("bmn,bn->bm", weights, loose)
-        slack = model + bound_graph + 8 * UNIT * np.einsum("bmn,bn->bm", weights, m)
+        slack = model + bound_graph + 8 * self.bound_arithmetic.unit * np.einsum("bmn,bn->bm", weights, m)
         return slack * SAFETY + np.finfo(np.float32).tiny

@@ -31,10 +31,13 @@ class GraphSlack:
     def __init__(self, model: ir.Model, method: str, norm: str):
         from graphcert.export import to_proto
         from graphcert.rounding import MAGNITUDE, NORM, error_graph
+        from graphcert.arithmetic import FLOAT32
         from graphcert.rounding_slack import POINT_BOUND_GRAPHS
         try:
             tight = error_graph(model, norm)
-            loose = None if method in POINT_BOUND_GRAPHS else error_graph(model, norm, tighten=False)
+            # The certificate graph computes in float32, whatever the model's own arithmetic.
+            loose = None if method in POINT_BOUND_GRAPHS else error_graph(model, norm, tighten=False,
+                                                                         arithmetic=FLOAT32)
         except UnsupportedOpError as refusal:
             raise InputError(f"{str(refusal).split('; run')[0]}: certificate graphs for the float32 model need "
                              f"it") from None
