@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .arithmetic import FLOAT32, Arithmetic, of_model
+from . import ops
 from .builder import Builder
 from .errors import UnsupportedOpError
 from .interface import clone, perturbed_inputs
@@ -260,17 +261,34 @@ def _axes(node: ir.Node):
 SLOPES = {"Sigmoid": 0.25, "Tanh": 1.0, "Softsign": 1.0, "Softplus": 1.0, "Erf": 1.13, "Atan": 1.0}
 
 
-@rule(*SLOPES, "Elu", "HardSigmoid", "Selu", "Celu")
+@rule(*SLOPES, "Elu", "HardSigmoid", "Selu")
 def _smooth(walk: Walk, node: ir.Node):
     op = node.op_type
     alpha = abs(attr(node, "alpha", 1.0))
     slope = SLOPES.get(op) or {"Elu": max(1.0, alpha), "HardSigmoid": abs(attr(node, "alpha", 0.2)),
-                               "Selu": abs(attr(node, "gamma", 1.0507)) * max(1.0, abs(attr(node, "alpha", 1.6733))),
-                               "Celu": 1.0}[op]
+                               "Selu": abs(attr(node, "gamma", 1.0507)) * max(1.0, abs(attr(node, "alpha", 1.6733)))}[op]
     x = node.inputs[0]
     factor = _local_slope(walk, x, op) if op in ("Sigmoid", "Tanh") and x in walk.intervals else walk.c(slope)
     error = walk.b.op("Mul", walk.errors[x], factor)
     return [walk.plus(error, walk.magnitude(node.outputs[0]), (LIBM_ULPS + 3) * walk.unit)]
+
+
+def _elementwise_family(spec) -> None:
+    """Element-wise ops stated in graphcert.ops (`def_elementwise`) with a slope bounded by L everywhere:
+    |f(x~) - f(x)| <= L·E plus the library's few ulps, as `_smooth` (unless this module has a tighter rule)."""
+    if spec.op_type not in RULES:
+        rule(spec.op_type)(_stated_slope)
+
+
+def _stated_slope(walk: Walk, node: ir.Node):
+    slope = ops.ELEMENTWISE[node.op_type].lipschitz(node)
+    if slope is None or len(node.inputs) != 1:
+        raise _refused(node, "no bound on its slope for these attributes")
+    error = walk.b.op("Mul", walk.errors[node.inputs[0]], walk.c(slope * (1 + 2.0 ** -20)))
+    return [walk.plus(error, walk.magnitude(node.outputs[0]), (LIBM_ULPS + 3) * walk.unit)]
+
+
+ops.on_elementwise(_elementwise_family)
 
 
 def _local_slope(walk: Walk, x: ir.Value, op: str) -> ir.Value:

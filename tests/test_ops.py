@@ -109,9 +109,10 @@ def test_passes_refuse_windows_larger_than_the_padded_input(method):
 
 # ---- element-wise families: one statement in graphcert.ops reaches every pass ------------------------------
 
-def _celu_model(alpha: float = 0.7) -> onnx.ModelProto:
+def _celu_model(alpha: float = 0.7, w1: np.ndarray | None = None) -> onnx.ModelProto:
     rng = np.random.default_rng(3)
-    w1, w2 = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+    w1 = rng.normal(size=(6, 8)).astype(np.float32) if w1 is None else w1
+    w2 = rng.normal(size=(8, 3)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Celu", ["h"], ["a"], alpha=alpha),
          helper.make_node("MatMul", ["a", "w2"], ["y"])], "celu",
@@ -154,21 +155,56 @@ def test_an_op_stated_in_ops_gets_a_sound_lipschitz_constant_and_a_torch_kernel(
     assert np.allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0, "cancelling"])
+def test_the_float32_analysis_of_an_op_stated_in_ops_bounds_its_error(scale):
+    """Celu, stated only in graphcert.ops: E bounds |float32 output - float64 output| at sampled points of boxes
+    (float64 reference: the same weights, evaluated in double). "cancelling": inputs near 1000 whose first
+    layer takes differences (weights ±1.1), so the products' rounding (~6e-5) survives into values ~1 and
+    Celu must carry it on (the test fails when the rule drops the propagated error)."""
+    from graphcert import api
+    from graphcert.rounding_slack import RoundingSlack
+    from graphcert.runtime import Session
+    rng = np.random.default_rng(4)
+    if scale == "cancelling":
+        w1 = np.zeros((6, 8), dtype=np.float32)
+        for j in range(8):
+            a, b = rng.choice(6, size=2, replace=False)
+            w1[a, j], w1[b, j] = 1.1, -1.1
+        model = _celu_model(w1=w1)
+        x = (1000 + rng.uniform(0, 1, size=(8, 6))).astype(np.float32)
+        lower, upper = x - np.float32(0.01), x + np.float32(0.01)
+    else:
+        model = _celu_model()
+        x = (rng.normal(size=(8, 6)) * scale).astype(np.float32)
+        lower, upper = x - np.float32(0.1 * scale), x + np.float32(0.1 * scale)
+    w1, w2 = (onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer)
+    _, error, _ = RoundingSlack(api.load(model)).outputs(lower, upper)
+    session = Session(model)
+    for i in range(len(x)):
+        points = rng.uniform(lower[i], upper[i], (200, 6)).astype(np.float32)
+        h = points.astype(np.float64) @ w1
+        exact = (np.maximum(h, 0) + np.minimum(0, 0.7 * np.expm1(h / 0.7))) @ w2
+        found = session.run({"x": points})["y"].astype(np.float64)
+        assert np.all(np.abs(found - exact) <= error[i]), (np.abs(found - exact).max(), error[i].min())
+
+
 def test_an_op_stated_after_the_passes_loaded_reaches_them_all():
     """What a new op costs: one def_elementwise call (here Softsign, taken out of every table first)."""
     import torch
     from graphcert import ops
     from graphcert import torch_exec
+    from graphcert import rounding
     from graphcert.passes import ibp, lipschitz
     tables = (ibp.RULES, ibp.CONDITIONS, lipschitz.RULES, lipschitz.RULES.preconditions, torch_exec.KERNELS,
-              ops.ELEMENTWISE)
+              ops.ELEMENTWISE, rounding.RULES)
     saved, monotone = [dict(t) for t in tables], list(ibp.MONOTONE)
     try:
-        ops.forget_elementwise("Softsign", [ibp.RULES, lipschitz.RULES, torch_exec.KERNELS])
+        ops.forget_elementwise("Softsign", [ibp.RULES, lipschitz.RULES, torch_exec.KERNELS, rounding.RULES])
         ops.def_elementwise("Softsign", torch=lambda node: torch.nn.functional.softsign, lipschitz=1.0)
         assert ibp.RULES["Softsign"] is ibp.RULES["Relu"]          # the shared monotone rule
         assert lipschitz.RULES["Softsign"](None, None, 2.0) == [2.0]
         assert torch_exec.KERNELS["Softsign"](None, None) is torch.nn.functional.softsign
+        assert rounding.RULES["Softsign"] is rounding.RULES["Celu"]  # the float32 analysis by its slope
     finally:
         for table, content in zip(tables, saved):
             table.clear()
