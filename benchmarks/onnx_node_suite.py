@@ -166,6 +166,7 @@ def check(case, bound) -> str:
     wanted = [f"{o}_{s}" for o in bounded for s in ("lower", "upper")]
     rtol, atol = max(case.rtol, 1e-5), max(case.atol, 1e-5)
     rng = np.random.default_rng(0)
+    out_types = {o.name: o.type.tensor_type.elem_type for o in case.model.graph.output}
     for given, expected in case.data_sets:
         given = [_no_bfloat16(np.asarray(_array(x))) for x in given]
         feeds = dict(zip(inputs, given))
@@ -195,13 +196,25 @@ def check(case, bound) -> str:
         if original is None:
             continue
         box = bounds_at(EPSILON)
-        for where, points in _points(rng, given, original, inputs, box, bounded):
-            values = original.run(bounded, {k: np.asarray(v) for k, v in zip(inputs, points)})
+        for where, points in _points(rng, given, original, inputs, box, bounded, out_types):
+            values = _decoded(original.run(bounded, {k: np.asarray(v) for k, v in zip(inputs, points)}),
+                              [out_types[o] for o in bounded])
             for out, value in zip(bounded, values):
                 problem = _outside(value, *box[out], rtol, atol, f"eps={EPSILON} {where}")
                 if problem:
                     return f"{out}: {problem}"
     return ""
+
+
+def _decoded(values, elem_types):
+    """onnxruntime returns 8-bit float outputs as their raw bytes (uint8): read them as the numbers they are."""
+    import ml_dtypes
+    from onnx import TensorProto as T
+    numbers = {T.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn, T.FLOAT8E4M3FNUZ: ml_dtypes.float8_e4m3fnuz,
+               T.FLOAT8E5M2: ml_dtypes.float8_e5m2, T.FLOAT8E5M2FNUZ: ml_dtypes.float8_e5m2fnuz,
+               T.FLOAT8E8M0: ml_dtypes.float8_e8m0fnu}
+    return [np.asarray(v).view(numbers[t]).astype(np.float32) if t in numbers and np.asarray(v).dtype == np.uint8
+            else v for v, t in zip(values, elem_types)]
 
 
 def _no_bfloat16(x):
@@ -236,7 +249,7 @@ def _outside(value, lower, upper, rtol, atol, where) -> str:
     return f"{where}: value {value.flat[k]:.6g} outside [{lower.flat[k]:.6g}, {upper.flat[k]:.6g}]"
 
 
-def _points(rng, given, original, inputs, box, bounded):
+def _points(rng, given, original, inputs, box, bounded, out_types):
     """Random points, corners and a random-search attack on each bound of the L-inf ball around `given`."""
     floats = [np.issubdtype(x.dtype, np.floating) for x in given]
 
@@ -259,19 +272,20 @@ def _points(rng, given, original, inputs, box, bounded):
         lower, upper = box[out]
         for sign in (1.0, -1.0):
             current = draw("random")
-            best = _score(original, inputs, current, out, lower, upper, sign)
+            best = _score(original, inputs, current, out, lower, upper, sign, out_types[out])
             for _ in range(ATTACK_STEPS):
                 candidate = [np.clip(c + (EPSILON * 0.5 * rng.choice([-1.0, 0.0, 1.0], c.shape)).astype(c.dtype),
                                      x - EPSILON, x + EPSILON).astype(x.dtype) if f else c
                              for c, x, f in zip(current, given, floats)]
-                score = _score(original, inputs, candidate, out, lower, upper, sign)
+                score = _score(original, inputs, candidate, out, lower, upper, sign, out_types[out])
                 if score >= best:
                     current, best = candidate, score
             yield "attacked point", current
 
 
-def _score(session, inputs, points, out, lower, upper, sign) -> float:
-    value = session.run([out], {k: np.asarray(v) for k, v in zip(inputs, points)})[0].astype(np.float64)
+def _score(session, inputs, points, out, lower, upper, sign, out_type) -> float:
+    value = _decoded(session.run([out], {k: np.asarray(v) for k, v in zip(inputs, points)}), [out_type])[0]
+    value = value.astype(np.float64)
     gap = (value - upper) if sign > 0 else (lower - value)
     gap = np.where(np.isfinite(gap), gap, -np.inf)
     return float(np.max(gap)) if gap.size else -np.inf

@@ -61,14 +61,24 @@ def _mod(t: Tiny, op_type):
     return t.model(t.op("Mod", _large(t, t.perturbed(left)), y, fmod=1))
 
 
+NARROW = [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ,
+          TensorProto.FLOAT8E8M0, TensorProto.BFLOAT16]
+
+
 @case("Cast", "CastLike")
 def _cast(t: Tiny, op_type):
-    """Through an integer, half, boolean or wrapping unsigned type and back."""
+    """Through an integer, half, 8-bit float, boolean or wrapping unsigned type and back."""
     middle = t.pick([TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT16, TensorProto.DOUBLE,
-                     TensorProto.BOOL, TensorProto.UINT8])
+                     TensorProto.BOOL, TensorProto.UINT8] + (NARROW if op_type == "Cast" else []))
     x = t.perturbed(t.shape())
     if middle == TensorProto.BOOL and t.draw(st.booleans()):
         x = t.op("Relu", x)  # exact zeros
+    if middle in NARROW and middle != TensorProto.BFLOAT16:
+        t.opset = 24 if middle == TensorProto.FLOAT8E8M0 else 19
+        attrs = {"saturate": int(t.draw(st.booleans()))}
+        if middle == TensorProto.FLOAT8E8M0:
+            attrs["round_mode"] = t.pick(["up", "down", "nearest"])
+        return t.model(_as_float(t, t.op("Cast", _large(t, x), to=middle, **attrs)))
     if op_type == "Cast":
         return t.model(_as_float(t, t.op("Cast", _large(t, x), to=middle)))
     numpy_type = {TensorProto.INT32: np.int32, TensorProto.INT64: np.int64, TensorProto.FLOAT16: np.float16,
