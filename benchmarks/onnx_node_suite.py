@@ -79,14 +79,29 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+# Inputs that set an op's output shape (Resize's roi, scales and sizes; Upsample's scales): the suite feeds them
+# as given (`--perturb` leaves them out), since a perturbed output shape is no bound at all. Every other float
+# input is perturbed.
+SHAPE_PARAMETERS = {"Resize": (1, 2, 3), "Upsample": (1,)}
+
+
+def perturbed_names(case) -> list[str]:
+    """The graph inputs the suite perturbs: every float input that no node reads as a shape parameter."""
+    parameters = {node.input[k] for node in case.model.graph.node for k in SHAPE_PARAMETERS.get(node.op_type, ())
+                  if k < len(node.input)}
+    return [i.name for i in case.model.graph.input if i.name not in parameters]
+
+
 def run_case(case, method: str) -> dict:
     """Convert `case` by `method` and check the bound graph; returns {"status", "detail"}."""
     from graphcert import api
     from graphcert.errors import GraphcertError
     from graphcert.export import to_proto
+    from graphcert.interface import fix_inputs
     try:
-        # As `convert` writes it: a float16/bfloat16/float64 model's graph takes and returns that type.
-        bound = to_proto(api.bound_graph(api.load(case.model), method, native_types=True))
+        # As `convert --perturb` writes it: a float16/bfloat16/float64 model's graph takes and returns that type.
+        model = fix_inputs(api.load(case.model), perturbed_names(case))
+        bound = to_proto(api.bound_graph(model, method, native_types=True))
     except GraphcertError as exc:
         return {"status": "refused", "detail": _one_line(exc)}
     except Exception as exc:
@@ -150,6 +165,7 @@ def _session(proto):
 def check(case, bound) -> str:
     """'' when sound on every data set, else what failed."""
     inputs = [i.name for i in case.model.graph.input]
+    perturbed = set(perturbed_names(case))
     outputs = [o.name for o in case.model.graph.output]
     bounded = [o for o in outputs if any(b.name == f"{o}_lower" for b in bound.graph.output)]
     if not bounded:
@@ -174,6 +190,8 @@ def check(case, bound) -> str:
         def bounds_at(eps):
             extra = {}
             for name, x in zip(inputs, given):
+                if name not in perturbed:
+                    continue
                 key = "epsilon" if single else f"{name}_epsilon"
                 extra[key] = np.full((1,) * np.ndim(x), eps, dtype=eps_types[key])
             values = session.run(wanted, {**feeds, **extra})
@@ -196,7 +214,8 @@ def check(case, bound) -> str:
         if original is None:
             continue
         box = bounds_at(EPSILON)
-        for where, points in _points(rng, given, original, inputs, box, bounded, out_types):
+        varied = [name in perturbed for name in inputs]
+        for where, points in _points(rng, given, original, inputs, box, bounded, out_types, varied):
             values = _decoded(original.run(bounded, {k: np.asarray(v) for k, v in zip(inputs, points)}),
                               [out_types[o] for o in bounded])
             for out, value in zip(bounded, values):
@@ -249,9 +268,10 @@ def _outside(value, lower, upper, rtol, atol, where) -> str:
     return f"{where}: value {value.flat[k]:.6g} outside [{lower.flat[k]:.6g}, {upper.flat[k]:.6g}]"
 
 
-def _points(rng, given, original, inputs, box, bounded, out_types):
-    """Random points, corners and a random-search attack on each bound of the L-inf ball around `given`."""
-    floats = [np.issubdtype(x.dtype, np.floating) for x in given]
+def _points(rng, given, original, inputs, box, bounded, out_types, varied):
+    """Random points, corners and a random-search attack on each bound of the L-inf ball around `given` (in the
+    perturbed inputs; the others stay as given)."""
+    floats = [np.issubdtype(x.dtype, np.floating) and v for x, v in zip(given, varied)]
 
     def draw(kind):
         out = []

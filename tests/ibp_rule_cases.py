@@ -191,17 +191,29 @@ def _resize(t: Tiny, op_type):
         scales = [max(s, 1.0) for s in scales]
         return t.model(t.op("Upsample", t.perturbed(shape), t.const(np.float32(scales)), mode=mode))
     transform = t.pick(["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"])
+    if transform == "align_corners":  # fractional output sizes are refused (runtimes disagree on them)
+        scales = [s if float(s * d).is_integer() else 2.0 for s, d in zip(scales, shape)]
     return t.model(t.op("Resize", t.perturbed(shape), "", t.const(np.float32(scales)), mode=mode,
                         coordinate_transformation_mode=transform))
 
 
 @case("GridSample")
 def _grid_sample(t: Tiny, op_type):
-    t.opset = max(t.opset, 16)
-    shape = [1, t.draw(st.integers(1, 2)), t.draw(st.integers(1, 3)), t.draw(st.integers(1, 3))]
-    grid = t.const(t.rng.uniform(-1.2, 1.2, [1, 2, 3, 2]))
-    return t.model(t.op("GridSample", t.perturbed(shape), grid, mode=t.pick(["bilinear", "nearest"]),
-                        padding_mode=t.pick(["zeros", "border", "reflection"]),
+    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D."""
+    volumetric = t.draw(st.booleans())
+    t.opset = max(t.opset, 20 if volumetric else 16)
+    spatial = [t.draw(st.integers(1, 3)) for _ in range(3 if volumetric else 2)]
+    shape = [t.draw(st.integers(1, 2)), t.draw(st.integers(1, 2))] + spatial
+    grid_shape = [shape[0]] + [t.draw(st.integers(1, 3)) for _ in spatial] + [len(spatial)]
+    which = t.pick(["data", "grid", "both"])
+    grid = t.const(t.rng.uniform(-1.2, 1.2, grid_shape)) if which == "data" else \
+        t.op("Mul", t.op("Tanh", t.perturbed(grid_shape)), t.const(np.float32(1.2)))
+    x = t.perturbed(shape) if which != "grid" else t.weights(shape)
+    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest"])
+    if volumetric or which != "data":
+        mode = {"bilinear": "linear"}.get(mode, mode)
+        t.opset = 20
+    return t.model(t.op("GridSample", x, grid, mode=mode, padding_mode=t.pick(["zeros", "border", "reflection"]),
                         align_corners=int(t.draw(st.booleans()))))
 
 

@@ -556,3 +556,15 @@ def test_casts_onnxruntime_cannot_run_are_refused_in_one_line():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT4E2M1, [3])])
     with pytest.raises(UnsupportedOpError, match="Cast .onnxruntime has no kernel for casts to FLOAT4E2M1"):
         bound_graph(proto)
+
+
+def test_resize_with_align_corners_and_a_fractional_output_size_is_refused():
+    """onnxruntime floors 4 · 0.6 to 2 outputs and maps the second to element 3; onnx's reference maps it to
+    2.14 (it keeps 2.4 in align_corners' ratio): the op is not defined well enough to bound."""
+    proto = _fixed([helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear",
+                                     coordinate_transformation_mode="align_corners")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 2])],
+                   [numpy_helper.from_array(np.float32([1.0, 1.0, 0.6, 0.6]), "scales")])
+    with pytest.raises(UnsupportedOpError, match="align_corners with scales that give a fractional output size"):
+        bound_graph(proto)
