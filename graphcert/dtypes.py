@@ -148,3 +148,31 @@ def restore_interface(model: ir.Model, dtype: str, epsilon_names: set[str],
         graph.append(made)
     graph.sort()
     model.metadata_props[META] = dtype
+
+
+def narrowed(proto: onnx.ModelProto, dtype: str = "float16") -> onnx.ModelProto:
+    """The float32 model as a half-precision deployment ships it: every float32 weight, constant, type and cast
+    in `dtype` ("float16" or "bfloat16"), weights rounded to nearest (a different model, with its own answers)."""
+    code = ONNX_TYPES[dtype]
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+
+    def narrow(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            array = numpy_helper.to_array(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), tensor.name) if dtype == "float16"
+                            else onnx.helper.make_tensor(tensor.name, code, array.shape, array.reshape(-1).tolist()))
+
+    for init in graph.initializer:
+        narrow(init)
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = code
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == onnx.TensorProto.FLOAT:
+                attr.i = code
+            elif attr.type == onnx.AttributeProto.TENSOR:
+                narrow(attr.t)
+    return out

@@ -128,7 +128,7 @@ def _linear(walk: Walk, node: ir.Node, x: ir.Value, apply_abs, fan_in: int, bias
     error = walk.plus(walk.b.op("Mul", propagated, walk.c(1.0 + g)), summed, g)
     if walk.norms is None:
         return error
-    fresh = walk.b.op("Mul", walk.b.op("Add", summed, propagated), walk.c(g))
+    fresh = walk.rounding(walk.b.op("Add", summed, propagated), g)
     return error, walk.norms.linear(node, x, fresh)
 
 
@@ -208,7 +208,7 @@ def _add(walk: Walk, node: ir.Node):
     error = walk.plus(walk.b.op("Mul", total, walk.c(1.0 + g)), summed, g)
     if walk.norms is None:
         return [error]
-    fresh = walk.b.op("Mul", walk.b.op("Add", summed, total), walk.c(g))  # g·Σ|x~_i| bounds the rounding
+    fresh = walk.rounding(walk.b.op("Add", summed, total), g)  # g·Σ|x~_i| (+ underflow) bounds the rounding
     return [(error, walk.norms.add(node, fresh))]
 
 

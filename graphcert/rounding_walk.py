@@ -86,13 +86,17 @@ class Walk:
     def up(self, value: ir.Value) -> ir.Value:
         return self.b.op("Mul", value, self.c(SAFETY))
 
+    def rounding(self, magnitude: ir.Value, factor: float) -> ir.Value:
+        """factor·magnitude + k·η: what a rounding of relative size factor = k·u adds at most, with k underflow
+        steps η below the normal range (a normal float32 constant at the least)."""
+        steps = factor / self.unit * max(self.arithmetic.underflow, 2.0 ** -126)
+        return self.b.op("Add", self.b.op("Mul", magnitude, self.c(factor)), self.c(steps))
+
     def plus(self, error: ir.Value, magnitude: ir.Value, factor: float) -> ir.Value:
         """error + factor·magnitude + k·η, pushed up: a rounding of relative size factor = k·u adds at most k
         underflow steps η below the normal range. Where magnitude + error may reach the arithmetic's largest
         number the computed value may overflow: the error is then unbounded (+inf)."""
-        steps = factor / self.unit * max(self.arithmetic.underflow, 2.0 ** -126)   # a normal float32 constant
-        found = self.up(self.b.op("Add", self.b.op("Add", error, self.c(steps)),
-                                  self.b.op("Mul", magnitude, self.c(factor))))
+        found = self.up(self.b.op("Add", error, self.rounding(magnitude, factor)))
         if self.arithmetic.largest >= FLOAT32.largest:
             return found
         b = self.b

@@ -32,7 +32,7 @@ from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
 from ..attack import unsafe_objective
 from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
 from .bounds import BetaSplitBounds, SplitBounds
-from .resources import MemorySizer
+from .resources import MemorySizer, size
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
@@ -100,6 +100,9 @@ def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, 
     if clamp.units == 0:
         return search.finish("unknown", "bounds left the property undecided and the model has no ReLU, Sigmoid "
                                         "or Tanh to split")
+    if clamp.bytes_per_sample > search.budget.free():
+        return search.finish("unknown", f"the split bound graph may need {size(clamp.bytes_per_sample)} for one "
+                                        f"domain, over the {size(search.budget.free())} of the memory budget free")
     return ReluSplitSearch(search, clamp, lower, upper, beta).run(alive, margin_lower)
 
 
@@ -118,8 +121,10 @@ class ReluSplitSearch:
             if beta is not None else None
         # A domain costs its input box and unit bounds in and out at least; the graphs' own memory is measured.
         floor = 16 * search.network.n_inputs + 24 * clamp.units
-        self.domain_calls = CallSizer(memory=MemorySizer(search.budget, floor))
-        self.beta_calls = CallSizer(seconds=BETA_CALL_SECONDS, memory=MemorySizer(search.budget, floor))
+        estimate = clamp.bytes_per_sample
+        self.domain_calls = CallSizer(memory=MemorySizer(search.budget, floor, estimate=estimate))
+        self.beta_calls = CallSizer(seconds=BETA_CALL_SECONDS, memory=MemorySizer(search.budget, floor,
+                                                                                   estimate=estimate))
 
     def run(self, alive, margin_lower):
         search, clamp = self.search, self.clamp
