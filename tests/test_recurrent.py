@@ -284,7 +284,10 @@ def loop_model(trips=3, stop_after=None, trip_from_input=False, nested_if=False,
              helper.make_node("Transpose", ["steps"], ["stacked"], perm=[1, 0, 2])]  # batch first
     inputs = [_tensor("x", [1, 4])]
     inits = [_init("w", [0.5, -1.0, 2.0, 0.25]), onnx.numpy_helper.from_array(np.asarray(True), "cond")]
-    if trip_from_input:
+    if trips is None:  # a while loop: only the condition stops it
+        nodes[0].input[0] = ""
+        trips = stop_after
+    elif trip_from_input:
         nodes.insert(0, helper.make_node("Shape", ["x"], ["x_shape"]))
         nodes.insert(1, helper.make_node("ReduceSum", ["x_shape"], ["M"], keepdims=0))
     else:  # a trip count computed from constants
@@ -299,10 +302,32 @@ def loop_model(trips=3, stop_after=None, trip_from_input=False, nested_if=False,
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("kw", [{}, {"trips": 1}, {"trips": 5, "stop_after": 2}, {"nested_if": True, "trips": 4}],
+@pytest.mark.parametrize("kw", [{}, {"trips": 1}, {"trips": 5, "stop_after": 2}, {"nested_if": True, "trips": 4},
+                                {"trips": None, "stop_after": 3}],
                          ids=str)
 def test_unrolled_loop_equals_runtime(kw, batch):
     _assert_equal_to_original(loop_model(**kw), batch)
+
+
+def test_scan_nested_in_a_loop_with_body_constants_equals_runtime():
+    """A Loop whose body holds an initializer and a Scan reading a Loop-body value from its enclosing scope:
+    two rounds of unrolling, every outer-scope reference resolved to the right copy."""
+    scan_body = helper.make_graph(
+        [helper.make_node("Mul", ["x_t", "gain"], ["scaled"]), helper.make_node("Add", ["s_in", "scaled"], ["s_out"])],
+        "scan_body", [_tensor("s_in", [None, 4]), _tensor("x_t", [None, 4])], [_tensor("s_out", [None, 4])])
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["i"], ["i_f"], to=TP.FLOAT), helper.make_node("Add", ["i_f", "offset"], ["gain"]),
+         helper.make_node("Unsqueeze", ["acc_in", "zero_axis"], ["seq"]),
+         helper.make_node("Concat", ["seq", "seq"], ["pair"], axis=0),
+         helper.make_node("Scan", ["acc_in", "pair"], ["acc_out"], body=scan_body, num_scan_inputs=1),
+         helper.make_node("Identity", ["c_in"], ["c_out"])], "body",
+        [_tensor("i", [], TP.INT64), _tensor("c_in", [], TP.BOOL), _tensor("acc_in", [None, 4])],
+        [_tensor("c_out", [], TP.BOOL), _tensor("acc_out", [None, 4])],
+        [_init("offset", 0.5), onnx.numpy_helper.from_array(np.asarray([0], np.int64), "zero_axis")])
+    loop = helper.make_node("Loop", ["M", "", "x"], ["y"], body=body)
+    proto = _make([loop], [_tensor("x", [1, 4])], [_tensor("y", [1, 4])],
+                  [onnx.numpy_helper.from_array(np.asarray(3, np.int64), "M")])
+    _assert_equal_to_original(proto, 1)
 
 
 def if_model(flag_from_input=False):
@@ -363,7 +388,7 @@ def test_what_cannot_be_unrolled_is_refused_in_one_line(proto, words):
     with pytest.raises(UnsupportedOpError) as info:
         model_lib.load(proto())
     message = str(info.value)
-    assert all(w in message for w in words) and "\n" not in message, message
+    assert all(w in message for w in words) and "cannot unroll" in message and "\n" not in message, message
 
 
 def test_loop_classifier_bounds_are_sound():
