@@ -79,14 +79,29 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+# Inputs that set an op's output shape (Resize's roi, scales and sizes; Upsample's scales): the suite feeds them
+# as given (`--perturb` leaves them out), since a perturbed output shape is no bound at all. Every other float
+# input is perturbed.
+SHAPE_PARAMETERS = {"Resize": (1, 2, 3), "Upsample": (1,)}
+
+
+def perturbed_names(case) -> list[str]:
+    """The graph inputs the suite perturbs: every float input that no node reads as a shape parameter."""
+    parameters = {node.input[k] for node in case.model.graph.node for k in SHAPE_PARAMETERS.get(node.op_type, ())
+                  if k < len(node.input)}
+    return [i.name for i in case.model.graph.input if i.name not in parameters]
+
+
 def run_case(case, method: str) -> dict:
     """Convert `case` by `method` and check the bound graph; returns {"status", "detail"}."""
     from graphcert import api
     from graphcert.errors import GraphcertError
     from graphcert.export import to_proto
+    from graphcert.interface import fix_inputs
     try:
-        # As `convert` writes it: a float16/bfloat16/float64 model's graph takes and returns that type.
-        bound = to_proto(api.bound_graph(api.load(case.model), method, native_types=True))
+        # As `convert --perturb` writes it: a float16/bfloat16/float64 model's graph takes and returns that type.
+        model = fix_inputs(api.load(case.model), perturbed_names(case))
+        bound = to_proto(api.bound_graph(model, method, native_types=True))
     except GraphcertError as exc:
         return {"status": "refused", "detail": _one_line(exc)}
     except Exception as exc:
@@ -147,9 +162,23 @@ def _session(proto):
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+class _reference_session:
+    """onnx's reference evaluator behind onnxruntime's `run(names, feeds)`, for a bound graph onnxruntime cannot
+    load because the model's own node has no kernel there at its opset (onnxruntime fails on the model too)."""
+
+    def __init__(self, proto, error):
+        from onnx.reference import ReferenceEvaluator
+        self.evaluator = ReferenceEvaluator(proto)
+        self.error = error
+
+    def run(self, names, feeds):
+        return self.evaluator.run(names, feeds)
+
+
 def check(case, bound) -> str:
     """'' when sound on every data set, else what failed."""
     inputs = [i.name for i in case.model.graph.input]
+    perturbed = set(perturbed_names(case))
     outputs = [o.name for o in case.model.graph.output]
     bounded = [o for o in outputs if any(b.name == f"{o}_lower" for b in bound.graph.output)]
     if not bounded:
@@ -158,7 +187,10 @@ def check(case, bound) -> str:
     single = eps_inputs == ["epsilon"]
     eps_types = {i.name: _no_bfloat16(np.zeros(0, onnx_helper().tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))).dtype
                  for i in bound.graph.input if i.name in eps_inputs}
-    session = _session(bound)
+    try:
+        session = _session(bound)
+    except Exception as exc:  # onnxruntime lacks a kernel of the model's own opset (the original fails alike)
+        session = _reference_session(bound, exc)
     try:
         original = _session(case.model)
     except Exception:
@@ -166,6 +198,7 @@ def check(case, bound) -> str:
     wanted = [f"{o}_{s}" for o in bounded for s in ("lower", "upper")]
     rtol, atol = max(case.rtol, 1e-5), max(case.atol, 1e-5)
     rng = np.random.default_rng(0)
+    out_types = {o.name: o.type.tensor_type.elem_type for o in case.model.graph.output}
     for given, expected in case.data_sets:
         given = [_no_bfloat16(np.asarray(_array(x))) for x in given]
         feeds = dict(zip(inputs, given))
@@ -173,6 +206,8 @@ def check(case, bound) -> str:
         def bounds_at(eps):
             extra = {}
             for name, x in zip(inputs, given):
+                if name not in perturbed:
+                    continue
                 key = "epsilon" if single else f"{name}_epsilon"
                 extra[key] = np.full((1,) * np.ndim(x), eps, dtype=eps_types[key])
             values = session.run(wanted, {**feeds, **extra})
@@ -195,13 +230,26 @@ def check(case, bound) -> str:
         if original is None:
             continue
         box = bounds_at(EPSILON)
-        for where, points in _points(rng, given, original, inputs, box, bounded):
-            values = original.run(bounded, {k: np.asarray(v) for k, v in zip(inputs, points)})
+        varied = [name in perturbed for name in inputs]
+        for where, points in _points(rng, given, original, inputs, box, bounded, out_types, varied):
+            values = _decoded(original.run(bounded, {k: np.asarray(v) for k, v in zip(inputs, points)}),
+                              [out_types[o] for o in bounded])
             for out, value in zip(bounded, values):
                 problem = _outside(value, *box[out], rtol, atol, f"eps={EPSILON} {where}")
                 if problem:
                     return f"{out}: {problem}"
     return ""
+
+
+def _decoded(values, elem_types):
+    """onnxruntime returns 8-bit float outputs as their raw bytes (uint8): read them as the numbers they are."""
+    import ml_dtypes
+    from onnx import TensorProto as T
+    numbers = {T.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn, T.FLOAT8E4M3FNUZ: ml_dtypes.float8_e4m3fnuz,
+               T.FLOAT8E5M2: ml_dtypes.float8_e5m2, T.FLOAT8E5M2FNUZ: ml_dtypes.float8_e5m2fnuz,
+               T.FLOAT8E8M0: ml_dtypes.float8_e8m0fnu}
+    return [np.asarray(v).view(numbers[t]).astype(np.float32) if t in numbers and np.asarray(v).dtype == np.uint8
+            else v for v, t in zip(values, elem_types)]
 
 
 def _no_bfloat16(x):
@@ -236,9 +284,10 @@ def _outside(value, lower, upper, rtol, atol, where) -> str:
     return f"{where}: value {value.flat[k]:.6g} outside [{lower.flat[k]:.6g}, {upper.flat[k]:.6g}]"
 
 
-def _points(rng, given, original, inputs, box, bounded):
-    """Random points, corners and a random-search attack on each bound of the L-inf ball around `given`."""
-    floats = [np.issubdtype(x.dtype, np.floating) for x in given]
+def _points(rng, given, original, inputs, box, bounded, out_types, varied):
+    """Random points, corners and a random-search attack on each bound of the L-inf ball around `given` (in the
+    perturbed inputs; the others stay as given)."""
+    floats = [np.issubdtype(x.dtype, np.floating) and v for x, v in zip(given, varied)]
 
     def draw(kind):
         out = []
@@ -259,19 +308,20 @@ def _points(rng, given, original, inputs, box, bounded):
         lower, upper = box[out]
         for sign in (1.0, -1.0):
             current = draw("random")
-            best = _score(original, inputs, current, out, lower, upper, sign)
+            best = _score(original, inputs, current, out, lower, upper, sign, out_types[out])
             for _ in range(ATTACK_STEPS):
                 candidate = [np.clip(c + (EPSILON * 0.5 * rng.choice([-1.0, 0.0, 1.0], c.shape)).astype(c.dtype),
                                      x - EPSILON, x + EPSILON).astype(x.dtype) if f else c
                              for c, x, f in zip(current, given, floats)]
-                score = _score(original, inputs, candidate, out, lower, upper, sign)
+                score = _score(original, inputs, candidate, out, lower, upper, sign, out_types[out])
                 if score >= best:
                     current, best = candidate, score
             yield "attacked point", current
 
 
-def _score(session, inputs, points, out, lower, upper, sign) -> float:
-    value = session.run([out], {k: np.asarray(v) for k, v in zip(inputs, points)})[0].astype(np.float64)
+def _score(session, inputs, points, out, lower, upper, sign, out_type) -> float:
+    value = _decoded(session.run([out], {k: np.asarray(v) for k, v in zip(inputs, points)}), [out_type])[0]
+    value = value.astype(np.float64)
     gap = (value - upper) if sign > 0 else (lower - value)
     gap = np.where(np.isfinite(gap), gap, -np.inf)
     return float(np.max(gap)) if gap.size else -np.inf

@@ -241,6 +241,9 @@ def _cast(cx, node, x, *rest):
         return [Interval.from_bounds(b, certain, possible)]
     if source is not None and source.is_floating_point():
         x = widened(cx, x, source)
+    if target in NARROW_FLOATS or target in NO_KERNEL:
+        return [_narrow_float(cx, node, x, target)]
+    if source is not None and source.is_floating_point():
         if target in HALF_ULP:
             x = _widened_by(b, x, HALF_ULP[target])
     low, high = b.copy(node, [x.lower, *rest]), b.copy(node, [x.upper, *rest])
@@ -257,3 +260,32 @@ def _cast(cx, node, x, *rest):
         high = b.op("Where", fits, high, b.op("CastLike", b.const(float(UNSIGNED[target])), high))
     return [Interval.from_bounds(b, low, high)]
 
+
+
+
+# ---- casts to 8-bit floats and bfloat16 -------------------------------------------------------------------
+
+# onnxruntime has no kernels but Cast (and QDQ) for these: bounds stay float32 (every value of these types is a
+# float32). Rounding to nearest and saturation are non-decreasing (checked against onnxruntime on a dense grid
+# in tests/test_ibp_rules.py), so the rounded ends bound the rounded values.
+NARROW_FLOATS = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2,
+                 ir.DataType.FLOAT8E5M2FNUZ, ir.DataType.FLOAT8E8M0, ir.DataType.BFLOAT16)
+# Types onnxruntime cannot cast to at all (so neither the model nor its bound graph runs there).
+NO_KERNEL = (ir.DataType.FLOAT4E2M1, ir.DataType.FLOAT6E2M3, ir.DataType.FLOAT6E3M2)
+
+
+def _narrow_float(cx, node, x: Interval, target: ir.DataType) -> Interval:
+    """Bounds of a cast to an 8-bit float or bfloat16, as float32: each end cast there and back. bfloat16 ends
+    are first widened by its ulp, since the runtime may drop a float-bfloat16-float pair in one graph and not
+    the other. A NaN end (no-saturate overflow of a type without infinities) says nothing: the whole line."""
+    b = cx.b
+    if target in NO_KERNEL:
+        refuse(node, f"onnxruntime has no kernel for casts to {target.name}")
+    if target in HALF_ULP:
+        x = _widened_by(b, x, HALF_ULP[target])
+    kept = {k: v for k, v in ((k, attr(node, k)) for k in ("saturate", "round_mode")) if v is not None}
+    low, high = (b.op("Cast", b.op("Cast", b.op("Cast", v, to=ir.DataType.FLOAT), to=target, **kept),
+                      to=ir.DataType.FLOAT) for v in (x.lower, x.upper))
+    inf = b.const(np.inf)
+    return Interval.from_bounds(b, b.op("Where", b.op("IsNaN", low), b.op("Neg", inf), low),
+                                b.op("Where", b.op("IsNaN", high), inf, high))

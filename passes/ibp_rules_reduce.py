@@ -1,7 +1,7 @@
-"""IBP rules of reductions, pools, normalisations and resampling beyond the ones in `ibp.py`.
+"""IBP rules of reductions, pools and normalisations beyond the ones in `ibp.py` (resampling: ibp_rules_sampling).
 
 Lp pools and norms are non-decreasing in each |x_i|, so they map the nearest-to-zero and farthest points of
-each interval; positive-linear ops (CumSum, Mean, linear Resize, Einsum of one operand) send center and
+each interval; positive-linear ops (CumSum, Mean, Einsum of one operand) send center and
 radius through themselves; normalisations are bounded factor by factor.
 """
 from __future__ import annotations
@@ -40,33 +40,6 @@ def _mean(cx, node, *xs):
     k = 1.0 / len(xs)
     return [Interval.from_center(b, b.op("Mul", total.center, b.op("CastLike", b.const(k), total.center)),
                                  b.op("Mul", total.radius, b.op("CastLike", b.const(k), total.radius)))]
-
-
-@rule("Resize", "Upsample")
-def _resize(cx, node, x, *rest):
-    """Nearest picks elements; linear interpolation weights are non-negative: bounds map to bounds."""
-    if any(isinstance(r, Interval) for r in rest):
-        refuse(node, "its roi, scales or sizes depend on the perturbed input (the output shape would vary)")
-    mode = attr(node, "mode", "nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode not in ("nearest", "linear", "bilinear"):
-        refuse(node, f"mode {mode} has negative interpolation weights")
-    if attr(node, "exclude_outside", 0) and mode != "nearest":
-        refuse(node, "exclude_outside renormalises the weights")
-    x = iv.as_interval(cx.b, x)
-    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
-
-
-@rule("GridSample")
-def _grid_sample(cx, node, x, grid):
-    if isinstance(grid, Interval):
-        refuse(node, "its sampling grid depends on the perturbed input")
-    mode = attr(node, "mode", "linear")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode not in ("nearest", "linear", "bilinear"):
-        refuse(node, f"mode {mode} has negative interpolation weights")
-    x = iv.as_interval(cx.b, x)
-    return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, grid]))]
 
 
 @rule("Einsum")

@@ -61,14 +61,24 @@ def _mod(t: Tiny, op_type):
     return t.model(t.op("Mod", _large(t, t.perturbed(left)), y, fmod=1))
 
 
+NARROW = [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ,
+          TensorProto.FLOAT8E8M0, TensorProto.BFLOAT16]
+
+
 @case("Cast", "CastLike")
 def _cast(t: Tiny, op_type):
-    """Through an integer, half, boolean or wrapping unsigned type and back."""
+    """Through an integer, half, 8-bit float, boolean or wrapping unsigned type and back."""
     middle = t.pick([TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT16, TensorProto.DOUBLE,
-                     TensorProto.BOOL, TensorProto.UINT8])
+                     TensorProto.BOOL, TensorProto.UINT8] + (NARROW if op_type == "Cast" else []))
     x = t.perturbed(t.shape())
     if middle == TensorProto.BOOL and t.draw(st.booleans()):
         x = t.op("Relu", x)  # exact zeros
+    if middle in NARROW and middle != TensorProto.BFLOAT16:
+        t.opset = 24 if middle == TensorProto.FLOAT8E8M0 else 19
+        attrs = {"saturate": int(t.draw(st.booleans()))}
+        if middle == TensorProto.FLOAT8E8M0:
+            attrs["round_mode"] = t.pick(["up", "down", "nearest"])
+        return t.model(_as_float(t, t.op("Cast", _large(t, x), to=middle, **attrs)))
     if op_type == "Cast":
         return t.model(_as_float(t, t.op("Cast", _large(t, x), to=middle)))
     numpy_type = {TensorProto.INT32: np.int32, TensorProto.INT64: np.int64, TensorProto.FLOAT16: np.float16,
@@ -181,17 +191,29 @@ def _resize(t: Tiny, op_type):
         scales = [max(s, 1.0) for s in scales]
         return t.model(t.op("Upsample", t.perturbed(shape), t.const(np.float32(scales)), mode=mode))
     transform = t.pick(["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"])
+    if transform == "align_corners":  # fractional output sizes are refused (runtimes disagree on them)
+        scales = [s if float(s * d).is_integer() else 2.0 for s, d in zip(scales, shape)]
     return t.model(t.op("Resize", t.perturbed(shape), "", t.const(np.float32(scales)), mode=mode,
                         coordinate_transformation_mode=transform))
 
 
 @case("GridSample")
 def _grid_sample(t: Tiny, op_type):
-    t.opset = max(t.opset, 16)
-    shape = [1, t.draw(st.integers(1, 2)), t.draw(st.integers(1, 3)), t.draw(st.integers(1, 3))]
-    grid = t.const(t.rng.uniform(-1.2, 1.2, [1, 2, 3, 2]))
-    return t.model(t.op("GridSample", t.perturbed(shape), grid, mode=t.pick(["bilinear", "nearest"]),
-                        padding_mode=t.pick(["zeros", "border", "reflection"]),
+    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D."""
+    volumetric = t.draw(st.booleans())
+    t.opset = max(t.opset, 20 if volumetric else 16)
+    spatial = [t.draw(st.integers(1, 3)) for _ in range(3 if volumetric else 2)]
+    shape = [t.draw(st.integers(1, 2)), t.draw(st.integers(1, 2))] + spatial
+    grid_shape = [shape[0]] + [t.draw(st.integers(1, 3)) for _ in spatial] + [len(spatial)]
+    which = t.pick(["data", "grid", "both"])
+    grid = t.const(t.rng.uniform(-1.2, 1.2, grid_shape)) if which == "data" else \
+        t.op("Mul", t.op("Tanh", t.perturbed(grid_shape)), t.const(np.float32(1.2)))
+    x = t.perturbed(shape) if which != "grid" else t.weights(shape)
+    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest"])
+    if volumetric or which != "data":
+        mode = {"bilinear": "linear"}.get(mode, mode)
+        t.opset = 20
+    return t.model(t.op("GridSample", x, grid, mode=mode, padding_mode=t.pick(["zeros", "border", "reflection"]),
                         align_corners=int(t.draw(st.booleans()))))
 
 
@@ -211,3 +233,50 @@ def _lp_normalization(t: Tiny, op_type):
     shape = t.shape(1, 3)
     return t.model(t.op(op_type, t.perturbed(shape), axis=t.draw(st.integers(-len(shape), len(shape) - 1)),
                         p=t.pick([1, 2])))
+
+
+@case("QuantizeLinear", "DequantizeLinear")
+def _quantize_dequantize(t: Tiny, op_type):
+    """x -> QuantizeLinear -> DequantizeLinear (or Cast): per tensor, per axis or blocked, integer or 8-bit
+    float, a constant or a bounded (positive) scale, with or without a zero point."""
+    shape = t.shape(1, 3)
+    axis = t.draw(st.integers(0, len(shape) - 1))
+    granularity = t.pick(["tensor", "axis", "blocked"])
+    target = t.pick([TensorProto.UINT8, TensorProto.INT8, TensorProto.INT16, TensorProto.FLOAT8E4M3FN])
+    t.opset = 21
+    attrs, param_shape = {}, []
+    if granularity == "axis":
+        attrs, param_shape = {"axis": axis}, [shape[axis]]
+    elif granularity == "blocked":
+        block = t.draw(st.integers(1, 3))
+        param_shape = list(shape)
+        param_shape[axis] = -(-shape[axis] // block)
+        attrs = {"axis": axis, "block_size": block}
+    if int(np.prod(param_shape)) == 1:  # one parameter is per-tensor quantization (onnxruntime insists)
+        attrs, param_shape = {}, []
+    x = _large(t, t.perturbed(shape))
+    magnitude = t.pick([0.01, 0.1, 1.0, 100.0])
+    if t.draw(st.booleans()):
+        scale = t.const(t.rng.uniform(0.5, 2.0, param_shape) * magnitude)
+    else:
+        scale = t.op("Mul", t.perturbed(param_shape, positive=True), t.const(np.float32(magnitude)))
+    numpy_type = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8, TensorProto.INT16: np.int16}
+    inputs = [x, scale]
+    if target == TensorProto.FLOAT8E4M3FN:
+        inputs.append(t.const(np.zeros(param_shape), dtype=np.float32))
+        import onnx.numpy_helper as numpy_helper_module  # a float8 zero point (its type names the target)
+        zero = t.initializers[-1]
+        zero.CopyFrom(numpy_helper_module.from_array(np.zeros(param_shape, np.float32), zero.name))
+        zero.data_type = TensorProto.FLOAT8E4M3FN
+        del zero.float_data[:]
+        zero.raw_data = bytes(int(np.prod(param_shape, dtype=np.int64)))
+    elif t.draw(st.booleans()):
+        low, high = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.INT16: (-300, 300)}[target]
+        inputs.append(t.const(t.rng.integers(low, high + 1, param_shape), dtype=numpy_type[target]))
+    else:
+        attrs["output_dtype"] = target
+    q = t.op("QuantizeLinear", *inputs, **attrs)
+    if op_type == "QuantizeLinear" and target != TensorProto.FLOAT8E4M3FN:
+        return t.model(_as_float(t, q))
+    dq_attrs = {k: v for k, v in attrs.items() if k != "output_dtype"}
+    return t.model(t.op("DequantizeLinear", q, *inputs[1:], **dq_attrs))

@@ -524,3 +524,47 @@ def test_rules_refuse_settings_they_cannot_bound(node):
                     numpy_helper.from_array(np.float32(-1.0), "minus_one")])
     with pytest.raises(UnsupportedOpError, match=node.op_type):
         bound_graph(proto)
+
+
+@pytest.mark.parametrize("target", ["FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0",
+                                    "BFLOAT16"])
+@pytest.mark.parametrize("saturate", [1, 0])
+def test_casts_to_narrow_floats_are_non_decreasing(target, saturate):
+    """The Cast rule maps the ends of an interval through the cast: onnxruntime's cast (rounding, saturation,
+    overflow to infinity) must never order two inputs the other way round. NaN results are undefined values."""
+    xs = np.sort(np.concatenate([np.linspace(-1e5, 1e5, 20001), np.linspace(-3.0, 3.0, 60001),
+                                 np.float32([0.0, 1e-30, -1e-30, 1e-42, 3.4e38, -3.4e38, np.inf, -np.inf])])
+                 ).astype(np.float32)
+    to = getattr(TensorProto, target)
+    attrs = {} if target == "BFLOAT16" else {"saturate": saturate}
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["narrow"], to=to, **attrs),
+         helper.make_node("Cast", ["narrow"], ["y"], to=TensorProto.FLOAT)], "cast",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])]),
+        opset_imports=[helper.make_opsetid("", 24)])
+    proto.ir_version = 11
+    y = Session(proto).run({"x": xs})["y"].astype(np.float64)
+    defined = y[~np.isnan(y)]
+    assert defined.size > 0.3 * xs.size  # E8M0 without saturation: positive numbers only
+    assert np.all(defined[1:] >= defined[:-1])
+
+
+def test_casts_onnxruntime_cannot_run_are_refused_in_one_line():
+    proto = _fixed([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT4E2M1)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT4E2M1, [3])])
+    with pytest.raises(UnsupportedOpError, match="Cast .onnxruntime has no kernel for casts to FLOAT4E2M1"):
+        bound_graph(proto)
+
+
+def test_resize_with_align_corners_and_a_fractional_output_size_is_refused():
+    """onnxruntime floors 4 · 0.6 to 2 outputs and maps the second to element 3; onnx's reference maps it to
+    2.14 (it keeps 2.4 in align_corners' ratio): the op is not defined well enough to bound."""
+    proto = _fixed([helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear",
+                                     coordinate_transformation_mode="align_corners")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 2])],
+                   [numpy_helper.from_array(np.float32([1.0, 1.0, 0.6, 0.6]), "scales")])
+    with pytest.raises(UnsupportedOpError, match="align_corners with scales that give a fractional output size"):
+        bound_graph(proto)

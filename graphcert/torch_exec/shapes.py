@@ -224,8 +224,37 @@ def _space_to_depth(node, setup):
 
 @kernel("Cast")
 def _cast(node, setup):
-    target = setup.torch_dtype(ir.DataType(attr(node, "to")))
+    to = ir.DataType(attr(node, "to"))
+    if to in FLOAT8:
+        return _cast_to_float8(FLOAT8[to], to, attr(node, "saturate", 1))
+    target = setup.torch_dtype(to)
     return lambda x: x.to(target)
+
+
+# 8-bit floats ONNX defines saturation for: torch type, mantissa bits, and whether a tie at the largest finite
+# value plus half an ulp rounds to overflow (the largest value's last mantissa bit is odd).
+FLOAT8 = {ir.DataType.FLOAT8E4M3FN: (torch.float8_e4m3fn, 3, False),
+          ir.DataType.FLOAT8E4M3FNUZ: (torch.float8_e4m3fnuz, 3, True),
+          ir.DataType.FLOAT8E5M2: (torch.float8_e5m2, 2, True), ir.DataType.FLOAT8E5M2FNUZ: (torch.float8_e5m2fnuz, 2, True)}
+
+
+def _cast_to_float8(spec, to: ir.DataType, saturate: int):
+    """ONNX's cast to an 8-bit float: round to nearest even; out of range, the largest value (saturate) or
+    infinity (E5M2) / NaN (types without infinities). torch's own conversion neither saturates nor overflows
+    alike for every type, so the range is handled here and only in-range values go through torch."""
+    dtype, mantissa_bits, odd_top = spec
+    top = float(torch.finfo(dtype).max)
+    overflow_at = top + 2.0 ** (math.floor(math.log2(top)) - mantissa_bits - 1)  # top + half an ulp
+    beyond = math.inf if to == ir.DataType.FLOAT8E5M2 else math.nan
+
+    def cast(x):
+        inside = x.clamp(-top, top)
+        if not saturate:
+            magnitude = x.abs()
+            over = (magnitude >= overflow_at) if odd_top else (magnitude > overflow_at)
+            inside = torch.where(over, torch.full_like(x, beyond).copysign(x), inside)
+        return inside.to(dtype)
+    return cast
 
 
 @kernel("CastLike")

@@ -20,6 +20,7 @@ from ..passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LO
 from ..passes.spec import SpecPass
 from ..runtime import Session
 from .network import Network
+from .resources import Budget, graph_bytes_per_sample, log, size
 
 
 
@@ -35,9 +36,12 @@ class SpecBounds:
     """bound_fn(lower [B, n], upper [B, n]) -> (margin_lower, margin_upper, margins at the box centers)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, method: str):
+        self.method = method
         graph = api.bound_graph(network.model, method, InputSet("box"), spec=matrix, spec_offset=offset,
                                 keep_original=True)
-        self.session = Session(to_proto(graph))
+        proto = to_proto(graph)
+        self.bytes_per_sample = graph_bytes_per_sample(proto)
+        self.session = Session(proto)
         self.network = network
         name = network.input_name
         self.feeds = (f"{name}_lower", f"{name}_upper")
@@ -163,7 +167,9 @@ class SplitBounds:
                 feeding.setdefault(node.inputs[0].name, set()).add(node.op_type)
         self.activations = ["Relu" if "Relu" in feeding[name] else min(feeding[name]) for name in self.names]
         self.relu = np.repeat([op == "Relu" for op in self.activations], sizes)
-        self.session = Session(to_proto(graph))
+        proto = to_proto(graph)
+        self.bytes_per_sample = graph_bytes_per_sample(proto)
+        self.session = Session(proto)
         self.model = graph
         self.network = network
         x = network.input_name
@@ -200,35 +206,107 @@ class BetaSplitBounds:
     """alpha- and beta-CROWN margins of split domains (`graphcert.alpha`): the clamped bounds of z that
     `SplitBounds` found are given, and the split signs (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units])
     bring in the split constraints with multipliers optimised per domain and row. Returns margin lower
-    bounds [B, rows], never below those of CROWN with the given bounds."""
+    bounds [B, rows], never below those of CROWN with the given bounds, and each domain's optimised slopes and
+    multipliers flattened into a row of `width` float32 (the warm start of its children: `__call__`'s `warm`,
+    NaN for the default start; width 0 when the graph's parameter shapes are not static)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
                  settings: AlphaSettings):
         self.alpha = AlphaCrown(network.model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
                                 split_bounds="given", beta=True)
         self.network, self.splits, self.settings = network, splits, settings
+        shapes = self.alpha.parameter_shapes() or {}
+        # name -> (rows, per-sample shape, first column in a domain's row)
+        self.layout: dict[str, tuple[int, tuple[int, ...], int]] = {}
+        column = 0
+        for name, (rows, shape) in shapes.items():
+            self.layout[name] = (rows, shape, column)
+            column += rows * int(np.prod(shape))
+        self.width = column
 
-    def __call__(self, lower, upper, unit_lower, unit_upper, signs, stop) -> np.ndarray:
+    def __call__(self, lower, upper, unit_lower, unit_upper, signs, stop, warm: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = outward_float32(lower, upper)
         feeds = self.alpha.feeds(lower=self.network.model_shaped(lo), upper=self.network.model_shaped(hi))
         feeds.update(self.splits.split_feeds(unit_lower, unit_upper, signs))
         settings = self.settings
-        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop)
-        return low.reshape(len(lo), -1)
+        start = self._unpack(warm) if warm is not None and self.width and warm.shape[1] == self.width else None
+        keep = self.width > 0
+        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop,
+                                   start=start, keep=keep)
+        kept = self._pack(self.alpha.kept, len(lo)) if keep else np.empty((len(lo), 0), np.float32)
+        return low.reshape(len(lo), -1), kept
+
+    def _unpack(self, warm: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows [B, width] -> graph inputs [rows, B, ...]."""
+        found = {}
+        for name, (rows, shape, column) in self.layout.items():
+            part = warm[:, column:column + rows * int(np.prod(shape))].reshape(len(warm), rows, *shape)
+            found[name] = np.ascontiguousarray(np.swapaxes(part, 0, 1))
+        return found
+
+    def _pack(self, parameters: dict[str, np.ndarray], batch: int) -> np.ndarray:
+        packed = np.empty((batch, self.width), dtype=np.float32)
+        for name, (rows, shape, column) in self.layout.items():
+            columns = slice(column, column + rows * int(np.prod(shape)))
+            packed[:, columns] = np.swapaxes(parameters[name], 0, 1).reshape(batch, -1)
+        return packed
+
+    def beta_columns(self, unit: np.ndarray) -> list[np.ndarray]:
+        """Per multiplier input over split unit inputs, the columns [len(unit), rows] of each given unit's
+        multipliers in a domain's row (units of another layer than the input's point at a dummy column -1,
+        to be masked by the caller via `unit_in`)."""
+        columns = []
+        for name, unit_name in self.alpha.betas.items():
+            if name not in self.layout:
+                continue
+            rows, shape, column = self.layout[name]
+            k = self.splits.names.index(unit_name)
+            start, size = self.splits.offsets[k], self.splits.offsets[k + 1] - self.splits.offsets[k]
+            inside = (unit >= start) & (unit < start + size)
+            where = column + np.arange(rows)[None, :] * size + (unit - start)[:, None]
+            columns.append(np.where(inside[:, None], where, -1))
+        return columns
 
 
 def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
-                deadline: float, mixtures: list[np.ndarray] = (), alpha: AlphaSettings = VERIFY_ALPHA):
+                deadline: float, mixtures: list[np.ndarray] = (), alpha: AlphaSettings = VERIFY_ALPHA,
+                budget: Budget | None = None):
     """The bound function of a method name: a bound graph, or the method's verify ladder (graphcert.methods:
     its stages, the last `verify_root_stages` of them run on the root boxes only; `auto` branches with CROWN,
-    which decides far more boxes per second than alpha-CROWN)."""
+    which decides far more boxes per second than alpha-CROWN).
+
+    A stage whose graph may hold more than the free `budget` for one box (`graph_bytes_per_sample`) is left
+    out, and alpha-CROWN with it (it runs the same graph through torch, keeping more); IBP, the smallest,
+    stands in when nothing else is left: weaker bounds, but an answer instead of a process the kernel kills."""
     record = methods.get(method)
+    free = budget.free() if budget is not None else None
+
+    def fits(stage: SpecBounds) -> bool:
+        if free is None or stage.bytes_per_sample <= free:
+            return True
+        log.info("%s bound graph may need %s for one box, over the %s free: left out", stage.method,
+                 size(stage.bytes_per_sample), size(free))
+        return False
+
+    names = [method] if record.combines == "graph" else list(record.verify_stages)
+    root_stages = 0 if record.combines == "graph" else record.verify_root_stages
+    built: dict[str, SpecBounds] = {}   # alpha-CROWN's size is judged by the CROWN graph it optimises
+    for name in names:
+        graph_method = "crown" if name == "alpha-crown" else name
+        if graph_method not in built:
+            built[graph_method] = SpecBounds(network, matrix, offset, graph_method)
+    graphs = {name: built["crown" if name == "alpha-crown" else name] for name in names}
+    kept = [name for name in names if fits(graphs[name])]
+    if not kept:
+        return graphs.get("ibp") or SpecBounds(network, matrix, offset, "ibp")
     if record.combines == "graph":
-        return SpecBounds(network, matrix, offset, method)
-    names, root_stages = record.verify_stages, record.verify_root_stages
+        return graphs[method]
+    root_stages -= sum(1 for name in names[len(names) - root_stages:] if name not in kept)
     stages = [AlphaSpecBounds(network, matrix, offset, membership, deadline, mixtures, alpha)
-              if name == "alpha-crown"
-              else SpecBounds(network, matrix, offset, name) for name in names]
-    return LadderBounds(stages, membership, root_stages)
+              if name == "alpha-crown" else graphs[name] for name in kept]
+    ladder = LadderBounds(stages, membership, max(0, root_stages))
+    ladder.bytes_per_sample = max(graphs[name].bytes_per_sample for name in kept)
+    return ladder
 
 

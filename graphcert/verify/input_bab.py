@@ -57,13 +57,15 @@ class InputSplitSearch:
         self.branching = branching or ("inputs" if search.network.n_inputs <= BRANCH_DIMENSIONS else "relus")
         began = time.monotonic()
         self.bound_fn = bound_fn or (spec_bounds(search.network, search.matrix, search.offset, method,
-                                                 search.membership, search.deadline, search.mixtures, alpha)
+                                                 search.membership, search.deadline, search.mixtures, alpha,
+                                                 search.budget)
                                      if search.has_rows else None)
         # Building a split bound graph takes about as long: ReLU branching starts only with that much time left.
         self.build_seconds = time.monotonic() - began
         # A box costs its float64 bounds in and its margins out at least; the bound graph's own memory is measured.
         rows = len(search.offset)
-        self.box_calls = CallSizer(memory=MemorySizer(search.budget, floor=16 * search.network.n_inputs + 24 * rows))
+        self.box_calls = CallSizer(memory=MemorySizer(search.budget, floor=16 * search.network.n_inputs + 24 * rows,
+                                                      estimate=getattr(self.bound_fn, "bytes_per_sample", 0)))
         widths = np.max([hi - lo for lo, hi in search.prop.input_boxes], axis=0) if search.prop.cases else None
         self.root_width = None if widths is None else np.where(widths > 0, widths, 1.0)
         search.start_clock()

@@ -118,6 +118,31 @@ class PeakSampler:
         return max(0, self.peak - self.before)
 
 
+def graph_bytes_per_sample(proto) -> int:
+    """What running a graph on one sample may hold at most: every tensor onnx's shape inference sizes, summed
+    (free dimensions, the batch, count 1; onnxruntime reuses buffers, so its peak is lower). Found before the
+    graph runs: a CROWN graph whose backward passes start from identities over a wide layer (a 32x27x27
+    convolution: 23,328 x 23,328 coefficients, 2.2 GB) shows here at tens of GB before it takes them."""
+    import onnx
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:   # onnx raises its own InferenceError and ValidationError types; no estimate then
+        return 0
+    total = 0
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        count = 1
+        for dim in tensor.shape.dim:
+            count *= dim.dim_value if dim.HasField("dim_value") else 1
+        total += count * _ITEM_BYTES.get(tensor.elem_type, 4)
+    return total
+
+
+_ITEM_BYTES = {11: 8, 7: 8, 10: 2, 16: 2, 9: 1, 2: 1, 3: 1}   # double, int64, float16, bfloat16, bool, uint8, int8
+
+
 class OutOfBudget(Exception):
     """A stage cannot run within the memory budget: verify answers `unknown` with this reason."""
 
@@ -130,17 +155,21 @@ class MemorySizer:
     of the memory free at that time. Later calls keep measuring, so an estimate that was low is corrected.
     """
 
-    def __init__(self, budget: Budget, floor: int, share: float = 0.5, first: int = 2):
+    def __init__(self, budget: Budget, floor: int, share: float = 0.5, first: int = 2, estimate: int = 0):
+        """`estimate`: bytes per sample the graph may take by its shapes (`graph_bytes_per_sample`), which sizes
+        the first call and refuses it when one sample would not fit what is free."""
         self.budget, self.per_sample, self.share, self.first = budget, max(1, int(floor)), share, first
+        self.estimate = int(estimate)
         self.measured = False
 
     def limit(self) -> int:
         """The largest number of samples for the next call (at least 1)."""
         free = self.budget.free()
-        if self.measured and self.per_sample > free:
-            raise OutOfBudget(f"one sample of a bound call needs {size(self.per_sample)} and {size(free)} of the "
-                              f"memory budget ({self.budget}) is free")
-        fits = max(1, int(self.share * free / self.per_sample))
+        need = self.per_sample if self.measured else max(self.per_sample, self.estimate)
+        if need > free:
+            raise OutOfBudget(f"one sample of a bound call needs {'' if self.measured else 'up to '}{size(need)} "
+                              f"and {size(free)} of the memory budget ({self.budget}) is free")
+        fits = max(1, int(self.share * free / need))
         return fits if self.measured else min(self.first, fits)
 
     def record(self, samples: int, growth: int) -> None:

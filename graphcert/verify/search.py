@@ -34,10 +34,10 @@ class Float32Slack:
     far below those over the property's box. A model with ops the rounding analysis has no rule for gets
     +inf: bounds then never prove the property."""
 
-    def __init__(self, network: Network, matrix: np.ndarray):
+    def __init__(self, network: Network, matrix: np.ndarray, budget: Budget | None = None):
         from ..errors import UnsupportedOpError
         from ..rounding_slack import RoundingSlack
-        self.network, self.matrix = network, matrix
+        self.network, self.matrix, self.budget = network, matrix, budget
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
         self._splits = self._domains = None
@@ -79,8 +79,18 @@ class Float32Slack:
                 self._splits = False
         if self._splits is False:
             return plain
+        per_box = max(1, self._splits.bytes_per_sample)
+        free = self.budget.free() if self.budget is not None else None
+        if free is not None and per_box > free:
+            log.info("float32 slack of boxes from IBP only (the CROWN graph may need %s per box, %s free)",
+                     size(per_box), size(free))
+            return plain
+        chunk = len(lower) if free is None else max(1, int(0.5 * free / per_box))
         unbounded = np.full((len(lower), self._splits.units), np.inf, dtype=np.float32)
-        _, clamped_lower, clamped_upper = self._splits(lower, upper, -unbounded, unbounded)
+        found = [self._splits(lower[k:k + chunk], upper[k:k + chunk], -unbounded[k:k + chunk], unbounded[k:k + chunk])
+                 for k in range(0, len(lower), chunk)]
+        clamped_lower = np.concatenate([part[1] for part in found])
+        clamped_upper = np.concatenate([part[2] for part in found])
         # Crossings within rounding are repaired outward (the interval only grows).
         return np.minimum(plain, self.of_domains(self._splits, lower, upper, np.minimum(clamped_lower, clamped_upper),
                                                  np.maximum(clamped_lower, clamped_upper)))
@@ -135,7 +145,7 @@ class Search:
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
         self.counterexample: tuple[np.ndarray, np.ndarray] | None = None
-        self.rounding_slack = Float32Slack(network, self.matrix) if rounding == "float32" else \
+        self.rounding_slack = Float32Slack(network, self.matrix, self.budget) if rounding == "float32" else \
             (lambda lower, upper: np.zeros((len(lower), len(self.matrix))))
         self.boxes_bounded = 0
         self.attack_seconds = 0.0
