@@ -79,10 +79,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-# Inputs that set an op's output shape (Resize's roi, scales and sizes; Upsample's scales): the suite feeds them
-# as given (`--perturb` leaves them out), since a perturbed output shape is no bound at all. Every other float
-# input is perturbed.
-SHAPE_PARAMETERS = {"Resize": (1, 2, 3), "Upsample": (1,)}
+# Inputs that set an op's output shape (Resize's roi, scales and sizes; Upsample's scales; OneHot's depth): the
+# suite feeds them as given (`--perturb` leaves them out), since a perturbed output shape is no bound at all.
+# Every other float input is perturbed.
+SHAPE_PARAMETERS = {"Resize": (1, 2, 3), "Upsample": (1,), "OneHot": (1,)}
 
 
 def perturbed_names(case) -> list[str]:

@@ -149,10 +149,16 @@ def _hardmax(t: Tiny, op_type):
 def _one_hot(t: Tiny, op_type):
     shape = t.shape(1, 2)
     depth = t.draw(st.integers(1, 4))
-    index = t.op("Cast", t.op("Round", t.perturbed(shape)), to=TensorProto.INT64)
+    # Integer indices with a constant depth, or float indices (cast to int64 by truncation) with a float depth
+    # computed at run time (the pairs onnxruntime has kernels for).
+    index = t.op("Round", t.perturbed(shape)) if t.draw(st.booleans()) else t.perturbed(shape)
     values = t.perturbed([2]) if t.draw(st.booleans()) else t.const(np.float32([-1.0, 2.0]))
     axis = t.draw(st.integers(-len(shape) - 1, len(shape)))
-    return t.model(t.op("OneHot", index, t.ints([depth]), values, axis=axis))
+    if t.draw(st.booleans()):
+        index, depth_input = t.op("Cast", index, to=TensorProto.INT64), t.ints([depth])
+    else:
+        depth_input = t.op("Add", t.const(np.float32([depth - 0.5])), t.const(np.float32([0.5])))
+    return t.model(t.op("OneHot", index, depth_input, values, axis=axis))
 
 
 @case("LpPool", "GlobalLpPool")
@@ -280,3 +286,14 @@ def _quantize_dequantize(t: Tiny, op_type):
         return t.model(_as_float(t, q))
     dq_attrs = {k: v for k, v in attrs.items() if k != "output_dtype"}
     return t.model(t.op("DequantizeLinear", q, *inputs[1:], **dq_attrs))
+
+
+@case("Swish", "Shrink")
+def _swish_shrink(t: Tiny, op_type):
+    """Swish (opset 24) with a positive alpha; Shrink where it is non-decreasing (bias <= lambd)."""
+    x = _large(t, t.perturbed(t.shape()))
+    if op_type == "Swish":
+        t.opset = 24
+        return t.model(t.op("Swish", x, alpha=t.pick([0.1, 1.0, 1.702, 4.0])))
+    lambd = t.pick([0.0, 0.5, 2.0])
+    return t.model(t.op("Shrink", x, lambd=lambd, bias=t.pick([0.0, lambd / 2, lambd])))

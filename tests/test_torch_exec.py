@@ -765,3 +765,10 @@ def test_quantize_dequantize_and_their_bound_graphs_match_onnxruntime(granularit
     _assert_matches(model, {"x": x})
     bound = IntervalPass(InputSet())(model).model
     _assert_matches(bound, {"x": x, "epsilon": np.full([1, 1, 1], 0.05, np.float32)})
+
+
+@pytest.mark.parametrize("op,attrs,opset", [("Swish", {"alpha": 1.702}, 24), ("Shrink", {"lambd": 1.0, "bias": 0.5}, 17)])
+def test_swish_and_shrink_match_onnxruntime(op, attrs, opset):
+    x = (_rng(3).standard_normal([3, 5]) * 4).astype(np.float32)
+    proto, feeds = _single(op, {"x": x}, opset=opset, **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)
