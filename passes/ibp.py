@@ -274,7 +274,19 @@ def _instance_norm(cx, node, x, scale, bias):
     b = cx.b
     shape = node.inputs[0].shape
     axes = list(range(2, len(shape)))
-    normed, _ = _standardised(b, iv.as_interval(b, x), axes, int(np.prod(shape[2:])), attr(node, "epsilon", 1e-5))
+    n = int(np.prod(shape[2:]))
+    x = iv.as_interval(b, x)
+    normed, inverse = _standardised(b, x, axes, n, attr(node, "epsilon", 1e-5))
+    # onnxruntime takes the variance as E[x^2] - E[x]^2, whose rounding (about n ulps of E[x^2]) is large next to a
+    # small variance: its result may leave the exact one's bounds by that much, relative to 1/std, plus the
+    # rounding of the mean (n ulps of E|x|) times 1/std.
+    unit = b.const(4.0 * n * 2.0 ** -24)
+    magnitude = iv.absolute(b, x).upper
+    second_moment = b.reduce("ReduceMean", b.op("Mul", magnitude, magnitude), axes)
+    relative = b.op("Mul", unit, b.op("Mul", second_moment, b.op("Mul", inverse.upper, inverse.upper)))
+    absolute = b.op("Mul", b.op("Mul", unit, b.reduce("ReduceMean", magnitude, axes)), inverse.upper)
+    slack = b.op("Add", b.op("Mul", iv.absolute(b, normed).upper, relative), absolute)
+    normed = Interval.from_bounds(b, b.op("Sub", normed.lower, slack), b.op("Add", normed.upper, slack))
     per_channel = b.ints([-1] + [1] * len(axes))
     scale, bias = ((Interval.from_bounds(b, b.op("Reshape", v.lower, per_channel), b.op("Reshape", v.upper, per_channel))
                     if isinstance(v, Interval) else b.op("Reshape", v, per_channel)) for v in (scale, bias))
