@@ -799,3 +799,10 @@ def test_dft_matches_onnxruntime(attrs, channels):
     x = _rng(6).standard_normal([2, 6, 3, channels]).astype(np.float32)
     proto, feeds = _single("DFT", {"x": x}, **attrs)
     _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_reduce_prod_matches_onnxruntime():
+    x = _rng(8).uniform(-2, 2, [2, 3, 4]).astype(np.float32)
+    for attrs in (dict(axes=[1], keepdims=1), dict(axes=[0, 2], keepdims=0), dict(keepdims=1)):
+        proto, feeds = _single("ReduceProd", {"x": x}, **attrs)
+        _assert_matches(ir.from_proto(proto), feeds)
