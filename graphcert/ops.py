@@ -205,3 +205,20 @@ def _alpha(node, default: float) -> float:
 def_elementwise("Celu", torch=lambda node: (lambda x, a=_alpha(node, 1.0): _torch().nn.functional.celu(x, a)),
                 monotone=lambda node: _alpha(node, 1.0) > 0,
                 lipschitz=lambda node: 1.0 if _alpha(node, 1.0) > 0 else None)
+
+
+def _shrink(node):
+    lambd, bias = float(_attribute(node, "lambd", 0.5)), float(_attribute(node, "bias", 0.0))
+
+    def shrink(x):
+        torch = _torch()
+        return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+    return shrink
+
+
+# Shrink(x) = x + bias below -lambd, x - bias above lambd, 0 between: non-decreasing when bias <= lambd (the jumps
+# at ±lambd go up), continuous with slope at most 1 only when bias == lambd.
+def_elementwise("Shrink", torch=_shrink,
+                monotone=lambda node: float(_attribute(node, "bias", 0.0)) <= float(_attribute(node, "lambd", 0.5)),
+                lipschitz=lambda node: 1.0 if float(_attribute(node, "bias", 0.0)) ==
+                float(_attribute(node, "lambd", 0.5)) else None)

@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir._cloner import Cloner
 
-from .errors import UnsupportedOpError
+from .errors import GraphcertError, UnsupportedOpError
 
 RECURRENT = {"LSTM", "GRU", "RNN"}
 CONTROL_FLOW = {"Scan", "Loop", "If"}
@@ -37,6 +37,16 @@ class Refused(Exception):
     def __init__(self, why: str, pending: bool = False):
         super().__init__(why)
         self.pending = pending
+
+
+class UnrollError(UnsupportedOpError):
+    """A recurrent or control-flow node that cannot be written out as plain ops (one line: which and why)."""
+
+    def __init__(self, node: ir.Node, why: str):
+        GraphcertError.__init__(self, f"cannot unroll {node.op_type} node {node.name or '(unnamed)'}: {why}; "
+                                      f"graphcert writes LSTM/GRU/RNN, Scan, Loop and If out as plain ops when "
+                                      f"their sequence length, trip count and condition are known before the run")
+        self.nodes_by_op, self.reasons = {node.op_type: [node.name or "(unnamed)"]}, {node.name or "(unnamed)": why}
 
 
 def has_unrolled_ops(proto: onnx.ModelProto) -> bool:
@@ -64,13 +74,12 @@ def unroll(proto: onnx.ModelProto) -> onnx.ModelProto:
                     refused[node] = str(why)
         if refused or not progress:
             node, why = next(iter(refused.items())) if refused else (todo[0], "it depends on a node not unrolled")
-            raise UnsupportedOpError("unrolling at import", {node.op_type: [f"{node.name or '(unnamed)'}: {why}"]})
+            raise UnrollError(node, why)
         if model.graph.num_nodes() > MAX_NODES:
-            raise UnsupportedOpError("unrolling at import", {todo[0].op_type: [
-                f"{todo[0].name or '(unnamed)'}: unrolled, the model has more than {MAX_NODES} nodes"]})
+            raise UnrollError(todo[0], f"unrolled, the model has more than {MAX_NODES} nodes")
         proto = ir.to_proto(model)
     else:
-        raise UnsupportedOpError("unrolling at import", {"Loop": [f"control flow nested deeper than {MAX_ROUNDS}"]})
+        raise UnrollError(todo[0], f"control flow nested deeper than {MAX_ROUNDS} levels")
     del proto.graph.value_info[:]  # shapes are inferred afresh by the importer (the batch may be freed)
     return proto
 

@@ -64,11 +64,15 @@ class _Cell:
         self.dtype = x.dtype.numpy() if x.dtype is not None else np.float32
         self.clip = _attr(node, "clip")
         self.activations = self._activations(len(self.reversed))
-        lengths = _input(node, 4)
-        if lengths is not None:
-            given = np.asarray(emit.constant_value(lengths, "sequence_lens")).reshape(-1)
+        self.lengths = None  # per batch element, when some is shorter than the sequence
+        if _input(node, 4) is not None:
+            given = np.asarray(emit.constant_value(_input(node, 4), "sequence_lens")).reshape(-1).astype(np.int64)
+            batch = x.shape[0 if self.layout else 1]
+            if np.any(given < 0) or np.any(given > self.length) or not given.any() or \
+                    (isinstance(batch, int) and batch != given.size):
+                raise Refused(f"sequence_lens {given.tolist()} do not fit a sequence of {self.length} and batch {batch}")
             if np.any(given != self.length):
-                raise Refused("sequence_lens shorter than the sequence are not unrolled (only full lengths)")
+                self.lengths = given
 
     # ---- attributes ----
 
@@ -145,7 +149,7 @@ class _Cell:
             column = np.zeros((self.length, 1), self.dtype)
             column[t, 0] = 1
             steps.append(e.squeeze(e.op("MatMul", across, e.const(column)), [2]))
-        hs, cs, finals_h, finals_c = [], [], [], []
+        hs, finals_h, finals_c = [], [], []
         for d, backwards in enumerate(self.reversed):
             w, r = e.pick(node.inputs[1], d, 0), e.pick(node.inputs[2], d, 0)
             b = _input(node, 3)
@@ -158,13 +162,14 @@ class _Cell:
             peep = _input(node, 7) if self.op == "LSTM" else None
             peep = e.pick(peep, d, 0) if peep is not None else None
             p = [self.rows(peep, k * h, h) for k in range(3)] if peep is not None else [None] * 3
-            per_step_h, per_step_c = [None] * self.length, [None] * self.length
-            for t in (reversed(range(self.length)) if backwards else range(self.length)):
-                step = _Step(self, d, steps[t], gw, gr, wb, rb, p)
-                hidden, cell = step.run(hidden, cell)
-                per_step_h[t], per_step_c[t] = hidden, cell
+            per_step_h = [None] * self.length
+            if self.lengths is None:
+                for t in (reversed(range(self.length)) if backwards else range(self.length)):
+                    hidden, cell = _Step(self, d, steps[t], gw, gr, wb, rb, p).run(hidden, cell)
+                    per_step_h[t] = hidden
+            else:
+                hidden, cell, per_step_h = self._masked(d, backwards, across, steps, (gw, gr, wb, rb, p), hidden, cell)
             hs.append(per_step_h)
-            cs.append(per_step_c)
             finals_h.append(hidden)
             finals_c.append(cell)
         used = [len(node.outputs) > k and (node.outputs[k].uses() or node.outputs[k] in e.graph.outputs)
@@ -173,6 +178,48 @@ class _Cell:
         y_h = self._final(finals_h) if used[1] else None
         y_c = self._final(finals_c) if used[2] and self.op == "LSTM" else None
         return [y, y_h, y_c][:len(node.outputs)]
+
+    def _masked(self, d: int, backwards: bool, across: ir.Value, steps: list[ir.Value], weights: tuple,
+                hidden: ir.Value | None, cell: ir.Value | None):
+        """The recurrence when batch element b stops after lengths[b] steps: step k reads position k (forward)
+        or lengths[b] - 1 - k (reverse) of each element, a finished element keeps its state, and Y is zero at
+        the positions an element does not reach. Masks and per-element picks are constants (exact linear maps)."""
+        e, lengths, n = self.emit, self.lengths, self.length
+        outputs = []  # (positions per element, -1 where finished; the step's masked hidden state)
+        for k in range(n):
+            live = k < lengths
+            if not live.any():
+                break
+            positions = np.where(live, lengths - 1 - k, -1) if backwards else np.where(live, k, -1)
+            if backwards:  # a different position per element: a batched MatMul with one-hot columns
+                columns = np.zeros((lengths.size, n, 1), self.dtype)
+                columns[np.flatnonzero(live), positions[live], 0] = 1
+                x = e.squeeze(e.op("MatMul", across, e.const(columns)), [2])
+            else:
+                x = steps[k]
+            new_h, new_c = _Step(self, d, x, *weights).run(hidden, cell)
+            mask = e.const(live.astype(self.dtype)[:, None])
+            hidden, cell = self._blend(live, mask, new_h, hidden), self._blend(live, mask, new_c, cell)
+            outputs.append((positions, new_h if live.all() else e.op("Mul", new_h, mask)))
+        sequence = []
+        for position in range(n):
+            terms = []
+            for positions, value in outputs:
+                hit = positions == position
+                if hit.all():
+                    terms.append(value)
+                elif hit.any():
+                    terms.append(e.op("Mul", value, e.const(hit.astype(self.dtype)[:, None])))
+            sequence.append(self.add(*terms) if terms else
+                            e.op("Mul", outputs[0][1], self.scalar(0.0)))  # no element reaches it: zeros
+        return hidden, cell, sequence
+
+    def _blend(self, live: np.ndarray, mask: ir.Value, new: ir.Value | None, old: ir.Value | None):
+        """new where the element is still running, old where it has finished."""
+        if new is None or live.all():
+            return new
+        kept = None if old is None else self.emit.op("Mul", old, self.emit.const((~live).astype(self.dtype)[:, None]))
+        return self.add(self.emit.op("Mul", new, mask), kept)
 
     def _sequence(self, per_direction: list[list[ir.Value]]) -> ir.Value:
         e = self.emit
