@@ -74,6 +74,7 @@ class AlphaCrown:
         self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units or v.name in self.betas}
         self._tuned = tuned
         self._executor = None
+        self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
 
     def feeds(self, lower=None, upper=None, x=None, eps=None, objective=None) -> dict[str, np.ndarray]:
         """Graph inputs for a box (lower, upper) or an L-inf ball (x, eps), shaped like the model input."""
@@ -92,9 +93,16 @@ class AlphaCrown:
     def bounds(self, feeds: dict[str, np.ndarray], iterations: int = 20, lr: float = 0.1, lr_decay: float = 0.98,
                stop: Stop | None = None, offset: np.ndarray | None = None,
                mixtures: list[np.ndarray] | None = None, mixture_lr: float = 0.5,
-               beta_lr: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+               beta_lr: float | None = None, start: dict[str, np.ndarray] | None = None,
+               keep: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, `beta_lr` for beta multipliers
         (default `lr`), times `lr_decay` after each); `stop(lower, upper)` may end them early.
+
+        Warm start: `start` maps slope and multiplier inputs (`parameter_shapes`) to values [rows, batch, ...]
+        to start from instead of CROWN's slopes and beta = 0 (NaN entries keep those); any value gives a sound
+        bound, the graph projecting slopes onto their range and the steps keeping beta >= 0. With `keep`,
+        `self.kept` then holds the parameters of each batch element's step with the largest summed lower bound
+        (its warm start for a sub-problem).
 
         With a run-time objective [batch, m, n]: `offset` ([m]) is added to every row's bounds, and each entry
         of `mixtures` (indices of objective rows) appends a column [batch] bounding from below a learned convex
@@ -106,20 +114,24 @@ class AlphaCrown:
         feeds = mixer.initial_feeds(feeds)
         found = self.session.run(feeds)
         best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
+        initial = {}
+        for name, unit in self.units.items():
+            slopes = found[ALPHA_INIT_PREFIX + unit]
+            initial[name] = np.broadcast_to(slopes, (self._rows(name, feeds), *slopes.shape))
+        for name, unit in self.betas.items():
+            initial[name] = np.zeros((self._rows(name, feeds), *feeds[SPLIT_SIGN_PREFIX + unit].shape), np.float32)
+        for name, given in (start or {}).items():
+            initial[name] = np.where(np.isnan(given), initial[name], given).astype(np.float32)
+        self.kept = {name: np.array(value, dtype=np.float32) for name, value in initial.items()} if keep else None
         if iterations <= 0 or not (self.units or self.betas or mixer.groups) \
                 or (stop is not None and stop(best_lower, best_upper)):
             return best_lower, best_upper
 
         import torch
         executor = self._torch_graph()
-        alphas, betas = {}, {}
-        for name, unit in self.units.items():
-            start = found[ALPHA_INIT_PREFIX + unit]
-            alphas[name] = torch.tensor(np.broadcast_to(start, (self._rows(name, feeds), *start.shape)).copy(),
-                                        requires_grad=True)
-        for name, unit in self.betas.items():
-            shape = (self._rows(name, feeds), *feeds[SPLIT_SIGN_PREFIX + unit].shape)
-            betas[name] = torch.zeros(shape, requires_grad=True)
+        alphas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.units}
+        betas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.betas}
+        kept_score = np.full(len(best_lower), -np.inf)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
         optimiser = torch.optim.Adam([{"params": list(alphas.values()), "lr": lr},
                                       {"params": list(betas.values()), "lr": lr if beta_lr is None else beta_lr},
@@ -134,6 +146,8 @@ class AlphaCrown:
             best_lower = np.maximum(best_lower, low.detach().numpy())
             if not mixer.groups:  # a learned mixture's upper bound would belong to another function each step
                 best_upper = np.minimum(best_upper, high.detach().numpy())
+            if keep:
+                kept_score = self._keep_best(low.detach().numpy(), kept_score, {**alphas, **betas})
             if stop is not None and stop(best_lower, best_upper):
                 break
             loss = high.sum() - low.sum() if high.requires_grad and not mixer.groups else -mixer.objective_sum(low)
@@ -147,6 +161,27 @@ class AlphaCrown:
                 for beta in betas.values():
                     beta.clamp_(min=0.0)
         return best_lower, best_upper
+
+    def _keep_best(self, low: np.ndarray, kept_score: np.ndarray, parameters: dict) -> np.ndarray:
+        """Keep the parameters (batch axis 1) of the batch elements whose summed lower bound improved."""
+        score = np.nan_to_num(low.reshape(len(low), -1).astype(np.float64), nan=-1e30, neginf=-1e30).sum(axis=1)
+        improved = score > kept_score
+        if improved.any():
+            for name, value in parameters.items():
+                self.kept[name][:, improved] = value.detach().numpy()[:, improved]
+        return np.where(improved, score, kept_score)
+
+    def parameter_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+        """Each slope and multiplier input's (rows, per-sample shape), the batch axis (1) left out; None when
+        one is known at run time only."""
+        shapes = {}
+        for value in self._tuned.graph.inputs:
+            if value.name in self.units or value.name in self.betas:
+                dims = list(value.shape)
+                if not all(isinstance(d, int) for d in [dims[0], *dims[2:]]):
+                    return None
+                shapes[value.name] = (dims[0], tuple(dims[2:]))
+        return shapes
 
     def _rows(self, name: str, feeds: dict[str, np.ndarray]) -> int:
         """The rows of a slope or multiplier input: fixed by the graph, or those of the run-time objective."""

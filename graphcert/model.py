@@ -12,6 +12,7 @@ import onnxscript.optimizer
 
 from .errors import ModelLoadError
 from .normalise_ops import expand_functions
+from .unroll import unroll
 
 TARGET_OPSET = 17
 BATCH = "batch"
@@ -54,6 +55,7 @@ def normalise(proto: onnx.ModelProto, opset: int = TARGET_OPSET, check: bool = T
     if len(proto.graph.node) == 0:
         raise ModelLoadError("the model has no nodes")
     original = _copy(proto) if check else None
+    proto = unroll(proto)  # recurrent and control-flow ops written out as plain ops (graphcert.unroll)
     import json
 
     from .dtypes import IO_META, META, io_dtypes, model_dtype, to_float32

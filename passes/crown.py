@@ -23,12 +23,13 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from graphcert.builder import Builder
 from graphcert.interface import InputSet, clone, close_outputs, epsilon_name, open_inputs, perturbed_inputs
-from graphcert.interpret import attr, check_supported, perturbed_nodes
+from graphcert import interval as iv
+from graphcert.interpret import NO_RULE, UNMET, RuleTable, attr, perturbed_nodes, raise_refused
 from graphcert.interval import Interval
 from graphcert.model import static_shape
-from graphcert.passes import crown_products, ibp, relaxations
+from graphcert.passes import crown_fallback, crown_products, ibp, relaxations
 from graphcert.passes.adjoints import ADJOINTS, Geometry, fold_leading, trailing, unbroadcast, unfold_leading
-from graphcert.passes.crown_support import RELAXED, acceptor, batched_inputs, supports  # noqa: F401 (public)
+from graphcert.passes.crown_support import RELAXED, acceptor, batched_inputs, fallbacks, supports  # noqa: F401
 from graphcert.passes.relaxations import Lines, Planes, WindowMax
 from graphcert.passes.spec import MARGINS
 
@@ -85,6 +86,11 @@ class Context:
         self._slackened: dict[Interval, ir.Value] = {}
         # 0/1 flags of relaxed ops' infinite range ends (see `infinite_ends`), full-shaped like intercepts.
         self.unbounded: set[ir.Value] = set()
+        # Nodes bounded by IBP and treated as leaves (`passes.crown_fallback`): their outputs' intervals, and
+        # the leaf boxes made of them on first use.
+        self.fallback: set[ir.Node] = set()
+        self.leaf_intervals: dict[ir.Value, Interval] = {}
+        self._leaves: dict[ir.Value, crown_fallback.Leaf] = {}
 
     @property
     def lead(self) -> int:
@@ -144,30 +150,39 @@ class Context:
         bias = None
         reach = None   # > 0 where the bound leans on an infinite end of a relaxed op's range
         for node in reversed(nodes):
-            out = node.outputs[0]
-            if out not in pending:
+            if node in self.fallback:   # a leaf: every output's coefficients end here
+                steps = [(out, lambda cx, node, coef, out=out: cx.leaf_backward(out, coef))
+                         for out in node.outputs if out in pending]
+            elif node.outputs[0] not in pending:
                 continue
-            if node in self.relaxed:
-                rule = _relaxed_backward
+            elif node in self.relaxed:
+                steps = [(node.outputs[0], _relaxed_backward)]
             elif node in self.decomposed:
-                rule = _decomposed_backward
+                steps = [(node.outputs[0], _decomposed_backward)]
             else:
-                rule = ADJOINTS[node.op_type]
-            for value, part in rule(self, node, pending.pop(out)):
-                if value in self.perturbed:
-                    pending[value] = part if value not in pending else b.op("Add", pending[value], part)
-                elif value in self.unbounded:
-                    term = self.contract(part, value, like=out)
-                    reach = term if reach is None else b.op("Add", reach, term)
-                else:
-                    term = self.contract(part, value, like=out)
-                    bias = term if bias is None else b.op("Add", bias, term)
+                steps = [(node.outputs[0], ADJOINTS[node.op_type])]
+            for out, rule in steps:
+                for value, part in rule(self, node, pending.pop(out)):
+                    if value in self.perturbed:
+                        pending[value] = part if value not in pending else b.op("Add", pending[value], part)
+                    elif value in self.unbounded:
+                        term = self.contract(part, value, like=out)
+                        reach = term if reach is None else b.op("Add", reach, term)
+                    else:
+                        term = self.contract(part, value, like=out)
+                        bias = term if bias is None else b.op("Add", bias, term)
         for source, part in pending.items():
             term = self.concretise(source, part)
             bias = term if bias is None else b.op("Add", bias, term)
         if reach is not None:
             bias = b.op("Where", b.op("Greater", reach, b.const(0.0)), b.const(-np.inf), bias)
         return bias
+
+    def leaf_backward(self, out: ir.Value, coef: ir.Value) -> list:
+        """A fallback node's output: coefficients concretised over its IBP interval (`passes.crown_fallback`)."""
+        if out not in self._leaves:
+            self._leaves[out] = crown_fallback.leaf(self.b, self.leaf_intervals[out])
+        return crown_fallback.leaf_backward(self, self._leaves[out], coef)
 
     def infinite_ends(self, lower_flag: ir.Value | None, upper_flag: ir.Value | None, coef: ir.Value) -> list:
         """Pairs that make a lower bound -inf where a positive coefficient meets a lower end of -inf or a
@@ -447,8 +462,7 @@ class CrownPass(ir.passes.FunctionalPass):
         nodes = perturbed_nodes(graph, set(sources))
         batched = batched_inputs(sources)
         tainted = set(sources) | {out for node in nodes for out in node.outputs}
-        check_supported(nodes, {op: True for op in set(ADJOINTS) | RELAXED | crown_products.DECOMPOSED}, self.method,
-                        acceptor(tainted, batched))
+        fallback = fallbacks(result, nodes, self.method, sources, tainted)
         b = Builder(graph, prefix=self.method.replace("-", "_"))
         epsilon_names = {x.name: epsilon_name(result, x) for x in sources}
         boxes = open_inputs(result, b, self.input_set)
@@ -466,6 +480,7 @@ class CrownPass(ir.passes.FunctionalPass):
             cx.alpha = AlphaInputs(graph)
         if self.trainable:
             cx.support = None
+        cx.fallback = set(fallback)
 
         intervals = _Intervals(b, self.trainable, boxes)
         exposed: dict[str, tuple[ir.Value, ir.Shape]] = {}
@@ -473,6 +488,10 @@ class CrownPass(ir.passes.FunctionalPass):
         index = 0
         while index < len(nodes):
             node = nodes[index]
+            if node in cx.fallback:
+                self._leaf(cx, intervals, nodes, index)
+                index += 1
+                continue
             if node not in cx.decomposed and crown_products.decomposes(node, perturbed):
                 # Walk the primitives first; the node itself then hands its coefficients to their result.
                 parts, cx.decomposed[node] = crown_products.decompose(b, node, intervals.env)
@@ -516,12 +535,20 @@ class CrownPass(ir.passes.FunctionalPass):
         for out in graph.outputs:
             if out not in intervals.env:
                 continue
+            if out in cx.leaf_intervals or not crown_fallback.boundable(out, batched):
+                # A leaf's own interval is what CROWN would find; outputs a backward pass cannot bound (boolean,
+                # integer, a run-time sample shape) keep their IBP interval, as float32.
+                box = iv.as_interval(b, intervals.env[out])
+                bounds[out.name] = tuple(crown_fallback.as_float32(b, v) for v in (box.lower, box.upper))
+                continue
             both = self.crown_upper if self.crown_upper is not None else out.name != MARGINS
             lower, upper = cx.bound(nodes, out, both)
             box = intervals.env[out]
             bounds[out.name] = (_meet(b, "Max", lower, box.lower),
                                 _meet(b, "Min", upper, box.upper) if both else box.upper)
         close_outputs(result, b, bounds, self.keep_original, self.method)
+        if fallback:
+            result.metadata_props["graphcert.fallback"] = json.dumps({n.name: why for n, why in fallback.items()})
         for name, (value, shape) in exposed.items():
             _expose(graph, b, name, value, shape)
         if self.split_bounds is not None:
@@ -532,6 +559,24 @@ class CrownPass(ir.passes.FunctionalPass):
             result.metadata_props["graphcert.alpha"] = json.dumps(cx.alpha.units)
             result.metadata_props["graphcert.method"] = "alpha-" + self.method
         return ir.passes.PassResult(result, modified=True)
+
+
+    def _leaf(self, cx: Context, intervals: "_Intervals", nodes: list[ir.Node], index: int) -> None:
+        """A fallback node: IBP on its inputs' intervals (tightened by CROWN where IBP may be loose, as for a
+        relaxed op's input); its outputs become leaves, whose IBP interval is exactly what CROWN would find."""
+        node = nodes[index]
+        if self.intermediate == "crown":
+            for x in dict.fromkeys(v for v in node.inputs if v is not None and v in cx.perturbed):
+                loose = intervals.exactness.get(x, LOOSE) == LOOSE or self.norm == "l2"
+                if loose and x not in intervals.tightened and crown_fallback.boundable(x, cx.batched):
+                    lower, upper = cx.bound(nodes[:index], x, both=True)
+                    intervals.tighten(x, lower, upper)
+        intervals.step(node, cx.perturbed)
+        for out in node.outputs:
+            if out in intervals.env:
+                cx.leaf_intervals[out] = iv.as_interval(cx.b, intervals.env[out])
+                intervals.exactness[out] = POINTWISE
+                intervals.tightened.add(out)
 
 
 class _Intervals:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphcert.interpret import attr
+from graphcert.interpret import NO_RULE, UNMET, RuleTable, attr, raise_refused
 from graphcert.model import static_shape
 from graphcert.ops import WindowGeometry
-from graphcert.passes import ibp, relaxations
+from graphcert.passes import crown_fallback, ibp, relaxations
 from graphcert.passes.adjoints import ADJOINTS, pad_axes, pad_mode, reduced_axes
 
 RELAXED = relaxations.ELEMENTWISE | {"MaxPool"}
@@ -153,3 +153,37 @@ def supports(node: ir.Node) -> bool:
     if node.op_type in relaxations.ELEMENTWISE:
         return relaxations.accepts(node) and ibp.accepts(node)
     return (node.op_type in ADJOINTS or node.op_type in RELAXED | DECOMPOSED) and ibp.accepts(node)
+
+
+
+def fallbacks(model: ir.Model, nodes: list[ir.Node], method: str, sources: list[ir.Value],
+              tainted: set) -> dict[ir.Node, str]:
+    """{node: why} for the nodes CROWN bounds through IBP (`passes.crown_fallback`): those its own rules do not
+    take but IBP does. Raises an UnsupportedOpError naming every node neither bounds.
+
+    In a batched graph, coefficients carry the batch on the leading axis of every tensor they reach. The
+    rules keep it there; a leaf whose output a rule reads must too (`crown_fallback.batch_first`). Leaves
+    that only feed other leaves, or the graph's outputs (bounded by their interval), may move it anywhere."""
+    batched = batched_inputs(sources)
+    accepts = acceptor(tainted, batched)
+    own = RuleTable(method, {op: True for op in set(ADJOINTS) | RELAXED | DECOMPOSED})
+    found, refused = {}, {}
+    for node in nodes:
+        reason = own.verdict(node)
+        if reason is None and accepts(node):
+            continue
+        through_ibp = ibp.RULES.verdict(node)
+        if through_ibp is not None:
+            refused[node] = through_ibp
+            continue
+        found[node] = "no CROWN rule for this op type" if reason == NO_RULE else (reason or UNMET)
+    if batched and found:
+        first = crown_fallback.batch_first(model, sources)
+        ruled = set(nodes) - set(found) - set(refused)
+        for node, reason in list(found.items()):
+            read = [out for out in node.outputs if out is not None and any(use[0] in ruled for use in out.uses())]
+            if not all(first(out) for out in read):
+                del found[node]
+                refused[node] = f"{reason}; its IBP fallback feeds a CROWN rule a tensor whose batch axis is not first"
+    raise_refused(method, refused)
+    return {node: f"{crown_fallback.VERDICT} ({reason})" for node, reason in found.items()}

@@ -149,10 +149,16 @@ def _hardmax(t: Tiny, op_type):
 def _one_hot(t: Tiny, op_type):
     shape = t.shape(1, 2)
     depth = t.draw(st.integers(1, 4))
-    index = t.op("Cast", t.op("Round", t.perturbed(shape)), to=TensorProto.INT64)
+    # Integer indices with a constant depth, or float indices (cast to int64 by truncation) with a float depth
+    # computed at run time (the pairs onnxruntime has kernels for).
+    index = t.op("Round", t.perturbed(shape)) if t.draw(st.booleans()) else t.perturbed(shape)
     values = t.perturbed([2]) if t.draw(st.booleans()) else t.const(np.float32([-1.0, 2.0]))
     axis = t.draw(st.integers(-len(shape) - 1, len(shape)))
-    return t.model(t.op("OneHot", index, t.ints([depth]), values, axis=axis))
+    if t.draw(st.booleans()):
+        index, depth_input = t.op("Cast", index, to=TensorProto.INT64), t.ints([depth])
+    else:
+        depth_input = t.op("Add", t.const(np.float32([depth - 0.5])), t.const(np.float32([0.5])))
+    return t.model(t.op("OneHot", index, depth_input, values, axis=axis))
 
 
 @case("LpPool", "GlobalLpPool")
@@ -193,8 +199,17 @@ def _resize(t: Tiny, op_type):
     transform = t.pick(["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"])
     if transform == "align_corners":  # fractional output sizes are refused (runtimes disagree on them)
         scales = [s if float(s * d).is_integer() else 2.0 for s, d in zip(scales, shape)]
-    return t.model(t.op("Resize", t.perturbed(shape), "", t.const(np.float32(scales)), mode=mode,
-                        coordinate_transformation_mode=transform))
+    attrs = {}
+    if t.draw(st.booleans()):  # weights of either sign: cubic, exclude_outside, antialias (opset 18)
+        t.opset, mode = 18, t.pick(["cubic", "linear"])
+        if mode == "cubic" and len(shape) != 4:  # onnxruntime's cubic resizes the last two axes of 4-D data
+            shape, scales = shape + [2], scales + [1.0]
+        attrs = dict(cubic_coeff_a=t.pick([-0.75, -0.5]), exclude_outside=int(t.draw(st.booleans())),
+                     antialias=int(t.draw(st.booleans())))
+        if mode == "linear" and not attrs["antialias"]:  # (onnxruntime refuses exclude_outside there)
+            attrs["exclude_outside"] = 0
+    return t.model(t.op("Resize", _large(t, t.perturbed(shape)), "", t.const(np.float32(scales)), mode=mode,
+                        coordinate_transformation_mode=transform, **attrs))
 
 
 @case("GridSample")
@@ -233,3 +248,70 @@ def _lp_normalization(t: Tiny, op_type):
     shape = t.shape(1, 3)
     return t.model(t.op(op_type, t.perturbed(shape), axis=t.draw(st.integers(-len(shape), len(shape) - 1)),
                         p=t.pick([1, 2])))
+
+
+@case("QuantizeLinear", "DequantizeLinear")
+def _quantize_dequantize(t: Tiny, op_type):
+    """x -> QuantizeLinear -> DequantizeLinear (or Cast): per tensor, per axis or blocked, integer or 8-bit
+    float, a constant or a bounded (positive) scale, with or without a zero point."""
+    shape = t.shape(1, 3)
+    axis = t.draw(st.integers(0, len(shape) - 1))
+    granularity = t.pick(["tensor", "axis", "blocked"])
+    target = t.pick([TensorProto.UINT8, TensorProto.INT8, TensorProto.INT16, TensorProto.FLOAT8E4M3FN])
+    t.opset = 21
+    attrs, param_shape = {}, []
+    if granularity == "axis":
+        attrs, param_shape = {"axis": axis}, [shape[axis]]
+    elif granularity == "blocked":
+        block = t.draw(st.integers(1, 3))
+        param_shape = list(shape)
+        param_shape[axis] = -(-shape[axis] // block)
+        attrs = {"axis": axis, "block_size": block}
+    if int(np.prod(param_shape)) == 1:  # one parameter is per-tensor quantization (onnxruntime insists)
+        attrs, param_shape = {}, []
+    x = _large(t, t.perturbed(shape))
+    magnitude = t.pick([0.01, 0.1, 1.0, 100.0])
+    if t.draw(st.booleans()):
+        scale = t.const(t.rng.uniform(0.5, 2.0, param_shape) * magnitude)
+    else:
+        scale = t.op("Mul", t.perturbed(param_shape, positive=True), t.const(np.float32(magnitude)))
+    numpy_type = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8, TensorProto.INT16: np.int16}
+    inputs = [x, scale]
+    if target == TensorProto.FLOAT8E4M3FN:
+        inputs.append(t.const(np.zeros(param_shape), dtype=np.float32))
+        import onnx.numpy_helper as numpy_helper_module  # a float8 zero point (its type names the target)
+        zero = t.initializers[-1]
+        zero.CopyFrom(numpy_helper_module.from_array(np.zeros(param_shape, np.float32), zero.name))
+        zero.data_type = TensorProto.FLOAT8E4M3FN
+        del zero.float_data[:]
+        zero.raw_data = bytes(int(np.prod(param_shape, dtype=np.int64)))
+    elif t.draw(st.booleans()):
+        low, high = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.INT16: (-300, 300)}[target]
+        inputs.append(t.const(t.rng.integers(low, high + 1, param_shape), dtype=numpy_type[target]))
+    else:
+        attrs["output_dtype"] = target
+    q = t.op("QuantizeLinear", *inputs, **attrs)
+    if op_type == "QuantizeLinear" and target != TensorProto.FLOAT8E4M3FN:
+        return t.model(_as_float(t, q))
+    dq_attrs = {k: v for k, v in attrs.items() if k != "output_dtype"}
+    return t.model(t.op("DequantizeLinear", q, *inputs[1:], **dq_attrs))
+
+
+@case("Swish", "Shrink")
+def _swish_shrink(t: Tiny, op_type):
+    """Swish (opset 24) with a positive alpha; Shrink where it is non-decreasing (bias <= lambd)."""
+    x = _large(t, t.perturbed(t.shape()))
+    if op_type == "Swish":
+        t.opset = 24
+        return t.model(t.op("Swish", x, alpha=t.pick([0.1, 1.0, 1.702, 4.0])))
+    lambd = t.pick([0.0, 0.5, 2.0])
+    return t.model(t.op("Shrink", x, lambd=lambd, bias=t.pick([0.0, lambd / 2, lambd])))
+
+
+@case("InstanceNormalization")
+def _instance_norm(t: Tiny, op_type):
+    channels = t.draw(st.integers(1, 3))
+    shape = [t.draw(st.integers(1, 2)), channels] + t.shape(1, 2, max_dim=4)
+    scale = t.perturbed([channels]) if t.draw(st.booleans()) else t.weights([channels])
+    bias = t.perturbed([channels]) if t.draw(st.booleans()) else t.weights([channels])
+    return t.model(t.op(op_type, t.perturbed(shape), scale, bias, epsilon=t.pick([1e-5, 1e-2])))

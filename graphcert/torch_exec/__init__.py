@@ -18,7 +18,7 @@ from torch import nn
 from graphcert.errors import GraphcertError, InputError, UnsupportedOpError
 from graphcert.interpret import attr  # noqa: F401
 from graphcert.torch_exec.core import KERNELS, Setup, _Unsupported  # noqa: F401
-from graphcert.torch_exec import elementwise, layers, pooling, shapes, extra  # noqa: F401  (register kernels)
+from graphcert.torch_exec import elementwise, layers, pooling, shapes, extra, quant  # noqa: F401  (register kernels)
 from graphcert.torch_exec.shapes import constant_array  # noqa: F401
 
 # ---- the module -----------------------------------------------------------------------------------------
@@ -94,7 +94,11 @@ class TorchGraph(nn.Module):
 
     def _add_constant(self, value: ir.Value, array: np.ndarray, setup: Setup, trainable: bool) -> None:
         try:
-            tensor = torch.tensor(np.asarray(array), dtype=setup.torch_dtype(ir.DataType.from_numpy(array.dtype)))
+            dtype = setup.torch_dtype(ir.DataType.from_numpy(array.dtype))
+            if array.dtype.name.startswith("float8"):  # numpy holds them as ml_dtypes, which torch cannot read
+                tensor = torch.tensor(np.asarray(array, dtype=np.float32)).to(dtype)
+            else:
+                tensor = torch.tensor(np.asarray(array), dtype=dtype)
         except (_Unsupported, TypeError) as exc:
             raise GraphcertError(f"constant {value.name!r} of type {array.dtype} cannot become a torch tensor") from exc
         torch_name = self._fresh_name(value.name)

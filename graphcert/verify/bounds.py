@@ -208,21 +208,67 @@ class BetaSplitBounds:
     """alpha- and beta-CROWN margins of split domains (`graphcert.alpha`): the clamped bounds of z that
     `SplitBounds` found are given, and the split signs (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units])
     bring in the split constraints with multipliers optimised per domain and row. Returns margin lower
-    bounds [B, rows], never below those of CROWN with the given bounds."""
+    bounds [B, rows], never below those of CROWN with the given bounds, and each domain's optimised slopes and
+    multipliers flattened into a row of `width` float32 (the warm start of its children: `__call__`'s `warm`,
+    NaN for the default start; width 0 when the graph's parameter shapes are not static)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
                  settings: AlphaSettings):
         self.alpha = AlphaCrown(network.model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
                                 split_bounds="given", beta=True)
         self.network, self.splits, self.settings = network, splits, settings
+        shapes = self.alpha.parameter_shapes() or {}
+        # name -> (rows, per-sample shape, first column in a domain's row)
+        self.layout: dict[str, tuple[int, tuple[int, ...], int]] = {}
+        column = 0
+        for name, (rows, shape) in shapes.items():
+            self.layout[name] = (rows, shape, column)
+            column += rows * int(np.prod(shape))
+        self.width = column
 
-    def __call__(self, lower, upper, unit_lower, unit_upper, signs, stop) -> np.ndarray:
+    def __call__(self, lower, upper, unit_lower, unit_upper, signs, stop, warm: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = outward_float32(lower, upper)
         feeds = self.alpha.feeds(lower=self.network.model_shaped(lo), upper=self.network.model_shaped(hi))
         feeds.update(self.splits.split_feeds(unit_lower, unit_upper, signs))
         settings = self.settings
-        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop)
-        return low.reshape(len(lo), -1)
+        start = self._unpack(warm) if warm is not None and self.width and warm.shape[1] == self.width else None
+        keep = self.width > 0
+        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop,
+                                   start=start, keep=keep)
+        kept = self._pack(self.alpha.kept, len(lo)) if keep else np.empty((len(lo), 0), np.float32)
+        return low.reshape(len(lo), -1), kept
+
+    def _unpack(self, warm: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows [B, width] -> graph inputs [rows, B, ...]."""
+        found = {}
+        for name, (rows, shape, column) in self.layout.items():
+            part = warm[:, column:column + rows * int(np.prod(shape))].reshape(len(warm), rows, *shape)
+            found[name] = np.ascontiguousarray(np.swapaxes(part, 0, 1))
+        return found
+
+    def _pack(self, parameters: dict[str, np.ndarray], batch: int) -> np.ndarray:
+        packed = np.empty((batch, self.width), dtype=np.float32)
+        for name, (rows, shape, column) in self.layout.items():
+            columns = slice(column, column + rows * int(np.prod(shape)))
+            packed[:, columns] = np.swapaxes(parameters[name], 0, 1).reshape(batch, -1)
+        return packed
+
+    def beta_columns(self, unit: np.ndarray) -> list[np.ndarray]:
+        """Per multiplier input over split unit inputs, the columns [len(unit), rows] of each given unit's
+        multipliers in a domain's row (units of another layer than the input's point at a dummy column -1,
+        to be masked by the caller via `unit_in`)."""
+        columns = []
+        for name, unit_name in self.alpha.betas.items():
+            if name not in self.layout:
+                continue
+            rows, shape, column = self.layout[name]
+            k = self.splits.names.index(unit_name)
+            start, size = self.splits.offsets[k], self.splits.offsets[k + 1] - self.splits.offsets[k]
+            inside = (unit >= start) & (unit < start + size)
+            where = column + np.arange(rows)[None, :] * size + (unit - start)[:, None]
+            columns.append(np.where(inside[:, None], where, -1))
+        return columns
 
 
 def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,

@@ -32,7 +32,7 @@ from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
 from ..attack import unsafe_objective
 from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
 from .bounds import BetaSplitBounds, SplitBounds
-from .resources import MemorySizer, size
+from .resources import MemorySizer, log, size
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
@@ -41,6 +41,8 @@ from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier,
 # (each of many optimisation steps; the steps check the deadline).
 BETA_CALL_SECONDS = 1.0
 WEAKEST = "the weakest domain's margin lower bound (> 0 refutes)"
+# Children start alpha-beta-CROWN from their parent's optimised parameters (False: from CROWN's slopes).
+WARM_START = True
 
 
 # Units other than ReLUs are split while their relaxation can gain: the function strays from its chord by more
@@ -85,6 +87,7 @@ class Domains(Arrays):
     unit: np.ndarray          # [B] the unit to split next, -1 when every unit is stable
     margins: np.ndarray       # [B, rows] float32 margin lower bounds
     signs: np.ndarray         # [B, units] int8 split signs: +1 z >= 0, -1 z <= 0, 0 unsplit
+    warm: np.ndarray          # [B, width] float32 alpha-beta parameters to start from (NaN: the default start)
 
 
 def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, build_seconds: float,
@@ -119,6 +122,8 @@ class ReluSplitSearch:
         self.beta_settings = beta
         self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, clamp, beta) \
             if beta is not None else None
+        # Columns of alpha-beta parameters each domain keeps for its children (0: none kept).
+        self.warm_width = self.beta_bounds.width if self.beta_bounds is not None and WARM_START else 0
         # A domain costs its input box and unit bounds in and out at least; the graphs' own memory is measured.
         floor = 16 * search.network.n_inputs + 24 * clamp.units
         estimate = clamp.bytes_per_sample
@@ -130,8 +135,9 @@ class ReluSplitSearch:
         search, clamp = self.search, self.clamp
         unbounded = np.full((len(self.lower), clamp.units), np.inf, dtype=np.float32)
         unsplit = np.zeros((len(self.lower), clamp.units), dtype=np.int8)
+        cold = np.full((len(self.lower), self.warm_width), np.nan, dtype=np.float32)
         domains = self._bound_domains(clamp, np.arange(len(self.lower)), alive, -unbounded, unbounded, unsplit,
-                                      margin_lower)
+                                      margin_lower, cold)
         if domains is None:
             return search.timeout()
         frontier = Frontier(domains)
@@ -143,8 +149,14 @@ class ReluSplitSearch:
             if (frontier.items.unit < 0).any():
                 return search.finish("unknown", "a live domain has no unit left to split (every ReLU stable, "
                                                 "every other unit's interval too narrow to gain from a split)")
-            # float32 bounds of every unit, an int8 split sign, float32 margins
-            too_large = search.frontier_too_large(len(frontier), 9 * clamp.units + 4 * margin_lower.shape[1] + 32)
+            # float32 bounds of every unit, an int8 split sign, float32 margins (and warm starts)
+            each = 9 * clamp.units + 4 * margin_lower.shape[1] + 32
+            if self.warm_width and search.frontier_too_large(len(frontier), each + 4 * self.warm_width):
+                # Children then start from the default slopes: slower to bound, but the frontier fits.
+                log.info("dropping the warm starts of %d split domains (memory budget)", len(frontier))
+                self.warm_width = 0
+                frontier.items.warm = frontier.items.warm[:, :0]
+            too_large = search.frontier_too_large(len(frontier), each)
             if too_large:
                 return search.finish("unknown", too_large)
             parents = frontier.pop(max(1, self.domain_calls.size // 2))
@@ -167,6 +179,12 @@ class ReluSplitSearch:
         active_signs, inactive_signs = parents.signs.copy(), parents.signs.copy()
         at_zero = point == 0   # elsewhere the children keep the parent's sign (still true on them)
         active_signs[rows[at_zero], unit[at_zero]], inactive_signs[rows[at_zero], unit[at_zero]] = 1, -1
+        # Children start from the parent's optimised alpha and beta, with beta 0 on the new split constraint.
+        warm = parents.warm.copy()
+        if warm.shape[1]:
+            for columns in self.beta_bounds.beta_columns(unit):
+                chosen = at_zero[:, None] & (columns >= 0)
+                warm[np.nonzero(chosen)[0], columns[chosen]] = 0.0
         # A split before the last layer pays off through the later layers' bounds, so those are
         # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
         last = self.layer[unit] == self.layer[-1]
@@ -181,14 +199,14 @@ class ReluSplitSearch:
                                            np.concatenate([active[group], parents.unit_lower[group]]),
                                            np.concatenate([parents.unit_upper[group], inactive[group]]),
                                            np.concatenate([active_signs[group], inactive_signs[group]]),
-                                           twice(parents.margins))
+                                           twice(parents.margins), twice(warm))
             if children is None:
                 return None
             found.append(children)
         return found
 
     def _bound_domains(self, bounds: SplitBounds, root, alive, unit_lower, unit_upper, signs,
-                       parent_lower) -> Domains | None:
+                       parent_lower, warm) -> Domains | None:
         """The live domains among those given; None at the deadline."""
         search = self.search
         found = []
@@ -206,13 +224,14 @@ class ReluSplitSearch:
             found.append(self._live_domains(root[chunk], alive[chunk] & ~empty[:, None],
                                             np.minimum(clamped_lower, clamped_upper),
                                             np.maximum(clamped_lower, clamped_upper), signs[chunk],
-                                            np.maximum(margin_lower.astype(np.float64), parent_lower[chunk])))
+                                            np.maximum(margin_lower.astype(np.float64), parent_lower[chunk]),
+                                            warm[chunk]))
         domains = Domains.concat(found)
         if self.beta_bounds is None or not len(domains):
             return domains
         return self._tighten_with_beta(domains)
 
-    def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower) -> Domains:
+    def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower, warm) -> Domains:
         """The domains with a live conjunct left after refuting by margin_lower."""
         membership = self.search.membership
         slack = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower) + self._rounding_slack(root, unit_lower,
@@ -224,7 +243,7 @@ class ReluSplitSearch:
         keep = live.any(axis=1)
         return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep],
                        self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]),
-                       margin_lower[keep].astype(np.float32), signs[keep])
+                       margin_lower[keep].astype(np.float32), signs[keep], warm[keep])
 
     def _rounding_slack(self, root, unit_lower, unit_upper) -> np.ndarray:
         """Float32 slack of each domain: its root box's, or smaller from the domain's own unit bounds."""
@@ -249,13 +268,14 @@ class ReluSplitSearch:
             watch = ProofWatch(lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,
                                                             live).numpy(),
                                settings.iterations, settings.give_up)
-            tighter = self.beta_bounds(self.lower[part.root], self.upper[part.root], part.unit_lower,
-                                       part.unit_upper, part.signs,
-                                       stop=lambda low, high: search.past_deadline() or watch(low, high))
+            tighter, optimised = self.beta_bounds(self.lower[part.root], self.upper[part.root], part.unit_lower,
+                                                  part.unit_upper, part.signs,
+                                                  stop=lambda low, high: search.past_deadline() or watch(low, high),
+                                                  warm=part.warm if self.warm_width else None)
             search.boxes_bounded += len(tighter)
             margin_lower = np.maximum(tighter.astype(np.float64), part.margins)
             found.append(self._live_domains(part.root, part.alive, part.unit_lower, part.unit_upper, part.signs,
-                                            margin_lower))
+                                            margin_lower, optimised[:, :self.warm_width]))
             done = chunk.stop
         found.append(domains.take(slice(done, None)))
         return Domains.concat(found)

@@ -198,7 +198,7 @@ class Search:
             self.membership[indices, k] = True
         self.has_rows = len(self.offset) > 0
         self.attack = Attack(network.differentiable, self.matrix, self.offset, self.membership,
-                             memory_bytes=max(64 << 20, self.budget.total // 4))
+                             memory_bytes=max(64 << 20, self.budget.total // 4), model=network.model)
         # Attack rows (boxes x samples) through the torch graph, with activations and gradients.
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
