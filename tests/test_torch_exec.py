@@ -772,3 +772,30 @@ def test_swish_and_shrink_match_onnxruntime(op, attrs, opset):
     x = (_rng(3).standard_normal([3, 5]) * 4).astype(np.float32)
     proto, feeds = _single(op, {"x": x}, opset=opset, **attrs)
     _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_instance_normalization_matches_onnxruntime():
+    rng = _rng(4)
+    x = (rng.standard_normal([2, 3, 4, 5]) * 3).astype(np.float32)
+    proto, feeds = _single("InstanceNormalization", {"x": x}, {"scale": rng.standard_normal(3).astype(np.float32),
+                                                              "bias": rng.standard_normal(3).astype(np.float32)},
+                           epsilon=1e-3)
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("attrs", [dict(mode="cubic"), dict(mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1),
+                                   dict(mode="cubic", antialias=1), dict(mode="linear", antialias=1)])
+@pytest.mark.parametrize("scales", [[1.0, 1.0, 0.6, 0.8], [1.0, 1.0, 2.0, 1.5]])
+def test_resize_with_weights_of_either_sign_matches_onnxruntime(attrs, scales):
+    x = (_rng(5).standard_normal([2, 3, 5, 4]) * 3).astype(np.float32)
+    proto, feeds = _single("Resize", {"x": x}, {"scales": np.float32(scales)}, order=["x", "", "scales"], opset=18,
+                           **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("attrs,channels", [(dict(axis=1), 1), (dict(axis=1), 2), (dict(axis=2, inverse=1), 1),
+                                            (dict(axis=2, inverse=1), 2), (dict(axis=1, onesided=1), 1)])
+def test_dft_matches_onnxruntime(attrs, channels):
+    x = _rng(6).standard_normal([2, 6, 3, channels]).astype(np.float32)
+    proto, feeds = _single("DFT", {"x": x}, **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)
