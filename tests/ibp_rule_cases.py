@@ -338,3 +338,9 @@ def _reduce_prod(t: Tiny, op_type):
     if t.draw(st.booleans()):
         return t.model(t.op(op_type, t.perturbed(shape), keepdims=keepdims))
     return t.model(t.op(op_type, t.perturbed(shape), axes=axes, keepdims=keepdims))
+
+
+@case("Det")
+def _det(t: Tiny, op_type):
+    n = t.draw(st.integers(1, 3))
+    return t.model(t.op(op_type, t.perturbed(t.shape(0, 2, max_dim=2) + [n, n])))

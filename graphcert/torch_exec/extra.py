@@ -227,3 +227,6 @@ def _product(x, dim, keepdim):
 
 _REDUCTIONS["ReduceProd"] = _product
 KERNELS["ReduceProd"] = _reduce
+
+
+KERNELS["Det"] = lambda node, setup: torch.linalg.det
