@@ -812,3 +812,10 @@ def test_det_matches_onnxruntime():
     x = _rng(9).standard_normal([2, 3, 3]).astype(np.float32)
     proto, feeds = _single("Det", {"x": x})
     _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("size", [3, 5])  # (onnxruntime takes odd sizes only)
+def test_lrn_matches_onnxruntime(size):
+    x = (_rng(10).standard_normal([2, 5, 3, 3]) * 2).astype(np.float32)
+    proto, feeds = _single("LRN", {"x": x}, size=size, alpha=0.3, beta=0.75, bias=1.5)
+    _assert_matches(ir.from_proto(proto), feeds)
