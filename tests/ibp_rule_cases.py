@@ -315,3 +315,16 @@ def _instance_norm(t: Tiny, op_type):
     scale = t.perturbed([channels]) if t.draw(st.booleans()) else t.weights([channels])
     bias = t.perturbed([channels]) if t.draw(st.booleans()) else t.weights([channels])
     return t.model(t.op(op_type, t.perturbed(shape), scale, bias, epsilon=t.pick([1e-5, 1e-2])))
+
+
+@case("DFT")
+def _dft(t: Tiny, op_type):
+    """Real or complex signals, forward or inverse, one- or two-sided, a given length (padding or cutting)."""
+    length = t.draw(st.integers(2, 6))
+    shape = [t.draw(st.integers(1, 2)), length, t.draw(st.integers(1, 2)), t.pick([1, 2])]
+    inverse = int(t.draw(st.booleans()))
+    onesided = 0 if inverse or shape[-1] == 2 else int(t.draw(st.booleans()))  # one-sided: real input only
+    inputs = [_large(t, t.perturbed(shape))]
+    if t.draw(st.booleans()):
+        inputs.append(t.ints(t.draw(st.integers(2, 8))))
+    return t.model(t.op("DFT", *inputs, axis=1, inverse=inverse, onesided=onesided))

@@ -791,3 +791,11 @@ def test_resize_with_weights_of_either_sign_matches_onnxruntime(attrs, scales):
     proto, feeds = _single("Resize", {"x": x}, {"scales": np.float32(scales)}, order=["x", "", "scales"], opset=18,
                            **attrs)
     _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("attrs,channels", [(dict(axis=1), 1), (dict(axis=1), 2), (dict(axis=2, inverse=1), 1),
+                                            (dict(axis=2, inverse=1), 2), (dict(axis=1, onesided=1), 1)])
+def test_dft_matches_onnxruntime(attrs, channels):
+    x = _rng(6).standard_normal([2, 6, 3, channels]).astype(np.float32)
+    proto, feeds = _single("DFT", {"x": x}, **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)

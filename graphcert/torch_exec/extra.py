@@ -199,3 +199,21 @@ def _resize_by_matrices(node):
             x = torch.movedim(torch.movedim(x, axis, -1) @ matrix.to(x.device), -1, axis)
         return x
     return resize
+
+
+@kernel("DFT")
+def _dft(node, setup):
+    """ONNX's DFT: real ([..., 1]) or complex ([..., 2]) signals along `axis` (an attribute before opset 20, an
+    input after), zero-padded or cut to dft_length, inverse scaled by 1/n, onesided keeping n // 2 + 1 bins."""
+    inverse, onesided = bool(attr(node, "inverse", 0)), bool(attr(node, "onesided", 0))
+
+    def dft(x, dft_length=None, axis_input=None):
+        axis = int(axis_input.reshape(-1)[0]) if axis_input is not None else int(attr(node, "axis", 1))
+        axis %= x.dim()
+        signal = torch.complex(x[..., 0], x[..., 1] if x.shape[-1] == 2 else torch.zeros_like(x[..., 0]))
+        n = int(dft_length.reshape(-1)[0]) if dft_length is not None else signal.shape[axis]
+        y = (torch.fft.ifft if inverse else torch.fft.fft)(signal.to(torch.complex128), n=n, dim=axis)
+        if onesided:
+            y = y.narrow(axis, 0, n // 2 + 1)
+        return torch.stack([y.real, y.imag], dim=-1).to(x.dtype)
+    return dft
