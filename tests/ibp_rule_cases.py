@@ -328,3 +328,13 @@ def _dft(t: Tiny, op_type):
     if t.draw(st.booleans()):
         inputs.append(t.ints(t.draw(st.integers(2, 8))))
     return t.model(t.op("DFT", *inputs, axis=1, inverse=inverse, onesided=onesided))
+
+
+@case("ReduceProd")
+def _reduce_prod(t: Tiny, op_type):
+    shape = t.shape(1, 3, max_dim=3)
+    axes = sorted(set(t.draw(st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=2))))
+    keepdims = int(t.draw(st.booleans()))
+    if t.draw(st.booleans()):
+        return t.model(t.op(op_type, t.perturbed(shape), keepdims=keepdims))
+    return t.model(t.op(op_type, t.perturbed(shape), axes=axes, keepdims=keepdims))

@@ -217,3 +217,13 @@ def _dft(node, setup):
             y = y.narrow(axis, 0, n // 2 + 1)
         return torch.stack([y.real, y.imag], dim=-1).to(x.dtype)
     return dft
+
+
+def _product(x, dim, keepdim):
+    for axis in sorted((d % x.dim() for d in dim), reverse=True):
+        x = torch.prod(x, dim=axis, keepdim=keepdim)
+    return x
+
+
+_REDUCTIONS["ReduceProd"] = _product
+KERNELS["ReduceProd"] = _reduce
