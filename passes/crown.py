@@ -216,9 +216,9 @@ class CrownPass(ir.passes.FunctionalPass):
                 continue
             if out in cx.leaf_intervals or not crown_fallback.boundable(out, batched):
                 # A leaf's own interval is what CROWN would find; outputs a backward pass cannot bound (boolean,
-                # integer, a run-time sample shape) keep their IBP interval, as float32.
+                # integer, another float type, a run-time sample shape) keep their IBP interval, as IBP gives it.
                 box = iv.as_interval(b, intervals.env[out])
-                bounds[out.name] = tuple(crown_fallback.as_float32(b, v) for v in (box.lower, box.upper))
+                bounds[out.name] = ibp._as_float(b, graph, out.name, box)   # as the IBP pass gives it
                 continue
             both = self.crown_upper if self.crown_upper is not None else out.name != MARGINS
             lower, upper = cx.bound(nodes, out, both)
