@@ -119,3 +119,39 @@ def _batchnorm(cx, node, x, scale, bias, mean, var):
     center = b.copy(node, [x.center, scale, bias, mean, var])
     return [Interval.from_center(b, center, b.op("Mul", x.radius, gain))]
 
+
+
+@rule("DFT")
+def _dft(cx, node, x, dft_length=None, axis_input=None):
+    """Linear in the input with coefficients cos and sin of modulus at most 1 (1/n for the inverse): the centre
+    through the op, every output's radius the sum of all input radii (real and imaginary parts), plus 4 ulps
+    per term of sum(|c| + r) for the rounding of the runtime's transform."""
+    from graphcert.passes.ibp_rules_elementwise import refuse
+    b = cx.b
+    if isinstance(dft_length, Interval) or isinstance(axis_input, Interval):
+        refuse(node, "its length or axis depends on the perturbed input")
+    x = iv.as_interval(b, x)
+    shape = node.inputs[0].shape
+    rank = len(shape) if shape is not None else None
+    axis = attr(node, "axis", 1)
+    if axis_input is not None:
+        given = axis_input.const_value
+        if given is None or rank is None:
+            refuse(node, "an axis not known when converting")
+        axis = int(given.numpy().reshape(-1)[0])
+    if rank is None or not isinstance(shape[axis % rank], int):
+        refuse(node, "a signal axis of unknown length")
+    axis %= rank
+    length = dft_length.const_value if dft_length is not None else None
+    if dft_length is not None and length is None:
+        refuse(node, "a length not known when converting")
+    transform = shape[axis] if length is None else int(length.numpy().reshape(-1)[0])  # the inverse divides by it
+    n = max(shape[axis], transform)
+    center = b.copy(node, [x.center, dft_length, axis_input][:len(node.inputs)])
+    axes = [axis, rank - 1]
+    radius = b.reduce("ReduceSum", x.radius, axes)
+    magnitude = b.reduce("ReduceSum", b.op("Add", b.op("Abs", x.center), x.radius), axes)
+    total = b.op("Add", radius, b.op("Mul", magnitude, b.const(4.0 * n * 2.0 ** -24)))
+    if attr(node, "inverse", 0) and not attr(node, "onesided", 0):
+        total = b.op("Mul", total, b.const(1.0 / transform))
+    return [Interval.from_center(b, center, b.op("Expand", total, b.op("Shape", center)))]

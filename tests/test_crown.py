@@ -346,14 +346,14 @@ def test_unsupported_ops_are_all_listed_before_emitting():
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])
     # Ops neither CROWN nor IBP has a rule for (CROWN bounds IBP's ops through its IBP fallback).
-    nodes = [helper.make_node("Shrink", ["x"], ["a"], name="shrink_1"),
-             helper.make_node("Shrink", ["a"], ["b"], name="shrink_2"),
+    nodes = [helper.make_node("RandomNormalLike", ["x"], ["a"], name="random_1"),
+             helper.make_node("RandomNormalLike", ["a"], ["b"], name="random_2"),
              helper.make_node("LRN", ["b"], ["c"], name="lrn", size=1), helper.make_node("Relu", ["c"], ["y"])]
     proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UnsupportedOpError) as error:
         CrownPass(InputSet())(load(proto))
-    assert set(error.value.nodes_by_op) == {"Shrink", "LRN"}
-    assert error.value.nodes_by_op["Shrink"] == ["shrink_1", "shrink_2"]
+    assert set(error.value.nodes_by_op) == {"RandomNormalLike", "LRN"}
+    assert error.value.nodes_by_op["RandomNormalLike"] == ["random_1", "random_2"]
 
 
 def window_ops_model() -> onnx.ModelProto:

@@ -123,8 +123,7 @@ def test_certify_and_verify_run(case, zoo_folder, tmp_path):
     assert result.clean == 4 and result.stages["ibp"]["status"] == "ran"
     spec = tmp_path / "robust.vnnlib"
     spec.write_text(_robustness_property(x[0], int(labels[0]), logits.shape[1], EPS))
-    # CROWN has no QuantizeLinear/DequantizeLinear rule until its IBP fallback lands (helper crownfb).
-    outcome = verify(path, spec, timeout=20, rounding="real", **({"method": "ibp"} if case[3] == "qdq" else {}))
+    outcome = verify(path, spec, timeout=20, rounding="real")
     assert outcome.status in ("holds", "violated", "unknown", "timeout"), outcome
     if outcome.status == "violated":
         cx, _ = outcome.counterexample
