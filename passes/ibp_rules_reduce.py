@@ -118,3 +118,36 @@ def _reduce_prod(cx, node, x, axes_input=None):
     if attr(node, "keepdims", 1):
         lower, upper = (b.op("Unsqueeze", v, b.ints(axes)) for v in (lower, upper))
     return [Interval.from_bounds(b, lower, upper)]
+
+
+def _lrn_band(node, channels: int) -> np.ndarray:
+    """[C, C]: 1 where channel j lies in channel i's window [i - floor((size-1)/2), i + ceil((size-1)/2)]."""
+    size = int(attr(node, "size"))
+    i, j = np.arange(channels)[:, None], np.arange(channels)[None, :]
+    return ((j >= i - (size - 1) // 2) & (j <= i + -(-(size - 1) // 2))).astype(np.float32)
+
+
+@rule("LRN")
+def _lrn(cx, node, x):
+    """x / (bias + alpha/size · the window sum of squares over channels)^beta: the window sum is non-decreasing
+    in every square, the power decreasing in it (beta >= 0, bias > 0); x times that factor in interval
+    arithmetic, widened (4·size + 16) ulps for the runtime's rounding."""
+    b = cx.b
+    shape = node.inputs[0].shape
+    alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    if shape is None or len(shape) < 3 or not isinstance(shape[1], int) or alpha < 0 or beta < 0 or bias <= 0:
+        refuse(node, "static channels, alpha >= 0, beta >= 0 and bias > 0 only")
+    size = int(attr(node, "size"))
+    x = iv.as_interval(b, x)
+    squares = iv.square(b, x)
+    perm = list(range(len(shape)))
+    perm[1], perm[-1] = perm[-1], perm[1]
+    band = b.const(_lrn_band(node, shape[1]).T)
+    window = lambda v: b.op("Transpose", b.op("MatMul", b.op("Transpose", v, perm=perm), band), perm=perm)  # noqa: E731
+    scale, offset = b.const(alpha / size), b.const(bias)
+    base_low, base_high = (b.op("Add", offset, b.op("Mul", scale, window(v))) for v in (squares.lower, squares.upper))
+    power = b.const(-beta)
+    factor = Interval.from_bounds(b, b.op("Pow", base_high, power), b.op("Pow", base_low, power))
+    y = iv.mul(b, x, factor)
+    slack = b.op("Mul", b.op("Add", b.op("Abs", y.lower), b.op("Abs", y.upper)), b.const((4.0 * size + 16) * 2.0 ** -24))
+    return [Interval.from_bounds(b, b.op("Sub", y.lower, slack), b.op("Add", y.upper, slack))]
