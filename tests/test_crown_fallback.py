@@ -12,12 +12,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import zoo
 from graphcert import api
 from graphcert.certify import certify
 from graphcert.data import Dataset
 from graphcert.errors import UnsupportedOpError
 from graphcert.export import to_proto
 from graphcert.inspect import describe
+from graphcert.interface import perturbed_inputs
+from graphcert.interpret import perturbed_nodes
+from graphcert.passes import crown_support
 from graphcert.passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX, CrownPass
 from graphcert.interface import InputSet
 from graphcert.runtime import Session
@@ -252,3 +256,21 @@ def test_what_neither_crown_nor_ibp_bounds_is_refused_with_ibp_reason():
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     with pytest.raises(UnsupportedOpError, match="training_mode"):
         api.bound_graph(api.load(proto), "crown")
+
+
+@pytest.mark.parametrize("name", ["torch_attention", "torch_cnn", "torch_layernorm"])
+def test_inspect_reports_per_node_what_the_crown_table_says(name, tmp_path):
+    """inspect's CROWN refusals and fallback notes are the table's verdicts (crown_support.RULES, then IBP's)."""
+    proto = (zoo.ZOO.get(name) or zoo.ATTENTION_ZOO[name])()
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, path)
+    info = describe(path)
+    model = api.load(proto)
+    sources = perturbed_inputs(model)
+    nodes = perturbed_nodes(model.graph, set(sources))
+    tainted = set(sources) | {out for node in nodes for out in node.outputs}
+    found = crown_support.fallbacks(model, nodes, "crown", sources, tainted)
+    assert info["refused"]["crown"] == {}
+    assert info.get("fallback", {}).get("crown", {}) == {node.name: why for node, why in found.items()}
+    if name == "torch_attention":
+        assert any("One perturbed operand" in why for why in found.values())
