@@ -103,6 +103,8 @@ def run_inspect(args) -> int:
         record = methods.get(method)
         role = "train only" if record.role == "trains" else "bounds " + "/".join(record.norms)
         state = "supported" if not missing else "unsupported: " + info["reasons"].get(method, ", ".join(missing))
+        if not missing and info["fallback"].get(method):
+            state += f" ({len(info['fallback'][method])} node(s) via IBP fallback: see --json)"
         print(f"  {method:12} {role:17} {state}")
     return 0
 

@@ -4,6 +4,12 @@ The objective of a point is min over the live conjuncts of max over the conjunct
 `c·y - d`: it is <= 0 exactly when y satisfies some conjunct, so minimising it aims into the unsafe set.
 Points found here are only candidates; the verifier re-runs them on the original model before reporting.
 
+Starting points come from uniform samples, samples on the box's faces and vertices (every vertex when there
+are few), the corner against the gradient at the center, and the bound graph's weakest corners
+(`BoundCorners`): the vertex where a row's linear lower bound (CROWN, or IBP where CROWN would not fit the
+memory budget) is smallest, which lands in regions the gradient at the center never points to (mnistfc 256x2
+prop_0 and 256x6 prop_3 at eps 0.05: PGD from every other start stalls at margins 0.96 and 0.73).
+
 Memory: boxes and their starting points stream through in chunks sized to `memory_bytes` from a per-point
 estimate (the network's activations forward and backward, the property's rows and conjuncts), so a spec with
 thousands of boxes or conjuncts costs time, not memory. Only the best points found are kept.
@@ -23,6 +29,12 @@ from .torch_exec import TorchGraph
 DEFAULT_MEMORY_BYTES = 1 << 30
 # Points returned by `Attack.run` (the verifier confirms candidates best first).
 KEEP_POINTS = 16
+# Boxes (the first of each chunk) and rows per box whose weakest bound corners an attack computes.
+CORNER_BOXES, CORNER_ROWS = 16, 8
+# Samples scored per box at a time (the clock is checked between rounds).
+SAMPLE_ROUND = 2048
+# Every vertex is sampled when a box has at most this many (else random vertices).
+ENUMERATED_VERTICES = 4096
 
 
 class FlatNetwork:
@@ -46,6 +58,85 @@ class FlatNetwork:
         # Models without a batch dimension (1-D inputs) take one sample at a time.
         return torch.stack([self.graph({self.input_name: xi.reshape(self.sample_shape)})[self.output].reshape(-1)
                             for xi in x])
+
+
+class BoundCorners:
+    """The weakest corners of a bound graph: for a box and a margin row, the vertex minimising the row's linear
+    lower bound A·x + c over the box, i.e. x_i at its lower end where A_i > 0 and at its upper end where A_i < 0.
+
+    A comes from the bound graph itself run by the torch executor: with the relaxation fixed, the bound's
+    derivative is A_i+ with respect to the lower end and A_i- with respect to the upper end, so their sum
+    is A (computed through the relaxation too, which only perturbs it). CROWN where its coefficient matrices
+    for the requested boxes fit `memory_bytes` (about units x inputs floats per box, forward and backward),
+    else IBP (whose derivative gives the same kind of direction from interval ends); none for models without
+    a batch dimension or that neither method bounds.
+    """
+
+    def __init__(self, model: ir.Model, network: "FlatNetwork", matrix: np.ndarray, offset: np.ndarray,
+                 memory_bytes: int):
+        self.model, self.network = model, network
+        self.matrix, self.offset = np.asarray(matrix, dtype=np.float32), np.asarray(offset, dtype=np.float32)
+        n_inputs = int(np.prod(network.sample_shape)) if network.sample_shape else 1
+        crown_bytes = 12 * network.floats_per_sample * max(n_inputs, len(self.matrix))
+        self.methods = ("crown", "ibp") if crown_bytes * CORNER_BOXES <= memory_bytes else ("ibp",)
+        self._graph = None        # built on first use; False when no method bounds the model
+
+    def _build(self):
+        from . import api
+        from .errors import GraphcertError
+        from .interface import InputSet
+        self._graph = False
+        if not self.network.batched or not len(self.matrix):
+            return
+        for method in self.methods:
+            try:
+                graph = api.bound_graph(self.model, method, InputSet("box"), spec=self.matrix,
+                                        spec_offset=self.offset, keep_original=False)
+                self._graph = TorchGraph(graph, trainable=False)
+                self._graph.eval()
+                return
+            except (GraphcertError, NotImplementedError, KeyError, ValueError):
+                continue
+
+    def __call__(self, lower: torch.Tensor, upper: torch.Tensor, rows: torch.Tensor, limit: int,
+                 deadline: float) -> torch.Tensor | None:
+        """[B, <= limit, n]: for boxes lower, upper [B, n], the weakest corners of the `limit` rows among `rows`
+        (indices into the property's rows) with the smallest lower bounds on each box (None: unavailable).
+
+        One bound pass for all boxes, then one gradient per rank; fewer ranks when the clock would not allow
+        them (each gradient costs about two bound passes)."""
+        if self._graph is None:
+            self._build()
+        if self._graph is False or not len(rows):
+            return None
+        began = time.monotonic()
+        name, shape = self.network.input_name, self.network.sample_shape
+        low = lower.reshape(len(lower), *shape).clone().requires_grad_(True)
+        high = upper.reshape(len(upper), *shape).clone().requires_grad_(True)
+        try:
+            bound = self._graph({f"{name}_lower": low, f"{name}_upper": high},
+                                outputs=["margins_lower"])["margins_lower"].reshape(len(lower), -1)[:, rows]
+        except (RuntimeError, KeyError, ValueError):      # an op the executor cannot run: no corners
+            self._graph = False
+            return None
+        bound = torch.where(torch.isfinite(bound), bound, torch.zeros_like(bound))
+        order = bound.detach().argsort(dim=1)[:, :limit]                                    # [B, ranks]
+        pass_seconds = time.monotonic() - began
+        ranks = min(order.shape[1], int(max(0.0, deadline - time.monotonic()) // max(2 * pass_seconds, 1e-3)))
+        corners = []
+        for rank in range(ranks):
+            try:
+                grad_low, grad_high = torch.autograd.grad(bound.gather(1, order[:, rank:rank + 1]).sum(),
+                                                          (low, high), retain_graph=rank + 1 < ranks,
+                                                          allow_unused=True)
+            except RuntimeError:
+                break
+            if grad_low is None or grad_high is None:
+                break
+            slope = (grad_low + grad_high).reshape(len(lower), -1)
+            corner = torch.where(slope > 0, lower, upper)
+            corners.append(torch.where(slope == 0, 0.5 * (lower + upper), corner))
+        return torch.stack(corners, dim=1).detach() if corners else None
 
 
 def _activation_floats(model: ir.Model, batched: bool) -> int:
@@ -109,8 +200,11 @@ def inner_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.
 class _Rows:
     """Some rows of the property (margins c·y + d) and the conjuncts they belong to."""
 
-    def __init__(self, matrix: torch.Tensor, offset: torch.Tensor, membership: torch.Tensor):
+    def __init__(self, matrix: torch.Tensor, offset: torch.Tensor, membership: torch.Tensor,
+                 index: torch.Tensor | None = None):
+        """`index`: each row's index among the property's rows (default: all of them, in order)."""
         self.matrix, self.offset, self.membership = matrix, offset, membership
+        self.index = torch.arange(len(matrix)) if index is None else index
         self.pairs = _row_conjunct_pairs(membership)
 
     def margins(self, network, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +226,10 @@ class Attack:
     """
 
     def __init__(self, network: FlatNetwork, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
-                 seed: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES):
+                 seed: int = 0, memory_bytes: int = DEFAULT_MEMORY_BYTES, model: ir.Model | None = None):
+        """`model`: the normalised model `network` runs, for the bound graph's weakest corners (None: without)."""
         self.network = network
+        self.bound_corners = None if model is None else BoundCorners(model, network, matrix, offset, memory_bytes)
         self.matrix = torch.as_tensor(matrix, dtype=torch.float32)
         self.offset = torch.as_tensor(offset, dtype=torch.float32)
         self.membership = torch.as_tensor(membership, dtype=torch.bool)
@@ -180,7 +276,8 @@ class Attack:
             # have their own conjuncts costs each point its own rows, not all of them.
             conjuncts = np.flatnonzero(alive_all[part].any(axis=0))
             rows = np.flatnonzero(membership[:, conjuncts].any(axis=1))
-            view = _Rows(self.matrix[rows], self.offset[rows], self.membership[rows][:, conjuncts])
+            view = _Rows(self.matrix[rows], self.offset[rows], self.membership[rows][:, conjuncts],
+                         torch.from_numpy(rows))
             fits = max(1, self.points_per_chunk(n, view) // per_box)
             if fits < size and size > 1:
                 size = max(1, min(fits, size // 2))
@@ -199,7 +296,7 @@ class Attack:
 
     def _run_chunk(self, view: _Rows, lo, hi, alive, deadline, samples, restarts, targets, steps):
         m, n = lo.shape
-        starts, conjunct = self._starts(view, lo, hi, alive, samples, restarts, targets)   # [m*targets*restarts, n]
+        starts, conjunct = self._starts(view, lo, hi, alive, samples, restarts, targets, deadline)  # [P, n]
         owner = torch.arange(m).repeat_interleave(targets * restarts)
         lo_r, hi_r, alive_r = lo[owner], hi[owner], alive[owner]
         # The loss of each start, in turn: the whole unsafe objective, its conjunct's largest margin, or that
@@ -248,42 +345,64 @@ class Attack:
         row = row.amin(dim=1)
         return torch.where((torch.arange(p) % 3 == 2) & (counts > 1), row, torch.full_like(row, -1))
 
-    def _starts(self, view: _Rows, lo, hi, alive, samples, restarts, targets):
+    def _starts(self, view: _Rows, lo, hi, alive, samples, restarts, targets, deadline):
         """Starting points [m*targets*restarts, n] and each one's conjunct [m*targets*restarts].
 
-        Per box: the `targets` live conjuncts whose best sample comes closest; for each, the box center,
-        the gradient-sign corner of its largest row at the center (the corner minimising its linearisation),
-        then the best of the samples by that conjunct's margin.
+        Per box: the `targets` live conjuncts whose best sample comes closest; for each, its best samples by
+        that conjunct's margin, with the gradient-sign corner of its largest row at the center (the corner
+        minimising its linearisation) second. Samples: the box center, uniform points, points on faces,
+        vertices and the bound graph's weakest corners.
         """
         m, n = lo.shape
         k = alive.shape[1]
         count = max(samples, restarts)
         # Score the samples in rounds within the budget, keeping each conjunct's best `restarts` per box.
         per_round = max(1, self.points_per_chunk(n, view) // max(m, 1))
-        # Where points are cheap (small networks, few boxes), sample up to 16 times more: one round of scoring.
+        # Where points are cheap (small networks, few boxes), sample up to 16 times more, in rounds of at most
+        # SAMPLE_ROUND points per box and while sampling has used less than a third of the time left.
         count = max(count, min(16 * count, per_round))
+        per_round = min(per_round, SAMPLE_ROUND)
+        began = time.monotonic()
+        sampling_until = began + (deadline - began) / 3
         kept_points = lo.new_zeros((m, 0, n))
         kept_scores = lo.new_zeros((m, k, 0))
+        # Every vertex is a sample when there are few of them (a quarter of the samples are vertices).
+        enumerate_vertices = n < 63 and 2 ** n <= min(ENUMERATED_VERTICES, count // 4)
         for begin in range(0, count, per_round):
+            if begin > 0 and time.monotonic() > sampling_until:
+                break
             size = min(per_round, count - begin)
             u = torch.rand(m, size, n, generator=self.generator)
-            # Every other sample has each coordinate on a face of the box with probability 1/2: counterexamples
-            # often lie on the boundary, where uniform samples hardly ever go.
+            # Counterexamples often lie on the boundary, where uniform samples hardly ever go: samples 1 mod 4
+            # have each coordinate on a face of the box with probability 1/2, samples 3 mod 4 are vertices.
             face = torch.rand(m, size, n, generator=self.generator)
-            on_face = (torch.arange(size) % 2 == 1).view(1, -1, 1) & (face < 0.5)
-            u = torch.where(on_face, (face < 0.25).to(u.dtype), u)
+            index = torch.arange(begin, begin + size)
+            on_face = ((index % 4 == 1).view(1, -1, 1) & (face < 0.5)) | (index % 4 == 3).view(1, -1, 1)
+            ends = (face < 0.25) | ((index % 4 == 3).view(1, -1, 1) & (face < 0.5))
+            if enumerate_vertices:
+                vertex = (index // 4) % (2 ** n)
+                bits = ((vertex[:, None] >> torch.arange(n)) & 1).bool()
+                ends = torch.where((index % 4 == 3).view(1, -1, 1), bits.unsqueeze(0), ends)
             points = lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1)
+            # Ends exactly (lo + 1 * (hi - lo) can round past hi, out of the input set).
+            points = torch.where(on_face, torch.where(ends, hi.unsqueeze(1), lo.unsqueeze(1)), points)
             if begin == 0:
                 points[:, 0] = 0.5 * (lo + hi)
+                corners = self._bound_corners(view, lo, hi, deadline)
+                if corners is not None:
+                    points = torch.cat([points, corners], dim=1)
+                    size = points.shape[1]
             with torch.no_grad():
                 scores = conjunct_margins(view.margins(self.network, points.reshape(m * size, n)), view.membership)
             scores = scores.reshape(m, size, k).transpose(1, 2).masked_fill(~alive.unsqueeze(2), math.inf)
-            if begin == 0:
-                scores[:, :, 0] = -math.inf      # always keep the center
             kept_points = torch.cat([kept_points, points], dim=1)
             kept_scores = torch.cat([kept_scores, scores], dim=2)
-            # Keep, per box, the union of every conjunct's best `restarts` samples (bounded by k*restarts).
-            keep = kept_scores.argsort(dim=2)[:, :, :restarts]            # [m, k, restarts]
+            # Keep, per box, the union of every conjunct's best `restarts` samples (bounded by k*restarts), and
+            # always the center (first, and first again after each selection below; the choice of conjuncts
+            # below sees its real score).
+            priority = kept_scores.clone()
+            priority[:, :, 0] = -math.inf
+            keep = priority.argsort(dim=2)[:, :, :restarts]               # [m, k, restarts]
             union = torch.zeros(m, kept_points.shape[1], dtype=torch.bool)
             union.scatter_(1, keep.reshape(m, -1), True)
             width = int(union.sum(dim=1).max())
@@ -305,6 +424,20 @@ class Attack:
         if restarts >= 3:
             starts[:, :, 1] = self._corners(view, lo, hi, chosen)
         return starts.reshape(-1, n), chosen.reshape(-1).repeat_interleave(restarts)
+
+    def _bound_corners(self, view: _Rows, lo, hi, deadline: float) -> torch.Tensor | None:
+        """[m, <= CORNER_ROWS, n]: the bound graph's weakest corners of the rows with the smallest lower bounds,
+        for the first CORNER_BOXES boxes (later boxes get their center), or None without a bound graph."""
+        if self.bound_corners is None:
+            return None
+        m, n = lo.shape
+        first = min(m, CORNER_BOXES)
+        found = self.bound_corners(lo[:first], hi[:first], view.index, CORNER_ROWS, deadline)
+        if found is None:
+            return None
+        corners = (0.5 * (lo + hi)).unsqueeze(1).repeat(1, found.shape[1], 1)
+        corners[:first] = found
+        return corners
 
     def _corners(self, view: _Rows, lo, hi, chosen):
         """[m, targets, n]: for each chosen conjunct, the box corner against the gradient of its largest row

@@ -5,6 +5,7 @@ executor), so `inspect` says exactly what `convert` and `certify` will do.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
@@ -20,12 +21,12 @@ def describe(path: str | os.PathLike) -> dict:
     proto = read_proto(path)
     model = api.load(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    methods, reasons, refused = {}, {}, {}
+    methods, reasons, refused, fallback = {}, {}, {}, {}
     registry = method_registry.all_methods()
     for name, record in sorted(registry.items()):
         if record.combines == "ladder":
             continue
-        missing, reason, refused[name] = support(model, record, methods)
+        missing, reason, refused[name], fallback[name] = support(model, record, methods)
         methods[name] = missing
         if reason:
             reasons[name] = reason
@@ -46,28 +47,31 @@ def describe(path: str | os.PathLike) -> dict:
         "methods": methods,
         "reasons": reasons,
         "refused": refused,
+        # Nodes a method bounds by another's rule (CROWN through IBP: passes/crown_fallback.py), and why.
+        "fallback": {name: notes for name, notes in fallback.items() if notes},
     }
 
 
-def support(model, record, known: dict) -> tuple[list[str], str | None, dict[str, str]]:
-    """([unsupported op types], one-line reason, {refused node: why}) for one method: all empty when it bounds
-    the model. A refusal that names no op (a model-level limit) is listed by its reason. The per-node verdicts
-    are the pass's own (its rule table's `verdict`, see graphcert.interpret.RuleTable)."""
+def support(model, record, known: dict) -> tuple[list[str], str | None, dict[str, str], dict[str, str]]:
+    """([unsupported op types], one-line reason, {refused node: why}, {node bounded by a fallback: how}) for one
+    method: the first three empty when it bounds the model. A refusal that names no op (a model-level limit) is
+    listed by its reason. The per-node verdicts are the pass's own (its rule table's `verdict`, see
+    graphcert.interpret.RuleTable); the fallback notes are the graph's `graphcert.fallback` metadata."""
     try:
         if record.combines == "refine":
             base = record.stages_of("linf")[0]
             if known.get(base):
-                return known[base], f"needs {base}, which cannot bound the model", {}
+                return known[base], f"needs {base}, which cannot bound the model", {}, {}
             from .alpha import AlphaCrown
-            AlphaCrown(model, "linf", spec=None)
+            graph = AlphaCrown(model, "linf", spec=None)._tuned
         elif record.role == "trains":
-            api.bound_graph(model, record.name, spec="runtime", trainable=True, norm=record.norms[0])
+            graph = api.bound_graph(model, record.name, spec="runtime", trainable=True, norm=record.norms[0])
         else:
-            api.bound_graph(model, record.name, norm=record.norms[0])
+            graph = api.bound_graph(model, record.name, norm=record.norms[0])
     except UnsupportedOpError as refusal:
         per_node = {name: refusal.reasons.get(name, NO_RULE) for names in refusal.nodes_by_op.values()
                     for name in names}
-        return sorted(refusal.nodes_by_op), str(refusal), per_node
+        return sorted(refusal.nodes_by_op), str(refusal), per_node, {}
     except GraphcertError as refusal:
-        return [str(refusal)], str(refusal), {}
-    return [], None, {}
+        return [str(refusal)], str(refusal), {}, {}
+    return [], None, {}, json.loads(graph.metadata_props.get("graphcert.fallback", "{}"))

@@ -205,3 +205,47 @@ def _alpha(node, default: float) -> float:
 def_elementwise("Celu", torch=lambda node: (lambda x, a=_alpha(node, 1.0): _torch().nn.functional.celu(x, a)),
                 monotone=lambda node: _alpha(node, 1.0) > 0,
                 lipschitz=lambda node: 1.0 if _alpha(node, 1.0) > 0 else None)
+
+
+def _shrink(node):
+    lambd, bias = float(_attribute(node, "lambd", 0.5)), float(_attribute(node, "bias", 0.0))
+
+    def shrink(x):
+        torch = _torch()
+        return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+    return shrink
+
+
+# Shrink(x) = x + bias below -lambd, x - bias above lambd, 0 between: non-decreasing when bias <= lambd (the jumps
+# at ±lambd go up), continuous with slope at most 1 only when bias == lambd.
+def_elementwise("Shrink", torch=_shrink,
+                monotone=lambda node: float(_attribute(node, "bias", 0.0)) <= float(_attribute(node, "lambd", 0.5)),
+                lipschitz=lambda node: 1.0 if float(_attribute(node, "bias", 0.0)) ==
+                float(_attribute(node, "lambd", 0.5)) else None)
+
+
+# ---- Resize as a linear map ------------------------------------------------------------------------------
+
+def resize_matrix(node, extent: int, size: int | None, scale: float | None) -> np.ndarray:
+    """The weights [out, in] by which a Resize node (its attributes: mode, coordinate map, cubic coefficient,
+    exclude_outside, antialias) maps one axis of length `extent` to `size` outputs (or by `scale`), read off
+    onnxruntime's own op on the rows of an identity matrix, so that they are the runtime's. RuntimeError where
+    onnxruntime does not take the attributes."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from graphcert.runtime import Session
+    attributes = {k: _attribute(node, k, None) for k in node.attributes if k != "axes"}
+    if size is not None:
+        parameter, inputs = numpy_helper.from_array(np.int64([extent, size]), "sizes"), ["x", "", "", "sizes"]
+    else:
+        parameter, inputs = numpy_helper.from_array(np.float32([1.0, scale]), "scales"), ["x", "", "scales"]
+    graph = helper.make_graph([helper.make_node("Resize", inputs, ["y"], **attributes)], "probe",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [extent, extent])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [parameter])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    try:
+        rows = Session(model, threads=1).run({"x": np.eye(extent, dtype=np.float32)})["y"]
+    except Exception as exc:
+        raise RuntimeError(str(exc).splitlines()[0]) from None
+    return np.asarray(rows, dtype=np.float64).T

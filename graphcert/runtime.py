@@ -23,7 +23,7 @@ class Session:
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
-        self.input_types = {i.name: np.int64 if i.type == "tensor(int64)" else np.float32
+        self.input_types = {i.name: {"tensor(int64)": np.int64, "tensor(double)": np.float64}.get(i.type, np.float32)
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -1,19 +1,20 @@
-"""Which graphs the CROWN pass takes: per-node conditions beyond the op type, checked before emitting.
+"""Which nodes the CROWN pass bounds by its own rules: the CROWN `RuleTable`, each rule's precondition beside it.
 
 Linear adjoints need one perturbed operand in MatMul (Mul and Div of two perturbed tensors are relaxed as
 products), static sample shapes where windows, copies or concatenation and reduction sizes are computed, and
 ops that move elements must keep the batch axis first and whole, since coefficient tensors carry it right
-after the rows.
+after the rows. A node outside the table that IBP bounds goes through IBP (`fallbacks`,
+`passes.crown_fallback`); the pass, its error and `graphcert inspect` read the same verdicts.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-from graphcert.interpret import attr
+from graphcert.interpret import NO_RULE, RuleTable, attr, raise_refused
 from graphcert.model import static_shape
 from graphcert.ops import WindowGeometry
-from graphcert.passes import ibp, relaxations
+from graphcert.passes import crown_fallback, ibp, relaxations
 from graphcert.passes.adjoints import ADJOINTS, pad_axes, pad_mode, reduced_axes
 
 RELAXED = relaxations.ELEMENTWISE | {"MaxPool"}
@@ -94,45 +95,110 @@ def _normalises_within_samples(node: ir.Node, batched: bool) -> bool:
     return all(isinstance(dims[a], int) for a in axes) and not (batched and axis == 0)
 
 
-def acceptor(perturbed: set, batched: bool):
-    def accepts(node: ir.Node) -> bool:
-        if not ibp.accepts(node):
-            return False
-        hit = [v is not None and v in perturbed for v in node.inputs]
-        op = node.op_type
-        if op in ("Add", "Sub", "Sum", "Neg", "Identity", "Dropout"):
-            return True
-        if op == "Concat":
-            axis = attr(node, "axis") % len(node.outputs[0].shape)
-            return (axis > 0 or not batched) and all(isinstance(static_shape(v)[axis], int) for v in node.inputs)
-        if op == "MatMul":
-            return sum(hit) == 1 and all(v.shape is not None for v in node.inputs)
-        if op in ("Mul", "Div"):   # a product or quotient of two bounded tensors is relaxed (crown_products)
-            return all(v.shape is not None for v in node.inputs)
-        if any(hit[1:]):
-            return False
-        if op in ("Softmax", "LayerNormalization"):
-            return _normalises_within_samples(node, batched)
-        if op == "Gemm":
-            return not attr(node, "transA", 0)
-        if op in ("Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool"):
-            window_ok = not attr(node, "ceil_mode", 0) and attr(node, "output_shape", None) is None \
-                and not (op == "ConvTranspose" and attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"))
-            return window_ok and static_trailing(node.inputs[0]) and static_trailing(node.outputs[0]) \
-                and all(v is None or v.shape is not None for v in node.inputs) and _windows_fit(node) \
-                and (op != "MaxPool" or len(node.outputs) == 1 or not node.outputs[1].uses())
-        if op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"):
-            return _keeps_batch(node, batched) and static_shape(node.inputs[0]) != []
-        if op in ("ReduceMean", "ReduceSum"):
-            axes = reduced_axes(node)
-            dims = static_shape(node.inputs[0])
-            return axes is not None and all(isinstance(dims[a], int) for a in axes) and (0 not in axes or not batched)
-        if op == "Pad":
-            return _pad_accepted(node, batched)
-        if op in relaxations.ELEMENTWISE:
-            return relaxations.accepts(node)
-        return op in ADJOINTS
-    return accepts
+class Support:
+    """What a CROWN precondition reads beyond the node: which values depend on the perturbed inputs, and
+    whether tensors carry a batch axis first."""
+
+    def __init__(self, perturbed: set, batched: bool):
+        self.perturbed = perturbed
+        self.batched = batched
+
+    def first_only(self, node: ir.Node) -> bool:
+        """Only the first input depends on the perturbed inputs (weights, pads, axes and clamps are fixed)."""
+        return not any(v is not None and v in self.perturbed for v in node.inputs[1:])
+
+
+# The one CROWN table: op type -> its rule (an adjoint, a relaxation or a decomposition into primitives), with
+# each rule's precondition beside it. Ops without an entry, or outside it, go through IBP
+# (`passes.crown_fallback`).
+RULES = RuleTable("crown", dict(ADJOINTS))
+RULES.update({op: relaxations.relax for op in relaxations.ELEMENTWISE})
+RULES["MaxPool"] = relaxations.window_max
+
+
+def _decomposed(b, node: ir.Node, env: dict):
+    """Softmax and LayerNormalization: rewritten into primitives with rules (`passes.crown_products`)."""
+    from graphcert.passes.crown_products import decompose
+    return decompose(b, node, env)
+
+
+RULES.update({op: _decomposed for op in ("Softmax", "LayerNormalization")})
+
+
+@RULES.precondition("Concat")
+def _concat(node: ir.Node, cx: Support) -> bool:
+    """Static sizes along the concatenated axis, which is not the batch axis."""
+    axis = attr(node, "axis") % len(node.outputs[0].shape)
+    return (axis > 0 or not cx.batched) and all(isinstance(static_shape(v)[axis], int) for v in node.inputs)
+
+
+@RULES.precondition("MatMul")
+def _matmul(node: ir.Node, cx: Support) -> bool:
+    """One perturbed operand (a product of two bounded matrices has no adjoint), known shapes."""
+    return sum(v is not None and v in cx.perturbed for v in node.inputs) == 1 \
+        and all(v.shape is not None for v in node.inputs)
+
+
+@RULES.precondition("Mul", "Div")
+def _product(node: ir.Node, cx: Support) -> bool:
+    """Known operand shapes (a product or quotient of two bounded tensors is relaxed with planes)."""
+    return all(v.shape is not None for v in node.inputs)
+
+
+@RULES.precondition("Softmax", "LayerNormalization")
+def _normalisation(node: ir.Node, cx: Support) -> bool:
+    """Perturbed input only, static sizes along the normalised axes, not the batch axis, no Mean/InvStdDev use."""
+    return cx.first_only(node) and _normalises_within_samples(node, cx.batched)
+
+
+@RULES.precondition("Gemm")
+def _gemm(node: ir.Node, cx: Support) -> bool:
+    """Perturbed A only, not transposed."""
+    return cx.first_only(node) and not attr(node, "transA", 0)
+
+
+@RULES.precondition("Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "MaxPool")
+def _window(node: ir.Node, cx: Support) -> bool:
+    """Perturbed input only, static sample shapes, no ceil mode or output_shape, windows inside the input."""
+    op = node.op_type
+    window_ok = not attr(node, "ceil_mode", 0) and attr(node, "output_shape", None) is None \
+        and not (op == "ConvTranspose" and attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"))
+    return cx.first_only(node) and window_ok and static_trailing(node.inputs[0]) \
+        and static_trailing(node.outputs[0]) and all(v is None or v.shape is not None for v in node.inputs) \
+        and _windows_fit(node) and (op != "MaxPool" or len(node.outputs) == 1 or not node.outputs[1].uses())
+
+
+@RULES.precondition("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+def _moving(node: ir.Node, cx: Support) -> bool:
+    """Perturbed input only, not a scalar, the batch axis kept first and whole."""
+    return cx.first_only(node) and _keeps_batch(node, cx.batched) and static_shape(node.inputs[0]) != []
+
+
+@RULES.precondition("ReduceMean", "ReduceSum")
+def _reduce(node: ir.Node, cx: Support) -> bool:
+    """Perturbed input only, constant axes of static size, not the batch axis."""
+    axes = reduced_axes(node)
+    dims = static_shape(node.inputs[0])
+    return cx.first_only(node) and axes is not None and all(isinstance(dims[a], int) for a in axes) \
+        and (0 not in axes or not cx.batched)
+
+
+@RULES.precondition("Pad")
+def _pad(node: ir.Node, cx: Support) -> bool:
+    """Perturbed input only; constant pads, none negative, none on the batch axis, copies within the axis."""
+    return cx.first_only(node) and _pad_accepted(node, cx.batched)
+
+
+@RULES.precondition("BatchNormalization")
+def _first_only(node: ir.Node, cx: Support) -> bool:
+    """Perturbed input only (constant parameters)."""
+    return cx.first_only(node)
+
+
+@RULES.precondition(*relaxations.ELEMENTWISE)
+def _relaxed(node: ir.Node, cx: Support) -> bool:
+    """Perturbed input only; LeakyRelu slope <= 1, Elu alpha in [0, 1], Pow by the constant 2."""
+    return cx.first_only(node) and relaxations.accepts(node)
 
 
 def _windows_fit(node: ir.Node) -> bool:
@@ -149,7 +215,36 @@ def _windows_fit(node: ir.Node) -> bool:
 
 
 def supports(node: ir.Node) -> bool:
-    """Whether the op has a rule, judged without the graph around it (for `graphcert inspect`)."""
-    if node.op_type in relaxations.ELEMENTWISE:
-        return relaxations.accepts(node) and ibp.accepts(node)
-    return (node.op_type in ADJOINTS or node.op_type in RELAXED | DECOMPOSED) and ibp.accepts(node)
+    """Whether CROWN bounds the node, judged without the graph around it (for `graphcert inspect`): by its own
+    rule or, for any op IBP bounds, through IBP (`passes.crown_fallback`)."""
+    return ibp.RULES.verdict(node) is None
+
+def fallbacks(model: ir.Model, nodes: list[ir.Node], method: str, sources: list[ir.Value],
+              tainted: set) -> dict[ir.Node, str]:
+    """{node: why} for the nodes CROWN bounds through IBP (`passes.crown_fallback`): those its own rules do not
+    take but IBP does. Raises an UnsupportedOpError naming every node neither bounds.
+
+    In a batched graph, coefficients carry the batch on the leading axis of every tensor they reach. The
+    rules keep it there; a leaf whose output a rule reads must too (`crown_fallback.batch_first`). Leaves
+    that only feed other leaves, or the graph's outputs (bounded by their interval), may move it anywhere."""
+    batched = batched_inputs(sources)
+    support = Support(tainted, batched)
+    found, refused = {}, {}
+    for node in nodes:
+        through_ibp = ibp.RULES.verdict(node)   # CROWN runs IBP alongside: every node needs IBP's rule
+        if through_ibp is not None:
+            refused[node] = through_ibp
+            continue
+        reason = RULES.verdict(node, support)
+        if reason is not None:
+            found[node] = "no CROWN rule for this op type" if reason == NO_RULE else reason
+    if batched and found:
+        first = crown_fallback.batch_first(model, sources)
+        ruled = set(nodes) - set(found) - set(refused)
+        for node, reason in list(found.items()):
+            read = [out for out in node.outputs if out is not None and any(use[0] in ruled for use in out.uses())]
+            if not all(first(out) for out in read):
+                del found[node]
+                refused[node] = f"{reason}; its IBP fallback feeds a CROWN rule a tensor whose batch axis is not first"
+    raise_refused(method, refused)
+    return {node: f"{crown_fallback.VERDICT} ({reason})" for node, reason in found.items()}

@@ -113,6 +113,20 @@ MONOTONE = ["Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "Softsign", "Exp", "E
             "LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu"]
 
 
+@condition("MaxPool", "AveragePool")
+def _pool_size_agreed(node: ir.Node) -> bool:
+    """No ceil-mode window that would start in the end padding (onnxruntime drops it, onnx's shape inference counts it)."""
+    if not attr(node, "ceil_mode", 0):
+        return True
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return False
+    geometry = ops.WindowGeometry.of(node, shape[2:])
+    counted = ops.WindowGeometry(geometry.spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                                 geometry.begin, geometry.end, True, count_padding_starts=True)
+    return geometry.out == counted.out
+
+
 @condition("LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu")
 def _is_monotone(node: ir.Node) -> bool:
     """Non-negative slopes (a negative alpha or gamma makes LeakyRelu/Elu/Selu/HardSigmoid decreasing somewhere)."""
@@ -255,8 +269,60 @@ def _layer_norm(cx, node, x, scale, bias=None):
     rank = len(shape)
     axis = attr(node, "axis", -1) % rank
     axes = list(range(axis, rank))
-    n = int(np.prod([shape[a] for a in axes]))
-    eps = attr(node, "epsilon", 1e-5)
+    normed, inverse = _standardised(b, x, axes, int(np.prod([shape[a] for a in axes])), attr(node, "epsilon", 1e-5))
+    out = _affine(cx, normed, scale, bias)
+    # The optional Mean and InvStdDev outputs (reduced axes kept as 1, like the reductions here).
+    mean = Interval.from_center(b, b.reduce("ReduceMean", x.center, axes), b.reduce("ReduceMean", x.radius, axes))
+    return [out, mean, inverse][:len(node.outputs)]
+
+
+def _instance_norm_supported(node: ir.Node) -> bool:
+    """Static spatial sizes."""
+    shape = node.inputs[0].shape
+    return shape is not None and len(shape) >= 3 and all(isinstance(d, int) for d in shape[2:])
+
+
+@rule("InstanceNormalization", accepts=_instance_norm_supported)
+def _instance_norm(cx, node, x, scale, bias):
+    """Layer normalisation over each sample's and channel's spatial axes, then a per-channel scale and bias."""
+    b = cx.b
+    shape = node.inputs[0].shape
+    axes = list(range(2, len(shape)))
+    n = int(np.prod(shape[2:]))
+    x = iv.as_interval(b, x)
+    normed, inverse = _standardised(b, x, axes, n, attr(node, "epsilon", 1e-5))
+    # onnxruntime takes the variance as E[x^2] - E[x]^2, whose rounding (about n ulps of E[x^2]) is large next to a
+    # small variance: its result may leave the exact one's bounds by that much, relative to 1/std, plus the
+    # rounding of the mean (n ulps of E|x|) times 1/std.
+    unit = b.const(4.0 * n * 2.0 ** -24)
+    magnitude = iv.absolute(b, x).upper
+    second_moment = b.reduce("ReduceMean", b.op("Mul", magnitude, magnitude), axes)
+    relative = b.op("Mul", unit, b.op("Mul", second_moment, b.op("Mul", inverse.upper, inverse.upper)))
+    absolute = b.op("Mul", b.op("Mul", unit, b.reduce("ReduceMean", magnitude, axes)), inverse.upper)
+    slack = b.op("Add", b.op("Mul", iv.absolute(b, normed).upper, relative), absolute)
+    normed = Interval.from_bounds(b, b.op("Sub", normed.lower, slack), b.op("Add", normed.upper, slack))
+    per_channel = b.ints([-1] + [1] * len(axes))
+    scale, bias = ((Interval.from_bounds(b, b.op("Reshape", v.lower, per_channel), b.op("Reshape", v.upper, per_channel))
+                    if isinstance(v, Interval) else b.op("Reshape", v, per_channel)) for v in (scale, bias))
+    return [_affine(cx, normed, scale, bias)]
+
+
+def _affine(cx, normed: Interval, scale, bias) -> Interval:
+    b = cx.b
+    if isinstance(scale, Interval):
+        out = iv.mul(b, normed, scale)
+    else:
+        out = Interval.from_center(b, b.op("Mul", normed.center, scale), b.op("Mul", normed.radius, cx.abs(scale)))
+    if isinstance(bias, Interval):
+        out = iv.add(b, out, bias)
+    elif bias is not None:
+        out = Interval.from_center(b, b.op("Add", out.center, bias), out.radius)
+    return out
+
+
+def _standardised(b: Builder, x: Interval, axes: list[int], n: int, eps: float) -> tuple[Interval, Interval]:
+    """(x - mean) / sqrt(var + eps) over `axes` (n elements), bounding each factor soundly rather than the whole;
+    and the bounds of 1 / sqrt(var + eps)."""
     # d_i = x_i - mean(x) is linear in x with coefficients (1 - 1/n) on x_i and -1/n elsewhere.
     centered_c = b.op("Sub", x.center, b.reduce("ReduceMean", x.center, axes))
     spread = b.op("Mul", b.reduce("ReduceSum", x.radius, axes), b.const(1.0 / n))
@@ -266,18 +332,7 @@ def _layer_norm(cx, node, x, scale, bias=None):
     var = Interval.from_bounds(b, b.reduce("ReduceMean", sq.lower, axes), b.reduce("ReduceMean", sq.upper, axes))
     std = iv.monotone(b, var, lambda v: b.op("Sqrt", b.op("Add", v, b.const(eps))))
     inverse = iv.reciprocal(b, std)
-    normed = iv.mul(b, centered, inverse)
-    if isinstance(scale, Interval):
-        out = iv.mul(b, normed, scale)
-    else:
-        out = Interval.from_center(b, b.op("Mul", normed.center, scale), b.op("Mul", normed.radius, cx.abs(scale)))
-    if isinstance(bias, Interval):
-        out = iv.add(b, out, bias)
-    elif bias is not None:
-        out = Interval.from_center(b, b.op("Add", out.center, bias), out.radius)
-    # The optional Mean and InvStdDev outputs (reduced axes kept as 1, like the reductions here).
-    mean = Interval.from_center(b, b.reduce("ReduceMean", x.center, axes), b.reduce("ReduceMean", x.radius, axes))
-    return [out, mean, inverse][:len(node.outputs)]
+    return iv.mul(b, centered, inverse), inverse
 
 
 

@@ -156,25 +156,38 @@ def _hardmax(cx, node, x):
     return [Interval.from_bounds(b, b.op("Cast", alone, to=dtype), b.op("Cast", possible, to=dtype))]
 
 
-def _depth_constant(node) -> bool:
-    """A constant depth and an indices tensor of known rank."""
-    return node.inputs[1] is not None and node.inputs[1].const_value is not None and node.inputs[0].shape is not None
+def _depth_exact(node) -> bool:
+    """A depth that does not depend on the perturbed input and an indices tensor of known rank."""
+    return node.inputs[1] is not None and node.inputs[0].shape is not None
 
 
-@rule("OneHot", accepts=_depth_constant)
+@rule("OneHot", accepts=_depth_exact)
 def _one_hot(cx, node, indices, depth, values):
     """Position k is `on` where the index is certainly k, `off` where it cannot be k, either in between."""
     b = cx.b
-    n = int(np.asarray(constant_array(depth)).reshape(-1)[0])
+    if isinstance(depth, Interval):
+        from graphcert.passes.ibp_rules_elementwise import refuse
+        refuse(node, "its depth depends on the perturbed input (the output shape would vary)")
     lo, hi = (b.op("Cast", v, to=ir.DataType.DOUBLE) for v in _bounds(b, indices, node.inputs[0].dtype))
+    if node.inputs[0].dtype is not None and node.inputs[0].dtype.is_floating_point():
+        # Float indices are cast to int64 (truncated toward zero), which is non-decreasing.
+        lo, hi = (b.op("Mul", b.op("Sign", v), b.op("Floor", b.op("Abs", v))) for v in (lo, hi))
     rank = len(node.inputs[0].shape)
     axis = attr(node, "axis", -1) % (rank + 1)
     lo, hi = (b.op("Unsqueeze", v, b.ints([axis])) for v in (lo, hi))
-    k = b.const(np.arange(n, dtype=np.float64).reshape([n] + [1] * (rank - axis)), dtype=np.float64)
+    given = constant_array(depth)
+    if given is not None:
+        n = int(np.asarray(given).reshape(-1)[0])
+        k = b.const(np.arange(n, dtype=np.float64).reshape([n] + [1] * (rank - axis)), dtype=np.float64)
+        n_value = b.const(float(n), dtype=np.float64)
+    else:  # a depth fed at run time: the positions 0 .. depth - 1 built there (ONNX truncates a float depth)
+        n_value = b.op("Floor", b.op("Cast", b.op("Reshape", depth, b.ints([])), to=ir.DataType.DOUBLE))
+        positions = b.op("Range", b.const(0.0, dtype=np.float64), n_value, b.const(1.0, dtype=np.float64))
+        k = b.op("Reshape", positions, b.ints([-1] + [1] * (rank - axis)))
     # Negative indices count from the end: index i stands for i + depth where i < 0.
     def may_be(position):
         return b.op("And", b.op("LessOrEqual", lo, position), b.op("LessOrEqual", position, hi))
-    shifted = b.op("Sub", k, b.const(float(n), dtype=np.float64))
+    shifted = b.op("Sub", k, n_value)
     possible = b.op("Or", may_be(k), may_be(shifted))
     exact = b.op("Equal", lo, hi)
     certain = b.op("And", exact, b.op("Or", b.op("Equal", lo, k), b.op("Equal", lo, shifted)))

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert import interval as iv
+from graphcert import ops
 from graphcert.interpret import attr
 from graphcert.interval import Interval
 from graphcert.passes.ibp_core import constant_array, rule, sane, widened
@@ -31,11 +32,11 @@ def _resize(cx, node, x, *rest):
     if any(isinstance(r, Interval) for r in rest):
         refuse(node, "its roi, scales or sizes depend on the perturbed input (the output shape would vary)")
     mode = _text(attr(node, "mode", "nearest"))
-    if mode not in ("nearest", "linear", "bilinear"):
-        refuse(node, f"mode {mode} has negative interpolation weights")
-    if attr(node, "exclude_outside", 0) and mode != "nearest":
-        refuse(node, "exclude_outside renormalises the weights")
     _check_align_corners(node, rest)
+    if mode == "cubic" or (attr(node, "exclude_outside", 0) and mode != "nearest"):
+        return [_by_matrices(cx, node, iv.as_interval(cx.b, x), rest)]
+    if mode not in ("nearest", "linear", "bilinear"):
+        refuse(node, f"mode {mode} is not one ONNX defines")
     x = iv.as_interval(cx.b, x)
     return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, *rest]))]
 
@@ -62,6 +63,61 @@ def _check_align_corners(node, rest) -> None:
             continue
         if not isinstance(size, int) or not float(size * np.float32(scale)).is_integer():
             refuse(node, "align_corners with scales that give a fractional output size (runtimes disagree)")
+
+
+def _by_matrices(cx, node, x: Interval, rest) -> Interval:
+    """Resize with weights of either sign (cubic, or renormalised by exclude_outside) as the linear map it is:
+    along each resized axis a constant matrix W (read off onnxruntime's own op on the identity, so the
+    coordinate maps and weights are the runtime's), the centre through W, the radius through |W|, and a slack
+    of 4 ulps per tap times |W|(|c| + r) for the rounding of both the runtime's sum and this one."""
+    b = cx.b
+    shape = node.inputs[0].shape
+    matrices = _axis_matrices(node, shape, rest)
+    taps = 1
+    center, radius, magnitude = x.center, x.radius, b.op("Add", b.op("Abs", x.center), x.radius)
+    rank = len(shape)
+    for axis, w in matrices.items():
+        perm = list(range(rank))
+        perm[axis], perm[-1] = perm[-1], perm[axis]
+        taps *= int(np.count_nonzero(w, axis=1).max(initial=1))
+        signed, absolute = b.const(w.T.astype(np.float32)), b.const(np.abs(w).T.astype(np.float32))
+        along = lambda v, m: b.op("Transpose", b.op("MatMul", b.op("Transpose", v, perm=perm), m), perm=perm)  # noqa: E731
+        center, radius, magnitude = along(center, signed), along(radius, absolute), along(magnitude, absolute)
+    slack = b.op("Mul", magnitude, b.const(4.0 * taps * 2.0 ** -24))
+    return Interval.from_center(b, center, b.op("Add", radius, slack))
+
+
+def _axis_matrices(node, shape, rest) -> dict[int, np.ndarray]:
+    """{axis: W [out, in]} for every axis the Resize changes, from onnxruntime's op on identity matrices."""
+    if shape is None or attr(node, "axes") is not None or \
+            _text(attr(node, "keep_aspect_ratio_policy", "stretch")) != "stretch" or \
+            _text(attr(node, "coordinate_transformation_mode", "half_pixel")) == "tf_crop_and_resize":
+        refuse(node, "cubic weights need a known input shape, no axes, stretch and no cropping")
+    scales = constant_array(rest[1]) if len(rest) > 1 and rest[1] is not None else None
+    sizes = constant_array(rest[2]) if len(rest) > 2 and rest[2] is not None else None
+    if (sizes is None or not sizes.size) and (scales is None or not scales.size):
+        refuse(node, "cubic weights need constant scales or sizes")
+    matrices = {}
+    for axis, extent in enumerate(shape):
+        if sizes is not None and sizes.size:
+            target = int(sizes.reshape(-1)[axis])
+            changed = not isinstance(extent, int) or target != extent
+        else:
+            target = None
+            changed = float(scales.reshape(-1)[axis]) != 1.0
+        if not changed:
+            continue
+        if not isinstance(extent, int):
+            refuse(node, "cubic weights along an axis of unknown length")
+        matrices[axis] = _probe(node, extent, target, None if target is not None else float(scales.reshape(-1)[axis]))
+    return matrices
+
+
+def _probe(node, extent: int, size: int | None, scale: float | None) -> np.ndarray:
+    try:
+        return ops.resize_matrix(node, extent, size, scale)
+    except RuntimeError as exc:  # attributes onnxruntime does not take
+        refuse(node, f"onnxruntime cannot resize with these attributes ({str(exc)[:80]})")
 
 
 @rule("GridSample")

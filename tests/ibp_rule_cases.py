@@ -149,10 +149,16 @@ def _hardmax(t: Tiny, op_type):
 def _one_hot(t: Tiny, op_type):
     shape = t.shape(1, 2)
     depth = t.draw(st.integers(1, 4))
-    index = t.op("Cast", t.op("Round", t.perturbed(shape)), to=TensorProto.INT64)
+    # Integer indices with a constant depth, or float indices (cast to int64 by truncation) with a float depth
+    # computed at run time (the pairs onnxruntime has kernels for).
+    index = t.op("Round", t.perturbed(shape)) if t.draw(st.booleans()) else t.perturbed(shape)
     values = t.perturbed([2]) if t.draw(st.booleans()) else t.const(np.float32([-1.0, 2.0]))
     axis = t.draw(st.integers(-len(shape) - 1, len(shape)))
-    return t.model(t.op("OneHot", index, t.ints([depth]), values, axis=axis))
+    if t.draw(st.booleans()):
+        index, depth_input = t.op("Cast", index, to=TensorProto.INT64), t.ints([depth])
+    else:
+        depth_input = t.op("Add", t.const(np.float32([depth - 0.5])), t.const(np.float32([0.5])))
+    return t.model(t.op("OneHot", index, depth_input, values, axis=axis))
 
 
 @case("LpPool", "GlobalLpPool")
@@ -193,8 +199,17 @@ def _resize(t: Tiny, op_type):
     transform = t.pick(["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"])
     if transform == "align_corners":  # fractional output sizes are refused (runtimes disagree on them)
         scales = [s if float(s * d).is_integer() else 2.0 for s, d in zip(scales, shape)]
-    return t.model(t.op("Resize", t.perturbed(shape), "", t.const(np.float32(scales)), mode=mode,
-                        coordinate_transformation_mode=transform))
+    attrs = {}
+    if t.draw(st.booleans()):  # weights of either sign: cubic, exclude_outside, antialias (opset 18)
+        t.opset, mode = 18, t.pick(["cubic", "linear"])
+        if mode == "cubic" and len(shape) != 4:  # onnxruntime's cubic resizes the last two axes of 4-D data
+            shape, scales = shape + [2], scales + [1.0]
+        attrs = dict(cubic_coeff_a=t.pick([-0.75, -0.5]), exclude_outside=int(t.draw(st.booleans())),
+                     antialias=int(t.draw(st.booleans())))
+        if mode == "linear" and not attrs["antialias"]:  # (onnxruntime refuses exclude_outside there)
+            attrs["exclude_outside"] = 0
+    return t.model(t.op("Resize", _large(t, t.perturbed(shape)), "", t.const(np.float32(scales)), mode=mode,
+                        coordinate_transformation_mode=transform, **attrs))
 
 
 @case("GridSample")
@@ -280,3 +295,59 @@ def _quantize_dequantize(t: Tiny, op_type):
         return t.model(_as_float(t, q))
     dq_attrs = {k: v for k, v in attrs.items() if k != "output_dtype"}
     return t.model(t.op("DequantizeLinear", q, *inputs[1:], **dq_attrs))
+
+
+@case("Swish", "Shrink")
+def _swish_shrink(t: Tiny, op_type):
+    """Swish (opset 24) with a positive alpha; Shrink where it is non-decreasing (bias <= lambd)."""
+    x = _large(t, t.perturbed(t.shape()))
+    if op_type == "Swish":
+        t.opset = 24
+        return t.model(t.op("Swish", x, alpha=t.pick([0.1, 1.0, 1.702, 4.0])))
+    lambd = t.pick([0.0, 0.5, 2.0])
+    return t.model(t.op("Shrink", x, lambd=lambd, bias=t.pick([0.0, lambd / 2, lambd])))
+
+
+@case("InstanceNormalization")
+def _instance_norm(t: Tiny, op_type):
+    channels = t.draw(st.integers(1, 3))
+    shape = [t.draw(st.integers(1, 2)), channels] + t.shape(1, 2, max_dim=4)
+    scale = t.perturbed([channels]) if t.draw(st.booleans()) else t.weights([channels])
+    bias = t.perturbed([channels]) if t.draw(st.booleans()) else t.weights([channels])
+    return t.model(t.op(op_type, t.perturbed(shape), scale, bias, epsilon=t.pick([1e-5, 1e-2])))
+
+
+@case("DFT")
+def _dft(t: Tiny, op_type):
+    """Real or complex signals, forward or inverse, one- or two-sided, a given length (padding or cutting)."""
+    length = t.draw(st.integers(2, 6))
+    shape = [t.draw(st.integers(1, 2)), length, t.draw(st.integers(1, 2)), t.pick([1, 2])]
+    inverse = int(t.draw(st.booleans()))
+    onesided = 0 if inverse or shape[-1] == 2 else int(t.draw(st.booleans()))  # one-sided: real input only
+    inputs = [_large(t, t.perturbed(shape))]
+    if t.draw(st.booleans()):
+        inputs.append(t.ints(t.draw(st.integers(2, 8))))
+    return t.model(t.op("DFT", *inputs, axis=1, inverse=inverse, onesided=onesided))
+
+
+@case("ReduceProd")
+def _reduce_prod(t: Tiny, op_type):
+    shape = t.shape(1, 3, max_dim=3)
+    axes = sorted(set(t.draw(st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=2))))
+    keepdims = int(t.draw(st.booleans()))
+    if t.draw(st.booleans()):
+        return t.model(t.op(op_type, t.perturbed(shape), keepdims=keepdims))
+    return t.model(t.op(op_type, t.perturbed(shape), axes=axes, keepdims=keepdims))
+
+
+@case("Det")
+def _det(t: Tiny, op_type):
+    n = t.draw(st.integers(1, 3))
+    return t.model(t.op(op_type, t.perturbed(t.shape(0, 2, max_dim=2) + [n, n])))
+
+
+@case("LRN")
+def _lrn(t: Tiny, op_type):
+    shape = [t.draw(st.integers(1, 2)), t.draw(st.integers(1, 5))] + t.shape(2, 2, max_dim=3)  # 4-D (onnxruntime)
+    return t.model(t.op(op_type, t.perturbed(shape), size=t.pick([1, 3, 5]), alpha=t.pick([1e-4, 0.5, 2.0]),
+                        beta=t.pick([0.75, 0.5, 2.0]), bias=t.pick([1.0, 2.0, 0.1])))

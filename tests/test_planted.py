@@ -78,3 +78,36 @@ def test_verify_finds_a_needle_in_three_inputs(tmp_path, seed, architecture):
     model, spec = case.write(tmp_path)
     result = verify(model, spec, timeout=8.0, method="crown")
     assert result.status == "violated" and case.violates(result.counterexample[0])
+
+
+def root_attack(case, folder, bound_graph: bool, seconds: float = 5.0) -> bool:
+    """verify's attack on the property's own boxes (its root settings): a counterexample confirmed by onnxruntime?"""
+    import time
+
+    from graphcert.verify.network import Network
+    from graphcert.verify.search import Search
+    from graphcert.vnnlib import load_property
+    model, spec = case.write(folder)
+    prop = load_property(spec)
+    search = Search(prop, Network(model), time.monotonic() + seconds)
+    if not bound_graph:
+        search.attack.bound_corners = None
+    lower = np.stack([lo for lo, _ in prop.input_boxes])
+    upper = np.stack([hi for _, hi in prop.input_boxes])
+    alive = np.zeros((len(lower), len(prop.unsafe)), dtype=bool)
+    for box, conjunct in prop.cases:
+        alive[box, conjunct] = True
+    found = search.attack_boxes(lower, upper, alive, budget=1.0, samples=1024, restarts=32, steps=100)
+    return found and case.violates(search.counterexample[0])
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_attack_finds_a_pocket_at_a_vertex(tmp_path, architecture):
+    """Few inputs: every vertex is sampled. Conv nets (16-25 inputs): the bound graph's weakest corner."""
+    assert root_attack(make_case(11, architecture, "corner", boxes=2, disjuncts=2), tmp_path, bound_graph=True)
+
+
+def test_without_the_bound_graph_a_vertex_among_many_is_missed(tmp_path):
+    """The conv pocket's vertex is one of 2^16 or more: random vertices and gradient corners miss it."""
+    case = make_case(11, "conv", "corner", boxes=2, disjuncts=2)
+    assert not root_attack(case, tmp_path, bound_graph=False, seconds=3.0)

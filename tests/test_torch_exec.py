@@ -633,9 +633,9 @@ def test_run_time_failures_name_the_node():
 
 def test_unsupported_ops_are_all_listed():
     consts = {"s": np.ones(3, np.float32), "b": np.zeros(3, np.float32)}
-    nodes = [helper.make_node("Det", ["x"], ["h"], name="det"),
-             helper.make_node("ReduceProd", ["h"], ["r1"], name="prod_a"),
-             helper.make_node("ReduceProd", ["r1"], ["r2"], name="prod_b"),
+    nodes = [helper.make_node("ReduceLogSum", ["x"], ["h"], name="det"),
+             helper.make_node("ReduceLogSumExp", ["h"], ["r1"], name="prod_a"),
+             helper.make_node("ReduceLogSumExp", ["r1"], ["r2"], name="prod_b"),
              helper.make_node("BatchNormalization", ["r2", "s", "b", "b", "s"], ["bn", "mean", "var"],
                               name="bn_train", training_mode=1),
              helper.make_node("Custom", ["bn"], ["y"], name="mine", domain="com.example")]
@@ -646,7 +646,7 @@ def test_unsupported_ops_are_all_listed():
     with pytest.raises(UnsupportedOpError) as caught:
         TorchGraph(ir.from_proto(proto))
     listed = caught.value.nodes_by_op
-    assert listed["ReduceProd"] == ["prod_a", "prod_b"] and listed["Det"] == ["det"]
+    assert listed["ReduceLogSumExp"] == ["prod_a", "prod_b"] and listed["ReduceLogSum"] == ["det"]
     assert "bn_train" in listed["BatchNormalization"][0] and "com.example.Custom" in listed
     assert "Relu" not in str(caught.value)
 
@@ -765,3 +765,57 @@ def test_quantize_dequantize_and_their_bound_graphs_match_onnxruntime(granularit
     _assert_matches(model, {"x": x})
     bound = IntervalPass(InputSet())(model).model
     _assert_matches(bound, {"x": x, "epsilon": np.full([1, 1, 1], 0.05, np.float32)})
+
+
+@pytest.mark.parametrize("op,attrs,opset", [("Swish", {"alpha": 1.702}, 24), ("Shrink", {"lambd": 1.0, "bias": 0.5}, 17)])
+def test_swish_and_shrink_match_onnxruntime(op, attrs, opset):
+    x = (_rng(3).standard_normal([3, 5]) * 4).astype(np.float32)
+    proto, feeds = _single(op, {"x": x}, opset=opset, **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_instance_normalization_matches_onnxruntime():
+    rng = _rng(4)
+    x = (rng.standard_normal([2, 3, 4, 5]) * 3).astype(np.float32)
+    proto, feeds = _single("InstanceNormalization", {"x": x}, {"scale": rng.standard_normal(3).astype(np.float32),
+                                                              "bias": rng.standard_normal(3).astype(np.float32)},
+                           epsilon=1e-3)
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("attrs", [dict(mode="cubic"), dict(mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1),
+                                   dict(mode="cubic", antialias=1), dict(mode="linear", antialias=1)])
+@pytest.mark.parametrize("scales", [[1.0, 1.0, 0.6, 0.8], [1.0, 1.0, 2.0, 1.5]])
+def test_resize_with_weights_of_either_sign_matches_onnxruntime(attrs, scales):
+    x = (_rng(5).standard_normal([2, 3, 5, 4]) * 3).astype(np.float32)
+    proto, feeds = _single("Resize", {"x": x}, {"scales": np.float32(scales)}, order=["x", "", "scales"], opset=18,
+                           **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("attrs,channels", [(dict(axis=1), 1), (dict(axis=1), 2), (dict(axis=2, inverse=1), 1),
+                                            (dict(axis=2, inverse=1), 2), (dict(axis=1, onesided=1), 1)])
+def test_dft_matches_onnxruntime(attrs, channels):
+    x = _rng(6).standard_normal([2, 6, 3, channels]).astype(np.float32)
+    proto, feeds = _single("DFT", {"x": x}, **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_reduce_prod_matches_onnxruntime():
+    x = _rng(8).uniform(-2, 2, [2, 3, 4]).astype(np.float32)
+    for attrs in (dict(axes=[1], keepdims=1), dict(axes=[0, 2], keepdims=0), dict(keepdims=1)):
+        proto, feeds = _single("ReduceProd", {"x": x}, **attrs)
+        _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_det_matches_onnxruntime():
+    x = _rng(9).standard_normal([2, 3, 3]).astype(np.float32)
+    proto, feeds = _single("Det", {"x": x})
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("size", [3, 5])  # (onnxruntime takes odd sizes only)
+def test_lrn_matches_onnxruntime(size):
+    x = (_rng(10).standard_normal([2, 5, 3, 3]) * 2).astype(np.float32)
+    proto, feeds = _single("LRN", {"x": x}, size=size, alpha=0.3, beta=0.75, bias=1.5)
+    _assert_matches(ir.from_proto(proto), feeds)

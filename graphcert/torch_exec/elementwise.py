@@ -115,3 +115,9 @@ def _softmax(node, setup):
         cut = axis % x.dim()
         return function(x.reshape(math.prod(x.shape[:cut]), -1), 1).reshape(x.shape)
     return flattened
+
+
+@kernel("Swish")
+def _swish(node, setup):
+    alpha = float(attr(node, "alpha", 1.0))
+    return lambda x: x * torch.sigmoid(alpha * x)

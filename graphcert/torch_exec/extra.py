@@ -131,6 +131,8 @@ def _resize(node, setup):
     mode = attr(node, "mode", "nearest")
     transform = attr(node, "coordinate_transformation_mode", "half_pixel" if node.op_type == "Resize" else "asymmetric")
     nearest_mode = attr(node, "nearest_mode", "round_prefer_floor")
+    if mode == "cubic" or attr(node, "exclude_outside", 0) or attr(node, "antialias", 0):
+        return _resize_by_matrices(node)
     if mode not in ("nearest", "linear", "bilinear") or attr(node, "antialias", 0) or attr(node, "axes") is not None \
             or attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch" or node.op_type == "Upsample" \
             and setup.opset > 9:
@@ -167,3 +169,79 @@ def _resize(node, setup):
             x = below * (1 - weight) + above * weight
         return x
     return resize
+
+
+def _resize_by_matrices(node):
+    """Cubic, antialiased or exclude_outside resizing as the runtime's per-axis weight matrices
+    (graphcert.ops.resize_matrix), built once per input shape."""
+    from graphcert import ops
+    if attr(node, "axes") is not None or attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch" or \
+            attr(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
+        raise _Unsupported("Resize with axes, an aspect-ratio policy or cropping")
+    cache = {}
+
+    def resize(x, *rest):
+        scales, sizes = (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
+        sizes = _ints(sizes) if sizes is not None and sizes.numel() else None
+        scales = [float(v) for v in scales.reshape(-1).tolist()] if sizes is None else None
+        key = (tuple(x.shape), tuple(sizes or ()), tuple(scales or ()))
+        if key not in cache:
+            cache[key] = {}
+            for axis, extent in enumerate(x.shape):
+                size = sizes[axis] if sizes is not None else None
+                if (size is not None and size != extent) or (scales is not None and scales[axis] != 1.0):
+                    try:
+                        matrix = ops.resize_matrix(node, int(extent), size, None if size is not None else scales[axis])
+                    except RuntimeError as exc:
+                        raise _Unsupported(f"Resize: {exc}") from None
+                    cache[key][axis] = torch.as_tensor(matrix.T, dtype=x.dtype)
+        for axis, matrix in cache[key].items():
+            x = torch.movedim(torch.movedim(x, axis, -1) @ matrix.to(x.device), -1, axis)
+        return x
+    return resize
+
+
+@kernel("DFT")
+def _dft(node, setup):
+    """ONNX's DFT: real ([..., 1]) or complex ([..., 2]) signals along `axis` (an attribute before opset 20, an
+    input after), zero-padded or cut to dft_length, inverse scaled by 1/n, onesided keeping n // 2 + 1 bins."""
+    inverse, onesided = bool(attr(node, "inverse", 0)), bool(attr(node, "onesided", 0))
+
+    def dft(x, dft_length=None, axis_input=None):
+        axis = int(axis_input.reshape(-1)[0]) if axis_input is not None else int(attr(node, "axis", 1))
+        axis %= x.dim()
+        signal = torch.complex(x[..., 0], x[..., 1] if x.shape[-1] == 2 else torch.zeros_like(x[..., 0]))
+        n = int(dft_length.reshape(-1)[0]) if dft_length is not None else signal.shape[axis]
+        y = (torch.fft.ifft if inverse else torch.fft.fft)(signal.to(torch.complex128), n=n, dim=axis)
+        if onesided:
+            y = y.narrow(axis, 0, n // 2 + 1)
+        return torch.stack([y.real, y.imag], dim=-1).to(x.dtype)
+    return dft
+
+
+def _product(x, dim, keepdim):
+    for axis in sorted((d % x.dim() for d in dim), reverse=True):
+        x = torch.prod(x, dim=axis, keepdim=keepdim)
+    return x
+
+
+_REDUCTIONS["ReduceProd"] = _product
+KERNELS["ReduceProd"] = _reduce
+
+
+KERNELS["Det"] = lambda node, setup: torch.linalg.det
+
+
+@kernel("LRN")
+def _lrn(node, setup):
+    """x / (bias + alpha/size · sum of squares over a window of channels)^beta, ONNX's window (see
+    passes/ibp_rules_reduce._lrn_band)."""
+    from graphcert.passes.ibp_rules_reduce import _lrn_band
+    size = int(attr(node, "size"))
+    alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+
+    def lrn(x):
+        band = torch.as_tensor(_lrn_band(node, x.shape[1]).T, dtype=x.dtype, device=x.device)
+        window = torch.movedim(torch.movedim(x * x, 1, -1) @ band, -1, 1)
+        return x * torch.pow(bias + alpha / size * window, -beta)
+    return lrn

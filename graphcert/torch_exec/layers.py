@@ -162,3 +162,16 @@ def _layer_norm(node, setup):
         y = centered * inv_std * scale
         return (y if bias is None else y + bias), mean, inv_std
     return layer_norm
+
+
+@kernel("InstanceNormalization")
+def _instance_norm(node, setup):
+    eps = float(attr(node, "epsilon", 1e-5))
+
+    def instance_norm(x, scale, bias):
+        axes = list(range(2, x.dim()))
+        mean = x.mean(dim=axes, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+        shape = [-1] + [1] * len(axes)
+        return (x - mean) / torch.sqrt(var + eps) * scale.reshape(shape) + bias.reshape(shape)
+    return instance_norm

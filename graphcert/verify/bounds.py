@@ -42,6 +42,7 @@ class SpecBounds:
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
         self.session = Session(proto)
+        self.proto = proto   # graphcert.precision runs it in float64 where the float32 slack needs that
         self.network = network
         name = network.input_name
         self.feeds = (f"{name}_lower", f"{name}_upper")
@@ -170,6 +171,7 @@ class SplitBounds:
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
         self.session = Session(proto)
+        self.proto = proto   # graphcert.precision runs it in float64 where the float32 slack needs that
         self.model = graph
         self.network = network
         x = network.input_name

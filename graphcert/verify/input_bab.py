@@ -134,6 +134,19 @@ class InputSplitSearch:
         slack = base + rounding
         refuted = ((margin_lower > slack).astype(np.int32) @ search.membership) > 0
         alive = alive & ~refuted
+        # Those still blocked only by the float32 slack: margins and slack from a float64 bound graph.
+        in_double = getattr(search.rounding_slack, "in_double", None)
+        blocked = np.flatnonzero(alive.any(axis=1) & ((margin_lower > base) & (margin_lower <= slack)).any(axis=1))
+        for start in range(0, len(blocked) if in_double is not None else 0, SLACK_BOXES):
+            part = blocked[start:start + SLACK_BOXES]
+            found = in_double(lower[part], upper[part], search.offset)
+            if found is None:
+                break
+            wide_lower, wide_slack = found
+            wide_base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(wide_lower)
+            refuted = ((wide_lower > wide_base + wide_slack).astype(np.int32) @ search.membership) > 0
+            alive[part] &= ~refuted
+            margin_lower[part] = np.maximum(margin_lower[part], wide_lower)
         membership, alive_t = torch.from_numpy(search.membership), torch.from_numpy(alive)
         center_objective = unsafe_objective(torch.from_numpy(center), membership, alive_t).numpy()
         for box in np.flatnonzero(center_objective <= 0)[:8]:

@@ -11,7 +11,9 @@ narrower intervals. Splits at 0 carry a sign (z >= 0 or z <= 0) for beta-CROWN. 
 batches: CROWN bounds
 of the later layers' z are recomputed and clamped by the parent's, except after a split in the last layer,
 where only the margins are (`SplitBounds` modes "clamp" and "given"). Children these bounds leave live are
-re-bounded with alpha-beta-CROWN on their clamped bounds (`BetaSplitBounds`, unless beta is None). A child
+re-bounded with alpha-beta-CROWN on their clamped bounds (`BetaSplitBounds`, unless beta is None), starting
+from their parent's optimised slopes and multipliers (`Domains.warm`). Which ReLU a parent splits is chosen by
+filtered smart branching (`LOOK_AHEAD`): a few candidates' children are bounded cheaply first. A child
 keeps the better of its own and its parent's margin bounds (its inputs are a subset of the parent's; a mixture
 row's root bound may be alpha-CROWN's for its learned weights, another average of the same conjunct's rows,
 which refutes the conjunct just as well); a child whose clamped bounds cross is empty and refuted. A live
@@ -43,6 +45,11 @@ BETA_CALL_SECONDS = 1.0
 WEAKEST = "the weakest domain's margin lower bound (> 0 refutes)"
 # Children start alpha-beta-CROWN from their parent's optimised parameters (False: from CROWN's slopes).
 WARM_START = True
+# Filtered smart branching: for each parent whose first choice is a ReLU, this many candidate ReLUs (that
+# choice and the largest first-order gains, `_split_gains`) have both children bounded on the parent's unit
+# bounds (the "given" split graph, one backward pass); the candidate whose weaker child is best is split.
+# Below 2: the first choice alone.
+LOOK_AHEAD = 4
 
 
 # Units other than ReLUs are split while their relaxation can gain: the function strays from its chord by more
@@ -130,6 +137,9 @@ class ReluSplitSearch:
         self.domain_calls = CallSizer(memory=MemorySizer(search.budget, floor, estimate=estimate))
         self.beta_calls = CallSizer(seconds=BETA_CALL_SECONDS, memory=MemorySizer(search.budget, floor,
                                                                                    estimate=estimate))
+        # Look-ahead calls take a parent's candidates' children at once.
+        self.look_calls = CallSizer(memory=MemorySizer(search.budget, 2 * max(LOOK_AHEAD, 1) * floor,
+                                                       estimate=2 * max(LOOK_AHEAD, 1) * estimate))
 
     def run(self, alive, margin_lower):
         search, clamp = self.search, self.clamp
@@ -160,6 +170,7 @@ class ReluSplitSearch:
             if too_large:
                 return search.finish("unknown", too_large)
             parents = frontier.pop(max(1, self.domain_calls.size // 2))
+            parents.unit = self._look_ahead(parents)
             children = self._split(parents)
             if children is None:
                 return search.timeout(frontier, "split domains", WEAKEST)
@@ -188,8 +199,8 @@ class ReluSplitSearch:
         # A split before the last layer pays off through the later layers' bounds, so those are
         # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
         last = self.layer[unit] == self.layer[-1]
-        if last.any() and self.splitter is None:
-            self.splitter = SplitBounds(self.search.network, self.search.matrix, self.search.offset, "given")
+        if last.any():
+            self._ensure_splitter()
         found = []
         for group, bounds in ((~last, self.clamp), (last, self.splitter)):
             if not group.any():
@@ -311,6 +322,61 @@ class ReluSplitSearch:
         other = np.argmax(np.where(splittable, score, -np.inf), axis=1)
         return np.where(unit >= 0, unit, np.where(splittable.any(axis=1), other, -1))
 
+    def _look_ahead(self, parents: Domains) -> np.ndarray:
+        """Per parent, the unit to split: the first choice (`parents.unit`) or, for a ReLU, the best of
+        LOOK_AHEAD candidates by the weaker child's bound (filtered smart branching; ties keep the first
+        choice). Parents the deadline leaves unexamined keep their first choice."""
+        unit = parents.unit.copy()
+        relu = self.clamp.relu
+        examined = np.flatnonzero((unit >= 0) & relu[np.maximum(unit, 0)])
+        if LOOK_AHEAD < 2 or not len(examined) or int(relu.sum()) < 2:
+            return unit
+        self._ensure_splitter()
+        for chunk in self.look_calls.slices(len(examined), self.search.deadline):
+            if chunk is None:
+                break
+            rows = examined[chunk]
+            candidates = self._candidates(parents.take(rows))
+            unit[rows] = candidates[np.arange(len(rows)), np.argmax(self._weaker_child(parents.take(rows),
+                                                                                       candidates), axis=1)]
+        return unit
+
+    def _candidates(self, parents: Domains) -> np.ndarray:
+        """[P, k]: the first choice, then the unstable ReLUs with the largest first-order gains (the first
+        choice again where fewer are unstable)."""
+        lower, upper = parents.unit_lower, parents.unit_upper
+        unstable = (lower < 0) & (upper > 0) & self.clamp.relu[None, :]
+        gains = np.where(unstable, self._split_gains(parents.root, parents.alive, lower, upper), -np.inf)
+        rows = np.arange(len(parents))
+        gains[rows, parents.unit] = -np.inf
+        k = min(LOOK_AHEAD, gains.shape[1]) - 1
+        best = np.argpartition(-gains, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(parents), 0), int)
+        best = np.where(np.isfinite(np.take_along_axis(gains, best, axis=1)), best, parents.unit[:, None])
+        return np.concatenate([parents.unit[:, None], best], axis=1)
+
+    def _weaker_child(self, parents: Domains, candidates: np.ndarray) -> np.ndarray:
+        """[P, k]: per candidate split, the smaller of its two children's weakest live conjunct bounds, the
+        children bounded on the parent's unit bounds with the candidate's set to 0 on one side."""
+        count, k = candidates.shape
+        flat = candidates.reshape(-1)
+        index = np.arange(count * k)
+        lower, upper = np.repeat(parents.unit_lower, k, axis=0), np.repeat(parents.unit_upper, k, axis=0)
+        active, inactive = lower.copy(), upper.copy()
+        active[index, flat] = np.maximum(active[index, flat], 0)
+        inactive[index, flat] = np.minimum(inactive[index, flat], 0)
+        root = np.tile(np.repeat(parents.root, k), 2)
+        margins, _, _ = self.splitter(self.lower[root], self.upper[root], np.concatenate([active, lower]),
+                                      np.concatenate([upper, inactive]))
+        self.search.boxes_bounded += len(margins)
+        alive = np.tile(np.repeat(parents.alive, k, axis=0), (2, 1))
+        score = unsafe_objective(torch.from_numpy(margins.astype(np.float64)), torch.from_numpy(self.search.membership),
+                                 torch.from_numpy(alive)).numpy()
+        return np.nan_to_num(np.minimum(score[:count * k], score[count * k:]), nan=-np.inf).reshape(count, k)
+
+    def _ensure_splitter(self) -> None:
+        if self.splitter is None:
+            self.splitter = SplitBounds(self.search.network, self.search.matrix, self.search.offset, "given")
+
     def _split_gains(self, root, alive, lower, upper) -> np.ndarray:
         """[B, units]: BaBSR-like look-ahead for units other than ReLUs. The gradient of the live rows' summed
         margin lower bound (the "given" split graph, through torch) with respect to each unit's bounds, times
@@ -319,8 +385,7 @@ class ReluSplitSearch:
         import torch
 
         from .bounds import outward_float32
-        if self.splitter is None:
-            self.splitter = SplitBounds(self.search.network, self.search.matrix, self.search.offset, "given")
+        self._ensure_splitter()
         if self.scorer is None:
             from ..torch_exec import TorchGraph
             self.scorer = TorchGraph(self.splitter.model, trainable=False)

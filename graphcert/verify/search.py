@@ -40,7 +40,7 @@ class Float32Slack:
         self.network, self.matrix, self.budget = network, matrix, budget
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
-        self._splits = self._domains = None
+        self._splits = self._domains = self._double = None
         try:
             self.slack = RoundingSlack(network.model)
         except UnsupportedOpError as refusal:
@@ -121,6 +121,64 @@ class Float32Slack:
                                      network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given)
 
 
+    def in_double(self, lower: np.ndarray, upper: np.ndarray, offset: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(margin lower bounds, slack), both [B, rows], for boxes the float32 slack alone keeps undecided: the
+        margins of a CROWN graph run in float64 (graphcert.precision), whose own rounding is then analysed in
+        float64, and the model's error kept as a zonotope (graphcert.rounding_zonotope) from that graph's
+        bounds of the unit inputs. None when the model is outside what this covers."""
+        if self.slack is None or not self.network.batched:
+            return None
+        if self._double is None:
+            self._double = self._build_double(offset)
+        if self._double is False:
+            return None
+        splits, slack = self._double
+        given = {}
+        if not hasattr(splits, "units"):   # no unit to bound: the plain CROWN graph's margins
+            margin_lower = splits(lower, upper)[0]
+            splits = None
+        else:
+            unbounded = np.full((len(lower), splits.units), np.inf, dtype=np.float32)
+            margin_lower, unit_lower, unit_upper = splits(lower, upper, -unbounded, unbounded)
+        for k, (name, shape) in enumerate(zip(splits.names, splits.shapes) if splits is not None else ()):
+            part = slice(splits.offsets[k], splits.offsets[k + 1])
+            given[name] = (np.minimum(unit_lower, unit_upper)[:, part].reshape(-1, *shape),
+                           np.maximum(unit_lower, unit_upper)[:, part].reshape(-1, *shape))
+        network = self.network
+        found = slack.of_rows(network.model_shaped(lower.astype(np.float32)),
+                              network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given,
+                              zonotope=True)
+        return margin_lower, found
+
+    def _build_double(self, offset):
+        """Only where both parts pay: the zonotope's rules cover the model (dense nets) and onnxruntime runs the
+        graph in float64 (the torch executor could, but far slower than the search can wait for)."""
+        from ..errors import GraphcertError
+        from ..precision import FLOAT64, DoubleSession, onnxruntime_runs_double
+        from ..rounding_slack import RoundingSlack
+        from ..rounding_zonotope import Unsupported, ZonotopeErrors
+        from .bounds import SpecBounds, SplitBounds
+        try:
+            ZonotopeErrors(self.network.model)
+        except Unsupported as refusal:
+            log.info("no float64 bounds for the float32 slack (%s)", refusal)
+            return False
+        try:
+            splits = SplitBounds(self.network, self.matrix, offset, "clamp")
+            if splits.units == 0:
+                splits = SpecBounds(self.network, self.matrix, offset, "crown")
+            if (self.budget is not None and splits.bytes_per_sample > self.budget.free()) \
+                    or not onnxruntime_runs_double(splits.proto):
+                return False
+            splits.session = DoubleSession(splits.proto)
+            return splits, RoundingSlack(self.network.model, given=getattr(splits, "names", ()),
+                                         bound_arithmetic=FLOAT64)
+        except (GraphcertError, KeyError) as refusal:
+            log.info("no float64 bounds for the float32 slack (%s)", refusal)
+            return False
+
+
 class Search:
     """The property, network and deadline of one verify call, with its attack and what it has found so far.
 
@@ -140,7 +198,7 @@ class Search:
             self.membership[indices, k] = True
         self.has_rows = len(self.offset) > 0
         self.attack = Attack(network.differentiable, self.matrix, self.offset, self.membership,
-                             memory_bytes=max(64 << 20, self.budget.total // 4))
+                             memory_bytes=max(64 << 20, self.budget.total // 4), model=network.model)
         # Attack rows (boxes x samples) through the torch graph, with activations and gradients.
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
