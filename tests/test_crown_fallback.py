@@ -274,3 +274,20 @@ def test_inspect_reports_per_node_what_the_crown_table_says(name, tmp_path):
     assert info.get("fallback", {}).get("crown", {}) == {node.name: why for node, why in found.items()}
     if name == "torch_attention":
         assert any("One perturbed operand" in why for why in found.values())
+
+
+@pytest.mark.parametrize("op", ["Erf", "Gather", "Split"])
+def test_training_graphs_with_a_leaf_run_on_torch_and_send_gradients_to_every_weight(op):
+    """CROWN-IBP training graphs with a leaf: the torch executor agrees with onnxruntime and the width's
+    gradient reaches the weights before and after the leaf (the leaf's interval depends on them)."""
+    import torch
+    from graphcert.torch_exec import TorchGraph
+    graph = CrownPass(InputSet("linf"), intermediate="ibp", trainable=True)(api.load(fallback_model(op))).model
+    executor = TorchGraph(graph, trainable=True)
+    x = np.random.default_rng(0).normal(size=(2, N_IN)).astype(np.float32)
+    found = executor({"x": torch.tensor(x), "epsilon": torch.tensor(0.1)}, outputs=["y_lower", "y_upper"])
+    (found["y_upper"] - found["y_lower"]).sum().backward()
+    want = Session(to_proto(graph)).run({"x": x, "epsilon": np.float32(0.1)})
+    np.testing.assert_allclose(found["y_lower"].detach().numpy(), want["y_lower"], rtol=1e-5, atol=1e-5)
+    for name in ("w1", "w2", "w3"):
+        assert executor.parameter(name).grad is not None and executor.parameter(name).grad.abs().sum() > 0
