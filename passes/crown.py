@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
@@ -62,6 +64,19 @@ def _meet(b: Builder, tighter: str, linear: ir.Value, interval: ir.Value) -> ir.
 # [f(l), f(u)], so IBP stays exact through them (no backward pass can do better, and one from a wide layer costs
 # an identity over its units: 23,328^2 coefficients after a 32x27x27 convolution).
 _POINTWISE_MONOTONE = set(ibp.MONOTONE) - {"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin"}
+
+
+# A backward pass bounding a tensor starts from an identity over its elements (per sample): beyond this many, it
+# would take over 1 GB before its first step; such a tensor keeps its IBP interval (sound, if looser).
+MAX_BACKWARD_UNITS = 16384
+
+
+def _backward_fits(value: ir.Value, batched: bool) -> bool:
+    dims = static_shape(value)
+    sample = dims[1:] if batched and dims else dims
+    if not all(isinstance(d, int) for d in sample):
+        return True
+    return int(np.prod(sample, dtype=np.int64)) <= MAX_BACKWARD_UNITS
 
 
 def _exactness(node: ir.Node, state: dict, perturbed: set) -> int:
@@ -184,7 +199,8 @@ class CrownPass(ir.passes.FunctionalPass):
                 # IBP is exact up to one linear layer on a box, never on an L2 ball.
                 loose = intervals.exactness[x] == LOOSE or self.norm == "l2"
                 given = split and self.split_bounds == "given"
-                if self.intermediate == "crown" and loose and x not in intervals.tightened and not given:
+                if self.intermediate == "crown" and loose and x not in intervals.tightened and not given \
+                        and _backward_fits(x, cx.batched):
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
             if split and needs[0].name not in splits:
@@ -214,9 +230,11 @@ class CrownPass(ir.passes.FunctionalPass):
         for out in graph.outputs:
             if out not in intervals.env:
                 continue
-            if out in cx.leaf_intervals or not crown_fallback.boundable(out, batched):
+            if out in cx.leaf_intervals or not crown_fallback.boundable(out, batched) \
+                    or not _backward_fits(out, batched):
                 # A leaf's own interval is what CROWN would find; outputs a backward pass cannot bound (boolean,
-                # integer, another float type, a run-time sample shape) keep their IBP interval, as IBP gives it.
+                # integer, another float type, a run-time sample shape) or whose identity would not fit keep their
+                # IBP interval, as IBP gives it.
                 box = iv.as_interval(b, intervals.env[out])
                 bounds[out.name] = ibp._as_float(b, graph, out.name, box)   # as the IBP pass gives it
                 continue
@@ -247,7 +265,8 @@ class CrownPass(ir.passes.FunctionalPass):
         if self.intermediate == "crown":
             for x in dict.fromkeys(v for v in node.inputs if v is not None and v in cx.perturbed):
                 loose = intervals.exactness.get(x, LOOSE) == LOOSE or self.norm == "l2"
-                if loose and x not in intervals.tightened and crown_fallback.boundable(x, cx.batched):
+                if loose and x not in intervals.tightened and crown_fallback.boundable(x, cx.batched) \
+                        and _backward_fits(x, cx.batched):
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
         intervals.step(node, cx.perturbed)

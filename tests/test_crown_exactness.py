@@ -59,3 +59,26 @@ def test_the_bounds_are_those_of_the_full_backward_pass_and_hold(activation, mon
 def test_a_wide_convolution_before_max_pooling_takes_megabytes_not_gigabytes():
     proto = to_proto(api.bound_graph(api.load(wide_conv_network()), "crown", InputSet("box")))
     assert graph_bytes_per_sample(proto) < 64 << 20
+
+
+def test_a_loose_tensor_too_wide_for_a_backward_pass_keeps_its_ibp_interval():
+    """Conv 32x2x2 -> ReLU -> 1x1 Conv -> ReLU on 28x28: the second ReLU's 23,328 inputs are loose, and a
+    backward pass from them would start from a 23,328^2 identity (2.2 GB per box): they keep IBP's interval
+    (crown.MAX_BACKWARD_UNITS), the graph stays small and its bounds hold."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(32, 1, 2, 2)).astype(np.float32) / 2, "c1"),
+             numpy_helper.from_array(rng.normal(size=(32, 32, 1, 1)).astype(np.float32) / 6, "c2"),
+             numpy_helper.from_array(rng.normal(size=(32 * 27 * 27, 2)).astype(np.float32) / 150, "fc")]
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "c2"], ["c"]), helper.make_node("Relu", ["c"], ["d"]),
+             helper.make_node("Flatten", ["d"], ["f"]), helper.make_node("Gemm", ["f", "fc"], ["y"])]
+    graph = helper.make_graph(nodes, "wide2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    x = rng.uniform(0, 1, (2, 1, 28, 28)).astype(np.float32)
+    lower, upper = x - np.float32(0.01), x + np.float32(0.01)
+    low, high, proto = bounds(model, lower, upper)
+    assert graph_bytes_per_sample(proto) < 1 << 30
+    points = rng.uniform(lower[:, None], upper[:, None], (2, 100, 1, 28, 28)).astype(np.float32)
+    outputs = Session(model).run({"x": points.reshape(-1, 1, 28, 28)})["y"].reshape(2, 100, 2)
+    assert np.all(low[:, None] <= outputs + 1e-5) and np.all(outputs <= high[:, None] + 1e-5)
