@@ -348,11 +348,11 @@ def test_unsupported_ops_are_all_listed_before_emitting():
     # Ops neither CROWN nor IBP has a rule for (CROWN bounds IBP's ops through its IBP fallback).
     nodes = [helper.make_node("RandomNormalLike", ["x"], ["a"], name="random_1"),
              helper.make_node("RandomNormalLike", ["a"], ["b"], name="random_2"),
-             helper.make_node("LRN", ["b"], ["c"], name="lrn", size=1), helper.make_node("Relu", ["c"], ["y"])]
+             helper.make_node("RandomUniformLike", ["b"], ["c"], name="uniform"), helper.make_node("Relu", ["c"], ["y"])]
     proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UnsupportedOpError) as error:
         CrownPass(InputSet())(load(proto))
-    assert set(error.value.nodes_by_op) == {"RandomNormalLike", "LRN"}
+    assert set(error.value.nodes_by_op) == {"RandomNormalLike", "RandomUniformLike"}
     assert error.value.nodes_by_op["RandomNormalLike"] == ["random_1", "random_2"]
 
 
