@@ -2,13 +2,14 @@
 finds, alone and inside `verify`, within a fixed time.
 
 Usage:
-  python benchmarks/planted_bench.py attack [--seconds 2] [--seeds 4] [--shared]
+  python benchmarks/planted_bench.py attack [--seconds 2] [--seeds 4] [--shared] [--families N]
   python benchmarks/planted_bench.py verify [--timeout 5] [--seeds 2] [--method crown] [--shared]
 
 `attack` runs the root attack of `verify` (`Search.attack_boxes` on the property's own boxes, with verify's root
 settings) for `--seconds` on every planted case (seeds x architectures x placements, one box and one disjunct,
 then several) and, with `--shared`, on the shared instances whose counterexamples are hard to find (ACAS Xu
-1_9 property 7, the three mnistfc counterexamples graphcert long missed). `verify` runs `verify` itself
+1_9 property 7, the three mnistfc counterexamples graphcert long missed) and, with `--families N`, on N
+violated instances (truth.csv) of every other shared family. `verify` runs `verify` itself
 (planted cases and their near-miss twins). Every counterexample counted is re-run by onnxruntime on the
 original model. To compare attacks, run the same command with PYTHONPATH pointing at another checkout of
 graphcert (this file only needs tests/planted.py beside it).
@@ -43,8 +44,9 @@ def planted_cases(seeds: int, planted: bool = True):
                                 disjuncts=2 if several else 1, saturated=seed % 4 == 3)
 
 
-def root_attack(model, spec, seconds: float) -> tuple[bool, float, float]:
-    """(counterexample confirmed, seconds used, best objective) of verify's root attack given `seconds`."""
+def root_attack(model, spec, seconds: float) -> tuple[bool, float, np.ndarray | None]:
+    """(counterexample confirmed by onnxruntime, seconds used, the counterexample) of verify's root attack
+    given `seconds`."""
     import torch
 
     from graphcert.verify.network import Network
@@ -60,7 +62,7 @@ def root_attack(model, spec, seconds: float) -> tuple[bool, float, float]:
     for box, conjunct in prop.cases:
         alive[box, conjunct] = True
     found = search.attack_boxes(lower, upper, alive, budget=1.0, samples=1024, restarts=32, steps=100)
-    return found, time.monotonic() - began, np.nan
+    return found, time.monotonic() - began, search.counterexample[0] if found else None
 
 
 def run_attack(args) -> None:
@@ -69,10 +71,9 @@ def run_attack(args) -> None:
     totals = collections.Counter()
     for case in planted_cases(args.seeds):
         model, spec = case.write(folder)
-        found, seconds, _ = root_attack(model, spec, args.seconds)
-        if found:
-            # Independent re-check: the Search confirmed with onnxruntime; check the case's own reading too.
-            pass
+        found, seconds, point = root_attack(model, spec, args.seconds)
+        # The search confirmed it with onnxruntime; the case's own reading of its property agrees.
+        assert not found or case.violates(point), f"{case.name}: unconfirmed counterexample"
         key = case.name.split("_")[1]                     # the placement
         totals[key] += 1
         counts[key] += int(found)
@@ -83,6 +84,27 @@ def run_attack(args) -> None:
         for family, onnx_name, spec_name in HARD:
             found, seconds, _ = root_attack(SHARED / family / onnx_name, SHARED / family / spec_name, args.seconds)
             print(f"{family} {onnx_name} {spec_name}: {'found' if found else '-'} {seconds:.2f}s", flush=True)
+    if args.families:
+        import resource
+        for family, model, spec in violated_elsewhere(args.families):
+            found, seconds, _ = root_attack(model, spec, args.seconds)
+            print(f"{family} {model.name} {spec.name}: {'found' if found else '-'} {seconds:.2f}s", flush=True)
+        print(f"peak resident {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def violated_elsewhere(per_family: int):
+    """(family, onnx, spec) of up to `per_family` violated instances (truth.csv) of each family other than
+    acasxu, mnistfc and test, evenly spread."""
+    import csv
+    by_family = collections.defaultdict(list)
+    with open(SHARED / "truth.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["truth"] == "violated" and row["benchmark"] not in ("acasxu", "mnistfc", "test"):
+                by_family[row["benchmark"]].append(row)
+    for family, rows in sorted(by_family.items()):
+        folder = SHARED / family
+        for row in rows[::max(1, len(rows) // per_family)][:per_family]:
+            yield family, next(folder.rglob(row["onnx"])), next(folder.rglob(row["vnnlib"]))
 
 
 def run_verify(args) -> None:
@@ -114,6 +136,8 @@ def main() -> None:
     attack.add_argument("--seconds", type=float, default=2.0)
     attack.add_argument("--seeds", type=int, default=4)
     attack.add_argument("--shared", action="store_true")
+    attack.add_argument("--families", type=int, default=0, metavar="N",
+                        help="also N violated instances of every other shared family")
     check = sub.add_parser("verify")
     check.add_argument("--timeout", type=float, default=5.0)
     check.add_argument("--seeds", type=int, default=2)

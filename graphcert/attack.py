@@ -383,8 +383,9 @@ class Attack:
                 vertex = (index // 4) % (2 ** n)
                 bits = ((vertex[:, None] >> torch.arange(n)) & 1).bool()
                 ends = torch.where((index % 4 == 3).view(1, -1, 1), bits.unsqueeze(0), ends)
-            u = torch.where(on_face, ends.to(u.dtype), u)
             points = lo.unsqueeze(1) + u * (hi - lo).unsqueeze(1)
+            # Ends exactly (lo + 1 * (hi - lo) can round past hi, out of the input set).
+            points = torch.where(on_face, torch.where(ends, hi.unsqueeze(1), lo.unsqueeze(1)), points)
             if begin == 0:
                 points[:, 0] = 0.5 * (lo + hi)
                 corners = self._bound_corners(view, lo, hi, deadline)

@@ -113,6 +113,20 @@ MONOTONE = ["Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "Softsign", "Exp", "E
             "LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu"]
 
 
+@condition("MaxPool", "AveragePool")
+def _pool_size_agreed(node: ir.Node) -> bool:
+    """No ceil-mode window that would start in the end padding (onnxruntime drops it, onnx's shape inference counts it)."""
+    if not attr(node, "ceil_mode", 0):
+        return True
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return False
+    geometry = ops.WindowGeometry.of(node, shape[2:])
+    counted = ops.WindowGeometry(geometry.spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                                 geometry.begin, geometry.end, True, count_padding_starts=True)
+    return geometry.out == counted.out
+
+
 @condition("LeakyRelu", "Elu", "Selu", "HardSigmoid", "ThresholdedRelu")
 def _is_monotone(node: ir.Node) -> bool:
     """Non-negative slopes (a negative alpha or gamma makes LeakyRelu/Elu/Selu/HardSigmoid decreasing somewhere)."""

@@ -155,3 +155,42 @@ def _dft(cx, node, x, dft_length=None, axis_input=None):
     if attr(node, "inverse", 0) and not attr(node, "onesided", 0):
         total = b.op("Mul", total, b.const(1.0 / transform))
     return [Interval.from_center(b, center, b.op("Expand", total, b.op("Shape", center)))]
+
+
+# Determinants of matrices up to this size are bounded by their permutation expansion (n! products).
+DET_LIMIT = 3
+
+
+@rule("Det")
+def _det(cx, node, x):
+    """Leibniz's sum over permutations of signed products of entries, in interval arithmetic, widened by
+    16·n! ulps of the sum of |products| for the runtime's LU factorisation."""
+    import itertools
+
+    from graphcert.passes.ibp_rules_elementwise import refuse
+    b = cx.b
+    shape = node.inputs[0].shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[-1], int) or shape[-1] != shape[-2] or \
+            shape[-1] > DET_LIMIT:
+        refuse(node, f"determinants of static square matrices up to {DET_LIMIT}x{DET_LIMIT} only")
+    n = shape[-1]
+    x = iv.as_interval(b, x)
+
+    def entry(v, i, j):
+        picked = b.op("Gather", b.op("Gather", v, b.ints([i]), axis=-2), b.ints([j]), axis=-1)
+        return b.op("Squeeze", picked, b.ints([-2, -1]))
+    entries = {(i, j): Interval.from_bounds(b, entry(x.lower, i, j), entry(x.upper, i, j))
+               for i in range(n) for j in range(n)}
+    total, size = None, None
+    for permutation in itertools.permutations(range(n)):
+        product = entries[0, permutation[0]]
+        for i in range(1, n):
+            product = iv.mul(b, product, entries[i, permutation[i]])
+        inversions = sum(permutation[i] > permutation[j] for i in range(n) for j in range(i + 1, n))
+        total = product if total is None else (iv.sub(b, total, product) if inversions % 2 else iv.add(b, total, product))
+        if total is product and inversions % 2:
+            total = iv.neg(b, product)
+        magnitude = iv.absolute(b, product).upper
+        size = magnitude if size is None else b.op("Add", size, magnitude)
+    slack = b.op("Mul", size, b.const(16.0 * len(list(itertools.permutations(range(n)))) * 2.0 ** -24))
+    return [Interval.from_bounds(b, b.op("Sub", total.lower, slack), b.op("Add", total.upper, slack))]

@@ -71,3 +71,83 @@ def _lp_normalization(cx, node, x):
     one = b.const(1.0)
     # The runtime divides by a zero norm to NaN (undefined); elsewhere |x_i| / ||x|| <= 1.
     return [Interval.from_bounds(b, b.op("Max", quotient.lower, b.op("Neg", one)), b.op("Min", quotient.upper, one))]
+
+
+# Products of more factors than this are refused (the rule multiplies them one interval at a time).
+PRODUCT_LIMIT = 64
+
+
+@rule("ReduceProd")
+def _reduce_prod(cx, node, x, axes_input=None):
+    """The product along the axes, one interval factor at a time (each the hull of its four corner products),
+    widened by 4 ulps per factor for the runtime's own order of multiplication."""
+    b = cx.b
+    if isinstance(axes_input, Interval):
+        refuse(node, "its axes depend on the perturbed input")
+    shape = node.inputs[0].shape
+    if shape is None:
+        refuse(node, "an input of unknown rank")
+    rank = len(shape)
+    axes = attr(node, "axes")
+    if axes_input is not None:
+        if axes_input.const_value is None:
+            refuse(node, "axes not known when converting")
+        axes = axes_input.const_value.numpy().reshape(-1).tolist()
+    if not axes:
+        if attr(node, "noop_with_empty_axes", 0):
+            return [x]
+        axes = list(range(rank))
+    axes = sorted({int(a) % rank for a in axes})
+    if not all(isinstance(shape[a], int) for a in axes):
+        refuse(node, "reduced axes of unknown length")
+    count = int(np.prod([shape[a] for a in axes]))
+    if count > PRODUCT_LIMIT:
+        refuse(node, f"a product of {count} factors (at most {PRODUCT_LIMIT})")
+    kept = [a for a in range(rank) if a not in axes]
+    x = iv.as_interval(b, x)
+    # [kept..., reduced...] flattened to [kept..., count]; then factor by factor.
+    flat = lambda v: b.op("Reshape", b.op("Transpose", v, perm=kept + axes), b.ints([0] * len(kept) + [-1]))  # noqa: E731
+    lower, upper = flat(x.lower), flat(x.upper)
+    pick = lambda v, k: b.op("Gather", v, b.ints(k), axis=len(kept))  # noqa: E731
+    total = Interval.from_bounds(b, pick(lower, 0), pick(upper, 0))
+    for k in range(1, count):
+        total = iv.mul(b, total, Interval.from_bounds(b, pick(lower, k), pick(upper, k)))
+    slack = b.op("Mul", b.op("Add", b.op("Abs", total.lower), b.op("Abs", total.upper)),
+                 b.const(4.0 * count * 2.0 ** -24))
+    lower, upper = b.op("Sub", total.lower, slack), b.op("Add", total.upper, slack)
+    if attr(node, "keepdims", 1):
+        lower, upper = (b.op("Unsqueeze", v, b.ints(axes)) for v in (lower, upper))
+    return [Interval.from_bounds(b, lower, upper)]
+
+
+def _lrn_band(node, channels: int) -> np.ndarray:
+    """[C, C]: 1 where channel j lies in channel i's window [i - floor((size-1)/2), i + ceil((size-1)/2)]."""
+    size = int(attr(node, "size"))
+    i, j = np.arange(channels)[:, None], np.arange(channels)[None, :]
+    return ((j >= i - (size - 1) // 2) & (j <= i + -(-(size - 1) // 2))).astype(np.float32)
+
+
+@rule("LRN")
+def _lrn(cx, node, x):
+    """x / (bias + alpha/size · the window sum of squares over channels)^beta: the window sum is non-decreasing
+    in every square, the power decreasing in it (beta >= 0, bias > 0); x times that factor in interval
+    arithmetic, widened (4·size + 16) ulps for the runtime's rounding."""
+    b = cx.b
+    shape = node.inputs[0].shape
+    alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    if shape is None or len(shape) < 3 or not isinstance(shape[1], int) or alpha < 0 or beta < 0 or bias <= 0:
+        refuse(node, "static channels, alpha >= 0, beta >= 0 and bias > 0 only")
+    size = int(attr(node, "size"))
+    x = iv.as_interval(b, x)
+    squares = iv.square(b, x)
+    perm = list(range(len(shape)))
+    perm[1], perm[-1] = perm[-1], perm[1]
+    band = b.const(_lrn_band(node, shape[1]).T)
+    window = lambda v: b.op("Transpose", b.op("MatMul", b.op("Transpose", v, perm=perm), band), perm=perm)  # noqa: E731
+    scale, offset = b.const(alpha / size), b.const(bias)
+    base_low, base_high = (b.op("Add", offset, b.op("Mul", scale, window(v))) for v in (squares.lower, squares.upper))
+    power = b.const(-beta)
+    factor = Interval.from_bounds(b, b.op("Pow", base_high, power), b.op("Pow", base_low, power))
+    y = iv.mul(b, x, factor)
+    slack = b.op("Mul", b.op("Add", b.op("Abs", y.lower), b.op("Abs", y.upper)), b.const((4.0 * size + 16) * 2.0 ** -24))
+    return [Interval.from_bounds(b, b.op("Sub", y.lower, slack), b.op("Add", y.upper, slack))]

@@ -328,3 +328,26 @@ def _dft(t: Tiny, op_type):
     if t.draw(st.booleans()):
         inputs.append(t.ints(t.draw(st.integers(2, 8))))
     return t.model(t.op("DFT", *inputs, axis=1, inverse=inverse, onesided=onesided))
+
+
+@case("ReduceProd")
+def _reduce_prod(t: Tiny, op_type):
+    shape = t.shape(1, 3, max_dim=3)
+    axes = sorted(set(t.draw(st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=2))))
+    keepdims = int(t.draw(st.booleans()))
+    if t.draw(st.booleans()):
+        return t.model(t.op(op_type, t.perturbed(shape), keepdims=keepdims))
+    return t.model(t.op(op_type, t.perturbed(shape), axes=axes, keepdims=keepdims))
+
+
+@case("Det")
+def _det(t: Tiny, op_type):
+    n = t.draw(st.integers(1, 3))
+    return t.model(t.op(op_type, t.perturbed(t.shape(0, 2, max_dim=2) + [n, n])))
+
+
+@case("LRN")
+def _lrn(t: Tiny, op_type):
+    shape = [t.draw(st.integers(1, 2)), t.draw(st.integers(1, 5))] + t.shape(2, 2, max_dim=3)  # 4-D (onnxruntime)
+    return t.model(t.op(op_type, t.perturbed(shape), size=t.pick([1, 3, 5]), alpha=t.pick([1e-4, 0.5, 2.0]),
+                        beta=t.pick([0.75, 0.5, 2.0]), bias=t.pick([1.0, 2.0, 0.1])))

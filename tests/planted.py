@@ -348,7 +348,8 @@ def make_case(seed: int, architecture: str = "dense", placement: str = "interior
     unit = {"corner": away,
             "face": np.where(rng.random(n) < 0.5, away, np.abs(away - rng.uniform(0.1, 0.45, n))),
             "interior": np.abs(away - rng.uniform(0.1, 0.45, n))}[placement]
-    point = np.clip((lower + unit * (upper - lower)).astype(np.float32), lower, upper)
+    inside = np.clip((lower + unit * (upper - lower)).astype(np.float32), lower, upper)
+    point = np.where(unit == 0, lower, np.where(unit == 1, upper, inside))      # faces exactly (no rounding)
     width = (pocket_width * (upper - lower)).astype(np.float32).astype(np.float64)
     target_rows, _ = _rows(conjunct_pairs[0], m)
     base_at_point = forward(layers, point.astype(np.float64)[None])[0]

@@ -633,9 +633,9 @@ def test_run_time_failures_name_the_node():
 
 def test_unsupported_ops_are_all_listed():
     consts = {"s": np.ones(3, np.float32), "b": np.zeros(3, np.float32)}
-    nodes = [helper.make_node("Det", ["x"], ["h"], name="det"),
-             helper.make_node("ReduceProd", ["h"], ["r1"], name="prod_a"),
-             helper.make_node("ReduceProd", ["r1"], ["r2"], name="prod_b"),
+    nodes = [helper.make_node("ReduceLogSum", ["x"], ["h"], name="det"),
+             helper.make_node("ReduceLogSumExp", ["h"], ["r1"], name="prod_a"),
+             helper.make_node("ReduceLogSumExp", ["r1"], ["r2"], name="prod_b"),
              helper.make_node("BatchNormalization", ["r2", "s", "b", "b", "s"], ["bn", "mean", "var"],
                               name="bn_train", training_mode=1),
              helper.make_node("Custom", ["bn"], ["y"], name="mine", domain="com.example")]
@@ -646,7 +646,7 @@ def test_unsupported_ops_are_all_listed():
     with pytest.raises(UnsupportedOpError) as caught:
         TorchGraph(ir.from_proto(proto))
     listed = caught.value.nodes_by_op
-    assert listed["ReduceProd"] == ["prod_a", "prod_b"] and listed["Det"] == ["det"]
+    assert listed["ReduceLogSumExp"] == ["prod_a", "prod_b"] and listed["ReduceLogSum"] == ["det"]
     assert "bn_train" in listed["BatchNormalization"][0] and "com.example.Custom" in listed
     assert "Relu" not in str(caught.value)
 
@@ -798,4 +798,24 @@ def test_resize_with_weights_of_either_sign_matches_onnxruntime(attrs, scales):
 def test_dft_matches_onnxruntime(attrs, channels):
     x = _rng(6).standard_normal([2, 6, 3, channels]).astype(np.float32)
     proto, feeds = _single("DFT", {"x": x}, **attrs)
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_reduce_prod_matches_onnxruntime():
+    x = _rng(8).uniform(-2, 2, [2, 3, 4]).astype(np.float32)
+    for attrs in (dict(axes=[1], keepdims=1), dict(axes=[0, 2], keepdims=0), dict(keepdims=1)):
+        proto, feeds = _single("ReduceProd", {"x": x}, **attrs)
+        _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_det_matches_onnxruntime():
+    x = _rng(9).standard_normal([2, 3, 3]).astype(np.float32)
+    proto, feeds = _single("Det", {"x": x})
+    _assert_matches(ir.from_proto(proto), feeds)
+
+
+@pytest.mark.parametrize("size", [3, 5])  # (onnxruntime takes odd sizes only)
+def test_lrn_matches_onnxruntime(size):
+    x = (_rng(10).standard_normal([2, 5, 3, 3]) * 2).astype(np.float32)
+    proto, feeds = _single("LRN", {"x": x}, size=size, alpha=0.3, beta=0.75, bias=1.5)
     _assert_matches(ir.from_proto(proto), feeds)

@@ -217,3 +217,31 @@ def _dft(node, setup):
             y = y.narrow(axis, 0, n // 2 + 1)
         return torch.stack([y.real, y.imag], dim=-1).to(x.dtype)
     return dft
+
+
+def _product(x, dim, keepdim):
+    for axis in sorted((d % x.dim() for d in dim), reverse=True):
+        x = torch.prod(x, dim=axis, keepdim=keepdim)
+    return x
+
+
+_REDUCTIONS["ReduceProd"] = _product
+KERNELS["ReduceProd"] = _reduce
+
+
+KERNELS["Det"] = lambda node, setup: torch.linalg.det
+
+
+@kernel("LRN")
+def _lrn(node, setup):
+    """x / (bias + alpha/size · sum of squares over a window of channels)^beta, ONNX's window (see
+    passes/ibp_rules_reduce._lrn_band)."""
+    from graphcert.passes.ibp_rules_reduce import _lrn_band
+    size = int(attr(node, "size"))
+    alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+
+    def lrn(x):
+        band = torch.as_tensor(_lrn_band(node, x.shape[1]).T, dtype=x.dtype, device=x.device)
+        window = torch.movedim(torch.movedim(x * x, 1, -1) @ band, -1, 1)
+        return x * torch.pow(bias + alpha / size * window, -beta)
+    return lrn
