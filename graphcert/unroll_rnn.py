@@ -158,6 +158,7 @@ class _Cell:
             gr = [e.op("Transpose", self.rows(r, k * h, h), perm=[1, 0]) for k in range(self.gates)]
             wb = [self.rows(bias, k * h, h) if bias is not None else None for k in range(self.gates)]
             rb = [self.rows(bias, (self.gates + k) * h, h) if bias is not None else None for k in range(self.gates)]
+            both = [self.add(wb[k], rb[k]) if bias is not None else None for k in range(self.gates)]  # folded once
             hidden, cell = self.state(_input(node, 5), d), self.state(_input(node, 6), d)
             peep = _input(node, 7) if self.op == "LSTM" else None
             peep = e.pick(peep, d, 0) if peep is not None else None
@@ -165,10 +166,10 @@ class _Cell:
             per_step_h = [None] * self.length
             if self.lengths is None:
                 for t in (reversed(range(self.length)) if backwards else range(self.length)):
-                    hidden, cell = _Step(self, d, steps[t], gw, gr, wb, rb, p).run(hidden, cell)
+                    hidden, cell = _Step(self, d, steps[t], gw, gr, wb, rb, p, both).run(hidden, cell)
                     per_step_h[t] = hidden
             else:
-                hidden, cell, per_step_h = self._masked(d, backwards, across, steps, (gw, gr, wb, rb, p), hidden, cell)
+                hidden, cell, per_step_h = self._masked(d, backwards, across, steps, (gw, gr, wb, rb, p, both), hidden, cell)
             hs.append(per_step_h)
             finals_h.append(hidden)
             finals_c.append(cell)
@@ -236,8 +237,9 @@ class _Cell:
 class _Step:
     """One time step of one direction: the gate pre-activations and the new hidden (and cell) state."""
 
-    def __init__(self, cell: _Cell, d: int, x: ir.Value, gw, gr, wb, rb, peep):
+    def __init__(self, cell: _Cell, d: int, x: ir.Value, gw, gr, wb, rb, peep, both):
         self.c, self.d, self.x, self.gw, self.gr, self.wb, self.rb, self.peep = cell, d, x, gw, gr, wb, rb, peep
+        self.both = both  # Wb + Rb per gate
         self.e = cell.emit
 
     def input_part(self, k: int) -> ir.Value:
@@ -251,20 +253,20 @@ class _Step:
 
     def rnn(self, hidden, cell):
         f, = self.c.activations[self.d]
-        pre = self.c.add(self.input_part(0), self.recurrent_part(0, hidden), self.wb[0], self.rb[0])
+        pre = self.c.add(self.input_part(0), self.recurrent_part(0, hidden), self.both[0])
         return self.c.act(f, pre), None
 
     def gru(self, hidden, cell):
         c, e = self.c, self.e
         f, g = c.activations[self.d]
-        z = c.act(f, c.add(self.input_part(0), self.recurrent_part(0, hidden), self.wb[0], self.rb[0]))
-        r = c.act(f, c.add(self.input_part(1), self.recurrent_part(1, hidden), self.wb[1], self.rb[1]))
+        z = c.act(f, c.add(self.input_part(0), self.recurrent_part(0, hidden), self.both[0]))
+        r = c.act(f, c.add(self.input_part(1), self.recurrent_part(1, hidden), self.both[1]))
         if _attr(c.node, "linear_before_reset", 0):
             inner = c.add(self.recurrent_part(2, hidden), self.rb[2]) if hidden is not None or self.rb[2] is not None \
                 else None
             candidate = c.add(self.input_part(2), self.wb[2], c.mul(r, inner))
         else:
-            candidate = c.add(self.input_part(2), self.recurrent_part(2, c.mul(r, hidden)), self.rb[2], self.wb[2])
+            candidate = c.add(self.input_part(2), self.recurrent_part(2, c.mul(r, hidden)), self.both[2])
         candidate = c.act(g, candidate)
         keep = e.op("Sub", c.scalar(1.0), z)
         return c.add(e.op("Mul", keep, candidate), c.mul(z, hidden)), None
@@ -274,7 +276,7 @@ class _Step:
         f, g, h = c.activations[self.d]
         p_i, p_o, p_f = self.peep
         # gate order i, o, f, c
-        pre = [c.add(self.input_part(k), self.recurrent_part(k, hidden), self.wb[k], self.rb[k]) for k in range(4)]
+        pre = [c.add(self.input_part(k), self.recurrent_part(k, hidden), self.both[k]) for k in range(4)]
         i = c.act(f, c.add(pre[0], c.mul(p_i, cell)))
         if _attr(c.node, "input_forget", 0):  # the forget gate coupled to the input gate
             forget = e.op("Sub", c.scalar(1.0), i)

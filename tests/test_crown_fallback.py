@@ -12,12 +12,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import zoo
 from graphcert import api
 from graphcert.certify import certify
 from graphcert.data import Dataset
 from graphcert.errors import UnsupportedOpError
 from graphcert.export import to_proto
 from graphcert.inspect import describe
+from graphcert.interface import perturbed_inputs
+from graphcert.interpret import perturbed_nodes
+from graphcert.passes import crown_support
 from graphcert.passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX, CrownPass
 from graphcert.interface import InputSet
 from graphcert.runtime import Session
@@ -252,3 +256,38 @@ def test_what_neither_crown_nor_ibp_bounds_is_refused_with_ibp_reason():
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     with pytest.raises(UnsupportedOpError, match="training_mode"):
         api.bound_graph(api.load(proto), "crown")
+
+
+@pytest.mark.parametrize("name", ["torch_attention", "torch_cnn", "torch_layernorm"])
+def test_inspect_reports_per_node_what_the_crown_table_says(name, tmp_path):
+    """inspect's CROWN refusals and fallback notes are the table's verdicts (crown_support.RULES, then IBP's)."""
+    proto = (zoo.ZOO.get(name) or zoo.ATTENTION_ZOO[name])()
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, path)
+    info = describe(path)
+    model = api.load(proto)
+    sources = perturbed_inputs(model)
+    nodes = perturbed_nodes(model.graph, set(sources))
+    tainted = set(sources) | {out for node in nodes for out in node.outputs}
+    found = crown_support.fallbacks(model, nodes, "crown", sources, tainted)
+    assert info["refused"]["crown"] == {}
+    assert info.get("fallback", {}).get("crown", {}) == {node.name: why for node, why in found.items()}
+    if name == "torch_attention":
+        assert any("One perturbed operand" in why for why in found.values())
+
+
+@pytest.mark.parametrize("op", ["Erf", "Gather", "Split"])
+def test_training_graphs_with_a_leaf_run_on_torch_and_send_gradients_to_every_weight(op):
+    """CROWN-IBP training graphs with a leaf: the torch executor agrees with onnxruntime and the width's
+    gradient reaches the weights before and after the leaf (the leaf's interval depends on them)."""
+    import torch
+    from graphcert.torch_exec import TorchGraph
+    graph = CrownPass(InputSet("linf"), intermediate="ibp", trainable=True)(api.load(fallback_model(op))).model
+    executor = TorchGraph(graph, trainable=True)
+    x = np.random.default_rng(0).normal(size=(2, N_IN)).astype(np.float32)
+    found = executor({"x": torch.tensor(x), "epsilon": torch.tensor(0.1)}, outputs=["y_lower", "y_upper"])
+    (found["y_upper"] - found["y_lower"]).sum().backward()
+    want = Session(to_proto(graph)).run({"x": x, "epsilon": np.float32(0.1)})
+    np.testing.assert_allclose(found["y_lower"].detach().numpy(), want["y_lower"], rtol=1e-5, atol=1e-5)
+    for name in ("w1", "w2", "w3"):
+        assert executor.parameter(name).grad is not None and executor.parameter(name).grad.abs().sum() > 0
