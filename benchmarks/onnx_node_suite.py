@@ -182,7 +182,7 @@ def _session(proto):
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-class _reference_session:
+class ReferenceSession:
     """onnx's reference evaluator behind onnxruntime's `run(names, feeds)`, for a bound graph onnxruntime cannot
     load because the model's own node has no kernel there at its opset (onnxruntime fails on the model too)."""
 
@@ -209,7 +209,7 @@ def check(case, bound) -> str:
     try:
         session = _session(bound)
     except Exception as exc:  # onnxruntime lacks a kernel of the model's own opset (the original fails alike)
-        session = _reference_session(bound, exc)
+        session = ReferenceSession(bound, exc)
     try:
         original = _session(case.model)
     except Exception:

@@ -64,10 +64,10 @@ def unroll(proto: onnx.ModelProto) -> onnx.ModelProto:
         todo = [n for n in model.graph if n.op_type in UNROLLED and n.domain in ("", "ai.onnx")]
         if not todo:
             break
-        refused, progress = {}, False
+        refused, progress, layouts = {}, False, []
         for k, node in enumerate(todo):
             try:
-                _unroll_node(model.graph, node, opset, f"{node.op_type.lower()}{round_}_{k}_")
+                layouts += _unroll_node(model.graph, node, opset, f"{node.op_type.lower()}{round_}_{k}_")
                 progress = True
             except Refused as why:
                 if not why.pending:
@@ -75,6 +75,7 @@ def unroll(proto: onnx.ModelProto) -> onnx.ModelProto:
         if refused or not progress:
             node, why = next(iter(refused.items())) if refused else (todo[0], "it depends on a node not unrolled")
             raise UnrollError(node, why)
+        _sink_transposes(model.graph, layouts, opset)
         if model.graph.num_nodes() > MAX_NODES:
             raise UnrollError(todo[0], f"unrolled, the model has more than {MAX_NODES} nodes")
         proto = ir.to_proto(model)
@@ -103,6 +104,48 @@ def _unroll_node(graph: ir.Graph, node: ir.Node, opset: int, prefix: str) -> Non
     else:
         values = _unroll_scan(emit, node) if opset >= 9 else _unroll_scan8(emit, node)
     emit.replace(values)
+    return emit.layouts
+
+
+def _sink_transposes(graph: ir.Graph, transposes: list[ir.Node], opset: int) -> None:
+    """Move the Transposes that give unrolled outputs their sequence-first layout past the Squeeze that reads
+    them and into the Transpose after it, where they cancel: torch's exports undo the layout right away, and
+    bound passes (CROWN) need the batch axis to stay first in between."""
+    for node in transposes:
+        while node.graph is graph and len(node.outputs[0].uses()) == 1 and node.outputs[0] not in graph.outputs:
+            user = next(iter(node.outputs[0].uses())).node
+            perm = list(_attr(node, "perm"))
+            emit = Emitter(graph, user, opset, f"{node.name}_sunk")
+            if user.op_type == "Identity" and user.outputs[0] not in graph.outputs:
+                ir.convenience.replace_all_uses_with(user.outputs[0], node.outputs[0])
+                graph.remove(user, safe=True)
+                continue
+            if user.op_type == "Transpose":
+                composite = [perm[q] for q in _attr(user, "perm")]
+                result = node.inputs[0] if composite == sorted(composite) else \
+                    emit.op("Transpose", node.inputs[0], perm=composite)
+            elif user.op_type == "Squeeze":
+                axes = _attr(user, "axes") if len(user.inputs) < 2 or user.inputs[1] is None else \
+                    _evaluate(user.inputs[1], opset, {})
+                if axes is None or isinstance(axes, str):
+                    break
+                axes = {int(a) % len(perm) for a in np.asarray(axes).reshape(-1)}
+                removed = sorted(perm[a] for a in axes)
+                left = [p for p in range(len(perm)) if p not in removed]
+                squeezed = emit.squeeze(node.inputs[0], removed)
+                result = emit.op("Transpose", squeezed, perm=[left.index(p) for i, p in enumerate(perm)
+                                                              if i not in axes])
+            else:
+                break
+            if user.outputs[0] in graph.outputs:  # keep the graph output's name
+                result = emit.op("Identity", result)
+            ir.convenience.replace_all_uses_with(user.outputs[0], result, replace_graph_outputs=True)
+            graph.remove(user, safe=True)
+            if not node.outputs[0].uses():
+                graph.remove(node, safe=True)
+            if result.producer() is None or result.producer().op_type != "Transpose":
+                break
+            node = result.producer()
 
 
 class Emitter:
@@ -112,6 +155,7 @@ class Emitter:
         self.graph, self.anchor, self.opset, self.prefix = graph, anchor, opset, prefix
         self.count = 0
         self.constants: dict = {}
+        self.layouts: list[ir.Node] = []  # Transposes that give outputs a sequence-first layout
 
     def _name(self, hint: str) -> str:
         self.count += 1

@@ -226,12 +226,17 @@ class _Cell:
         e = self.emit
         directions = [e.stack(steps, 1) for steps in per_direction]          # [batch, seq, hidden]
         y = e.stack(directions, 2)                                            # [batch, seq, dirs, hidden]
-        return y if self.layout else e.op("Transpose", y, perm=[1, 2, 0, 3])  # [seq, dirs, batch, hidden]
+        return y if self.layout else self._relaid(y, [1, 2, 0, 3])           # [seq, dirs, batch, hidden]
 
     def _final(self, per_direction: list[ir.Value]) -> ir.Value:
         e = self.emit
         y = e.stack(per_direction, 1)                                         # [batch, dirs, hidden]
-        return y if self.layout else e.op("Transpose", y, perm=[1, 0, 2])     # [dirs, batch, hidden]
+        return y if self.layout else self._relaid(y, [1, 0, 2])              # [dirs, batch, hidden]
+
+    def _relaid(self, y: ir.Value, perm: list[int]) -> ir.Value:
+        out = self.emit.op("Transpose", y, perm=perm)
+        self.emit.layouts.append(out.producer())
+        return out
 
 
 class _Step:

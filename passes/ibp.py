@@ -12,7 +12,8 @@ import onnx_ir as ir
 from graphcert import interval as iv
 from graphcert import ops
 from graphcert.builder import Builder
-from graphcert.interface import BoundPass, InputSet, clone, close_outputs, open_inputs, perturbed_inputs
+from graphcert.interface import (BoundPass, InputSet, _as_float32_outward, clone, close_outputs, open_inputs,
+                                 perturbed_inputs)
 from graphcert.interpret import attr, perturbed_nodes
 from graphcert.interval import Interval
 
@@ -372,7 +373,13 @@ def _as_float(b: Builder, graph: ir.Graph, name: str, bounds: Interval) -> tuple
     out = next(v for v in graph.outputs if v.name == name)
     if out.dtype is None or out.dtype.is_floating_point():
         return bounds.lower, bounds.upper
+    if out.dtype in WIDE_INTEGERS:  # beyond 2^24 a float32 rounds them: through double, moved outward
+        return _as_float32_outward(b, *(b.op("Cast", v, to=ir.DataType.DOUBLE) for v in (bounds.lower, bounds.upper)),
+                                   ir.DataType.DOUBLE)
     return tuple(b.op("Cast", v, to=ir.DataType.FLOAT) for v in (bounds.lower, bounds.upper))
+
+
+WIDE_INTEGERS = (ir.DataType.INT32, ir.DataType.INT64, ir.DataType.UINT32, ir.DataType.UINT64)
 
 
 SAMPLEWISE_LINEAR = {"MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "GlobalAveragePool",

@@ -316,3 +316,28 @@ def _narrow_float(cx, node, x: Interval, target: ir.DataType) -> Interval:
     inf = b.const(np.inf)
     return Interval.from_bounds(b, b.op("Where", b.op("IsNaN", low), b.op("Neg", inf), low),
                                 b.op("Where", b.op("IsNaN", high), inf, high))
+
+
+# ---- BitCast of a float to the signed integer of its width ------------------------------------------------
+
+SIGNED_BITS = {(ir.DataType.FLOAT, ir.DataType.INT32), (ir.DataType.DOUBLE, ir.DataType.INT64),
+               (ir.DataType.FLOAT16, ir.DataType.INT16), (ir.DataType.BFLOAT16, ir.DataType.INT16)}
+
+
+@rule("BitCast")
+def _bitcast(cx, node, x):
+    """A float's bits read as the signed integer of its width increase with x from +0 up, and below are
+    INT_MIN + bits(|x|), decreasing in x: on one side of zero the ends map to the ends (swapped below zero);
+    across zero, from INT_MIN (the bits of -0.0) to the larger of the ends' bits."""
+    b = cx.b
+    source, target = node.inputs[0].dtype, ir.DataType(attr(node, "to"))
+    if (source, target) not in SIGNED_BITS:
+        refuse(node, "only a float's bits as the signed integer of its width are bounded")
+    x = sane(cx, iv.as_interval(b, x), source)
+    low_bits, high_bits = b.copy(node, [x.lower]), b.copy(node, [x.upper])
+    zero = b.op("CastLike", b.const(0.0), x.lower)
+    positive, negative = b.op("Greater", x.lower, zero), b.op("Less", x.upper, zero)
+    smallest = b.const(np.iinfo(target.numpy()).min, dtype=target.numpy())
+    lower = b.op("Where", positive, low_bits, b.op("Where", negative, high_bits, smallest))
+    upper = b.op("Where", positive, high_bits, b.op("Where", negative, low_bits, b.op("Max", low_bits, high_bits)))
+    return [Interval.from_bounds(b, lower, upper)]

@@ -127,7 +127,15 @@ def _lrn_band(node, channels: int) -> np.ndarray:
     return ((j >= i - (size - 1) // 2) & (j <= i + -(-(size - 1) // 2))).astype(np.float32)
 
 
-@rule("LRN")
+def _lrn_supported(node) -> bool:
+    """Static channels (rank 3 or more), alpha >= 0, beta >= 0 and bias > 0."""
+    shape = node.inputs[0].shape
+    alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    return shape is not None and len(shape) >= 3 and isinstance(shape[1], int) and alpha >= 0 and beta >= 0 and \
+        bias > 0
+
+
+@rule("LRN", accepts=_lrn_supported)
 def _lrn(cx, node, x):
     """x / (bias + alpha/size · the window sum of squares over channels)^beta: the window sum is non-decreasing
     in every square, the power decreasing in it (beta >= 0, bias > 0); x times that factor in interval
@@ -135,8 +143,6 @@ def _lrn(cx, node, x):
     b = cx.b
     shape = node.inputs[0].shape
     alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
-    if shape is None or len(shape) < 3 or not isinstance(shape[1], int) or alpha < 0 or beta < 0 or bias <= 0:
-        refuse(node, "static channels, alpha >= 0, beta >= 0 and bias > 0 only")
     size = int(attr(node, "size"))
     x = iv.as_interval(b, x)
     squares = iv.square(b, x)

@@ -351,3 +351,10 @@ def _lrn(t: Tiny, op_type):
     shape = [t.draw(st.integers(1, 2)), t.draw(st.integers(1, 5))] + t.shape(2, 2, max_dim=3)  # 4-D (onnxruntime)
     return t.model(t.op(op_type, t.perturbed(shape), size=t.pick([1, 3, 5]), alpha=t.pick([1e-4, 0.5, 2.0]),
                         beta=t.pick([0.75, 0.5, 2.0]), bias=t.pick([1.0, 2.0, 0.1])))
+
+
+@case("BitCast")
+def _bitcast(t: Tiny, op_type):
+    """A float's bits as int32, around zero and away from it (the result cast back to float)."""
+    t.opset = 26
+    return t.model(_as_float(t, t.op("BitCast", _large(t, t.perturbed(t.shape())), to=TensorProto.INT32)))

@@ -403,3 +403,17 @@ def test_loop_classifier_bounds_are_sound():
             report = check_bounds_sound(reference, graph_bound_fn(bound, "x", output), x0, 0.1, n_random=16,
                                         corners=16, pgd_steps=5, attack_targets=3, output=output)
             report.assert_sound()
+
+
+def test_crown_bounds_torchscript_lstm_through_its_sequence_first_layout(tmp_path):
+    """torch's TorchScript export squeezes and transposes Y back to batch first right after the layer: the
+    unroller sinks its layout Transpose through the Squeeze so the two cancel and CROWN keeps the batch first."""
+    import arch_zoo
+    path = arch_zoo.export("lstm", str(tmp_path), "torchscript", 17)
+    loaded = model_lib.load(path)
+    bound = api.to_proto(api.bound_graph(loaded, "crown"))
+    x0 = arch_zoo.sample_input((5, 6), seed=3)
+    name, output = loaded.graph.inputs[0].name, loaded.graph.outputs[0].name
+    report = check_bounds_sound(api.to_proto(loaded), graph_bound_fn(bound, name, output), x0, 0.05, n_random=8,
+                                corners=8, pgd_steps=3, attack_targets=3)
+    report.assert_sound()

@@ -819,3 +819,14 @@ def test_lrn_matches_onnxruntime(size):
     x = (_rng(10).standard_normal([2, 5, 3, 3]) * 2).astype(np.float32)
     proto, feeds = _single("LRN", {"x": x}, size=size, alpha=0.3, beta=0.75, bias=1.5)
     _assert_matches(ir.from_proto(proto), feeds)
+
+
+def test_bitcast_matches_onnxruntime():
+    x = np.float32([[-2.5, -0.0, 0.0, 1e-30, 3.0, -1e30]])
+    nodes = [helper.make_node("BitCast", ["x"], ["bits"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["bits"], ["y"], to=TensorProto.DOUBLE)]
+    graph = helper.make_graph(nodes, "bitcast", [helper.make_tensor_value_info("x", FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, list(x.shape))])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)], ir_version=11))
+    expected = Session(to_proto(model)).run({"x": x})["y"]
+    np.testing.assert_array_equal(TorchGraph(model)({"x": x})["y"].detach().numpy(), expected)

@@ -245,3 +245,10 @@ def _lrn(node, setup):
         window = torch.movedim(torch.movedim(x * x, 1, -1) @ band, -1, 1)
         return x * torch.pow(bias + alpha / size * window, -beta)
     return lrn
+
+
+@kernel("BitCast")
+def _bitcast(node, setup):
+    import onnx_ir as ir
+    target = setup.torch_dtype(ir.DataType(attr(node, "to")))
+    return lambda x: x.view(target)
