@@ -216,7 +216,9 @@ def _add(walk: Walk, node: ir.Node):
 def _scale(walk: Walk, node: ir.Node):
     x, y = node.inputs
     if _perturbed(walk, x) and _perturbed(walk, y):
-        raise _refused(node, "a product of two perturbed tensors")
+        if node.op_type == "Div":
+            raise _refused(node, "a division by a perturbed tensor")
+        return [_product(walk, x, y)]
     if node.op_type == "Div" and not _perturbed(walk, x):
         raise _refused(node, "a division by a perturbed tensor")
     moving, fixed = (x, y) if _perturbed(walk, x) else (y, x)
@@ -227,6 +229,17 @@ def _scale(walk: Walk, node: ir.Node):
         factor = walk.b.const((1.0 / np.abs(fixed.const_value.numpy().astype(np.float64))).astype(np.float32))
     error = walk.b.op("Mul", walk.errors[moving], factor)
     return [walk.plus(error, walk.magnitude(node.outputs[0]), 3 * walk.unit + walk.weight_rounding * FLOAT32.unit)]
+
+
+def _product(walk: Walk, x: ir.Value, y: ir.Value) -> ir.Value:
+    """x~·y~ - x·y = x·e_y + y·e_x + e_x·e_y, then one rounding of |x~·y~| <= (M_x + E_x)·(M_y + E_y): the gates
+    of an unrolled LSTM/GRU (graphcert.unroll) multiply two perturbed tensors (broadcast like the op)."""
+    b = walk.b
+    ex, ey = walk.errors[x], walk.errors[y]
+    mx, my = walk.magnitude(x), walk.magnitude(y)
+    error = b.op("Add", b.op("Add", b.op("Mul", mx, ey), b.op("Mul", my, ex)), b.op("Mul", ex, ey))
+    computed = b.op("Mul", b.op("Add", mx, ex), b.op("Add", my, ey))
+    return walk.plus(error, computed, walk.unit)
 
 
 @rule("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")

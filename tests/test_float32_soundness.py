@@ -421,3 +421,31 @@ def test_float16_error_bound_holds_down_to_subnormals(scale, activation):
         found = session.run(None, {"x": points})[0].astype(np.float64)
         assert np.all(np.abs(found - exact) <= error[i]), (np.abs(found - exact).max(), error[i].min())
         assert np.all(np.abs(exact) <= magnitude[i])
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_products_of_two_perturbed_tensors_are_bounded(scale):
+    """A gate as LSTMs unroll into: y = W3·(sigmoid(W1·x) * tanh(W2·x)) * (W4·x). E bounds |float32 - exact| at
+    sampled points (fails when the e_x·e_y or the rounding term is dropped at large weights)."""
+    rng = np.random.default_rng(5)
+    ws = [(rng.normal(size=shape) * scale / np.sqrt(shape[0])).astype(np.float32)
+          for shape in ((6, 16), (6, 16), (16, 3), (6, 3))]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("Sigmoid", ["a"], ["sa"]),
+             helper.make_node("MatMul", ["x", "w1"], ["b"]), helper.make_node("Tanh", ["b"], ["tb"]),
+             helper.make_node("Mul", ["sa", "tb"], ["g"]), helper.make_node("MatMul", ["g", "w2"], ["h"]),
+             helper.make_node("MatMul", ["x", "w3"], ["k"]), helper.make_node("Mul", ["h", "k"], ["y"])]
+    graph = helper.make_graph(nodes, "gate", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+                              [onnx.numpy_helper.from_array(w, f"w{k}") for k, w in enumerate(ws)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    w0, w1, w2, w3 = (w.astype(np.float64) for w in ws)
+    x = rng.uniform(-1, 1, (8, 6)).astype(np.float32)
+    lower, upper = x - np.float32(0.1), x + np.float32(0.1)
+    _, error, _ = RoundingSlack(api.load(model)).outputs(lower, upper)
+    session = Session(model)
+    for i in range(len(x)):
+        points = rng.uniform(lower[i], upper[i], (300, 6)).astype(np.float32)
+        p = points.astype(np.float64)
+        exact = ((1 / (1 + np.exp(-(p @ w0)))) * np.tanh(p @ w1)) @ w2 * (p @ w3)
+        found = session.run({"x": points})["y"].astype(np.float64)
+        assert np.all(np.abs(found - exact) <= error[i]), (np.abs(found - exact).max(), error[i].min())
