@@ -51,31 +51,9 @@ def _even_increasing(cx, node, x):
     return [iv.monotone(cx.b, magnitude, lambda v: cx.b.copy(node, [v]))]
 
 
-# Swish's minimum: x·sigmoid(x) is smallest at x = -1.2784645427610738 (where 1 + x·(1 - sigmoid(x)) = 0), with
-# value -0.2784645427610738; the constant here is a little lower, for the runtime's rounding.
-SWISH_ARGMIN, SWISH_MIN = -1.2784645427610738, -0.27846454276107390 * (1 + 2.0 ** -16)
-
-
-def _swish_increasing(node) -> bool:
-    """A positive alpha (x·sigmoid(alpha·x) falls to one minimum, then rises)."""
-    return attr(node, "alpha", 1.0) > 0
-
-
-@rule("Swish", accepts=_swish_increasing)
-def _swish(cx, node, x):
-    """x·sigmoid(a·x) decreases up to x* = -1.2785/a and increases after: the ends where the interval lies on one
-    side, the minimum -0.2785/a and the larger end where it holds x*."""
-    b = cx.b
-    x = widened(cx, sane(cx, iv.as_interval(b, x), node.inputs[0].dtype), node.inputs[0].dtype)
-    alpha = float(attr(node, "alpha", 1.0))
-    at_low, at_high = b.copy(node, [x.lower]), b.copy(node, [x.upper])
-    turn = b.op("CastLike", b.const(SWISH_ARGMIN / alpha), x.lower)
-    bottom = b.op("CastLike", b.const(SWISH_MIN / alpha), x.lower)
-    falling, rising = b.op("LessOrEqual", x.upper, turn), b.op("GreaterOrEqual", x.lower, turn)
-    lower = b.op("Where", falling, at_high, b.op("Where", rising, at_low, bottom))
-    upper = b.op("Where", falling, at_low, b.op("Where", rising, at_high, b.op("Max", at_low, at_high)))
-    # A few ulps outward for the rounding of x·sigmoid(a·x) at the ends.
-    return [widened(cx, sane(cx, Interval.from_bounds(b, lower, upper), node.inputs[0].dtype), node.inputs[0].dtype)]
+# Swish has no rule: onnxruntime's kernel is far from x·sigmoid(a·x) in its negative tail (at a = 0.1, x = -163:
+# -2.4e-5 where the function is -1.4e-5) and not monotone there, so bounds from the function's shape do not hold
+# for it (a property test drew such a case); without a model of that kernel's error it is refused.
 
 
 # ---- periodic functions: extrema inside the interval, computed in float64 --------------------------------
