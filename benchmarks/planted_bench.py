@@ -56,11 +56,7 @@ def root_attack(model, spec, seconds: float) -> tuple[bool, float, np.ndarray | 
     prop, network = load_property(spec), Network(model)
     began = time.monotonic()
     search = Search(prop, network, began + seconds)
-    lower = np.stack([lo for lo, _ in prop.input_boxes])
-    upper = np.stack([hi for _, hi in prop.input_boxes])
-    alive = np.zeros((len(lower), len(prop.unsafe)), dtype=bool)
-    for box, conjunct in prop.cases:
-        alive[box, conjunct] = True
+    lower, upper, alive = prop.root_boxes()
     found = search.attack_boxes(lower, upper, alive, budget=1.0, samples=1024, restarts=32, steps=100)
     return found, time.monotonic() - began, search.counterexample[0] if found else None
 

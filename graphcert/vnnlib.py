@@ -56,6 +56,15 @@ class Property:
         starts = np.cumsum([0] + [len(c.bound) for c in self.unsafe])
         return [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
 
+    def root_boxes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lower, upper) [boxes, n] of the input boxes and alive [boxes, conjuncts]: the cases to refute."""
+        lower = np.stack([lo for lo, _ in self.input_boxes])
+        upper = np.stack([hi for _, hi in self.input_boxes])
+        alive = np.zeros((len(lower), len(self.unsafe)), dtype=bool)
+        for box, conjunct in self.cases:
+            alive[box, conjunct] = True
+        return lower, upper, alive
+
     def stacked_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(C_all [r, n_y], offset_all [r]) with margins C_all·y + offset_all; a conjunct holds iff its margins <= 0."""
         if not self.unsafe:

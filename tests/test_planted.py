@@ -92,11 +92,7 @@ def root_attack(case, folder, bound_graph: bool, seconds: float = 5.0) -> bool:
     search = Search(prop, Network(model), time.monotonic() + seconds)
     if not bound_graph:
         search.attack.bound_corners = None
-    lower = np.stack([lo for lo, _ in prop.input_boxes])
-    upper = np.stack([hi for _, hi in prop.input_boxes])
-    alive = np.zeros((len(lower), len(prop.unsafe)), dtype=bool)
-    for box, conjunct in prop.cases:
-        alive[box, conjunct] = True
+    lower, upper, alive = prop.root_boxes()
     found = search.attack_boxes(lower, upper, alive, budget=1.0, samples=1024, restarts=32, steps=100)
     return found and case.violates(search.counterexample[0])
 

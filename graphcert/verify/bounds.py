@@ -182,6 +182,14 @@ class SplitBounds:
     def units(self) -> int:
         return int(self.offsets[-1])
 
+    def per_layer(self, unit_lower: np.ndarray, unit_upper: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{unit input name: (lower, upper) [B, *shape]} from flat [B, units] bounds."""
+        found = {}
+        for k, (name, shape) in enumerate(zip(self.names, self.shapes)):
+            part = slice(self.offsets[k], self.offsets[k + 1])
+            found[name] = (unit_lower[:, part].reshape(-1, *shape), unit_upper[:, part].reshape(-1, *shape))
+        return found
+
     def split_feeds(self, unit_lower: np.ndarray, unit_upper: np.ndarray,
                     signs: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The split graph's per-layer feeds from flat [B, units] bounds of z (and split signs, for beta)."""

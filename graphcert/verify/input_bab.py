@@ -74,11 +74,7 @@ class InputSplitSearch:
         search, prop = self.search, self.search.prop
         if not prop.cases:
             return search.finish("holds")
-        lower = np.stack([lo for lo, _ in prop.input_boxes])
-        upper = np.stack([hi for _, hi in prop.input_boxes])
-        alive = np.zeros((len(lower), len(prop.unsafe)), dtype=bool)
-        for box, conjunct in prop.cases:
-            alive[box, conjunct] = True
+        lower, upper, alive = prop.root_boxes()
         if search.attack_boxes(lower, upper, alive, budget=0.25, samples=1024, restarts=32, steps=100) or \
                 search.conjunct_without_rows(lower, upper, alive):
             return search.finish("violated")

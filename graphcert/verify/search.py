@@ -112,10 +112,7 @@ class Float32Slack:
                 self._domains = False
         if self._domains is False:
             return self(lower, upper)
-        given = {}
-        for k, (name, shape) in enumerate(zip(splits.names, splits.shapes)):
-            part = slice(splits.offsets[k], splits.offsets[k + 1])
-            given[name] = (unit_lower[:, part].reshape(-1, *shape), unit_upper[:, part].reshape(-1, *shape))
+        given = splits.per_layer(unit_lower, unit_upper)
         network = self.network
         return self._domains.of_rows(network.model_shaped(lower.astype(np.float32)),
                                      network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given)
@@ -134,17 +131,12 @@ class Float32Slack:
         if self._double is False:
             return None
         splits, slack = self._double
-        given = {}
         if not hasattr(splits, "units"):   # no unit to bound: the plain CROWN graph's margins
-            margin_lower = splits(lower, upper)[0]
-            splits = None
+            margin_lower, given = splits(lower, upper)[0], {}
         else:
             unbounded = np.full((len(lower), splits.units), np.inf, dtype=np.float32)
             margin_lower, unit_lower, unit_upper = splits(lower, upper, -unbounded, unbounded)
-        for k, (name, shape) in enumerate(zip(splits.names, splits.shapes) if splits is not None else ()):
-            part = slice(splits.offsets[k], splits.offsets[k + 1])
-            given[name] = (np.minimum(unit_lower, unit_upper)[:, part].reshape(-1, *shape),
-                           np.maximum(unit_lower, unit_upper)[:, part].reshape(-1, *shape))
+            given = splits.per_layer(np.minimum(unit_lower, unit_upper), np.maximum(unit_lower, unit_upper))
         network = self.network
         found = slack.of_rows(network.model_shaped(lower.astype(np.float32)),
                               network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given,
