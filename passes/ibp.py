@@ -34,6 +34,17 @@ def _dropout(cx, node, x, *rest):
     return [x]
 
 
+def _tensor_given(node: ir.Node) -> bool:
+    """A tensor input (an optional or sequence value is no interval)."""
+    return isinstance(node.inputs[0].type, ir.TensorType)
+
+
+@rule("OptionalGetElement", accepts=_tensor_given)
+def _optional_element(cx, node, x):
+    """The element of a tensor is the tensor itself."""
+    return [x]
+
+
 @rule("Split")
 def _split(cx, node, x, *rest):
     n = len(node.outputs)

@@ -382,3 +382,9 @@ def _bernoulli(t: Tiny, op_type):
 def _multinomial(t: Tiny, op_type):
     logits = t.perturbed([t.draw(st.integers(1, 3)), t.draw(st.integers(1, 5))])
     return t.model(_as_float(t, t.op(op_type, logits, sample_size=t.draw(st.integers(1, 4)))))
+
+
+@case("OptionalGetElement")
+def _optional_element(t: Tiny, op_type):
+    t.opset = 18  # a tensor input from opset 18 on
+    return t.model(t.op(op_type, t.perturbed(t.shape())))

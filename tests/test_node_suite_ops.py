@@ -102,3 +102,35 @@ def test_a_normal_draw_is_unbounded():
     bound = api.to_proto(api.bound_graph(model_lib.load(proto), "ibp"))
     lower, upper = graph_bound_fn(bound, "x", "y")(np.zeros((1, 4), np.float32), 0.1)
     assert np.all(lower == -np.inf) and np.all(upper == np.inf)
+
+
+# ---- ops of other domains with a function body: ai.onnx.preview's FlexAttention --------------------------
+
+def flex_attention_model(seed=0, score_mod=True):
+    """x [1, 2, 3, 4] -> Q, K, V projections -> FlexAttention (preview domain) with a score_mod subgraph that
+    reads an initializer of its own."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(f"W{k}", rng.normal(size=(4, 4)) / 2) for k in "qkv"]
+    nodes = [helper.make_node("MatMul", ["x", f"W{k}"], [k]) for k in "qkv"]
+    scores = helper.make_tensor_value_info("scores", TP.FLOAT, ["B", "H", "L", "S"])
+    out = helper.make_tensor_value_info("scores_out", TP.FLOAT, ["B", "H", "L", "S"])
+    mod = helper.make_graph([helper.make_node("Add", ["scores", "bias"], ["scores_out"])], "score_mod", [scores],
+                            [out], [onnx.numpy_helper.from_array(np.float32(0.5), "bias")])
+    nodes.append(helper.make_node("FlexAttention", ["q", "k", "v"], ["y"], domain="ai.onnx.preview",
+                                  **({"score_mod": mod} if score_mod else {})))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, [1, 2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [1, 2, 3, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26),
+                                                    helper.make_opsetid("ai.onnx.preview", 1)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("score_mod", [False, True])
+def test_preview_domain_ops_are_expanded_by_their_function_body(score_mod):
+    proto = flex_attention_model(score_mod=score_mod)
+    x0 = np.random.default_rng(2).uniform(-1, 1, (1, 2, 3, 4)).astype(np.float32)
+    loaded, reference = _assert_sound(proto, x0, [(0.05, 1.0), (0.01, 20.0)])
+    assert not [n for n in reference.graph.node if n.domain not in ("", "ai.onnx")]
+    np.testing.assert_allclose(runner(reference)({"x": x0})["y"], runner(proto)({"x": x0})["y"], rtol=1e-4, atol=1e-5)
