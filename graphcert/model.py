@@ -97,6 +97,7 @@ def _normalised(proto: onnx.ModelProto, opset: int, free_batch: bool) -> tuple[i
     proto = _copy(proto)
     _drop_initializer_inputs(proto)
     proto = expand_functions(proto)  # ops defined by an ONNX function body, where no pass has a rule
+    proto = unroll(proto)  # a body may loop (LinearAttention's is a Scan over the sequence)
     # IR < 4 requires initializers to be listed as inputs; the newer IR lets them stand alone.
     proto.ir_version = max(proto.ir_version, 8)
     freed = _make_batch_symbolic(proto) if free_batch else set()

@@ -17,28 +17,43 @@ NOT_EXPANDED = {"Range", "Bernoulli", "SequenceMap", "BlackmanWindow", "HammingW
 ROUNDS = 3  # a body may use ops that have bodies themselves
 
 
-def _kept(op_type: str) -> bool:
-    """Ops with a rule of their own in IBP (the pass with the widest op coverage) keep their node."""
+def _kept(node: onnx.NodeProto) -> bool:
+    """Ops with a rule of their own in IBP (the pass with the widest op coverage) keep their node; so do ops of
+    domains without schemas (custom ops: nothing to expand)."""
     from graphcert.passes import ibp
-    return op_type in ibp.RULES or op_type in NOT_EXPANDED
+    if node.domain not in DEFAULT_DOMAINS:
+        return not onnx.defs.has(node.op_type, node.domain)
+    return node.op_type in ibp.RULES or node.op_type in NOT_EXPANDED
+
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _versions(proto: onnx.ModelProto) -> dict[str, int]:
+    """The model's opset version of each domain it imports (the default domain under "")."""
+    return {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
 
 
 def expand_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
     """`proto` with every default-domain node that has a function body and no bound rule expanded."""
     for _ in range(ROUNDS):
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        versions = _versions(proto)
+        opset = versions.get("")
         if opset is None:
             return proto
-        candidates = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and not _kept(n.op_type)]
+        # Ops of other domains with a schema (ai.onnx.preview's FlexAttention) expand at their domain's version.
+        candidates = [n for n in proto.graph.node if not _kept(n) and
+                      (n.domain in DEFAULT_DOMAINS or n.domain in versions)]
         if not candidates:
             return proto
         types = _value_types(proto)
         functions = []
         for k, node in enumerate(candidates):
-            body = _body(node, opset, types)
+            domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
+            body = _body(node, versions[domain], types, domain, opset)
             if body is None:
                 continue
-            _spell_out_defaults(node, opset)
+            _spell_out_defaults(node, versions[domain], domain)
             body.name, body.domain = f"{node.op_type}_{k}", EXPANDED_DOMAIN
             node.op_type, node.domain = body.name, EXPANDED_DOMAIN
             functions.append(body)
@@ -53,9 +68,9 @@ def expand_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _spell_out_defaults(node: onnx.NodeProto, opset: int) -> None:
+def _spell_out_defaults(node: onnx.NodeProto, opset: int, domain: str = "") -> None:
     """Give the node every attribute the schema defaults: the inliner drops references to unset ones."""
-    schema = onnx.defs.get_schema(node.op_type, opset, "")
+    schema = onnx.defs.get_schema(node.op_type, opset, domain)
     given = {a.name for a in node.attribute}
     for name, spec in schema.attributes.items():
         if name not in given and spec.default_value is not None and spec.default_value.type != 0:
@@ -77,9 +92,11 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def _body(node: onnx.NodeProto, opset: int, types: dict) -> onnx.FunctionProto | None:
+def _body(node: onnx.NodeProto, opset: int, types: dict, domain: str = "",
+          default_opset: int | None = None) -> onnx.FunctionProto | None:
+    """The node's function body at `opset` of its `domain` (the model's default-domain opset `default_opset`)."""
     try:
-        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        schema = onnx.defs.get_schema(node.op_type, opset, domain)
     except onnx.defs.SchemaError:
         return None
     raw = None
@@ -102,7 +119,7 @@ def _body(node: onnx.NodeProto, opset: int, types: dict) -> onnx.FunctionProto |
         return None
     body = onnx.FunctionProto()
     body.ParseFromString(raw)
-    return _at_opset(body, opset) if len(body.node) else None
+    return _at_opset(body, opset if default_opset is None else default_opset) if len(body.node) else None
 
 
 def _at_opset(body: onnx.FunctionProto, opset: int) -> onnx.FunctionProto | None:

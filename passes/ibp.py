@@ -34,6 +34,17 @@ def _dropout(cx, node, x, *rest):
     return [x]
 
 
+def _tensor_given(node: ir.Node) -> bool:
+    """A tensor input (an optional or sequence value is no interval)."""
+    return isinstance(node.inputs[0].type, ir.TensorType)
+
+
+@rule("OptionalGetElement", accepts=_tensor_given)
+def _optional_element(cx, node, x):
+    """The element of a tensor is the tensor itself."""
+    return [x]
+
+
 @rule("Split")
 def _split(cx, node, x, *rest):
     n = len(node.outputs)
@@ -430,4 +441,5 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
 
 # The other rule families register into the same table (passes/ibp_core.RULES).
 from graphcert.passes import (ibp_rules_elementwise, ibp_rules_linear, ibp_rules_logic,  # noqa: E402,F401
-                              ibp_rules_qlinear, ibp_rules_quant, ibp_rules_reduce, ibp_rules_sampling)
+                              ibp_rules_qlinear, ibp_rules_quant, ibp_rules_random, ibp_rules_reduce,
+                              ibp_rules_sampling)

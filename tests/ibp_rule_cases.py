@@ -457,3 +457,36 @@ def _dynamic_quantize(t: Tiny, op_type):
         x = t.op("Mul", x, t.const(np.float32(0.0)))
     y, scale, zero = t.node("DynamicQuantizeLinear", [x], outputs=3)
     return t.model(_as_float(t, y), scale, _as_float(t, zero))
+
+
+@case("RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike")
+def _random_draw(t: Tiny, op_type):
+    """A fresh draw each time the original runs, added to a perturbed tensor (ranges of either sign)."""
+    shape = t.shape(1, 3)
+    low = float(t.pick([-3.0, 0.0, 2.0, 1e4]))
+    ranges = {"low": low, "high": low + float(t.pick([0.0, 0.5, 7.0]))} if "Uniform" in op_type else \
+        {"mean": float(t.pick([0.0, -2.0, 1e3])), "scale": float(t.pick([0.1, 1.0, 30.0]))}
+    x = t.perturbed(shape)
+    draw = t.op(op_type, x, **ranges) if op_type.endswith("Like") else t.op(op_type, shape=shape, **ranges)
+    return t.model(t.op("Add", x, draw))
+
+
+@case("Bernoulli")
+def _bernoulli(t: Tiny, op_type):
+    """Probabilities inside [0, 1] (a Sigmoid), some boxes pinned near 0 or 1; the draw in float or int32."""
+    p = t.op("Sigmoid", _large(t, t.perturbed(t.shape())))
+    kind = t.pick([TensorProto.FLOAT, TensorProto.INT32])
+    draw = t.op(op_type, p, dtype=kind)
+    return t.model(draw if kind == TensorProto.FLOAT else _as_float(t, draw))
+
+
+@case("Multinomial")
+def _multinomial(t: Tiny, op_type):
+    logits = t.perturbed([t.draw(st.integers(1, 3)), t.draw(st.integers(1, 5))])
+    return t.model(_as_float(t, t.op(op_type, logits, sample_size=t.draw(st.integers(1, 4)))))
+
+
+@case("OptionalGetElement")
+def _optional_element(t: Tiny, op_type):
+    t.opset = 18  # a tensor input from opset 18 on
+    return t.model(t.op(op_type, t.perturbed(t.shape())))

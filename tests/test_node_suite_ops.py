@@ -1,0 +1,136 @@
+"""Ops of ONNX's node suite that graphcert bounds through their function bodies or rules of their own (helper
+ops3, issue 12): each model is compared with onnx's reference evaluator (or onnxruntime) and its IBP bounds are
+checked against sampled, corner and attacked points, near the origin and at large magnitudes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper
+
+from graphcert import api
+from graphcert import model as model_lib
+from graphcert.load_check import runner
+from harness import check_bounds_sound, graph_bound_fn
+
+
+def _make(nodes, inputs, outputs, initializers=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def _init(name, array):
+    return onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+
+def _assert_sound(proto, x0, cases, output=None):
+    loaded = model_lib.load(proto)
+    reference = api.to_proto(loaded)
+    output = output or proto.graph.output[0].name
+    bound = api.to_proto(api.bound_graph(loaded, "ibp"))
+    for eps, scale in cases:
+        report = check_bounds_sound(reference, graph_bound_fn(bound, proto.graph.input[0].name, output),
+                                    x0 * scale, eps, n_random=16, corners=16, pgd_steps=5, attack_targets=8)
+        report.assert_sound()
+    return loaded, reference
+
+
+# ---- LinearAttention: its function body loops (a Scan over the sequence), unrolled after expansion -------
+
+def linear_attention_model(seed=0, seq=4, hidden=32, heads=4):
+    """x [1, seq, hidden] -> query/key/value/decay/beta projections -> LinearAttention (gated delta rule)."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(f"W{k}", rng.normal(size=(hidden, hidden if k != "b" else heads)) / np.sqrt(hidden))
+             for k in "qkvdb"]
+    nodes = [helper.make_node("MatMul", ["x", f"W{k}"], [f"p{k}"]) for k in "qkvdb"]
+    nodes += [helper.make_node("Sigmoid", ["pd"], ["decay"]), helper.make_node("Sigmoid", ["pb"], ["beta"]),
+              helper.make_node("LinearAttention", ["pq", "pk", "pv", "", "decay", "beta"], ["y", "state"],
+                               q_num_heads=heads, kv_num_heads=heads)]
+    return _make(nodes, [helper.make_tensor_value_info("x", TP.FLOAT, [1, seq, hidden])],
+                 [helper.make_tensor_value_info("y", TP.FLOAT, [1, seq, hidden])], inits, opset=27)
+
+
+def test_linear_attention_is_unrolled_and_bounded_soundly():
+    proto = linear_attention_model()
+    x0 = np.random.default_rng(1).uniform(-1, 1, (1, 4, 32)).astype(np.float32)
+    loaded, reference = _assert_sound(proto, x0, [(0.05, 1.0), (0.02, 8.0)])
+    assert not {n.op_type for n in reference.graph.node} & {"Scan", "Loop", "LinearAttention"}
+    np.testing.assert_allclose(runner(reference)({"x": x0})["y"], runner(proto)({"x": x0})["y"], rtol=1e-4, atol=1e-5)
+
+
+# ---- random ops: bounded by the set every draw lies in ---------------------------------------------------
+
+def _random_model(kind):
+    """x [1, 6] -> x·w plus a random draw (each run of the model draws again)."""
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 6])
+    nodes = [helper.make_node("Mul", ["x", "w"], ["xw"])]
+    if kind == "uniform":  # no input: the bound graph must not copy the draw as if it were a constant
+        nodes.append(helper.make_node("RandomUniform", [], ["r"], shape=[1, 6], low=-3.0, high=5.0))
+    elif kind == "uniform_like":
+        nodes.append(helper.make_node("RandomUniformLike", ["x"], ["r"], low=2.0, high=2.5))
+    elif kind == "bernoulli":
+        nodes += [helper.make_node("Sigmoid", ["x"], ["p"]), helper.make_node("Bernoulli", ["p"], ["r"])]
+    elif kind == "multinomial":
+        nodes += [helper.make_node("Multinomial", ["x"], ["k"], sample_size=6, dtype=TP.INT32),
+                  helper.make_node("Cast", ["k"], ["r"], to=TP.FLOAT)]
+    nodes.append(helper.make_node("Add", ["xw", "r"], ["y"]))
+    return _make(nodes, [x], [helper.make_tensor_value_info("y", TP.FLOAT, [1, 6])],
+                 [_init("w", [1.0, -2.0, 0.5, 3.0, -1.0, 0.0])])
+
+
+@pytest.mark.parametrize("kind", ["uniform", "uniform_like", "bernoulli", "multinomial"])
+def test_random_draws_are_bounded_by_their_range(kind):
+    """Every run of the original draws again: the bounds must hold whatever the draw, near 0 and at 1e4."""
+    proto = _random_model(kind)
+    x0 = np.random.default_rng(3).uniform(-1, 1, (1, 6)).astype(np.float32)
+    loaded = model_lib.load(proto)
+    bound = api.to_proto(api.bound_graph(loaded, "ibp"))
+    for eps, scale in ((0.01, 1.0), (0.5, 1e4)):
+        report = check_bounds_sound(proto, graph_bound_fn(bound, "x", "y"), x0 * scale, eps, n_random=64,
+                                    corners=32, pgd_steps=3, attack_targets=6)
+        report.assert_sound()
+
+
+def test_a_normal_draw_is_unbounded():
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    proto = _make([helper.make_node("RandomNormalLike", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])],
+                  [x], [helper.make_tensor_value_info("y", TP.FLOAT, [1, 4])])
+    bound = api.to_proto(api.bound_graph(model_lib.load(proto), "ibp"))
+    lower, upper = graph_bound_fn(bound, "x", "y")(np.zeros((1, 4), np.float32), 0.1)
+    assert np.all(lower == -np.inf) and np.all(upper == np.inf)
+
+
+# ---- ops of other domains with a function body: ai.onnx.preview's FlexAttention --------------------------
+
+def flex_attention_model(seed=0, score_mod=True):
+    """x [1, 2, 3, 4] -> Q, K, V projections -> FlexAttention (preview domain) with a score_mod subgraph that
+    reads an initializer of its own."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(f"W{k}", rng.normal(size=(4, 4)) / 2) for k in "qkv"]
+    nodes = [helper.make_node("MatMul", ["x", f"W{k}"], [k]) for k in "qkv"]
+    scores = helper.make_tensor_value_info("scores", TP.FLOAT, ["B", "H", "L", "S"])
+    out = helper.make_tensor_value_info("scores_out", TP.FLOAT, ["B", "H", "L", "S"])
+    mod = helper.make_graph([helper.make_node("Add", ["scores", "bias"], ["scores_out"])], "score_mod", [scores],
+                            [out], [onnx.numpy_helper.from_array(np.float32(0.5), "bias")])
+    nodes.append(helper.make_node("FlexAttention", ["q", "k", "v"], ["y"], domain="ai.onnx.preview",
+                                  **({"score_mod": mod} if score_mod else {})))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, [1, 2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [1, 2, 3, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26),
+                                                    helper.make_opsetid("ai.onnx.preview", 1)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("score_mod", [False, True])
+def test_preview_domain_ops_are_expanded_by_their_function_body(score_mod):
+    proto = flex_attention_model(score_mod=score_mod)
+    x0 = np.random.default_rng(2).uniform(-1, 1, (1, 2, 3, 4)).astype(np.float32)
+    loaded, reference = _assert_sound(proto, x0, [(0.05, 1.0), (0.01, 20.0)])
+    assert not [n for n in reference.graph.node if n.domain not in ("", "ai.onnx")]
+    np.testing.assert_allclose(runner(reference)({"x": x0})["y"], runner(proto)({"x": x0})["y"], rtol=1e-4, atol=1e-5)
