@@ -18,6 +18,7 @@ optimised with the slopes from 0 (the plain bound) and projected back onto >= 0 
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable
 
 import numpy as np
@@ -75,6 +76,7 @@ class AlphaCrown:
         self._tuned = tuned
         self._executor = None
         self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
+        self.tracked: dict[str, np.ndarray] = {}          # `bounds(..., track=...)` fills it
 
     def feeds(self, lower=None, upper=None, x=None, eps=None, objective=None) -> dict[str, np.ndarray]:
         """Graph inputs for a box (lower, upper) or an L-inf ball (x, eps), shaped like the model input."""
@@ -94,7 +96,7 @@ class AlphaCrown:
                stop: Stop | None = None, offset: np.ndarray | None = None,
                mixtures: list[np.ndarray] | None = None, mixture_lr: float = 0.5,
                beta_lr: float | None = None, start: dict[str, np.ndarray] | None = None,
-               keep: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               keep: bool = False, track: tuple[tuple[str, str], ...] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, `beta_lr` for beta multipliers
         (default `lr`), times `lr_decay` after each); `stop(lower, upper)` may end them early.
 
@@ -103,6 +105,11 @@ class AlphaCrown:
         bound, the graph projecting slopes onto their range and the steps keeping beta >= 0. With `keep`,
         `self.kept` then holds the parameters of each batch element's step with the largest summed lower bound
         (its warm start for a sub-problem).
+
+        `track` names pairs (lower, upper) of further graph outputs, bounds of some tensor (with `split_bounds`
+        "clamp": `clamped_lower.<z>`, `clamped_upper.<z>`, the intermediate bounds); `self.tracked` then holds
+        the tightest of each seen over the steps (every step's slopes give sound bounds, so their intersection
+        is one too): the slopes of intermediate passes follow the gradient of the output bounds through them.
 
         With a run-time objective [batch, m, n]: `offset` ([m]) is added to every row's bounds, and each entry
         of `mixtures` (indices of objective rows) appends a column [batch] bounding from below a learned convex
@@ -114,6 +121,7 @@ class AlphaCrown:
         feeds = mixer.initial_feeds(feeds)
         found = self.session.run(feeds)
         best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
+        self.tracked = {name: np.array(found[name]) for pair in track for name in pair}
         initial = {}
         for name, unit in self.units.items():
             slopes = found[ALPHA_INIT_PREFIX + unit]
@@ -133,16 +141,18 @@ class AlphaCrown:
         betas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.betas}
         kept_score = np.full(len(best_lower), -np.inf)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
-        optimiser = torch.optim.Adam([{"params": list(alphas.values()), "lr": lr},
-                                      {"params": list(betas.values()), "lr": lr if beta_lr is None else beta_lr},
-                                      {"params": mixer.parameters(), "lr": mixture_lr}])
-        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, lr_decay)
+        optimiser = Adam([(list(alphas.values()), lr), (list(betas.values()), lr if beta_lr is None else beta_lr),
+                          (mixer.parameters(), mixture_lr)], lr_decay)
         for _ in range(iterations):
             objective, shift = mixer.objective()
             if objective is not None:
                 torch_feeds[OBJECTIVE] = objective
-            result = executor({**torch_feeds, **alphas, **betas}, outputs=self.outputs)
+            result = executor({**torch_feeds, **alphas, **betas},
+                              outputs=self.outputs + [name for pair in track for name in pair])
             low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
+            for lower_name, upper_name in track:
+                self.tracked[lower_name] = np.maximum(self.tracked[lower_name], result[lower_name].detach().numpy())
+                self.tracked[upper_name] = np.minimum(self.tracked[upper_name], result[upper_name].detach().numpy())
             best_lower = np.maximum(best_lower, low.detach().numpy())
             if not mixer.groups:  # a learned mixture's upper bound would belong to another function each step
                 best_upper = np.minimum(best_upper, high.detach().numpy())
@@ -151,10 +161,7 @@ class AlphaCrown:
             if stop is not None and stop(best_lower, best_upper):
                 break
             loss = high.sum() - low.sum() if high.requires_grad and not mixer.groups else -mixer.objective_sum(low)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            optimiser.step(loss)
             with torch.no_grad():
                 for alpha in alphas.values():
                     alpha.clamp_(0.0, 1.0)
@@ -193,6 +200,42 @@ class AlphaCrown:
             from graphcert.torch_exec import TorchGraph
             self._executor = TorchGraph(self._tuned, trainable=False)
         return self._executor
+
+
+class Adam:
+    """Adam (torch.optim.Adam's defaults and update) with the learning rates times `decay` after each step.
+
+    Written out because torch.optim's optimisers import torch._dynamo on first use: 2 s of every verify process
+    (more under load) before its first alpha step."""
+
+    BETAS, EPSILON = (0.9, 0.999), 1e-8
+
+    def __init__(self, groups: list[tuple[list, float]], decay: float):
+        import torch
+        self.groups = [(params, lr) for params, lr in groups if params]
+        self.decay, self.steps = decay, 0
+        self.moments = [[(torch.zeros_like(p), torch.zeros_like(p)) for p in params] for params, _ in self.groups]
+
+    def step(self, loss) -> None:
+        """Minimise `loss` by one step (its gradients with respect to every parameter)."""
+        import torch
+        params = [p for group, _ in self.groups for p in group]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self.steps += 1
+        first, second = self.BETAS
+        correction1, correction2 = 1 - first ** self.steps, 1 - second ** self.steps
+        scale = self.decay ** (self.steps - 1)
+        found = iter(grads)
+        with torch.no_grad():
+            for (group, lr), moments in zip(self.groups, self.moments):
+                for p, (m, v) in zip(group, moments):
+                    grad = next(found)
+                    if grad is None:
+                        continue
+                    m.mul_(first).add_(grad, alpha=1 - first)
+                    v.mul_(second).addcmul_(grad, grad, value=1 - second)
+                    denominator = (v.sqrt() / math.sqrt(correction2)).add_(self.EPSILON)
+                    p.addcdiv_(m, denominator, value=-lr * scale / correction1)
 
 
 class ProofWatch:

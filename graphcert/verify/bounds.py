@@ -279,6 +279,34 @@ class BetaSplitBounds:
         return columns
 
 
+class AlphaUnitBounds:
+    """alpha-CROWN bounds of every split unit's input z over input boxes (the property's boxes that branch and
+    bound starts from): the slopes of every backward pass, intermediate ones included, follow the gradient of the
+    margins' bounds, and each z keeps its tightest bounds over the steps (`AlphaCrown.bounds`' `track`). Children
+    bounded on their parent's unit bounds inherit these, so they pay for themselves in every domain. Returns
+    margin lower bounds [B, rows] and bounds [B, units] of z (flattened as in `splits`)."""
+
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
+                 settings: AlphaSettings):
+        self.alpha = AlphaCrown(network.model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
+                                split_bounds="clamp")
+        self.network, self.splits, self.settings = network, splits, settings
+        self.pairs = tuple((CLAMPED_LOWER_PREFIX + name, CLAMPED_UPPER_PREFIX + name) for name in splits.names)
+
+    def __call__(self, lower, upper, stop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = outward_float32(lower, upper)
+        feeds = self.alpha.feeds(lower=self.network.model_shaped(lo), upper=self.network.model_shaped(hi))
+        unbounded = np.full((len(lo), self.splits.units), np.inf, dtype=np.float32)
+        feeds.update(self.splits.split_feeds(-unbounded, unbounded))
+        settings = self.settings
+        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop,
+                                   track=self.pairs)
+        tracked = self.alpha.tracked
+        return (low.reshape(len(lo), -1),
+                np.concatenate([tracked[a].reshape(len(lo), -1) for a, _ in self.pairs], axis=1),
+                np.concatenate([tracked[b].reshape(len(lo), -1) for _, b in self.pairs], axis=1))
+
+
 def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
                 deadline: float, mixtures: list[np.ndarray] = (), alpha: AlphaSettings = VERIFY_ALPHA,
                 budget: Budget | None = None):
