@@ -240,11 +240,17 @@ def fallbacks(model: ir.Model, nodes: list[ir.Node], method: str, sources: list[
             found[node] = "no CROWN rule for this op type" if reason == NO_RULE else reason
     if batched and found:
         first = crown_fallback.batch_first(model, sources)
-        ruled = set(nodes) - set(found) - set(refused)
-        for node, reason in list(found.items()):
-            read = [out for out in node.outputs if out is not None and any(use[0] in ruled for use in out.uses())]
-            if not all(first(out) for out in read):
-                del found[node]
-                refused[node] = f"{reason}; its IBP fallback feeds a CROWN rule a tensor whose batch axis is not first"
+        # A ruled node reading a leaf's tensor without a leading batch axis (a per-tensor scale of dynamic
+        # quantization) is bounded through IBP as well, and so on downstream until tensors have it again.
+        pending = list(found)
+        while pending:
+            node = pending.pop()
+            ruled = set(nodes) - set(found) - set(refused)
+            for out in node.outputs:
+                if out is None or first(out):
+                    continue
+                for reader in {use[0] for use in out.uses() if use[0] in ruled}:
+                    found[reader] = f"reads {out.name}, whose batch axis is not first, from a node bounded through IBP"
+                    pending.append(reader)
     raise_refused(method, refused)
     return {node: f"{crown_fallback.VERDICT} ({reason})" for node, reason in found.items()}
