@@ -140,3 +140,53 @@ def _at_opset(body: onnx.FunctionProto, opset: int) -> onnx.FunctionProto | None
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset
     return body
+
+
+POOLS = ("MaxPool", "AveragePool")
+
+
+def floor_mode_pools(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Ceil-mode pools whose last window would start in the end padding, written as the floor-mode pools that
+    read the same windows. onnxruntime (and onnx's shape inference from opset 22 on) drops such a window, while
+    shape inference before opset 22 counts it: a model converted to an older opset would declare an output shape
+    that is not the one computed. The end padding becomes whatever makes floor mode count exactly onnxruntime's
+    windows; where that pads past the original end padding, only pools whose padding reads nothing (MaxPool,
+    AveragePool without count_include_pad) keep their values and are rewritten, and only while the padding stays
+    smaller than the kernel (onnxruntime's limit). Others are left as they are (the bound passes refuse them)."""
+    import onnx_ir as ir
+
+    from .ops import WindowGeometry
+    if not any(n.op_type in POOLS and n.domain in DEFAULT_DOMAINS for n in proto.graph.node):
+        return proto
+    try:
+        inferred = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    except Exception:  # shapes unknown: the pool's precondition decides later
+        return proto
+    model = ir.from_proto(proto)  # rewritten without the inferred shapes (those counted the dropped window)
+    changed = False
+    for node, known in zip(model.graph, inferred.graph):
+        if node.op_type not in POOLS or node.domain not in DEFAULT_DOMAINS:
+            continue
+        shape = known.inputs[0].shape
+        if not node.attributes.get("ceil_mode") or not node.attributes["ceil_mode"].value or shape is None or \
+                not all(isinstance(d, int) for d in shape[2:]):
+            continue
+        geometry = WindowGeometry.of(node, shape[2:])
+        counted = WindowGeometry(geometry.spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                                 geometry.begin, geometry.end, True, count_padding_starts=True)
+        if geometry.out == counted.out:
+            continue
+        ends = [max(0, (out - 1) * s + x - n - b) for out, s, x, n, b in
+                zip(geometry.out, geometry.strides, geometry.extents, geometry.spatial, geometry.begin)]
+        floor = WindowGeometry(geometry.spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                               geometry.begin, tuple(ends))
+        pads_read = node.op_type == "AveragePool" and node.attributes.get("count_include_pad") is not None and \
+            node.attributes["count_include_pad"].value
+        if floor.out != geometry.out or any(e >= k for e, k in zip(ends, geometry.kernel)) or \
+                (pads_read and any(e > old for e, old in zip(ends, geometry.end))):  # onnxruntime: pads < kernel
+            continue
+        for name in ("auto_pad", "ceil_mode"):
+            node.attributes.pop(name, None)
+        node.attributes["pads"] = ir.AttrInt64s("pads", [*geometry.begin, *ends])
+        changed = True
+    return ir.to_proto(model) if changed else proto

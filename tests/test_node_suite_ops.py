@@ -134,3 +134,63 @@ def test_preview_domain_ops_are_expanded_by_their_function_body(score_mod):
     loaded, reference = _assert_sound(proto, x0, [(0.05, 1.0), (0.01, 20.0)])
     assert not [n for n in reference.graph.node if n.domain not in ("", "ai.onnx")]
     np.testing.assert_allclose(runner(reference)({"x": x0})["y"], runner(proto)({"x": x0})["y"], rtol=1e-4, atol=1e-5)
+
+
+# ---- ceil-mode pools whose last window would start in the end padding ------------------------------------
+
+def _pool_model(op, spatial, kernel, strides, pads, dilations, include_pad, opset):
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 2, *spatial])
+    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads, "ceil_mode": 1}
+    if op == "AveragePool":
+        attrs["count_include_pad"] = include_pad
+    if dilations != [1] * len(kernel) and (op == "MaxPool" or opset >= 19):
+        attrs["dilations"] = dilations
+    return _make([helper.make_node(op, ["x"], ["y"], **attrs)], [x], [helper.make_tensor_value_info("y", TP.FLOAT, [None] * (2 + len(spatial)))],
+                 opset=opset)
+
+
+def _dropping_pools(count, seed=5):
+    """Random ceil-mode pools (1-D and 2-D) where a last window would start in the end padding."""
+    from graphcert.ops import WindowGeometry
+    rng = np.random.default_rng(seed)
+    found = []
+    while len(found) < count:
+        rank = int(rng.integers(1, 3))
+        kernel = [int(k) for k in rng.integers(1, 4, rank)]
+        pads_begin = [int(rng.integers(0, k)) for k in kernel]
+        pads_end = [int(rng.integers(0, k)) for k in kernel]
+        spatial, strides = [int(s) for s in rng.integers(1, 8, rank)], [int(s) for s in rng.integers(1, 4, rank)]
+        dilations = [int(d) for d in rng.integers(1, 3, rank)]
+        class Node:  # what WindowGeometry reads of a node
+            attributes = {k: type("A", (), {"value": v}) for k, v in
+                          {"kernel_shape": kernel, "strides": strides, "pads": pads_begin + pads_end,
+                           "dilations": dilations, "ceil_mode": 1}.items()}
+        geometry = WindowGeometry.of(Node, spatial)
+        counted = WindowGeometry(geometry.spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                                 geometry.begin, geometry.end, True, count_padding_starts=True)
+        if geometry.fits and min(geometry.out) > 0 and geometry.out != counted.out:
+            found.append((spatial, kernel, strides, pads_begin + pads_end, dilations))
+    return found
+
+
+@pytest.mark.parametrize("op,include_pad", [("MaxPool", 0), ("AveragePool", 0), ("AveragePool", 1)])
+def test_ceil_mode_pools_that_drop_a_window_are_bounded_as_onnxruntime_runs_them(op, include_pad):
+    """Loading checks the rewritten pool against onnxruntime on the original; the bounds contain its outputs.
+    Pools whose rewrite would count padding they do not read, or pad as much as the kernel, stay refused in one
+    line."""
+    from graphcert.errors import UnsupportedOpError
+    bounded = 0
+    for spatial, kernel, strides, pads, dilations in _dropping_pools(10):
+        proto = _pool_model(op, spatial, kernel, strides, pads, dilations, include_pad, opset=17)
+        try:
+            loaded = model_lib.load(proto)
+            bound = api.to_proto(api.bound_graph(loaded, "ibp"))
+        except UnsupportedOpError as error:
+            assert "ceil" in str(error) and "\n" not in str(error)
+            continue
+        bounded += 1
+        x0 = np.random.default_rng(bounded).normal(size=(1, 2, *spatial)).astype(np.float32)
+        for eps, scale in ((0.1, 1.0), (1.0, 1e3)):
+            check_bounds_sound(proto, graph_bound_fn(bound, "x", "y"), x0 * scale, eps, n_random=16, corners=16,
+                               pgd_steps=3, attack_targets=4).assert_sound()
+    assert bounded >= (3 if include_pad else 6)
