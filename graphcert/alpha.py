@@ -178,13 +178,16 @@ class AlphaCrown:
                 self.kept[name][:, improved] = value.detach().numpy()[:, improved]
         return np.where(improved, score, kept_score)
 
-    def parameter_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+    def parameter_shapes(self, rows: int | None = None) -> dict[str, tuple[int, tuple[int, ...]]] | None:
         """Each slope and multiplier input's (rows, per-sample shape), the batch axis (1) left out; None when
-        one is known at run time only."""
+        one is known at run time only. `rows`: the row count of a run-time objective (spec "runtime") that every
+        call will feed, standing in for the graph's free row dimension."""
         shapes = {}
         for value in self._tuned.graph.inputs:
             if value.name in self.units or value.name in self.betas:
                 dims = list(value.shape)
+                if rows is not None and not isinstance(dims[0], int):
+                    dims[0] = rows
                 if not all(isinstance(d, int) for d in [dims[0], *dims[2:]]):
                     return None
                 shapes[value.name] = (dims[0], tuple(dims[2:]))

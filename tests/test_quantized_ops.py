@@ -12,7 +12,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphcert import api
-from graphcert.errors import UnsupportedOpError
 from graphcert.interface import InputSet
 from graphcert.runtime import Session
 from harness import check_bounds_sound, graph_bound_fn
@@ -94,18 +93,8 @@ def _bound(proto, method="ibp"):
     return api.to_proto(api.bound_graph(api.load(proto), method, InputSet("linf")))
 
 
-def _cases():
-    for name in sorted(QUANTIZED):
-        for method in ("ibp", "crown"):
-            marks = []
-            if method == "crown" and QUANTIZED[name][2] == "dynamic":
-                # DynamicQuantizeLinear's scale and zero point are per tensor (no batch axis): CROWN's IBP fallback
-                # does not take them yet. Only the refusal is expected.
-                marks = [pytest.mark.xfail(strict=True, raises=UnsupportedOpError, reason="per-tensor fallback")]
-            yield pytest.param(name, method, id=f"{name}-{method}", marks=marks)
-
-
-@pytest.mark.parametrize("name,method", _cases())
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+@pytest.mark.parametrize("name", sorted(QUANTIZED))
 def test_quantized_models_convert_and_bounds_are_sound(name, method, folder):
     proto = onnx.load(quantized(name, folder))
     assert EXPECTED_OPS[name] in {n.op_type for n in proto.graph.node}
@@ -270,3 +259,33 @@ def test_qlinear_matmul_per_column_weights_and_int8_activations():
         report = check_bounds_sound(proto, graph_bound_fn(bound, "x", "y"), x[:1], eps, n_random=32, corners=32,
                                     pgd_steps=6, attack_targets=6)
         report.assert_sound()
+
+
+EPS_CERTIFY = 0.002  # about half a quantization step of the input
+
+
+@pytest.mark.parametrize("name", ["cnn-qlinearconv", "mlp-qlinearmatmul", "mlp-matmulinteger"])
+def test_quantized_models_certify_and_verify(name, folder, tmp_path):
+    """Through `certify` (no method of auto skipped) and `verify` with a generated robustness property, in
+    real arithmetic: the float32 rounding analysis has no rules for quantized ops (it refuses them)."""
+    from graphcert.certify import certify
+    from graphcert.data import Dataset
+    from graphcert.verify import verify
+    from test_real_architectures import _robustness_property
+    path = quantized(name, folder)
+    shape = QUANTIZED[name][1]
+    x = _sample(shape, 5, n=4)
+    session = Session(onnx.load(path))
+    logits = session.run({"x": x})["y"]
+    labels = logits.argmax(axis=1)
+    result = certify(path, Dataset("quantized", x, labels, None), eps=EPS_CERTIFY, method="auto", rounding="real")
+    assert result.clean == 4 and result.certified >= 1
+    assert all(stage["status"] in ("ran", "not needed") for stage in result.stages.values()), result.stages
+    spec = tmp_path / "robust.vnnlib"
+    spec.write_text(_robustness_property(x[0], int(labels[0]), logits.shape[1], EPS_CERTIFY))
+    outcome = verify(path, spec, timeout=20, rounding="real")
+    assert outcome.status in ("holds", "violated", "unknown", "timeout"), outcome
+    if outcome.status == "violated":
+        point, _ = outcome.counterexample
+        y = session.run({"x": np.asarray(point, np.float32).reshape(1, *shape)})["y"]
+        assert y.argmax() != labels[0]

@@ -3,7 +3,8 @@ undecided.
 
 A domain is a property box, its live conjuncts, bounds of every unit's input z (flattened over layers in graph
 order), its margin lower bounds and split signs. The property boxes get alpha-CROWN bounds of z first (every
-pass's slopes optimised for the margins, `AlphaUnitBounds`), which every domain inherits; each round
+pass's slopes optimised for the margins, `AlphaUnitBounds`), which every domain inherits; each live conjunct of
+a box is then searched apart (a domain holds one conjunct, whose rows alone alpha-beta-CROWN bounds); each round
 the domains with the weakest margin bounds split their chosen unit's interval [l, u] at a point p, 0 for a
 ReLU (z >= 0 and z <= 0) and for an S-shaped unit whose interval holds 0 (each part is then convex or
 concave, where its lines are tight), else the middle: the children get the parent's bounds with one side
@@ -138,7 +139,8 @@ class ReluSplitSearch:
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
         self.scorer = None                            # the splitter's graph through torch (`_split_gains`)
         self.beta_settings = beta
-        self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, clamp, beta) \
+        self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, search.membership, clamp,
+                                           beta) \
             if beta is not None else None
         # Columns of alpha-beta parameters each domain keeps for its children (0: none kept).
         self.warm_width = self.beta_bounds.width if self.beta_bounds is not None and WARM_START else 0
@@ -160,8 +162,13 @@ class ReluSplitSearch:
         unit_lower, unit_upper = -unbounded, unbounded
         if ROOT_ALPHA_STEPS > 0:
             margin_lower, unit_lower, unit_upper = self._root_unit_bounds(alive, margin_lower, unit_lower, unit_upper)
-        domains = self._bound_domains(clamp, np.arange(len(self.lower)), alive, unit_lower, unit_upper, unsplit,
-                                      margin_lower, cold)
+        # One search per live conjunct of each box (a domain is refuted once its one conjunct is; beta then
+        # bounds only that conjunct's rows).
+        root, conjunct = np.nonzero(alive)
+        single = np.zeros((len(root), alive.shape[1]), dtype=bool)
+        single[np.arange(len(root)), conjunct] = True
+        domains = self._bound_domains(clamp, root, single, unit_lower[root], unit_upper[root], unsplit[root],
+                                      margin_lower[root], cold[root])
         if domains is None:
             return search.timeout()
         frontier = Frontier(domains)
@@ -326,7 +333,7 @@ class ReluSplitSearch:
                                                             live).numpy(),
                                settings.iterations, settings.give_up)
             tighter, optimised = self.beta_bounds(self.lower[part.root], self.upper[part.root], part.unit_lower,
-                                                  part.unit_upper, part.signs,
+                                                  part.unit_upper, part.signs, np.argmax(part.alive, axis=1),
                                                   stop=lambda low, high: search.past_deadline() or watch(low, high),
                                                   warm=part.warm if self.warm_width else None)
             search.boxes_bounded += len(tighter)
