@@ -411,6 +411,8 @@ def _keeps_batch_axis(node: ir.Node) -> bool:
         return target is not None and int(target.numpy().reshape(-1)[0]) == 0 and not attr(node, "allowzero", 0)
     if op == "Transpose":
         return list(attr(node, "perm", [0]))[:1] == [0]
+    if op == "BatchNormalization" and attr(node, "training_mode", 0):
+        return False  # batch statistics: every sample's output reads the whole batch
     if op in ("Squeeze", "Unsqueeze"):
         axes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
         return axes is not None and 0 not in axes.numpy().reshape(-1).tolist()

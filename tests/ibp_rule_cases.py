@@ -214,7 +214,8 @@ def _resize(t: Tiny, op_type):
 
 @case("GridSample")
 def _grid_sample(t: Tiny, op_type):
-    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D."""
+    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D; cubic
+    (2-D only) at large magnitudes too."""
     volumetric = t.draw(st.booleans())
     t.opset = max(t.opset, 20 if volumetric else 16)
     spatial = [t.draw(st.integers(1, 3)) for _ in range(3 if volumetric else 2)]
@@ -224,10 +225,12 @@ def _grid_sample(t: Tiny, op_type):
     grid = t.const(t.rng.uniform(-1.2, 1.2, grid_shape)) if which == "data" else \
         t.op("Mul", t.op("Tanh", t.perturbed(grid_shape)), t.const(np.float32(1.2)))
     x = t.perturbed(shape) if which != "grid" else t.weights(shape)
-    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest"])
+    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest", "bicubic"])
     if volumetric or which != "data":
-        mode = {"bilinear": "linear"}.get(mode, mode)
+        mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
         t.opset = 20
+    if "cubic" in mode:  # negative weights: large magnitudes too
+        x = _large(t, x)
     return t.model(t.op("GridSample", x, grid, mode=mode, padding_mode=t.pick(["zeros", "border", "reflection"]),
                         align_corners=int(t.draw(st.booleans()))))
 
