@@ -42,17 +42,37 @@ class _MatMulMlp(torch.nn.Module):
         return torch.relu(x @ self.w1 + self.b1) @ self.w2
 
 
+class _Residual(torch.nn.Module):
+    """Residual sum, LeakyReLU, sigmoid gating, concatenation and global pooling: every com.microsoft QOperator
+    op of onnxruntime's static quantizer (QLinearAdd, QLinearLeakyRelu, QLinearSigmoid, QLinearMul,
+    QLinearConcat, QLinearGlobalAveragePool, QGemm)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.c1, self.c2 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.c3, self.fc = torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        r = torch.nn.functional.leaky_relu(self.c2(h) + h, 0.1)
+        z = torch.cat([r * torch.sigmoid(self.c3(r)), r], dim=1)
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(z, 1).flatten(1))
+
+
 # name -> (torch model, input shape, quantizer, options)
 QUANTIZED = {
     "cnn-qlinearconv": (_Cnn, (1, 7, 7), "static", {"op_types_to_quantize": ["Conv"]}),
     "cnn-qlinearconv-per-channel": (_Cnn, (1, 7, 7), "static", {"op_types_to_quantize": ["Conv"], "per_channel": True}),
     "mlp-qlinearmatmul": (_MatMulMlp, (6,), "static", {"op_types_to_quantize": ["MatMul"]}),
+    "cnn-qoperator": (_Cnn, (1, 7, 7), "static", {}),
+    "residual-qoperator": (_Residual, (1, 6, 6), "static", {"per_channel": True}),
     "cnn-convinteger": (_Cnn, (1, 7, 7), "dynamic", {}),
     "mlp-matmulinteger": (_MatMulMlp, (6,), "dynamic", {}),
 }
 EXPECTED_OPS = {"cnn-qlinearconv": "QLinearConv", "cnn-qlinearconv-per-channel": "QLinearConv",
                 "mlp-qlinearmatmul": "QLinearMatMul", "cnn-convinteger": "ConvInteger",
-                "mlp-matmulinteger": "MatMulInteger"}
+                "mlp-matmulinteger": "MatMulInteger", "cnn-qoperator": "QGemm", "residual-qoperator": "QLinearAdd"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +128,8 @@ def test_quantized_models_convert_and_bounds_are_sound(name, method, folder):
         assert report.gradients == "torch"
 
 
-@pytest.mark.parametrize("name", ["cnn-qlinearconv", "cnn-qlinearconv-per-channel", "mlp-qlinearmatmul"])
+@pytest.mark.parametrize("name", ["cnn-qlinearconv", "cnn-qlinearconv-per-channel", "mlp-qlinearmatmul",
+                                  "cnn-qoperator", "residual-qoperator"])
 def test_static_quantized_bounds_are_exact_at_zero_radius(name, folder):
     """The accumulator is exact and the requantization a function of it: bounds at eps = 0 are the output."""
     proto = onnx.load(quantized(name, folder))
@@ -264,7 +285,7 @@ def test_qlinear_matmul_per_column_weights_and_int8_activations():
 EPS_CERTIFY = 0.002  # about half a quantization step of the input
 
 
-@pytest.mark.parametrize("name", ["cnn-qlinearconv", "mlp-qlinearmatmul", "mlp-matmulinteger"])
+@pytest.mark.parametrize("name", ["cnn-qlinearconv", "mlp-qlinearmatmul", "mlp-matmulinteger", "residual-qoperator"])
 def test_quantized_models_certify_and_verify(name, folder, tmp_path):
     """Through `certify` (no method of auto skipped) and `verify` with a generated robustness property, in
     real arithmetic: the float32 rounding analysis has no rules for quantized ops (it refuses them)."""
