@@ -339,3 +339,28 @@ def test_deform_conv_bounds_contain_runtime_outputs(weights_perturbed, with_mask
                    for n, s in shapes.items()}
         radii = {n: float(rng.uniform(0.01, 1.0)) * (scale if n == "X" else 1.0) for n in shapes}
         _assert_box_sound(proto, centres, radii, samples=60, seed=trial)
+
+
+# ---- refusals in one line rather than a load error --------------------------------------------------------
+
+def test_a_model_of_ai_onnx_ml_ops_alone_is_refused_by_op_not_by_the_opset_converter():
+    """No default-domain import: nothing to convert (the converter used to fail on opset 1)."""
+    from graphcert.errors import UnsupportedOpError
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Binarizer", ["x"], ["y"], domain="ai.onnx.ml", threshold=0.5)], "g",
+                              [x], [helper.make_tensor_value_info("y", TP.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    with pytest.raises(UnsupportedOpError) as info:
+        api.bound_graph(model_lib.load(model), "ibp")
+    assert "Binarizer" in str(info.value) and "ai.onnx.ml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bitcast_of_a_float64_model_is_refused_in_one_line():
+    from graphcert.errors import ModelLoadError
+    x = helper.make_tensor_value_info("x", TP.DOUBLE, [1, 3])
+    model = _make([helper.make_node("BitCast", ["x"], ["y"], to=TP.INT64)], [x],
+                  [helper.make_tensor_value_info("y", TP.INT64, [1, 3])], opset=26)
+    with pytest.raises(ModelLoadError, match="BitCast.*bits") as info:
+        model_lib.load(model)
+    assert "\n" not in str(info.value)
