@@ -18,6 +18,7 @@ optimised with the slopes from 0 (the plain bound) and projected back onto >= 0 
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable
 
 import numpy as np
@@ -77,6 +78,7 @@ class AlphaCrown:
         self._executor = None
         self.dtype = "float32"   # "float64": the bounds' own rounding is then negligible (verify's float32 mode)
         self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
+        self.tracked: dict[str, np.ndarray] = {}          # `bounds(..., track=...)` fills it
 
     def in_double(self) -> None:
         """Compute every bound in float64 from now on (onnxruntime and torch; outputs rounded outward to float32)."""
@@ -102,7 +104,7 @@ class AlphaCrown:
                stop: Stop | None = None, offset: np.ndarray | None = None,
                mixtures: list[np.ndarray] | None = None, mixture_lr: float = 0.5,
                beta_lr: float | None = None, start: dict[str, np.ndarray] | None = None,
-               keep: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               keep: bool = False, track: tuple[tuple[str, str], ...] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) after up to `iterations` Adam steps (learning rate `lr`, `beta_lr` for beta multipliers
         (default `lr`), times `lr_decay` after each); `stop(lower, upper)` may end them early.
 
@@ -111,6 +113,11 @@ class AlphaCrown:
         bound, the graph projecting slopes onto their range and the steps keeping beta >= 0. With `keep`,
         `self.kept` then holds the parameters of each batch element's step with the largest summed lower bound
         (its warm start for a sub-problem).
+
+        `track` names pairs (lower, upper) of further graph outputs, bounds of some tensor (with `split_bounds`
+        "clamp": `clamped_lower.<z>`, `clamped_upper.<z>`, the intermediate bounds); `self.tracked` then holds
+        the tightest of each seen over the steps (every step's slopes give sound bounds, so their intersection
+        is one too): the slopes of intermediate passes follow the gradient of the output bounds through them.
 
         With a run-time objective [batch, m, n]: `offset` ([m]) is added to every row's bounds, and each entry
         of `mixtures` (indices of objective rows) appends a column [batch] bounding from below a learned convex
@@ -122,6 +129,7 @@ class AlphaCrown:
         feeds = mixer.initial_feeds(feeds)
         found = self.session.run(feeds)
         best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
+        self.tracked = {name: np.array(found[name]) for pair in track for name in pair}
         initial = {}
         for name, unit in self.units.items():
             slopes = found[ALPHA_INIT_PREFIX + unit]
@@ -141,16 +149,18 @@ class AlphaCrown:
         betas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.betas}
         kept_score = np.full(len(best_lower), -np.inf)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
-        optimiser = torch.optim.Adam([{"params": list(alphas.values()), "lr": lr},
-                                      {"params": list(betas.values()), "lr": lr if beta_lr is None else beta_lr},
-                                      {"params": mixer.parameters(), "lr": mixture_lr}])
-        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, lr_decay)
+        optimiser = Adam([(list(alphas.values()), lr), (list(betas.values()), lr if beta_lr is None else beta_lr),
+                          (mixer.parameters(), mixture_lr)], lr_decay)
         for _ in range(iterations):
             objective, shift = mixer.objective()
             if objective is not None:
                 torch_feeds[OBJECTIVE] = objective
-            result = executor({**torch_feeds, **alphas, **betas}, outputs=self.outputs)
+            result = executor({**torch_feeds, **alphas, **betas},
+                              outputs=self.outputs + [name for pair in track for name in pair])
             low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
+            for lower_name, upper_name in track:
+                self.tracked[lower_name] = np.maximum(self.tracked[lower_name], result[lower_name].detach().numpy())
+                self.tracked[upper_name] = np.minimum(self.tracked[upper_name], result[upper_name].detach().numpy())
             best_lower = np.maximum(best_lower, low.detach().numpy())
             if not mixer.groups:  # a learned mixture's upper bound would belong to another function each step
                 best_upper = np.minimum(best_upper, high.detach().numpy())
@@ -159,10 +169,7 @@ class AlphaCrown:
             if stop is not None and stop(best_lower, best_upper):
                 break
             loss = high.sum() - low.sum() if high.requires_grad and not mixer.groups else -mixer.objective_sum(low)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+            optimiser.step(loss)
             with torch.no_grad():
                 for alpha in alphas.values():
                     alpha.clamp_(0.0, 1.0)
@@ -179,13 +186,16 @@ class AlphaCrown:
                 self.kept[name][:, improved] = value.detach().numpy()[:, improved]
         return np.where(improved, score, kept_score)
 
-    def parameter_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+    def parameter_shapes(self, rows: int | None = None) -> dict[str, tuple[int, tuple[int, ...]]] | None:
         """Each slope and multiplier input's (rows, per-sample shape), the batch axis (1) left out; None when
-        one is known at run time only."""
+        one is known at run time only. `rows`: the row count of a run-time objective (spec "runtime") that every
+        call will feed, standing in for the graph's free row dimension."""
         shapes = {}
         for value in self._tuned.graph.inputs:
             if value.name in self.units or value.name in self.betas:
                 dims = list(value.shape)
+                if rows is not None and not isinstance(dims[0], int):
+                    dims[0] = rows
                 if not all(isinstance(d, int) for d in [dims[0], *dims[2:]]):
                     return None
                 shapes[value.name] = (dims[0], tuple(dims[2:]))
@@ -202,6 +212,42 @@ class AlphaCrown:
             import torch
             self._executor = TorchGraph(self._tuned, trainable=False, dtype=getattr(torch, self.dtype))
         return self._executor
+
+
+class Adam:
+    """Adam (torch.optim.Adam's defaults and update) with the learning rates times `decay` after each step.
+
+    Written out because torch.optim's optimisers import torch._dynamo on first use: 2 s of every verify process
+    (more under load) before its first alpha step."""
+
+    BETAS, EPSILON = (0.9, 0.999), 1e-8
+
+    def __init__(self, groups: list[tuple[list, float]], decay: float):
+        import torch
+        self.groups = [(params, lr) for params, lr in groups if params]
+        self.decay, self.steps = decay, 0
+        self.moments = [[(torch.zeros_like(p), torch.zeros_like(p)) for p in params] for params, _ in self.groups]
+
+    def step(self, loss) -> None:
+        """Minimise `loss` by one step (its gradients with respect to every parameter)."""
+        import torch
+        params = [p for group, _ in self.groups for p in group]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self.steps += 1
+        first, second = self.BETAS
+        correction1, correction2 = 1 - first ** self.steps, 1 - second ** self.steps
+        scale = self.decay ** (self.steps - 1)
+        found = iter(grads)
+        with torch.no_grad():
+            for (group, lr), moments in zip(self.groups, self.moments):
+                for p, (m, v) in zip(group, moments):
+                    grad = next(found)
+                    if grad is None:
+                        continue
+                    m.mul_(first).add_(grad, alpha=1 - first)
+                    v.mul_(second).addcmul_(grad, grad, value=1 - second)
+                    denominator = (v.sqrt() / math.sqrt(correction2)).add_(self.EPSILON)
+                    p.addcdiv_(m, denominator, value=-lr * scale / correction1)
 
 
 class ProofWatch:

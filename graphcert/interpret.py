@@ -14,16 +14,20 @@ from .errors import UnsupportedOpError
 
 # Ops whose output depends on the shape of their input only, never on its values.
 SHAPE_ONLY_OPS = {"Shape", "Size"}
+# Ops whose output is a random draw: another run draws again, so a bound graph cannot copy their value from the
+# model; they are perturbed whatever they read (a pass bounds them by the set every draw lies in, or refuses).
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                        "Bernoulli"})
 
 
 def perturbed_nodes(graph: ir.Graph, sources: set[ir.Value]) -> list[ir.Node]:
-    """Nodes that read a tensor depending on the values of `sources`, in graph order."""
+    """Nodes that read a tensor depending on the values of `sources`, and random draws, in graph order."""
     tainted = set(sources)
     found = []
     for node in graph:
         if node.op_type in SHAPE_ONLY_OPS:
             continue
-        if any(v in tainted for v in node.inputs if v is not None):
+        if any(v in tainted for v in node.inputs if v is not None) or node.op_type in RANDOM_OPS:
             found.append(node)
             tainted.update(node.outputs)
     return found

@@ -11,7 +11,7 @@ import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
 
 from .errors import ModelLoadError
-from .normalise_ops import expand_functions
+from .normalise_ops import expand_functions, floor_mode_pools
 from .unroll import unroll
 
 TARGET_OPSET = 17
@@ -97,6 +97,8 @@ def _normalised(proto: onnx.ModelProto, opset: int, free_batch: bool) -> tuple[i
     proto = _copy(proto)
     _drop_initializer_inputs(proto)
     proto = expand_functions(proto)  # ops defined by an ONNX function body, where no pass has a rule
+    proto = floor_mode_pools(proto)  # ceil-mode pools in the form every opset's shape inference agrees on
+    proto = unroll(proto)  # a body may loop (LinearAttention's is a Scan over the sequence)
     # IR < 4 requires initializers to be listed as inputs; the newer IR lets them stand alone.
     proto.ir_version = max(proto.ir_version, 8)
     freed = _make_batch_symbolic(proto) if free_batch else set()

@@ -17,28 +17,43 @@ NOT_EXPANDED = {"Range", "Bernoulli", "SequenceMap", "BlackmanWindow", "HammingW
 ROUNDS = 3  # a body may use ops that have bodies themselves
 
 
-def _kept(op_type: str) -> bool:
-    """Ops with a rule of their own in IBP (the pass with the widest op coverage) keep their node."""
+def _kept(node: onnx.NodeProto) -> bool:
+    """Ops with a rule of their own in IBP (the pass with the widest op coverage) keep their node; so do ops of
+    domains without schemas (custom ops: nothing to expand)."""
     from graphcert.passes import ibp
-    return op_type in ibp.RULES or op_type in NOT_EXPANDED
+    if node.domain not in DEFAULT_DOMAINS:
+        return not onnx.defs.has(node.op_type, node.domain)
+    return node.op_type in ibp.RULES or node.op_type in NOT_EXPANDED
+
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _versions(proto: onnx.ModelProto) -> dict[str, int]:
+    """The model's opset version of each domain it imports (the default domain under "")."""
+    return {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
 
 
 def expand_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
     """`proto` with every default-domain node that has a function body and no bound rule expanded."""
     for _ in range(ROUNDS):
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        versions = _versions(proto)
+        opset = versions.get("")
         if opset is None:
             return proto
-        candidates = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and not _kept(n.op_type)]
+        # Ops of other domains with a schema (ai.onnx.preview's FlexAttention) expand at their domain's version.
+        candidates = [n for n in proto.graph.node if not _kept(n) and
+                      (n.domain in DEFAULT_DOMAINS or n.domain in versions)]
         if not candidates:
             return proto
         types = _value_types(proto)
         functions = []
         for k, node in enumerate(candidates):
-            body = _body(node, opset, types)
+            domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
+            body = _body(node, versions[domain], types, domain, opset)
             if body is None:
                 continue
-            _spell_out_defaults(node, opset)
+            _spell_out_defaults(node, versions[domain], domain)
             body.name, body.domain = f"{node.op_type}_{k}", EXPANDED_DOMAIN
             node.op_type, node.domain = body.name, EXPANDED_DOMAIN
             functions.append(body)
@@ -53,9 +68,9 @@ def expand_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _spell_out_defaults(node: onnx.NodeProto, opset: int) -> None:
+def _spell_out_defaults(node: onnx.NodeProto, opset: int, domain: str = "") -> None:
     """Give the node every attribute the schema defaults: the inliner drops references to unset ones."""
-    schema = onnx.defs.get_schema(node.op_type, opset, "")
+    schema = onnx.defs.get_schema(node.op_type, opset, domain)
     given = {a.name for a in node.attribute}
     for name, spec in schema.attributes.items():
         if name not in given and spec.default_value is not None and spec.default_value.type != 0:
@@ -77,9 +92,11 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def _body(node: onnx.NodeProto, opset: int, types: dict) -> onnx.FunctionProto | None:
+def _body(node: onnx.NodeProto, opset: int, types: dict, domain: str = "",
+          default_opset: int | None = None) -> onnx.FunctionProto | None:
+    """The node's function body at `opset` of its `domain` (the model's default-domain opset `default_opset`)."""
     try:
-        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        schema = onnx.defs.get_schema(node.op_type, opset, domain)
     except onnx.defs.SchemaError:
         return None
     raw = None
@@ -102,7 +119,7 @@ def _body(node: onnx.NodeProto, opset: int, types: dict) -> onnx.FunctionProto |
         return None
     body = onnx.FunctionProto()
     body.ParseFromString(raw)
-    return _at_opset(body, opset) if len(body.node) else None
+    return _at_opset(body, opset if default_opset is None else default_opset) if len(body.node) else None
 
 
 def _at_opset(body: onnx.FunctionProto, opset: int) -> onnx.FunctionProto | None:
@@ -123,3 +140,53 @@ def _at_opset(body: onnx.FunctionProto, opset: int) -> onnx.FunctionProto | None
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset
     return body
+
+
+POOLS = ("MaxPool", "AveragePool")
+
+
+def floor_mode_pools(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Ceil-mode pools whose last window would start in the end padding, written as the floor-mode pools that
+    read the same windows. onnxruntime (and onnx's shape inference from opset 22 on) drops such a window, while
+    shape inference before opset 22 counts it: a model converted to an older opset would declare an output shape
+    that is not the one computed. The end padding becomes whatever makes floor mode count exactly onnxruntime's
+    windows; where that pads past the original end padding, only pools whose padding reads nothing (MaxPool,
+    AveragePool without count_include_pad) keep their values and are rewritten, and only while the padding stays
+    smaller than the kernel (onnxruntime's limit). Others are left as they are (the bound passes refuse them)."""
+    import onnx_ir as ir
+
+    from .ops import WindowGeometry
+    if not any(n.op_type in POOLS and n.domain in DEFAULT_DOMAINS for n in proto.graph.node):
+        return proto
+    try:
+        inferred = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    except Exception:  # shapes unknown: the pool's precondition decides later
+        return proto
+    model = ir.from_proto(proto)  # rewritten without the inferred shapes (those counted the dropped window)
+    changed = False
+    for node, known in zip(model.graph, inferred.graph):
+        if node.op_type not in POOLS or node.domain not in DEFAULT_DOMAINS:
+            continue
+        shape = known.inputs[0].shape
+        if not node.attributes.get("ceil_mode") or not node.attributes["ceil_mode"].value or shape is None or \
+                not all(isinstance(d, int) for d in shape[2:]):
+            continue
+        geometry = WindowGeometry.of(node, shape[2:])
+        counted = WindowGeometry(geometry.spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                                 geometry.begin, geometry.end, True, count_padding_starts=True)
+        if geometry.out == counted.out:
+            continue
+        ends = [max(0, (out - 1) * s + x - n - b) for out, s, x, n, b in
+                zip(geometry.out, geometry.strides, geometry.extents, geometry.spatial, geometry.begin)]
+        floor = WindowGeometry(geometry.spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                               geometry.begin, tuple(ends))
+        pads_read = node.op_type == "AveragePool" and node.attributes.get("count_include_pad") is not None and \
+            node.attributes["count_include_pad"].value
+        if floor.out != geometry.out or any(e >= k for e, k in zip(ends, geometry.kernel)) or \
+                (pads_read and any(e > old for e, old in zip(ends, geometry.end))):  # onnxruntime: pads < kernel
+            continue
+        for name in ("auto_pad", "ceil_mode"):
+            node.attributes.pop(name, None)
+        node.attributes["pads"] = ir.AttrInt64s("pads", [*geometry.begin, *ends])
+        changed = True
+    return ir.to_proto(model) if changed else proto

@@ -10,6 +10,13 @@ import onnxruntime as ort
 DEFAULT_THREADS = 0
 
 
+# Feeds are converted to the input's type (integer inputs, such as the int8 weights of a quantized model, too).
+FEED_TYPES = {"tensor(double)": np.float64, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+              "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64,
+              "tensor(bool)": np.bool_}
+
+
 class Session:
     """An onnxruntime session over a ModelProto that takes and returns dicts of numpy arrays."""
 
@@ -23,8 +30,7 @@ class Session:
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
-        self.input_types = {i.name: {"tensor(int64)": np.int64, "tensor(double)": np.float64}.get(i.type, np.float32)
-                            for i in self.session.get_inputs()}
+        self.input_types = {i.name: FEED_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -32,7 +32,7 @@ from graphcert.passes import crown_fallback, crown_products, ibp
 from graphcert.passes.crown_backward import (ALPHA_PREFIX, BETA_PREFIX, CONCRETE_SLACK, AlphaInputs,  # noqa: F401
                                              BetaInputs, Context, relax)
 from graphcert.passes.crown_support import RELAXED, RULES, batched_inputs, fallbacks, supports  # noqa: F401
-from graphcert.passes.relaxations import Lines
+from graphcert.passes.relaxations import Lines, WindowMax
 from graphcert.passes.spec import MARGINS
 
 ALPHA_INIT_PREFIX = "alpha_init."
@@ -66,17 +66,57 @@ def _meet(b: Builder, tighter: str, linear: ir.Value, interval: ir.Value) -> ir.
 _POINTWISE_MONOTONE = set(ibp.MONOTONE) - {"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin"}
 
 
-# A backward pass bounding a tensor starts from an identity over its elements (per sample): beyond this many, it
-# would take over 1 GB before its first step; such a tensor keeps its IBP interval (sound, if looser).
-MAX_BACKWARD_UNITS = 16384
+# A backward pass holds coefficients [rows, batch, *tensor] for every tensor it walks through, rows being the
+# bounded tensor's elements (twice that for both bounds). A pass whose largest such tensor would exceed this many
+# bytes per sample is not built: the tensor keeps its IBP interval (sound, if looser). Decided from the shapes
+# before any node is emitted; onnxruntime holds a few tensors of that size at once (slopes, their product).
+MAX_PASS_BYTES = 1 << 27
 
 
-def _backward_fits(value: ir.Value, batched: bool) -> bool:
+def _elements(value: ir.Value, batched: bool) -> int | None:
+    """Elements per sample of a tensor (None: a run-time sample shape)."""
     dims = static_shape(value)
     sample = dims[1:] if batched and dims else dims
     if not all(isinstance(d, int) for d in sample):
-        return True
-    return int(np.prod(sample, dtype=np.int64)) <= MAX_BACKWARD_UNITS
+        return None
+    return int(np.prod(sample, dtype=np.int64))
+
+
+class _Reach:
+    """For each perturbed tensor, the most elements per sample of any tensor a backward pass from it walks
+    through (itself, its perturbed ancestors back to the inputs or to IBP leaves, and what a rule spreads its
+    coefficients over on the way), so a pass's size is known before it is built."""
+
+    def __init__(self, batched: bool):
+        self.batched = batched
+        self.widest: dict[ir.Value, int] = {}
+
+    def of(self, value: ir.Value) -> int:
+        if value not in self.widest:
+            self.widest[value] = _elements(value, self.batched) or 0
+        return self.widest[value]
+
+    def step(self, node, cx: Context) -> None:
+        """Record the node's outputs (after the pass has walked it forward)."""
+        widest = 0
+        if node in cx.decomposed:
+            widest = self.of(cx.decomposed[node])
+        elif node not in cx.fallback:
+            widest = max([self.of(v) for v in node.inputs if v is not None and v in cx.perturbed], default=0)
+            if node.op_type == "MaxPool" and isinstance(cx.relaxed.get(node), WindowMax):
+                # the window max spreads each output's coefficient over its kernel: [rows, batch, C, K, *out]
+                kernel = int(np.prod(cx.relaxed[node].geometry.kernel))
+                widest = max(widest, kernel * (_elements(node.outputs[0], self.batched) or 0))
+        for out in node.outputs:
+            self.widest[out] = max(widest, _elements(out, self.batched) or 0)
+
+    def fits(self, value: ir.Value, both: bool) -> bool:
+        """Whether the largest coefficient tensor of a pass bounding `value` stays within MAX_PASS_BYTES."""
+        count = _elements(value, self.batched)
+        if count is None:   # a run-time number of margins ([batch, n]): rows known only when it runs
+            return True
+        rows = count * (2 if both else 1)
+        return 4 * rows * self.of(value) <= MAX_PASS_BYTES
 
 
 def _exactness(node: ir.Node, state: dict, perturbed: set) -> int:
@@ -177,13 +217,15 @@ class CrownPass(ir.passes.FunctionalPass):
         cx.fallback = set(fallback)
 
         intervals = _Intervals(b, self.trainable, boxes)
+        reach = _Reach(batched)
         exposed: dict[str, tuple[ir.Value, ir.Shape]] = {}
         splits: list[str] = []
         index = 0
         while index < len(nodes):
             node = nodes[index]
             if node in cx.fallback:
-                self._leaf(cx, intervals, nodes, index)
+                self._leaf(cx, intervals, reach, nodes, index)
+                reach.step(node, cx)
                 index += 1
                 continue
             if node not in cx.decomposed and crown_products.decomposes(node, perturbed):
@@ -200,7 +242,7 @@ class CrownPass(ir.passes.FunctionalPass):
                 loose = intervals.exactness[x] == LOOSE or self.norm == "l2"
                 given = split and self.split_bounds == "given"
                 if self.intermediate == "crown" and loose and x not in intervals.tightened and not given \
-                        and _backward_fits(x, cx.batched):
+                        and crown_fallback.boundable(x, cx.batched) and reach.fits(x, both=True):
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
             if split and needs[0].name not in splits:
@@ -219,6 +261,7 @@ class CrownPass(ir.passes.FunctionalPass):
                     exposed[f"{ALPHA_INIT_PREFIX}{node.outputs[0].name}"] = (cx.relaxed[node].adaptive_alpha,
                                                                             node.outputs[0].shape)
             intervals.step(node, perturbed)
+            reach.step(node, cx)
             if node in cx.decomposed:   # the op's own IBP rule may be tighter than IBP through the primitives
                 found = intervals.env[cx.decomposed[node]]
                 intervals.meet(node.outputs[0], found.lower, found.upper)
@@ -230,15 +273,14 @@ class CrownPass(ir.passes.FunctionalPass):
         for out in graph.outputs:
             if out not in intervals.env:
                 continue
-            if out in cx.leaf_intervals or not crown_fallback.boundable(out, batched) \
-                    or not _backward_fits(out, batched):
+            both = self.crown_upper if self.crown_upper is not None else out.name != MARGINS
+            if out in cx.leaf_intervals or not crown_fallback.boundable(out, batched) or not reach.fits(out, both):
                 # A leaf's own interval is what CROWN would find; outputs a backward pass cannot bound (boolean,
-                # integer, another float type, a run-time sample shape) or whose identity would not fit keep their
-                # IBP interval, as IBP gives it.
+                # integer, another float type, a run-time sample shape) or whose pass would not fit keep their IBP
+                # interval, as IBP gives it.
                 box = iv.as_interval(b, intervals.env[out])
                 bounds[out.name] = ibp._as_float(b, graph, out.name, box)   # as the IBP pass gives it
                 continue
-            both = self.crown_upper if self.crown_upper is not None else out.name != MARGINS
             lower, upper = cx.bound(nodes, out, both)
             box = intervals.env[out]
             bounds[out.name] = (_meet(b, "Max", lower, box.lower),
@@ -258,7 +300,7 @@ class CrownPass(ir.passes.FunctionalPass):
         return ir.passes.PassResult(result, modified=True)
 
 
-    def _leaf(self, cx: Context, intervals: "_Intervals", nodes: list[ir.Node], index: int) -> None:
+    def _leaf(self, cx: Context, intervals: "_Intervals", reach: _Reach, nodes: list[ir.Node], index: int) -> None:
         """A fallback node: IBP on its inputs' intervals (tightened by CROWN where IBP may be loose, as for a
         relaxed op's input); its outputs become leaves, whose IBP interval is exactly what CROWN would find."""
         node = nodes[index]
@@ -266,7 +308,7 @@ class CrownPass(ir.passes.FunctionalPass):
             for x in dict.fromkeys(v for v in node.inputs if v is not None and v in cx.perturbed):
                 loose = intervals.exactness.get(x, LOOSE) == LOOSE or self.norm == "l2"
                 if loose and x not in intervals.tightened and crown_fallback.boundable(x, cx.batched) \
-                        and _backward_fits(x, cx.batched):
+                        and reach.fits(x, both=True):
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
         intervals.step(node, cx.perturbed)

@@ -191,8 +191,8 @@ def _pad(node: ir.Node, cx: Support) -> bool:
 
 @RULES.precondition("BatchNormalization")
 def _first_only(node: ir.Node, cx: Support) -> bool:
-    """Perturbed input only (constant parameters)."""
-    return cx.first_only(node)
+    """Perturbed input only (constant parameters), inference mode (training mode: through IBP)."""
+    return cx.first_only(node) and not attr(node, "training_mode", 0)
 
 
 @RULES.precondition(*relaxations.ELEMENTWISE)
@@ -225,8 +225,9 @@ def fallbacks(model: ir.Model, nodes: list[ir.Node], method: str, sources: list[
     take but IBP does. Raises an UnsupportedOpError naming every node neither bounds.
 
     In a batched graph, coefficients carry the batch on the leading axis of every tensor they reach. The
-    rules keep it there; a leaf whose output a rule reads must too (`crown_fallback.batch_first`). Leaves
-    that only feed other leaves, or the graph's outputs (bounded by their interval), may move it anywhere."""
+    rules keep it there; a leaf whose output a rule reads must too (`crown_fallback.batch_first`), else that
+    rule's node becomes a leaf as well. Leaves that only feed other leaves, or the graph's outputs (bounded by
+    their interval), may move it anywhere."""
     batched = batched_inputs(sources)
     support = Support(tainted, batched)
     found, refused = {}, {}
@@ -239,12 +240,20 @@ def fallbacks(model: ir.Model, nodes: list[ir.Node], method: str, sources: list[
         if reason is not None:
             found[node] = "no CROWN rule for this op type" if reason == NO_RULE else reason
     if batched and found:
+        # A rule reading a leaf output whose batch axis is not first (a Reshape to a run-time shape that moves
+        # it) goes through IBP too, and so on downstream until the batch is first again: bounds as IBP's there.
         first = crown_fallback.batch_first(model, sources)
         ruled = set(nodes) - set(found) - set(refused)
-        for node, reason in list(found.items()):
-            read = [out for out in node.outputs if out is not None and any(use[0] in ruled for use in out.uses())]
-            if not all(first(out) for out in read):
-                del found[node]
-                refused[node] = f"{reason}; its IBP fallback feeds a CROWN rule a tensor whose batch axis is not first"
+        check = list(found)
+        while check:
+            node = check.pop()
+            for out in node.outputs:
+                if out is None or first(out):
+                    continue
+                for reader in dict.fromkeys(use[0] for use in out.uses()):
+                    if reader in ruled:
+                        ruled.discard(reader)
+                        found[reader] = f"its input {out.name} (an IBP fallback's output) has no batch axis first"
+                        check.append(reader)
     raise_refused(method, refused)
     return {node: f"{crown_fallback.VERDICT} ({reason})" for node, reason in found.items()}

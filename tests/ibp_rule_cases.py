@@ -214,7 +214,8 @@ def _resize(t: Tiny, op_type):
 
 @case("GridSample")
 def _grid_sample(t: Tiny, op_type):
-    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D."""
+    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D; cubic
+    (2-D only) at large magnitudes too."""
     volumetric = t.draw(st.booleans())
     t.opset = max(t.opset, 20 if volumetric else 16)
     spatial = [t.draw(st.integers(1, 3)) for _ in range(3 if volumetric else 2)]
@@ -224,10 +225,12 @@ def _grid_sample(t: Tiny, op_type):
     grid = t.const(t.rng.uniform(-1.2, 1.2, grid_shape)) if which == "data" else \
         t.op("Mul", t.op("Tanh", t.perturbed(grid_shape)), t.const(np.float32(1.2)))
     x = t.perturbed(shape) if which != "grid" else t.weights(shape)
-    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest"])
+    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest", "bicubic"])
     if volumetric or which != "data":
-        mode = {"bilinear": "linear"}.get(mode, mode)
+        mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
         t.opset = 20
+    if "cubic" in mode:  # negative weights: large magnitudes too
+        x = _large(t, x)
     return t.model(t.op("GridSample", x, grid, mode=mode, padding_mode=t.pick(["zeros", "border", "reflection"]),
                         align_corners=int(t.draw(st.booleans()))))
 
@@ -355,3 +358,138 @@ def _bitcast(t: Tiny, op_type):
     """A float's bits as int32, around zero and away from it (the result cast back to float)."""
     t.opset = 26
     return t.model(_as_float(t, t.op("BitCast", _large(t, t.perturbed(t.shape())), to=TensorProto.INT32)))
+
+
+EIGHT_BIT = {TensorProto.UINT8: (np.uint8, 0, 255), TensorProto.INT8: (np.int8, -128, 127)}
+
+
+def _quantized_input(t: Tiny, shape, target) -> tuple[str, str, str]:
+    """A perturbed input quantized to an 8-bit type (what reaches an integer op), with its scale and zero point."""
+    numpy_type, low, high = EIGHT_BIT[target]
+    scale = t.const(np.float32(t.pick([0.003, 0.02, 0.1, 1.0])))
+    zero = t.const(np.asarray(t.rng.integers(low, high + 1)), dtype=numpy_type)
+    return t.op("QuantizeLinear", _large(t, t.perturbed(shape)), scale, zero), scale, zero
+
+
+def _integer_weights(t: Tiny, shape, target, per_channel: bool) -> tuple[str, str]:
+    numpy_type, low, high = EIGHT_BIT[target]
+    # Mostly extreme values sometimes: long sums of 255 x 127 pass float32's exact integers.
+    extreme = t.draw(st.booleans())
+    values = t.rng.choice([low, high], shape) if extreme else t.rng.integers(low, high + 1, shape)
+    zero_shape = [shape[0]] if per_channel else []
+    zero = t.rng.integers(max(low, -10), min(high, 10) + 1, zero_shape)
+    return t.const(values, dtype=numpy_type), t.const(zero, dtype=numpy_type)
+
+
+def _operand_types(t: Tiny, op_type) -> tuple[int, int]:
+    """onnxruntime's QLinear kernels take uint8 x with uint8 or int8 weights, or int8 with int8 (y as x)."""
+    x_type = t.pick(list(EIGHT_BIT))
+    if op_type.startswith("QLinear") and x_type == TensorProto.INT8:
+        return x_type, x_type
+    return x_type, t.pick(list(EIGHT_BIT))
+
+
+def _requantized_output(t: Tiny, per_channel_size: int | None, out_type) -> tuple[str, str, str]:
+    """w_scale (per tensor or per output channel), y_scale and y_zero_point of a QLinear op."""
+    w_scale = t.rng.uniform(0.001, 0.05, [per_channel_size] if per_channel_size else [])
+    numpy_type, low, high = EIGHT_BIT[out_type]
+    return (t.const(w_scale.astype(np.float32)), t.const(np.float32(t.pick([0.01, 0.1, 2.0]))),
+            t.const(np.asarray(t.rng.integers(low, high + 1)), dtype=numpy_type))
+
+
+@case("QLinearConv", "ConvInteger")
+def _integer_conv(t: Tiny, op_type):
+    """A 1-D or 2-D convolution of a quantized input with 8-bit weights (strides, pads, dilations, groups),
+    per-tensor or (QLinearConv) per-channel weight parameters, an int32 bias; the result as floats."""
+    spatial = t.draw(st.integers(1, 2))
+    group = t.pick([1, 1, 2])
+    channels_in, channels_out = group * t.draw(st.integers(1, 3)), group * t.draw(st.integers(1, 2))
+    kernel = [t.draw(st.integers(1, 3)) for _ in range(spatial)]
+    sizes = [k + t.draw(st.integers(0, 3)) for k in kernel]
+    wide = t.draw(st.booleans())  # many input channels: long accumulations
+    if wide:
+        channels_in, group = 64 * group, group
+    x_type, w_type = _operand_types(t, op_type)
+    x, x_scale, x_zero = _quantized_input(t, [1, channels_in] + sizes, x_type)
+    per_channel = op_type == "QLinearConv" and t.draw(st.booleans())
+    w, w_zero = _integer_weights(t, [channels_out, channels_in // group] + kernel, w_type, per_channel)
+    attrs = {"group": group, "strides": [t.draw(st.integers(1, 2)) for _ in range(spatial)],
+             "pads": [t.draw(st.integers(0, 1)) for _ in range(2 * spatial)]}
+    if op_type == "ConvInteger":
+        return t.model(_as_float(t, t.op("ConvInteger", x, w, x_zero, w_zero, **attrs)))
+    w_scale, y_scale, y_zero = _requantized_output(t, channels_out if per_channel else None, x_type)
+    inputs = [x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero]
+    if t.draw(st.booleans()):
+        inputs.append(t.const(t.rng.integers(-2000, 2001, [channels_out]), dtype=np.int32))
+    return t.model(_as_float(t, t.op("QLinearConv", *inputs, **attrs)))
+
+
+@case("QLinearMatMul", "MatMulInteger")
+def _integer_matmul(t: Tiny, op_type):
+    """A quantized input times 8-bit weights (per-tensor or per-column parameters), or (MatMulInteger) times a
+    second quantized input; the result as floats."""
+    rows, inner, cols = t.draw(st.integers(1, 3)), t.pick([1, 3, 700]), t.draw(st.integers(1, 3))
+    batch = [t.draw(st.integers(1, 2))] if t.draw(st.booleans()) else []
+    a_type, b_type = _operand_types(t, op_type)
+    a, a_scale, a_zero = _quantized_input(t, batch + [rows, inner], a_type)
+    if op_type == "MatMulInteger" and t.draw(st.booleans()):
+        b, _, b_zero = _quantized_input(t, [inner, cols], b_type)
+        return t.model(_as_float(t, t.op("MatMulInteger", a, b, a_zero, b_zero)))
+    numpy_type, low, high = EIGHT_BIT[b_type]
+    extreme = t.draw(st.booleans())
+    b = t.const(t.rng.choice([low, high], [inner, cols]) if extreme else t.rng.integers(low, high + 1, [inner, cols]),
+                dtype=numpy_type)
+    per_column = t.draw(st.booleans())
+    b_zero = t.const(t.rng.integers(-5, 6, [cols] if per_column else []).clip(low, high), dtype=numpy_type)
+    if op_type == "MatMulInteger":
+        return t.model(_as_float(t, t.op("MatMulInteger", a, b, a_zero, b_zero)))
+    b_scale, y_scale, y_zero = _requantized_output(t, cols if per_column else None, a_type)
+    return t.model(_as_float(t, t.op("QLinearMatMul", a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero)))
+
+
+@case("DynamicQuantizeLinear")
+def _dynamic_quantize(t: Tiny, op_type):
+    """Per-tensor range, scale and zero point of a perturbed tensor (some all of one sign or exactly zero)."""
+    x = _large(t, t.perturbed(t.shape(1, 3)))
+    shift = t.pick(["none", "positive", "negative", "zero"])
+    if shift == "positive":
+        x = t.op("Relu", x)
+    elif shift == "negative":
+        x = t.op("Neg", t.op("Relu", x))
+    elif shift == "zero":
+        x = t.op("Mul", x, t.const(np.float32(0.0)))
+    y, scale, zero = t.node("DynamicQuantizeLinear", [x], outputs=3)
+    return t.model(_as_float(t, y), scale, _as_float(t, zero))
+
+
+@case("RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike")
+def _random_draw(t: Tiny, op_type):
+    """A fresh draw each time the original runs, added to a perturbed tensor (ranges of either sign)."""
+    shape = t.shape(1, 3)
+    low = float(t.pick([-3.0, 0.0, 2.0, 1e4]))
+    ranges = {"low": low, "high": low + float(t.pick([0.0, 0.5, 7.0]))} if "Uniform" in op_type else \
+        {"mean": float(t.pick([0.0, -2.0, 1e3])), "scale": float(t.pick([0.1, 1.0, 30.0]))}
+    x = t.perturbed(shape)
+    draw = t.op(op_type, x, **ranges) if op_type.endswith("Like") else t.op(op_type, shape=shape, **ranges)
+    return t.model(t.op("Add", x, draw))
+
+
+@case("Bernoulli")
+def _bernoulli(t: Tiny, op_type):
+    """Probabilities inside [0, 1] (a Sigmoid), some boxes pinned near 0 or 1; the draw in float or int32."""
+    p = t.op("Sigmoid", _large(t, t.perturbed(t.shape())))
+    kind = t.pick([TensorProto.FLOAT, TensorProto.INT32])
+    draw = t.op(op_type, p, dtype=kind)
+    return t.model(draw if kind == TensorProto.FLOAT else _as_float(t, draw))
+
+
+@case("Multinomial")
+def _multinomial(t: Tiny, op_type):
+    logits = t.perturbed([t.draw(st.integers(1, 3)), t.draw(st.integers(1, 5))])
+    return t.model(_as_float(t, t.op(op_type, logits, sample_size=t.draw(st.integers(1, 4)))))
+
+
+@case("OptionalGetElement")
+def _optional_element(t: Tiny, op_type):
+    t.opset = 18  # a tensor input from opset 18 on
+    return t.model(t.op(op_type, t.perturbed(t.shape())))

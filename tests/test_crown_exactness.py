@@ -64,7 +64,7 @@ def test_a_wide_convolution_before_max_pooling_takes_megabytes_not_gigabytes():
 def test_a_loose_tensor_too_wide_for_a_backward_pass_keeps_its_ibp_interval():
     """Conv 32x2x2 -> ReLU -> 1x1 Conv -> ReLU on 28x28: the second ReLU's 23,328 inputs are loose, and a
     backward pass from them would start from a 23,328^2 identity (2.2 GB per box): they keep IBP's interval
-    (crown.MAX_BACKWARD_UNITS), the graph stays small and its bounds hold."""
+    (crown.MAX_PASS_BYTES), the graph stays small and its bounds hold."""
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(rng.normal(size=(32, 1, 2, 2)).astype(np.float32) / 2, "c1"),
              numpy_helper.from_array(rng.normal(size=(32, 32, 1, 1)).astype(np.float32) / 6, "c2"),

@@ -2,7 +2,9 @@
 undecided.
 
 A domain is a property box, its live conjuncts, bounds of every unit's input z (flattened over layers in graph
-order), its margin lower bounds and split signs. The property boxes get CROWN bounds of z first; each round
+order), its margin lower bounds and split signs. The property boxes get alpha-CROWN bounds of z first (every
+pass's slopes optimised for the margins, `AlphaUnitBounds`), which every domain inherits; each live conjunct of
+a box is then searched apart (a domain holds one conjunct, whose rows alone alpha-beta-CROWN bounds); each round
 the domains with the weakest margin bounds split their chosen unit's interval [l, u] at a point p, 0 for a
 ReLU (z >= 0 and z <= 0) and for an S-shaped unit whose interval holds 0 (each part is then convex or
 concave, where its lines are tight), else the middle: the children get the parent's bounds with one side
@@ -33,7 +35,8 @@ from ..alpha import AlphaSettings, ProofWatch
 from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
 from ..attack import unsafe_objective
 from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
-from .bounds import BetaSplitBounds, SplitBounds
+from ..precision import outward
+from .bounds import AlphaUnitBounds, BetaSplitBounds, SplitBounds
 from .resources import MemorySizer, log, size
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
 
@@ -50,6 +53,16 @@ WARM_START = True
 # bounds (the "given" split graph, one backward pass); the candidate whose weaker child is best is split.
 # Below 2: the first choice alone.
 LOOK_AHEAD = 4
+# True: children are bounded on their parent's unit bounds (the split unit's set to the split point), one
+# backward pass for the margins, as beta-CROWN does. False: CROWN recomputes every later layer's unit bounds per
+# child, clamped by the parent's (L passes on L layers). Measured with root alpha bounds (60 s, real
+# arithmetic): recomputing proves mnistfc 256x4 prop_0_0.03 (reusing: timeout) and leaves eran relu idx 186 at
+# -0.04 (reusing: -0.20); both prove idx 6998 after 15 domain bounds. The children's clamp graph often refutes
+# without the far costlier alpha-beta steps.
+REUSE_PARENT_BOUNDS = False
+# The property's boxes get alpha-CROWN bounds of every unit's input z (`AlphaUnitBounds`, at most this many
+# steps) before the first split: children inherit them. 0: CROWN's.
+ROOT_ALPHA_STEPS = 30
 # Domains per call of the zonotope's second look (`_second_look`).
 SECOND_LOOK_DOMAINS = 8
 # In float32 mode, bound split domains in float64 where the zonotope covers the model (False: in float32, whose
@@ -141,7 +154,8 @@ class ReluSplitSearch:
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
         self.scorer = None                            # the splitter's graph through torch (`_split_gains`)
         self.beta_settings = beta
-        self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, clamp, beta) \
+        self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, search.membership, clamp,
+                                           beta) \
             if beta is not None else None
         if self.double and self.beta_bounds is not None:
             self.beta_bounds.alpha.in_double()
@@ -162,10 +176,18 @@ class ReluSplitSearch:
         unbounded = np.full((len(self.lower), clamp.units), np.inf, dtype=np.float32)
         unsplit = np.zeros((len(self.lower), clamp.units), dtype=np.int8)
         cold = np.full((len(self.lower), self.warm_width), np.nan, dtype=np.float32)
-        # Margins of the boxes' own stage were computed in float32: in float64 mode the domains start afresh.
-        start = np.full(margin_lower.shape, -np.inf) if self.double else margin_lower
-        domains = self._bound_domains(clamp, np.arange(len(self.lower)), alive, -unbounded, unbounded, unsplit,
-                                      start, cold)
+        unit_lower, unit_upper = -unbounded, unbounded
+        if self.double:   # the boxes' own stage ran in float32: in float64 the domains start afresh
+            margin_lower = np.full(margin_lower.shape, -np.inf)
+        if ROOT_ALPHA_STEPS > 0:
+            margin_lower, unit_lower, unit_upper = self._root_unit_bounds(alive, margin_lower, unit_lower, unit_upper)
+        # One search per live conjunct of each box (a domain is refuted once its one conjunct is; beta then
+        # bounds only that conjunct's rows).
+        root, conjunct = np.nonzero(alive)
+        single = np.zeros((len(root), alive.shape[1]), dtype=bool)
+        single[np.arange(len(root)), conjunct] = True
+        domains = self._bound_domains(clamp, root, single, unit_lower[root], unit_upper[root], unsplit[root],
+                                      margin_lower[root], cold[root])
         if domains is None:
             return search.timeout()
         frontier = Frontier(domains)
@@ -199,6 +221,41 @@ class ReluSplitSearch:
             log.info("the zonotope's second look on %d split domains", self.second_looks)
         return search.finish("holds")
 
+    def _root_unit_bounds(self, alive, margin_lower, unit_lower, unit_upper):
+        """alpha-CROWN's margin lower bounds and unit input bounds of the property's boxes (`AlphaUnitBounds`),
+        each no looser than those given; those given where the graph would not fit the memory budget, or once
+        the deadline has passed."""
+        search, clamp = self.search, self.clamp
+        # The slopes of every pass and their gradients: a few times the CROWN graph's own memory.
+        each = 4 * clamp.bytes_per_sample
+        free = search.budget.free()
+        if each > free or search.past_deadline():
+            log.info("split units keep CROWN's bounds at the root (alpha-CROWN may need %s per box, %s free)",
+                     size(each), size(free))
+            return margin_lower, unit_lower, unit_upper
+        bounder = AlphaUnitBounds(search.network, search.matrix, search.offset, clamp,
+                                  AlphaSettings(iterations=ROOT_ALPHA_STEPS, give_up=False))
+        if self.double:
+            bounder.alpha.in_double()
+        membership = torch.from_numpy(search.membership)
+        margin_lower, unit_lower, unit_upper = margin_lower.copy(), unit_lower.copy(), unit_upper.copy()
+        chunk = max(1, int(free // each))
+        for start in range(0, len(alive), chunk):
+            part = slice(start, start + chunk)
+            live = torch.from_numpy(alive[part])
+            watch = ProofWatch(lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,
+                                                            live).numpy(), ROOT_ALPHA_STEPS, give_up=False)
+            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part],
+                                                    stop=lambda low, high: search.past_deadline() or watch(low, high))
+            search.boxes_bounded += len(low)
+            # float64 bounds (in float64 mode) as float32, rounded outward
+            low, found_lower, found_upper = outward("lower", low), outward("lower", found_lower), outward("upper",
+                                                                                                         found_upper)
+            margin_lower[part] = np.maximum(margin_lower[part], low)
+            unit_lower[part] = np.maximum(unit_lower[part], found_lower)
+            unit_upper[part] = np.minimum(unit_upper[part], found_upper)
+        return margin_lower, unit_lower, unit_upper
+
     def _split(self, parents: Domains) -> list[Domains] | None:
         """Both children of every parent (split on its chosen unit), bounded and filtered to the live ones;
         None at the deadline."""
@@ -219,6 +276,8 @@ class ReluSplitSearch:
         # A split before the last layer pays off through the later layers' bounds, so those are
         # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
         last = self.layer[unit] == self.layer[-1]
+        if REUSE_PARENT_BOUNDS:
+            last = np.ones_like(last)
         if last.any():
             self._ensure_splitter()
         found = []
@@ -326,7 +385,7 @@ class ReluSplitSearch:
                                                             live).numpy(),
                                settings.iterations, settings.give_up)
             tighter, optimised = self.beta_bounds(self.lower[part.root], self.upper[part.root], part.unit_lower,
-                                                  part.unit_upper, part.signs,
+                                                  part.unit_upper, part.signs, np.argmax(part.alive, axis=1),
                                                   stop=lambda low, high: search.past_deadline() or watch(low, high),
                                                   warm=part.warm if self.warm_width else None)
             search.boxes_bounded += len(tighter)
