@@ -587,3 +587,18 @@ def _qlinear_concat(t: Tiny, op_type):
         triples += list(_quantized_input(t, part, kind))
     y_scale, y_zero = _output_parameters(t, kind)
     return _with_microsoft_ops(t, _as_float(t, _microsoft(t, op_type, y_scale, y_zero, *triples, axis=axis)))
+
+
+@case("DeformConv")
+def _deform_conv(t: Tiny, op_type):
+    """Perturbed offsets (some boxes reaching past the input) and image, a constant or perturbed kernel."""
+    t.opset = 19
+    kh, kw = t.draw(st.integers(1, 2)), t.draw(st.integers(1, 3))
+    height, width = t.draw(st.integers(2, 4)), t.draw(st.integers(kw, 4))
+    height = max(height, kh)
+    groups = t.draw(st.integers(1, 2))
+    x = _large(t, t.perturbed([1, 2, height, width]))
+    out = [height - kh + 1, width - kw + 1]
+    offset = t.op("Mul", t.perturbed([1, groups * kh * kw * 2] + out), t.const(np.float32(t.pick([0.5, 2.0]))))
+    w = t.perturbed([2, 2, kh, kw]) if t.draw(st.booleans()) else t.weights([2, 2, kh, kw])
+    return t.model(t.op(op_type, x, w, offset, kernel_shape=[kh, kw], offset_group=groups))

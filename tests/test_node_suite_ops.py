@@ -266,3 +266,101 @@ def test_float32_rounding_analysis_refuses_batch_statistics():
     from graphcert.rounding import error_graph
     with pytest.raises(UnsupportedOpError, match="training mode"):
         error_graph(model_lib.load(_batch_norm_training_model()))
+
+
+# ---- DeformConv: bilinear samples at perturbed offsets, then a (grouped) convolution ----------------------
+
+def _assert_box_sound(proto, centres: dict, radii: dict, samples=120, seed=0):
+    """IBP bounds of a model with several perturbed inputs (each its own radius) hold onnxruntime's outputs at
+    random points and corners of the box; the bounds are finite."""
+    from graphcert.runtime import Session
+    rng = np.random.default_rng(seed)
+    bound = Session(api.to_proto(api.bound_graph(model_lib.load(proto), "ibp")))
+    names = list(centres)
+    eps = {("epsilon" if len(names) == 1 else f"{n}_epsilon"): np.full((1,) * centres[n].ndim, radii[n], np.float32)
+           for n in names}
+    found = bound.run({**centres, **eps})
+    original = Session(proto)
+    for out in proto.graph.output:
+        lower, upper = found[f"{out.name}_lower"].astype(np.float64), found[f"{out.name}_upper"].astype(np.float64)
+        assert np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))
+        for k in range(samples):
+            draw = (lambda s: rng.choice([-1.0, 1.0], s)) if k % 2 else (lambda s: rng.uniform(-1, 1, s))
+            point = {n: (centres[n] + radii[n] * draw(centres[n].shape)).astype(np.float32) for n in names}
+            y = original.run(point)[out.name].astype(np.float64)
+            tolerance = 1e-5 + 1e-5 * np.abs(y)
+            assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), (out.name, k)
+
+
+def _deform_model(rng, weights_perturbed, with_mask, with_bias):
+    groups, offset_groups = int(rng.choice([1, 2])), int(rng.choice([1, 2]))
+    channels, out_channels = 2 * int(rng.integers(1, 3)), 2 * int(rng.integers(1, 3))
+    kh, kw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    height, width = int(rng.integers(3, 6)), int(rng.integers(3, 6))
+    strides, dilations = [int(v) for v in rng.integers(1, 3, 2)], [int(v) for v in rng.integers(1, 3, 2)]
+    pads = [int(v) for v in rng.integers(0, 2, 4)]
+    out_h = (height + pads[0] + pads[2] - (kh - 1) * dilations[0] - 1) // strides[0] + 1
+    out_w = (width + pads[1] + pads[3] - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    if min(out_h, out_w) < 1:  # the kernel does not fit: draw again
+        return _deform_model(rng, weights_perturbed, with_mask, with_bias)
+    shapes = {"X": [1, channels, height, width], "offset": [1, offset_groups * kh * kw * 2, out_h, out_w]}
+    inputs, inits = ["X", "W", "offset", "", ""], []
+    w = rng.normal(size=(out_channels, channels // groups, kh, kw)).astype(np.float32)
+    if weights_perturbed:
+        shapes["W"] = list(w.shape)
+    else:
+        inits.append(onnx.numpy_helper.from_array(w, "W"))
+    if with_bias:
+        inputs[3] = "B"
+        shapes["B"] = [out_channels]
+    if with_mask:
+        inputs[4] = "mask"
+        shapes["mask"] = [1, offset_groups * kh * kw, out_h, out_w]
+    node = helper.make_node("DeformConv", inputs, ["y"], group=groups, offset_group=offset_groups, kernel_shape=[kh, kw],
+                            strides=strides, dilations=dilations, pads=pads)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TP.FLOAT, s) for n, s in shapes.items()],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [1, out_channels, out_h, out_w])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model, shapes
+
+
+@pytest.mark.parametrize("weights_perturbed,with_mask,with_bias", [(False, False, False), (True, True, True),
+                                                                   (False, True, False), (True, False, True)])
+def test_deform_conv_bounds_contain_runtime_outputs(weights_perturbed, with_mask, with_bias):
+    """Random groups, offset groups, kernels, strides, dilations and pads; offsets boxes up to 2 pixels wide and
+    reaching past the input; near 0 and at 1e3."""
+    rng = np.random.default_rng(11 + 2 * weights_perturbed + with_mask)
+    for trial in range(6):
+        proto, shapes = _deform_model(rng, weights_perturbed, with_mask, with_bias)
+        scale = 1e3 if trial % 2 else 1.0
+        centres = {n: (rng.normal(size=s) * (2.0 if n == "offset" else scale if n == "X" else 1.0)).astype(np.float32)
+                   for n, s in shapes.items()}
+        radii = {n: float(rng.uniform(0.01, 1.0)) * (scale if n == "X" else 1.0) for n in shapes}
+        _assert_box_sound(proto, centres, radii, samples=60, seed=trial)
+
+
+# ---- refusals in one line rather than a load error --------------------------------------------------------
+
+def test_a_model_of_ai_onnx_ml_ops_alone_is_refused_by_op_not_by_the_opset_converter():
+    """No default-domain import: nothing to convert (the converter used to fail on opset 1)."""
+    from graphcert.errors import UnsupportedOpError
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Binarizer", ["x"], ["y"], domain="ai.onnx.ml", threshold=0.5)], "g",
+                              [x], [helper.make_tensor_value_info("y", TP.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    with pytest.raises(UnsupportedOpError) as info:
+        api.bound_graph(model_lib.load(model), "ibp")
+    assert "Binarizer" in str(info.value) and "ai.onnx.ml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bitcast_of_a_float64_model_is_refused_in_one_line():
+    from graphcert.errors import ModelLoadError
+    x = helper.make_tensor_value_info("x", TP.DOUBLE, [1, 3])
+    model = _make([helper.make_node("BitCast", ["x"], ["y"], to=TP.INT64)], [x],
+                  [helper.make_tensor_value_info("y", TP.INT64, [1, 3])], opset=26)
+    with pytest.raises(ModelLoadError, match="BitCast.*bits") as info:
+        model_lib.load(model)
+    assert "\n" not in str(info.value)
