@@ -364,3 +364,30 @@ def test_bitcast_of_a_float64_model_is_refused_in_one_line():
     with pytest.raises(ModelLoadError, match="BitCast.*bits") as info:
         model_lib.load(model)
     assert "\n" not in str(info.value)
+
+
+# ---- L2 balls: the same rules under the other norm ---------------------------------------------------------
+
+@pytest.mark.parametrize("build,shape,output,scale", [
+    (linear_attention_model, (1, 4, 32), "y", 4.0), (_batch_norm_training_model, (4, 3, 2, 2), "y", 1e3),
+    (lambda: _random_model("uniform_like"), (1, 6), "y", 1e3), (flex_attention_model, (1, 2, 3, 4), "y", 10.0)])
+def test_l2_bounds_contain_points_of_the_ball(build, shape, output, scale):
+    """IBP takes L-inf balls only: CROWN bounds these ops through their IBP rules (its fallback) on an L2 ball.
+    Points on the sphere and inside it."""
+    from graphcert.runtime import Session
+    proto = build()
+    loaded = model_lib.load(proto)
+    bound = Session(api.to_proto(api.bound_graph(loaded, "crown", norm="l2")))  # the IBP rules as its fallback
+    original = Session(api.to_proto(loaded) if proto.opset_import[0].version > 22 or len(proto.opset_import) > 1
+                       else proto)
+    rng = np.random.default_rng(6)
+    x0 = (rng.uniform(-1, 1, shape) * scale).astype(np.float32)
+    radius = np.float32(0.05 * scale)
+    found = bound.run({"x": x0, "epsilon": radius})
+    lower, upper = found[f"{output}_lower"], found[f"{output}_upper"]
+    for k in range(60):
+        step = rng.normal(size=shape)
+        step *= radius / np.linalg.norm(step) * (1.0 if k % 2 else rng.random())
+        y = original.run({"x": (x0 + step).astype(np.float32)})[output]
+        tolerance = 1e-5 + 1e-5 * np.abs(y)
+        assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), k
