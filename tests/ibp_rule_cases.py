@@ -214,7 +214,8 @@ def _resize(t: Tiny, op_type):
 
 @case("GridSample")
 def _grid_sample(t: Tiny, op_type):
-    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D."""
+    """A fixed grid, or a bounded one (coordinates around [-1.2, 1.2], some boxes wide), in 2-D and 3-D; cubic
+    (2-D only) at large magnitudes too."""
     volumetric = t.draw(st.booleans())
     t.opset = max(t.opset, 20 if volumetric else 16)
     spatial = [t.draw(st.integers(1, 3)) for _ in range(3 if volumetric else 2)]
@@ -224,10 +225,12 @@ def _grid_sample(t: Tiny, op_type):
     grid = t.const(t.rng.uniform(-1.2, 1.2, grid_shape)) if which == "data" else \
         t.op("Mul", t.op("Tanh", t.perturbed(grid_shape)), t.const(np.float32(1.2)))
     x = t.perturbed(shape) if which != "grid" else t.weights(shape)
-    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest"])
+    mode = t.pick(["linear", "nearest"]) if volumetric else t.pick(["bilinear", "nearest", "bicubic"])
     if volumetric or which != "data":
-        mode = {"bilinear": "linear"}.get(mode, mode)
+        mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
         t.opset = 20
+    if "cubic" in mode:  # negative weights: large magnitudes too
+        x = _large(t, x)
     return t.model(t.op("GridSample", x, grid, mode=mode, padding_mode=t.pick(["zeros", "border", "reflection"]),
                         align_corners=int(t.draw(st.booleans()))))
 
@@ -490,3 +493,18 @@ def _multinomial(t: Tiny, op_type):
 def _optional_element(t: Tiny, op_type):
     t.opset = 18  # a tensor input from opset 18 on
     return t.model(t.op(op_type, t.perturbed(t.shape())))
+
+
+@case("DeformConv")
+def _deform_conv(t: Tiny, op_type):
+    """Perturbed offsets (some boxes reaching past the input) and image, a constant or perturbed kernel."""
+    t.opset = 19
+    kh, kw = t.draw(st.integers(1, 2)), t.draw(st.integers(1, 3))
+    height, width = t.draw(st.integers(2, 4)), t.draw(st.integers(kw, 4))
+    height = max(height, kh)
+    groups = t.draw(st.integers(1, 2))
+    x = _large(t, t.perturbed([1, 2, height, width]))
+    out = [height - kh + 1, width - kw + 1]
+    offset = t.op("Mul", t.perturbed([1, groups * kh * kw * 2] + out), t.const(np.float32(t.pick([0.5, 2.0]))))
+    w = t.perturbed([2, 2, kh, kw]) if t.draw(st.booleans()) else t.weights([2, 2, kh, kw])
+    return t.model(t.op(op_type, x, w, offset, kernel_shape=[kh, kw], offset_group=groups))
