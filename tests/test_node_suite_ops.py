@@ -292,7 +292,7 @@ def _assert_box_sound(proto, centres: dict, radii: dict, samples=120, seed=0):
             assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), (out.name, k)
 
 
-def _deform_model(rng, weights_perturbed, with_mask, with_bias):
+def _deform_model(rng, weights_perturbed, with_mask, with_bias, batch=1):
     groups, offset_groups = int(rng.choice([1, 2])), int(rng.choice([1, 2]))
     channels, out_channels = 2 * int(rng.integers(1, 3)), 2 * int(rng.integers(1, 3))
     kh, kw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
@@ -302,8 +302,8 @@ def _deform_model(rng, weights_perturbed, with_mask, with_bias):
     out_h = (height + pads[0] + pads[2] - (kh - 1) * dilations[0] - 1) // strides[0] + 1
     out_w = (width + pads[1] + pads[3] - (kw - 1) * dilations[1] - 1) // strides[1] + 1
     if min(out_h, out_w) < 1:  # the kernel does not fit: draw again
-        return _deform_model(rng, weights_perturbed, with_mask, with_bias)
-    shapes = {"X": [1, channels, height, width], "offset": [1, offset_groups * kh * kw * 2, out_h, out_w]}
+        return _deform_model(rng, weights_perturbed, with_mask, with_bias, batch)
+    shapes = {"X": [batch, channels, height, width], "offset": [batch, offset_groups * kh * kw * 2, out_h, out_w]}
     inputs, inits = ["X", "W", "offset", "", ""], []
     w = rng.normal(size=(out_channels, channels // groups, kh, kw)).astype(np.float32)
     if weights_perturbed:
@@ -315,11 +315,11 @@ def _deform_model(rng, weights_perturbed, with_mask, with_bias):
         shapes["B"] = [out_channels]
     if with_mask:
         inputs[4] = "mask"
-        shapes["mask"] = [1, offset_groups * kh * kw, out_h, out_w]
+        shapes["mask"] = [batch, offset_groups * kh * kw, out_h, out_w]
     node = helper.make_node("DeformConv", inputs, ["y"], group=groups, offset_group=offset_groups, kernel_shape=[kh, kw],
                             strides=strides, dilations=dilations, pads=pads)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TP.FLOAT, s) for n, s in shapes.items()],
-                              [helper.make_tensor_value_info("y", TP.FLOAT, [1, out_channels, out_h, out_w])], inits)
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [batch, out_channels, out_h, out_w])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     model.ir_version = 10
     onnx.checker.check_model(model, full_check=True)
@@ -330,10 +330,10 @@ def _deform_model(rng, weights_perturbed, with_mask, with_bias):
                                                                    (False, True, False), (True, False, True)])
 def test_deform_conv_bounds_contain_runtime_outputs(weights_perturbed, with_mask, with_bias):
     """Random groups, offset groups, kernels, strides, dilations and pads; offsets boxes up to 2 pixels wide and
-    reaching past the input; near 0 and at 1e3."""
+    reaching past the input; near 0 and at 1e3; batches of 1 and 3."""
     rng = np.random.default_rng(11 + 2 * weights_perturbed + with_mask)
     for trial in range(6):
-        proto, shapes = _deform_model(rng, weights_perturbed, with_mask, with_bias)
+        proto, shapes = _deform_model(rng, weights_perturbed, with_mask, with_bias, batch=3 if trial >= 4 else 1)
         scale = 1e3 if trial % 2 else 1.0
         centres = {n: (rng.normal(size=s) * (2.0 if n == "offset" else scale if n == "X" else 1.0)).astype(np.float32)
                    for n, s in shapes.items()}
@@ -364,3 +364,30 @@ def test_bitcast_of_a_float64_model_is_refused_in_one_line():
     with pytest.raises(ModelLoadError, match="BitCast.*bits") as info:
         model_lib.load(model)
     assert "\n" not in str(info.value)
+
+
+# ---- L2 balls: the same rules under the other norm ---------------------------------------------------------
+
+@pytest.mark.parametrize("build,shape,output,scale", [
+    (linear_attention_model, (1, 4, 32), "y", 4.0), (_batch_norm_training_model, (4, 3, 2, 2), "y", 1e3),
+    (lambda: _random_model("uniform_like"), (1, 6), "y", 1e3), (flex_attention_model, (1, 2, 3, 4), "y", 10.0)])
+def test_l2_bounds_contain_points_of_the_ball(build, shape, output, scale):
+    """IBP takes L-inf balls only: CROWN bounds these ops through their IBP rules (its fallback) on an L2 ball.
+    Points on the sphere and inside it."""
+    from graphcert.runtime import Session
+    proto = build()
+    loaded = model_lib.load(proto)
+    bound = Session(api.to_proto(api.bound_graph(loaded, "crown", norm="l2")))  # the IBP rules as its fallback
+    original = Session(api.to_proto(loaded) if proto.opset_import[0].version > 22 or len(proto.opset_import) > 1
+                       else proto)
+    rng = np.random.default_rng(6)
+    x0 = (rng.uniform(-1, 1, shape) * scale).astype(np.float32)
+    radius = np.float32(0.05 * scale)
+    found = bound.run({"x": x0, "epsilon": radius})
+    lower, upper = found[f"{output}_lower"], found[f"{output}_upper"]
+    for k in range(60):
+        step = rng.normal(size=shape)
+        step *= radius / np.linalg.norm(step) * (1.0 if k % 2 else rng.random())
+        y = original.run({"x": (x0 + step).astype(np.float32)})[output]
+        tolerance = 1e-5 + 1e-5 * np.abs(y)
+        assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), k

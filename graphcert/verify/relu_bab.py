@@ -154,13 +154,10 @@ class ReluSplitSearch:
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
         self.scorer = None                            # the splitter's graph through torch (`_split_gains`)
         self.beta_settings = beta
-        self.beta_bounds = BetaSplitBounds(search.network, search.matrix, search.offset, search.membership, clamp,
-                                           beta) \
-            if beta is not None else None
-        if self.double and self.beta_bounds is not None:
-            self.beta_bounds.alpha.in_double()
+        # Built once the root bounds leave a domain live (`_start_beta`): instances decided at the root skip it.
+        self.beta_bounds: BetaSplitBounds | None = None
         # Columns of alpha-beta parameters each domain keeps for its children (0: none kept).
-        self.warm_width = self.beta_bounds.width if self.beta_bounds is not None and WARM_START else 0
+        self.warm_width = 0
         # A domain costs its input box and unit bounds in and out at least; the graphs' own memory is measured.
         floor = 16 * search.network.n_inputs + 24 * clamp.units
         estimate = clamp.bytes_per_sample
@@ -190,6 +187,10 @@ class ReluSplitSearch:
                                       margin_lower[root], cold[root])
         if domains is None:
             return search.timeout()
+        if len(domains) and self.beta_settings is not None:
+            self._start_beta()
+            domains.warm = np.full((len(domains), self.warm_width), np.nan, dtype=np.float32)
+            domains = self._tighten_with_beta(domains)
         frontier = Frontier(domains)
         while len(frontier):
             if search.counterexample is not None:
@@ -220,6 +221,13 @@ class ReluSplitSearch:
         if self.second_looks:
             log.info("the zonotope's second look on %d split domains", self.second_looks)
         return search.finish("holds")
+
+    def _start_beta(self) -> None:
+        self.beta_bounds = BetaSplitBounds(self.search.network, self.search.matrix, self.search.offset,
+                                           self.search.membership, self.clamp, self.beta_settings)
+        if self.double:
+            self.beta_bounds.alpha.in_double()
+        self.warm_width = self.beta_bounds.width if WARM_START else 0
 
     def _root_unit_bounds(self, alive, margin_lower, unit_lower, unit_upper):
         """alpha-CROWN's margin lower bounds and unit input bounds of the property's boxes (`AlphaUnitBounds`),
@@ -315,7 +323,7 @@ class ReluSplitSearch:
                                             np.minimum(clamped_lower, clamped_upper),
                                             np.maximum(clamped_lower, clamped_upper), signs[chunk],
                                             np.maximum(margin_lower.astype(np.float64), parent_lower[chunk]),
-                                            warm[chunk], second_look=self.beta_bounds is None))
+                                            warm[chunk], second_look=self.beta_settings is None))
         domains = Domains.concat(found)
         if self.beta_bounds is None or not len(domains):
             return domains
