@@ -310,3 +310,18 @@ def test_quantized_models_certify_and_verify(name, folder, tmp_path):
         point, _ = outcome.counterexample
         y = session.run({"x": np.asarray(point, np.float32).reshape(1, *shape)})["y"]
         assert y.argmax() != labels[0]
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+@pytest.mark.parametrize("name", ["residual-qoperator", "cnn-convinteger", "mlp-qlinearmatmul"])
+def test_torch_executor_runs_the_bound_graphs(name, method, folder):
+    """Attacks and alpha-CROWN run bound graphs in torch: the quantized rules' graphs (float64 requantization,
+    run-time ranks) give onnxruntime's bounds there."""
+    from graphcert.torch_exec import TorchGraph
+    proto = onnx.load(quantized(name, folder))
+    bound = api.bound_graph(api.load(proto), method, InputSet("linf"))
+    x = _sample(QUANTIZED[name][1], 7, n=2)
+    want = Session(api.to_proto(bound)).run({"x": x, "epsilon": np.float32(0.05)})
+    got = TorchGraph(bound, trainable=False)({"x": torch.tensor(x), "epsilon": torch.tensor(np.float32(0.05))})
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key].detach().numpy(), value, rtol=1e-6, atol=1e-6, err_msg=key)
