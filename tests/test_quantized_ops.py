@@ -325,3 +325,29 @@ def test_torch_executor_runs_the_bound_graphs(name, method, folder):
     got = TorchGraph(bound, trainable=False)({"x": torch.tensor(x), "epsilon": torch.tensor(np.float32(0.05))})
     for key, value in want.items():
         np.testing.assert_allclose(got[key].detach().numpy(), value, rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["residual-qoperator", "mlp-matmulinteger", "cnn-qlinearconv"])
+def test_l2_bounds_are_sound(name, folder):
+    """CROWN on an L2 ball (the quantized ops bounded through IBP on the ball's box): sampled points on and inside
+    the sphere and points moved along the L2-normalised torch gradient of each output stay inside."""
+    from graphcert.torch_exec import TorchGraph
+    proto = onnx.load(quantized(name, folder))
+    bound = api.to_proto(api.bound_graph(api.load(proto), "crown", InputSet("linf"), norm="l2"))
+    shape = QUANTIZED[name][1]
+    x0, radius = _sample(shape, 8), 0.3
+    got = Session(bound).run({"x": x0, "epsilon": np.float32(radius)})
+    lower, upper = got["y_lower"], got["y_upper"]
+    rng = np.random.default_rng(9)
+    directions = rng.standard_normal((64, *shape)).astype(np.float32)
+    graph = TorchGraph(api.load(proto), trainable=False)
+    for k in range(lower.size):
+        for sign in (-1.0, 1.0):
+            point = torch.tensor(x0, requires_grad=True)
+            (sign * graph({"x": point})["y"].reshape(-1)[k]).backward()
+            directions = np.concatenate([directions, point.grad.numpy()[None, 0]])
+    norms = np.linalg.norm(directions.reshape(len(directions), -1), axis=1).reshape((-1,) + (1,) * len(shape))
+    unit = directions / np.maximum(norms, 1e-12)
+    points = np.concatenate([x0 + radius * unit, x0 + radius * rng.random((len(unit),) + (1,) * len(shape)) * unit])
+    y = Session(proto).run({"x": points.astype(np.float32)})["y"]
+    assert np.all(lower - 1e-5 <= y) and np.all(y <= upper + 1e-5)
