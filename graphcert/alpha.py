@@ -67,7 +67,8 @@ class AlphaCrown:
         # The multipliers start at 0, where the bounds are those of the graph without them.
         plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init",
                           norm=norm, split_bounds=split_bounds)(normalised).model
-        self.session = Session(to_proto(plain), threads=threads)
+        self.plain_proto = to_proto(plain)
+        self.session = Session(self.plain_proto, threads=threads)
         tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs",
                           norm=norm, split_bounds=split_bounds, beta=beta)(normalised).model
         self.units: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
@@ -75,8 +76,15 @@ class AlphaCrown:
         self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units or v.name in self.betas}
         self._tuned = tuned
         self._executor = None
+        self.dtype = "float32"   # "float64": the bounds' own rounding is then negligible (verify's float32 mode)
         self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
         self.tracked: dict[str, np.ndarray] = {}          # `bounds(..., track=...)` fills it
+
+    def in_double(self) -> None:
+        """Compute every bound in float64 from now on (onnxruntime and torch; outputs rounded outward to float32)."""
+        from .precision import DoubleSession
+        self.session = DoubleSession(self.plain_proto)
+        self.dtype, self._executor = "float64", None
 
     def feeds(self, lower=None, upper=None, x=None, eps=None, objective=None) -> dict[str, np.ndarray]:
         """Graph inputs for a box (lower, upper) or an L-inf ball (x, eps), shaped like the model input."""
@@ -178,13 +186,16 @@ class AlphaCrown:
                 self.kept[name][:, improved] = value.detach().numpy()[:, improved]
         return np.where(improved, score, kept_score)
 
-    def parameter_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+    def parameter_shapes(self, rows: int | None = None) -> dict[str, tuple[int, tuple[int, ...]]] | None:
         """Each slope and multiplier input's (rows, per-sample shape), the batch axis (1) left out; None when
-        one is known at run time only."""
+        one is known at run time only. `rows`: the row count of a run-time objective (spec "runtime") that every
+        call will feed, standing in for the graph's free row dimension."""
         shapes = {}
         for value in self._tuned.graph.inputs:
             if value.name in self.units or value.name in self.betas:
                 dims = list(value.shape)
+                if rows is not None and not isinstance(dims[0], int):
+                    dims[0] = rows
                 if not all(isinstance(d, int) for d in [dims[0], *dims[2:]]):
                     return None
                 shapes[value.name] = (dims[0], tuple(dims[2:]))
@@ -198,7 +209,8 @@ class AlphaCrown:
     def _torch_graph(self):
         if self._executor is None:
             from graphcert.torch_exec import TorchGraph
-            self._executor = TorchGraph(self._tuned, trainable=False)
+            import torch
+            self._executor = TorchGraph(self._tuned, trainable=False, dtype=getattr(torch, self.dtype))
         return self._executor
 
 

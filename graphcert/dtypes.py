@@ -55,7 +55,13 @@ def io_dtypes(proto: onnx.ModelProto) -> dict[str, str]:
 
 
 def to_float32(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with every float16/bfloat16/float64 tensor, type and cast made float32."""
+    """The same graph with every float16/bfloat16/float64 tensor, type and cast made float32; ModelLoadError
+    for a BitCast (it reads its input's bits, which computing in float32 changes)."""
+    from .errors import ModelLoadError
+    for node in proto.graph.node:
+        if node.op_type == "BitCast":
+            raise ModelLoadError(f"cannot load BitCast node {node.name or '(unnamed)'} of a float16/bfloat16/float64 "
+                                 f"model: it reads the bits of its input, and graphcert computes such models in float32")
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph

@@ -102,6 +102,9 @@ def _normalised(proto: onnx.ModelProto, opset: int, free_batch: bool) -> tuple[i
     # IR < 4 requires initializers to be listed as inputs; the newer IR lets them stand alone.
     proto.ir_version = max(proto.ir_version, 8)
     freed = _make_batch_symbolic(proto) if free_batch else set()
+    if not any(o.domain in ("", "ai.onnx") for o in proto.opset_import):
+        # No default-domain op (an ai.onnx.ml model alone): nothing to convert, the target opset is declared.
+        proto.opset_import.append(onnx.helper.make_opsetid("", opset))
     current = _default_opset(proto)
     if current < opset:
         try:

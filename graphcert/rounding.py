@@ -182,6 +182,8 @@ def _conv(walk: Walk, node: ir.Node):
 @rule("BatchNormalization")
 def _batch_norm(walk: Walk, node: ir.Node):
     x, *params = node.inputs[:5]
+    if attr(node, "training_mode", 0):
+        raise _refused(node, "training mode (the batch's own statistics)")
     if any(_perturbed(walk, p) or p.const_value is None for p in params):
         raise _refused(node, "parameters that are not constants")
     s, b, m, v = (p.const_value.numpy().astype(np.float64) for p in params)

@@ -20,7 +20,7 @@ forms are computed in float64: their own rounding (2^-53 relative) is far below 
 is pushed up by 2^-20 at the end, every radius rounded up and every slope interval widened by 2^-40.
 
 Only dense networks of the ops in RULES are analysed (an op outside them: None, and the elementwise analysis
-stands alone); the forms are per-sample numpy arrays [units, symbols], so convolutional nets are left out.
+stands alone); the forms are numpy arrays [samples, units, symbols], so convolutional nets are left out.
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ from .interface import perturbed_inputs
 
 LIBM_ULPS = 4
 RULES: dict = {}
+# Forms of a chunk of samples analysed together take about this much memory.
+CHUNK_BYTES = 32 * 2 ** 20
+# Order reduction at linear ops: at most this many symbols per output unit keep their own columns.
+KEPT_PER_UNIT = 4
 rule = registrar(RULES)
 
 
@@ -41,37 +45,92 @@ class Unsupported(Exception):
 
 
 class Forms:
-    """One sample's forms: for every value, G [units, symbols] and the interval [l, u] of its real values."""
+    """The forms of a batch of samples: for every value, G [batch, units, symbols] (or [units, symbols] for one
+    sample) and the interval [l, u] [batch, units] of its real values; each symbol has its own radius per
+    sample (the radii depend on the sample's magnitudes)."""
 
     def __init__(self, arithmetic: Arithmetic):
         self.arithmetic = arithmetic
-        self.radii: list[np.ndarray] = []      # r of each block of symbols, in order
+        self.radii: list[np.ndarray] = []      # r [..., n] of each block of symbols, in order
         self.count = 0
         self.forms: dict[ir.Value, np.ndarray] = {}
         self.intervals: dict[ir.Value, tuple[np.ndarray, np.ndarray]] = {}
 
     def form(self, value: ir.Value) -> np.ndarray:
         found = self.forms[value]
-        if found.shape[1] < self.count:
-            found = np.pad(found, ((0, 0), (0, self.count - found.shape[1])))
+        if found.shape[-1] < self.count:
+            found = np.concatenate([found, np.zeros((*found.shape[:-1], self.count - found.shape[-1]))], axis=-1)
             self.forms[value] = found
         return found
 
     def radius(self) -> np.ndarray:
-        return np.concatenate(self.radii) if self.radii else np.zeros(0)
+        return np.concatenate(self.radii, axis=-1) if self.radii else np.zeros(0)
 
     def bound(self, form: np.ndarray) -> np.ndarray:
         """E = |G|·r, elementwise."""
-        return np.abs(form) @ self.radius() if self.count else np.zeros(len(form))
+        if not self.count:
+            return np.zeros(form.shape[:-1])
+        return np.einsum("...us,...s->...u", np.abs(form), np.broadcast_to(self.radius(), (*form.shape[:-2], self.count)))
 
     def fresh(self, form: np.ndarray, radius: np.ndarray) -> np.ndarray:
-        """form + one new symbol per element with these radii (rounded up)."""
-        radius = np.nextafter(np.asarray(radius, dtype=np.float64), np.inf)
+        """form + one new symbol per element with these radii (rounded up).
+
+        When the newest block of symbols enters `form` as a diagonal (a linear op's rounding followed by a bias or
+        an activation: one unit's symbol reaches that unit only), it is folded into the new one: d·δ + δ' with
+        |δ| <= r, |δ'| <= r' is one symbol of radius |d|·r + r' (its other uses keep δ; correlation is only lost,
+        so every bound stays valid). Columns no live form uses are dropped by `compact`."""
+        radius = np.asarray(radius, dtype=np.float64)
+        units = form.shape[-2]
+        if self.radii and self.radii[-1].shape[-1] == units and units:
+            start = self.count - units
+            block = form[..., start:start + units]
+            diagonal = np.diagonal(block, axis1=-2, axis2=-1)
+            if np.count_nonzero(block) == np.count_nonzero(diagonal):
+                radius = radius + np.abs(diagonal) * self.radii[-1]
+                form[..., start:start + units] = 0.0   # every caller passes a form of its own
+        radius = np.nextafter(np.broadcast_to(radius, (*form.shape[:-2], units)).astype(np.float64), np.inf)
         self.radii.append(radius)
-        grown = np.pad(form, ((0, 0), (0, self.count + len(radius) - form.shape[1])))
-        grown[np.arange(len(radius)), self.count + np.arange(len(radius))] = 1.0
-        self.count += len(radius)
+        grown = np.concatenate([form, np.zeros((*form.shape[:-1], self.count + units - form.shape[-1]))], axis=-1)
+        grown[..., np.arange(units), self.count + np.arange(units)] = 1.0
+        self.count += units
         return grown
+
+    def reduce(self, form: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(form', boxed): at most KEPT_PER_UNIT symbols per unit keep their columns, those that reach the
+        units most (Σ|G|·r over the batch) first; the others become boxed [..., units] = Σ|G|·r per unit, for
+        the caller to add to a fresh symbol of its own (zonotope order reduction: sound, and the smallest
+        contributions lose their correlations)."""
+        units = form.shape[-2]
+        limit = KEPT_PER_UNIT * units
+        if self.count <= limit:
+            return form, np.zeros(form.shape[:-1])
+        radius = np.broadcast_to(self.radius(), (*form.shape[:-2], self.count))
+        reach = np.abs(form) * radius[..., None, :]
+        score = reach.reshape(-1, self.count).sum(axis=0)
+        dropped = np.argsort(score)[:self.count - limit]
+        boxed = reach[..., dropped].sum(axis=-1)
+        form[..., dropped] = 0.0   # the caller's own array
+        return form, boxed
+
+    def compact(self, live) -> None:
+        """Drop the symbols no live value's form uses (they can no longer reach the output)."""
+        if not self.count:
+            return
+        used = np.zeros(self.count, dtype=bool)
+        for value in live:
+            form = self.forms.get(value)
+            if form is not None:
+                axes = tuple(range(form.ndim - 1))
+                used[:form.shape[-1]] |= np.any(form != 0, axis=axes)
+        if used.sum() > 0.9 * self.count:
+            return
+        radius = self.radius()[..., used]
+        for value in live:
+            if value in self.forms:
+                self.forms[value] = self.form(value)[..., used]
+        for value in [v for v in self.forms if v not in live]:
+            del self.forms[value]
+        self.radii, self.count = [radius], int(used.sum())
 
     def magnitude(self, value: ir.Value) -> np.ndarray:
         low, high = self.intervals[value]
@@ -115,13 +174,14 @@ def _linear(forms: Forms, node: ir.Node, x: ir.Value, weight: np.ndarray, bias: 
     """y = x·weight + bias per sample (weight [in, out]); `terms` roundings chain in each output."""
     form, y = forms.form(x), node.outputs[0]
     low, high = forms.intervals[x]
-    centre, spread = weight.T @ ((low + high) / 2), np.abs(weight).T @ ((high - low) / 2)
-    summed = np.abs(weight).T @ (forms.magnitude(x) + forms.bound(form))
+    centre, spread = ((low + high) / 2) @ weight, ((high - low) / 2) @ np.abs(weight)
+    summed = (forms.magnitude(x) + forms.bound(form)) @ np.abs(weight)
     if bias is not None:
         centre, summed = centre + bias, summed + np.abs(bias)
     g = forms.arithmetic.gamma(terms)
     steps = g / forms.arithmetic.unit * max(forms.arithmetic.underflow, 2.0 ** -1022)
-    forms.forms[y] = forms.fresh(weight.T @ form, g * summed + steps)
+    kept, boxed = forms.reduce(np.matmul(weight.T, form))
+    forms.forms[y] = forms.fresh(kept, g * summed + steps + boxed)
     forms.intervals[y] = (centre - spread, centre + spread)
 
 
@@ -151,7 +211,7 @@ def _matmul(forms: Forms, node: ir.Node) -> None:
 def _arithmetic(forms: Forms, node: ir.Node) -> None:
     a, b = node.inputs
     y = node.outputs[0]
-    size = forms.form(a if a in forms.forms else b).shape[0]
+    size = forms.form(a if a in forms.forms else b).shape[-2]
     unit = forms.arithmetic.unit
     tiny = max(forms.arithmetic.underflow, 2.0 ** -1022)
     if a in forms.forms and b in forms.forms:
@@ -180,7 +240,7 @@ def _arithmetic(forms: Forms, node: ir.Node) -> None:
         ends = np.stack([low * factor, high * factor])
         low, high = ends.min(axis=0), ends.max(axis=0)
         summed = np.maximum(np.abs(low), np.abs(high)) + np.abs(factor) * forms.bound(form)
-        forms.forms[y] = forms.fresh(form * factor[:, None], unit * summed + tiny)
+        forms.forms[y] = forms.fresh(form * factor[..., None], unit * summed + tiny)
     forms.intervals[y] = (low, high)
 
 
@@ -219,7 +279,7 @@ def _activation(forms: Forms, node: ir.Node) -> None:
         library = (LIBM_ULPS + 3) * forms.arithmetic.unit * np.maximum(np.abs(out[0]), np.abs(out[1]))
     middle, spread = (slope_low + slope_high) / 2, (slope_high - slope_low) / 2
     tiny = max(forms.arithmetic.underflow, 2.0 ** -1022) * (LIBM_ULPS + 3)
-    forms.forms[y] = forms.fresh(form * middle[:, None], spread * error + library + tiny)
+    forms.forms[y] = forms.fresh(form * middle[..., None], spread * error + library + tiny)
     forms.intervals[y] = (np.minimum(out[0], out[1]), np.maximum(out[0], out[1]))
 
 
@@ -240,32 +300,54 @@ class ZonotopeErrors:
         if missing:
             raise Unsupported(f"no zonotope rule for {', '.join(missing)}")
         self.weight_rounding = model.metadata_props.get("graphcert.dtype") == "float64"
+        # The values still needed after each node (read by a later node, or the output): symbols only the others
+        # use are dropped as the analysis goes.
+        last_use = {self.output: len(self.nodes)}
+        for index, node in enumerate(self.nodes):
+            for value in node.inputs:
+                if value is not None:
+                    last_use[value] = index
+        self.live_after = [{v for v, last in last_use.items() if last > index} for index in range(len(self.nodes))]
+        # Forms are [units, symbols] per sample: about one symbol per unit of each layer (the folding in
+        # `Forms.fresh`), so the widest value times the units on the way bounds a sample's memory.
+        sizes = [int(np.prod([d for d in v.shape.dims[1:]])) for node in self.nodes for v in node.outputs
+                 if v.shape is not None and all(isinstance(d, int) for d in v.shape.dims[1:])]
+        self.widest, self.symbols = max(sizes, default=1), sum(sizes) + 1
 
     def rows_error(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray, given: dict | None = None
                    ) -> np.ndarray:
-        """[batch, m] for boxes lower, upper [batch, ...] and rows [m, n] or [batch, m, n]."""
+        """[batch, m] for boxes lower, upper [batch, ...] and rows [m, n] or [batch, m, n]; the samples are
+        analysed together in chunks of CHUNK_BYTES of forms."""
         count = len(lower)
         rows = np.broadcast_to(np.asarray(rows, dtype=np.float64), (count, *np.asarray(rows).shape[-2:]))
         found = np.empty(rows.shape[:2])
-        for k in range(count):
-            sample_given = {name: (np.asarray(lo[k], np.float64).reshape(-1), np.asarray(hi[k], np.float64).reshape(-1))
+        width = max(self.widest, 1)
+        chunk = max(1, int(CHUNK_BYTES // (8 * width * max(self.symbols, 1))))
+        for start in range(0, count, chunk):
+            part = slice(start, min(count, start + chunk))
+            sample_given = {name: (np.asarray(lo[part], np.float64).reshape(len(rows[part]), -1),
+                                   np.asarray(hi[part], np.float64).reshape(len(rows[part]), -1))
                             for name, (lo, hi) in (given or {}).items()}
-            form = self._output_form(np.asarray(lower[k], np.float64).reshape(-1),
-                                     np.asarray(upper[k], np.float64).reshape(-1), sample_given)
-            found[k] = np.abs(rows[k] @ form[0]) @ form[1]
+            form, radius = self._output_form(np.asarray(lower[part], np.float64).reshape(len(rows[part]), -1),
+                                             np.asarray(upper[part], np.float64).reshape(len(rows[part]), -1),
+                                             sample_given)
+            found[part] = np.einsum("bms,bs->bm", np.abs(np.matmul(rows[part], form)), radius)
         return found * (1 + 2.0 ** -20)
 
     def _output_form(self, low: np.ndarray, high: np.ndarray, given: dict):
+        """(G [batch, outputs, symbols], r [batch, symbols]) of the output for boxes low, high [batch, n]."""
         if self.weight_rounding:
             raise Unsupported("float64 models narrowed to float32")
         forms = Forms(self.arithmetic)
-        forms.forms[self.source] = np.zeros((low.size, 0))
+        forms.forms[self.source] = np.zeros((*low.shape, 0))
         forms.intervals[self.source] = (low, high)
-        for node in self.nodes:
+        for index, node in enumerate(self.nodes):
             RULES[node.op_type](forms, node)
             for value in node.outputs:
                 if value.name in given and value in forms.intervals:
                     own_low, own_high = forms.intervals[value]
                     given_low, given_high = given[value.name]
                     forms.intervals[value] = (np.maximum(own_low, given_low), np.minimum(own_high, given_high))
-        return forms.form(self.output), forms.radius()
+            forms.compact(self.live_after[index])
+        radius = np.broadcast_to(forms.radius(), (len(low), forms.count))
+        return forms.form(self.output), radius

@@ -242,7 +242,7 @@ class CrownPass(ir.passes.FunctionalPass):
                 loose = intervals.exactness[x] == LOOSE or self.norm == "l2"
                 given = split and self.split_bounds == "given"
                 if self.intermediate == "crown" and loose and x not in intervals.tightened and not given \
-                        and reach.fits(x, both=True):
+                        and crown_fallback.boundable(x, cx.batched) and reach.fits(x, both=True):
                     lower, upper = cx.bound(nodes[:index], x, both=True)
                     intervals.tighten(x, lower, upper)
             if split and needs[0].name not in splits:

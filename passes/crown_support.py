@@ -191,8 +191,8 @@ def _pad(node: ir.Node, cx: Support) -> bool:
 
 @RULES.precondition("BatchNormalization")
 def _first_only(node: ir.Node, cx: Support) -> bool:
-    """Perturbed input only (constant parameters)."""
-    return cx.first_only(node)
+    """Perturbed input only (constant parameters), inference mode (training mode: through IBP)."""
+    return cx.first_only(node) and not attr(node, "training_mode", 0)
 
 
 @RULES.precondition(*relaxations.ELEMENTWISE)

@@ -411,6 +411,8 @@ def _keeps_batch_axis(node: ir.Node) -> bool:
         return target is not None and int(target.numpy().reshape(-1)[0]) == 0 and not attr(node, "allowzero", 0)
     if op == "Transpose":
         return list(attr(node, "perm", [0]))[:1] == [0]
+    if op == "BatchNormalization" and attr(node, "training_mode", 0):
+        return False  # batch statistics: every sample's output reads the whole batch
     if op in ("Squeeze", "Unsqueeze"):
         axes = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
         return axes is not None and 0 not in axes.numpy().reshape(-1).tolist()
@@ -440,6 +442,6 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
 
 
 # The other rule families register into the same table (passes/ibp_core.RULES).
-from graphcert.passes import (ibp_rules_elementwise, ibp_rules_linear, ibp_rules_logic,  # noqa: E402,F401
-                              ibp_rules_qlinear, ibp_rules_quant, ibp_rules_random, ibp_rules_reduce,
-                              ibp_rules_sampling)
+from graphcert.passes import (ibp_rules_deform, ibp_rules_elementwise, ibp_rules_linear,  # noqa: E402,F401
+                              ibp_rules_logic, ibp_rules_qcontrib, ibp_rules_qlinear, ibp_rules_quant,
+                              ibp_rules_random, ibp_rules_reduce, ibp_rules_sampling)

@@ -90,13 +90,17 @@ def _per_channel(cx, node, v: Interval) -> Interval:
     return both_forms(cx, v, lambda t: cx.b.op("Reshape", t, shape))
 
 
-def _inference_mode(node) -> bool:
-    """training_mode = 0 (batch statistics would make it mix samples)."""
-    return attr(node, "training_mode", 0) == 0
+def _batchnorm_supported(node) -> bool:
+    """Inference mode, or training mode with static sizes along every axis but the channel."""
+    from graphcert.passes.ibp_rules_norms import batch_statistics_supported
+    return attr(node, "training_mode", 0) == 0 or batch_statistics_supported(node)
 
 
-@rule("BatchNormalization", accepts=_inference_mode)
+@rule("BatchNormalization", accepts=_batchnorm_supported)
 def _batchnorm(cx, node, x, scale, bias, mean, var):
+    if attr(node, "training_mode", 0):  # the batch's own statistics: passes/ibp_rules_norms.py
+        from graphcert.passes.ibp_rules_norms import batch_statistics_norm
+        return batch_statistics_norm(cx, node, x, scale, bias, mean, var)
     b = cx.b
     eps = attr(node, "epsilon", 1e-5)
     params = (scale, bias, mean, var)

@@ -120,13 +120,34 @@ def _probe(node, extent: int, size: int | None, scale: float | None) -> np.ndarr
         refuse(node, f"onnxruntime cannot resize with these attributes ({str(exc)[:80]})")
 
 
+# The cubic convolution kernel GridSample uses (Keys, A = -0.75): 4 taps per axis, weights summing to 1.
+CUBIC_A = -0.75
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """[len(t), 4] weights of the taps at distances 1 + t, t, 1 - t, 2 - t for fractions t in [0, 1]."""
+    def near(d):
+        return ((CUBIC_A + 2) * d - (CUBIC_A + 3)) * d * d + 1
+
+    def far(d):
+        return ((CUBIC_A * d - 5 * CUBIC_A) * d + 8 * CUBIC_A) * d - 4 * CUBIC_A
+    return np.stack([far(1 + t), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def cubic_absolute_sum() -> float:
+    """An upper bound on sum |w| of the 4 cubic weights over every fraction (1.375, at t = 1/2): the maximum
+    on a grid of 2^14 fractions plus a margin larger than the sum's slope (< 4) times half the grid step."""
+    t = np.linspace(0.0, 1.0, 2 ** 14 + 1)
+    return float(np.abs(_cubic_weights(t)).sum(axis=1).max()) + 4.0 * 2.0 ** -14
+
+
 @rule("GridSample")
 def _grid_sample(cx, node, x, grid):
     mode = _text(attr(node, "mode", "linear"))
-    if mode not in ("nearest", "linear", "bilinear"):
-        refuse(node, f"mode {mode} has negative interpolation weights")
-    if isinstance(grid, Interval):
-        return [_bounded_grid(cx, node, iv.as_interval(cx.b, x), grid)]
+    if mode not in ("nearest", "linear", "bilinear", "cubic", "bicubic"):
+        refuse(node, f"mode {mode} is not one ONNX defines")
+    if isinstance(grid, Interval) or mode in ("cubic", "bicubic"):
+        return [_bounded_grid(cx, node, iv.as_interval(cx.b, x), iv.as_interval(cx.b, grid))]
     x = iv.as_interval(cx.b, x)
     return [iv.monotone(cx.b, x, lambda v: cx.b.copy(node, [v, grid]))]
 
@@ -134,7 +155,11 @@ def _grid_sample(cx, node, x, grid):
 def _bounded_grid(cx, node, x: Interval, grid: Interval) -> Interval:
     """Each output between the least lower and the greatest upper bound of the input elements its grid box can
     read: per spatial axis the grid coordinates' box gives a range of element indices (a few ulps wider for the
-    runtime's arithmetic), the ranges' product a mask over the input, and zero joins where padding can be read."""
+    runtime's arithmetic), the ranges' product a mask over the input, and zero joins where padding can be read.
+
+    Cubic weights w (4 taps per axis) sum to 1 but some are negative, with sum |w| <= S (S = 1.375 per axis, its
+    power over the axes): for values in [m, M], sum w·v = c + sum w·(v - c) with c = (m + M)/2, so the output
+    lies within S·(M - m)/2 of c, i.e. in [m - (S - 1)/2·(M - m), M + (S - 1)/2·(M - m)]."""
     b = cx.b
     shape, grid_shape = node.inputs[0].shape, node.inputs[1].shape
     if shape is None or grid_shape is None or not all(isinstance(d, int) for d in list(shape[2:]) + list(grid_shape[1:-1])):
@@ -146,6 +171,7 @@ def _bounded_grid(cx, node, x: Interval, grid: Interval) -> Interval:
         refuse(node, "a bounded grid over this many input and output positions (the window mask is too large)")
     padding = _text(attr(node, "padding_mode", "zeros"))
     align = bool(attr(node, "align_corners", 0))
+    cubic = _text(attr(node, "mode", "linear")) in ("cubic", "bicubic")
     grid = sane(cx, grid, node.inputs[1].dtype)
     lower, upper = (b.op("Cast", v, to=ir.DataType.FLOAT) for v in (grid.lower, grid.upper))
     mask, outside = None, None
@@ -153,7 +179,7 @@ def _bounded_grid(cx, node, x: Interval, grid: Interval) -> Interval:
         component = b.ints([k - 1 - a])  # grid[..., 0] is x, the last spatial axis
         first, last, out_a = _index_range(b, b.op("Squeeze", b.op("Gather", lower, component, axis=-1), b.ints([-1])),
                                           b.op("Squeeze", b.op("Gather", upper, component, axis=-1), b.ints([-1])),
-                                          size, align, padding)
+                                          size, align, padding, (1, 2) if cubic else (0, 1))
         # [N, O...] -> [N, 1, O..., 1 (input axes before a), S_a, 1 (after)]
         index_shape = [size if j == a else 1 for j in range(k)]
         indices = b.const(np.arange(size, dtype=np.float32).reshape(index_shape))
@@ -172,14 +198,22 @@ def _bounded_grid(cx, node, x: Interval, grid: Interval) -> Interval:
     outside = b.op("Unsqueeze", outside, b.ints([1]))
     low = b.op("Where", outside, b.op("Min", low, zero), low)
     high = b.op("Where", outside, b.op("Max", high, zero), high)
+    if cubic:
+        overshoot = b.op("Mul", b.op("Sub", high, low), b.const((cubic_absolute_sum() ** k - 1) / 2))
+        # The runtime's weights and 4^k-term sum round: a few dozen ulps of the largest term, S^k·max|v|.
+        rounding = b.op("Mul", b.op("Max", b.op("Abs", low), b.op("Abs", high)),
+                        b.const(2.0 ** -17 * cubic_absolute_sum() ** k))
+        overshoot = b.op("Add", overshoot, rounding)
+        low, high = b.op("Sub", low, overshoot), b.op("Add", high, overshoot)
     # The weighted sum the runtime computes may pass its largest term by an ulp or two.
     result = widened(cx, Interval.from_bounds(b, low, high), ir.DataType.FLOAT)
     return Interval.from_bounds(b, b.op("Cast", result.lower, to=dtype), b.op("Cast", result.upper, to=dtype))
 
 
-def _index_range(b, low, high, size: int, align: bool, padding: str):
+def _index_range(b, low, high, size: int, align: bool, padding: str, taps=(0, 1)):
     """First and last input index (as floats) that grid coordinates in [low, high] can read along an axis of
-    `size`, and whether padding can be read (zeros), for linear or nearest sampling."""
+    `size`, and whether padding can be read (zeros): `taps` before and after floor(position) are read (0 and 1
+    for linear or nearest sampling, 1 and 2 for cubic)."""
     half, one = b.const(0.5), b.const(1.0)
     if align:  # -1 and 1 are the centres of the corner elements
         position = lambda g: b.op("Mul", b.op("Mul", b.op("Add", g, one), half), b.const(float(size - 1)))  # noqa: E731
@@ -189,7 +223,8 @@ def _index_range(b, low, high, size: int, align: bool, padding: str):
     p_low, p_high = position(low), position(high)
     slack = lambda p: b.op("Add", b.op("Mul", b.op("Abs", p), b.const(2.0 ** -16)), b.const(1e-4))  # noqa: E731
     p_low, p_high = b.op("Sub", p_low, slack(p_low)), b.op("Add", p_high, slack(p_high))
-    first, last = b.op("Floor", p_low), b.op("Add", b.op("Floor", p_high), one)
+    first = b.op("Sub", b.op("Floor", p_low), b.const(float(taps[0])))
+    last = b.op("Add", b.op("Floor", p_high), b.const(float(taps[1])))
     zero, top = b.const(0.0), b.const(float(size - 1))
     if padding == "border":
         return b.op("Min", b.op("Max", first, zero), top), b.op("Min", b.op("Max", last, zero), top), \

@@ -268,7 +268,8 @@ def test_split_bounds_pack_warm_starts_per_domain(tmp_path):
     onnx.save(proto, tmp_path / "m.onnx")
     network = Network(tmp_path / "m.onnx")
     splits = SplitBounds(network, SPEC, np.zeros(len(SPEC)), "clamp")
-    beta = BetaSplitBounds(network, SPEC, np.zeros(len(SPEC)), splits, AlphaSettings(iterations=5))
+    beta = BetaSplitBounds(network, SPEC, np.zeros(len(SPEC)), np.eye(len(SPEC), dtype=bool), splits,
+                           AlphaSettings(iterations=5))
     assert beta.width == sum(rows * int(np.prod(shape)) for rows, shape, _ in beta.layout.values()) > 0
     domains = 5
     rng = np.random.default_rng(0)

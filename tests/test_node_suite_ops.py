@@ -194,3 +194,200 @@ def test_ceil_mode_pools_that_drop_a_window_are_bounded_as_onnxruntime_runs_them
             check_bounds_sound(proto, graph_bound_fn(bound, "x", "y"), x0 * scale, eps, n_random=16, corners=16,
                                pgd_steps=3, attack_targets=4).assert_sound()
     assert bounded >= (3 if include_pad else 6)
+
+
+# ---- GridSample with cubic weights (some negative) on a bounded grid ------------------------------------
+
+def _grid_sample_model(padding, align):
+    inputs = [helper.make_tensor_value_info("X", TP.FLOAT, [1, 2, 4, 5]),
+              helper.make_tensor_value_info("G", TP.FLOAT, [1, 3, 3, 2])]
+    node = helper.make_node("GridSample", ["X", "G"], ["y"], mode="cubic", padding_mode=padding, align_corners=align)
+    return _make([node], inputs, [helper.make_tensor_value_info("y", TP.FLOAT, [1, 2, 3, 3])], opset=20)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+def test_cubic_grid_sample_bounds_contain_every_sampled_grid_and_image(padding):
+    """Image and grid both perturbed (grid boxes up to a pixel wide, some reaching outside), near 0 and at 1e4:
+    onnxruntime's output at random points and corners of the box lies inside the bounds, which stay finite."""
+    from graphcert.runtime import Session
+    rng = np.random.default_rng(7)
+    for trial in range(8):
+        align = trial % 2
+        proto = _grid_sample_model(padding, align)
+        bound = Session(api.to_proto(api.bound_graph(model_lib.load(proto), "ibp")))
+        original = Session(proto)
+        scale = 1e4 if trial >= 4 else 1.0
+        x, g = rng.normal(size=(1, 2, 4, 5)).astype(np.float32) * scale, rng.uniform(-1.3, 1.3, (1, 3, 3, 2)).astype(np.float32)
+        ex, eg = np.float32(0.2 * scale * rng.random()), np.float32(0.4 * rng.random())
+        found = bound.run({"X": x, "G": g, "X_epsilon": np.full((1, 1, 1, 1), ex), "G_epsilon": np.full((1, 1, 1, 1), eg)})
+        lower, upper = found["y_lower"].astype(np.float64), found["y_upper"].astype(np.float64)
+        assert np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))
+        for k in range(200):
+            pick = (lambda shape: rng.choice([-1.0, 1.0], shape)) if k % 2 else (lambda shape: rng.uniform(-1, 1, shape))
+            point = {"X": (x + ex * pick(x.shape)).astype(np.float32), "G": (g + eg * pick(g.shape)).astype(np.float32)}
+            y = original.run(point)["y"].astype(np.float64)
+            tolerance = 1e-5 + 1e-5 * np.abs(y)
+            assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), (trial, k)
+
+
+# ---- BatchNormalization in training mode: the batch's own statistics -----------------------------------
+
+def _batch_norm_training_model():
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [4, 3, 2, 2])
+    inits = [_init(n, v) for n, v in (("s", [1.0, 2.0, -1.5]), ("b", [0.0, 1.0, 2.0]), ("m", [0.0, 0.5, 1.0]),
+                                      ("v", [1.0, 2.0, 3.0]), ("w", [[[[1.0]], [[-2.0]], [[0.5]]]]))]
+    nodes = [helper.make_node("Mul", ["x", "w"], ["xw"]),
+             helper.make_node("BatchNormalization", ["xw", "s", "b", "m", "v"], ["y", "running_mean", "running_var"],
+                              training_mode=1, momentum=0.8, epsilon=1e-3)]
+    outputs = [helper.make_tensor_value_info(n, TP.FLOAT, shape)
+               for n, shape in (("y", [4, 3, 2, 2]), ("running_mean", [3]), ("running_var", [3]))]
+    return _make(nodes, [x], outputs, inits, opset=15)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_batch_norm_in_training_mode_is_bounded_by_interval_batch_statistics(method):
+    """Every output (Y and both running statistics) at samples spread out, nearly constant per channel (a tiny
+    variance: onnxruntime's E[x^2] - E[x]^2 rounds most there) and at large magnitudes."""
+    proto = _batch_norm_training_model()
+    loaded = model_lib.load(proto)
+    bound = api.to_proto(api.bound_graph(loaded, method))
+    rng = np.random.default_rng(4)
+    spread = rng.normal(size=(4, 3, 2, 2)).astype(np.float32)
+    flat = (3.0 + 1e-3 * rng.normal(size=(4, 3, 2, 2))).astype(np.float32)
+    for output in ("y", "running_mean", "running_var"):
+        for x0, eps in ((spread, 0.05), (spread * 1e3, 5.0), (flat, 1e-4), (flat * 1e3, 1e-2)):
+            check_bounds_sound(proto, graph_bound_fn(bound, "x", output), x0, eps, n_random=16, corners=16,
+                               pgd_steps=4, attack_targets=6, output=output).assert_sound()
+
+
+def test_float32_rounding_analysis_refuses_batch_statistics():
+    """Its BatchNormalization rule is the inference-mode affine map: training mode is refused, not analysed."""
+    from graphcert.errors import UnsupportedOpError
+    from graphcert.rounding import error_graph
+    with pytest.raises(UnsupportedOpError, match="training mode"):
+        error_graph(model_lib.load(_batch_norm_training_model()))
+
+
+# ---- DeformConv: bilinear samples at perturbed offsets, then a (grouped) convolution ----------------------
+
+def _assert_box_sound(proto, centres: dict, radii: dict, samples=120, seed=0):
+    """IBP bounds of a model with several perturbed inputs (each its own radius) hold onnxruntime's outputs at
+    random points and corners of the box; the bounds are finite."""
+    from graphcert.runtime import Session
+    rng = np.random.default_rng(seed)
+    bound = Session(api.to_proto(api.bound_graph(model_lib.load(proto), "ibp")))
+    names = list(centres)
+    eps = {("epsilon" if len(names) == 1 else f"{n}_epsilon"): np.full((1,) * centres[n].ndim, radii[n], np.float32)
+           for n in names}
+    found = bound.run({**centres, **eps})
+    original = Session(proto)
+    for out in proto.graph.output:
+        lower, upper = found[f"{out.name}_lower"].astype(np.float64), found[f"{out.name}_upper"].astype(np.float64)
+        assert np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))
+        for k in range(samples):
+            draw = (lambda s: rng.choice([-1.0, 1.0], s)) if k % 2 else (lambda s: rng.uniform(-1, 1, s))
+            point = {n: (centres[n] + radii[n] * draw(centres[n].shape)).astype(np.float32) for n in names}
+            y = original.run(point)[out.name].astype(np.float64)
+            tolerance = 1e-5 + 1e-5 * np.abs(y)
+            assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), (out.name, k)
+
+
+def _deform_model(rng, weights_perturbed, with_mask, with_bias, batch=1):
+    groups, offset_groups = int(rng.choice([1, 2])), int(rng.choice([1, 2]))
+    channels, out_channels = 2 * int(rng.integers(1, 3)), 2 * int(rng.integers(1, 3))
+    kh, kw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    height, width = int(rng.integers(3, 6)), int(rng.integers(3, 6))
+    strides, dilations = [int(v) for v in rng.integers(1, 3, 2)], [int(v) for v in rng.integers(1, 3, 2)]
+    pads = [int(v) for v in rng.integers(0, 2, 4)]
+    out_h = (height + pads[0] + pads[2] - (kh - 1) * dilations[0] - 1) // strides[0] + 1
+    out_w = (width + pads[1] + pads[3] - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    if min(out_h, out_w) < 1:  # the kernel does not fit: draw again
+        return _deform_model(rng, weights_perturbed, with_mask, with_bias, batch)
+    shapes = {"X": [batch, channels, height, width], "offset": [batch, offset_groups * kh * kw * 2, out_h, out_w]}
+    inputs, inits = ["X", "W", "offset", "", ""], []
+    w = rng.normal(size=(out_channels, channels // groups, kh, kw)).astype(np.float32)
+    if weights_perturbed:
+        shapes["W"] = list(w.shape)
+    else:
+        inits.append(onnx.numpy_helper.from_array(w, "W"))
+    if with_bias:
+        inputs[3] = "B"
+        shapes["B"] = [out_channels]
+    if with_mask:
+        inputs[4] = "mask"
+        shapes["mask"] = [batch, offset_groups * kh * kw, out_h, out_w]
+    node = helper.make_node("DeformConv", inputs, ["y"], group=groups, offset_group=offset_groups, kernel_shape=[kh, kw],
+                            strides=strides, dilations=dilations, pads=pads)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TP.FLOAT, s) for n, s in shapes.items()],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [batch, out_channels, out_h, out_w])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model, shapes
+
+
+@pytest.mark.parametrize("weights_perturbed,with_mask,with_bias", [(False, False, False), (True, True, True),
+                                                                   (False, True, False), (True, False, True)])
+def test_deform_conv_bounds_contain_runtime_outputs(weights_perturbed, with_mask, with_bias):
+    """Random groups, offset groups, kernels, strides, dilations and pads; offsets boxes up to 2 pixels wide and
+    reaching past the input; near 0 and at 1e3; batches of 1 and 3."""
+    rng = np.random.default_rng(11 + 2 * weights_perturbed + with_mask)
+    for trial in range(6):
+        proto, shapes = _deform_model(rng, weights_perturbed, with_mask, with_bias, batch=3 if trial >= 4 else 1)
+        scale = 1e3 if trial % 2 else 1.0
+        centres = {n: (rng.normal(size=s) * (2.0 if n == "offset" else scale if n == "X" else 1.0)).astype(np.float32)
+                   for n, s in shapes.items()}
+        radii = {n: float(rng.uniform(0.01, 1.0)) * (scale if n == "X" else 1.0) for n in shapes}
+        _assert_box_sound(proto, centres, radii, samples=60, seed=trial)
+
+
+# ---- refusals in one line rather than a load error --------------------------------------------------------
+
+def test_a_model_of_ai_onnx_ml_ops_alone_is_refused_by_op_not_by_the_opset_converter():
+    """No default-domain import: nothing to convert (the converter used to fail on opset 1)."""
+    from graphcert.errors import UnsupportedOpError
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Binarizer", ["x"], ["y"], domain="ai.onnx.ml", threshold=0.5)], "g",
+                              [x], [helper.make_tensor_value_info("y", TP.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    with pytest.raises(UnsupportedOpError) as info:
+        api.bound_graph(model_lib.load(model), "ibp")
+    assert "Binarizer" in str(info.value) and "ai.onnx.ml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bitcast_of_a_float64_model_is_refused_in_one_line():
+    from graphcert.errors import ModelLoadError
+    x = helper.make_tensor_value_info("x", TP.DOUBLE, [1, 3])
+    model = _make([helper.make_node("BitCast", ["x"], ["y"], to=TP.INT64)], [x],
+                  [helper.make_tensor_value_info("y", TP.INT64, [1, 3])], opset=26)
+    with pytest.raises(ModelLoadError, match="BitCast.*bits") as info:
+        model_lib.load(model)
+    assert "\n" not in str(info.value)
+
+
+# ---- L2 balls: the same rules under the other norm ---------------------------------------------------------
+
+@pytest.mark.parametrize("build,shape,output,scale", [
+    (linear_attention_model, (1, 4, 32), "y", 4.0), (_batch_norm_training_model, (4, 3, 2, 2), "y", 1e3),
+    (lambda: _random_model("uniform_like"), (1, 6), "y", 1e3), (flex_attention_model, (1, 2, 3, 4), "y", 10.0)])
+def test_l2_bounds_contain_points_of_the_ball(build, shape, output, scale):
+    """IBP takes L-inf balls only: CROWN bounds these ops through their IBP rules (its fallback) on an L2 ball.
+    Points on the sphere and inside it."""
+    from graphcert.runtime import Session
+    proto = build()
+    loaded = model_lib.load(proto)
+    bound = Session(api.to_proto(api.bound_graph(loaded, "crown", norm="l2")))  # the IBP rules as its fallback
+    original = Session(api.to_proto(loaded) if proto.opset_import[0].version > 22 or len(proto.opset_import) > 1
+                       else proto)
+    rng = np.random.default_rng(6)
+    x0 = (rng.uniform(-1, 1, shape) * scale).astype(np.float32)
+    radius = np.float32(0.05 * scale)
+    found = bound.run({"x": x0, "epsilon": radius})
+    lower, upper = found[f"{output}_lower"], found[f"{output}_upper"]
+    for k in range(60):
+        step = rng.normal(size=shape)
+        step *= radius / np.linalg.norm(step) * (1.0 if k % 2 else rng.random())
+        y = original.run({"x": (x0 + step).astype(np.float32)})[output]
+        tolerance = 1e-5 + 1e-5 * np.abs(y)
+        assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), k

@@ -118,3 +118,50 @@ def test_children_on_parent_bounds_prove_and_never_prove_a_violation(tmp_path, m
     assert result.status == "holds"
     write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top - 0.02})", 2)
     assert verify(model, spec, timeout=5, method="crown", branching="relus", rounding="real").status == "violated"
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_beta_bounds_one_conjunct_per_domain(tmp_path, seed):
+    """BetaSplitBounds bounds only each domain's conjunct's rows (a conjunct of two rows and one of one row,
+    padded): those bounds hold on the domain's sampled and attacked inputs and are never below CROWN's with the
+    same given bounds; the other conjunct's rows are -inf; warm starts round-trip at the padded row count."""
+    from test_beta import attack_in_domain, given_domains, meets_signs
+
+    from graphcert.passes.crown import SPLIT_LOWER_PREFIX, SPLIT_SIGN_PREFIX, SPLIT_UPPER_PREFIX
+    from graphcert.verify.bounds import BetaSplitBounds, SplitBounds
+    from graphcert.verify.network import Network
+    domains = 6
+    layers, _, units, signs, given, (lower, upper) = given_domains(seed, domains)
+    proto, _ = relu_network([3, 16, 16, 3], seed=seed)
+    onnx.save(proto, tmp_path / "m.onnx")
+    network = Network(tmp_path / "m.onnx")
+    matrix = np.array([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 1.0, -1.0]], dtype=np.float32)
+    offset = np.array([0.1, -0.2, 0.05])
+    membership = np.array([[True, False], [True, False], [False, True]])
+    splits = SplitBounds(network, matrix, offset, "given")
+    assert splits.names == units
+    flat = lambda prefix: np.concatenate([given[prefix + n].reshape(domains, -1) for n in units], axis=1)  # noqa
+    unit_lower, unit_upper, sign = flat(SPLIT_LOWER_PREFIX), flat(SPLIT_UPPER_PREFIX), flat(SPLIT_SIGN_PREFIX)
+    box_lower, box_upper = np.tile(lower, (domains, 1)), np.tile(upper, (domains, 1))
+    crown, _, _ = splits(box_lower, box_upper, unit_lower, unit_upper)
+    beta = BetaSplitBounds(network, matrix, offset, membership, splits, AlphaSettings(iterations=15))
+    assert beta.rows == 2 and beta.width > 0
+    conjunct = np.arange(domains) % 2
+    low, kept = beta(box_lower, box_upper, unit_lower, unit_upper, sign, conjunct, stop=lambda low, high: False)
+    assert kept.shape == (domains, beta.width) and np.isfinite(kept).all()
+    np.testing.assert_array_equal(beta._pack(beta._unpack(kept), domains), kept)
+    own = membership[:, conjunct].T                          # [domains, rows]
+    assert np.isneginf(low[~own]).all() and np.isfinite(low[own]).all()
+    assert (low[own] >= crown[own] - TOLERANCE).all()
+    assert (low[own] > crown[own] + 1e-3).any()
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(lower, upper, size=(40000, 3))
+    hidden, y = pre_activations(layers, points)
+    for d in range(domains):
+        attacked = attack_in_domain(layers, units, signs, d, lower, upper, rng, starts=16, steps=40)
+        attacked_hidden, attacked_y = pre_activations(layers, attacked)
+        found = np.concatenate([y[meets_signs(hidden, units, signs, d)],
+                                attacked_y[meets_signs(attacked_hidden, units, signs, d)]])
+        assert len(found)
+        margins = found @ matrix.T.astype(np.float64) + offset
+        assert (margins[:, own[d]] >= low[d, own[d]] - TOLERANCE).all()

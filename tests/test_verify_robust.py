@@ -207,6 +207,33 @@ def test_an_isolated_job_past_its_deadline_or_budget_is_answered_and_ended():
     assert outcome.kind == "crash" and "a bug" in outcome.value
 
 
+def test_a_supervised_child_that_is_answering_at_the_deadline_answers_alone():
+    """A child that has begun to answer (claim_answer) when the deadline and grace pass is let finish: the
+    parent does not answer as well (one verdict per run, the child's, with its partial result); a child that
+    has not claimed is answered for."""
+    import os
+    import time
+
+    from graphcert.verify import isolate
+
+    def run(claim: bool):
+        answered = []
+        code = isolate.supervise(time.monotonic() + 0.2, None, lambda status, reason: answered.append(status),
+                                 lambda status: 30, grace=0.1)
+        if code is None:   # the child
+            try:
+                time.sleep(0.1)
+                if claim:
+                    isolate.claim_answer()
+                time.sleep(0.35)   # printing, slowly, past the deadline and grace
+            finally:
+                os._exit(7)
+        return code, answered
+
+    assert run(claim=True) == (7, [])
+    assert run(claim=False) == (30, ["timeout"])
+
+
 def test_the_command_line_refuses_a_timeout_that_is_not_positive(tmp_path, capsys):
     import cli
     model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"

@@ -14,6 +14,8 @@ from graphcert.commands.common import (DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_T
 
 # A script can branch on the verdict without parsing output; 2 stays "bad input" and 130 "interrupted".
 VERDICT_EXIT_CODES = {"holds": 0, "violated": 10, "unknown": 20, "timeout": 30}
+# Seconds before the deadline at which a supervised search stops, to print its own answer in time.
+SEARCH_MARGIN = 0.25
 
 
 def add_verify(sub) -> None:
@@ -97,6 +99,8 @@ def run_verify(args) -> int:
 
     def answer(status: str, reason: str, result=None) -> None:
         """Print (and write) the verdict; the guard calls it when a stage overruns the deadline or budget."""
+        from graphcert.verify.isolate import claim_answer
+        claim_answer()
         from graphcert.verify.competition import write_result
         from graphcert.verify import Result
         result = result or Result(status, None, time.monotonic() - started, reason=reason)
@@ -119,7 +123,10 @@ def run_verify(args) -> int:
             sys.stderr.flush()
             os._exit(code)
     from graphcert import verify as verifier
-    result = verifier.verify(shipped_model(args.model), args.spec, timeout=args.timeout, method=args.method,
+    # Supervised, the search ends a little before the deadline, so that its own answer (with the best partial
+    # result) is printed before the supervisor would answer for it.
+    timeout = args.timeout - SEARCH_MARGIN if process and args.timeout > 2 * SEARCH_MARGIN else args.timeout
+    result = verifier.verify(shipped_model(args.model), args.spec, timeout=timeout, method=args.method,
                              alpha=alpha, memory=budget.total, started=started, rounding=args.rounding)
     answer(result.status, result.reason, result)
     if process:

@@ -213,19 +213,27 @@ class SplitBounds:
 
 
 class BetaSplitBounds:
-    """alpha- and beta-CROWN margins of split domains (`graphcert.alpha`): the clamped bounds of z that
-    `SplitBounds` found are given, and the split signs (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units])
-    bring in the split constraints with multipliers optimised per domain and row. Returns margin lower
-    bounds [B, rows], never below those of CROWN with the given bounds, and each domain's optimised slopes and
-    multipliers flattened into a row of `width` float32 (the warm start of its children: `__call__`'s `warm`,
-    NaN for the default start; width 0 when the graph's parameter shapes are not static)."""
+    """alpha- and beta-CROWN margins of split domains (`graphcert.alpha`), each domain for one conjunct of the
+    unsafe set: only that conjunct's rows are bounded (a run-time objective of `rows` rows, the conjunct's rows
+    with its last repeated), as alpha-beta-CROWN bounds one property per search, instead of every row of the
+    property for every domain. The clamped bounds of z that `SplitBounds` found are given, and the split signs
+    (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units]) bring in the split constraints with multipliers
+    optimised per domain and row. Returns margin lower bounds [B, all rows] (-inf on rows of other conjuncts),
+    never below those of CROWN with the given bounds, and each domain's optimised slopes and multipliers
+    flattened into a row of `width` float32 (the warm start of its children: `__call__`'s `warm`, NaN for the
+    default start; width 0 when the graph's parameter shapes are not static)."""
 
-    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
-                 settings: AlphaSettings):
-        self.alpha = AlphaCrown(network.model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
-                                split_bounds="given", beta=True)
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
+                 splits: SplitBounds, settings: AlphaSettings):
+        self.alpha = AlphaCrown(network.model, "box", spec="runtime", split_bounds="given", beta=True)
         self.network, self.splits, self.settings = network, splits, settings
-        shapes = self.alpha.parameter_shapes() or {}
+        self.matrix, self.offset = np.asarray(matrix, dtype=np.float32), np.asarray(offset, dtype=np.float64)
+        # [conjuncts, rows]: each conjunct's row indices, its last repeated (duplicates bound the same margin)
+        members = [np.flatnonzero(membership[:, k]) for k in range(membership.shape[1])]
+        self.rows = max(1, max((len(m) for m in members), default=1))
+        self.conjunct_rows = np.stack([np.concatenate([m, np.repeat(m[-1:], self.rows - len(m))]) if len(m)
+                                       else np.zeros(self.rows, int) for m in members])
+        shapes = self.alpha.parameter_shapes(self.rows) or {}
         # name -> (rows, per-sample shape, first column in a domain's row)
         self.layout: dict[str, tuple[int, tuple[int, ...], int]] = {}
         column = 0
@@ -234,18 +242,32 @@ class BetaSplitBounds:
             column += rows * int(np.prod(shape))
         self.width = column
 
-    def __call__(self, lower, upper, unit_lower, unit_upper, signs, stop, warm: np.ndarray | None = None
+    def __call__(self, lower, upper, unit_lower, unit_upper, signs, conjunct, stop, warm: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
+        """`conjunct` [B]: each domain's conjunct; `stop(margin_lower, None)` sees bounds of every row (-inf on
+        rows of other conjuncts)."""
+        from ..interface import OBJECTIVE
         lo, hi = outward_float32(lower, upper)
+        rows = self.conjunct_rows[conjunct]                                     # [B, m]
         feeds = self.alpha.feeds(lower=self.network.model_shaped(lo), upper=self.network.model_shaped(hi))
+        feeds[OBJECTIVE] = np.ascontiguousarray(self.matrix[rows])              # [B, m, n]
         feeds.update(self.splits.split_feeds(unit_lower, unit_upper, signs))
         settings = self.settings
         start = self._unpack(warm) if warm is not None and self.width and warm.shape[1] == self.width else None
         keep = self.width > 0
-        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop,
+        low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay,
+                                   stop=lambda low, high: stop(self._every_row(low, rows), None),
                                    start=start, keep=keep)
         kept = self._pack(self.alpha.kept, len(lo)) if keep else np.empty((len(lo), 0), np.float32)
-        return low.reshape(len(lo), -1), kept
+        return self._every_row(low, rows), kept
+
+    def _every_row(self, low: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Bounds [B, m] of the objective rows `rows` -> margin bounds [B, all rows] (offsets added, -inf on rows
+        not bounded, the best of duplicates)."""
+        found = np.full((len(rows), len(self.offset)), -np.inf)
+        np.maximum.at(found, (np.arange(len(rows))[:, None], rows),
+                      low.reshape(len(rows), -1).astype(np.float64) + self.offset[rows])
+        return found
 
     def _unpack(self, warm: np.ndarray) -> dict[str, np.ndarray]:
         """Rows [B, width] -> graph inputs [rows, B, ...]."""

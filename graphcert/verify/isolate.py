@@ -18,6 +18,8 @@ from typing import Callable
 from ..errors import GraphcertError
 from .resources import Budget, ProcessGuard, size
 
+# A supervised child that has begun answering when its deadline (plus grace) passes gets this long to finish.
+ANSWER_SECONDS = 0.4
 # A child that has not answered this long after its deadline (its guard failed too) is killed.
 KILL_AFTER = 1.0
 
@@ -107,8 +109,23 @@ def _read_all(fd: int, pid: int, kill_at: float) -> bytes:
     return data
 
 
+# Set in the child of `supervise`: the pipe on which it tells the parent that it has begun to answer.
+_ANSWERING_FD: int | None = None
+
+
+def claim_answer() -> None:
+    """In a supervised child, tell the parent that this process is answering now: a parent whose deadline
+    passes meanwhile then lets it finish instead of answering too (one verdict per run, the child's, with its
+    partial result). Elsewhere nothing."""
+    global _ANSWERING_FD
+    if _ANSWERING_FD is not None:
+        os.write(_ANSWERING_FD, b"1")
+        os.close(_ANSWERING_FD)
+        _ANSWERING_FD = None
+
+
 def supervise(deadline: float, budget: Budget | None, answer: Callable[[str, str], None],
-              exit_code: Callable[[str], int], grace: float = 0.3, interval: float = 0.05) -> int | None:
+              exit_code: Callable[[str], int], grace: float = 0.5, interval: float = 0.05) -> int | None:
     """Split this process in two: the child returns None and does the work; the parent returns the exit code
     once the child ends, or, if the child passes `deadline + grace` or its memory budget first, kills it,
     calls `answer(status, reason)` and returns `exit_code(status)`.
@@ -119,9 +136,14 @@ def supervise(deadline: float, budget: Budget | None, answer: Callable[[str, str
     """
     if not hasattr(os, "fork"):
         return None
+    answering, claimed = os.pipe()
     pid = os.fork()
     if pid == 0:
+        global _ANSWERING_FD
+        os.close(answering)
+        _ANSWERING_FD = claimed
         return None
+    os.close(claimed)
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -138,10 +160,27 @@ def supervise(deadline: float, budget: Budget | None, answer: Callable[[str, str
             done, status = os.waitpid(pid, os.WNOHANG)
             if done and os.WIFEXITED(status):   # it finished (and answered) just before
                 return os.waitstatus_to_exitcode(status)
+            if verdict == "timeout" and select.select([answering], [], [], 0)[0]:
+                # It is printing its own answer (a busy machine delayed it): let it end, briefly.
+                os.kill(pid, signal.SIGCONT)
+                ended = _wait_for(pid, ANSWER_SECONDS)
+                if ended is not None:
+                    return ended
             answer(verdict, f"{reason} (peak resident memory {size(_peak_of(pid))})")
             os.kill(pid, signal.SIGKILL)
             return exit_code(verdict)
         time.sleep(interval)
+
+
+def _wait_for(pid: int, seconds: float) -> int | None:
+    """The exit code of the child if it ends within `seconds`, else None."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status) else 128 + os.WTERMSIG(status)
+        time.sleep(0.01)
+    return None
 
 
 def _resident_of(pid: int) -> int:

@@ -40,7 +40,8 @@ class Float32Slack:
         self.network, self.matrix, self.budget = network, matrix, budget
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
-        self._splits = self._domains = self._double = None
+        self._splits = self._double = None
+        self._domains: dict = {}
         try:
             self.slack = RoundingSlack(network.model)
         except UnsupportedOpError as refusal:
@@ -96,26 +97,46 @@ class Float32Slack:
                                                  np.maximum(clamped_lower, clamped_upper)))
 
     def of_domains(self, splits, lower: np.ndarray, upper: np.ndarray, unit_lower: np.ndarray,
-                   unit_upper: np.ndarray) -> np.ndarray:
+                   unit_upper: np.ndarray, in_double: bool = False, zonotope: bool = False) -> np.ndarray:
         """[B, rows] for split domains: boxes lower, upper [B, n] with bounds [B, units] of the input of every
         unit of `splits` (a verify.bounds.SplitBounds) that hold on the domain; the magnitudes then come from
-        the tighter of IBP's and these bounds (graphcert.rounding_given), so the slack shrinks as domains split."""
+        the tighter of IBP's and these bounds (graphcert.rounding_given), so the slack shrinks as domains split.
+        `in_double`: the margins and unit bounds were computed in float64 (`domains_in_double`); `zonotope`: the
+        model's error kept as a zonotope (graphcert.rounding_zonotope: slower, far tighter on deep nets)."""
         if self.slack is None or not self.network.batched:
             return self(lower, upper)
         from ..errors import GraphcertError
+        from ..precision import FLOAT64
         from ..rounding_slack import RoundingSlack
-        if self._domains is None:
+        if in_double not in self._domains:
             try:   # KeyError: a unit input the analysis does not reach (it does not depend on the input)
-                self._domains = RoundingSlack(self.network.model, given=splits.names)
+                self._domains[in_double] = RoundingSlack(self.network.model, given=splits.names,
+                                                         **({"bound_arithmetic": FLOAT64} if in_double else {}))
             except (GraphcertError, KeyError) as refusal:
                 log.info("float32 slack of split domains from the box only (%s)", refusal)
-                self._domains = False
-        if self._domains is False:
+                self._domains[in_double] = False
+        slack = self._domains[in_double]
+        if slack is False:
             return self(lower, upper)
         given = splits.per_layer(unit_lower, unit_upper)
         network = self.network
-        return self._domains.of_rows(network.model_shaped(lower.astype(np.float32)),
-                                     network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given)
+        return slack.of_rows(network.model_shaped(lower.astype(np.float32)),
+                             network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given,
+                             zonotope=zonotope)
+
+    def domains_in_double(self, splits) -> bool:
+        """Whether split domains of this model can be bounded in float64 with the zonotope's second look: on
+        deep nets the own rounding of float32 bound graphs (bounded through |W| products) dwarfs any margin
+        (eran's 9x200 ReLU net: about 1e5), that of float64 graphs does not."""
+        if self.slack is None or not self.network.batched:
+            return False
+        from ..precision import onnxruntime_runs_double
+        from ..rounding_zonotope import Unsupported, ZonotopeErrors
+        try:
+            ZonotopeErrors(self.network.model)
+        except Unsupported:
+            return False
+        return onnxruntime_runs_double(splits.proto)
 
 
     def in_double(self, lower: np.ndarray, upper: np.ndarray, offset: np.ndarray
@@ -137,10 +158,16 @@ class Float32Slack:
             unbounded = np.full((len(lower), splits.units), np.inf, dtype=np.float32)
             margin_lower, unit_lower, unit_upper = splits(lower, upper, -unbounded, unbounded)
             given = splits.per_layer(np.minimum(unit_lower, unit_upper), np.maximum(unit_lower, unit_upper))
-        network = self.network
-        found = slack.of_rows(network.model_shaped(lower.astype(np.float32)),
-                              network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given,
-                              zonotope=True)
+        # The slack (the zonotope's part is the slow one) only where a margin is positive: elsewhere it cannot
+        # refute anything.
+        found = np.full(margin_lower.shape, np.inf)
+        useful = np.flatnonzero((margin_lower > 0).any(axis=1))
+        if len(useful):
+            network = self.network
+            found[useful] = slack.of_rows(network.model_shaped(lower[useful].astype(np.float32)),
+                                          network.model_shaped(upper[useful].astype(np.float32)), self.matrix[None],
+                                          given={name: (low[useful], high[useful]) for name, (low, high) in given.items()},
+                                          zonotope=True)
         return margin_lower, found
 
     def _build_double(self, offset):
