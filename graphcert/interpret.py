@@ -79,12 +79,18 @@ class RuleTable(dict):
         super().__init__(rules or {})
         self.method = method
         self.preconditions: dict[str, Callable] = {}
+        # (domain, op type) of the ops of other domains this table has rules for (onnxruntime's com.microsoft
+        # quantized ops); their names are unlike every default-domain op's, so they share the op-type keys.
+        self.other_domains: set[tuple[str, str]] = set()
 
-    def rule(self, *op_types: str, accepts: Callable | None = None):
-        """Decorator: the function is the rule of every op type named, accepted where `accepts` holds."""
+    def rule(self, *op_types: str, accepts: Callable | None = None, domain: str = ""):
+        """Decorator: the function is the rule of every op type named (of `domain`, the default one unless
+        given), accepted where `accepts` holds."""
         def register(fn):
             for op_type in op_types:
                 self[op_type] = fn
+                if domain:
+                    self.other_domains.add((domain, op_type))
                 if accepts is not None:
                     self.preconditions[op_type] = accepts
             return fn
@@ -103,7 +109,7 @@ class RuleTable(dict):
         reason = refusal(node)
         if reason:
             return reason
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.other_domains:
             return f"no rules for ops of domain '{node.domain}'"
         if node.op_type not in self:
             return NO_RULE

@@ -233,7 +233,9 @@ def _conv_integer(cx, node, x, w, x_zp=None, w_zp=None):
 
 # ---- matrix products ---------------------------------------------------------------------------------------
 
-def _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, b_index):
+def _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, b_shape=None):
+    """The bounds of (a - a_zp) @ (b - b_zp), float64, exact whole numbers unless marked; b_shape is b's shape
+    when b_value is not the node's second operand as given (QGemm's transposed B)."""
     b = cx.b
     a_zp_shape = node.inputs[2].shape if len(node.inputs) > 2 and node.inputs[2] is not None else None
     rows = None
@@ -249,7 +251,8 @@ def _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, b_index):
         w_shifted = iv.point(b, b.const(shifted.astype(np.float32)))
     else:
         w_shifted = w_const
-    b_shape = node.inputs[b_index].shape
+    if b_shape is None:
+        b_shape = node.inputs[1 if node.op_type == "MatMulInteger" else 3].shape
     inner = b_shape[-2] if b_shape is not None and len(b_shape) >= 2 else (b_shape[0] if b_shape else None)
     terms = inner if isinstance(inner, int) else None
     product = lambda p, q: b.op("MatMul", p, q)  # noqa: E731
@@ -263,7 +266,7 @@ def _qlinear_matmul(cx, node, a, a_scale, a_zp, b_value, b_scale, b_zp, y_scale,
         shape = node.inputs[index].shape if index < len(node.inputs) and node.inputs[index] is not None else None
         if shape is not None and int(np.prod([d if isinstance(d, int) else 2 for d in shape])) != 1:
             refuse(node, "per-row scales or zero points of A or Y (per tensor only)")
-    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, 3)
+    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp)
     multiplier = _multiplier(cx, node, a_scale, b_scale, y_scale, lambda v: v)
     return [_requantized(cx, node, lower, upper, multiplier, y_zp, _out_type(node))]
 
@@ -271,12 +274,22 @@ def _qlinear_matmul(cx, node, a, a_scale, a_zp, b_value, b_scale, b_zp, y_scale,
 @rule("MatMulInteger")
 def _matmul_integer(cx, node, a, b_value, a_zp=None, b_zp=None):
     _eight_bit(node, 0, 1)
-    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, 1)
+    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp)
     return [_to_int32(cx, lower, upper)]
+
+
+# The y_zero_point input of each requantizing op (its type is the output's), for graphs where shape inference
+# does not know the op (onnxruntime's com.microsoft ones) or what feeds it.
+OUTPUT_ZERO_POINT = {"QLinearConv": 7, "QLinearMatMul": 7, "QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7,
+                     "QLinearGlobalAveragePool": 4, "QLinearConcat": 1, "QLinearSigmoid": 4, "QLinearLeakyRelu": 4}
 
 
 def _out_type(node) -> ir.DataType:
     out = node.outputs[0].dtype
+    index = OUTPUT_ZERO_POINT.get(node.op_type)
+    for given in ([node.inputs[index]] if index is not None and index < len(node.inputs) else []) + [node.inputs[0]]:
+        if out is None and given is not None:
+            out = given.dtype
     if out not in EIGHT_BIT:
         refuse(node, f"an output of type {out.name if out is not None else 'unknown'} (8-bit integers only)")
     return out
