@@ -1,4 +1,4 @@
-"""CROWN's backward passes within a memory budget, and leaves where the batch axis moves.
+"""CROWN's backward passes within a memory budget, leaves where the batch axis moves, shared small constants.
 
 A pass bounding a tensor of n elements holds coefficients [2n, batch, *t] for every tensor t it walks through;
 one whose largest such tensor would exceed `crown.MAX_PASS_BYTES` per sample is not built (the tensor keeps its
@@ -137,3 +137,29 @@ def test_rules_after_a_leaf_that_moves_the_batch_axis_go_through_ibp_too():
         out = Session(to_proto(bound)).run({"x_lower": lower, "x_upper": upper})
         low, high = out["y_lower"], out["y_upper"]
         assert np.all(low[:, None] <= outputs + 1e-5) and np.all(outputs <= high[:, None] + 1e-5)
+
+
+def deep_sigmoid_network(layers: int = 6, width: int = 8, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for k in range(layers):
+        inits.append(numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) / 3, f"w{k}"))
+        nodes += [helper.make_node("Gemm", [x, f"w{k}"], [f"z{k}"]), helper.make_node("Sigmoid", [f"z{k}"], [f"a{k}"])]
+        x = f"a{k}"
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_small_constants_are_made_once_per_graph():
+    """A backward pass asks for the same shape, axis and scalar constants at every step; each is one
+    initializer of the graph, not one per request (a 8-step LSTM's CROWN graph held 25,504 initializers, each
+    costing more to build and serialise than a node; 69 now)."""
+    model = deep_sigmoid_network()
+    proto = to_proto(api.bound_graph(api.load(model), "crown", InputSet("box")))
+    added = [init for init in proto.graph.initializer if init.name not in {i.name for i in model.graph.initializer}]
+    small = [init for init in added if int(np.prod(init.dims)) <= 16]
+    keys = {(init.data_type, tuple(init.dims), onnx.numpy_helper.to_array(init).tobytes()) for init in small}
+    assert len(keys) == len(small)   # no two small initializers hold the same value
+    assert len(small) < 100
