@@ -35,7 +35,8 @@ def _versions(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def expand_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """`proto` with every default-domain node that has a function body and no bound rule expanded."""
+    """`proto` with every node that has a function body and no bound rule expanded (default domain, and other
+    domains with a schema, at their own version)."""
     for _ in range(ROUNDS):
         versions = _versions(proto)
         opset = versions.get("")
