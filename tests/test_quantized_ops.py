@@ -390,3 +390,21 @@ def test_ceil_mode_average_pool_is_refused(folder, tmp_path):
     assert "QLinearAveragePool" in {n.op_type for n in onnx.load(out).graph.node}
     with pytest.raises(UnsupportedOpError, match="QLinearAveragePool.*ceil mode"):
         api.bound_graph(api.load(str(out)), "ibp")
+
+
+@pytest.mark.parametrize("seven_bit", [False, True])
+def test_int8_weights_that_may_saturate_are_refused_without_vnni(seven_bit, monkeypatch):
+    """onnxruntime's uint8 x int8 kernels on x86 without VNNI sum pairs of products in int16 with saturation:
+    full-range int8 weights are refused there (one line); weights within 7 bits cannot saturate and convert."""
+    from graphcert.errors import UnsupportedOpError
+    from graphcert.passes import ibp_rules_qlinear
+    monkeypatch.setattr(ibp_rules_qlinear, "_exact_int8_products", lambda: False)
+    proto, _ = _qlinear_conv_model(weight_input=False, per_channel=False)
+    if seven_bit:
+        weights = next(i for i in proto.graph.initializer if i.name == "w")
+        clipped = np.clip(numpy_helper.to_array(weights), -64, 64).astype(np.int8)
+        weights.CopyFrom(numpy_helper.from_array(clipped, "w"))
+        _bound(proto)
+    else:
+        with pytest.raises(UnsupportedOpError, match="without VNNI"):
+            _bound(proto)
