@@ -281,7 +281,8 @@ def _matmul_integer(cx, node, a, b_value, a_zp=None, b_zp=None):
 # The y_zero_point input of each requantizing op (its type is the output's), for graphs where shape inference
 # does not know the op (onnxruntime's com.microsoft ones) or what feeds it.
 OUTPUT_ZERO_POINT = {"QLinearConv": 7, "QLinearMatMul": 7, "QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7,
-                     "QLinearGlobalAveragePool": 4, "QLinearConcat": 1, "QLinearSigmoid": 4, "QLinearLeakyRelu": 4}
+                     "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QLinearConcat": 1, "QLinearSigmoid": 4,
+                     "QLinearLeakyRelu": 4}
 
 
 def _out_type(node) -> ir.DataType:
