@@ -141,10 +141,28 @@ def requirement(check: Callable) -> str:
     return f"outside its rule's precondition: {doc.splitlines()[0].rstrip('.')}" if doc else UNMET
 
 
+# Ops no method bounds when they read perturbed values, and why (a method that gains a rule drops the entry):
+# output shapes that depend on the values themselves (no fixed-shape box bounds them), and kernels that are not
+# the function the spec states.
+NO_SOUND_RULE = {
+    "Unique": "its output's shape depends on the input's values (how many are distinct)",
+    "NonZero": "its output's shape depends on the input's values (how many are non-zero)",
+    "Range": "its start, limit or delta depends on the perturbed input, so the output's length would vary",
+    "Swish": "onnxruntime's kernel is not x·sigmoid(alpha·x) in its negative tail (far from it and not monotone "
+             "there), so no rule of the formula is sound for it",
+}
+SEQUENCE_OPS = frozenset({"SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase",
+                          "SequenceAt", "SequenceLength", "SequenceMap", "ConcatFromSequence"})
+
+
 def refusal(node: ir.Node) -> str | None:
     """Why no bound method takes this node whatever its op's rule says, or None: an output that depends on the
     perturbed values in a way no interval captures, or randomness."""
     op = node.op_type
+    if op in NO_SOUND_RULE:
+        return NO_SOUND_RULE[op]
+    if op in SEQUENCE_OPS:
+        return "it makes or reads a sequence, and bound passes carry tensors (boxes) only"
     if op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
         return "its Indices output is used (argmax positions of perturbed values are not bounded)"
     if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:

@@ -1,6 +1,7 @@
 """IBP rules of onnxruntime's quantized ops of the com.microsoft domain, which its static quantizer writes in
 QOperator format beside QLinearConv/QLinearMatMul: QGemm (every Gemm/Linear layer), QLinearAdd (residual
-sums), QLinearMul, QLinearGlobalAveragePool, QLinearConcat, QLinearSigmoid and QLinearLeakyRelu.
+sums), QLinearMul, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QLinearSigmoid and
+QLinearLeakyRelu.
 
 Each is dequantize -> float op -> requantize with the runtime's rounding (half to even) and saturation, as
 onnxruntime's kernels compute it (integer accumulators exact; the float steps in float32, which moves a value
@@ -161,6 +162,37 @@ def _qlinear_global_average_pool(cx, node, x, x_scale, x_zp, y_scale, y_zp=None)
         mean = Interval.from_bounds(b, *(b.op("Reshape", b.reduce("ReduceMean", b.op("Reshape", v, flat), [2]), target)
                                          for v in (value.lower, value.upper)))
     return [_quantized(cx, node, mean, _slack(b, mean), y_scale, y_zp)]
+
+
+def _average_pool_accepted(node) -> bool:
+    """Channels first and no ceil mode (onnxruntime's QLinearAveragePool averages a ceil-mode window that runs
+    past the input unlike its AveragePool: 9 of 12 outputs of a 5x5 -> 3x3 pool differed)."""
+    return not attr(node, "channels_last", 0) and not attr(node, "ceil_mode", 0)
+
+
+@rule("QLinearAveragePool", domain=MS, accepts=_average_pool_accepted)
+def _qlinear_average_pool(cx, node, x, x_scale, x_zp, y_scale, y_zp=None):
+    """AveragePool (positive weights: non-decreasing) of x - x_zp at both ends, in float32: window sums of whole
+    numbers are exact there, the division rounds once. The runtime averages the dequantized floats, whose
+    rounding is within (window + 2) ulps of the terms' average magnitude: that much is added."""
+    b = cx.b
+    _eight_bit(node, 0)
+    shifted = _as_float32(b, x)
+    if x_zp is not None:
+        zp = _as_float32(b, x_zp)
+        shifted = Interval.from_bounds(b, b.op("Sub", shifted.lower, zp.upper), b.op("Sub", shifted.upper, zp.lower))
+    kept = [a for name, a in node.attributes.items() if name != "channels_last"]
+
+    def pool(v):
+        new = ir.Node("", "AveragePool", [v], attributes=kept, graph=b.graph, name=b.fresh("averagepool"))
+        new.outputs[0].name = b.fresh("averagepool")
+        return b.op("Cast", new.outputs[0], to=DOUBLE)
+    scale = _scalar(cx, node, x_scale, "scale")
+    mean = _times(b, Interval.from_bounds(b, pool(shifted.lower), pool(shifted.upper)), scale)
+    window = int(np.prod(attr(node, "kernel_shape")))
+    terms = b.op("Mul", pool(b.op("Max", b.op("Abs", shifted.lower), b.op("Abs", shifted.upper))), b.op("Abs", scale))
+    slack = b.op("Add", _slack(b, mean), b.op("Mul", terms, b.const((window + 2) * 2.0 ** -24, dtype=np.float64)))
+    return [_quantized(cx, node, mean, slack, y_scale, y_zp)]
 
 
 @rule("QLinearConcat", domain=MS)

@@ -602,3 +602,18 @@ def _deform_conv(t: Tiny, op_type):
     offset = t.op("Mul", t.perturbed([1, groups * kh * kw * 2] + out), t.const(np.float32(t.pick([0.5, 2.0]))))
     w = t.perturbed([2, 2, kh, kw]) if t.draw(st.booleans()) else t.weights([2, 2, kh, kw])
     return t.model(t.op(op_type, x, w, offset, kernel_shape=[kh, kw], offset_group=groups))
+
+
+@case("QLinearAveragePool")
+def _qlinear_average_pool(t: Tiny, op_type):
+    """1-D or 2-D windows: strides, pads counted or not (ceil mode is refused)."""
+    kind = t.pick(list(EIGHT_BIT))
+    spatial = t.draw(st.integers(1, 2))
+    kernel = [t.draw(st.integers(1, 3)) for _ in range(spatial)]
+    shape = [1, t.draw(st.integers(1, 3))] + [k + t.draw(st.integers(0, 3)) for k in kernel]
+    x, x_scale, x_zero = _quantized_input(t, shape, kind)
+    y_scale, y_zero = _output_parameters(t, kind)
+    attrs = {"kernel_shape": kernel, "strides": [t.draw(st.integers(1, 2)) for _ in range(spatial)],
+             "pads": [t.draw(st.integers(0, k - 1)) for k in kernel * 2],
+             "count_include_pad": int(t.draw(st.booleans()))}
+    return _with_microsoft_ops(t, _as_float(t, _microsoft(t, op_type, x, x_scale, x_zero, y_scale, y_zero, **attrs)))

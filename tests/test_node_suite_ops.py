@@ -391,3 +391,31 @@ def test_l2_bounds_contain_points_of_the_ball(build, shape, output, scale):
         y = original.run({"x": (x0 + step).astype(np.float32)})[output]
         tolerance = 1e-5 + 1e-5 * np.abs(y)
         assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), k
+
+
+@pytest.mark.parametrize("node,words", [
+    (helper.make_node("Unique", ["x"], ["y"]), "distinct"),
+    (helper.make_node("SplitToSequence", ["x"], ["y"], keepdims=0), "sequence"),
+    (helper.make_node("Swish", ["x"], ["y"], alpha=0.5), "kernel"),
+])
+def test_ops_no_method_bounds_are_refused_with_why(node, words):
+    from graphcert.errors import UnsupportedOpError
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    out = helper.make_tensor_value_info("y", TP.FLOAT, None) if node.op_type == "SplitToSequence" else \
+        helper.make_tensor_value_info("y", TP.FLOAT, [None] * 2)
+    if node.op_type == "SplitToSequence":
+        out = helper.make_tensor_sequence_value_info("y", TP.FLOAT, None)
+    model = _make([node], [x], [out], opset=24)
+    for method in ("ibp", "crown"):
+        with pytest.raises(UnsupportedOpError) as info:
+            api.bound_graph(model_lib.load(model), method)
+        assert node.op_type in str(info.value) and words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_range_of_perturbed_length_is_refused_with_why():
+    from graphcert.errors import UnsupportedOpError
+    scalar = helper.make_tensor_value_info("x", TP.FLOAT, [])
+    model = _make([helper.make_node("Range", ["zero", "x", "one"], ["y"])], [scalar],
+                  [helper.make_tensor_value_info("y", TP.FLOAT, [None])], [_init("zero", 0.0), _init("one", 1.0)])
+    with pytest.raises(UnsupportedOpError, match="Range.*length would vary"):
+        api.bound_graph(model_lib.load(model), "ibp")

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphcert import api
+from graphcert.errors import UnsupportedOpError
 from graphcert.interface import InputSet
 from graphcert.runtime import Session
 from harness import check_bounds_sound, graph_bound_fn
@@ -60,6 +61,18 @@ class _Residual(torch.nn.Module):
         return self.fc(torch.nn.functional.adaptive_avg_pool2d(z, 1).flatten(1))
 
 
+class _Pooled(torch.nn.Module):
+    """A convolution, average pooling (QLinearAveragePool once quantized) and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv, self.fc = torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Linear(27, 4)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
 # name -> (torch model, input shape, quantizer, options)
 QUANTIZED = {
     "cnn-qlinearconv": (_Cnn, (1, 7, 7), "static", {"op_types_to_quantize": ["Conv"]}),
@@ -67,12 +80,14 @@ QUANTIZED = {
     "mlp-qlinearmatmul": (_MatMulMlp, (6,), "static", {"op_types_to_quantize": ["MatMul"]}),
     "cnn-qoperator": (_Cnn, (1, 7, 7), "static", {}),
     "residual-qoperator": (_Residual, (1, 6, 6), "static", {"per_channel": True}),
+    "pooled-qoperator": (_Pooled, (1, 6, 6), "static", {}),
     "cnn-convinteger": (_Cnn, (1, 7, 7), "dynamic", {}),
     "mlp-matmulinteger": (_MatMulMlp, (6,), "dynamic", {}),
 }
 EXPECTED_OPS = {"cnn-qlinearconv": "QLinearConv", "cnn-qlinearconv-per-channel": "QLinearConv",
                 "mlp-qlinearmatmul": "QLinearMatMul", "cnn-convinteger": "ConvInteger",
-                "mlp-matmulinteger": "MatMulInteger", "cnn-qoperator": "QGemm", "residual-qoperator": "QLinearAdd"}
+                "mlp-matmulinteger": "MatMulInteger", "cnn-qoperator": "QGemm", "residual-qoperator": "QLinearAdd",
+                "pooled-qoperator": "QLinearAveragePool"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +144,7 @@ def test_quantized_models_convert_and_bounds_are_sound(name, method, folder):
 
 
 @pytest.mark.parametrize("name", ["cnn-qlinearconv", "cnn-qlinearconv-per-channel", "mlp-qlinearmatmul",
-                                  "cnn-qoperator", "residual-qoperator"])
+                                  "cnn-qoperator", "residual-qoperator", "pooled-qoperator"])
 def test_static_quantized_bounds_are_exact_at_zero_radius(name, folder):
     """The accumulator is exact and the requantization a function of it: bounds at eps = 0 are the output."""
     proto = onnx.load(quantized(name, folder))
@@ -351,3 +366,45 @@ def test_l2_bounds_are_sound(name, folder):
     points = np.concatenate([x0 + radius * unit, x0 + radius * rng.random((len(unit),) + (1,) * len(shape)) * unit])
     y = Session(proto).run({"x": points.astype(np.float32)})["y"]
     assert np.all(lower - 1e-5 <= y) and np.all(y <= upper + 1e-5)
+
+
+def test_ceil_mode_average_pool_is_refused(folder, tmp_path):
+    """onnxruntime's QLinearAveragePool averages ceil-mode windows that run past the input its own way (not as
+    its AveragePool does): refused in one line rather than bounded as the other op."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Ceil(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(torch.relu(x), 2, ceil_mode=True).flatten(1)
+    source, out = tmp_path / "ceil.onnx", tmp_path / "ceil-q.onnx"
+    torch.onnx.export(Ceil(), (torch.zeros(1, 1, 5, 5),), str(source), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": _sample((1, 5, 5), seed)} for seed in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QOperator)
+    assert "QLinearAveragePool" in {n.op_type for n in onnx.load(out).graph.node}
+    with pytest.raises(UnsupportedOpError, match="QLinearAveragePool.*ceil mode"):
+        api.bound_graph(api.load(str(out)), "ibp")
+
+
+@pytest.mark.parametrize("seven_bit", [False, True])
+def test_int8_weights_that_may_saturate_are_refused_without_vnni(seven_bit, monkeypatch):
+    """onnxruntime's uint8 x int8 kernels on x86 without VNNI sum pairs of products in int16 with saturation:
+    full-range int8 weights are refused there (one line); weights within 7 bits cannot saturate and convert."""
+    from graphcert.errors import UnsupportedOpError
+    from graphcert.passes import ibp_rules_qlinear
+    monkeypatch.setattr(ibp_rules_qlinear, "_exact_int8_products", lambda: False)
+    proto, _ = _qlinear_conv_model(weight_input=False, per_channel=False)
+    if seven_bit:
+        weights = next(i for i in proto.graph.initializer if i.name == "w")
+        clipped = np.clip(numpy_helper.to_array(weights), -64, 64).astype(np.int8)
+        weights.CopyFrom(numpy_helper.from_array(clipped, "w"))
+        _bound(proto)
+    else:
+        with pytest.raises(UnsupportedOpError, match="without VNNI"):
+            _bound(proto)

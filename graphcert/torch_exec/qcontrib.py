@@ -1,18 +1,19 @@
 """Torch kernels of onnxruntime's com.microsoft quantized ops (QGemm, QLinearAdd, QLinearMul,
-QLinearGlobalAveragePool, QLinearConcat, QLinearSigmoid, QLinearLeakyRelu): dequantize, the float op,
-requantize with a straight-through rounding (see `graphcert.torch_exec.qlinear`)."""
+QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QLinearSigmoid, QLinearLeakyRelu): dequantize, the
+float op, requantize with a straight-through rounding (see `graphcert.torch_exec.qlinear`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from graphcert.interpret import attr
-from graphcert.torch_exec.core import kernel
+from graphcert.torch_exec.core import _Unsupported, kernel
+from graphcert.torch_exec.pooling import _average_pool
 from graphcert.torch_exec.qlinear import _saturated, _shifted
 
 MS = "com.microsoft"
 OTHER_DOMAINS = {(MS, op) for op in ("QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-                                     "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu")}
+                                     "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu")}
 
 
 def _real(q, scale, zero_point):
@@ -57,6 +58,17 @@ def _qlinear_global_average_pool(node, setup):
     def pool(x, x_scale, x_zp, y_scale, y_zp=None):
         axes = list(range(1, x.dim() - 1)) if channels_last else list(range(2, x.dim()))
         return _requantized(node, setup, _real(x, x_scale, x_zp).mean(dim=axes, keepdim=True), y_scale, y_zp)
+    return pool
+
+
+@kernel("QLinearAveragePool")
+def _qlinear_average_pool(node, setup):
+    if attr(node, "channels_last", 0) or attr(node, "ceil_mode", 0):
+        raise _Unsupported("QLinearAveragePool with channels last or ceil mode (onnxruntime's own windows)")
+    average = _average_pool(node, setup)
+
+    def pool(x, x_scale, x_zp, y_scale, y_zp=None):
+        return _requantized(node, setup, average(_real(x, x_scale, x_zp)), y_scale, y_zp)
     return pool
 
 
