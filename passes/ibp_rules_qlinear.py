@@ -15,7 +15,6 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert import interval as iv
-from graphcert.interpret import attr
 from graphcert.interval import Interval
 from graphcert.passes.ibp_core import constant_array, rule, widened
 from graphcert.passes.ibp_rules_elementwise import refuse

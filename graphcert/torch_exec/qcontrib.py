@@ -1,6 +1,6 @@
 """Torch kernels of onnxruntime's com.microsoft quantized ops (QGemm, QLinearAdd, QLinearMul,
-QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QLinearSigmoid, QLinearLeakyRelu): dequantize, the float op,
-requantize with a straight-through rounding (see `graphcert.torch_exec.qlinear`)."""
+QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QLinearSigmoid, QLinearLeakyRelu): dequantize, the
+float op, requantize with a straight-through rounding (see `graphcert.torch_exec.qlinear`)."""
 from __future__ import annotations
 
 import torch
