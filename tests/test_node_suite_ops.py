@@ -419,3 +419,23 @@ def test_a_range_of_perturbed_length_is_refused_with_why():
                   [helper.make_tensor_value_info("y", TP.FLOAT, [None])], [_init("zero", 0.0), _init("one", 1.0)])
     with pytest.raises(UnsupportedOpError, match="Range.*length would vary"):
         api.bound_graph(model_lib.load(model), "ibp")
+
+
+# ---- far tails: element-wise rules at centres up to the float32 maximum -------------------------------------
+
+@pytest.mark.parametrize("centre", [-1e8, -3e38, 1e8, 3e38])
+def test_log_softmax_bounds_hold_where_log_n_is_below_an_ulp(centre):
+    """Eight nearly equal scores at 1e8 and 3e38: logsumexp of the others is the top plus log 7, which rounds away
+    next to the top; the rule subtracts the scores first (it used to give -log 2 where the truth is -log 8)."""
+    from graphcert.runtime import Session
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 8])
+    proto = _make([helper.make_node("LogSoftmax", ["x"], ["y"])], [x], [helper.make_tensor_value_info("y", TP.FLOAT, [1, 8])])
+    bound = Session(api.to_proto(api.bound_graph(model_lib.load(proto), "ibp")))
+    original = Session(proto)
+    rng = np.random.default_rng(8)
+    x0 = np.full((1, 8), centre, np.float32)
+    for eps in (0.0, 0.7, abs(centre) * 1e-6):
+        found = bound.run({"x": x0, "epsilon": np.full((1, 1), eps, np.float32)})
+        for _ in range(20):
+            y = original.run({"x": (x0 + rng.uniform(-eps, eps, (1, 8))).astype(np.float32)})["y"]
+            assert np.all(found["y_lower"] - 1e-5 <= y) and np.all(y <= found["y_upper"] + 1e-5), (eps, y)
