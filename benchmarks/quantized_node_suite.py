@@ -13,6 +13,12 @@ they are. Each test and method lands in one class:
   UNSOUND    one of those checks fails;  refused  a one-line graphcert error;  crashed  anything else.
 
     python benchmarks/quantized_node_suite.py [--only REGEX] [--methods ibp,crown]
+
+With --zoo, the convolutional architectures of tests/arch_zoo.py (TorchScript export, opset 17) are quantized by
+onnxruntime's `quantize_static` in QOperator format (uint8 activations, int8 weights, 4 calibration inputs) and
+each method's bound graph goes through the soundness harness at eps 0.01 (random, corner and attacked points).
+
+    python benchmarks/quantized_node_suite.py --zoo [--only REGEX]
 """
 from __future__ import annotations
 
@@ -125,11 +131,60 @@ class _Reference:
         return dict(zip(self.evaluator.output_names, self.evaluator.run(None, feeds)))
 
 
+ZOO = ["residual_cnn", "resnet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "densenet", "unet"]
+
+
+def zoo(names, methods, folder) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import arch_zoo
+    import onnx
+    from harness import check_bounds_sound, graph_bound_fn
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from graphcert import api
+    from graphcert.interface import InputSet
+    for name in names:
+        path = arch_zoo.export(name, folder, "torchscript", 17)
+        _, shape = arch_zoo.build(name)
+        source = onnx.load(path).graph.input[0].name
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = iter([{source: arch_zoo.sample_input(shape, seed=k)} for k in range(4)])
+
+            def get_next(self):
+                return next(self.feeds, None)
+        out = os.path.join(folder, f"{name}-qoperator.onnx")
+        quantize_static(path, out, Reader(), quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+        ops = sorted({(f"{n.domain}:" if n.domain else "") + n.op_type for n in onnx.load(out).graph.node
+                      if n.op_type.startswith("Q") or n.domain})
+        print(f"{name}: {', '.join(ops)}", flush=True)
+        loaded = api.load(out)
+        for method in methods:
+            try:
+                bound = api.to_proto(api.bound_graph(loaded, method, InputSet("linf")))
+            except Exception as exc:
+                print(f"  {method:6s} refused  {_one_line(exc)}", flush=True)
+                continue
+            report = check_bounds_sound(api.to_proto(loaded), graph_bound_fn(bound, loaded.graph.inputs[0].name,
+                                        loaded.graph.outputs[0].name), arch_zoo.sample_input(shape, seed=3), 0.01,
+                                        n_random=6, corners=6, pgd_steps=2, attack_targets=3)
+            print(f"  {method:6s} {'sound' if report.sound else 'UNSOUND'}  max excess {report.max_violation:.3g} "
+                  f"({report.points} points, {report.gradients} gradients)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="regex on test names (within the quantized ops' tests)")
     parser.add_argument("--methods", default="ibp,crown")
+    parser.add_argument("--zoo", action="store_true", help="the zoo's CNNs quantized in QOperator format instead")
     args = parser.parse_args()
+    if args.zoo:
+        import tempfile
+        with tempfile.TemporaryDirectory() as folder:
+            zoo([n for n in ZOO if not args.only or re.search(args.only, n)], args.methods.split(","), folder)
+        return
     cases = collect()
     names = sorted(n for n in cases if re.search(PATTERN, n) and (not args.only or re.search(args.only, n)))
     methods = args.methods.split(",")

@@ -7,6 +7,10 @@ import numpy as np
 import onnx_ir as ir
 
 
+# Constants of at most this many elements are shared within a graph (`Builder.const`).
+SHARED_CONSTANT_SIZE = 16
+
+
 class Builder:
     """Appends nodes to `graph`; constants become initializers with unique names."""
 
@@ -17,6 +21,7 @@ class Builder:
         self.prefix = prefix
         self._ids = itertools.count()
         self._abs_cache: dict[int, ir.Value] = {}
+        self._small_constants: dict[tuple, ir.Value] = {}
 
     def fresh(self, hint: str = "t") -> str:
         return f"{self.prefix}_{hint}_{next(self._ids)}"
@@ -33,7 +38,17 @@ class Builder:
         return outs
 
     def const(self, array, dtype=np.float32, hint: str = "c") -> ir.Value:
+        """An initializer holding `array`; small ones (shapes, axes, scalars) are made once per graph and shared:
+        CROWN's backward passes ask for the same few thousands of times, and each costs more to build than a node."""
         array = np.asarray(array, dtype=dtype)
+        if array.size > SHARED_CONSTANT_SIZE:
+            return self._new_const(array, hint)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._small_constants:
+            self._small_constants[key] = self._new_const(array, hint)
+        return self._small_constants[key]
+
+    def _new_const(self, array: np.ndarray, hint: str) -> ir.Value:
         value = ir.Value(name=self.fresh(hint), const_value=ir.tensor(array),
                          shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
         self.graph.register_initializer(value)

@@ -79,12 +79,18 @@ class RuleTable(dict):
         super().__init__(rules or {})
         self.method = method
         self.preconditions: dict[str, Callable] = {}
+        # (domain, op type) of the ops of other domains this table has rules for (onnxruntime's com.microsoft
+        # quantized ops); their names are unlike every default-domain op's, so they share the op-type keys.
+        self.other_domains: set[tuple[str, str]] = set()
 
-    def rule(self, *op_types: str, accepts: Callable | None = None):
-        """Decorator: the function is the rule of every op type named, accepted where `accepts` holds."""
+    def rule(self, *op_types: str, accepts: Callable | None = None, domain: str = ""):
+        """Decorator: the function is the rule of every op type named (of `domain`, the default one unless
+        given), accepted where `accepts` holds."""
         def register(fn):
             for op_type in op_types:
                 self[op_type] = fn
+                if domain:
+                    self.other_domains.add((domain, op_type))
                 if accepts is not None:
                     self.preconditions[op_type] = accepts
             return fn
@@ -103,7 +109,7 @@ class RuleTable(dict):
         reason = refusal(node)
         if reason:
             return reason
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in self.other_domains:
             return f"no rules for ops of domain '{node.domain}'"
         if node.op_type not in self:
             return NO_RULE
@@ -135,10 +141,28 @@ def requirement(check: Callable) -> str:
     return f"outside its rule's precondition: {doc.splitlines()[0].rstrip('.')}" if doc else UNMET
 
 
+# Ops no method bounds when they read perturbed values, and why (a method that gains a rule drops the entry):
+# output shapes that depend on the values themselves (no fixed-shape box bounds them), and kernels that are not
+# the function the spec states.
+NO_SOUND_RULE = {
+    "Unique": "its output's shape depends on the input's values (how many are distinct)",
+    "NonZero": "its output's shape depends on the input's values (how many are non-zero)",
+    "Range": "its start, limit or delta depends on the perturbed input, so the output's length would vary",
+    "Swish": "onnxruntime's kernel is not x·sigmoid(alpha·x) in its negative tail (far from it and not monotone "
+             "there), so no rule of the formula is sound for it",
+}
+SEQUENCE_OPS = frozenset({"SplitToSequence", "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase",
+                          "SequenceAt", "SequenceLength", "SequenceMap", "ConcatFromSequence"})
+
+
 def refusal(node: ir.Node) -> str | None:
     """Why no bound method takes this node whatever its op's rule says, or None: an output that depends on the
     perturbed values in a way no interval captures, or randomness."""
     op = node.op_type
+    if op in NO_SOUND_RULE:
+        return NO_SOUND_RULE[op]
+    if op in SEQUENCE_OPS:
+        return "it makes or reads a sequence, and bound passes carry tensors (boxes) only"
     if op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
         return "its Indices output is used (argmax positions of perturbed values are not bounded)"
     if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:

@@ -235,8 +235,8 @@ def _log_softmax(cx, node, x):
     x_i = l_i, x_j = u_j and equals -softplus(logsumexp_{j != i} u_j - l_i); the largest vice versa."""
     b = cx.b
     axis = attr(node, "axis", -1)
-    lower = b.op("Neg", b.op("Softplus", b.op("Sub", _log_sum_exp_of_others(b, x.upper, axis), x.lower)))
-    upper = b.op("Neg", b.op("Softplus", b.op("Sub", _log_sum_exp_of_others(b, x.lower, axis), x.upper)))
+    lower = b.op("Neg", b.op("Softplus", _log_sum_exp_of_others(b, x.upper, axis, minus=x.lower)))
+    upper = b.op("Neg", b.op("Softplus", _log_sum_exp_of_others(b, x.lower, axis, minus=x.upper)))
     # A few ulps outward for the rounding of the softplus; NaN (inf - inf at infinite ends) says nothing.
     slack = b.const(1.0 + 2.0 ** -20)
     lower = b.op("Where", b.op("IsNaN", lower), b.const(-np.inf), b.op("Mul", lower, slack))
@@ -244,10 +244,10 @@ def _log_softmax(cx, node, x):
     return [Interval.from_bounds(b, lower, upper)]
 
 
-def _log_sum_exp_of_others(b: Builder, v: ir.Value, axis: int) -> ir.Value:
-    """log sum_{j != i} exp(v_j) along `axis` for every i (-inf for an axis of one), shifted by the largest other
-    entry so that the sum lies in [1, n - 1]: the top of the axis for every i but a unique top, the runner-up
-    for that one."""
+def _log_sum_exp_of_others(b: Builder, v: ir.Value, axis: int, minus: ir.Value) -> ir.Value:
+    """log sum_{j != i} exp(v_j) - minus_i along `axis` for every i (-inf for an axis of one), shifted by the
+    largest other entry so that the sum lies in [1, n - 1]: the top of the axis for every i but a unique top, the
+    runner-up for that one."""
     top = b.reduce("ReduceMax", v, [axis])
     is_top = b.op("Equal", v, top)
     count = b.reduce("ReduceSum", b.op("Cast", is_top, to=ir.DataType.FLOAT), [axis])
@@ -260,7 +260,8 @@ def _log_sum_exp_of_others(b: Builder, v: ir.Value, axis: int) -> ir.Value:
     below_top = b.reduce("ReduceSum", b.op("Where", is_top, b.const(0.0), b.op("Exp", b.op("Sub", v, runner_up))),
                          [axis])
     others = _sum_of_others(b, b.op("Exp", b.op("Sub", v, top)), axis)
-    return b.op("Add", shift, b.op("Log", b.op("Where", alone, below_top, others)))
+    # (shift - minus) + log(sum), in that order: at large magnitudes shift + log(sum) would round the log away.
+    return b.op("Add", b.op("Sub", shift, minus), b.op("Log", b.op("Where", alone, below_top, others)))
 
 
 def _layer_norm_supported(node: ir.Node) -> bool:
@@ -443,5 +444,5 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
 
 # The other rule families register into the same table (passes/ibp_core.RULES).
 from graphcert.passes import (ibp_rules_deform, ibp_rules_elementwise, ibp_rules_linear,  # noqa: E402,F401
-                              ibp_rules_logic, ibp_rules_qlinear, ibp_rules_quant, ibp_rules_random,
-                              ibp_rules_reduce, ibp_rules_sampling)
+                              ibp_rules_logic, ibp_rules_qcontrib, ibp_rules_qlinear, ibp_rules_quant,
+                              ibp_rules_random, ibp_rules_reduce, ibp_rules_sampling)

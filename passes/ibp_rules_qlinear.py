@@ -15,7 +15,6 @@ import numpy as np
 import onnx_ir as ir
 
 from graphcert import interval as iv
-from graphcert.interpret import attr
 from graphcert.interval import Interval
 from graphcert.passes.ibp_core import constant_array, rule, widened
 from graphcert.passes.ibp_rules_elementwise import refuse
@@ -122,14 +121,46 @@ def _accumulator(cx, node, x: Interval, w: Interval, product, terms: int | None,
     return lower, upper
 
 
-def _weights(cx, node, w, zero_point, along) -> tuple[Interval, tuple | None]:
-    """w - w_zp as an interval (a point for unperturbed weights), and for constant weights and zero point the
-    largest sum over an output of |x - x_zp|·|w - w_zp| with that |w - w_zp| as a constant (else None)."""
-    b = cx.b
+def _weights(cx, node, w, zero_point, along):
+    """(w, w_zp) as arrays for constant weights and zero point, else (w - w_zp as an interval, None)."""
     w_const, zp_const = constant_array(w), constant_array(zero_point) if zero_point is not None else 0
+    _guard_saturation(node, w, w_const)
     if w_const is not None and zp_const is not None and not cx.trainable:
         return w_const, zp_const
     return _shifted(cx, w, zero_point, along), None
+
+
+# int8 weights up to this magnitude keep every pair of uint8 x int8 products within int16 (255 x 128 <= 32767).
+SEVEN_BIT = 64
+X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def _exact_int8_products() -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels accumulate exactly on this CPU. On x86 without VNNI they sum
+    pairs of products into int16 with saturation (VPMADDUBSW; int8 activations are shifted to uint8 first),
+    which can differ from the exact accumulator the rules bound; VNNI and AMX accumulate in int32, as do
+    other architectures' kernels."""
+    import platform
+    if platform.machine().lower() not in X86:
+        return True
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = set(info.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _guard_saturation(node, w, w_const) -> None:
+    """Refuse int8 weights beyond 7 bits (or not known when converting) where the runtime may saturate."""
+    dtype = w.dtype if isinstance(w, ir.Value) else None
+    if dtype == ir.DataType.UINT8:
+        return   # uint8 x uint8 kernels widen to 16 bits before multiplying: exact
+    if w_const is not None and float(np.max(np.abs(w_const.astype(np.int32)), initial=0)) <= SEVEN_BIT:
+        return
+    if not _exact_int8_products():
+        refuse(node, "int8 weights beyond 7 bits on an x86 CPU without VNNI, where onnxruntime may saturate "
+                     "pairs of products in int16 (quantize with reduce_range=True, or certify on a VNNI CPU)")
 
 
 def _outputs_per_term(shifted: np.ndarray, reduced_axes) -> float:
@@ -233,7 +264,9 @@ def _conv_integer(cx, node, x, w, x_zp=None, w_zp=None):
 
 # ---- matrix products ---------------------------------------------------------------------------------------
 
-def _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, b_index):
+def _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, b_shape=None):
+    """The bounds of (a - a_zp) @ (b - b_zp), float64, exact whole numbers unless marked; b_shape is b's shape
+    when b_value is not the node's second operand as given (QGemm's transposed B)."""
     b = cx.b
     a_zp_shape = node.inputs[2].shape if len(node.inputs) > 2 and node.inputs[2] is not None else None
     rows = None
@@ -249,7 +282,8 @@ def _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, b_index):
         w_shifted = iv.point(b, b.const(shifted.astype(np.float32)))
     else:
         w_shifted = w_const
-    b_shape = node.inputs[b_index].shape
+    if b_shape is None:
+        b_shape = node.inputs[1 if node.op_type == "MatMulInteger" else 3].shape
     inner = b_shape[-2] if b_shape is not None and len(b_shape) >= 2 else (b_shape[0] if b_shape else None)
     terms = inner if isinstance(inner, int) else None
     product = lambda p, q: b.op("MatMul", p, q)  # noqa: E731
@@ -263,7 +297,7 @@ def _qlinear_matmul(cx, node, a, a_scale, a_zp, b_value, b_scale, b_zp, y_scale,
         shape = node.inputs[index].shape if index < len(node.inputs) and node.inputs[index] is not None else None
         if shape is not None and int(np.prod([d if isinstance(d, int) else 2 for d in shape])) != 1:
             refuse(node, "per-row scales or zero points of A or Y (per tensor only)")
-    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, 3)
+    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp)
     multiplier = _multiplier(cx, node, a_scale, b_scale, y_scale, lambda v: v)
     return [_requantized(cx, node, lower, upper, multiplier, y_zp, _out_type(node))]
 
@@ -271,12 +305,23 @@ def _qlinear_matmul(cx, node, a, a_scale, a_zp, b_value, b_scale, b_zp, y_scale,
 @rule("MatMulInteger")
 def _matmul_integer(cx, node, a, b_value, a_zp=None, b_zp=None):
     _eight_bit(node, 0, 1)
-    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp, 1)
+    lower, upper = _matmul_accumulator(cx, node, a, a_zp, b_value, b_zp)
     return [_to_int32(cx, lower, upper)]
+
+
+# The y_zero_point input of each requantizing op (its type is the output's), for graphs where shape inference
+# does not know the op (onnxruntime's com.microsoft ones) or what feeds it.
+OUTPUT_ZERO_POINT = {"QLinearConv": 7, "QLinearMatMul": 7, "QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7,
+                     "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QLinearConcat": 1, "QLinearSigmoid": 4,
+                     "QLinearLeakyRelu": 4}
 
 
 def _out_type(node) -> ir.DataType:
     out = node.outputs[0].dtype
+    index = OUTPUT_ZERO_POINT.get(node.op_type)
+    for given in ([node.inputs[index]] if index is not None and index < len(node.inputs) else []) + [node.inputs[0]]:
+        if out is None and given is not None:
+            out = given.dtype
     if out not in EIGHT_BIT:
         refuse(node, f"an output of type {out.name if out is not None else 'unknown'} (8-bit integers only)")
     return out

@@ -495,6 +495,100 @@ def _optional_element(t: Tiny, op_type):
     return t.model(t.op(op_type, t.perturbed(t.shape())))
 
 
+def _with_microsoft_ops(t: Tiny, *outputs: str):
+    """t.model(...) for a graph holding onnxruntime's com.microsoft ops (their domain imported too)."""
+    import onnx
+    from onnx import helper
+    from graphcert.runtime import Session
+
+    def build(shapes):
+        infos = [helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes.get(o)) for o in outputs]
+        graph = helper.make_graph(t.nodes, "rule", t.inputs, infos, t.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", t.opset),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        return model
+    # Shape inference does not know these ops: the outputs' shapes as onnxruntime computes them.
+    values = Session(build({})).run(dict(t.centers))
+    return onnx.shape_inference.infer_shapes(build({o: list(np.shape(values[o])) for o in outputs}), strict_mode=True)
+
+
+def _microsoft(t: Tiny, op_type, *inputs, **attrs) -> str:
+    return t.node(op_type, inputs, domain="com.microsoft", **attrs)[0]
+
+
+def _output_parameters(t: Tiny, out_type) -> tuple[str, str]:
+    numpy_type, low, high = EIGHT_BIT[out_type]
+    return (t.const(np.float32(t.pick([0.005, 0.02, 0.1, 1.0]))),
+            t.const(np.asarray(t.rng.integers(low, high + 1)), dtype=numpy_type))
+
+
+@case("QGemm")
+def _qgemm(t: Tiny, op_type):
+    """A quantized input times 8-bit weights (transposed or not, per-tensor or per-column parameters), an
+    optional int32 bias, requantized or (no y_scale) float output."""
+    a_type, b_type = _operand_types(t, "QLinear")
+    rows, inner, cols = t.draw(st.integers(1, 3)), t.pick([1, 4, 600]), t.draw(st.integers(1, 3))
+    a, a_scale, a_zero = _quantized_input(t, [rows, inner], a_type)
+    trans_b = int(t.draw(st.booleans()))
+    numpy_type, low, high = EIGHT_BIT[b_type]
+    weights = t.rng.choice([low, high], [inner, cols]) if t.draw(st.booleans()) else \
+        t.rng.integers(low, high + 1, [inner, cols])
+    b = t.const(weights.T if trans_b else weights, dtype=numpy_type)
+    per_column = t.draw(st.booleans())
+    b_zero = t.const(np.zeros([cols] if per_column else []), dtype=numpy_type)  # onnxruntime: symmetric B
+    b_scale = t.const(t.rng.uniform(0.001, 0.05, [cols] if per_column else []).astype(np.float32))
+    inputs = [a, a_scale, a_zero, b, b_scale, b_zero,
+              t.const(t.rng.integers(-3000, 3001, [cols]), dtype=np.int32) if t.draw(st.booleans()) else ""]
+    if t.draw(st.booleans()):
+        inputs += list(_output_parameters(t, a_type))
+    y = _microsoft(t, "QGemm", *inputs, transB=trans_b, alpha=float(t.pick([1.0, 0.5])))
+    return _with_microsoft_ops(t, y if len(inputs) == 7 else _as_float(t, y))
+
+
+@case("QLinearAdd", "QLinearMul")
+def _qlinear_binary(t: Tiny, op_type):
+    """Two quantized tensors (broadcast), or one and a constant, of the same 8-bit type."""
+    left, right = _broadcast_pair(t)
+    kind = t.pick(list(EIGHT_BIT))
+    a, a_scale, a_zero = _quantized_input(t, left, kind)
+    if t.draw(st.booleans()):
+        b, b_scale, b_zero = _quantized_input(t, right, kind)
+    else:
+        numpy_type, low, high = EIGHT_BIT[kind]
+        b = t.const(t.rng.integers(low, high + 1, right), dtype=numpy_type)
+        b_scale, b_zero = _output_parameters(t, kind)
+    y_scale, y_zero = _output_parameters(t, kind)
+    return _with_microsoft_ops(t, _as_float(t, _microsoft(t, op_type, a, a_scale, a_zero, b, b_scale, b_zero,
+                                                          y_scale, y_zero)))
+
+
+@case("QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu")
+def _qlinear_unary(t: Tiny, op_type):
+    kind = t.pick(list(EIGHT_BIT))
+    shape = [t.draw(st.integers(1, 2)), t.draw(st.integers(1, 3))] + t.shape(1, 2, max_dim=5)
+    x, x_scale, x_zero = _quantized_input(t, shape, kind)
+    y_scale, y_zero = _output_parameters(t, kind)
+    attrs = {"alpha": float(t.pick([0.01, 0.1, 0.5]))} if op_type == "QLinearLeakyRelu" else {}
+    if op_type == "QLinearGlobalAveragePool":
+        attrs = {"channels_last": 0}
+    return _with_microsoft_ops(t, _as_float(t, _microsoft(t, op_type, x, x_scale, x_zero, y_scale, y_zero, **attrs)))
+
+
+@case("QLinearConcat")
+def _qlinear_concat(t: Tiny, op_type):
+    kind = t.pick(list(EIGHT_BIT))
+    shape = t.shape(1, 3)
+    axis = t.draw(st.integers(0, len(shape) - 1))
+    triples = []
+    for _ in range(t.draw(st.integers(1, 3))):
+        part = list(shape)
+        part[axis] = t.draw(st.integers(1, 3))
+        triples += list(_quantized_input(t, part, kind))
+    y_scale, y_zero = _output_parameters(t, kind)
+    return _with_microsoft_ops(t, _as_float(t, _microsoft(t, op_type, y_scale, y_zero, *triples, axis=axis)))
+
+
 @case("DeformConv")
 def _deform_conv(t: Tiny, op_type):
     """Perturbed offsets (some boxes reaching past the input) and image, a constant or perturbed kernel."""
@@ -508,3 +602,18 @@ def _deform_conv(t: Tiny, op_type):
     offset = t.op("Mul", t.perturbed([1, groups * kh * kw * 2] + out), t.const(np.float32(t.pick([0.5, 2.0]))))
     w = t.perturbed([2, 2, kh, kw]) if t.draw(st.booleans()) else t.weights([2, 2, kh, kw])
     return t.model(t.op(op_type, x, w, offset, kernel_shape=[kh, kw], offset_group=groups))
+
+
+@case("QLinearAveragePool")
+def _qlinear_average_pool(t: Tiny, op_type):
+    """1-D or 2-D windows: strides, pads counted or not (ceil mode is refused)."""
+    kind = t.pick(list(EIGHT_BIT))
+    spatial = t.draw(st.integers(1, 2))
+    kernel = [t.draw(st.integers(1, 3)) for _ in range(spatial)]
+    shape = [1, t.draw(st.integers(1, 3))] + [k + t.draw(st.integers(0, 3)) for k in kernel]
+    x, x_scale, x_zero = _quantized_input(t, shape, kind)
+    y_scale, y_zero = _output_parameters(t, kind)
+    attrs = {"kernel_shape": kernel, "strides": [t.draw(st.integers(1, 2)) for _ in range(spatial)],
+             "pads": [t.draw(st.integers(0, k - 1)) for k in kernel * 2],
+             "count_include_pad": int(t.draw(st.booleans()))}
+    return _with_microsoft_ops(t, _as_float(t, _microsoft(t, op_type, x, x_scale, x_zero, y_scale, y_zero, **attrs)))

@@ -364,3 +364,95 @@ def test_bitcast_of_a_float64_model_is_refused_in_one_line():
     with pytest.raises(ModelLoadError, match="BitCast.*bits") as info:
         model_lib.load(model)
     assert "\n" not in str(info.value)
+
+
+# ---- L2 balls: the same rules under the other norm ---------------------------------------------------------
+
+@pytest.mark.parametrize("build,shape,output,scale", [
+    (linear_attention_model, (1, 4, 32), "y", 4.0), (_batch_norm_training_model, (4, 3, 2, 2), "y", 1e3),
+    (lambda: _random_model("uniform_like"), (1, 6), "y", 1e3), (flex_attention_model, (1, 2, 3, 4), "y", 10.0)])
+def test_l2_bounds_contain_points_of_the_ball(build, shape, output, scale):
+    """IBP takes L-inf balls only: CROWN bounds these ops through their IBP rules (its fallback) on an L2 ball.
+    Points on the sphere and inside it."""
+    from graphcert.runtime import Session
+    proto = build()
+    loaded = model_lib.load(proto)
+    bound = Session(api.to_proto(api.bound_graph(loaded, "crown", norm="l2")))  # the IBP rules as its fallback
+    original = Session(api.to_proto(loaded) if proto.opset_import[0].version > 22 or len(proto.opset_import) > 1
+                       else proto)
+    rng = np.random.default_rng(6)
+    x0 = (rng.uniform(-1, 1, shape) * scale).astype(np.float32)
+    radius = np.float32(0.05 * scale)
+    found = bound.run({"x": x0, "epsilon": radius})
+    lower, upper = found[f"{output}_lower"], found[f"{output}_upper"]
+    for k in range(60):
+        step = rng.normal(size=shape)
+        step *= radius / np.linalg.norm(step) * (1.0 if k % 2 else rng.random())
+        y = original.run({"x": (x0 + step).astype(np.float32)})[output]
+        tolerance = 1e-5 + 1e-5 * np.abs(y)
+        assert np.all(lower - tolerance <= y) and np.all(y <= upper + tolerance), k
+
+
+@pytest.mark.parametrize("node,words", [
+    (helper.make_node("Unique", ["x"], ["y"]), "distinct"),
+    (helper.make_node("SplitToSequence", ["x"], ["y"], keepdims=0), "sequence"),
+    (helper.make_node("Swish", ["x"], ["y"], alpha=0.5), "kernel"),
+])
+def test_ops_no_method_bounds_are_refused_with_why(node, words):
+    from graphcert.errors import UnsupportedOpError
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    out = helper.make_tensor_value_info("y", TP.FLOAT, None) if node.op_type == "SplitToSequence" else \
+        helper.make_tensor_value_info("y", TP.FLOAT, [None] * 2)
+    if node.op_type == "SplitToSequence":
+        out = helper.make_tensor_sequence_value_info("y", TP.FLOAT, None)
+    model = _make([node], [x], [out], opset=24)
+    for method in ("ibp", "crown"):
+        with pytest.raises(UnsupportedOpError) as info:
+            api.bound_graph(model_lib.load(model), method)
+        assert node.op_type in str(info.value) and words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_range_of_perturbed_length_is_refused_with_why():
+    from graphcert.errors import UnsupportedOpError
+    scalar = helper.make_tensor_value_info("x", TP.FLOAT, [])
+    model = _make([helper.make_node("Range", ["zero", "x", "one"], ["y"])], [scalar],
+                  [helper.make_tensor_value_info("y", TP.FLOAT, [None])], [_init("zero", 0.0), _init("one", 1.0)])
+    with pytest.raises(UnsupportedOpError, match="Range.*length would vary"):
+        api.bound_graph(model_lib.load(model), "ibp")
+
+
+# ---- far tails: element-wise rules at centres up to the float32 maximum -------------------------------------
+
+@pytest.mark.parametrize("centre", [-1e8, -3e38, 1e8, 3e38])
+def test_log_softmax_bounds_hold_where_log_n_is_below_an_ulp(centre):
+    """Eight nearly equal scores at 1e8 and 3e38: logsumexp of the others is the top plus log 7, which rounds away
+    next to the top; the rule subtracts the scores first (it used to give -log 2 where the truth is -log 8)."""
+    from graphcert.runtime import Session
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 8])
+    proto = _make([helper.make_node("LogSoftmax", ["x"], ["y"])], [x], [helper.make_tensor_value_info("y", TP.FLOAT, [1, 8])])
+    bound = Session(api.to_proto(api.bound_graph(model_lib.load(proto), "ibp")))
+    original = Session(proto)
+    rng = np.random.default_rng(8)
+    x0 = np.full((1, 8), centre, np.float32)
+    for eps in (0.0, 0.7, abs(centre) * 1e-6):
+        found = bound.run({"x": x0, "epsilon": np.full((1, 1), eps, np.float32)})
+        for _ in range(20):
+            y = original.run({"x": (x0 + rng.uniform(-eps, eps, (1, 8))).astype(np.float32)})["y"]
+            assert np.all(found["y_lower"] - 1e-5 <= y) and np.all(y <= found["y_upper"] + 1e-5), (eps, y)
+
+
+@pytest.mark.parametrize("centre", [1e13, 3e38, -1e13, -3e38])
+def test_tanh_gelu_bounds_hold_where_its_cube_overflows(centre):
+    """Gelu(approximate=tanh) is expanded into its body, whose x^3 overflows to inf past ~7e12: the interval [inf, inf]
+    in centre form has a NaN radius, and a product with a NaN bound used to count as 0 (bounds [0, 0] where
+    onnxruntime gives x). A NaN bound now makes the product unbounded."""
+    from graphcert.runtime import Session
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    proto = _make([helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")], [x],
+                  [helper.make_tensor_value_info("y", TP.FLOAT, [1, 4])], opset=20)
+    bound = Session(api.to_proto(api.bound_graph(model_lib.load(proto), "ibp")))
+    x0 = np.full((1, 4), centre, np.float32)
+    for eps in (0.0, abs(centre) * 1e-3):
+        found = bound.run({"x": x0, "epsilon": np.full((1, 1), eps, np.float32)})
+        y = Session(proto).run({"x": x0})["y"]
+        assert np.all(found["y_lower"] <= y) and np.all(y <= found["y_upper"])

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphcert import api
+from graphcert.errors import UnsupportedOpError
 from graphcert.interface import InputSet
 from graphcert.runtime import Session
 from harness import check_bounds_sound, graph_bound_fn
@@ -42,17 +43,51 @@ class _MatMulMlp(torch.nn.Module):
         return torch.relu(x @ self.w1 + self.b1) @ self.w2
 
 
+class _Residual(torch.nn.Module):
+    """Residual sum, LeakyReLU, sigmoid gating, concatenation and global pooling: every com.microsoft QOperator
+    op of onnxruntime's static quantizer (QLinearAdd, QLinearLeakyRelu, QLinearSigmoid, QLinearMul,
+    QLinearConcat, QLinearGlobalAveragePool, QGemm)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.c1, self.c2 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.c3, self.fc = torch.nn.Conv2d(4, 4, 1), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        r = torch.nn.functional.leaky_relu(self.c2(h) + h, 0.1)
+        z = torch.cat([r * torch.sigmoid(self.c3(r)), r], dim=1)
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(z, 1).flatten(1))
+
+
+class _Pooled(torch.nn.Module):
+    """A convolution, average pooling (QLinearAveragePool once quantized) and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv, self.fc = torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Linear(27, 4)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
 # name -> (torch model, input shape, quantizer, options)
 QUANTIZED = {
     "cnn-qlinearconv": (_Cnn, (1, 7, 7), "static", {"op_types_to_quantize": ["Conv"]}),
     "cnn-qlinearconv-per-channel": (_Cnn, (1, 7, 7), "static", {"op_types_to_quantize": ["Conv"], "per_channel": True}),
     "mlp-qlinearmatmul": (_MatMulMlp, (6,), "static", {"op_types_to_quantize": ["MatMul"]}),
+    "cnn-qoperator": (_Cnn, (1, 7, 7), "static", {}),
+    "residual-qoperator": (_Residual, (1, 6, 6), "static", {"per_channel": True}),
+    "pooled-qoperator": (_Pooled, (1, 6, 6), "static", {}),
     "cnn-convinteger": (_Cnn, (1, 7, 7), "dynamic", {}),
     "mlp-matmulinteger": (_MatMulMlp, (6,), "dynamic", {}),
 }
 EXPECTED_OPS = {"cnn-qlinearconv": "QLinearConv", "cnn-qlinearconv-per-channel": "QLinearConv",
                 "mlp-qlinearmatmul": "QLinearMatMul", "cnn-convinteger": "ConvInteger",
-                "mlp-matmulinteger": "MatMulInteger"}
+                "mlp-matmulinteger": "MatMulInteger", "cnn-qoperator": "QGemm", "residual-qoperator": "QLinearAdd",
+                "pooled-qoperator": "QLinearAveragePool"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +143,8 @@ def test_quantized_models_convert_and_bounds_are_sound(name, method, folder):
         assert report.gradients == "torch"
 
 
-@pytest.mark.parametrize("name", ["cnn-qlinearconv", "cnn-qlinearconv-per-channel", "mlp-qlinearmatmul"])
+@pytest.mark.parametrize("name", ["cnn-qlinearconv", "cnn-qlinearconv-per-channel", "mlp-qlinearmatmul",
+                                  "cnn-qoperator", "residual-qoperator", "pooled-qoperator"])
 def test_static_quantized_bounds_are_exact_at_zero_radius(name, folder):
     """The accumulator is exact and the requantization a function of it: bounds at eps = 0 are the output."""
     proto = onnx.load(quantized(name, folder))
@@ -264,7 +300,7 @@ def test_qlinear_matmul_per_column_weights_and_int8_activations():
 EPS_CERTIFY = 0.002  # about half a quantization step of the input
 
 
-@pytest.mark.parametrize("name", ["cnn-qlinearconv", "mlp-qlinearmatmul", "mlp-matmulinteger"])
+@pytest.mark.parametrize("name", ["cnn-qlinearconv", "mlp-qlinearmatmul", "mlp-matmulinteger", "residual-qoperator"])
 def test_quantized_models_certify_and_verify(name, folder, tmp_path):
     """Through `certify` (no method of auto skipped) and `verify` with a generated robustness property, in
     real arithmetic: the float32 rounding analysis has no rules for quantized ops (it refuses them)."""
@@ -289,3 +325,86 @@ def test_quantized_models_certify_and_verify(name, folder, tmp_path):
         point, _ = outcome.counterexample
         y = session.run({"x": np.asarray(point, np.float32).reshape(1, *shape)})["y"]
         assert y.argmax() != labels[0]
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+@pytest.mark.parametrize("name", ["residual-qoperator", "cnn-convinteger", "mlp-qlinearmatmul"])
+def test_torch_executor_runs_the_bound_graphs(name, method, folder):
+    """Attacks and alpha-CROWN run bound graphs in torch: the quantized rules' graphs (float64 requantization,
+    run-time ranks) give onnxruntime's bounds there."""
+    from graphcert.torch_exec import TorchGraph
+    proto = onnx.load(quantized(name, folder))
+    bound = api.bound_graph(api.load(proto), method, InputSet("linf"))
+    x = _sample(QUANTIZED[name][1], 7, n=2)
+    want = Session(api.to_proto(bound)).run({"x": x, "epsilon": np.float32(0.05)})
+    got = TorchGraph(bound, trainable=False)({"x": torch.tensor(x), "epsilon": torch.tensor(np.float32(0.05))})
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key].detach().numpy(), value, rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["residual-qoperator", "mlp-matmulinteger", "cnn-qlinearconv"])
+def test_l2_bounds_are_sound(name, folder):
+    """CROWN on an L2 ball (the quantized ops bounded through IBP on the ball's box): sampled points on and inside
+    the sphere and points moved along the L2-normalised torch gradient of each output stay inside."""
+    from graphcert.torch_exec import TorchGraph
+    proto = onnx.load(quantized(name, folder))
+    bound = api.to_proto(api.bound_graph(api.load(proto), "crown", InputSet("linf"), norm="l2"))
+    shape = QUANTIZED[name][1]
+    x0, radius = _sample(shape, 8), 0.3
+    got = Session(bound).run({"x": x0, "epsilon": np.float32(radius)})
+    lower, upper = got["y_lower"], got["y_upper"]
+    rng = np.random.default_rng(9)
+    directions = rng.standard_normal((64, *shape)).astype(np.float32)
+    graph = TorchGraph(api.load(proto), trainable=False)
+    for k in range(lower.size):
+        for sign in (-1.0, 1.0):
+            point = torch.tensor(x0, requires_grad=True)
+            (sign * graph({"x": point})["y"].reshape(-1)[k]).backward()
+            directions = np.concatenate([directions, point.grad.numpy()[None, 0]])
+    norms = np.linalg.norm(directions.reshape(len(directions), -1), axis=1).reshape((-1,) + (1,) * len(shape))
+    unit = directions / np.maximum(norms, 1e-12)
+    points = np.concatenate([x0 + radius * unit, x0 + radius * rng.random((len(unit),) + (1,) * len(shape)) * unit])
+    y = Session(proto).run({"x": points.astype(np.float32)})["y"]
+    assert np.all(lower - 1e-5 <= y) and np.all(y <= upper + 1e-5)
+
+
+def test_ceil_mode_average_pool_is_refused(folder, tmp_path):
+    """onnxruntime's QLinearAveragePool averages ceil-mode windows that run past the input its own way (not as
+    its AveragePool does): refused in one line rather than bounded as the other op."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Ceil(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(torch.relu(x), 2, ceil_mode=True).flatten(1)
+    source, out = tmp_path / "ceil.onnx", tmp_path / "ceil-q.onnx"
+    torch.onnx.export(Ceil(), (torch.zeros(1, 1, 5, 5),), str(source), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": _sample((1, 5, 5), seed)} for seed in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QOperator)
+    assert "QLinearAveragePool" in {n.op_type for n in onnx.load(out).graph.node}
+    with pytest.raises(UnsupportedOpError, match="QLinearAveragePool.*ceil mode"):
+        api.bound_graph(api.load(str(out)), "ibp")
+
+
+@pytest.mark.parametrize("seven_bit", [False, True])
+def test_int8_weights_that_may_saturate_are_refused_without_vnni(seven_bit, monkeypatch):
+    """onnxruntime's uint8 x int8 kernels on x86 without VNNI sum pairs of products in int16 with saturation:
+    full-range int8 weights are refused there (one line); weights within 7 bits cannot saturate and convert."""
+    from graphcert.errors import UnsupportedOpError
+    from graphcert.passes import ibp_rules_qlinear
+    monkeypatch.setattr(ibp_rules_qlinear, "_exact_int8_products", lambda: False)
+    proto, _ = _qlinear_conv_model(weight_input=False, per_channel=False)
+    if seven_bit:
+        weights = next(i for i in proto.graph.initializer if i.name == "w")
+        clipped = np.clip(numpy_helper.to_array(weights), -64, 64).astype(np.int8)
+        weights.CopyFrom(numpy_helper.from_array(clipped, "w"))
+        _bound(proto)
+    else:
+        with pytest.raises(UnsupportedOpError, match="without VNNI"):
+            _bound(proto)

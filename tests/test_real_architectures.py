@@ -97,10 +97,7 @@ def test_converts_and_bounds_are_sound(case, method, zoo_folder):
     report.assert_sound()
 
 
-# The dynamo ViT's ScatterElements (its class token's batch extent) has no torch kernel, which certify's attack
-# stage needs.
-NO_TORCH_KERNEL = {"vit": "ScatterElements"}
-CERTIFY_CASES = [c for c in EXPORTS if c[1] == "dynamo" and c[0] not in MISSING and c[0] not in NO_TORCH_KERNEL] + \
+CERTIFY_CASES = [c for c in EXPORTS if c[1] == "dynamo" and c[0] not in MISSING] + \
     [("resnet", "torchscript", 17, True), ("convnext_tanh", "torchscript", 17, False),
      ("residual_cnn", "torchscript", 17, "qdq")]
 

@@ -830,3 +830,28 @@ def test_bitcast_matches_onnxruntime():
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)], ir_version=11))
     expected = Session(to_proto(model)).run({"x": x})["y"]
     np.testing.assert_array_equal(TorchGraph(model)({"x": x})["y"].detach().numpy(), expected)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_scatter_elements_kernel_matches_onnx(reduction, axis):
+    """The dynamo ViT writes its class token's batch extent with ScatterElements: the kernel equals onnx's
+    reference on indices that are negative or not, for every reduction."""
+    from onnx.reference import ReferenceEvaluator
+
+    from graphcert.torch_exec.core import KERNELS, Setup
+    extra = {} if reduction == "none" else {"reduction": reduction}
+    node = helper.make_node("ScatterElements", ["d", "i", "u"], ["y"], axis=axis, **extra)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("d", TensorProto.FLOAT, [3, 4]),
+                                            helper.make_tensor_value_info("i", TensorProto.INT64, [3, 4]),
+                                            helper.make_tensor_value_info("u", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    d, u = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(2))
+    along = axis % 2
+    index = np.stack([rng.permutation(d.shape[along]) for _ in range(d.shape[1 - along])], axis=1 - along)
+    index = np.where(rng.uniform(size=index.shape) < 0.5, index - d.shape[along], index).astype(np.int64)
+    wanted = ReferenceEvaluator(model).run(None, {"d": d, "i": index, "u": u})[0]
+    run = KERNELS["ScatterElements"](ir.serde.deserialize_node(node), Setup(18, torch.float32))
+    np.testing.assert_array_equal(run(torch.tensor(d), torch.tensor(index), torch.tensor(u)).numpy(), wanted)

@@ -304,3 +304,20 @@ def test_a_bound_graph_too_large_for_the_budget_is_left_out_before_it_runs(tmp_p
         result = verify(model, spec, timeout=60, memory=budget, method="crown")
     assert result.status == "holds", result.reason
     assert sampler.growth < 2 << 30
+
+
+def test_call_sizes_grow_when_callers_ask_for_less_than_the_size():
+    """A caller that asks for fewer items than the current size (input branch and bound pops size / candidates
+    parents) still lets quick calls grow the size; before, ACAS Xu bounded 6 boxes per call."""
+    import time
+
+    from graphcert.verify.search import CallSizer
+    sizer = CallSizer(size=8, seconds=0.05)
+    for _ in range(4):
+        for part in sizer.slices(6, time.monotonic() + 60):
+            time.sleep(0.001)
+    assert sizer.size > 8
+    slow = CallSizer(size=8, seconds=0.05)
+    for part in slow.slices(6, time.monotonic() + 60):
+        time.sleep(0.1)   # a slow partial call never shrinks the size
+    assert slow.size == 8

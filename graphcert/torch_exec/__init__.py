@@ -18,8 +18,9 @@ from torch import nn
 from graphcert.errors import GraphcertError, InputError, UnsupportedOpError
 from graphcert.interpret import attr  # noqa: F401
 from graphcert.torch_exec.core import KERNELS, Setup, _Unsupported  # noqa: F401
-from graphcert.torch_exec import elementwise, layers, pooling, shapes, extra, quant, qlinear  # noqa: F401  (register kernels)
+from graphcert.torch_exec import elementwise, layers, pooling, shapes, extra, quant, qlinear, qcontrib  # noqa: F401  (register kernels)
 from graphcert.torch_exec.shapes import constant_array  # noqa: F401
+from graphcert.torch_exec.qcontrib import OTHER_DOMAINS
 
 # ---- the module -----------------------------------------------------------------------------------------
 
@@ -257,7 +258,8 @@ def _kernels(nodes: list[ir.Node], setup: Setup) -> dict[int, Callable]:
     found, missing = {}, {}
     for node in nodes:
         label = node.name or "(unnamed)"
-        if node.domain not in ("", "ai.onnx") or node.op_type not in KERNELS:
+        if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in OTHER_DOMAINS \
+                or node.op_type not in KERNELS:
             op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             missing.setdefault(op, []).append(label)
             continue

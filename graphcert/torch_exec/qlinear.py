@@ -23,10 +23,14 @@ def _shifted(x: torch.Tensor, zero_point: torch.Tensor | None, shape=None) -> to
 
 
 def _saturated(node, value: torch.Tensor, zero_point: torch.Tensor | None, setup) -> torch.Tensor:
-    target = node.outputs[0].dtype
-    if target not in EIGHT_BIT:
-        raise _Unsupported(f"{node.op_type} to {target}")
-    info = torch.iinfo(EIGHT_BIT[target])
+    """round, add the zero point, saturate to the output's type: the node's, or its zero point's where shape
+    inference does not know the op (onnxruntime's com.microsoft ones)."""
+    target = EIGHT_BIT.get(node.outputs[0].dtype)
+    if target is None and zero_point is not None and zero_point.dtype in (torch.int8, torch.uint8):
+        target = zero_point.dtype
+    if target is None:
+        raise _Unsupported(f"{node.op_type} to {node.outputs[0].dtype}")
+    info = torch.iinfo(target)
     rounded = _straight_through(value, torch.round(value))
     if zero_point is not None:
         rounded = rounded + zero_point.to(torch.float64)

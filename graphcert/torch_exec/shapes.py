@@ -88,6 +88,27 @@ def _gather_along(x: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tens
     return torch.index_select(x, axis, index.to(torch.int64))
 
 
+# ScatterElements' reductions as torch's scatter_reduce names them (ONNX keeps the existing element too).
+_SCATTER_REDUCTIONS = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+@kernel("ScatterElements")
+def _scatter_elements(node, setup):
+    axis = attr(node, "axis", 0)
+    reduction = attr(node, "reduction", "none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    if reduction != "none" and reduction not in _SCATTER_REDUCTIONS:
+        raise _Unsupported(f"ScatterElements reduction {reduction}")
+
+    def scatter(data, indices, updates):
+        dim = axis % data.dim()
+        index = torch.where(indices < 0, indices + data.shape[dim], indices).long()
+        if reduction == "none":
+            return data.scatter(dim, index, updates)
+        return data.scatter_reduce(dim, index, updates, _SCATTER_REDUCTIONS[reduction], include_self=True)
+    return scatter
+
+
 @kernel("Gather")
 def _gather(node, setup):
     axis = attr(node, "axis", 0)

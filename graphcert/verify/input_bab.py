@@ -24,8 +24,8 @@ from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSi
 BRANCH_DIMENSIONS = 64
 # Trying a split costs two bound evaluations; each box tries this many dimensions.
 SPLIT_CANDIDATES = 3
-# Boxes per call when re-computing their float32 slack from CROWN's unit-input bounds (bounds memory).
-SLACK_BOXES = 256
+# Boxes in the first call of each float32 second look at blocked boxes (later calls are sized to the clock).
+SLACK_BOXES = 64
 
 BoundFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -66,6 +66,8 @@ class InputSplitSearch:
         rows = len(search.offset)
         self.box_calls = CallSizer(memory=MemorySizer(search.budget, floor=16 * search.network.n_inputs + 24 * rows,
                                                       estimate=getattr(self.bound_fn, "bytes_per_sample", 0)))
+        # The float32 second looks at blocked boxes (`_evaluate`).
+        self.slack_calls, self.double_calls = CallSizer(size=SLACK_BOXES), CallSizer(size=SLACK_BOXES)
         widths = np.max([hi - lo for lo, hi in search.prop.input_boxes], axis=0) if search.prop.cases else None
         self.root_width = None if widths is None else np.where(widths > 0, widths, 1.0)
         search.start_clock()
@@ -124,8 +126,12 @@ class InputSplitSearch:
         # Boxes that only the float32 slack keeps undecided get the tighter slack of CROWN's magnitudes.
         blocked = np.flatnonzero(((margin_lower > base) & (margin_lower <= base + rounding)).any(axis=1))
         of_boxes = getattr(search.rounding_slack, "of_boxes", None)
-        for start in range(0, len(blocked) if of_boxes is not None else 0, SLACK_BOXES):
-            part = blocked[start:start + SLACK_BOXES]
+        # Sized to the clock (a call of 256 boxes took over a second on a busy machine); at the deadline the
+        # boxes not reached keep the plain slack (sound).
+        for chunk in self.slack_calls.slices(len(blocked) if of_boxes is not None else 0, search.deadline):
+            if chunk is None:
+                break
+            part = blocked[chunk]
             rounding[part] = of_boxes(lower[part], upper[part], search.offset, rounding[part])
         slack = base + rounding
         refuted = ((margin_lower > slack).astype(np.int32) @ search.membership) > 0
@@ -133,8 +139,10 @@ class InputSplitSearch:
         # Those still blocked only by the float32 slack: margins and slack from a float64 bound graph.
         in_double = getattr(search.rounding_slack, "in_double", None)
         blocked = np.flatnonzero(alive.any(axis=1) & ((margin_lower > base) & (margin_lower <= slack)).any(axis=1))
-        for start in range(0, len(blocked) if in_double is not None else 0, SLACK_BOXES):
-            part = blocked[start:start + SLACK_BOXES]
+        for chunk in self.double_calls.slices(len(blocked) if in_double is not None else 0, search.deadline):
+            if chunk is None:
+                break
+            part = blocked[chunk]
             found = in_double(lower[part], upper[part], search.offset)
             if found is None:
                 break
