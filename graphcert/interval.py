@@ -120,11 +120,17 @@ def sub(b: Builder, x: Interval, y: Interval) -> Interval:
 
 def mul(b: Builder, x: Interval, y: Interval) -> Interval:
     """Product of two intervals: the hull of the four corner products, where 0 * inf counts as 0 (an exact
-    zero times an unbounded factor is zero; IEEE's NaN would poison both bounds)."""
+    zero times an unbounded factor is zero; IEEE's NaN would poison both bounds). A NaN bound of a factor (inf -
+    inf upstream) says nothing about it: the product is then unbounded, not 0."""
     zero = b.const(0.0)
-    products = [b.op("Mul", p, q) for p in (x.lower, x.upper) for q in (y.lower, y.upper)]
+    ends = (x.lower, x.upper, y.lower, y.upper)
+    products = [b.op("Mul", p, q) for p in ends[:2] for q in ends[2:]]
     products = [b.op("Where", b.op("IsNaN", p), zero, p) for p in products]
-    return Interval.from_bounds(b, b.op("Min", *products), b.op("Max", *products))
+    lower, upper = b.op("Min", *products), b.op("Max", *products)
+    nan = [b.op("IsNaN", end) for end in ends]
+    unknown = b.op("Or", b.op("Or", nan[0], nan[1]), b.op("Or", nan[2], nan[3]))
+    inf = b.op("CastLike", b.const(np.inf), lower)
+    return Interval.from_bounds(b, b.op("Where", unknown, b.op("Neg", inf), lower), b.op("Where", unknown, inf, upper))
 
 
 def square(b: Builder, x: Interval) -> Interval:

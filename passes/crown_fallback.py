@@ -80,18 +80,48 @@ def leaf_backward(cx, found: Leaf, coef: ir.Value) -> list:
 
 def batch_first(model: ir.Model, sources: list[ir.Value]):
     """value -> whether its leading axis is the batch: shape inference gave it a perturbed input's batch
-    dimension, or `graphcert.batch_axis` traces the batch there (it follows ops that rename the dimension)."""
+    dimension, or `graphcert.batch_axis` traces the batch there (it follows ops that rename the dimension).
+
+    The trace also restarts after a Concat along another axis with a batch-first input, whatever its other
+    inputs are (ONNX makes them agree off the concatenated axis): the tracer stops there when another input
+    is computed at run time (a class token expanded to the batch by a Shape), but the output's leading axis
+    is that input's batch all the same."""
     from graphcert.batch_axis import Tracer
     from graphcert.interface import clone
     dims = {static_shape(v)[0] for v in sources} - {None}
-    copy = clone(model)   # the tracer may rewrite what it follows; its verdict is all that is kept
-    starts = {v: 0 for v in copy.graph.inputs if v.name in {s.name for s in sources}}
-    traced = {v.name for v, axis in Tracer(copy, starts, copy.opset_imports.get("", 17)).run().items() if axis == 0}
+    names = {s.name for s in sources}
+    opset = model.opset_imports.get("", 17)
+
+    def by_shape(value: ir.Value) -> bool:
+        shape = static_shape(value)
+        return bool(shape) and shape[0] in dims
+
+    restarts: set[str] = set()
+    while True:
+        copy = clone(model)   # the tracer may rewrite what it follows; its verdict is all that is kept
+        values = {v.name: v for node in copy.graph for v in node.outputs if v is not None}
+        starts = {v: 0 for v in copy.graph.inputs if v.name in names}
+        starts.update({values[name]: 0 for name in restarts if name in values})
+        traced = {v.name for v, axis in Tracer(copy, starts, opset).run().items() if axis == 0}
+        more = {node.outputs[0].name for node in model.graph if _concat_keeps_batch(node, traced, by_shape)}
+        if more <= restarts | traced:
+            break
+        restarts |= more
 
     def first(value: ir.Value) -> bool:
-        shape = static_shape(value)
-        return bool(shape) and shape[0] in dims or value.name in traced
+        return by_shape(value) or value.name in traced or value.name in restarts
     return first
+
+
+def _concat_keeps_batch(node: ir.Node, traced: set[str], by_shape) -> bool:
+    """A Concat off axis 0 with an input whose leading axis is the batch."""
+    if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or node.outputs[0].shape is None:
+        return False
+    axis = node.attributes.get("axis")
+    rank = len(node.outputs[0].shape)
+    if axis is None or rank == 0 or axis.value % rank == 0:
+        return False
+    return any(v is not None and (v.name in traced or by_shape(v)) for v in node.inputs)
 
 
 def boundable(value: ir.Value, batched: bool) -> bool:

@@ -439,3 +439,20 @@ def test_log_softmax_bounds_hold_where_log_n_is_below_an_ulp(centre):
         for _ in range(20):
             y = original.run({"x": (x0 + rng.uniform(-eps, eps, (1, 8))).astype(np.float32)})["y"]
             assert np.all(found["y_lower"] - 1e-5 <= y) and np.all(y <= found["y_upper"] + 1e-5), (eps, y)
+
+
+@pytest.mark.parametrize("centre", [1e13, 3e38, -1e13, -3e38])
+def test_tanh_gelu_bounds_hold_where_its_cube_overflows(centre):
+    """Gelu(approximate=tanh) is expanded into its body, whose x^3 overflows to inf past ~7e12: the interval [inf, inf]
+    in centre form has a NaN radius, and a product with a NaN bound used to count as 0 (bounds [0, 0] where
+    onnxruntime gives x). A NaN bound now makes the product unbounded."""
+    from graphcert.runtime import Session
+    x = helper.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    proto = _make([helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")], [x],
+                  [helper.make_tensor_value_info("y", TP.FLOAT, [1, 4])], opset=20)
+    bound = Session(api.to_proto(api.bound_graph(model_lib.load(proto), "ibp")))
+    x0 = np.full((1, 4), centre, np.float32)
+    for eps in (0.0, abs(centre) * 1e-3):
+        found = bound.run({"x": x0, "epsilon": np.full((1, 1), eps, np.float32)})
+        y = Session(proto).run({"x": x0})["y"]
+        assert np.all(found["y_lower"] <= y) and np.all(y <= found["y_upper"])

@@ -10,9 +10,9 @@ ReLU (z >= 0 and z <= 0) and for an S-shaped unit whose interval holds 0 (each p
 concave, where its lines are tight), else the middle: the children get the parent's bounds with one side
 set to p, which hold on them (together they cover the parent), and their lines are re-relaxed on the
 narrower intervals. Splits at 0 carry a sign (z >= 0 or z <= 0) for beta-CROWN. Children are bounded in
-batches: CROWN bounds
-of the later layers' z are recomputed and clamped by the parent's, except after a split in the last layer,
-where only the margins are (`SplitBounds` modes "clamp" and "given"). Children these bounds leave live are
+batches on their parent's unit bounds, only the margins bounded anew (`SplitBounds` mode "given"; with
+REUSE_PARENT_BOUNDS off, CROWN bounds of the later layers' z are recomputed and clamped by the parent's, mode
+"clamp", except after a split in the last layer). Children these bounds leave live are
 re-bounded with alpha-beta-CROWN on their clamped bounds (`BetaSplitBounds`, unless beta is None), starting
 from their parent's optimised slopes and multipliers (`Domains.warm`). Which ReLU a parent splits is chosen by
 filtered smart branching (`LOOK_AHEAD`): a few candidates' children are bounded cheaply first. A child
@@ -55,11 +55,11 @@ WARM_START = True
 LOOK_AHEAD = 4
 # True: children are bounded on their parent's unit bounds (the split unit's set to the split point), one
 # backward pass for the margins, as beta-CROWN does. False: CROWN recomputes every later layer's unit bounds per
-# child, clamped by the parent's (L passes on L layers). Measured with root alpha bounds (60 s, real
-# arithmetic): recomputing proves mnistfc 256x4 prop_0_0.03 (reusing: timeout) and leaves eran relu idx 186 at
-# -0.04 (reusing: -0.20); both prove idx 6998 after 15 domain bounds. The children's clamp graph often refutes
-# without the far costlier alpha-beta steps.
-REUSE_PARENT_BOUNDS = False
+# child, clamped by the parent's (L passes on L layers). Measured with root alpha bounds and one conjunct per
+# domain (in-process, 60 s, real arithmetic, load 5-6): reusing proves eran relu idx 186 in 30 s, mnistfc
+# 256x2 prop_3_0.03 in 41 s and 256x4 prop_0_0.03 in 41 s; recomputing leaves the first two at -0.10 and -0.07
+# (load 8-9) and proves the third in 39 s.
+REUSE_PARENT_BOUNDS = True
 # The property's boxes get alpha-CROWN bounds of every unit's input z (`AlphaUnitBounds`, at most this many
 # steps) before the first split: children inherit them. 0: CROWN's.
 ROOT_ALPHA_STEPS = 30
