@@ -139,11 +139,19 @@ def _lrn_supported(node) -> bool:
 def _lrn(cx, node, x):
     """x / (bias + alpha/size · the window sum of squares over channels)^beta: the window sum is non-decreasing
     in every square, the power decreasing in it (beta >= 0, bias > 0); x times that factor in interval
-    arithmetic, widened (4·size + 16) ulps for the runtime's rounding."""
+    arithmetic, widened (4·size + 16) ulps for the runtime's rounding.
+
+    onnxruntime's kernel slides the window over the channels as a running float32 sum (each channel's base is
+    the previous one's plus the square entering, minus the one leaving), so its rounding accumulates over
+    every channel before: with 1e6-sized squares beside small ones the base of a small channel is off by
+    ~0.1, can reach 0 or below, and the output inf or NaN (measured). The base is widened by that sum's
+    error bound, (4·(C + size) + 8)·u·(bias + alpha/size · the sum of all channels' squares); where the
+    widened base can reach 0 the output is unbounded."""
     b = cx.b
     shape = node.inputs[0].shape
     alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
     size = int(attr(node, "size"))
+    channels = int(shape[1])
     x = iv.as_interval(b, x)
     squares = iv.square(b, x)
     perm = list(range(len(shape)))
@@ -152,8 +160,16 @@ def _lrn(cx, node, x):
     window = lambda v: b.op("Transpose", b.op("MatMul", b.op("Transpose", v, perm=perm), band), perm=perm)  # noqa: E731
     scale, offset = b.const(alpha / size), b.const(bias)
     base_low, base_high = (b.op("Add", offset, b.op("Mul", scale, window(v))) for v in (squares.lower, squares.upper))
+    running = b.op("Add", offset, b.op("Mul", scale, b.reduce("ReduceSum", squares.upper, [1], keepdims=1)))
+    drift = b.op("Mul", running, b.const((4.0 * (channels + size) + 8) * 2.0 ** -24))
+    base_low, base_high = b.op("Sub", base_low, drift), b.op("Add", base_high, drift)
     power = b.const(-beta)
-    factor = Interval.from_bounds(b, b.op("Pow", base_high, power), b.op("Pow", base_low, power))
+    positive = b.op("Greater", base_low, b.const(0.0))
+    safe_low = b.op("Where", positive, base_low, b.const(1.0))
+    factor = Interval.from_bounds(b, b.op("Pow", base_high, power), b.op("Pow", safe_low, power))
     y = iv.mul(b, x, factor)
     slack = b.op("Mul", b.op("Add", b.op("Abs", y.lower), b.op("Abs", y.upper)), b.const((4.0 * size + 16) * 2.0 ** -24))
-    return [Interval.from_bounds(b, b.op("Sub", y.lower, slack), b.op("Add", y.upper, slack))]
+    lower, upper = b.op("Sub", y.lower, slack), b.op("Add", y.upper, slack)
+    infinite = b.const(np.float32(np.inf))
+    return [Interval.from_bounds(b, b.op("Where", positive, lower, b.op("Neg", infinite)),
+                                 b.op("Where", positive, upper, infinite))]

@@ -2,6 +2,8 @@
 differentiable with respect to inputs and parameters."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -665,16 +667,21 @@ NUMPY_TYPES = {TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT8,
                TensorProto.UINT32, TensorProto.UINT64}
 
 
-def _onnx_node_tests() -> list:
-    """One float32 ONNX backend node test per op type that IBP has a rule for (the first in name order)."""
+@functools.lru_cache(maxsize=1)
+def _all_node_cases() -> list:
+    """ONNX's backend node test cases, built once per test session (about 15 s)."""
     import warnings
 
     from onnx.backend.test.case import node as node_cases
-
-    from graphcert.passes import ibp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cases = node_cases.collect_testcases()
+        return node_cases.collect_testcases()
+
+
+def _onnx_node_tests() -> list:
+    """One float32 ONNX backend node test per op type that IBP has a rule for (the first in name order)."""
+    from graphcert.passes import ibp
+    cases = _all_node_cases()
     chosen = {}
     for case in sorted((c for c in cases if c.model is not None), key=lambda c: c.name):
         graph = case.model.graph
@@ -855,3 +862,19 @@ def test_scatter_elements_kernel_matches_onnx(reduction, axis):
     wanted = ReferenceEvaluator(model).run(None, {"d": d, "i": index, "u": u})[0]
     run = KERNELS["ScatterElements"](ir.serde.deserialize_node(node), Setup(18, torch.float32))
     np.testing.assert_array_equal(run(torch.tensor(d), torch.tensor(index), torch.tensor(u)).numpy(), wanted)
+
+
+def test_deform_conv_kernel_matches_every_onnx_node_test():
+    """2-D DeformConv through the torch executor (bilinear samples at the offsets, zero outside, masks, groups,
+    offset groups, strides, dilations, pads) gives each ONNX backend test's expected output."""
+    from graphcert import api
+    from graphcert.torch_exec import TorchGraph
+    cases = [c for c in _all_node_cases() if c.model is not None and "deform_conv" in c.name]
+    assert len(cases) >= 3
+    for case in cases:
+        inputs, expected = case.data_sets[0]
+        graph = TorchGraph(api.load(case.model), trainable=False)
+        names = [v.name for v in case.model.graph.input]
+        out = graph({name: np.asarray(value) for name, value in zip(names, inputs)})
+        got = next(iter(out.values())).detach().numpy()
+        np.testing.assert_allclose(got, expected[0], rtol=1e-4, atol=1e-4, err_msg=case.name)

@@ -18,7 +18,7 @@ from torch import nn
 from graphcert.errors import GraphcertError, InputError, UnsupportedOpError
 from graphcert.interpret import attr  # noqa: F401
 from graphcert.torch_exec.core import KERNELS, Setup, _Unsupported  # noqa: F401
-from graphcert.torch_exec import elementwise, layers, pooling, shapes, extra, quant, qlinear, qcontrib  # noqa: F401  (register kernels)
+from graphcert.torch_exec import elementwise, layers, pooling, shapes, extra, quant, qlinear, qcontrib, sampled  # noqa: F401,E501  (register kernels)
 from graphcert.torch_exec.shapes import constant_array  # noqa: F401
 from graphcert.torch_exec.qcontrib import OTHER_DOMAINS
 
