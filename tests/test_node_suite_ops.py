@@ -13,18 +13,12 @@ from graphcert import api
 from graphcert import model as model_lib
 from graphcert.load_check import runner
 from harness import check_bounds_sound, graph_bound_fn
+from test_recurrent import _init
+from test_recurrent import _make as make_checked_model
 
 
 def _make(nodes, inputs, outputs, initializers=(), opset=17):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    return model
-
-
-def _init(name, array):
-    return onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+    return make_checked_model(nodes, inputs, outputs, initializers, opset, ir_version=10)
 
 
 def _assert_sound(proto, x0, cases, output=None):

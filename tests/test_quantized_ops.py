@@ -306,8 +306,7 @@ def test_quantized_models_certify_and_verify(name, folder, tmp_path):
     real arithmetic: the float32 rounding analysis has no rules for quantized ops (it refuses them)."""
     from graphcert.certify import certify
     from graphcert.data import Dataset
-    from graphcert.verify import verify
-    from test_real_architectures import _robustness_property
+    from test_real_architectures import assert_verify_answers_robustness
     path = quantized(name, folder)
     shape = QUANTIZED[name][1]
     x = _sample(shape, 5, n=4)
@@ -317,14 +316,7 @@ def test_quantized_models_certify_and_verify(name, folder, tmp_path):
     result = certify(path, Dataset("quantized", x, labels, None), eps=EPS_CERTIFY, method="auto", rounding="real")
     assert result.clean == 4 and result.certified >= 1
     assert all(stage["status"] in ("ran", "not needed") for stage in result.stages.values()), result.stages
-    spec = tmp_path / "robust.vnnlib"
-    spec.write_text(_robustness_property(x[0], int(labels[0]), logits.shape[1], EPS_CERTIFY))
-    outcome = verify(path, spec, timeout=20, rounding="real")
-    assert outcome.status in ("holds", "violated", "unknown", "timeout"), outcome
-    if outcome.status == "violated":
-        point, _ = outcome.counterexample
-        y = session.run({"x": np.asarray(point, np.float32).reshape(1, *shape)})["y"]
-        assert y.argmax() != labels[0]
+    assert_verify_answers_robustness(path, session, x[0], int(labels[0]), logits.shape[1], EPS_CERTIFY, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown"])

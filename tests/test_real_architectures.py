@@ -106,7 +106,6 @@ CERTIFY_CASES = [c for c in EXPORTS if c[1] == "dynamo" and c[0] not in MISSING]
 def test_certify_and_verify_run(case, zoo_folder, tmp_path):
     from graphcert.certify import certify
     from graphcert.data import Dataset
-    from graphcert.verify import verify
     path = exported(case, zoo_folder)
     loaded = model_lib.load(path)
     _, shape = arch_zoo.build(case[0])
@@ -118,14 +117,22 @@ def test_certify_and_verify_run(case, zoo_folder, tmp_path):
     # these runs certify and verify in real arithmetic.
     result = certify(path, Dataset("zoo", x, labels, None), eps=EPS, method="auto", rounding="real")
     assert result.clean == 4 and result.stages["ibp"]["status"] == "ran"
+    assert_verify_answers_robustness(path, session, x[0], int(labels[0]), logits.shape[1], EPS, tmp_path)
+
+
+def assert_verify_answers_robustness(path, session, x0: np.ndarray, label: int, classes: int, eps: float,
+                                     tmp_path) -> None:
+    """verify (real arithmetic, 20 s) of the L-inf ball around x0 answers, and a counterexample it reports is
+    classified otherwise by `session`."""
+    from graphcert.verify import verify
     spec = tmp_path / "robust.vnnlib"
-    spec.write_text(_robustness_property(x[0], int(labels[0]), logits.shape[1], EPS))
+    spec.write_text(_robustness_property(x0, label, classes, eps))
     outcome = verify(path, spec, timeout=20, rounding="real")
     assert outcome.status in ("holds", "violated", "unknown", "timeout"), outcome
     if outcome.status == "violated":
-        cx, _ = outcome.counterexample
-        y = session.run({session.input_names[0]: np.asarray(cx, np.float32).reshape(1, *shape)})
-        assert y[session.output_names[0]].argmax() != labels[0]
+        point, _ = outcome.counterexample
+        y = session.run({session.input_names[0]: np.asarray(point, np.float32).reshape(1, *x0.shape)})
+        assert y[session.output_names[0]].argmax() != label
 
 
 def _robustness_property(x: np.ndarray, label: int, classes: int, eps: float) -> str:

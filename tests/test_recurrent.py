@@ -24,10 +24,10 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 SEQ, INPUT, HIDDEN = 4, 5, 6
 
 
-def _make(nodes, inputs, outputs, initializers=(), opset=17):
+def _make(nodes, inputs, outputs, initializers=(), opset=17, ir_version=8):
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
+    model.ir_version = ir_version
     onnx.checker.check_model(model)
     return model
 

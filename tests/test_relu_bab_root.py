@@ -4,15 +4,13 @@ the search bounding children on them proves what CROWN cannot and never proves a
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from graphcert.alpha import AlphaSettings
-from test_relu_split import crown_upper_bound, pre_activations, relu_network, write_box_property
+from test_relu_split import crown_upper_bound, pre_activations, relu_network, write_box_property, y0_above_y1_search
 
 TOLERANCE = 1e-4
 
@@ -59,17 +57,10 @@ def attacked_unit_extremes(layers, lower, upper, rng, starts: int = 8, steps: in
 
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_root_alpha_unit_bounds_hold_and_tighten_crown(tmp_path, scale):
-    from graphcert.verify.bounds import AlphaUnitBounds, SplitBounds
-    from graphcert.verify.network import Network
-    from graphcert.verify.search import Search
-    from graphcert.vnnlib import load_property
+    from graphcert.verify.bounds import AlphaUnitBounds
     widths = [3, 16, 16, 16, 2]
     proto, layers = scaled_network(widths, seed=3, scale=scale)
-    onnx.save(proto, tmp_path / "m.onnx")
-    write_box_property(tmp_path / "p.vnnlib", 3, -1, 1, "(>= Y_0 Y_1)", 2)
-    network = Network(tmp_path / "m.onnx")
-    search = Search(load_property(tmp_path / "p.vnnlib"), network, time.monotonic() + 60, rounding="real")
-    clamp = SplitBounds(network, search.matrix, search.offset, "clamp")
+    network, search, clamp = y0_above_y1_search(tmp_path, proto)
     rng = np.random.default_rng(0)
     centers = rng.uniform(-0.5, 0.5, size=(3, 3))
     lower, upper = centers - 0.5, centers + 0.5

@@ -156,6 +156,22 @@ def write_box_property(path, n_inputs: int, lower: float, upper: float, output_c
     path.write_text(text + f"(assert {output_constraint})\n")
 
 
+def y0_above_y1_search(tmp_path, proto):
+    """(network, search, clamp split graph) of the 3-input model `proto` with the property y0 >= y1 over
+    [-1, 1]^3, in real arithmetic."""
+    import time
+
+    from graphcert.verify.bounds import SplitBounds
+    from graphcert.verify.network import Network
+    from graphcert.verify.search import Search
+    from graphcert.vnnlib import load_property
+    onnx.save(proto, tmp_path / "m.onnx")
+    write_box_property(tmp_path / "p.vnnlib", 3, -1, 1, "(>= Y_0 Y_1)", 2)
+    network = Network(tmp_path / "m.onnx")
+    search = Search(load_property(tmp_path / "p.vnnlib"), network, time.monotonic() + 60, rounding="real")
+    return network, search, SplitBounds(network, search.matrix, search.offset, "clamp")
+
+
 def crown_upper_bound(proto, n_inputs: int) -> float:
     """Plain CROWN's bound of max y_0 over [-1, 1]^n."""
     session = Session(to_proto(CrownPass(InputSet("box"))(load(proto)).model))
@@ -237,19 +253,9 @@ def test_look_ahead_split_is_at_least_as_good_as_the_first_choice(tmp_path):
     """Filtered smart branching (`_look_ahead`): on split domains of a 3-24-24-24-2 network, the chosen unit's
     weaker child (bounded on the parent's unit bounds) is never below the first choice's, is better for some
     domain, and the chosen units are unstable ReLUs of the domain."""
-    import time
-
     from graphcert.verify import relu_bab
-    from graphcert.verify.bounds import SplitBounds
-    from graphcert.verify.network import Network
-    from graphcert.verify.search import Search
-    from graphcert.vnnlib import load_property
     proto, layers = relu_network([3, 24, 24, 24, 2], seed=7)
-    onnx.save(proto, tmp_path / "m.onnx")
-    write_box_property(tmp_path / "p.vnnlib", 3, -1, 1, "(>= Y_0 Y_1)", 2)
-    network = Network(tmp_path / "m.onnx")
-    search = Search(load_property(tmp_path / "p.vnnlib"), network, time.monotonic() + 60, rounding="real")
-    clamp = SplitBounds(network, search.matrix, search.offset, "clamp")
+    network, search, clamp = y0_above_y1_search(tmp_path, proto)
     rng = np.random.default_rng(0)
     centers = rng.uniform(-0.7, 0.7, size=(12, 3))
     lower, upper = centers - 0.3, centers + 0.3

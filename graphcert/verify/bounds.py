@@ -178,6 +178,11 @@ class SplitBounds:
         self.feeds = (f"{x}_lower", f"{x}_upper")
         self.outputs = ["margins_lower"] + [p + n for n in self.names for p in (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX)]
 
+    def in_double(self) -> None:
+        """Run the graph in float64 from now on (onnxruntime double, outputs rounded outward to float32)."""
+        from ..precision import DoubleSession
+        self.session = DoubleSession(self.proto)
+
     @property
     def units(self) -> int:
         return int(self.offsets[-1])

@@ -147,8 +147,7 @@ class ReluSplitSearch:
         domains_in_double = getattr(search.rounding_slack, "domains_in_double", None)
         self.double = bool(DOMAINS_IN_DOUBLE and domains_in_double is not None and domains_in_double(clamp))
         if self.double:
-            from ..precision import DoubleSession
-            clamp.session = DoubleSession(clamp.proto)
+            clamp.in_double()
             log.info("split domains are bounded in float64")
         self.layer = clamp.layer
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
@@ -490,8 +489,7 @@ class ReluSplitSearch:
         if self.splitter is None:
             self.splitter = SplitBounds(self.search.network, self.search.matrix, self.search.offset, "given")
             if self.double:   # it bounds the children of last-layer splits
-                from ..precision import DoubleSession
-                self.splitter.session = DoubleSession(self.splitter.proto)
+                self.splitter.in_double()
 
     def _split_gains(self, root, alive, lower, upper) -> np.ndarray:
         """[B, units]: BaBSR-like look-ahead for units other than ReLUs. The gradient of the live rows' summed
