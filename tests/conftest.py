@@ -6,6 +6,7 @@ there (a fresh clone elsewhere).
 from __future__ import annotations
 
 import pathlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,3 +36,17 @@ def benchmark_networks(family: str, every: int = 1) -> list:
 @pytest.fixture
 def shared_dir() -> pathlib.Path:
     return shared_path()
+
+
+def cli_in_process(capfd, *args) -> SimpleNamespace:
+    """`graphcert ARGS` run by cli.main in this process, with what it wrote to the stdout and stderr file
+    descriptors: returncode, stdout, stderr like subprocess.run's result. An exception cli.main does not turn into
+    a one-line error propagates (the test fails on it, as on a traceback). Spares a child process's 3 s start;
+    each command's tests keep one run in a child process for what only a process shows (its exit status)."""
+    import cli
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    out, err = capfd.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)

@@ -144,8 +144,10 @@ def test_ray_without_ray_installed_is_a_one_line_error(capsys, monkeypatch):
 
 # ---- certify ------------------------------------------------------------------------------------------------
 
+# 350 samples in batches of 50, shards of 100: four shards of two batches, the last one short (the same shard
+# structure as 700 samples in batches of 100 and shards of 200, at half the certify work: no check needs more).
 def certify_json(capsys, *args):
-    code, captured = run_cli(capsys, "certify", "--method", "crown", "--limit", 700, "--batch-size", 100,
+    code, captured = run_cli(capsys, "certify", "--method", "crown", "--limit", 350, "--batch-size", 50,
                              "--json", *args)
     assert code == 0, captured.err
     return json.loads(captured.out), captured.err
@@ -153,26 +155,26 @@ def certify_json(capsys, *args):
 
 def test_certify_with_workers_and_resume_equals_the_serial_run(tmp_path, capsys, monkeypatch):
     serial, _ = certify_json(capsys)
-    parallel, _ = certify_json(capsys, "--workers", 2, "--shard-size", 200)
+    parallel, _ = certify_json(capsys, "--workers", 2, "--shard-size", 100)
     keys = ("clean", "certified", "n", "clean_accuracy", "certified_accuracy")
     assert {k: parallel[k] for k in keys} == {k: serial[k] for k in keys}
     # A results file cut after two shards, with a torn third line: --resume runs only the missing shards.
     results = tmp_path / "shards.jsonl"
-    certify_json(capsys, "--results", results, "--shard-size", 200)
+    certify_json(capsys, "--results", results, "--shard-size", 100)
     lines = results.read_text().splitlines()
-    assert len(lines) == 1 + 4 and [json.loads(x)["shard"] for x in lines[1:]] == [[0, 200], [200, 400],
-                                                                                    [400, 600], [600, 700]]
+    assert len(lines) == 1 + 4 and [json.loads(x)["shard"] for x in lines[1:]] == [[0, 100], [100, 200],
+                                                                                    [200, 300], [300, 350]]
     results.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
     log = tmp_path / "tasks.log"
     monkeypatch.setenv(TASK_LOG_ENV, str(log))
-    resumed, err = certify_json(capsys, "--results", results, "--shard-size", 200, "--resume")
-    assert [key for _, key, _ in logged_starts(log)] == ["400:600", "600:700"]
+    resumed, err = certify_json(capsys, "--results", results, "--shard-size", 100, "--resume")
+    assert [key for _, key, _ in logged_starts(log)] == ["200:300", "300:350"]
     assert {k: resumed[k] for k in keys} == {k: serial[k] for k in keys} and "2 resumed" in err
     without_time = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
     assert [{k: v for k, v in json.loads(x).items() if k != "seconds"}
             for x in results.read_text().splitlines()] == without_time
     # Another run's file is refused in one line.
-    code, captured = run_cli(capsys, "certify", "--method", "ibp", "--limit", 700, "--batch-size", 100,
+    code, captured = run_cli(capsys, "certify", "--method", "ibp", "--limit", 350, "--batch-size", 50,
                              "--results", results, "--resume")
     assert code == 2 and "another certify run" in captured.err and captured.err.count("\n") == 1
 
