@@ -9,7 +9,8 @@ the domains with the weakest margin bounds split their chosen unit's interval [l
 ReLU (z >= 0 and z <= 0) and for an S-shaped unit whose interval holds 0 (each part is then convex or
 concave, where its lines are tight), else the middle: the children get the parent's bounds with one side
 set to p, which hold on them (together they cover the parent), and their lines are re-relaxed on the
-narrower intervals. Splits at 0 carry a sign (z >= 0 or z <= 0) for beta-CROWN. Children are bounded in
+narrower intervals. Every split carries a sign for beta-CROWN: +1 for the child z >= p, -1 for z <= p (p its
+new lower or upper bound of z). Children are bounded in
 batches on their parent's unit bounds, only the margins bounded anew (`SplitBounds` mode "given"; with
 REUSE_PARENT_BOUNDS off, CROWN bounds of the later layers' z are recomputed and clamped by the parent's, mode
 "clamp", except after a split in the last layer). Children these bounds leave live are
@@ -48,6 +49,9 @@ BETA_CALL_SECONDS = 1.0
 WEAKEST = "the weakest domain's margin lower bound (> 0 refutes)"
 # Children start alpha-beta-CROWN from their parent's optimised parameters (False: from CROWN's slopes).
 WARM_START = True
+# Splits of Sigmoid/Tanh units off 0 carry a sign too, so that beta-CROWN's multipliers bring in z >= p and
+# z <= p (False: only splits at 0 do, as before).
+BETA_OFF_ZERO = True
 # Filtered smart branching: for each parent whose first choice is a ReLU, this many candidate ReLUs (that
 # choice and the largest first-order gains, `_split_gains`) have both children bounded on the parent's unit
 # bounds (the "given" split graph, one backward pass); the candidate whose weaker child is best is split.
@@ -101,6 +105,10 @@ def chord_gap(curve, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     return np.where(gap > GAP_FLOOR, gap, 0.0)
 
 
+# Domains.unit: no unit left to split; not chosen yet (alpha-beta-CROWN re-bounds the domain first).
+NO_UNIT, UNCHOSEN = -1, -2
+
+
 @dataclass
 class Domains(Arrays):
     """Split domains, one row each."""
@@ -109,9 +117,9 @@ class Domains(Arrays):
     unit_lower: np.ndarray    # [B, units] float32 bounds of every ReLU input z on the domain
     unit_upper: np.ndarray
     score: np.ndarray         # [B] the weakest live conjunct's best margin lower bound (split smallest first)
-    unit: np.ndarray          # [B] the unit to split next, -1 when every unit is stable
+    unit: np.ndarray          # [B] the unit to split next, NO_UNIT when every unit is stable
     margins: np.ndarray       # [B, rows] float32 margin lower bounds
-    signs: np.ndarray         # [B, units] int8 split signs: +1 z >= 0, -1 z <= 0, 0 unsplit
+    signs: np.ndarray         # [B, units] int8 split constraints: +1 z >= unit_lower, -1 z <= unit_upper, 0 none
     warm: np.ndarray          # [B, width] float32 alpha-beta parameters to start from (NaN: the default start)
 
 
@@ -196,7 +204,7 @@ class ReluSplitSearch:
                 break
             if search.past_deadline():
                 return search.timeout(frontier, "split domains", WEAKEST)
-            if (frontier.items.unit < 0).any():
+            if (frontier.items.unit == NO_UNIT).any():
                 return search.finish("unknown", "a live domain has no unit left to split (every ReLU stable, "
                                                 "every other unit's interval too narrow to gain from a split)")
             # float32 bounds of every unit, an int8 split sign, float32 margins (and warm starts)
@@ -271,14 +279,16 @@ class ReluSplitSearch:
         active, inactive = parents.unit_lower.copy(), parents.unit_upper.copy()   # z >= point, z <= point
         active[rows, unit] = np.maximum(active[rows, unit], point)
         inactive[rows, unit] = np.minimum(inactive[rows, unit], point)
+        # The split constraints for beta-CROWN: z >= point (its new lower bound) and z <= point (its new upper
+        # bound), which replace a constraint an earlier split of the unit put there (both still hold).
+        signed = (point == 0) | BETA_OFF_ZERO   # elsewhere the children keep the parent's sign (still true)
         active_signs, inactive_signs = parents.signs.copy(), parents.signs.copy()
-        at_zero = point == 0   # elsewhere the children keep the parent's sign (still true on them)
-        active_signs[rows[at_zero], unit[at_zero]], inactive_signs[rows[at_zero], unit[at_zero]] = 1, -1
+        active_signs[rows[signed], unit[signed]], inactive_signs[rows[signed], unit[signed]] = 1, -1
         # Children start from the parent's optimised alpha and beta, with beta 0 on the new split constraint.
         warm = parents.warm.copy()
         if warm.shape[1]:
             for columns in self.beta_bounds.beta_columns(unit):
-                chosen = at_zero[:, None] & (columns >= 0)
+                chosen = signed[:, None] & (columns >= 0)
                 warm[np.nonzero(chosen)[0], columns[chosen]] = 0.0
         # A split before the last layer pays off through the later layers' bounds, so those are
         # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
@@ -322,16 +332,18 @@ class ReluSplitSearch:
                                             np.minimum(clamped_lower, clamped_upper),
                                             np.maximum(clamped_lower, clamped_upper), signs[chunk],
                                             np.maximum(margin_lower.astype(np.float64), parent_lower[chunk]),
-                                            warm[chunk], second_look=self.beta_settings is None))
+                                            warm[chunk], second_look=self.beta_settings is None,
+                                            choose=self.beta_bounds is None))
         domains = Domains.concat(found)
         if self.beta_bounds is None or not len(domains):
             return domains
         return self._tighten_with_beta(domains)
 
     def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower, warm,
-                      second_look: bool = True) -> Domains:
+                      second_look: bool = True, choose: bool = True) -> Domains:
         """The domains with a live conjunct left after refuting by margin_lower (and, with `second_look`, for
-        those only the interval float32 slack keeps live, by `_second_look`)."""
+        those only the interval float32 slack keeps live, by `_second_look`), with the unit each splits next
+        (without `choose`: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which chooses then)."""
         membership = self.search.membership
         base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
         slack = base + self._rounding_slack(root, unit_lower, unit_upper)
@@ -343,8 +355,9 @@ class ReluSplitSearch:
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
                                  torch.from_numpy(live)).numpy()
         keep = live.any(axis=1)
-        return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep],
-                       self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]),
+        unit = self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]) if choose else \
+            np.full(int(keep.sum()), UNCHOSEN)
+        return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep], unit,
                        margin_lower[keep].astype(np.float32), signs[keep], warm[keep])
 
     def _second_look(self, root, live, unit_lower, unit_upper, margin_lower, blocked_rows) -> np.ndarray:
@@ -400,7 +413,9 @@ class ReluSplitSearch:
             found.append(self._live_domains(part.root, part.alive, part.unit_lower, part.unit_upper, part.signs,
                                             margin_lower, optimised[:, :self.warm_width]))
             done = chunk.stop
-        found.append(domains.take(slice(done, None)))
+        rest = domains.take(slice(done, None))   # only once the deadline has passed
+        rest.unit = np.where(rest.unit == UNCHOSEN, NO_UNIT, rest.unit)
+        found.append(rest)
         return Domains.concat(found)
 
     def _branching_unit(self, root, alive, lower, upper) -> np.ndarray:
