@@ -67,6 +67,13 @@ REUSE_PARENT_BOUNDS = True
 # The property's boxes get alpha-CROWN bounds of every unit's input z (`AlphaUnitBounds`, at most this many
 # steps) before the first split: children inherit them. 0: CROWN's.
 ROOT_ALPHA_STEPS = 30
+# On nets with Sigmoid/Tanh units the root's alpha-CROWN goes on to at most this many steps, until its weakest
+# live conjunct bound gains less than ROOT_PLATEAU[1] of its distance to 0 over ROOT_PLATEAU[0] steps or the
+# steps past ROOT_ALPHA_STEPS have taken ROOT_TIME_SHARE of the time left. (eran's 6x200 sigmoid net, idx 6981,
+# 60 s, load 6: 30 steps -1.02 at the root, the split search ends at -0.09; 150 steps -0.71, holds in 39 s.)
+ROOT_ALPHA_STEPS_S_SHAPED = 200
+ROOT_PLATEAU = (10, 0.01)
+ROOT_TIME_SHARE = 0.4
 # Domains per call of the zonotope's second look (`_second_look`).
 SECOND_LOOK_DOMAINS = 8
 # In float32 mode, bound split domains in float64 where the zonotope covers the model (False: in float32, whose
@@ -81,6 +88,22 @@ GAP_FLOOR = 1e-6
 WIDTH_FLOOR = 1e-5
 CHORD_POINTS = 8
 CURVES = {"Sigmoid": lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)), "Tanh": np.tanh}
+
+
+class RootPlateau:
+    """True once every box's score (the weakest live conjunct's bound, `score(lower)` per box) is positive or
+    gained less than ROOT_PLATEAU[1] of its distance to 0 over the last ROOT_PLATEAU[0] steps."""
+
+    def __init__(self, score):
+        self.score, self.history = score, []
+
+    def __call__(self, lower) -> bool:
+        self.history.append(np.atleast_1d(np.asarray(self.score(lower), dtype=np.float64)))
+        window, share = ROOT_PLATEAU
+        if len(self.history) <= window:
+            return False
+        now, before = self.history[-1], self.history[-1 - window]
+        return bool(((now > 0) | (now - before < share * np.abs(now))).all())
 
 
 def split_point(lower: np.ndarray, upper: np.ndarray, relu: np.ndarray) -> np.ndarray:
@@ -248,8 +271,13 @@ class ReluSplitSearch:
             log.info("split units keep CROWN's bounds at the root (alpha-CROWN may need %s per box, %s free)",
                      size(each), size(free))
             return margin_lower, unit_lower, unit_upper
+        # Splits of S-shaped units only narrow a relaxation (a ReLU split removes one): the root's bounds weigh
+        # more there, so it keeps optimising while it gains (`RootPlateau`), within a share of the time left.
+        s_shaped = not clamp.relu.all()
+        steps = max(ROOT_ALPHA_STEPS, ROOT_ALPHA_STEPS_S_SHAPED) if s_shaped else ROOT_ALPHA_STEPS
+        root_deadline = time.monotonic() + ROOT_TIME_SHARE * max(0.0, search.deadline - time.monotonic())
         bounder = AlphaUnitBounds(search.network, search.matrix, search.offset, clamp,
-                                  AlphaSettings(iterations=ROOT_ALPHA_STEPS, give_up=False))
+                                  AlphaSettings(iterations=steps, give_up=False))
         if self.double:
             bounder.alpha.in_double()
         membership = torch.from_numpy(search.membership)
@@ -258,10 +286,19 @@ class ReluSplitSearch:
         for start in range(0, len(alive), chunk):
             part = slice(start, start + chunk)
             live = torch.from_numpy(alive[part])
-            watch = ProofWatch(lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,
-                                                            live).numpy(), ROOT_ALPHA_STEPS, give_up=False)
-            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part],
-                                                    stop=lambda low, high: search.past_deadline() or watch(low, high))
+            score = lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,  # noqa: E731
+                                                 live).numpy()
+            watch = ProofWatch(score, steps, give_up=False)
+            plateau = RootPlateau(score)
+
+            def stop(low, high):
+                if search.past_deadline() or watch(low, high):
+                    return True
+                # Past ROOT_ALPHA_STEPS (S-shaped units only): stop at a plateau or the root's share of time.
+                return plateau(low) and len(plateau.history) >= ROOT_ALPHA_STEPS or \
+                    len(plateau.history) >= ROOT_ALPHA_STEPS and time.monotonic() > root_deadline
+
+            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop=stop)
             search.boxes_bounded += len(low)
             # float64 bounds (in float64 mode) as float32, rounded outward
             low, found_lower, found_upper = outward("lower", low), outward("lower", found_lower), outward("upper",
