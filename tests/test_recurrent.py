@@ -212,7 +212,9 @@ def test_l2_bounds_contain_points_of_the_ball(op):
 
 # ---- torch exports certify at batch > 1 -----------------------------------------------------------------
 
-def _torch_classifier(kind, path, dynamo):
+def _torch_classifier(kind, path, dynamo, seq=SEQ, read_sequence=False):
+    """torch's LSTM/GRU (batch first) and a linear head over its last state, or with `read_sequence` over the last
+    step of its output sequence, exported over `seq` steps."""
     torch = pytest.importorskip("torch")
 
     class Net(torch.nn.Module):
@@ -222,7 +224,9 @@ def _torch_classifier(kind, path, dynamo):
             self.head = torch.nn.Linear(HIDDEN, 3)
 
         def forward(self, x):
-            _, state = self.rnn(x)
+            out, state = self.rnn(x)
+            if read_sequence:
+                return self.head(out[:, -1])
             return self.head((state[0] if kind == "LSTM" else state)[0])
     torch.manual_seed(0)
     import contextlib
@@ -230,7 +234,7 @@ def _torch_classifier(kind, path, dynamo):
     import warnings
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(Net().eval(), (torch.randn(1, SEQ, INPUT),), str(path), dynamo=dynamo,
+        torch.onnx.export(Net().eval(), (torch.randn(1, seq, INPUT),), str(path), dynamo=dynamo,
                           **({} if dynamo else {"input_names": ["x"], "output_names": ["y"], "opset_version": 17}))
     return str(path)
 
@@ -416,12 +420,13 @@ def test_loop_classifier_bounds_are_sound():
 
 def test_crown_bounds_torchscript_lstm_through_its_sequence_first_layout(tmp_path):
     """torch's TorchScript export squeezes and transposes Y back to batch first right after the layer: the
-    unroller sinks its layout Transpose through the Squeeze so the two cancel and CROWN keeps the batch first."""
+    unroller sinks its layout Transpose through the Squeeze so the two cancel and CROWN keeps the batch first
+    (over BOUND_SEQ steps, as the other bound tests)."""
     import arch_zoo
-    path = arch_zoo.export("lstm", str(tmp_path), "torchscript", 17)
+    path = _torch_classifier("LSTM", tmp_path / "lstm.onnx", dynamo=False, seq=BOUND_SEQ, read_sequence=True)
     loaded = model_lib.load(path)
     bound = api.to_proto(api.bound_graph(loaded, "crown"))
-    x0 = arch_zoo.sample_input((5, 6), seed=3)
+    x0 = arch_zoo.sample_input((BOUND_SEQ, INPUT), seed=3)
     name, output = loaded.graph.inputs[0].name, loaded.graph.outputs[0].name
     report = check_bounds_sound(api.to_proto(loaded), graph_bound_fn(bound, name, output), x0, 0.05, n_random=8,
                                 corners=8, pgd_steps=3, attack_targets=3)
