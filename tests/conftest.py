@@ -50,3 +50,29 @@ def cli_in_process(capfd, *args) -> SimpleNamespace:
         code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
     out, err = capfd.readouterr()
     return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+@pytest.fixture(scope="session")
+def mixed_instances(tmp_path_factory):
+    """An instances file of the shared test family and five ACAS Xu rows (four decided, one timing out at 4 s),
+    and the verdicts [(onnx, vnnlib, status)] of one serial `verify --instances` run on it (timeout scale 0.5,
+    real arithmetic): the local-worker and Ray tests compare their runs with it (one serial run for both)."""
+    import os
+
+    import cli
+    from parallel_tasks import ACAS_QUICK, ACAS_SLOW, acas_instances, results_rows, shared_test_family
+    folder = tmp_path_factory.mktemp("mixed_instances")
+    instances = folder / "instances.csv"
+    acas_instances(instances, ACAS_QUICK + [ACAS_SLOW], timeout=4)
+    family = shared_test_family()
+    test_rows = [line.split(",") for line in family.read_text().splitlines() if line]
+    instances.write_text("".join(f"{family.parent / o},{family.parent / v},{t}\n" for o, v, t in test_rows)
+                         + instances.read_text())
+    out = folder / "serial.csv"
+    code = cli.main([str(a) for a in ("verify", "--instances", instances, "--out", out, *MIXED_OPTIONS)])
+    assert code == 0
+    return instances, [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)]
+
+
+# verify's options for every run on `mixed_instances` (the competition's answers are in real arithmetic)
+MIXED_OPTIONS = ("--timeout-scale", "0.5", "--rounding", "real")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import cli
+from conftest import MIXED_OPTIONS
 from graphcert.distributed import ProcessExecutor, SerialExecutor, Task, run_tasks, tasks as task_module
 from graphcert.distributed.journal import Journal
 from graphcert.distributed.tasks import TASK_LOG_ENV
@@ -82,22 +83,14 @@ def run_cli(capsys, *args):
     return code, capsys.readouterr()
 
 
-def test_workers_give_the_serial_answers_on_the_test_family_and_acas_xu(tmp_path, capsys):
-    instances = tmp_path / "instances.csv"
-    acas_instances(instances, ACAS_QUICK + [ACAS_SLOW], timeout=4)
-    family = shared_test_family()
-    test_rows = [line.split(",") for line in family.read_text().splitlines() if line]
-    instances.write_text("".join(f"{family.parent / o},{family.parent / v},{t}\n" for o, v, t in test_rows)
-                         + instances.read_text())
-    answers = {}
-    for mode, extra in (("serial", []), ("workers", ["--workers", 2])):
-        out = tmp_path / f"{mode}.csv"
-        code, _ = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--timeout-scale", "0.5",
-                          "--rounding", "real", *extra)  # the competition's answers are in real arithmetic
-        assert code == 0
-        answers[mode] = [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)]
-    assert answers["workers"] == answers["serial"]  # the same verdicts, in input order
-    assert [a[2] for a in answers["serial"]] == ["holds", "holds", "holds", "violated", "holds"] + [
+def test_workers_give_the_serial_answers_on_the_test_family_and_acas_xu(tmp_path, capsys, mixed_instances):
+    instances, serial = mixed_instances
+    out = tmp_path / "workers.csv"
+    code, _ = run_cli(capsys, "verify", "--instances", instances, "--out", out, *MIXED_OPTIONS, "--workers", 2)
+    assert code == 0
+    workers = [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)]
+    assert workers == serial  # the same verdicts, in input order
+    assert [a[2] for a in serial] == ["holds", "holds", "holds", "violated", "holds"] + [
         v for _, _, v in ACAS_QUICK + [ACAS_SLOW]]
 
 

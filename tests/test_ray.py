@@ -9,10 +9,10 @@ import os
 import pytest
 
 import cli
+from conftest import MIXED_OPTIONS
 from graphcert.distributed import tasks as task_module
 from graphcert.distributed.tasks import ONE_THREAD_ENV, TASK_LOG_ENV
-from parallel_tasks import (ACAS_QUICK, ACAS_SLOW, acas_instances, kill_worker_of, logged_starts, results_rows,
-                            shared_test_family)
+from parallel_tasks import ACAS_QUICK, ACAS_SLOW, acas_instances, kill_worker_of, logged_starts, results_rows
 
 ray = pytest.importorskip("ray")
 
@@ -39,21 +39,12 @@ def run_cli(capsys, *args):
     return code, capsys.readouterr()
 
 
-def test_ray_gives_the_serial_answers(tmp_path, capsys):
-    instances = tmp_path / "instances.csv"
-    acas_instances(instances, ACAS_QUICK + [ACAS_SLOW], timeout=4)
-    family = shared_test_family()
-    test_rows = [line.split(",") for line in family.read_text().splitlines() if line]
-    instances.write_text("".join(f"{family.parent / o},{family.parent / v},{t}\n" for o, v, t in test_rows)
-                         + instances.read_text())
-    answers = {}
-    for mode, extra in (("serial", []), ("ray", ["--ray"])):
-        out = tmp_path / f"{mode}.csv"
-        code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--timeout-scale", "0.5",
-                                 "--rounding", "real", *extra)  # the competition's answers are in real arithmetic
-        assert code == 0, captured.err
-        answers[mode] = [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)]
-    assert answers["ray"] == answers["serial"]
+def test_ray_gives_the_serial_answers(tmp_path, capsys, mixed_instances):
+    instances, serial = mixed_instances
+    out = tmp_path / "ray.csv"
+    code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, *MIXED_OPTIONS, "--ray")
+    assert code == 0, captured.err
+    assert [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)] == serial
     assert "Ray" in captured.err
     counts = {}
     for mode, extra in (("serial", []), ("ray", ["--ray", "--shard-size", 100])):  # 4 shards of 2 batches, 1 short
