@@ -48,9 +48,11 @@ class Context:
         self.decomposed: dict[ir.Node, ir.Value] = {}
         # alpha-CROWN: the free lower slopes of the current backward pass (None: CROWN's adaptive slopes).
         self.alpha: AlphaInputs | None = None
-        # beta-CROWN: the split sign input of each split ReLU, and the multipliers of the current backward pass
-        # (None: no split constraint enters the bound).
+        # beta-CROWN: the split sign input of each split unit, the bounds of its input z the relaxation uses
+        # (the split points), and the multipliers of the current backward pass (None: no split constraint
+        # enters the bound).
         self.split_signs: dict[ir.Node, ir.Value] = {}
+        self.split_points: dict[ir.Node, tuple[ir.Value, ir.Value]] = {}
         self.beta: BetaInputs | None = None
         self.epsilons: dict[str, ir.Value] = {}
         # Builder values with the full shape of the tensor they go with (relaxation intercepts).
@@ -301,9 +303,7 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
         pairs.append((relaxation.upper_intercept, negative))
     pairs += cx.infinite_ends(relaxation.lower_unbounded, relaxation.upper_unbounded, coef)
     if cx.beta is not None and node in cx.split_signs:
-        # The Lagrangian term -beta·s·z of the split constraint s·z >= 0: it is <= 0 on the split domain, so
-        # the bound of the objective plus it is a bound of the objective there, for every beta >= 0.
-        pairs.append((node.inputs[0], b.op("Neg", b.op("Mul", cx.beta.get(node), cx.split_signs[node]))))
+        pairs += _split_constraint_pairs(cx, node)
     return pairs
 
 
@@ -328,8 +328,25 @@ def _tangent_lines_backward(cx: Context, node: ir.Node, relaxation: Lines, coef:
     intercept = b.op("Where", negative, upper_intercept, lower_intercept)   # [rows, *unit shape]: per row
     pairs = [(node.inputs[0], b.op("Mul", coef, slope)), (intercept, coef)]
     if cx.beta is not None and node in cx.split_signs:
-        pairs.append((node.inputs[0], b.op("Neg", b.op("Mul", cx.beta.get(node), cx.split_signs[node]))))
+        pairs += _split_constraint_pairs(cx, node)
     return pairs
+
+
+def _split_constraint_pairs(cx: Context, node: ir.Node) -> list:
+    """beta-CROWN's Lagrangian term -beta·s·(z - p) of a split constraint s·(z - p) >= 0, where s = +1 says the
+    domain has z >= p for p its lower bound of z and s = -1 says z <= p for p its upper bound (a ReLU split at 0
+    has p = 0; a Sigmoid or Tanh split anywhere). The term is <= 0 on the domain, so the objective's bound plus
+    it bounds the objective there, for every beta >= 0: pairs -beta·s on z and beta·s on p. An infinite p (no
+    constraint) leaves the term out."""
+    b = cx.b
+    sign, zero = cx.split_signs[node], b.const(0.0)
+    lower, upper = cx.split_points[node]
+    point = b.op("Where", b.op("Greater", sign, zero), lower, b.op("Where", b.op("Less", sign, zero), upper, zero))
+    finite = b.op("Not", b.op("IsInf", point))
+    weight = b.op("Where", finite, b.op("Mul", cx.beta.get(node), sign), zero)
+    constant = b.op("Where", finite, point, zero)
+    cx.full_shaped.add(constant)   # shaped like z, as the split inputs are
+    return [(node.inputs[0], b.op("Neg", weight)), (constant, weight)]
 
 
 def _alive_units(cx: Context, box: Interval) -> ir.Value:
