@@ -46,8 +46,8 @@ def test_the_split_dimension_is_the_one_the_margin_bound_leans_on(tmp_path):
     lower, upper, alive = lower + [0.5, 0.9], upper - [0.4, 0.9], alive
     _, _, _, margin_lower, leverage = branch._evaluate(lower, upper, alive)
     assert leverage.shape == (1, 2) and leverage[0, 1] > leverage[0, 0]
-    assert branch._candidate_dimensions(lower, upper, alive, leverage)[0, 0] == 1
+    assert branch._candidate_dimensions(lower, upper, alive, leverage, np.array([99]))[0, 0] == 1
     # Without coefficients (a bound function of three outputs) the gradient ranks the dimensions the same way.
-    assert branch._candidate_dimensions(lower, upper, alive, np.full_like(leverage, np.nan))[0, 0] == 1
+    assert branch._candidate_dimensions(lower, upper, alive, np.full_like(leverage, np.nan), np.array([99]))[0, 0] == 1
     result = verify(model, spec, timeout=20, rounding="real")
     assert result.status == "holds"
