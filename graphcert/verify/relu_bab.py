@@ -334,7 +334,8 @@ class ReluSplitSearch:
                       second_look: bool = True, choose: bool = True) -> Domains:
         """The domains with a live conjunct left after refuting by margin_lower (and, with `second_look`, for
         those only the interval float32 slack keeps live, by `_second_look`), with the unit each splits next
-        (without `choose`: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which chooses then)."""
+        (without `choose`, or past the deadline: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which
+        chooses then)."""
         membership = self.search.membership
         base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
         slack = base + self._rounding_slack(root, unit_lower, unit_upper)
@@ -346,6 +347,9 @@ class ReluSplitSearch:
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
                                  torch.from_numpy(live)).numpy()
         keep = live.any(axis=1)
+        # Past the deadline the search ends in a timeout before any of these is split: no choice (the gains'
+        # backward pass through torch would be work after the deadline).
+        choose = choose and not self.search.past_deadline()
         unit = self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]) if choose else \
             np.full(int(keep.sum()), UNCHOSEN)
         return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep], unit,
