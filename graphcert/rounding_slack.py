@@ -119,19 +119,25 @@ class RoundingSlack:
             return None
 
     def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray, point: bool = False,
-                given: dict | None = None, zonotope: bool = False) -> np.ndarray:
+                given: dict | None = None, zonotope: bool = False, model_error: bool = True) -> np.ndarray:
         """[batch, m] slack of the margin rows c (rows [batch, m, n] or [m, n]) over each input set, for a
         relaxation bound graph, or with `point` for one of POINT_BOUND_GRAPHS. `given`: {name: (lower, upper)}
         bounds over each set of the values named when constructed (real arithmetic, computed by a relaxation
         bound graph in the bound arithmetic). `zonotope`: also bound the model's error as a zonotope of rounding
-        symbols (graphcert.rounding_zonotope: far tighter on deep nets, and far slower), where its rules apply."""
+        symbols (graphcert.rounding_zonotope: far tighter on deep nets, and far slower), where its rules apply.
+        `model_error=False`: the bounds already bound the model as it runs (a bound graph of the model with its
+        rounding leaves, graphcert.rounding_leaves): only the bound graph's own rounding and the final term."""
         loose, used = self._loose_run(lower, upper, given) if self.given else (None, None)
         m, e, n = self.outputs(lower, upper, used)
         rows = np.asarray(rows, dtype=np.float64)
         weights = np.broadcast_to(np.abs(rows), (len(m), *rows.shape[-2:]))
         lengths = np.sqrt((np.broadcast_to(rows, weights.shape) ** 2).sum(axis=2)) * (1 + 2 ** -40)
         model = np.minimum(np.einsum("bmn,bn->bm", weights, e), lengths * n[:, None])
-        if zonotope:
+        if not model_error:
+            if point:
+                raise ValueError("a point bound graph's own rounding is the model's: it needs model_error")
+            model = np.zeros_like(model)
+        elif zonotope:
             kept = self._zonotope_errors(lower, upper, rows, used)
             if kept is not None:
                 model = np.minimum(model, kept)

@@ -146,9 +146,15 @@ class ReluSplitSearch:
         # Float32Slack.domains_in_double); the search's choices stay in float32.
         domains_in_double = getattr(search.rounding_slack, "domains_in_double", None)
         self.double = bool(DOMAINS_IN_DOUBLE and domains_in_double is not None and domains_in_double(clamp))
+        # Bounds of the float32 model itself, in float64: one slack (the graphs' own rounding) for every domain.
+        self.fixed_slack = False
         if self.double:
             clamp.in_double()
             log.info("split domains are bounded in float64")
+            in_double_only = getattr(search.rounding_slack, "in_double_only", None)
+            found = in_double_only(lower, upper) if in_double_only is not None else None
+            if found is not None:
+                self.root_slack, self.fixed_slack = np.minimum(self.root_slack, found), True
         self.layer = clamp.layer
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
         self.scorer = None                            # the splitter's graph through torch (`_split_gains`)
@@ -337,7 +343,7 @@ class ReluSplitSearch:
         slack = base + self._rounding_slack(root, unit_lower, unit_upper)
         refuted = ((margin_lower > slack).astype(np.int32) @ membership) > 0
         live = alive & ~refuted
-        if second_look and self.double:
+        if second_look and self.double and not self.fixed_slack:
             live = self._second_look(root, live, unit_lower, unit_upper, margin_lower,
                                      (margin_lower > base) & (margin_lower <= slack))
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
@@ -372,7 +378,7 @@ class ReluSplitSearch:
         """Float32 slack of each domain: its root box's, or smaller from the domain's own unit bounds."""
         slack = self.root_slack[root]
         of_domains = getattr(self.search.rounding_slack, "of_domains", None)
-        if of_domains is None or not len(root):
+        if of_domains is None or not len(root) or self.fixed_slack:
             return slack
         own = of_domains(self.clamp, self.lower[root], self.upper[root], unit_lower, unit_upper, in_double=self.double)
         return np.minimum(slack, own)

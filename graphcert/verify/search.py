@@ -28,16 +28,38 @@ ATTACK_SHARE = 0.2
 ATTACK_BOXES = 64
 
 
+# Bound the float32 model itself: its rounding as bounded leaves inside the relaxation (graphcert.rounding_leaves),
+# so the slack keeps only the bound graph's own rounding. Off: the model's error is a slack beside the bounds.
+ROUNDING_LEAVES = True
+
+
+def bound_model_for(network: Network, rounding: str):
+    """The model bound graphs are built from: in float32 verification the model with its rounding leaves
+    (where graphcert.rounding has a rule for every op; else the model, and the slack carries its error)."""
+    if rounding != "float32" or not ROUNDING_LEAVES:
+        return network.model
+    from ..errors import UnsupportedOpError
+    from ..rounding_leaves import with_rounding_leaves
+    try:
+        return with_rounding_leaves(network.model)
+    except UnsupportedOpError:
+        return network.model
+
+
 class Float32Slack:
     """How much each row's margin lower bound must exceed 0 on a box for the property to hold there for the
     model as it runs in float32 (graphcert.rounding). Each box gets its own: IBP magnitudes over small boxes are
     far below those over the property's box. A model with ops the rounding analysis has no rule for gets
-    +inf: bounds then never prove the property."""
+    +inf: bounds then never prove the property.
+
+    When the bound graphs bound the float32 model itself (`network.bound_model` has rounding leaves), the
+    slack is only their own rounding (`inside`): no zonotope of the model's error is needed."""
 
     def __init__(self, network: Network, matrix: np.ndarray, budget: Budget | None = None):
         from ..errors import UnsupportedOpError
         from ..rounding_slack import RoundingSlack
         self.network, self.matrix, self.budget = network, matrix, budget
+        self.inside = network.bound_model is not network.model
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
         self._splits = self._double = None
@@ -55,10 +77,27 @@ class Float32Slack:
         network = self.network
         if network.batched:
             return self.slack.of_rows(network.model_shaped(lower.astype(np.float32)),
-                                      network.model_shaped(upper.astype(np.float32)), self.matrix[None])
+                                      network.model_shaped(upper.astype(np.float32)), self.matrix[None],
+                                      model_error=not self.inside)
         return np.concatenate([self.slack.of_rows(lo.reshape(network.sample_shape).astype(np.float32),
                                                   hi.reshape(network.sample_shape).astype(np.float32),
-                                                  self.matrix[None]) for lo, hi in zip(lower, upper)])
+                                                  self.matrix[None], model_error=not self.inside)
+                               for lo, hi in zip(lower, upper)])
+
+    def in_double_only(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray | None:
+        """[B, rows] for boxes whose bounds (and those of every domain inside them) are computed in float64 on
+        the model with its rounding leaves: only the float64 bound graph's own rounding, which no domain's unit
+        bounds need shrink (None when the bounds do not bound the float32 model itself)."""
+        if not self.inside or self.slack is None or not self.network.batched:
+            return None
+        from ..precision import FLOAT64
+        from ..rounding_slack import RoundingSlack
+        if "root" not in self._domains:
+            self._domains["root"] = RoundingSlack(self.network.model, bound_arithmetic=FLOAT64)
+        network = self.network
+        return self._domains["root"].of_rows(network.model_shaped(lower.astype(np.float32)),
+                                             network.model_shaped(upper.astype(np.float32)), self.matrix[None],
+                                             model_error=False)
 
     def of_boxes(self, lower: np.ndarray, upper: np.ndarray, offset: np.ndarray, plain: np.ndarray | None = None
                  ) -> np.ndarray:
@@ -122,7 +161,7 @@ class Float32Slack:
         network = self.network
         return slack.of_rows(network.model_shaped(lower.astype(np.float32)),
                              network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given,
-                             zonotope=zonotope)
+                             zonotope=zonotope and not self.inside, model_error=not self.inside)
 
     def domains_in_double(self, splits) -> bool:
         """Whether split domains of this model can be bounded in float64 with the zonotope's second look: on
@@ -132,10 +171,11 @@ class Float32Slack:
             return False
         from ..precision import onnxruntime_runs_double
         from ..rounding_zonotope import Unsupported, ZonotopeErrors
-        try:
-            ZonotopeErrors(self.network.model)
-        except Unsupported:
-            return False
+        if not self.inside:
+            try:
+                ZonotopeErrors(self.network.model)
+            except Unsupported:
+                return False
         return onnxruntime_runs_double(splits.proto)
 
 
@@ -167,7 +207,7 @@ class Float32Slack:
             found[useful] = slack.of_rows(network.model_shaped(lower[useful].astype(np.float32)),
                                           network.model_shaped(upper[useful].astype(np.float32)), self.matrix[None],
                                           given={name: (low[useful], high[useful]) for name, (low, high) in given.items()},
-                                          zonotope=True)
+                                          zonotope=not self.inside, model_error=not self.inside)
         return margin_lower, found
 
     def _build_double(self, offset):
@@ -179,7 +219,8 @@ class Float32Slack:
         from ..rounding_zonotope import Unsupported, ZonotopeErrors
         from .bounds import SpecBounds, SplitBounds
         try:
-            ZonotopeErrors(self.network.model)
+            if not self.inside:
+                ZonotopeErrors(self.network.model)
         except Unsupported as refusal:
             log.info("no float64 bounds for the float32 slack (%s)", refusal)
             return False
@@ -222,6 +263,7 @@ class Search:
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
         self.counterexample: tuple[np.ndarray, np.ndarray] | None = None
+        network.bound_model = bound_model_for(network, rounding)
         self.rounding_slack = Float32Slack(network, self.matrix, self.budget) if rounding == "float32" else \
             (lambda lower, upper: np.zeros((len(lower), len(self.matrix))))
         self.boxes_bounded = 0
