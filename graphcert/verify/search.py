@@ -33,16 +33,17 @@ ATTACK_BOXES = 64
 ROUNDING_LEAVES = True
 
 
-def bound_model_for(network: Network, rounding: str):
-    """The model bound graphs are built from: in float32 verification the model with its rounding leaves
-    (where graphcert.rounding has a rule for every op; else the model, and the slack carries its error)."""
-    if rounding != "float32" or not ROUNDING_LEAVES:
+def _with_rounding_leaves(network: Network):
+    """The model with its rounding leaves, for a model whose error analysis (graphcert.rounding, whose rules the
+    leaves use) took every node; the model itself when switched off or refused."""
+    if not ROUNDING_LEAVES:
         return network.model
     from ..errors import UnsupportedOpError
     from ..rounding_leaves import with_rounding_leaves
     try:
         return with_rounding_leaves(network.model)
-    except UnsupportedOpError:
+    except UnsupportedOpError as refusal:
+        log.info("the model's rounding stays beside the bounds (%s)", refusal)
         return network.model
 
 
@@ -59,7 +60,6 @@ class Float32Slack:
         from ..errors import UnsupportedOpError
         from ..rounding_slack import RoundingSlack
         self.network, self.matrix, self.budget = network, matrix, budget
-        self.inside = network.bound_model is not network.model
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
         self._splits = self._double = None
@@ -69,6 +69,9 @@ class Float32Slack:
         except UnsupportedOpError as refusal:
             log.info("no float32 rounding analysis (%s): bounds cannot prove the property", refusal)
             self.slack = None
+        # Bound graphs are built from network.bound_model, chosen here.
+        network.bound_model = _with_rounding_leaves(network) if self.slack is not None else network.model
+        self.inside = network.bound_model is not network.model
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
         """[B, rows] for boxes lower, upper [B, n]."""
@@ -263,7 +266,7 @@ class Search:
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
         self.counterexample: tuple[np.ndarray, np.ndarray] | None = None
-        network.bound_model = bound_model_for(network, rounding)
+        network.bound_model = network.model   # (float32: Float32Slack may choose the model with rounding leaves)
         self.rounding_slack = Float32Slack(network, self.matrix, self.budget) if rounding == "float32" else \
             (lambda lower, upper: np.zeros((len(lower), len(self.matrix))))
         self.boxes_bounded = 0
