@@ -128,3 +128,41 @@ def test_the_rewrite_keeps_names_and_the_model_computation():
     x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     out = Session(graph).run({"x": x, "x_lower": x - 0.01, "x_upper": x + 0.01})
     np.testing.assert_allclose(out["y"], Session(proto).run({"x": x})["y"], rtol=1e-6)
+
+
+def test_alpha_answers_in_double_from_float32_steps():
+    """alpha-CROWN in double (verify's float32 mode) steps in float32 and answers with its best parameters
+    evaluated in float64: the bounds hold at sampled float32 outputs of the model with rounding leaves, are no
+    looser than the float64 CROWN start, tighter than it somewhere, and the tracked unit bounds hold too."""
+    from graphcert.alpha import AlphaCrown
+    from graphcert.passes.crown import CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX
+    proto = dense_net(scale=4.0, width=32)
+    model = with_rounding_leaves(api.load(proto))
+    spec = np.float32([[1, -1, 0], [1, 0, -1]])
+    bounder = AlphaCrown(model, "box", spec=spec, spec_offset=np.zeros(2, np.float32), split_bounds="clamp")
+    bounder.in_double()
+    rng = np.random.default_rng(9)
+    centre = rng.normal(size=(4, 8)).astype(np.float32) * 10
+    feeds = bounder.feeds(lower=centre - 0.3, upper=centre + 0.3)
+    units = [v.name[len(SPLIT_LOWER_PREFIX):] for v in bounder._tuned.graph.inputs if v.name.startswith(SPLIT_LOWER_PREFIX)]
+    for unit in units:
+        feeds[SPLIT_LOWER_PREFIX + unit] = np.full((4, 32), -np.inf, np.float32)
+        feeds["split_upper." + unit] = np.full((4, 32), np.inf, np.float32)
+    start = bounder.session.run(feeds)
+    track = tuple((CLAMPED_LOWER_PREFIX + u, CLAMPED_UPPER_PREFIX + u) for u in units)
+    lower, upper = bounder.bounds(feeds, iterations=15, track=track)
+    assert lower.dtype == np.float64 and np.all(lower >= start[bounder.outputs[0]])
+    assert np.any(lower > start[bounder.outputs[0]] + 1e-3)
+    session = Session(proto)
+    points = (centre[:, None] + rng.uniform(-0.3, 0.3, (4, 2000, 8))).astype(np.float32)
+    y = session.run({"x": points.reshape(-1, 8)})["y"].reshape(4, 2000, 3).astype(np.float64)
+    margins = np.einsum("mn,bsn->bsm", spec, y)
+    assert np.all(margins >= lower[:, None, :])
+    first = units[0]
+    assert first == "g0"   # the first ReLU's input keeps its name in the model with rounding leaves
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    exposed.graph.output.append(helper.make_tensor_value_info("g0", TensorProto.FLOAT, ["batch", 32]))
+    pre = Session(exposed).run({"x": points.reshape(-1, 8)})["g0"].reshape(4, 2000, 32)
+    assert np.all(pre >= bounder.tracked[CLAMPED_LOWER_PREFIX + first][:, None, :])
+    assert np.all(pre <= bounder.tracked[CLAMPED_UPPER_PREFIX + first][:, None, :])

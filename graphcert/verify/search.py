@@ -63,6 +63,7 @@ class Float32Slack:
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
         self._splits = self._double = None
+        self._box_double = None   # the float64 bound graphs' own rounding over boxes (`in_double_only`)
         self._domains: dict = {}
         try:
             self.slack = RoundingSlack(network.model)
@@ -95,10 +96,10 @@ class Float32Slack:
             return None
         from ..precision import FLOAT64
         from ..rounding_slack import RoundingSlack
-        if "root" not in self._domains:
-            self._domains["root"] = RoundingSlack(self.network.model, bound_arithmetic=FLOAT64)
+        if self._box_double is None:
+            self._box_double = RoundingSlack(self.network.model, bound_arithmetic=FLOAT64)
         network = self.network
-        return self._domains["root"].of_rows(network.model_shaped(lower.astype(np.float32)),
+        return self._box_double.of_rows(network.model_shaped(lower.astype(np.float32)),
                                              network.model_shaped(upper.astype(np.float32)), self.matrix[None],
                                              model_error=False)
 
