@@ -111,6 +111,11 @@ class Float32Slack:
         plain = self(lower, upper) if plain is None else plain
         if self.slack is None or not self.network.batched:
             return plain
+        if self.inside:
+            if self._double is None:
+                self._double = self._build_double(offset)
+            if self._double is not False:   # what is left is the graph's own rounding: `in_double` looks next
+                return plain
         if self._splits is None:
             from ..errors import GraphcertError
             from .bounds import SplitBounds
@@ -215,8 +220,9 @@ class Float32Slack:
         return margin_lower, found
 
     def _build_double(self, offset):
-        """Only where both parts pay: the zonotope's rules cover the model (dense nets) and onnxruntime runs the
-        graph in float64 (the torch executor could, but far slower than the search can wait for)."""
+        """Only where both parts pay: the zonotope's rules cover the model (dense nets; not needed when the bounds
+        hold the model's error) and onnxruntime runs the graph in float64 (the torch executor could, but far
+        slower than the search can wait for)."""
         from ..errors import GraphcertError
         from ..precision import FLOAT64, DoubleSession, onnxruntime_runs_double
         from ..rounding_slack import RoundingSlack
@@ -229,8 +235,9 @@ class Float32Slack:
             log.info("no float64 bounds for the float32 slack (%s)", refusal)
             return False
         try:
-            splits = SplitBounds(self.network, self.matrix, offset, "clamp")
-            if splits.units == 0:
+            # The model's error inside the bounds needs no unit bounds for magnitudes: the plain CROWN graph.
+            splits = SplitBounds(self.network, self.matrix, offset, "clamp") if not self.inside else None
+            if splits is None or splits.units == 0:
                 splits = SpecBounds(self.network, self.matrix, offset, "crown")
             if (self.budget is not None and splits.bytes_per_sample > self.budget.free()) \
                     or not onnxruntime_runs_double(splits.proto):
