@@ -30,6 +30,12 @@ def trailing(value: ir.Value) -> list[int]:
     return [int(d) for d in static_shape(value)[1:]]
 
 
+def last_dimension(value: ir.Value) -> int | None:
+    """The length of value's last axis when the shape says it (None otherwise)."""
+    dims = static_shape(value) if value.shape is not None else []
+    return dims[-1] if dims and isinstance(dims[-1], int) else None
+
+
 def fold_leading(b: Builder, coef: ir.Value, dims: list[int]) -> ir.Value:
     """[rows, n, *dims] -> [rows·n, *dims], for ops that take one batch axis (Conv and friends)."""
     return b.op("Reshape", coef, b.ints([-1, *dims]))
@@ -186,7 +192,7 @@ def _gemm(cx, node, coef):
     rows = w if attr(node, "transB", 0) else b.op("Transpose", w, perm=[1, 0])   # [n, k]
     back = cx.identity_product(coef, rows if alpha == 1.0 else b.op("Mul", rows, b.const(alpha)))
     if back is None:
-        back = cx.live_product(coef, rows)
+        back = cx.live_product(coef, rows, last_dimension(x))
         if alpha != 1.0:
             back = b.op("Mul", back, b.const(alpha))
     pairs = [(x, back)]
@@ -207,7 +213,7 @@ def _matmul(cx, node, coef):
         if len(right.shape) != 2:
             return [(left, b.op("MatMul", coef, rows))]
         back = cx.identity_product(coef, rows)
-        return [(left, back if back is not None else cx.live_product(coef, rows))]
+        return [(left, back if back is not None else cx.live_product(coef, rows, last_dimension(left)))]
     if len(right.shape) == 1:                      # y = P·u with a vector u
         return [(right, b.op("MatMul", coef, left))]
     if len(left.shape) == 1:

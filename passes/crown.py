@@ -43,7 +43,7 @@ CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX = "clamped_lower.", "clamped_upper."
 # Units whose input z branch and bound may split: a ReLU's relaxation is exact on either side of 0; an S-shaped
 # unit's lines tighten on each part of a split interval (`graphcert.verify.relu_bab`).
 SPLIT_UNITS = {"Relu", "Sigmoid", "Tanh"}
-# beta: run-time split signs of ReLU inputs (their multipliers: `crown_backward.BETA_PREFIX`).
+# beta: run-time split signs of split unit inputs (their multipliers: `crown_backward.BETA_PREFIX`).
 SPLIT_SIGN_PREFIX = "split_sign."
 
 # How IBP bounds of a tensor compare with the best linear bounds: exact for ops that only move or scale single
@@ -160,7 +160,8 @@ class CrownPass(ir.passes.FunctionalPass):
         only the outputs are bounded by CROWN, a far cheaper graph.
     beta: with split_bounds, beta-CROWN's multipliers of the split constraints in the backward passes that
         bound the outputs (not in those of intermediate bounds): inputs `split_sign.<z>` (shaped like z: +1
-        where the domain has z >= 0, -1 where z <= 0, 0 for no constraint) and, per output pass, `beta.<n>`
+        where the domain has z >= its lower bound, -1 where z <= its upper bound, the bounds the relaxation
+        uses: for a ReLU split at 0, z >= 0 or z <= 0; 0 for no constraint) and, per output pass, `beta.<n>`
         (shape [rows, *z shape]; metadata `graphcert.beta` maps each to its z). The bound then holds for
         every beta >= 0 (the caller keeps them so); beta = 0 gives the bounds of the graph without them.
     """
@@ -256,6 +257,7 @@ class CrownPass(ir.passes.FunctionalPass):
                 exposed[CLAMPED_UPPER_PREFIX + x.name] = (upper, x.shape)
                 if self.beta:
                     cx.split_signs[node] = _split_input(graph, SPLIT_SIGN_PREFIX, x)
+                    cx.split_points[node] = (lower, upper)
             if needs:
                 cx.relaxed[node] = relax(cx, node, *(intervals.env[x] for x in needs))
                 if self.alpha == "init" and isinstance(cx.relaxed[node], Lines) \

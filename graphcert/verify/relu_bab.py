@@ -9,7 +9,8 @@ the domains with the weakest margin bounds split their chosen unit's interval [l
 ReLU (z >= 0 and z <= 0) and for an S-shaped unit whose interval holds 0 (each part is then convex or
 concave, where its lines are tight), else the middle: the children get the parent's bounds with one side
 set to p, which hold on them (together they cover the parent), and their lines are re-relaxed on the
-narrower intervals. Splits at 0 carry a sign (z >= 0 or z <= 0) for beta-CROWN. Children are bounded in
+narrower intervals. Every split carries a sign for beta-CROWN: +1 for the child z >= p, -1 for z <= p (p its
+new lower or upper bound of z). Children are bounded in
 batches on their parent's unit bounds, only the margins bounded anew (`SplitBounds` mode "given"; with
 REUSE_PARENT_BOUNDS off, CROWN bounds of the later layers' z are recomputed and clamped by the parent's, mode
 "clamp", except after a split in the last layer). Children these bounds leave live are
@@ -48,6 +49,9 @@ BETA_CALL_SECONDS = 1.0
 WEAKEST = "the weakest domain's margin lower bound (> 0 refutes)"
 # Children start alpha-beta-CROWN from their parent's optimised parameters (False: from CROWN's slopes).
 WARM_START = True
+# Splits of Sigmoid/Tanh units off 0 carry a sign too, so that beta-CROWN's multipliers bring in z >= p and
+# z <= p (False: only splits at 0 do, as before).
+BETA_OFF_ZERO = True
 # Filtered smart branching: for each parent whose first choice is a ReLU, this many candidate ReLUs (that
 # choice and the largest first-order gains, `_split_gains`) have both children bounded on the parent's unit
 # bounds (the "given" split graph, one backward pass); the candidate whose weaker child is best is split.
@@ -63,6 +67,13 @@ REUSE_PARENT_BOUNDS = True
 # The property's boxes get alpha-CROWN bounds of every unit's input z (`AlphaUnitBounds`, at most this many
 # steps) before the first split: children inherit them. 0: CROWN's.
 ROOT_ALPHA_STEPS = 30
+# On nets with Sigmoid/Tanh units the root's alpha-CROWN goes on to at most this many steps, until its weakest
+# live conjunct bound gains less than ROOT_PLATEAU[1] of its distance to 0 over ROOT_PLATEAU[0] steps or the
+# steps past ROOT_ALPHA_STEPS have taken ROOT_TIME_SHARE of the time left. (eran's 6x200 sigmoid net, idx 6981,
+# 60 s, load 6: 30 steps -1.02 at the root, the split search ends at -0.09; 150 steps -0.71, holds in 39 s.)
+ROOT_ALPHA_STEPS_S_SHAPED = 200
+ROOT_PLATEAU = (10, 0.01)
+ROOT_TIME_SHARE = 0.4
 # Domains per call of the zonotope's second look (`_second_look`).
 SECOND_LOOK_DOMAINS = 8
 # In float32 mode, bound split domains in float64 where the zonotope covers the model (False: in float32, whose
@@ -77,6 +88,22 @@ GAP_FLOOR = 1e-6
 WIDTH_FLOOR = 1e-5
 CHORD_POINTS = 8
 CURVES = {"Sigmoid": lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)), "Tanh": np.tanh}
+
+
+class RootPlateau:
+    """True once every box's score (the weakest live conjunct's bound, `score(lower)` per box) is positive or
+    gained less than ROOT_PLATEAU[1] of its distance to 0 over the last ROOT_PLATEAU[0] steps."""
+
+    def __init__(self, score):
+        self.score, self.history = score, []
+
+    def __call__(self, lower) -> bool:
+        self.history.append(np.atleast_1d(np.asarray(self.score(lower), dtype=np.float64)))
+        window, share = ROOT_PLATEAU
+        if len(self.history) <= window:
+            return False
+        now, before = self.history[-1], self.history[-1 - window]
+        return bool(((now > 0) | (now - before < share * np.abs(now))).all())
 
 
 def split_point(lower: np.ndarray, upper: np.ndarray, relu: np.ndarray) -> np.ndarray:
@@ -101,6 +128,10 @@ def chord_gap(curve, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     return np.where(gap > GAP_FLOOR, gap, 0.0)
 
 
+# Domains.unit: no unit left to split; not chosen yet (alpha-beta-CROWN re-bounds the domain first).
+NO_UNIT, UNCHOSEN = -1, -2
+
+
 @dataclass
 class Domains(Arrays):
     """Split domains, one row each."""
@@ -109,9 +140,9 @@ class Domains(Arrays):
     unit_lower: np.ndarray    # [B, units] float32 bounds of every ReLU input z on the domain
     unit_upper: np.ndarray
     score: np.ndarray         # [B] the weakest live conjunct's best margin lower bound (split smallest first)
-    unit: np.ndarray          # [B] the unit to split next, -1 when every unit is stable
+    unit: np.ndarray          # [B] the unit to split next, NO_UNIT when every unit is stable
     margins: np.ndarray       # [B, rows] float32 margin lower bounds
-    signs: np.ndarray         # [B, units] int8 split signs: +1 z >= 0, -1 z <= 0, 0 unsplit
+    signs: np.ndarray         # [B, units] int8 split constraints: +1 z >= unit_lower, -1 z <= unit_upper, 0 none
     warm: np.ndarray          # [B, width] float32 alpha-beta parameters to start from (NaN: the default start)
 
 
@@ -202,7 +233,7 @@ class ReluSplitSearch:
                 break
             if search.past_deadline():
                 return search.timeout(frontier, "split domains", WEAKEST)
-            if (frontier.items.unit < 0).any():
+            if (frontier.items.unit == NO_UNIT).any():
                 return search.finish("unknown", "a live domain has no unit left to split (every ReLU stable, "
                                                 "every other unit's interval too narrow to gain from a split)")
             # float32 bounds of every unit, an int8 split sign, float32 margins (and warm starts)
@@ -246,8 +277,13 @@ class ReluSplitSearch:
             log.info("split units keep CROWN's bounds at the root (alpha-CROWN may need %s per box, %s free)",
                      size(each), size(free))
             return margin_lower, unit_lower, unit_upper
+        # Splits of S-shaped units only narrow a relaxation (a ReLU split removes one): the root's bounds weigh
+        # more there, so it keeps optimising while it gains (`RootPlateau`), within a share of the time left.
+        s_shaped = not clamp.relu.all()
+        steps = max(ROOT_ALPHA_STEPS, ROOT_ALPHA_STEPS_S_SHAPED) if s_shaped else ROOT_ALPHA_STEPS
+        root_deadline = time.monotonic() + ROOT_TIME_SHARE * max(0.0, search.deadline - time.monotonic())
         bounder = AlphaUnitBounds(search.network, search.matrix, search.offset, clamp,
-                                  AlphaSettings(iterations=ROOT_ALPHA_STEPS, give_up=False))
+                                  AlphaSettings(iterations=steps, give_up=False))
         if self.double:
             bounder.alpha.in_double()
         membership = torch.from_numpy(search.membership)
@@ -256,10 +292,19 @@ class ReluSplitSearch:
         for start in range(0, len(alive), chunk):
             part = slice(start, start + chunk)
             live = torch.from_numpy(alive[part])
-            watch = ProofWatch(lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,
-                                                            live).numpy(), ROOT_ALPHA_STEPS, give_up=False)
-            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part],
-                                                    stop=lambda low, high: search.past_deadline() or watch(low, high))
+            score = lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,  # noqa: E731
+                                                 live).numpy()
+            watch = ProofWatch(score, steps, give_up=False)
+            plateau = RootPlateau(score)
+
+            def stop(low, high):
+                if search.past_deadline() or watch(low, high):
+                    return True
+                # Past ROOT_ALPHA_STEPS (S-shaped units only): stop at a plateau or the root's share of time.
+                return plateau(low) and len(plateau.history) >= ROOT_ALPHA_STEPS or \
+                    len(plateau.history) >= ROOT_ALPHA_STEPS and time.monotonic() > root_deadline
+
+            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop=stop)
             search.boxes_bounded += len(low)
             # float64 bounds (in float64 mode) as float32, rounded outward
             low, found_lower, found_upper = outward("lower", low), outward("lower", found_lower), outward("upper",
@@ -277,14 +322,16 @@ class ReluSplitSearch:
         active, inactive = parents.unit_lower.copy(), parents.unit_upper.copy()   # z >= point, z <= point
         active[rows, unit] = np.maximum(active[rows, unit], point)
         inactive[rows, unit] = np.minimum(inactive[rows, unit], point)
+        # The split constraints for beta-CROWN: z >= point (its new lower bound) and z <= point (its new upper
+        # bound), which replace a constraint an earlier split of the unit put there (both still hold).
+        signed = (point == 0) | BETA_OFF_ZERO   # elsewhere the children keep the parent's sign (still true)
         active_signs, inactive_signs = parents.signs.copy(), parents.signs.copy()
-        at_zero = point == 0   # elsewhere the children keep the parent's sign (still true on them)
-        active_signs[rows[at_zero], unit[at_zero]], inactive_signs[rows[at_zero], unit[at_zero]] = 1, -1
+        active_signs[rows[signed], unit[signed]], inactive_signs[rows[signed], unit[signed]] = 1, -1
         # Children start from the parent's optimised alpha and beta, with beta 0 on the new split constraint.
         warm = parents.warm.copy()
         if warm.shape[1]:
             for columns in self.beta_bounds.beta_columns(unit):
-                chosen = at_zero[:, None] & (columns >= 0)
+                chosen = signed[:, None] & (columns >= 0)
                 warm[np.nonzero(chosen)[0], columns[chosen]] = 0.0
         # A split before the last layer pays off through the later layers' bounds, so those are
         # recomputed (clamped by the parent's); a split in the last layer only changes its own relaxation.
@@ -328,16 +375,18 @@ class ReluSplitSearch:
                                             np.minimum(clamped_lower, clamped_upper),
                                             np.maximum(clamped_lower, clamped_upper), signs[chunk],
                                             np.maximum(margin_lower.astype(np.float64), parent_lower[chunk]),
-                                            warm[chunk], second_look=self.beta_settings is None))
+                                            warm[chunk], second_look=self.beta_settings is None,
+                                            choose=self.beta_bounds is None))
         domains = Domains.concat(found)
         if self.beta_bounds is None or not len(domains):
             return domains
         return self._tighten_with_beta(domains)
 
     def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower, warm,
-                      second_look: bool = True) -> Domains:
+                      second_look: bool = True, choose: bool = True) -> Domains:
         """The domains with a live conjunct left after refuting by margin_lower (and, with `second_look`, for
-        those only the interval float32 slack keeps live, by `_second_look`)."""
+        those only the interval float32 slack keeps live, by `_second_look`), with the unit each splits next
+        (without `choose`: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which chooses then)."""
         membership = self.search.membership
         base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
         slack = base + self._rounding_slack(root, unit_lower, unit_upper)
@@ -349,8 +398,9 @@ class ReluSplitSearch:
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
                                  torch.from_numpy(live)).numpy()
         keep = live.any(axis=1)
-        return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep],
-                       self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]),
+        unit = self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]) if choose else \
+            np.full(int(keep.sum()), UNCHOSEN)
+        return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep], unit,
                        margin_lower[keep].astype(np.float32), signs[keep], warm[keep])
 
     def _second_look(self, root, live, unit_lower, unit_upper, margin_lower, blocked_rows) -> np.ndarray:
@@ -406,7 +456,9 @@ class ReluSplitSearch:
             found.append(self._live_domains(part.root, part.alive, part.unit_lower, part.unit_upper, part.signs,
                                             margin_lower, optimised[:, :self.warm_width]))
             done = chunk.stop
-        found.append(domains.take(slice(done, None)))
+        rest = domains.take(slice(done, None))   # only once the deadline has passed
+        rest.unit = np.where(rest.unit == UNCHOSEN, NO_UNIT, rest.unit)
+        found.append(rest)
         return Domains.concat(found)
 
     def _branching_unit(self, root, alive, lower, upper) -> np.ndarray:
