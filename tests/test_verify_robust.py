@@ -225,7 +225,8 @@ def test_a_supervised_child_that_is_answering_at_the_deadline_answers_alone():
             try:
                 if claim:
                     isolate.claim_answer()
-                time.sleep(1.8)   # printing, slowly, past the deadline and grace
+                # printing, slowly: past the deadline and grace (1.2 s), within the answer time after them
+                time.sleep(1.2 + isolate.ANSWER_SECONDS / 2)
             finally:
                 os._exit(7)
         return code, answered
