@@ -45,6 +45,8 @@ CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX = "clamped_lower.", "clamped_upper."
 SPLIT_UNITS = {"Relu", "Sigmoid", "Tanh"}
 # beta: run-time split signs of split unit inputs (their multipliers: `crown_backward.BETA_PREFIX`).
 SPLIT_SIGN_PREFIX = "split_sign."
+# input_coefficients: the margins' lower bounds as linear functions of each perturbed input, before concretising.
+INPUT_COEFFICIENTS_PREFIX = "margins_coefficients."
 
 # How IBP bounds of a tensor compare with the best linear bounds: exact for ops that only move or scale single
 # input elements (POINTWISE) and after one linear layer on such a tensor (AFFINE); otherwise possibly loose.
@@ -164,11 +166,15 @@ class CrownPass(ir.passes.FunctionalPass):
         uses: for a ReLU split at 0, z >= 0 or z <= 0; 0 for no constraint) and, per output pass, `beta.<n>`
         (shape [rows, *z shape]; metadata `graphcert.beta` maps each to its z). The bound then holds for
         every beta >= 0 (the caller keeps them so); beta = 0 gives the bounds of the graph without them.
+    input_coefficients: outputs `margins_coefficients.<x>` ([rows, batch, *x sample shape]) with the
+        coefficients A of each perturbed input x in the spec margins' lower bounds (A·x + terms free of x,
+        minimised over the box): which input dimensions the bound leans on (|A|·width), for input splitting.
     """
 
     def __init__(self, input_set: InputSet | None = None, keep_original: bool = True, trainable: bool = False,
                  intermediate: str = "crown", norm: str = "linf", crown_upper: bool | None = None,
-                 alpha: str | None = None, split_bounds: str | None = None, beta: bool = False):
+                 alpha: str | None = None, split_bounds: str | None = None, beta: bool = False,
+                 input_coefficients: bool = False):
         super().__init__()
         if split_bounds not in (None, "clamp", "given"):
             raise ValueError(f"split_bounds is None, 'clamp' or 'given', not {split_bounds!r}")
@@ -189,6 +195,7 @@ class CrownPass(ir.passes.FunctionalPass):
         self.alpha = alpha
         self.split_bounds = split_bounds
         self.beta = beta
+        self.input_coefficients = input_coefficients
         self.method = "crown" if intermediate == "crown" else "crown-ibp"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -285,7 +292,14 @@ class CrownPass(ir.passes.FunctionalPass):
                 box = iv.as_interval(b, intervals.env[out])
                 bounds[out.name] = ibp._as_float(b, graph, out.name, box)   # as the IBP pass gives it
                 continue
+            coefficients = self.input_coefficients and out.name == MARGINS and not both
+            cx.input_coefficients = {} if coefficients else None
             lower, upper = cx.bound(nodes, out, both)
+            if coefficients:
+                names = {source: original.name for original, source in zip(sources, boxes)}
+                for x, part in cx.input_coefficients.items():
+                    exposed[INPUT_COEFFICIENTS_PREFIX + names[x]] = (part, ir.Shape([out.shape[-1], *x.shape]))
+                cx.input_coefficients = None
             box = intervals.env[out]
             bounds[out.name] = (_meet(b, "Max", lower, box.lower),
                                 _meet(b, "Min", upper, box.upper) if both else box.upper)

@@ -73,6 +73,9 @@ class Context:
         self.fallback: set[ir.Node] = set()
         self.leaf_intervals: dict[ir.Value, Interval] = {}
         self._leaves: dict[ir.Value, crown_fallback.Leaf] = {}
+        # When a dict: the next backward pass records there each perturbed input's coefficients before they are
+        # concretised (the lower bound's linear function of the input; `CrownPass(input_coefficients=True)`).
+        self.input_coefficients: dict[ir.Value, ir.Value] | None = None
 
     @property
     def lead(self) -> int:
@@ -154,6 +157,8 @@ class Context:
                     else:
                         term = self.contract(part, value, like=out)
                         bias = term if bias is None else b.op("Add", bias, term)
+        if self.input_coefficients is not None:
+            self.input_coefficients.update(pending)
         for source, part in pending.items():
             term = self.concretise(source, part)
             bias = term if bias is None else b.op("Add", bias, term)

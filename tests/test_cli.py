@@ -10,6 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from conftest import cli_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 MLP = str(REPO / "models" / "mnist_mlp.onnx")
 
@@ -105,8 +107,10 @@ def test_unsupported_ops_are_listed_before_writing(tmp_path):
     (["certify", MLP, "--method", "alpha-crown", "--alpha-lr", "0"], ["alpha-CROWN learning rate"]),
     (["verify", MLP, "p.vnnlib", "--alpha-lr", "nan"], ["alpha-CROWN learning rate"]),
 ])
-def test_bad_input_gives_one_line_error(tmp_path, args, words):
-    assert_one_line_error(graphcert(*args, cwd=tmp_path), *words)
+def test_bad_input_gives_one_line_error(tmp_path, capfd, monkeypatch, args, words):
+    # In this process (a child's 3 s start each); the tests around it check the one-line error of child processes.
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(cli_in_process(capfd, *args), *words)
 
 
 def test_malformed_model_and_data(tmp_path):

@@ -73,3 +73,37 @@ def test_lean_graph_bounds_equal_the_previous_graph_and_hold(widths, activation,
     outputs = Session(model).run({"x": points.reshape(-1, widths[0])})["y"].reshape(64, 200, -1)
     slack = 1e-4 * (1 + np.abs(outputs))
     assert np.all(low[:, None] <= outputs + slack) and np.all(outputs <= high[:, None] + slack)
+
+
+def test_input_coefficients_are_the_linear_lower_bound_the_margins_were_concretised_from():
+    """`margins_coefficients.x` is A in margin(x) >= A·x + d over the box (d = the bound minus A's minimum over
+    the box), and at a point box, where every ReLU is stable, the Jacobian of the margins."""
+    from graphcert.passes.crown import INPUT_COEFFICIENTS_PREFIX, CrownPass
+    from graphcert.passes.spec import SpecPass
+    model = mlp([5, 30, 30, 4], "Relu", seed=3)
+    matrix = np.array([[1, -1, 0, 0], [0, 1, 0, -1], [-1, 0, 1, 0]], dtype=np.float32)
+    offset = np.array([0.5, 0.0, -0.25])
+    spec = SpecPass(matrix, offset, keep_output=False)(api.load(model)).model
+    proto = to_proto(CrownPass(InputSet("box"), input_coefficients=True)(spec).model)
+    plain = to_proto(CrownPass(InputSet("box"))(spec).model)
+    rng = np.random.default_rng(4)
+    center = rng.normal(size=(32, 5)).astype(np.float32)
+    radius = (rng.uniform(0, 1, (32, 5)) * 10.0 ** rng.uniform(-3, 0, (32, 1))).astype(np.float32)
+    feeds = {"x_lower": center - radius, "x_upper": center + radius}
+    out = Session(proto).run(feeds)
+    coefficients = out[INPUT_COEFFICIENTS_PREFIX + "x"].transpose(1, 0, 2)   # [boxes, rows, 5]
+    np.testing.assert_array_equal(out["margins_lower"], Session(plain).run(feeds)["margins_lower"])
+    low = out["margins_lower"].astype(np.float64)
+    a = coefficients.astype(np.float64)
+    box_min = np.einsum("brn,bn->br", a, center) - np.einsum("brn,bn->br", np.abs(a), radius)
+    points = rng.uniform(feeds["x_lower"][:, None], feeds["x_upper"][:, None], (32, 300, 5)).astype(np.float32)
+    margins = Session(model).run({"x": points.reshape(-1, 5)})["y"].reshape(32, 300, 4) @ matrix.T + offset
+    linear = np.einsum("brn,bpn->bpr", a, points) + (low - box_min)[:, None]
+    assert np.all(margins >= linear - 1e-4 * (1 + np.abs(margins)))
+    point = Session(proto).run({"x_lower": center, "x_upper": center})[INPUT_COEFFICIENTS_PREFIX + "x"]
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    for b in range(4):   # the Jacobian: W3·D2·W2·D1·W1 with D the active units at the point
+        z1 = weights[0] @ center[b] + weights[1]
+        z2 = weights[2] @ np.maximum(z1, 0) + weights[3]
+        jacobian = matrix @ weights[4] @ np.diag(z2 > 0) @ weights[2] @ np.diag(z1 > 0) @ weights[0]
+        np.testing.assert_allclose(point[:, b], jacobian, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 import graphcert
+from conftest import cli_in_process
 from graphcert import api
 from graphcert.architectures import _group_sort2, build, export
 from graphcert.builder import Builder
@@ -312,9 +313,10 @@ def test_cli_trains_a_lipschitz_network_that_certifies_at_l2_and_resists_pgd(tmp
     (["--arch", "lipmlp", "--method", "orthogonal", "--loss", "hkr", "--hr-alpha", "0.1"], ["holistic"]),
     (["--arch", "cnn", "--method", "orthogonal"], ["orthogonal", "Conv"]),
 ])
-def test_bad_training_options_give_one_line_errors(tmp_path, args, words):
-    proc = graphcert_cli("train", *args, "--data", "digits", "--epochs", "1", "--eps", "0.3", "-o",
-                         str(tmp_path / "x.onnx"))
+def test_bad_training_options_give_one_line_errors(tmp_path, capfd, args, words):
+    # In this process (test_train.test_cli_train_refuses_to_overwrite_its_input runs `train` in a child process).
+    proc = cli_in_process(capfd, "train", *args, "--data", "digits", "--epochs", "1", "--eps", "0.3", "-o",
+                          str(tmp_path / "x.onnx"))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr

@@ -9,9 +9,10 @@ import os
 import pytest
 
 import cli
+from conftest import MIXED_OPTIONS
+from graphcert.distributed import tasks as task_module
 from graphcert.distributed.tasks import ONE_THREAD_ENV, TASK_LOG_ENV
-from parallel_tasks import (ACAS_QUICK, ACAS_SLOW, acas_instances, kill_worker_of, logged_starts, results_rows,
-                            shared_test_family)
+from parallel_tasks import ACAS_QUICK, ACAS_SLOW, acas_instances, kill_worker_of, logged_starts, results_rows
 
 ray = pytest.importorskip("ray")
 
@@ -24,30 +25,30 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def no_backstop_stops(monkeypatch):
+    """These tests check answers and retries, not the hard-limit backstop (test_parallel checks that). The executor
+    counts a task's hard limit from its submission, so on a loaded machine a Ray worker slow to start could have its
+    instance stopped as a timeout before it ran (seen in a full run at load 11: "2 failed, 0 retried", the slow
+    task's start never logged)."""
+    monkeypatch.setattr(task_module, "GRACE_SECONDS", 600.0)
+
+
 def run_cli(capsys, *args):
     code = cli.main([str(a) for a in args])
     return code, capsys.readouterr()
 
 
-def test_ray_gives_the_serial_answers(tmp_path, capsys):
-    instances = tmp_path / "instances.csv"
-    acas_instances(instances, ACAS_QUICK + [ACAS_SLOW], timeout=4)
-    family = shared_test_family()
-    test_rows = [line.split(",") for line in family.read_text().splitlines() if line]
-    instances.write_text("".join(f"{family.parent / o},{family.parent / v},{t}\n" for o, v, t in test_rows)
-                         + instances.read_text())
-    answers = {}
-    for mode, extra in (("serial", []), ("ray", ["--ray"])):
-        out = tmp_path / f"{mode}.csv"
-        code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--timeout-scale", "0.5",
-                                 "--rounding", "real", *extra)  # the competition's answers are in real arithmetic
-        assert code == 0, captured.err
-        answers[mode] = [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)]
-    assert answers["ray"] == answers["serial"]
+def test_ray_gives_the_serial_answers(tmp_path, capsys, mixed_instances):
+    instances, serial = mixed_instances
+    out = tmp_path / "ray.csv"
+    code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, *MIXED_OPTIONS, "--ray")
+    assert code == 0, captured.err
+    assert [(os.path.basename(r[0]), os.path.basename(r[1]), r[2]) for r in results_rows(out)] == serial
     assert "Ray" in captured.err
     counts = {}
-    for mode, extra in (("serial", []), ("ray", ["--ray", "--shard-size", 200])):
-        code, captured = run_cli(capsys, "certify", "--method", "crown", "--limit", 700, "--batch-size", 100,
+    for mode, extra in (("serial", []), ("ray", ["--ray", "--shard-size", 100])):  # 4 shards of 2 batches, 1 short
+        code, captured = run_cli(capsys, "certify", "--method", "crown", "--limit", 350, "--batch-size", 50,
                                  "--json", *extra)
         assert code == 0, captured.err
         result = json.loads(captured.out)
@@ -61,7 +62,9 @@ def test_a_ray_worker_killed_mid_task_has_its_task_retried(tmp_path, capsys, mon
     rows = ACAS_QUICK[:1] + [ACAS_SLOW] + ACAS_QUICK[1:2]
     instances = acas_instances(tmp_path / "acas.csv", rows, timeout=3)
     out = tmp_path / "results.csv"
-    killer = kill_worker_of(log, ACAS_SLOW[0], after=1.0)
+    # The slow task's worker is killed as soon as it logs the task's start: the task is then running whatever the
+    # load (a fixed delay after the start only made the test slower and let a starved killer thread miss the task).
+    killer = kill_worker_of(log, ACAS_SLOW[0], after=0.0, give_up=600.0)
     code, captured = run_cli(capsys, "verify", "--instances", instances, "--out", out, "--ray", "--rounding", "real")
     killer.join(timeout=1)
     assert code == 0 and killer.killed is not None, captured.err

@@ -17,6 +17,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from conftest import cli_in_process
 from graphcert import model as model_lib
 from graphcert.architectures import build
 from graphcert.certify import GraphCertifier, margin_objective
@@ -245,9 +246,9 @@ def test_cli_train_then_certify_reproduces_the_reported_accuracy(tmp_path):
     (["--eps", "0.1"], ["either a MODEL.onnx", "--arch"]),
     (["--arch", "mlp", "--eps", "0.1", "--resume"], ["no checkpoint"]),
 ])
-def test_cli_train_bad_options_give_one_line_errors(tmp_path, args, words):
-    proc = graphcert("train", *args, "--data" if "--data" not in args else "--seed", "digits" if "--data" not in args else "0",
-                     "-o", str(tmp_path / "out.onnx"))
+def test_cli_train_bad_options_give_one_line_errors(tmp_path, capfd, args, words):
+    proc = cli_in_process(capfd, "train", *args, "--data" if "--data" not in args else "--seed",
+                          "digits" if "--data" not in args else "0", "-o", str(tmp_path / "out.onnx"))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -260,7 +261,9 @@ def test_cli_train_refuses_to_overwrite_its_input(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes((REPO / "models" / "mnist_mlp.onnx").read_bytes())
     proc = graphcert("train", str(model), "--eps", "0.01", "--data", "digits", "-o", str(model))
+    # In a process of its own (the bad-option tests above run in this one): exit status 2, one line, no traceback.
     assert proc.returncode == 2 and "refusing to overwrite" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(HAS_ORT_TRAINING, reason="checks the message shown when onnxruntime-training is missing")

@@ -15,8 +15,8 @@ from .. import api, methods
 from ..alpha import VERIFY_ALPHA, AlphaCrown, AlphaSettings, ProofWatch
 from ..export import to_proto
 from ..interface import OBJECTIVE, InputSet
-from ..passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, SPLIT_LOWER_PREFIX, SPLIT_SIGN_PREFIX,
-                           SPLIT_UNITS, SPLIT_UPPER_PREFIX, CrownPass)
+from ..passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, INPUT_COEFFICIENTS_PREFIX,
+                           SPLIT_LOWER_PREFIX, SPLIT_SIGN_PREFIX, SPLIT_UNITS, SPLIT_UPPER_PREFIX, CrownPass)
 from ..passes.spec import SpecPass
 from ..runtime import Session
 from .network import Network
@@ -33,12 +33,20 @@ def outward_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, n
 
 
 class SpecBounds:
-    """bound_fn(lower [B, n], upper [B, n]) -> (margin_lower, margin_upper, margins at the box centers)."""
+    """bound_fn(lower [B, n], upper [B, n]) -> (margin_lower, margin_upper, margins at the box centers), and with
+    `coefficients` (CROWN on a batched model) a fourth: the margin lower bounds' coefficients of the input
+    [B, rows, n] (`CrownPass(input_coefficients=True)`)."""
 
-    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, method: str):
+    def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, method: str,
+                 coefficients: bool = False):
         self.method = method
-        graph = api.bound_graph(network.bound_model, method, InputSet("box"), spec=matrix, spec_offset=offset,
-                                keep_original=True)
+        coefficients = coefficients and method == "crown" and network.batched
+        if coefficients:
+            spec = SpecPass(np.asarray(matrix, dtype=np.float32), offset, keep_output=False)(network.bound_model).model
+            graph = CrownPass(InputSet("box"), keep_original=True, input_coefficients=True)(spec).model
+        else:
+            graph = api.bound_graph(network.bound_model, method, InputSet("box"), spec=matrix, spec_offset=offset,
+                                    keep_original=True)
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
         self.session = Session(proto)
@@ -47,13 +55,22 @@ class SpecBounds:
         name = network.input_name
         self.feeds = (f"{name}_lower", f"{name}_upper")
         self.outputs = ["margins_lower", "margins_upper", "margins"]
+        self.coefficients = INPUT_COEFFICIENTS_PREFIX + name if coefficients else None
+        if coefficients:
+            self.outputs.append(self.coefficients)
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray):
         lo, hi = outward_float32(lower, upper)
         if self.network.batched:
             out = self.session.run(dict(zip(self.feeds, (self.network.model_shaped(lo), self.network.model_shaped(hi)))),
                                    self.outputs)
-            return tuple(out[k].reshape(len(lo), -1) for k in self.outputs)
+            found = tuple(out[k].reshape(len(lo), -1) for k in self.outputs[:3])
+            if self.coefficients is None:
+                return found
+            # [rows, B, *sample], or [rows, 1, *sample] where they do not depend on the box (a linear model)
+            coefficients = out[self.coefficients].reshape(len(out[self.coefficients]), -1, self.network.n_inputs)
+            coefficients = np.broadcast_to(coefficients, (len(coefficients), len(lo), self.network.n_inputs))
+            return found + (coefficients.transpose(1, 0, 2),)
         # Models without a batch dimension take one box at a time.
         rows = [self.session.run(dict(zip(self.feeds, (a.reshape(self.network.sample_shape),
                                                         b.reshape(self.network.sample_shape)))), self.outputs)
@@ -336,10 +353,11 @@ class AlphaUnitBounds:
 
 def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method: str, membership: np.ndarray,
                 deadline: float, mixtures: list[np.ndarray] = (), alpha: AlphaSettings = VERIFY_ALPHA,
-                budget: Budget | None = None):
+                budget: Budget | None = None, coefficients: bool = False):
     """The bound function of a method name: a bound graph, or the method's verify ladder (graphcert.methods:
     its stages, the last `verify_root_stages` of them run on the root boxes only; `auto` branches with CROWN,
-    which decides far more boxes per second than alpha-CROWN).
+    which decides far more boxes per second than alpha-CROWN). `coefficients`: a lone CROWN graph also returns
+    the margin lower bounds' input coefficients (`SpecBounds`).
 
     A stage whose graph may hold more than the free `budget` for one box (`graph_bytes_per_sample`) is left
     out, and alpha-CROWN with it (it runs the same graph through torch, keeping more); IBP, the smallest,
@@ -360,7 +378,8 @@ def spec_bounds(network: Network, matrix: np.ndarray, offset: np.ndarray, method
     for name in names:
         graph_method = "crown" if name == "alpha-crown" else name
         if graph_method not in built:
-            built[graph_method] = SpecBounds(network, matrix, offset, graph_method)
+            built[graph_method] = SpecBounds(network, matrix, offset, graph_method,
+                                             coefficients=coefficients and record.combines == "graph")
     graphs = {name: built["crown" if name == "alpha-crown" else name] for name in names}
     kept = [name for name in names if fits(graphs[name])]
     if not kept:

@@ -22,8 +22,8 @@ from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSi
 
 # Halving one of many input dimensions barely tightens bounds: beyond this many, bounds and attacks decide alone.
 BRANCH_DIMENSIONS = 64
-# Trying a split costs two bound evaluations; each box tries this many dimensions.
-SPLIT_CANDIDATES = 3
+# Trying a split costs two bound evaluations; each box tries at most this many dimensions.
+SPLIT_CANDIDATES = 2
 # Boxes in the first call of each float32 second look at blocked boxes (later calls are sized to the clock).
 SLACK_BOXES = 64
 
@@ -34,11 +34,15 @@ BoundFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.nd
 class Boxes(Arrays):
     """Undecided input boxes. score: the unsafe objective at the box center; boxes whose centers come closest
     to the unsafe set are split first (for a proof the order does not change the work; for a violated
-    property it leads to the region where a counterexample lies)."""
+    property it leads to the region where a counterexample lies). leverage: for the weakest live conjunct, the
+    best over its rows of lower bound + |A_i|·width_i / 2, A being CROWN's coefficients of the input in the
+    row's lower bound (A·x + terms free of x, minimised over the box: a wide dimension with a large coefficient
+    costs the bound most), as alpha,beta-CROWN's input-split "smart branching" scores dimensions."""
     lower: np.ndarray     # [B, n]
     upper: np.ndarray     # [B, n]
     alive: np.ndarray     # [B, conjuncts]: not yet refuted on the box
     score: np.ndarray     # [B]
+    leverage: np.ndarray  # [B, n]: how much the box's weakest margin bound loses to each dimension's width (NaN: unknown)
 
 
 class InputSplitSearch:
@@ -58,7 +62,7 @@ class InputSplitSearch:
         began = time.monotonic()
         self.bound_fn = bound_fn or (spec_bounds(search.network, search.matrix, search.offset, method,
                                                  search.membership, search.deadline, search.mixtures, alpha,
-                                                 search.budget)
+                                                 search.budget, coefficients=self.branching == "inputs")
                                      if search.has_rows else None)
         # Building a split bound graph takes about as long: ReLU branching starts only with that much time left.
         self.build_seconds = time.monotonic() - began
@@ -87,11 +91,11 @@ class InputSplitSearch:
         evaluated = self._evaluate(lower, upper, alive)
         if evaluated is None:
             return search.timeout()
-        alive, _, center_objective, margin_lower = evaluated
+        alive, _, center_objective, margin_lower, leverage = evaluated
         keep = alive.any(axis=1)
         if search.counterexample is not None or (keep.any() and self._attack_roots(lower[keep], upper[keep], alive[keep])):
             return search.finish("violated")
-        roots = Boxes(lower[keep], upper[keep], alive[keep], center_objective[keep])
+        roots = Boxes(lower[keep], upper[keep], alive[keep], center_objective[keep], leverage[keep])
         if len(roots) and self.branching == "relus":
             return relu_bab.split_relus(search, self.method, roots.lower, roots.upper, roots.alive,
                                         margin_lower[keep], self.build_seconds, self.beta)
@@ -101,7 +105,7 @@ class InputSplitSearch:
                 return search.timeout(frontier)
             if search.counterexample is not None:
                 break
-            too_large = search.frontier_too_large(len(frontier), 16 * lower.shape[1] + alive.shape[1] + 8)
+            too_large = search.frontier_too_large(len(frontier), 24 * lower.shape[1] + alive.shape[1] + 8)
             if too_large:
                 return search.finish("unknown", too_large)
             parents = frontier.pop(max(1, self.box_calls.size // (2 * SPLIT_CANDIDATES)))
@@ -118,7 +122,7 @@ class InputSplitSearch:
 
     def _evaluate(self, lower, upper, alive):
         """Bound boxes, drop refuted conjuncts, try the centers; (alive, score, center objective, margin lower
-        bounds) or None at the deadline.
+        bounds, leverage) or None at the deadline.
 
         score: the weakest live conjunct's best row lower bound (> 0 means refuted; +inf when the box is).
         center objective: the unsafe objective at the box center (<= 0 there means a candidate counterexample).
@@ -127,7 +131,7 @@ class InputSplitSearch:
         bounds = self._bound_batched(lower, upper)
         if bounds is None:
             return None
-        margin_lower, margin_upper, center = bounds
+        margin_lower, margin_upper, center = bounds[:3]
         search.boxes_bounded += len(lower)
         base = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper))
         rounding = search.rounding_slack(lower, upper)
@@ -164,8 +168,20 @@ class InputSplitSearch:
         for box in np.flatnonzero(center_objective <= 0)[:8]:
             if search.confirm(0.5 * (lower[box] + upper[box])):
                 break
+        leverage = self._leverage(margin_lower, alive, bounds[3], upper - lower) if len(bounds) > 3 else \
+            np.full(lower.shape, np.nan)
         return alive, unsafe_objective(torch.from_numpy(margin_lower), membership, alive_t).numpy(), center_objective, \
-            margin_lower
+            margin_lower, leverage
+
+    def _leverage(self, margin_lower, alive, coefficients, widths) -> np.ndarray:
+        """[B, n]: for each box's weakest live conjunct, the best over its rows of the row's lower bound plus
+        |A_i|·width_i / 2, what halving dimension i could at most gain the row (see `Boxes`)."""
+        membership = self.search.membership
+        per_row = np.where(membership.T[None], margin_lower[:, None, :], -np.inf)      # [B, conjuncts, rows]
+        weakest = np.argmin(np.where(alive & membership.any(axis=0), per_row.max(axis=2), np.inf), axis=1)
+        rows = membership[:, weakest].T                                                # [B, rows]
+        reach = margin_lower[:, :, None] + 0.5 * np.abs(coefficients) * widths[:, None, :]
+        return np.where(rows[:, :, None], reach, -np.inf).max(axis=1)
 
     def _bound_batched(self, lower, upper):
         """bound_fn over chunks sized to take about CALL_SECONDS each; None when the deadline passes."""
@@ -174,21 +190,21 @@ class InputSplitSearch:
             if chunk is None:
                 return None
             parts.append(self.bound_fn(lower[chunk], upper[chunk]))
-        return tuple(np.concatenate([p[k] for p in parts]).astype(np.float64) for k in range(3))
+        return tuple(np.concatenate([p[k] for p in parts]).astype(np.float64) for k in range(len(parts[0])))
 
     def _split(self, boxes: Boxes) -> Boxes | None:
         """Halve each box along one dimension and return the live halves.
 
-        Candidates: the dimension widest relative to the property's box, plus the ones with the largest
-        |gradient| x width of the unsafe objective at the center. All candidate halves are bounded in one
-        call; the split kept is the one whose halves get closest to refuted in total (scores clipped at 0,
-        since a refuted half cannot do better).
+        Candidates (`_candidate_dimensions`): the dimension of highest leverage and the one widest relative to
+        the property's box. Where they differ, the halves of both are bounded in one call and the split kept is
+        the one whose halves get closest to refuted in total (scores clipped at 0, since a refuted half cannot
+        do better).
         """
         lower, upper, alive = boxes.lower, boxes.upper, boxes.alive
         m, n = lower.shape
-        dims = self._candidate_dimensions(lower, upper, alive)
-        d = dims.shape[1]
-        parent, dim = np.repeat(np.arange(m), d), dims.reshape(-1)
+        dims = self._candidate_dimensions(lower, upper, alive, boxes.leverage)
+        tried = dims >= 0
+        parent, dim = np.nonzero(tried)[0], dims[tried]
         rows = np.arange(len(parent))
         mid = 0.5 * (lower[parent, dim] + upper[parent, dim])
         left_upper, right_lower = upper[parent], lower[parent]
@@ -199,24 +215,36 @@ class InputSplitSearch:
         evaluated = self._evaluate(child_lower, child_upper, np.concatenate([alive[parent], alive[parent]]))
         if evaluated is None:
             return None
-        child_alive, child_score, child_objective, _ = evaluated
+        child_alive, child_score, child_objective, _, child_leverage = evaluated
         half = len(parent)
-        progress = (np.minimum(child_score[:half], 0) + np.minimum(child_score[half:], 0)).reshape(m, d)
-        pick = np.arange(m) * d + np.argmax(progress, axis=1)
+        progress = np.full(dims.shape, -np.inf)
+        progress[tried] = np.minimum(child_score[:half], 0) + np.minimum(child_score[half:], 0)
+        candidate = np.full(dims.shape, -1)
+        candidate[tried] = rows
+        pick = candidate[np.arange(m), np.argmax(progress, axis=1)]
         selected = np.concatenate([pick, pick + half])
         keep = selected[child_alive[selected].any(axis=1)]
-        return Boxes(child_lower[keep], child_upper[keep], child_alive[keep], child_objective[keep])
+        return Boxes(child_lower[keep], child_upper[keep], child_alive[keep], child_objective[keep],
+                     child_leverage[keep])
 
-    def _candidate_dimensions(self, lower, upper, alive) -> np.ndarray:
-        """[m, <= SPLIT_CANDIDATES] dimensions per box, the relatively widest first (it wins ties)."""
+    def _candidate_dimensions(self, lower, upper, alive, leverage) -> np.ndarray:
+        """[m, SPLIT_CANDIDATES] dimensions per box (-1: none): the highest leverage first (it wins ties), then
+        the relatively widest (none where that is the same dimension), then the next by leverage. Without
+        leverage (bound functions that do not give input coefficients), |gradient| x width of the unsafe
+        objective at the center ranks them instead."""
         m, n = lower.shape
-        center = torch.from_numpy((0.5 * (lower + upper)).astype(np.float32)).requires_grad_(True)
-        objective = self.search.attack.objective(center, torch.from_numpy(alive))
-        grad, = torch.autograd.grad(objective.sum(), center)
-        by_smear = np.argsort(-np.abs(grad.numpy()) * (upper - lower), axis=1)
+        if np.isnan(leverage).any():
+            center = torch.from_numpy((0.5 * (lower + upper)).astype(np.float32)).requires_grad_(True)
+            objective = self.search.attack.objective(center, torch.from_numpy(alive))
+            grad, = torch.autograd.grad(objective.sum(), center)
+            leverage = np.abs(grad.numpy()) * (upper - lower)
+        ranked = np.argsort(-leverage, axis=1, kind="stable")
         widest = np.argmax((upper - lower) / self.root_width, axis=1)[:, None]
-        others = by_smear[by_smear != widest].reshape(m, n - 1)[:, :SPLIT_CANDIDATES - 1]
-        return np.concatenate([widest, others], axis=1)
+        others = ranked[ranked != widest].reshape(m, n - 1)
+        none = np.full((m, 1), -1)
+        order = np.where(ranked[:, :1] == widest, np.concatenate([widest, none, others], axis=1),
+                         np.concatenate([others[:, :1], widest, others[:, 1:], none], axis=1))
+        return order[:, :SPLIT_CANDIDATES]
 
     def _attack_if_due(self, frontier: Frontier) -> None:
         """Attack the boxes whose centers come closest to the unsafe set, within ATTACK_SHARE of the time."""

@@ -1,0 +1,53 @@
+"""Input branch and bound chooses the dimension to halve by its leverage on the weakest margin bound: CROWN's
+input coefficients A of the margin rows times the box widths (alpha,beta-CROWN's "smart branching" score)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from graphcert.verify import verify
+from graphcert.verify.input_bab import InputSplitSearch
+from graphcert.verify.network import Network
+from graphcert.verify.search import Search
+from graphcert.vnnlib import load_property
+
+
+def steep_in_x1(tmp_path):
+    """y = relu(10·x1 + 0.1·x0) - relu(-10·x1 - 0.1·x0) + 0.3·relu(x0 + 1) = 10·x1 + 0.1·x0 + 0.3·(x0 + 1) on
+    [-1, 1]^2, whose maximum is 10.7; the property "y >= 10.75" holds, and only x1 moves the bound much."""
+    w1 = np.array([[0.1, -0.1, 1.0], [10.0, -10.0, 0.0]], dtype=np.float32)
+    b1 = np.array([0.0, 0.0, 1.0], dtype=np.float32)
+    w2 = np.array([[1.0], [-1.0], [0.3]], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "steep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    model = tmp_path / "steep.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    spec = tmp_path / "p.vnnlib"
+    spec.write_text("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
+                    "(assert (>= X_0 -1))\n(assert (<= X_0 1))\n(assert (>= X_1 -1))\n(assert (<= X_1 1))\n"
+                    "(assert (>= Y_0 10.75))\n")
+    return model, spec
+
+
+def test_the_split_dimension_is_the_one_the_margin_bound_leans_on(tmp_path):
+    model, spec = steep_in_x1(tmp_path)
+    search = Search(load_property(spec), Network(model), time.monotonic() + 30, rounding="real")
+    branch = InputSplitSearch(search, "crown", branching="inputs")
+    lower, upper, alive = search.prop.root_boxes()
+    # A box crossing the ReLUs' kink (x1 = -0.01·x0): CROWN's bound is loose there, and the x1 coefficient of the
+    # margin row is 100 times x0's.
+    lower, upper, alive = lower + [0.5, 0.9], upper - [0.4, 0.9], alive
+    _, _, _, margin_lower, leverage = branch._evaluate(lower, upper, alive)
+    assert leverage.shape == (1, 2) and leverage[0, 1] > leverage[0, 0]
+    assert branch._candidate_dimensions(lower, upper, alive, leverage)[0, 0] == 1
+    # Without coefficients (a bound function of three outputs) the gradient ranks the dimensions the same way.
+    assert branch._candidate_dimensions(lower, upper, alive, np.full_like(leverage, np.nan))[0, 0] == 1
+    result = verify(model, spec, timeout=20, rounding="real")
+    assert result.status == "holds"
