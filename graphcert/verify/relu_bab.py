@@ -39,6 +39,7 @@ from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
 from ..precision import outward
 from .bounds import AlphaUnitBounds, BetaSplitBounds, SplitBounds
 from .resources import MemorySizer, log, size
+from .s_shaped import CURVES, RootPlateau, chord_gap, split_point
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
@@ -79,53 +80,6 @@ SECOND_LOOK_DOMAINS = 8
 # In float32 mode, bound split domains in float64 where the zonotope covers the model (False: in float32, whose
 # own rounding then counts against every margin through |W| products).
 DOMAINS_IN_DOUBLE = True
-
-
-# Units other than ReLUs are split while their relaxation can gain: the function strays from its chord by more
-# than GAP_FLOOR somewhere on the interval, which is wider than WIDTH_FLOOR relative to its ends (the middle of
-# a narrower float32 interval may not lie strictly inside it).
-GAP_FLOOR = 1e-6
-WIDTH_FLOOR = 1e-5
-CHORD_POINTS = 8
-CURVES = {"Sigmoid": lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)), "Tanh": np.tanh}
-
-
-class RootPlateau:
-    """True once every box's score (the weakest live conjunct's bound, `score(lower)` per box) is positive or
-    gained less than ROOT_PLATEAU[1] of its distance to 0 over the last ROOT_PLATEAU[0] steps."""
-
-    def __init__(self, score):
-        self.score, self.history = score, []
-
-    def __call__(self, lower) -> bool:
-        self.history.append(np.atleast_1d(np.asarray(self.score(lower), dtype=np.float64)))
-        window, share = ROOT_PLATEAU
-        if len(self.history) <= window:
-            return False
-        now, before = self.history[-1], self.history[-1 - window]
-        return bool(((now > 0) | (now - before < share * np.abs(now))).all())
-
-
-def split_point(lower: np.ndarray, upper: np.ndarray, relu: np.ndarray) -> np.ndarray:
-    """Where to split each unit's interval: 0 for a ReLU or an interval holding 0, else the middle (float32)."""
-    holds_zero = (lower < 0) & (upper > 0)
-    middle = (0.5 * (lower.astype(np.float64) + upper)).astype(np.float32)
-    return np.where(relu | holds_zero, np.float32(0), middle).astype(np.float32)
-
-
-def chord_gap(curve, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """The largest distance between curve(z) and its chord over [lower, upper] at CHORD_POINTS inner points
-    (0 where the interval is below the width floor), in float64."""
-    lower, upper = lower.astype(np.float64), upper.astype(np.float64)
-    width = upper - lower
-    wide = np.isfinite(width) & (width > WIDTH_FLOOR * (1.0 + np.abs(lower) + np.abs(upper)))
-    lower, width = np.where(wide, lower, 0.0), np.where(wide, width, 0.0)
-    start, end = curve(lower), curve(lower + width)
-    gap = np.zeros_like(lower)
-    for k in range(1, CHORD_POINTS + 1):
-        t = k / (CHORD_POINTS + 1)
-        gap = np.maximum(gap, np.abs(curve(lower + t * width) - (start + t * (end - start))))
-    return np.where(gap > GAP_FLOOR, gap, 0.0)
 
 
 # Domains.unit: no unit left to split; not chosen yet (alpha-beta-CROWN re-bounds the domain first).
@@ -295,7 +249,7 @@ class ReluSplitSearch:
             score = lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,  # noqa: E731
                                                  live).numpy()
             watch = ProofWatch(score, steps, give_up=False)
-            plateau = RootPlateau(score)
+            plateau = RootPlateau(score, *ROOT_PLATEAU)
 
             def stop(low, high):
                 if search.past_deadline() or watch(low, high):
@@ -386,7 +340,8 @@ class ReluSplitSearch:
                       second_look: bool = True, choose: bool = True) -> Domains:
         """The domains with a live conjunct left after refuting by margin_lower (and, with `second_look`, for
         those only the interval float32 slack keeps live, by `_second_look`), with the unit each splits next
-        (without `choose`: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which chooses then)."""
+        (without `choose`, or past the deadline: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which
+        chooses then)."""
         membership = self.search.membership
         base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
         slack = base + self._rounding_slack(root, unit_lower, unit_upper)
@@ -398,6 +353,9 @@ class ReluSplitSearch:
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
                                  torch.from_numpy(live)).numpy()
         keep = live.any(axis=1)
+        # Past the deadline the search ends in a timeout before any of these is split: no choice (the gains'
+        # backward pass through torch would be work after the deadline).
+        choose = choose and not self.search.past_deadline()
         unit = self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]) if choose else \
             np.full(int(keep.sum()), UNCHOSEN)
         return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep], unit,
