@@ -1,7 +1,7 @@
 """The deployed model's float32 rounding inside the relaxation: every op that rounds gets a bounded error leaf.
 
 `graphcert.rounding` bounds |fl(y) - y|, the distance between the model run in float32 and in real arithmetic,
-by carrying each op's error forward through |W| (or as a zonotope, `graphcert.rounding_zonotope`); a margin must
+by carrying each op's error forward through |W| (and as a zonotope of rounding symbols, until this); a margin must
 then beat that distance. On deep nets the distance is carried through every unstable ReLU at any slope in
 [0, 1] and grows far beyond the margins (eran's 9x200 ReLU net: 4-10 where margins are about 2).
 

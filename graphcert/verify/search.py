@@ -54,7 +54,7 @@ class Float32Slack:
     +inf: bounds then never prove the property.
 
     When the bound graphs bound the float32 model itself (`network.bound_model` has rounding leaves), the
-    slack is only their own rounding (`inside`): no zonotope of the model's error is needed."""
+    slack is only their own rounding (`inside`)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, budget: Budget | None = None):
         from ..errors import UnsupportedOpError
@@ -145,12 +145,11 @@ class Float32Slack:
                                                  np.maximum(clamped_lower, clamped_upper)))
 
     def of_domains(self, splits, lower: np.ndarray, upper: np.ndarray, unit_lower: np.ndarray,
-                   unit_upper: np.ndarray, in_double: bool = False, zonotope: bool = False) -> np.ndarray:
+                   unit_upper: np.ndarray, in_double: bool = False) -> np.ndarray:
         """[B, rows] for split domains: boxes lower, upper [B, n] with bounds [B, units] of the input of every
         unit of `splits` (a verify.bounds.SplitBounds) that hold on the domain; the magnitudes then come from
         the tighter of IBP's and these bounds (graphcert.rounding_given), so the slack shrinks as domains split.
-        `in_double`: the margins and unit bounds were computed in float64 (`domains_in_double`); `zonotope`: the
-        model's error kept as a zonotope (graphcert.rounding_zonotope: slower, far tighter on deep nets)."""
+        `in_double`: the margins and unit bounds were computed in float64 (`domains_in_double`)."""
         if self.slack is None or not self.network.batched:
             return self(lower, upper)
         from ..errors import GraphcertError
@@ -170,21 +169,15 @@ class Float32Slack:
         network = self.network
         return slack.of_rows(network.model_shaped(lower.astype(np.float32)),
                              network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given,
-                             zonotope=zonotope and not self.inside, model_error=not self.inside)
+                             model_error=not self.inside)
 
     def domains_in_double(self, splits) -> bool:
-        """Whether split domains of this model can be bounded in float64 with the zonotope's second look: on
-        deep nets the own rounding of float32 bound graphs (bounded through |W| products) dwarfs any margin
-        (eran's 9x200 ReLU net: about 1e5), that of float64 graphs does not."""
+        """Whether split domains of this model can be bounded in float64: on deep nets the own rounding of float32
+        bound graphs (bounded through |W| products) dwarfs any margin (eran's 9x200 ReLU net: about 1e5), that
+        of float64 graphs does not."""
         if self.slack is None or not self.network.batched:
             return False
         from ..precision import onnxruntime_runs_double
-        from ..rounding_zonotope import Unsupported, ZonotopeErrors
-        if not self.inside:
-            try:
-                ZonotopeErrors(self.network.model)
-            except Unsupported:
-                return False
         return onnxruntime_runs_double(splits.proto)
 
 
@@ -192,8 +185,8 @@ class Float32Slack:
                   ) -> tuple[np.ndarray, np.ndarray] | None:
         """(margin lower bounds, slack), both [B, rows], for boxes the float32 slack alone keeps undecided: the
         margins of a CROWN graph run in float64 (graphcert.precision), whose own rounding is then analysed in
-        float64, and the model's error kept as a zonotope (graphcert.rounding_zonotope) from that graph's
-        bounds of the unit inputs. None when the model is outside what this covers."""
+        float64 (with the model's error beside the bounds, from that graph's bounds of the unit inputs). None
+        when onnxruntime cannot run the graph in float64."""
         if self.slack is None or not self.network.batched:
             return None
         if self._double is None:
@@ -207,8 +200,7 @@ class Float32Slack:
             unbounded = np.full((len(lower), splits.units), np.inf, dtype=np.float32)
             margin_lower, unit_lower, unit_upper = splits(lower, upper, -unbounded, unbounded)
             given = splits.per_layer(np.minimum(unit_lower, unit_upper), np.maximum(unit_lower, unit_upper))
-        # The slack (the zonotope's part is the slow one) only where a margin is positive: elsewhere it cannot
-        # refute anything.
+        # The slack only where a margin is positive: elsewhere it cannot refute anything.
         found = np.full(margin_lower.shape, np.inf)
         useful = np.flatnonzero((margin_lower > 0).any(axis=1))
         if len(useful):
@@ -216,24 +208,16 @@ class Float32Slack:
             found[useful] = slack.of_rows(network.model_shaped(lower[useful].astype(np.float32)),
                                           network.model_shaped(upper[useful].astype(np.float32)), self.matrix[None],
                                           given={name: (low[useful], high[useful]) for name, (low, high) in given.items()},
-                                          zonotope=not self.inside, model_error=not self.inside)
+                                          model_error=not self.inside)
         return margin_lower, found
 
     def _build_double(self, offset):
-        """Only where both parts pay: the zonotope's rules cover the model (dense nets; not needed when the bounds
-        hold the model's error) and onnxruntime runs the graph in float64 (the torch executor could, but far
-        slower than the search can wait for)."""
+        """Only where onnxruntime runs the graph in float64 (the torch executor could, but far slower than the
+        search can wait for)."""
         from ..errors import GraphcertError
         from ..precision import FLOAT64, DoubleSession, onnxruntime_runs_double
         from ..rounding_slack import RoundingSlack
-        from ..rounding_zonotope import Unsupported, ZonotopeErrors
         from .bounds import SpecBounds, SplitBounds
-        try:
-            if not self.inside:
-                ZonotopeErrors(self.network.model)
-        except Unsupported as refusal:
-            log.info("no float64 bounds for the float32 slack (%s)", refusal)
-            return False
         try:
             # The model's error inside the bounds needs no unit bounds for magnitudes: the plain CROWN graph.
             splits = SplitBounds(self.network, self.matrix, offset, "clamp") if not self.inside else None
