@@ -75,16 +75,19 @@ class AlphaCrown:
         self.betas: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.beta", "{}"))
         self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units or v.name in self.betas}
         self._tuned = tuned
-        self._executor = None
+        self._executor = self._double_executor = None
         self.dtype = "float32"   # "float64": the bounds' own rounding is then negligible (verify's float32 mode)
         self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
         self.tracked: dict[str, np.ndarray] = {}          # `bounds(..., track=...)` fills it
 
     def in_double(self) -> None:
-        """Compute every bound in float64 from now on (onnxruntime and torch; outputs rounded outward to float32)."""
+        """Give every bound computed in float64 from now on (onnxruntime and torch; outputs rounded outward to
+        float32). The Adam steps still run in float32, whose bounds only steer them: the bounds returned are the
+        CROWN start's and those of the best parameters found, each evaluated in float64 (any parameters in
+        range give a sound bound, so the steps' own rounding does not matter)."""
         from .precision import DoubleSession
         self.session = DoubleSession(self.plain_proto)
-        self.dtype, self._executor = "float64", None
+        self.dtype, self._double_executor = "float64", None
 
     def feeds(self, lower=None, upper=None, x=None, eps=None, objective=None) -> dict[str, np.ndarray]:
         """Graph inputs for a box (lower, upper) or an L-inf ball (x, eps), shaped like the model input."""
@@ -148,6 +151,13 @@ class AlphaCrown:
         alphas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.units}
         betas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.betas}
         kept_score = np.full(len(best_lower), -np.inf)
+        # float64 answers (`in_double`): the float32 steps' bounds only steer; the parameters of each batch
+        # element's best step are evaluated in float64 at the end.
+        answer_in_double = self.dtype == "float64"
+        if answer_in_double:
+            answers = (best_lower, best_upper, {name: value.copy() for name, value in self.tracked.items()})
+            steering = {name: np.array(value, dtype=np.float32) for name, value in initial.items()}
+            steer_score = np.full(len(best_lower), -np.inf)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
         optimiser = Adam([(list(alphas.values()), lr), (list(betas.values()), lr if beta_lr is None else beta_lr),
                           (mixer.parameters(), mixture_lr)], lr_decay)
@@ -165,7 +175,9 @@ class AlphaCrown:
             if not mixer.groups:  # a learned mixture's upper bound would belong to another function each step
                 best_upper = np.minimum(best_upper, high.detach().numpy())
             if keep:
-                kept_score = self._keep_best(low.detach().numpy(), kept_score, {**alphas, **betas})
+                kept_score = self._keep_best(low.detach().numpy(), kept_score, {**alphas, **betas}, self.kept)
+            if answer_in_double:
+                steer_score = self._keep_best(low.detach().numpy(), steer_score, {**alphas, **betas}, steering)
             if stop is not None and stop(best_lower, best_upper):
                 break
             loss = high.sum() - low.sum() if high.requires_grad and not mixer.groups else -mixer.objective_sum(low)
@@ -175,15 +187,41 @@ class AlphaCrown:
                     alpha.clamp_(0.0, 1.0)
                 for beta in betas.values():
                     beta.clamp_(min=0.0)
+        if answer_in_double:
+            return self._answer_in_double(torch_feeds, steering, mixer, track, answers)
         return best_lower, best_upper
 
-    def _keep_best(self, low: np.ndarray, kept_score: np.ndarray, parameters: dict) -> np.ndarray:
-        """Keep the parameters (batch axis 1) of the batch elements whose summed lower bound improved."""
+    def _answer_in_double(self, torch_feeds: dict, parameters: dict, mixer: "_Mixer", track: tuple,
+                          answers: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """The tighter of the float64 start (`answers`: lower, upper, tracked) and the bounds of `parameters`
+        evaluated in float64 (slopes projected onto their range by the graph, multipliers kept >= 0)."""
+        import torch
+        start_lower, start_upper, start_tracked = answers
+        objective, shift = mixer.objective()
+        feeds = {k: v.to(torch.float64) for k, v in torch_feeds.items()}
+        if objective is not None:
+            feeds[OBJECTIVE] = objective.detach().to(torch.float64)
+        feeds.update({name: torch.as_tensor(value, dtype=torch.float64) for name, value in parameters.items()})
+        with torch.no_grad():
+            result = self._torch_graph(double=True)(feeds, outputs=self.outputs + [n for pair in track for n in pair])
+        shift = shift.detach().to(torch.float64) if torch.is_tensor(shift) else shift
+        low = (result[self.outputs[0]] + shift).numpy()
+        lower = np.maximum(start_lower, low)
+        upper = start_upper if mixer.groups else np.minimum(start_upper, result[self.outputs[1]].numpy())
+        self.tracked = dict(start_tracked)
+        for lower_name, upper_name in track:
+            self.tracked[lower_name] = np.maximum(start_tracked[lower_name], result[lower_name].numpy())
+            self.tracked[upper_name] = np.minimum(start_tracked[upper_name], result[upper_name].numpy())
+        return lower, upper
+
+    @staticmethod
+    def _keep_best(low: np.ndarray, kept_score: np.ndarray, parameters: dict, into: dict) -> np.ndarray:
+        """Keep in `into` the parameters (batch axis 1) of the batch elements whose summed lower bound improved."""
         score = np.nan_to_num(low.reshape(len(low), -1).astype(np.float64), nan=-1e30, neginf=-1e30).sum(axis=1)
         improved = score > kept_score
         if improved.any():
             for name, value in parameters.items():
-                self.kept[name][:, improved] = value.detach().numpy()[:, improved]
+                into[name][:, improved] = value.detach().numpy()[:, improved]
         return np.where(improved, score, kept_score)
 
     def parameter_shapes(self, rows: int | None = None) -> dict[str, tuple[int, tuple[int, ...]]] | None:
@@ -206,11 +244,15 @@ class AlphaCrown:
         rows = self.rows[name]
         return rows if isinstance(rows, int) else feeds[OBJECTIVE].shape[1]
 
-    def _torch_graph(self):
+    def _torch_graph(self, double: bool = False):
+        from graphcert.torch_exec import TorchGraph
+        import torch
+        if double:
+            if self._double_executor is None:
+                self._double_executor = TorchGraph(self._tuned, trainable=False, dtype=torch.float64)
+            return self._double_executor
         if self._executor is None:
-            from graphcert.torch_exec import TorchGraph
-            import torch
-            self._executor = TorchGraph(self._tuned, trainable=False, dtype=getattr(torch, self.dtype))
+            self._executor = TorchGraph(self._tuned, trainable=False, dtype=torch.float32)
         return self._executor
 
 

@@ -105,13 +105,17 @@ def outward(name: str, array: np.ndarray) -> np.ndarray:
     return narrow
 
 
+# The session `onnxruntime_runs_double` made to find out, for the `DoubleSession` that usually follows (making
+# one for a wide graph takes seconds): (the graph it was made for, the session).
+_tried: tuple | None = None
+
+
 def onnxruntime_runs_double(proto: onnx.ModelProto) -> bool:
     """Whether onnxruntime's CPU kernels cover every op of the graph in float64."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
+    global _tried
+    from .runtime import Session
     try:
-        ort.InferenceSession(to_float64(proto).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        _tried = (proto, Session(to_float64(proto), log_severity=4))
     except Exception as refusal:   # onnxruntime raises its own NotImplemented/Fail types for a missing kernel
         log.info("onnxruntime cannot run the graph in float64: %s", str(refusal).splitlines()[0][:200])
         return False
@@ -123,8 +127,12 @@ class DoubleSession:
     feeds in (widened exactly), float32 outputs rounded outward."""
 
     def __init__(self, proto: onnx.ModelProto, threads: int = 0):
+        global _tried
         from .runtime import Session
-        self.session = Session(to_float64(proto), threads=threads)
+        if _tried is not None and _tried[0] is proto and not threads:
+            self.session, _tried = _tried[1], None
+        else:
+            self.session = Session(to_float64(proto), threads=threads)
         self.output_names = self.session.output_names
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:

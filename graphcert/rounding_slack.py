@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .interface import perturbed_inputs
-from .arithmetic import FLOAT32, Arithmetic, of_model
+from .arithmetic import FLOAT32, Arithmetic
 from .rounding import ERROR, MAGNITUDE, NORM, SAFETY, error_graph
 from .rounding_given import GIVEN_LOWER, GIVEN_UPPER, USED_LOWER, USED_UPPER
 
@@ -50,7 +50,6 @@ class RoundingSlack:
         self.needs_point = any(v.name == x.name for v in graph.graph.inputs)
         self.output = next(v.name for v in graph.graph.outputs if v.name.endswith(MAGNITUDE))[:-len(MAGNITUDE)]
         self.has_norm = any(v.name == self.output + NORM for v in graph.graph.outputs)
-        self._zonotope = None   # built on first use (False: the model is outside its rules)
 
     def _feeds(self, lower: np.ndarray, upper: np.ndarray, bounds: dict | None = None) -> dict:
         lower, upper = np.asarray(lower, np.float32), np.asarray(upper, np.float32)
@@ -99,42 +98,24 @@ class RoundingSlack:
         used = {name: (out[name + USED_LOWER], out[name + USED_UPPER]) for name in self.given}
         return self._per_sample(e, len(e) if self.batched else 1), used
 
-    def _zonotope_errors(self, lower, upper, rows, used) -> np.ndarray | None:
-        """The model's error per row kept as a zonotope of rounding symbols (graphcert.rounding_zonotope), for
-        boxes of models its rules cover; None otherwise."""
-        from .rounding_zonotope import Unsupported, ZonotopeErrors
-        if self.norm != "linf" or not self.batched:
-            return None
-        if self._zonotope is None:
-            try:
-                self._zonotope = ZonotopeErrors(self.model, of_model(self.model))
-            except Unsupported:
-                self._zonotope = False
-        if self._zonotope is False:
-            return None
-        try:
-            return self._zonotope.rows_error(lower, upper, rows, used)
-        except Unsupported:
-            self._zonotope = False
-            return None
-
     def of_rows(self, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray, point: bool = False,
-                given: dict | None = None, zonotope: bool = False) -> np.ndarray:
+                given: dict | None = None, model_error: bool = True) -> np.ndarray:
         """[batch, m] slack of the margin rows c (rows [batch, m, n] or [m, n]) over each input set, for a
         relaxation bound graph, or with `point` for one of POINT_BOUND_GRAPHS. `given`: {name: (lower, upper)}
         bounds over each set of the values named when constructed (real arithmetic, computed by a relaxation
-        bound graph in the bound arithmetic). `zonotope`: also bound the model's error as a zonotope of rounding
-        symbols (graphcert.rounding_zonotope: far tighter on deep nets, and far slower), where its rules apply."""
+        bound graph in the bound arithmetic).
+        `model_error=False`: the bounds already bound the model as it runs (a bound graph of the model with its
+        rounding leaves, graphcert.rounding_leaves): only the bound graph's own rounding and the final term."""
         loose, used = self._loose_run(lower, upper, given) if self.given else (None, None)
         m, e, n = self.outputs(lower, upper, used)
         rows = np.asarray(rows, dtype=np.float64)
         weights = np.broadcast_to(np.abs(rows), (len(m), *rows.shape[-2:]))
         lengths = np.sqrt((np.broadcast_to(rows, weights.shape) ** 2).sum(axis=2)) * (1 + 2 ** -40)
         model = np.minimum(np.einsum("bmn,bn->bm", weights, e), lengths * n[:, None])
-        if zonotope:
-            kept = self._zonotope_errors(lower, upper, rows, used)
-            if kept is not None:
-                model = np.minimum(model, kept)
+        if not model_error:
+            if point:
+                raise ValueError("a point bound graph's own rounding is the model's: it needs model_error")
+            model = np.zeros_like(model)
         if point:
             bound_graph = model
         else:

@@ -20,9 +20,9 @@ FEED_TYPES = {"tensor(double)": np.float64, "tensor(float16)": np.float16, "tens
 class Session:
     """An onnxruntime session over a ModelProto that takes and returns dicts of numpy arrays."""
 
-    def __init__(self, proto: onnx.ModelProto, threads: int = 0):
+    def __init__(self, proto: onnx.ModelProto, threads: int = 0, log_severity: int = 3):
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = log_severity
         threads = threads or DEFAULT_THREADS
         if threads:
             options.intra_op_num_threads = threads

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from graphcert import interval as iv
+from graphcert import rounding_leaves
 from graphcert.builder import Builder
 from graphcert.interface import InputSet, clone, close_outputs, epsilon_name, open_inputs, perturbed_inputs
 from graphcert.interpret import perturbed_nodes
@@ -122,7 +123,8 @@ class _Reach:
 
 
 def _exactness(node: ir.Node, state: dict, perturbed: set) -> int:
-    inputs = [v for v in node.inputs if v is not None and v in perturbed]
+    # A rounding leaf is an independent input: y + r is as exact as y (`graphcert.rounding_leaves`).
+    inputs = [v for v in node.inputs if v is not None and v in perturbed and not rounding_leaves.is_leaf(v)]
     if len(inputs) != 1:
         return LOOSE
     before = state[inputs[0]]
@@ -320,7 +322,9 @@ class CrownPass(ir.passes.FunctionalPass):
         """A fallback node: IBP on its inputs' intervals (tightened by CROWN where IBP may be loose, as for a
         relaxed op's input); its outputs become leaves, whose IBP interval is exactly what CROWN would find."""
         node = nodes[index]
-        if self.intermediate == "crown":
+        # A rounding leaf's interval is only a magnitude bound (a few ulps of its op's inputs): a backward pass
+        # per input to tighten it would double the passes for nothing worth having.
+        if self.intermediate == "crown" and node.op_type != rounding_leaves.OP_TYPE:
             for x in dict.fromkeys(v for v in node.inputs if v is not None and v in cx.perturbed):
                 loose = intervals.exactness.get(x, LOOSE) == LOOSE or self.norm == "l2"
                 if loose and x not in intervals.tightened and crown_fallback.boundable(x, cx.batched) \

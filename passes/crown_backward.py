@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graphcert import rounding_leaves
 from graphcert.builder import Builder
 from graphcert.interpret import attr
 from graphcert.interval import Interval
@@ -168,7 +169,8 @@ class Context:
     def leaf_backward(self, out: ir.Value, coef: ir.Value) -> list:
         """A fallback node's output: coefficients concretised over its IBP interval (`passes.crown_fallback`)."""
         if out not in self._leaves:
-            self._leaves[out] = crown_fallback.leaf(self.b, self.leaf_intervals[out])
+            make = crown_fallback.symmetric_leaf if rounding_leaves.is_leaf(out) else crown_fallback.leaf
+            self._leaves[out] = make(self.b, self.leaf_intervals[out])
         return crown_fallback.leaf_backward(self, self._leaves[out], coef)
 
     def infinite_ends(self, lower_flag: ir.Value | None, upper_flag: ir.Value | None, coef: ir.Value) -> list:

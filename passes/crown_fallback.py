@@ -38,7 +38,7 @@ VERDICT = "via IBP fallback"
 class Leaf:
     """An output's IBP interval as a box for concretisation: centre, radius with rounding slack, and 0/1 flags
     (float) where the lower or upper end is infinite, NaN or beyond LIMIT."""
-    center: ir.Value
+    center: ir.Value | None   # None: 0 (a symmetric leaf)
     radius: ir.Value
     lower_unbounded: ir.Value
     upper_unbounded: ir.Value
@@ -64,6 +64,15 @@ def leaf(b: Builder, box: Interval) -> Leaf:
     return Leaf(center, radius, as_flag(lower_off), as_flag(upper_off))
 
 
+def symmetric_leaf(b: Builder, box: Interval) -> Leaf:
+    """A leaf known to be [-e, e] (a rounding leaf, `graphcert.rounding_leaves`): no centre to contract, its
+    radius e as computed, and one flag (as `lower_unbounded`) where e is infinite, NaN or beyond LIMIT."""
+    error = as_float32(b, box.upper)
+    off = b.op("Cast", b.op("Not", b.op("LessOrEqual", error, b.const(LIMIT))), to=ir.DataType.FLOAT)
+    radius = b.op("Where", b.op("LessOrEqual", error, b.const(LIMIT)), error, b.const(0.0))
+    return Leaf(None, radius, off, None)
+
+
 def as_float32(b: Builder, value: ir.Value) -> ir.Value:
     """Bounds of a boolean, integer or other float tensor as float32 (a lossy cast is covered by SLACK)."""
     if value.dtype == ir.DataType.FLOAT:
@@ -74,6 +83,10 @@ def as_float32(b: Builder, value: ir.Value) -> ir.Value:
 def leaf_backward(cx, found: Leaf, coef: ir.Value) -> list:
     """(value, coefficient) pairs whose contractions sum to the lower bound of coef·output over the leaf."""
     b = cx.b
+    if found.center is None:   # [-e, e]: -|A|·e, and -inf where |A| meets an unbounded e (one flag for both ends)
+        magnitude = b.op("Abs", coef)
+        cx.unbounded.add(found.lower_unbounded)
+        return [(found.radius, b.op("Neg", magnitude)), (found.lower_unbounded, magnitude)]
     return [(found.center, coef), (found.radius, b.op("Neg", b.op("Abs", coef))),
             *cx.infinite_ends(found.lower_unbounded, found.upper_unbounded, coef)]
 

@@ -445,4 +445,4 @@ def propagate(graph: ir.Graph, nodes: list[ir.Node], b: Builder, boxes: dict,
 # The other rule families register into the same table (passes/ibp_core.RULES).
 from graphcert.passes import (ibp_rules_deform, ibp_rules_elementwise, ibp_rules_linear,  # noqa: E402,F401
                               ibp_rules_logic, ibp_rules_qcontrib, ibp_rules_qlinear, ibp_rules_quant,
-                              ibp_rules_random, ibp_rules_reduce, ibp_rules_sampling)
+                              ibp_rules_random, ibp_rules_reduce, ibp_rules_rounding, ibp_rules_sampling)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import graphcert
+from conftest import cli_in_process
 from graphcert.certify import certified_mask, certifier, margin_objective
 from graphcert.data import load_dataset
 from graphcert.errors import InputError
@@ -132,7 +133,7 @@ def test_attacks_at_the_radius_never_flip(served, images):
     assert (pgd(model, images.x[chosen], prediction[chosen], beyond, norm, domain) < 0).any()
 
 
-def test_convert_certificate_cli(tmp_path):
+def test_convert_certificate_cli(tmp_path, capfd):
     out = tmp_path / "cert.onnx"
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "convert", "mnist_mlp", "--certificate", "--domain",
                            "0", "1", "--ladder", "0.01:0.03:0.01", "-o", str(out)], capture_output=True, text=True)
@@ -143,8 +144,8 @@ def test_convert_certificate_cli(tmp_path):
     assert [o.name for o in proto.graph.output] == ["logits", "prediction", "certified_radius"]
     for args, words in ((["--ladder", "0,0.1"], "radii > 0"), (["--method", "gloro", "--norm", "l2"], "training"),
                         (["--method", "ibp", "--norm", "l2"], "L2"), (["--spec", str(out)], "no --spec")):
-        bad = subprocess.run([sys.executable, str(REPO / "cli.py"), "convert", "mnist_mlp", "--certificate", *args,
-                              "-o", str(tmp_path / "bad.onnx")], capture_output=True, text=True)
+        # in this process (a child's start each); the successful run above is a child process
+        bad = cli_in_process(capfd, "convert", "mnist_mlp", "--certificate", *args, "-o", tmp_path / "bad.onnx")
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert not (tmp_path / "bad.onnx").exists()
 
@@ -159,7 +160,7 @@ def test_refuses_models_that_are_not_classifiers():
         certificate_graph(graphcert.load(proto), "ibp")
 
 
-def test_convert_certificate_cli_rounding(tmp_path):
+def test_convert_certificate_cli_rounding(tmp_path, capfd):
     """--rounding real writes radii for real arithmetic only (recorded in the metadata); float32 is the default;
     --rounding without --certificate is a one-line error."""
     for rounding in ("real", "float32"):
@@ -170,6 +171,5 @@ def test_convert_certificate_cli_rounding(tmp_path):
         assert proc.returncode == 0, proc.stderr
         meta = {p.key: p.value for p in onnx.load(out).metadata_props}
         assert meta["graphcert.certificate.rounding"] == rounding
-    bad = subprocess.run([sys.executable, str(REPO / "cli.py"), "convert", "mnist_mlp", "--rounding", "real",
-                          "-o", str(tmp_path / "bad.onnx")], capture_output=True, text=True)
+    bad = cli_in_process(capfd, "convert", "mnist_mlp", "--rounding", "real", "-o", tmp_path / "bad.onnx")
     assert bad.returncode == 2 and "--rounding goes with --certificate" in bad.stderr and "Traceback" not in bad.stderr

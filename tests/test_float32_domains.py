@@ -1,6 +1,6 @@
-"""ReLU split domains bounded in float64 in verify's float32 mode (relu_bab.DOMAINS_IN_DOUBLE), with the model's
-error kept as a zonotope for domains the interval slack alone blocks: deep nets prove in float32 what they prove
-in real arithmetic, and nothing near a float32 counterexample is proved."""
+"""ReLU split domains bounded in float64 in verify's float32 mode (relu_bab.DOMAINS_IN_DOUBLE), the model's
+rounding inside the bounds (graphcert.rounding_leaves): deep nets prove in float32 what they prove in real
+arithmetic, and nothing near a float32 counterexample is proved."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,16 +62,21 @@ def setup(tmp_path, threshold_of):
 def test_a_deep_net_proves_in_float32_with_domains_in_double(tmp_path, monkeypatch):
     """y0 - y1 > -(sampled minimum): holds with room in real arithmetic; in float32 mode the float32 split
     graphs' own rounding (bounded through |W| products) blocks every domain, even with every ReLU stable; in
-    float64 with the zonotope's second look it holds."""
+    float64 it holds; with the model's error beside the bounds (carried through |W| and every unstable ReLU)
+    instead of inside them, it does not."""
+    from graphcert.verify import search
     path, spec = setup(tmp_path, lambda margins: -float(margins.min()))
     assert verify(path, spec, timeout=30, branching="relus").status == "holds"
+    with monkeypatch.context() as patched:
+        patched.setattr(search, "ROUNDING_LEAVES", False)
+        assert verify(path, spec, timeout=10, branching="relus").status != "holds"
     monkeypatch.setattr(relu_bab, "DOMAINS_IN_DOUBLE", False)
     assert verify(path, spec, timeout=10, branching="relus").status != "holds"
 
 
 def test_domains_in_double_never_prove_a_property_a_sampled_point_violates(tmp_path):
     """y0 - y1 > 1.001 x (sampled minimum margin): the sampled point violates it by about 1e-4, far beyond
-    rounding; float64 domains with the zonotope never answer holds."""
+    rounding; float64 domains never answer holds."""
     path, spec = setup(tmp_path, lambda margins: 1.001 * float(margins.min()))
     result = verify(path, spec, timeout=8, branching="relus")
     assert result.status != "holds", result

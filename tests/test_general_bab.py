@@ -231,14 +231,15 @@ def test_splitting_never_proves_a_property_with_a_counterexample_attacks_miss(tm
 def test_root_plateau_stops_once_every_box_is_proved_or_flat():
     """The root's extra alpha steps on S-shaped nets end once every box's weakest conjunct bound is positive
     or gains under ROOT_PLATEAU[1] of its distance to 0 over ROOT_PLATEAU[0] steps, not while one still gains."""
-    from graphcert.verify.relu_bab import ROOT_PLATEAU, RootPlateau
+    from graphcert.verify.relu_bab import ROOT_PLATEAU
+    from graphcert.verify.s_shaped import RootPlateau
     window, share = ROOT_PLATEAU
-    flat = RootPlateau(lambda low: low)
+    flat = RootPlateau(lambda low: low, window, share)
     assert not any(flat(np.array([-10.0, -1.0 + 0.2 * share * k / window])) for k in range(window))
     assert flat(np.array([-10.0, -1.0 + 0.2 * share]))           # both gained under the share: flat
-    gaining = RootPlateau(lambda low: low)
+    gaining = RootPlateau(lambda low: low, window, share)
     found = [gaining(np.array([-10.0 + 0.2 * k, 1.0])) for k in range(3 * window)]
     assert not any(found)                                         # box 0 gains 2 per window at |-4| to |-10|
-    proved = RootPlateau(lambda low: low)
+    proved = RootPlateau(lambda low: low, window, share)
     found = [proved(np.array([-1.0 + 0.1 * k, 0.5])) for k in range(3 * window)]
     assert found[-1] and not found[window]                        # box 0 crosses 0 at step 10

@@ -26,15 +26,27 @@ def solver_value(losses: np.ndarray, alpha: float, r: float, rng) -> float | Non
         keep = q > 1e-15
         return float(np.sum(q[keep] * np.log(q[keep] / np.maximum(p[keep], 1e-300))))
 
-    constraints = [{"type": "eq", "fun": lambda z: split(z)[0].sum() - 1.0},
-                   {"type": "ineq", "fun": lambda z: alpha - split(z)[1].sum()},
-                   {"type": "ineq", "fun": lambda z: r - kl(z)}]
+    def kl_gradient(z):
+        p, s = split(z)
+        q = np.append(1.0 / n - s, s.sum())
+        ratio = np.where(q > 1e-15, np.log(np.maximum(q, 1e-300) / np.maximum(p, 1e-300)) + 1.0, 0.0)
+        d_p = np.where(q > 1e-15, -q / np.maximum(p, 1e-300), 0.0)
+        return -np.concatenate([d_p, ratio[-1] - ratio[:-1]])   # of r - KL: q_i = 1/N - s_i, q_extra = sum s
+
+    # Exact gradients (the program's functions are linear but for the KL term): SLSQP's finite differences
+    # took most of the test's time.
+    objective_gradient = np.concatenate([-extended, np.zeros(n)])
+    constraints = [{"type": "eq", "fun": lambda z: split(z)[0].sum() - 1.0,
+                    "jac": lambda z: np.concatenate([np.ones(n + 1), np.zeros(n)])},
+                   {"type": "ineq", "fun": lambda z: alpha - split(z)[1].sum(),
+                    "jac": lambda z: np.concatenate([np.zeros(n + 1), -np.ones(n)])},
+                   {"type": "ineq", "fun": lambda z: r - kl(z), "jac": kl_gradient}]
     bounds = [(1e-12, 1.0)] * (n + 1) + [(0.0, 1.0 / n)] * n
     best = None
     for _ in range(8):
         start = np.concatenate([rng.dirichlet(np.ones(n + 1)), np.full(n, min(alpha, 1.0) / (2 * n))])
-        found = minimize(lambda z: -(split(z)[0] @ extended), start, bounds=bounds, constraints=constraints,
-                         method="SLSQP", options={"maxiter": 500, "ftol": 1e-12})
+        found = minimize(lambda z: -(split(z)[0] @ extended), start, jac=lambda z: objective_gradient, bounds=bounds,
+                         constraints=constraints, method="SLSQP", options={"maxiter": 500, "ftol": 1e-12})
         feasible = abs(constraints[0]["fun"](found.x)) < 1e-7 and all(c["fun"](found.x) > -1e-7 for c in constraints[1:])
         if found.success and feasible:
             best = -found.fun if best is None else max(best, -found.fun)

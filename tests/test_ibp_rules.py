@@ -459,8 +459,12 @@ def test_rules_emitting_reductions_hold_at_opset_21(op_type, data):
     assert_contains_samples(t, CASES[op_type](t, op_type))
 
 
+# Rules of ops no runtime computes, whose property test needs another reference than the op's own output.
+TESTED_ELSEWHERE = {"RoundingError": "test_rounding_leaves.py: bounds contain onnxruntime's float32 outputs"}
+
+
 def test_every_rule_has_a_property_test():
-    assert sorted(set(RULES) - set(CASES)) == []
+    assert sorted(set(RULES) - set(CASES) - set(TESTED_ELSEWHERE)) == []
 
 
 # ---- regressions and rejections ---------------------------------------------------------------------------

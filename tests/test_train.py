@@ -267,10 +267,11 @@ def test_cli_train_refuses_to_overwrite_its_input(tmp_path):
 
 
 @pytest.mark.skipif(HAS_ORT_TRAINING, reason="checks the message shown when onnxruntime-training is missing")
-def test_ort_training_missing_gives_install_hint(tmp_path):
-    for proc in (graphcert("export-training", "mnist_mlp", "-o", str(tmp_path / "art"), "--eps", "0.01"),
-                 graphcert("train", "--arch", "mlp", "--data", "digits", "--eps", "0.01", "--epochs", "1",
-                           "--backend", "ort-training", "-o", str(tmp_path / "o.onnx"))):
+def test_ort_training_missing_gives_install_hint(tmp_path, capfd):
+    for args in (("export-training", "mnist_mlp", "-o", tmp_path / "art", "--eps", "0.01"),
+                 ("train", "--arch", "mlp", "--data", "digits", "--eps", "0.01", "--epochs", "1",
+                  "--backend", "ort-training", "-o", tmp_path / "o.onnx")):
+        proc = cli_in_process(capfd, *args)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "onnxruntime-training" in proc.stderr
 

@@ -42,10 +42,10 @@ class SpecBounds:
         self.method = method
         coefficients = coefficients and method == "crown" and network.batched
         if coefficients:
-            spec = SpecPass(np.asarray(matrix, dtype=np.float32), offset, keep_output=False)(network.model).model
+            spec = SpecPass(np.asarray(matrix, dtype=np.float32), offset, keep_output=False)(network.bound_model).model
             graph = CrownPass(InputSet("box"), keep_original=True, input_coefficients=True)(spec).model
         else:
-            graph = api.bound_graph(network.model, method, InputSet("box"), spec=matrix, spec_offset=offset,
+            graph = api.bound_graph(network.bound_model, method, InputSet("box"), spec=matrix, spec_offset=offset,
                                     keep_original=True)
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
@@ -122,9 +122,9 @@ class AlphaSpecBounds:
             base = len(offset) - len(mixtures)
             self.objective, self.offset = matrix[:base].astype(np.float32), offset[:base]
             self.mixtures = list(mixtures)
-            self.alpha = AlphaCrown(network.model, "box", spec="runtime")
+            self.alpha = AlphaCrown(network.bound_model, "box", spec="runtime")
         else:
-            self.alpha = AlphaCrown(network.model, "box", spec=matrix, spec_offset=offset)
+            self.alpha = AlphaCrown(network.bound_model, "box", spec=matrix, spec_offset=offset)
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray):
         lo, hi = outward_float32(lower, upper)
@@ -170,7 +170,7 @@ class SplitBounds:
     """
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, mode: str):
-        spec = SpecPass(np.asarray(matrix, dtype=np.float32), offset, keep_output=False)(network.model).model
+        spec = SpecPass(np.asarray(matrix, dtype=np.float32), offset, keep_output=False)(network.bound_model).model
         graph = CrownPass(InputSet("box"), keep_original=False, split_bounds=mode)(spec).model
         self.names = json.loads(graph.metadata_props["graphcert.splits"])
         by_name = {v.name: v for v in graph.graph.inputs}
@@ -247,7 +247,7 @@ class BetaSplitBounds:
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, membership: np.ndarray,
                  splits: SplitBounds, settings: AlphaSettings):
-        self.alpha = AlphaCrown(network.model, "box", spec="runtime", split_bounds="given", beta=True)
+        self.alpha = AlphaCrown(network.bound_model, "box", spec="runtime", split_bounds="given", beta=True)
         self.network, self.splits, self.settings = network, splits, settings
         self.matrix, self.offset = np.asarray(matrix, dtype=np.float32), np.asarray(offset, dtype=np.float64)
         # [conjuncts, rows]: each conjunct's row indices, its last repeated (duplicates bound the same margin)
@@ -332,7 +332,7 @@ class AlphaUnitBounds:
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
                  settings: AlphaSettings):
-        self.alpha = AlphaCrown(network.model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
+        self.alpha = AlphaCrown(network.bound_model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
                                 split_bounds="clamp")
         self.network, self.splits, self.settings = network, splits, settings
         self.pairs = tuple((CLAMPED_LOWER_PREFIX + name, CLAMPED_UPPER_PREFIX + name) for name in splits.names)

@@ -22,6 +22,9 @@ class Network:
     def __init__(self, model_path: str | os.PathLike):
         proto = read_proto(model_path)
         self.model = api.load(proto)
+        # What bound graphs are built from: the model, or in float32 verification the model with its rounding
+        # as bounded leaves (graphcert.rounding_leaves, set by `Search`).
+        self.bound_model = self.model
         inputs = perturbed_inputs(self.model)
         if len(inputs) != 1 or len(self.model.graph.outputs) != 1:
             raise InputError(f"{model_path}: verification needs exactly one input and one output, found "

@@ -25,6 +25,7 @@ floor or its relaxation gap negligible) cannot be split further: the answer is t
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
 from ..precision import outward
 from .bounds import AlphaUnitBounds, BetaSplitBounds, SplitBounds
 from .resources import MemorySizer, log, size
+from .s_shaped import CURVES, RootPlateau, chord_gap, split_point
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
@@ -74,58 +76,9 @@ ROOT_ALPHA_STEPS = 30
 ROOT_ALPHA_STEPS_S_SHAPED = 200
 ROOT_PLATEAU = (10, 0.01)
 ROOT_TIME_SHARE = 0.4
-# Domains per call of the zonotope's second look (`_second_look`).
-SECOND_LOOK_DOMAINS = 8
-# In float32 mode, bound split domains in float64 where the zonotope covers the model (False: in float32, whose
-# own rounding then counts against every margin through |W| products).
+# In float32 mode, bound split domains in float64 where onnxruntime runs the graph in double (False: in float32,
+# whose own rounding then counts against every margin through |W| products).
 DOMAINS_IN_DOUBLE = True
-
-
-# Units other than ReLUs are split while their relaxation can gain: the function strays from its chord by more
-# than GAP_FLOOR somewhere on the interval, which is wider than WIDTH_FLOOR relative to its ends (the middle of
-# a narrower float32 interval may not lie strictly inside it).
-GAP_FLOOR = 1e-6
-WIDTH_FLOOR = 1e-5
-CHORD_POINTS = 8
-CURVES = {"Sigmoid": lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)), "Tanh": np.tanh}
-
-
-class RootPlateau:
-    """True once every box's score (the weakest live conjunct's bound, `score(lower)` per box) is positive or
-    gained less than ROOT_PLATEAU[1] of its distance to 0 over the last ROOT_PLATEAU[0] steps."""
-
-    def __init__(self, score):
-        self.score, self.history = score, []
-
-    def __call__(self, lower) -> bool:
-        self.history.append(np.atleast_1d(np.asarray(self.score(lower), dtype=np.float64)))
-        window, share = ROOT_PLATEAU
-        if len(self.history) <= window:
-            return False
-        now, before = self.history[-1], self.history[-1 - window]
-        return bool(((now > 0) | (now - before < share * np.abs(now))).all())
-
-
-def split_point(lower: np.ndarray, upper: np.ndarray, relu: np.ndarray) -> np.ndarray:
-    """Where to split each unit's interval: 0 for a ReLU or an interval holding 0, else the middle (float32)."""
-    holds_zero = (lower < 0) & (upper > 0)
-    middle = (0.5 * (lower.astype(np.float64) + upper)).astype(np.float32)
-    return np.where(relu | holds_zero, np.float32(0), middle).astype(np.float32)
-
-
-def chord_gap(curve, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """The largest distance between curve(z) and its chord over [lower, upper] at CHORD_POINTS inner points
-    (0 where the interval is below the width floor), in float64."""
-    lower, upper = lower.astype(np.float64), upper.astype(np.float64)
-    width = upper - lower
-    wide = np.isfinite(width) & (width > WIDTH_FLOOR * (1.0 + np.abs(lower) + np.abs(upper)))
-    lower, width = np.where(wide, lower, 0.0), np.where(wide, width, 0.0)
-    start, end = curve(lower), curve(lower + width)
-    gap = np.zeros_like(lower)
-    for k in range(1, CHORD_POINTS + 1):
-        t = k / (CHORD_POINTS + 1)
-        gap = np.maximum(gap, np.abs(curve(lower + t * width) - (start + t * (end - start))))
-    return np.where(gap > GAP_FLOOR, gap, 0.0)
 
 
 # Domains.unit: no unit left to split; not chosen yet (alpha-beta-CROWN re-bounds the domain first).
@@ -172,16 +125,22 @@ class ReluSplitSearch:
         self.search, self.clamp = search, clamp
         self.lower, self.upper = lower, upper
         self.root_slack = search.rounding_slack(lower, upper)   # sub-domains of a root box need no more
-        self.second_looks = 0   # domains given the zonotope's second look
-        # In float32 mode, where the zonotope covers the model, domains are bounded in float64 (see
+        # In float32 mode, where onnxruntime runs the split graph in double, domains are bounded in float64 (see
         # Float32Slack.domains_in_double); the search's choices stay in float32.
         domains_in_double = getattr(search.rounding_slack, "domains_in_double", None)
         self.double = bool(DOMAINS_IN_DOUBLE and domains_in_double is not None and domains_in_double(clamp))
+        # Bounds of the float32 model itself, in float64: one slack (the graphs' own rounding) for every domain.
+        self.fixed_slack = False
         if self.double:
             clamp.in_double()
             log.info("split domains are bounded in float64")
+            in_double_only = getattr(search.rounding_slack, "in_double_only", None)
+            found = in_double_only(lower, upper) if in_double_only is not None else None
+            if found is not None:
+                self.root_slack, self.fixed_slack = np.minimum(self.root_slack, found), True
         self.layer = clamp.layer
         self.splitter: SplitBounds | None = None      # mode "given", built on the first last-layer split
+        self.chooser: SplitBounds | None = None       # the same graph in float32, for the look-ahead's choices
         self.scorer = None                            # the splitter's graph through torch (`_split_gains`)
         self.beta_settings = beta
         # Built once the root bounds leave a domain live (`_start_beta`): instances decided at the root skip it.
@@ -248,8 +207,6 @@ class ReluSplitSearch:
             for group in children:
                 frontier.push(group)
             self._attack_domains_if_due(frontier)
-        if self.second_looks:
-            log.info("the zonotope's second look on %d split domains", self.second_looks)
         return search.finish("holds")
 
     def _start_beta(self) -> None:
@@ -289,7 +246,7 @@ class ReluSplitSearch:
             score = lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,  # noqa: E731
                                                  live).numpy()
             watch = ProofWatch(score, steps, give_up=False)
-            plateau = RootPlateau(score)
+            plateau = RootPlateau(score, *ROOT_PLATEAU)
 
             def stop(low, high):
                 if search.past_deadline() or watch(low, high):
@@ -369,60 +326,38 @@ class ReluSplitSearch:
                                             np.minimum(clamped_lower, clamped_upper),
                                             np.maximum(clamped_lower, clamped_upper), signs[chunk],
                                             np.maximum(margin_lower.astype(np.float64), parent_lower[chunk]),
-                                            warm[chunk], second_look=self.beta_settings is None,
-                                            choose=self.beta_bounds is None))
+                                            warm[chunk], choose=self.beta_bounds is None))
         domains = Domains.concat(found)
         if self.beta_bounds is None or not len(domains):
             return domains
         return self._tighten_with_beta(domains)
 
     def _live_domains(self, root, alive, unit_lower, unit_upper, signs, margin_lower, warm,
-                      second_look: bool = True, choose: bool = True) -> Domains:
-        """The domains with a live conjunct left after refuting by margin_lower (and, with `second_look`, for
-        those only the interval float32 slack keeps live, by `_second_look`), with the unit each splits next
-        (without `choose`: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which chooses then)."""
+                      choose: bool = True) -> Domains:
+        """The domains with a live conjunct left after refuting by margin_lower, with the unit each splits next
+        (without `choose`, or past the deadline: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which
+        chooses then)."""
         membership = self.search.membership
         base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
         slack = base + self._rounding_slack(root, unit_lower, unit_upper)
         refuted = ((margin_lower > slack).astype(np.int32) @ membership) > 0
         live = alive & ~refuted
-        if second_look and self.double:
-            live = self._second_look(root, live, unit_lower, unit_upper, margin_lower,
-                                     (margin_lower > base) & (margin_lower <= slack))
         score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
                                  torch.from_numpy(live)).numpy()
         keep = live.any(axis=1)
+        # Past the deadline the search ends in a timeout before any of these is split: no choice (the gains'
+        # backward pass through torch would be work after the deadline).
+        choose = choose and not self.search.past_deadline()
         unit = self._branching_unit(root[keep], live[keep], unit_lower[keep], unit_upper[keep]) if choose else \
             np.full(int(keep.sum()), UNCHOSEN)
         return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep], unit,
                        margin_lower[keep].astype(np.float32), signs[keep], warm[keep])
 
-    def _second_look(self, root, live, unit_lower, unit_upper, margin_lower, blocked_rows) -> np.ndarray:
-        """`live` without the conjuncts refuted once the model's error is kept as a zonotope
-        (graphcert.rounding_zonotope, from the domain's unit bounds), for domains bounded in float64 whose
-        margins beat 0 but not the interval slack on a row of a live conjunct. The zonotope keeps the signs of
-        W that the interval analysis loses: on eran's 9x200 ReLU net, 0.01 against 550 on a box of 90
-        unstable ReLUs. It costs about a CROWN pass per layer per domain, so only these domains get it."""
-        membership = self.search.membership
-        blocked = np.flatnonzero((((blocked_rows.astype(np.int32) @ membership) > 0) & live).any(axis=1))
-        live = live.copy()
-        for start in range(0, len(blocked), SECOND_LOOK_DOMAINS):
-            if self.search.past_deadline():
-                break
-            part = blocked[start:start + SECOND_LOOK_DOMAINS]
-            slack = self.search.rounding_slack.of_domains(self.clamp, self.lower[root[part]], self.upper[root[part]],
-                                                          unit_lower[part], unit_upper[part], in_double=True,
-                                                          zonotope=True)
-            self.second_looks += len(part)
-            base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower[part])
-            live[part] &= ~(((margin_lower[part] > base + slack).astype(np.int32) @ membership) > 0)
-        return live
-
     def _rounding_slack(self, root, unit_lower, unit_upper) -> np.ndarray:
         """Float32 slack of each domain: its root box's, or smaller from the domain's own unit bounds."""
         slack = self.root_slack[root]
         of_domains = getattr(self.search.rounding_slack, "of_domains", None)
-        if of_domains is None or not len(root):
+        if of_domains is None or not len(root) or self.fixed_slack:
             return slack
         own = of_domains(self.clamp, self.lower[root], self.upper[root], unit_lower, unit_upper, in_double=self.double)
         return np.minimum(slack, own)
@@ -529,8 +464,8 @@ class ReluSplitSearch:
         active[index, flat] = np.maximum(active[index, flat], 0)
         inactive[index, flat] = np.minimum(inactive[index, flat], 0)
         root = np.tile(np.repeat(parents.root, k), 2)
-        margins, _, _ = self.splitter(self.lower[root], self.upper[root], np.concatenate([active, lower]),
-                                      np.concatenate([upper, inactive]))
+        margins, _, _ = self.chooser(self.lower[root], self.upper[root], np.concatenate([active, lower]),
+                                     np.concatenate([upper, inactive]))
         self.search.boxes_bounded += len(margins)
         alive = np.tile(np.repeat(parents.alive, k, axis=0), (2, 1))
         score = unsafe_objective(torch.from_numpy(margins.astype(np.float64)), torch.from_numpy(self.search.membership),
@@ -540,6 +475,9 @@ class ReluSplitSearch:
     def _ensure_splitter(self) -> None:
         if self.splitter is None:
             self.splitter = SplitBounds(self.search.network, self.search.matrix, self.search.offset, "given")
+            # A choice need not be sound: the look-ahead stays in float32 (its float64 runs took a quarter of
+            # eran idx 186's search in float32 mode).
+            self.chooser = copy.copy(self.splitter)
             if self.double:   # it bounds the children of last-layer splits
                 self.splitter.in_double()
 

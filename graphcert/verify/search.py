@@ -28,11 +28,33 @@ ATTACK_SHARE = 0.2
 ATTACK_BOXES = 64
 
 
+# Bound the float32 model itself: its rounding as bounded leaves inside the relaxation (graphcert.rounding_leaves),
+# so the slack keeps only the bound graph's own rounding. Off: the model's error is a slack beside the bounds.
+ROUNDING_LEAVES = True
+
+
+def _with_rounding_leaves(network: Network):
+    """The model with its rounding leaves, for a model whose error analysis (graphcert.rounding, whose rules the
+    leaves use) took every node; the model itself when switched off or refused."""
+    if not ROUNDING_LEAVES:
+        return network.model
+    from ..errors import UnsupportedOpError
+    from ..rounding_leaves import with_rounding_leaves
+    try:
+        return with_rounding_leaves(network.model)
+    except UnsupportedOpError as refusal:
+        log.info("the model's rounding stays beside the bounds (%s)", refusal)
+        return network.model
+
+
 class Float32Slack:
     """How much each row's margin lower bound must exceed 0 on a box for the property to hold there for the
     model as it runs in float32 (graphcert.rounding). Each box gets its own: IBP magnitudes over small boxes are
     far below those over the property's box. A model with ops the rounding analysis has no rule for gets
-    +inf: bounds then never prove the property."""
+    +inf: bounds then never prove the property.
+
+    When the bound graphs bound the float32 model itself (`network.bound_model` has rounding leaves), the
+    slack is only their own rounding (`inside`)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, budget: Budget | None = None):
         from ..errors import UnsupportedOpError
@@ -41,12 +63,16 @@ class Float32Slack:
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
         self._splits = self._double = None
+        self._box_double = None   # the float64 bound graphs' own rounding over boxes (`in_double_only`)
         self._domains: dict = {}
         try:
             self.slack = RoundingSlack(network.model)
         except UnsupportedOpError as refusal:
             log.info("no float32 rounding analysis (%s): bounds cannot prove the property", refusal)
             self.slack = None
+        # Bound graphs are built from network.bound_model, chosen here.
+        network.bound_model = _with_rounding_leaves(network) if self.slack is not None else network.model
+        self.inside = network.bound_model is not network.model
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
         """[B, rows] for boxes lower, upper [B, n]."""
@@ -55,10 +81,27 @@ class Float32Slack:
         network = self.network
         if network.batched:
             return self.slack.of_rows(network.model_shaped(lower.astype(np.float32)),
-                                      network.model_shaped(upper.astype(np.float32)), self.matrix[None])
+                                      network.model_shaped(upper.astype(np.float32)), self.matrix[None],
+                                      model_error=not self.inside)
         return np.concatenate([self.slack.of_rows(lo.reshape(network.sample_shape).astype(np.float32),
                                                   hi.reshape(network.sample_shape).astype(np.float32),
-                                                  self.matrix[None]) for lo, hi in zip(lower, upper)])
+                                                  self.matrix[None], model_error=not self.inside)
+                               for lo, hi in zip(lower, upper)])
+
+    def in_double_only(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray | None:
+        """[B, rows] for boxes whose bounds (and those of every domain inside them) are computed in float64 on
+        the model with its rounding leaves: only the float64 bound graph's own rounding, which no domain's unit
+        bounds need shrink (None when the bounds do not bound the float32 model itself)."""
+        if not self.inside or self.slack is None or not self.network.batched:
+            return None
+        from ..precision import FLOAT64
+        from ..rounding_slack import RoundingSlack
+        if self._box_double is None:
+            self._box_double = RoundingSlack(self.network.model, bound_arithmetic=FLOAT64)
+        network = self.network
+        return self._box_double.of_rows(network.model_shaped(lower.astype(np.float32)),
+                                             network.model_shaped(upper.astype(np.float32)), self.matrix[None],
+                                             model_error=False)
 
     def of_boxes(self, lower: np.ndarray, upper: np.ndarray, offset: np.ndarray, plain: np.ndarray | None = None
                  ) -> np.ndarray:
@@ -68,6 +111,11 @@ class Float32Slack:
         plain = self(lower, upper) if plain is None else plain
         if self.slack is None or not self.network.batched:
             return plain
+        if self.inside:
+            if self._double is None:
+                self._double = self._build_double(offset)
+            if self._double is not False:   # what is left is the graph's own rounding: `in_double` looks next
+                return plain
         if self._splits is None:
             from ..errors import GraphcertError
             from .bounds import SplitBounds
@@ -97,12 +145,11 @@ class Float32Slack:
                                                  np.maximum(clamped_lower, clamped_upper)))
 
     def of_domains(self, splits, lower: np.ndarray, upper: np.ndarray, unit_lower: np.ndarray,
-                   unit_upper: np.ndarray, in_double: bool = False, zonotope: bool = False) -> np.ndarray:
+                   unit_upper: np.ndarray, in_double: bool = False) -> np.ndarray:
         """[B, rows] for split domains: boxes lower, upper [B, n] with bounds [B, units] of the input of every
         unit of `splits` (a verify.bounds.SplitBounds) that hold on the domain; the magnitudes then come from
         the tighter of IBP's and these bounds (graphcert.rounding_given), so the slack shrinks as domains split.
-        `in_double`: the margins and unit bounds were computed in float64 (`domains_in_double`); `zonotope`: the
-        model's error kept as a zonotope (graphcert.rounding_zonotope: slower, far tighter on deep nets)."""
+        `in_double`: the margins and unit bounds were computed in float64 (`domains_in_double`)."""
         if self.slack is None or not self.network.batched:
             return self(lower, upper)
         from ..errors import GraphcertError
@@ -122,20 +169,15 @@ class Float32Slack:
         network = self.network
         return slack.of_rows(network.model_shaped(lower.astype(np.float32)),
                              network.model_shaped(upper.astype(np.float32)), self.matrix[None], given=given,
-                             zonotope=zonotope)
+                             model_error=not self.inside)
 
     def domains_in_double(self, splits) -> bool:
-        """Whether split domains of this model can be bounded in float64 with the zonotope's second look: on
-        deep nets the own rounding of float32 bound graphs (bounded through |W| products) dwarfs any margin
-        (eran's 9x200 ReLU net: about 1e5), that of float64 graphs does not."""
+        """Whether split domains of this model can be bounded in float64: on deep nets the own rounding of float32
+        bound graphs (bounded through |W| products) dwarfs any margin (eran's 9x200 ReLU net: about 1e5), that
+        of float64 graphs does not."""
         if self.slack is None or not self.network.batched:
             return False
         from ..precision import onnxruntime_runs_double
-        from ..rounding_zonotope import Unsupported, ZonotopeErrors
-        try:
-            ZonotopeErrors(self.network.model)
-        except Unsupported:
-            return False
         return onnxruntime_runs_double(splits.proto)
 
 
@@ -143,8 +185,8 @@ class Float32Slack:
                   ) -> tuple[np.ndarray, np.ndarray] | None:
         """(margin lower bounds, slack), both [B, rows], for boxes the float32 slack alone keeps undecided: the
         margins of a CROWN graph run in float64 (graphcert.precision), whose own rounding is then analysed in
-        float64, and the model's error kept as a zonotope (graphcert.rounding_zonotope) from that graph's
-        bounds of the unit inputs. None when the model is outside what this covers."""
+        float64 (with the model's error beside the bounds, from that graph's bounds of the unit inputs). None
+        when onnxruntime cannot run the graph in float64."""
         if self.slack is None or not self.network.batched:
             return None
         if self._double is None:
@@ -158,8 +200,7 @@ class Float32Slack:
             unbounded = np.full((len(lower), splits.units), np.inf, dtype=np.float32)
             margin_lower, unit_lower, unit_upper = splits(lower, upper, -unbounded, unbounded)
             given = splits.per_layer(np.minimum(unit_lower, unit_upper), np.maximum(unit_lower, unit_upper))
-        # The slack (the zonotope's part is the slow one) only where a margin is positive: elsewhere it cannot
-        # refute anything.
+        # The slack only where a margin is positive: elsewhere it cannot refute anything.
         found = np.full(margin_lower.shape, np.inf)
         useful = np.flatnonzero((margin_lower > 0).any(axis=1))
         if len(useful):
@@ -167,25 +208,20 @@ class Float32Slack:
             found[useful] = slack.of_rows(network.model_shaped(lower[useful].astype(np.float32)),
                                           network.model_shaped(upper[useful].astype(np.float32)), self.matrix[None],
                                           given={name: (low[useful], high[useful]) for name, (low, high) in given.items()},
-                                          zonotope=True)
+                                          model_error=not self.inside)
         return margin_lower, found
 
     def _build_double(self, offset):
-        """Only where both parts pay: the zonotope's rules cover the model (dense nets) and onnxruntime runs the
-        graph in float64 (the torch executor could, but far slower than the search can wait for)."""
+        """Only where onnxruntime runs the graph in float64 (the torch executor could, but far slower than the
+        search can wait for)."""
         from ..errors import GraphcertError
         from ..precision import FLOAT64, DoubleSession, onnxruntime_runs_double
         from ..rounding_slack import RoundingSlack
-        from ..rounding_zonotope import Unsupported, ZonotopeErrors
         from .bounds import SpecBounds, SplitBounds
         try:
-            ZonotopeErrors(self.network.model)
-        except Unsupported as refusal:
-            log.info("no float64 bounds for the float32 slack (%s)", refusal)
-            return False
-        try:
-            splits = SplitBounds(self.network, self.matrix, offset, "clamp")
-            if splits.units == 0:
+            # The model's error inside the bounds needs no unit bounds for magnitudes: the plain CROWN graph.
+            splits = SplitBounds(self.network, self.matrix, offset, "clamp") if not self.inside else None
+            if splits is None or splits.units == 0:
                 splits = SpecBounds(self.network, self.matrix, offset, "crown")
             if (self.budget is not None and splits.bytes_per_sample > self.budget.free()) \
                     or not onnxruntime_runs_double(splits.proto):
@@ -222,6 +258,7 @@ class Search:
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
         self.counterexample: tuple[np.ndarray, np.ndarray] | None = None
+        network.bound_model = network.model   # (float32: Float32Slack may choose the model with rounding leaves)
         self.rounding_slack = Float32Slack(network, self.matrix, self.budget) if rounding == "float32" else \
             (lambda lower, upper: np.zeros((len(lower), len(self.matrix))))
         self.boxes_bounded = 0
