@@ -658,7 +658,9 @@ def test_unsupported_ops_are_all_listed():
 def test_every_ibp_rule_has_a_torch_kernel():
     from graphcert.passes import ibp
     from graphcert.torch_exec import KERNELS
-    assert sorted(set(ibp.RULES) - set(KERNELS)) == []
+    # RoundingError (graphcert.rounding_leaves) stands for an unknown in [-e, e]: no runtime computes it, and
+    # bound graphs keep none of it (interface.close_outputs makes what is left of it 0).
+    assert sorted(set(ibp.RULES) - set(KERNELS) - {"RoundingError"}) == []
 
 
 # Outputs the bound graphs of today carry (float32 bounds; other float types are the dtype work of issue 12).

@@ -56,7 +56,9 @@ class SpecBounds:
         self.feeds = (f"{name}_lower", f"{name}_upper")
         self.outputs = ["margins_lower", "margins_upper", "margins"]
         self.coefficients = INPUT_COEFFICIENTS_PREFIX + name if coefficients else None
-        if coefficients:
+        if self.coefficients is not None and self.coefficients not in self.session.output_names:
+            self.coefficients = None   # (a pass that bounds the margins through IBP exposes none)
+        if self.coefficients is not None:
             self.outputs.append(self.coefficients)
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray):
