@@ -27,7 +27,6 @@ import onnx_ir as ir
 from . import rounding
 from .arithmetic import ARITHMETICS, of_model
 from .dtypes import META
-from .errors import UnsupportedOpError
 from .interface import clone, perturbed_inputs
 from .interpret import attr, check_supported, perturbed_nodes
 from .interval import Interval

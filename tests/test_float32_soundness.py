@@ -344,16 +344,22 @@ def test_certificate_graph_radii_hold_in_float32(method):
     assert not wrong["float32"]
 
 
-def relu_net(width: int = 24, depth: int = 4, scale: float = 1.0, seed: int = 0) -> onnx.ModelProto:
-    """A random dense ReLU classifier (3 classes) with weights times `scale`."""
+def relu_net(width: int = 24, depth: int = 4, scale: float = 1.0, seed: int = 0, activation: str = "Relu",
+             split_bias: bool = False) -> onnx.ModelProto:
+    """A random dense classifier (8 inputs, 3 classes) with weights times `scale`; `split_bias`: MatMul then Add
+    (as TF exports) instead of Gemm. Unit inputs are named g0, g1, ..."""
     rng = np.random.default_rng(seed)
     nodes, inits, current, size = [], [], "x", 8
     for layer in range(depth):
         w = (rng.normal(size=(size, width)) * scale / np.sqrt(size)).astype(np.float32)
         inits += [onnx.numpy_helper.from_array(w, f"w{layer}"),
                   onnx.numpy_helper.from_array((rng.normal(size=width) * scale).astype(np.float32), f"b{layer}")]
-        nodes += [helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [f"g{layer}"]),
-                  helper.make_node("Relu", [f"g{layer}"], [f"r{layer}"])]
+        if split_bias:
+            nodes += [helper.make_node("MatMul", [current, f"w{layer}"], [f"m{layer}"]),
+                      helper.make_node("Add", [f"m{layer}", f"b{layer}"], [f"g{layer}"])]
+        else:
+            nodes.append(helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [f"g{layer}"]))
+        nodes.append(helper.make_node(activation, [f"g{layer}"], [f"r{layer}"]))
         current, size = f"r{layer}", width
     inits.append(onnx.numpy_helper.from_array(rng.normal(size=(width, 3)).astype(np.float32), "head"))
     nodes.append(helper.make_node("Gemm", [current, "head"], ["y"]))

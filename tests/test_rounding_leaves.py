@@ -16,28 +16,12 @@ from graphcert.rounding_leaves import OP_TYPE, with_rounding_leaves
 from graphcert.runtime import Session
 from graphcert.torch_exec import TorchGraph
 
+from test_float32_soundness import relu_net
+
 
 def dense_net(activation: str = "Relu", scale: float = 1.0, width: int = 24, depth: int = 4, seed: int = 0,
               split_bias: bool = False) -> onnx.ModelProto:
-    """A random 8-in, 3-out dense net, weights times `scale`; `split_bias`: MatMul then Add (as TF exports)."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, current, size = [], [], "x", 8
-    for k in range(depth):
-        w = (rng.normal(size=(size, width)) * scale / np.sqrt(size)).astype(np.float32)
-        b = (rng.normal(size=width) * scale).astype(np.float32)
-        inits += [onnx.numpy_helper.from_array(w, f"w{k}"), onnx.numpy_helper.from_array(b, f"b{k}")]
-        if split_bias:
-            nodes += [helper.make_node("MatMul", [current, f"w{k}"], [f"m{k}"]),
-                      helper.make_node("Add", [f"m{k}", f"b{k}"], [f"g{k}"])]
-        else:
-            nodes.append(helper.make_node("Gemm", [current, f"w{k}", f"b{k}"], [f"g{k}"]))
-        nodes.append(helper.make_node(activation, [f"g{k}"], [f"a{k}"]))
-        current, size = f"a{k}", width
-    inits.append(onnx.numpy_helper.from_array(rng.normal(size=(width, 3)).astype(np.float32), "head"))
-    nodes.append(helper.make_node("Gemm", [current, "head"], ["y"]))
-    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return relu_net(width, depth, scale, seed, activation, split_bias)
 
 
 def conv_net(scale: float = 1.0, seed: int = 0) -> onnx.ModelProto:
