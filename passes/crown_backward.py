@@ -149,7 +149,9 @@ class Context:
                 steps = [(node.outputs[0], ADJOINTS[node.op_type])]
             for out, rule in steps:
                 for value, part in rule(self, node, pending.pop(out)):
-                    if value in self.perturbed:
+                    if part is None:   # a flag per sample: the whole bound is -inf where it is set
+                        reach = value if reach is None else b.op("Add", reach, value)
+                    elif value in self.perturbed:
                         pending[value] = part if value not in pending else b.op("Add", pending[value], part)
                     elif value in self.unbounded:
                         term = self.contract(part, value, like=out)
@@ -169,8 +171,9 @@ class Context:
     def leaf_backward(self, out: ir.Value, coef: ir.Value) -> list:
         """A fallback node's output: coefficients concretised over its IBP interval (`passes.crown_fallback`)."""
         if out not in self._leaves:
-            make = crown_fallback.symmetric_leaf if rounding_leaves.is_leaf(out) else crown_fallback.leaf
-            self._leaves[out] = make(self.b, self.leaf_intervals[out])
+            box = self.leaf_intervals[out]
+            self._leaves[out] = crown_fallback.symmetric_leaf(self.b, box, self.batched) \
+                if rounding_leaves.is_leaf(out) else crown_fallback.leaf(self.b, box)
         return crown_fallback.leaf_backward(self, self._leaves[out], coef)
 
     def infinite_ends(self, lower_flag: ir.Value | None, upper_flag: ir.Value | None, coef: ir.Value) -> list:
