@@ -69,6 +69,11 @@ class InputSplitSearch:
                                                  search.membership, search.deadline, search.mixtures, alpha,
                                                  search.budget, coefficients=self.branching == "inputs")
                                      if search.has_rows else None)
+        # In float32 mode boxes are bounded in float64 where that can be done (`Float32Slack.run_in_double`):
+        # their slack is then the float64 graph's own rounding, and no second look is needed.
+        run_in_double = getattr(search.rounding_slack, "run_in_double", None)
+        self.in_double = bool(self.branching == "inputs" and run_in_double is not None and run_in_double(self.bound_fn))
+        self.box_slack = search.rounding_slack.in_double_only if self.in_double else search.rounding_slack
         # Building a split bound graph takes about as long: ReLU branching starts only with that much time left.
         self.build_seconds = time.monotonic() - began
         # A box costs its float64 bounds in and its margins out at least; the bound graph's own memory is measured.
@@ -140,10 +145,10 @@ class InputSplitSearch:
         margin_lower, margin_upper, center = bounds[:3]
         search.boxes_bounded += len(lower)
         base = ABSOLUTE_SLACK + RELATIVE_SLACK * (np.abs(margin_lower) + np.abs(margin_upper))
-        rounding = search.rounding_slack(lower, upper)
+        rounding = self.box_slack(lower, upper)
         # Boxes that only the float32 slack keeps undecided get the tighter slack of CROWN's magnitudes.
         blocked = np.flatnonzero(((margin_lower > base) & (margin_lower <= base + rounding)).any(axis=1))
-        of_boxes = getattr(search.rounding_slack, "of_boxes", None)
+        of_boxes = None if self.in_double else getattr(search.rounding_slack, "of_boxes", None)
         # Sized to the clock (a call of 256 boxes took over a second on a busy machine); at the deadline the
         # boxes not reached keep the plain slack (sound).
         for chunk in self.slack_calls.slices(len(blocked) if of_boxes is not None else 0, search.deadline):
@@ -155,7 +160,7 @@ class InputSplitSearch:
         refuted = ((margin_lower > slack).astype(np.int32) @ search.membership) > 0
         alive = alive & ~refuted
         # Those still blocked only by the float32 slack: margins and slack from a float64 bound graph.
-        in_double = getattr(search.rounding_slack, "in_double", None)
+        in_double = None if self.in_double else getattr(search.rounding_slack, "in_double", None)
         blocked = np.flatnonzero(alive.any(axis=1) & ((margin_lower > base) & (margin_lower <= slack)).any(axis=1))
         for chunk in self.double_calls.slices(len(blocked) if in_double is not None else 0, search.deadline):
             if chunk is None:
