@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import scipy.linalg
-import scipy.sparse
+# scipy (0.2 s to import) loads where a norm is computed: verify's float32 analysis imports this module only for
+# its rules.
 
 from graphcert.ops import WindowGeometry
 
@@ -22,13 +22,17 @@ def outward(value: float) -> float:
     return float(value) * (1.0 + RELATIVE_SLACK) + np.finfo(np.float64).tiny
 
 
+# Gram matrices up to this side take numpy's full eigenvalue solver; larger ones scipy's for the top one only.
+SMALL_GRAM = 256
+
+
 def spectral_norm(matrix) -> float:
     """A sound upper bound on the largest singular value of a dense or sparse matrix (float64).
 
     Exact up to rounding (largest eigenvalue of the smaller Gram matrix) when a side is at most EXACT_SIDE;
     otherwise sqrt(||A||_1·||A||_inf), which bounds it for every matrix.
     """
-    sparse = scipy.sparse.issparse(matrix)
+    sparse = hasattr(matrix, "toarray")   # a scipy.sparse matrix (scipy, 0.2 s to import, loads only when needed)
     matrix = matrix.astype(np.float64) if sparse else np.asarray(matrix, dtype=np.float64)
     rows, cols = matrix.shape
     if min(rows, cols) == 0:
@@ -37,7 +41,11 @@ def spectral_norm(matrix) -> float:
         gram = matrix @ matrix.T if rows <= cols else matrix.T @ matrix
         gram = gram.toarray() if sparse else gram
         n = gram.shape[0]
-        top = scipy.linalg.eigvalsh(gram, subset_by_index=[n - 1, n - 1])[0]
+        if n <= SMALL_GRAM:
+            top = np.linalg.eigvalsh(gram)[-1]
+        else:
+            import scipy.linalg
+            top = scipy.linalg.eigvalsh(gram, subset_by_index=[n - 1, n - 1])[0]
         # eigvalsh is backward stable: the error is a few ulps of ||G|| <= its largest row sum.
         error = 8 * n * np.finfo(np.float64).eps * float(np.abs(gram).sum(axis=1).max())
         return outward(np.sqrt(max(top, 0.0) + error))
@@ -53,8 +61,9 @@ def ConvGeometry(node, spatial: list[int], kernel: list[int]) -> WindowGeometry:
     return dataclasses.replace(WindowGeometry.of(node, spatial, kernel), count_padding_starts=True)
 
 
-def conv_matrix(weight: np.ndarray, geometry: WindowGeometry, group: int) -> scipy.sparse.csr_matrix:
+def conv_matrix(weight: np.ndarray, geometry: WindowGeometry, group: int) -> "scipy.sparse.csr_matrix":
     """The dense-layout (out × in) matrix of a Conv without bias, as a sparse matrix."""
+    import scipy.sparse
     cout, cin_group = weight.shape[:2]
     spatial, out_spatial = geometry.spatial, geometry.out
     n_in, n_out = int(np.prod(spatial)), int(np.prod(out_spatial))

@@ -49,17 +49,27 @@ class SpecBounds:
                                     keep_original=True)
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
-        self.session = Session(proto)
+        self._session = None   # made on first use: the float32 mode may run the graph in float64 instead
         self.proto = proto   # graphcert.precision runs it in float64 where the float32 slack needs that
         self.network = network
         name = network.input_name
         self.feeds = (f"{name}_lower", f"{name}_upper")
         self.outputs = ["margins_lower", "margins_upper", "margins"]
         self.coefficients = INPUT_COEFFICIENTS_PREFIX + name if coefficients else None
-        if self.coefficients is not None and self.coefficients not in self.session.output_names:
+        if self.coefficients is not None and self.coefficients not in {v.name for v in proto.graph.output}:
             self.coefficients = None   # (a pass that bounds the margins through IBP exposes none)
         if self.coefficients is not None:
             self.outputs.append(self.coefficients)
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = Session(self.proto)
+        return self._session
+
+    @session.setter
+    def session(self, session) -> None:
+        self._session = session
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray):
         lo, hi = outward_float32(lower, upper)

@@ -33,6 +33,9 @@ ATTACK_BOXES = 64
 ROUNDING_LEAVES = True
 
 
+_UNBUILT = object()
+
+
 def _with_rounding_leaves(network: Network):
     """The model with its rounding leaves, for a model whose error analysis (graphcert.rounding, whose rules the
     leaves use) took every node; the model itself when switched off or refused."""
@@ -57,22 +60,31 @@ class Float32Slack:
     slack is only their own rounding (`inside`)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, budget: Budget | None = None):
-        from ..errors import UnsupportedOpError
-        from ..rounding_slack import RoundingSlack
         self.network, self.matrix, self.budget = network, matrix, budget
         # Built on first use (False: not available for this model): CROWN's unit-input bounds of boxes, and
         # the analysis that takes them (`of_boxes`, `of_domains`).
         self._splits = self._double = None
         self._box_double = None   # the float64 bound graphs' own rounding over boxes (`in_double_only`)
         self._domains: dict = {}
-        try:
-            self.slack = RoundingSlack(network.model)
-        except UnsupportedOpError as refusal:
-            log.info("no float32 rounding analysis (%s): bounds cannot prove the property", refusal)
-            self.slack = None
-        # Bound graphs are built from network.bound_model, chosen here.
-        network.bound_model = _with_rounding_leaves(network) if self.slack is not None else network.model
+        self._slack = _UNBUILT
+        # Bound graphs are built from network.bound_model, chosen here (the leaves take the same rules as the
+        # analysis: a model they take, it takes).
+        network.bound_model = _with_rounding_leaves(network)
         self.inside = network.bound_model is not network.model
+
+    @property
+    def slack(self):
+        """The model's float32 error analysis (a RoundingSlack; None for a model with an op it has no rule for),
+        built on first use: boxes bounded in float64 from the start (`run_in_double`) never need it."""
+        if self._slack is _UNBUILT:
+            from ..errors import UnsupportedOpError
+            from ..rounding_slack import RoundingSlack
+            try:
+                self._slack = RoundingSlack(self.network.model)
+            except UnsupportedOpError as refusal:
+                log.info("no float32 rounding analysis (%s): bounds cannot prove the property", refusal)
+                self._slack = None
+        return self._slack
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
         """[B, rows] for boxes lower, upper [B, n]."""
@@ -92,23 +104,32 @@ class Float32Slack:
         """[B, rows] for boxes whose bounds (and those of every domain inside them) are computed in float64 on
         the model with its rounding leaves: only the float64 bound graph's own rounding, which no domain's unit
         bounds need shrink (None when the bounds do not bound the float32 model itself)."""
-        if not self.inside or self.slack is None or not self.network.batched:
+        if not self.inside or not self.network.batched or self._double_slack() is None:
             return None
-        from ..precision import FLOAT64
-        from ..rounding_slack import RoundingSlack
-        if self._box_double is None:
-            self._box_double = RoundingSlack(self.network.model, bound_arithmetic=FLOAT64)
         network = self.network
         return self._box_double.of_rows(network.model_shaped(lower.astype(np.float32)),
                                              network.model_shaped(upper.astype(np.float32)), self.matrix[None],
                                              model_error=False)
+
+    def _double_slack(self):
+        """The analysis of float64 bound graphs' own rounding (`in_double_only`); None where it refuses."""
+        if self._box_double is None:
+            from ..errors import UnsupportedOpError
+            from ..precision import FLOAT64
+            from ..rounding_slack import RoundingSlack
+            try:
+                self._box_double = RoundingSlack(self.network.model, bound_arithmetic=FLOAT64)
+            except UnsupportedOpError as refusal:
+                log.info("no float64 rounding analysis (%s)", refusal)
+                self._box_double = False
+        return self._box_double or None
 
     def run_in_double(self, bounds) -> bool:
         """Run a bound graph (a `SpecBounds`) in float64 from now on, where its bounds bound the float32 model
         itself and onnxruntime runs it in double; whether it now does. Its boxes then need only `in_double_only`
         (the float64 graph's own rounding) and no second look: on ACAS Xu a call costs twice the float32 one,
         but about 40 % of the boxes went through a second, float64, graph anyway."""
-        if not self.inside or self.slack is None or not self.network.batched or not hasattr(bounds, "proto"):
+        if not self.inside or not self.network.batched or not hasattr(bounds, "proto") or self._double_slack() is None:
             return False
         from ..errors import GraphcertError
         from ..precision import DoubleSession, onnxruntime_runs_double
