@@ -13,6 +13,7 @@ from graphcert.verify.input_bab import InputSplitSearch
 from graphcert.verify.network import Network
 from graphcert.verify.search import Search
 from graphcert.vnnlib import load_property
+from test_relu_split import write_box_property
 
 
 def steep_in_x1(tmp_path):
@@ -30,9 +31,7 @@ def steep_in_x1(tmp_path):
     model = tmp_path / "steep.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
     spec = tmp_path / "p.vnnlib"
-    spec.write_text("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
-                    "(assert (>= X_0 -1))\n(assert (<= X_0 1))\n(assert (>= X_1 -1))\n(assert (<= X_1 1))\n"
-                    "(assert (>= Y_0 10.75))\n")
+    write_box_property(spec, 2, -1, 1, "(>= Y_0 10.75)", 1)
     return model, spec
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from graphcert.alpha import AlphaSettings
-from test_relu_split import crown_upper_bound, pre_activations, relu_network, write_box_property, y0_above_y1_search
+from test_relu_split import (above_the_grid_maximum, pre_activations, relu_network,
+                             write_box_property, y0_above_y1_search)
 
 TOLERANCE = 1e-4
 
@@ -96,14 +97,7 @@ def test_children_on_parent_bounds_prove_and_never_prove_a_violation(tmp_path, m
     layer recomputed); just below the maximum, violated, never holds."""
     from graphcert.verify import relu_bab, verify
     monkeypatch.setattr(relu_bab, "REUSE_PARENT_BOUNDS", reuse)
-    proto, layers = relu_network([2, 16, 16, 16, 2], seed=4)
-    model = tmp_path / "m.onnx"
-    onnx.save(proto, model)
-    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 301), np.linspace(-1, 1, 301)), -1).reshape(-1, 2)
-    top = float(pre_activations(layers, grid)[1][:, 0].max())
-    gap = crown_upper_bound(proto, 2) - top
-    assert gap > 0.1
-    spec = tmp_path / "p.vnnlib"
+    model, spec, top, gap = above_the_grid_maximum(tmp_path, [2, 16, 16, 16, 2], seed=4)
     write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top + 0.8 * gap})", 2)
     result = verify(model, spec, timeout=30, method="crown", branching="relus", rounding="real")
     assert result.status == "holds"

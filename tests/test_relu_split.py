@@ -179,19 +179,26 @@ def crown_upper_bound(proto, n_inputs: int) -> float:
     return float(session.run(box)["y_upper"][0, 0])
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_relu_splitting_proves_what_crown_cannot_and_never_proves_a_violation(tmp_path, seed):
-    """y_0 < t on [-1, 1]^2 with the true maximum from a dense grid: with t 70 % of the way from it to
-    CROWN's bound the property holds (CROWN alone cannot tell); just below the maximum it is violated."""
-    from graphcert.verify import verify
-    proto, layers = relu_network([2, 16, 16, 2], seed)
+def above_the_grid_maximum(tmp_path, widths: list[int], seed: int):
+    """A 2-input ReLU net saved to tmp_path, the maximum `top` of y_0 over a 301 x 301 grid of [-1, 1]^2 and
+    the `gap` from it to CROWN's upper bound (at least 0.1): (model path, spec path, top, gap). A property
+    y_0 >= top + f·gap (f in (0, 1)) holds where CROWN alone cannot tell; top - 0.02 is violated."""
+    proto, layers = relu_network(widths, seed)
     model = tmp_path / "m.onnx"
     onnx.save(proto, model)
     grid = np.stack(np.meshgrid(np.linspace(-1, 1, 301), np.linspace(-1, 1, 301)), -1).reshape(-1, 2)
     top = float(pre_activations(layers, grid)[1][:, 0].max())
     gap = crown_upper_bound(proto, 2) - top
     assert gap > 0.1
-    spec = tmp_path / "p.vnnlib"
+    return model, tmp_path / "p.vnnlib", top, gap
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_relu_splitting_proves_what_crown_cannot_and_never_proves_a_violation(tmp_path, seed):
+    """y_0 < t on [-1, 1]^2 with the true maximum from a dense grid: with t 70 % of the way from it to
+    CROWN's bound the property holds (CROWN alone cannot tell); just below the maximum it is violated."""
+    from graphcert.verify import verify
+    model, spec, top, gap = above_the_grid_maximum(tmp_path, [2, 16, 16, 2], seed)
     write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top + 0.7 * gap})", 2)
     # The clock includes importing torch on first use (8 s under a load of 11).
     result = verify(model, spec, timeout=30, method="crown", branching="relus")

@@ -13,6 +13,7 @@ from conftest import VNNCOMP, shared_path
 from graphcert.runtime import Session
 from graphcert.verify import Result, run_instances, summarize, verify, write_result
 from graphcert.vnnlib import load_property
+from test_relu_split import write_box_property
 
 METHOD = "crown"
 
@@ -98,9 +99,7 @@ def hopeless_instance(tmp_path):
     model = tmp_path / "peak.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
     spec = tmp_path / "p.vnnlib"
-    spec.write_text("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
-                    "(assert (>= X_0 -1))\n(assert (<= X_0 1))\n(assert (>= X_1 -1))\n(assert (<= X_1 1))\n"
-                    "(assert (>= Y_0 0.000000001))\n")
+    write_box_property(spec, 2, -1, 1, "(>= Y_0 0.000000001)", 1)
     return model, spec
 
 

@@ -199,13 +199,15 @@ class SplitBounds:
         self.relu = np.repeat([op == "Relu" for op in self.activations], sizes)
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
-        self.session = Session(proto)
+        self._session = None   # made on first use (the float32 mode may run the graph in float64 instead)
         self.proto = proto   # graphcert.precision runs it in float64 where the float32 slack needs that
         self.model = graph
         self.network = network
         x = network.input_name
         self.feeds = (f"{x}_lower", f"{x}_upper")
         self.outputs = ["margins_lower"] + [p + n for n in self.names for p in (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX)]
+
+    session = SpecBounds.session   # made on first use
 
     def in_double(self) -> None:
         """Run the graph in float64 from now on (onnxruntime double, outputs rounded outward to float32)."""
