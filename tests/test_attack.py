@@ -128,3 +128,22 @@ def test_mnistfc_counterexamples_that_start_from_weakest_corners(network, spec):
     alive = np.ones((1, len(prop.unsafe)), dtype=bool)
     assert search.attack_boxes(lower[None], upper[None], alive, budget=1.0, samples=1024, restarts=32, steps=100)
     assert confirmed_by_onnxruntime(folder / network, folder / spec, search.counterexample)
+
+
+def test_the_search_s_numpy_unsafe_objective_equals_the_attack_s():
+    """verify.search.unsafe_objective (numpy, so that a search the bounds decide never loads torch) gives
+    graphcert.attack's values: conjuncts of several rows, of none (-inf), and none alive (+inf)."""
+    import torch
+
+    from graphcert.verify.search import unsafe_objective as numpy_objective
+    rng = np.random.default_rng(0)
+    membership = np.zeros((7, 4), dtype=bool)
+    membership[[0, 1, 2], 0] = membership[[3], 1] = membership[[4, 5, 6], 2] = True   # conjunct 3: no rows
+    margins = rng.normal(size=(50, 7))
+    alive = rng.random((50, 4)) < 0.6
+    alive[0] = False
+    alive[1] = [False, False, False, True]
+    expected = unsafe_objective(torch.from_numpy(margins), torch.from_numpy(membership), torch.from_numpy(alive))
+    found = numpy_objective(margins, membership, alive)
+    assert found[0] == np.inf and found[1] == -np.inf
+    np.testing.assert_array_equal(found, expected.numpy())

@@ -173,3 +173,21 @@ def test_shared_instances_are_decided_as_the_competition_did(family, onnx_name, 
     assert result.status == expected
     if expected == "violated":
         assert confirmed_by_onnxruntime(model, spec, result.counterexample)
+
+
+def test_a_property_the_bounds_prove_at_the_root_never_loads_torch(tmp_path):
+    """Start-up: torch (1.5-1.8 s to import) loads only for an attack or alpha/beta-CROWN, so a property CROWN
+    proves on the property's own box is answered without it (so is one whose box centre is a counterexample)."""
+    import subprocess
+    import sys
+    script = ("import sys; from graphcert.verify import verify; "
+              "r = verify(sys.argv[1], sys.argv[2], timeout=60); print(r.status, r.boxes, 'torch' in sys.modules)")
+    model = shared_path("benchmarks", "vnncomp2021", "acasxu", "ACASXU_run2a_5_7_batch_2000.onnx")
+    for prop, status, torch_loaded in (("prop_3.vnnlib", "holds", "False"), ("prop_2.vnnlib", "violated", "False")):
+        done = subprocess.run([sys.executable, "-c", script, str(model), str(model.parent / prop)],
+                              capture_output=True, text=True, timeout=120, cwd=str(cli.__file__).rsplit("/", 1)[0])
+        assert done.returncode == 0, done.stderr
+        found = done.stdout.split()
+        assert (found[0], found[-1]) == (status, torch_loaded), done.stdout
+        if status == "holds":
+            assert found[1] == "1"   # decided on the property's own box

@@ -80,17 +80,11 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
                         f"{model_path} has {network.n_inputs} inputs and {network.n_outputs} outputs")
     if time.monotonic() > deadline:
         return ended("timeout", "the deadline passed while loading the model")
-    import torch
-
     from .input_bab import InputSplitSearch
     from .search import Search
-    threads = torch.get_num_threads()
-    # torch runs attacks and alpha-beta-CROWN on small tensors through many ops, where a second thread gains
-    # little and costs much on a busy machine (mnistfc 256x2 prop_5_0.03 beside other jobs: 1,500-2,600 domain
-    # bounds in 12 s with one thread, 60-700 with torch's default of two).
-    torch.set_num_threads(1)
     if rounding not in ("float32", "real"):
         raise InputError(f"unknown rounding '{rounding}'; choose float32 or real")
+    # torch loads when the search first needs it (an attack, alpha/beta-CROWN), with one thread (`Search.use_torch`)
     search = Search(prop, network, deadline, budget, rounding)
     try:
         status, counterexample, boxes = InputSplitSearch(search, method, alpha=alpha, branching=branching,
@@ -98,5 +92,5 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     except OutOfBudget as exc:
         status, counterexample, boxes = search.finish("unknown", str(exc))
     finally:
-        torch.set_num_threads(threads)
+        search.release_torch()
     return Result(status, counterexample, time.monotonic() - start, boxes, search.reason)

@@ -10,15 +10,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ..alpha import VERIFY_ALPHA, AlphaSettings
-from ..attack import unsafe_objective
+from ..alpha_settings import BRANCH_BETA
 from ..errors import InputError
-from . import relu_bab
 from .bounds import spec_bounds
 from .resources import MemorySizer
-from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
+from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search, unsafe_objective
 
 # Halving one of many input dimensions barely tightens bounds: beyond this many, bounds and attacks decide alone.
 BRANCH_DIMENSIONS = 64
@@ -59,11 +57,13 @@ class InputSplitSearch:
 
     def __init__(self, search: Search, method: str, bound_fn: BoundFn | None = None,
                  alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None,
-                 beta: AlphaSettings | None = relu_bab.BRANCH_BETA):
+                 beta: AlphaSettings | None = BRANCH_BETA):
         if branching not in (None, "inputs", "relus"):
             raise InputError(f"branching is 'inputs' or 'relus', not {branching!r}")
         self.search, self.method, self.beta = search, method, beta
         self.branching = branching or ("inputs" if search.network.n_inputs <= BRANCH_DIMENSIONS else "relus")
+        if self.branching == "relus" or method != "crown":   # alpha/beta-CROWN (torch) from the start
+            search.use_torch()
         began = time.monotonic()
         self.bound_fn = bound_fn or (spec_bounds(search.network, search.matrix, search.offset, method,
                                                  search.membership, search.deadline, search.mixtures, alpha,
@@ -108,6 +108,7 @@ class InputSplitSearch:
         roots = Boxes(lower[keep], upper[keep], alive[keep], center_objective[keep], leverage[keep],
                       np.zeros(int(keep.sum()), dtype=np.int32))
         if len(roots) and self.branching == "relus":
+            from . import relu_bab   # (torch)
             return relu_bab.split_relus(search, self.method, roots.lower, roots.upper, roots.alive,
                                         margin_lower[keep], self.build_seconds, self.beta)
         frontier = Frontier(roots)
@@ -174,14 +175,13 @@ class InputSplitSearch:
             refuted = ((wide_lower > wide_base + wide_slack).astype(np.int32) @ search.membership) > 0
             alive[part] &= ~refuted
             margin_lower[part] = np.maximum(margin_lower[part], wide_lower)
-        membership, alive_t = torch.from_numpy(search.membership), torch.from_numpy(alive)
-        center_objective = unsafe_objective(torch.from_numpy(center), membership, alive_t).numpy()
+        center_objective = unsafe_objective(center, search.membership, alive)
         for box in np.flatnonzero(center_objective <= 0)[:8]:
             if search.confirm(0.5 * (lower[box] + upper[box])):
                 break
         leverage = self._leverage(margin_lower, alive, bounds[3], upper - lower) if len(bounds) > 3 else \
             np.full(lower.shape, np.nan)
-        return alive, unsafe_objective(torch.from_numpy(margin_lower), membership, alive_t).numpy(), center_objective, \
+        return alive, unsafe_objective(margin_lower, search.membership, alive), center_objective, \
             margin_lower, leverage
 
     def _leverage(self, margin_lower, alive, coefficients, widths) -> np.ndarray:
@@ -245,6 +245,7 @@ class InputSplitSearch:
         objective at the center ranks them instead."""
         m, n = lower.shape
         if np.isnan(leverage).any():
+            torch = self.search.use_torch()
             center = torch.from_numpy((0.5 * (lower + upper)).astype(np.float32)).requires_grad_(True)
             objective = self.search.attack.objective(center, torch.from_numpy(alive))
             grad, = torch.autograd.grad(objective.sum(), center)

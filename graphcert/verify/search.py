@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 
-from ..attack import Attack
 from ..vnnlib import Property
 from .network import Network
 from .resources import Budget, MemorySizer, PeakSampler, log, size
@@ -48,6 +47,17 @@ def _with_rounding_leaves(network: Network):
     except UnsupportedOpError as refusal:
         log.info("the model's rounding stays beside the bounds (%s)", refusal)
         return network.model
+
+
+def unsafe_objective(margins: np.ndarray, membership: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """graphcert.attack.unsafe_objective in numpy (no torch for searches the bounds decide): margins [B, r],
+    membership [r, K], alive [B, K] -> [B], the smallest over live conjuncts of the conjunct's largest row
+    margin (+inf where none is alive, -inf for a live conjunct without rows)."""
+    rows, conjuncts = np.nonzero(membership)
+    per_conjunct = np.full((membership.shape[1], len(margins)), -np.inf)
+    if len(rows):
+        np.maximum.at(per_conjunct, conjuncts, margins[:, rows].T)
+    return np.where(alive, per_conjunct.T, np.inf).min(axis=1, initial=np.inf)
 
 
 class Float32Slack:
@@ -291,8 +301,8 @@ class Search:
         for k, indices in enumerate(rows):
             self.membership[indices, k] = True
         self.has_rows = len(self.offset) > 0
-        self.attack = Attack(network.differentiable, self.matrix, self.offset, self.membership,
-                             memory_bytes=max(64 << 20, self.budget.total // 4), model=network.model)
+        self._attack = None   # made on first use (`attack`): torch loads then
+        self.torch_threads: int | None = None   # torch's thread count before `use_torch` set one
         # Attack rows (boxes x samples) through the torch graph, with activations and gradients.
         self.attack_memory = MemorySizer(self.budget, floor=16 * (network.n_inputs + network.n_outputs),
                                          share=0.25, first=1 << 16)
@@ -303,6 +313,34 @@ class Search:
         self.boxes_bounded = 0
         self.attack_seconds = 0.0
         self.started = time.monotonic()
+
+    @property
+    def attack(self):
+        if self._attack is None:
+            self.use_torch()
+            from ..attack import Attack
+            network = self.network
+            self._attack = Attack(network.differentiable, self.matrix, self.offset, self.membership,
+                                  memory_bytes=max(64 << 20, self.budget.total // 4), model=network.model)
+        return self._attack
+
+    def use_torch(self):
+        """torch, for attacks and alpha/beta-CROWN, with one intra-op thread until `release_torch`: the search
+        runs them on small tensors through many ops, where a second thread gains little and costs much on a busy
+        machine (mnistfc 256x2 prop_5_0.03 beside other jobs: 1,500-2,600 domain bounds in 12 s with one
+        thread, 60-700 with torch's default of two). Loaded only when needed: 1.5-1.8 s of a `verify` process
+        that the bounds decide at the root."""
+        import torch
+        if self.torch_threads is None:
+            self.torch_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return torch
+
+    def release_torch(self) -> None:
+        if self.torch_threads is not None:
+            import torch
+            torch.set_num_threads(self.torch_threads)
+            self.torch_threads = None
 
     def start_clock(self) -> None:
         """Attacks get their share of the time from here on (bound graphs built before do not count)."""
