@@ -32,7 +32,28 @@ def outward_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, n
     return lo, hi
 
 
-class SpecBounds:
+class _LazySession:
+    """A bound graph's onnxruntime session (`proto`), made on first use: verify's float32 mode may run the graph
+    in float64 instead (`graphcert.precision.DoubleSession`), and then never needs the float32 one."""
+    _session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = Session(self.proto)
+        return self._session
+
+    @session.setter
+    def session(self, session) -> None:
+        self._session = session
+
+    def in_double(self) -> None:
+        """Run the graph in float64 from now on (onnxruntime double, outputs rounded outward to float32)."""
+        from ..precision import DoubleSession
+        self.session = DoubleSession(self.proto)
+
+
+class SpecBounds(_LazySession):
     """bound_fn(lower [B, n], upper [B, n]) -> (margin_lower, margin_upper, margins at the box centers), and with
     `coefficients` (CROWN on a batched model) a fourth: the margin lower bounds' coefficients of the input
     [B, rows, n] (`CrownPass(input_coefficients=True)`)."""
@@ -49,7 +70,6 @@ class SpecBounds:
                                     keep_original=True)
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
-        self._session = None   # made on first use: the float32 mode may run the graph in float64 instead
         self.proto = proto   # graphcert.precision runs it in float64 where the float32 slack needs that
         self.network = network
         name = network.input_name
@@ -60,16 +80,6 @@ class SpecBounds:
             self.coefficients = None   # (a pass that bounds the margins through IBP exposes none)
         if self.coefficients is not None:
             self.outputs.append(self.coefficients)
-
-    @property
-    def session(self):
-        if self._session is None:
-            self._session = Session(self.proto)
-        return self._session
-
-    @session.setter
-    def session(self, session) -> None:
-        self._session = session
 
     def __call__(self, lower: np.ndarray, upper: np.ndarray):
         lo, hi = outward_float32(lower, upper)
@@ -170,7 +180,7 @@ class AlphaSpecBounds:
         return float(best.min()) if best.size else np.inf
 
 
-class SplitBounds:
+class SplitBounds(_LazySession):
     """CROWN margins of split domains, one domain per batch element.
 
     A domain is an input box and bounds on the input z of every ReLU, Sigmoid and Tanh unit (`SPLIT_UNITS`,
@@ -199,20 +209,12 @@ class SplitBounds:
         self.relu = np.repeat([op == "Relu" for op in self.activations], sizes)
         proto = to_proto(graph)
         self.bytes_per_sample = graph_bytes_per_sample(proto)
-        self._session = None   # made on first use (the float32 mode may run the graph in float64 instead)
         self.proto = proto   # graphcert.precision runs it in float64 where the float32 slack needs that
         self.model = graph
         self.network = network
         x = network.input_name
         self.feeds = (f"{x}_lower", f"{x}_upper")
         self.outputs = ["margins_lower"] + [p + n for n in self.names for p in (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX)]
-
-    session = SpecBounds.session   # made on first use
-
-    def in_double(self) -> None:
-        """Run the graph in float64 from now on (onnxruntime double, outputs rounded outward to float32)."""
-        from ..precision import DoubleSession
-        self.session = DoubleSession(self.proto)
 
     @property
     def units(self) -> int:

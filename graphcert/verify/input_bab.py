@@ -14,6 +14,7 @@ import numpy as np
 from ..alpha import VERIFY_ALPHA, AlphaSettings
 from ..alpha_settings import BRANCH_BETA
 from ..errors import InputError
+from . import relu_bab
 from .bounds import spec_bounds
 from .resources import MemorySizer
 from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search, unsafe_objective
@@ -108,7 +109,6 @@ class InputSplitSearch:
         roots = Boxes(lower[keep], upper[keep], alive[keep], center_objective[keep], leverage[keep],
                       np.zeros(int(keep.sum()), dtype=np.int32))
         if len(roots) and self.branching == "relus":
-            from . import relu_bab   # (torch)
             return relu_bab.split_relus(search, self.method, roots.lower, roots.upper, roots.alive,
                                         margin_lower[keep], self.build_seconds, self.beta)
         frontier = Frontier(roots)

@@ -30,18 +30,16 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .. import methods
 from ..alpha import AlphaSettings, ProofWatch
 from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
-from ..attack import unsafe_objective
 from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
 from ..precision import outward
 from .bounds import AlphaUnitBounds, BetaSplitBounds, SplitBounds
 from .resources import MemorySizer, log, size
 from .s_shaped import CURVES, RootPlateau, chord_gap, split_point
-from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search
+from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search, unsafe_objective
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
 # bounds on the property's boxes).
@@ -237,14 +235,13 @@ class ReluSplitSearch:
                                   AlphaSettings(iterations=steps, give_up=False))
         if self.double:
             bounder.alpha.in_double()
-        membership = torch.from_numpy(search.membership)
+        membership = search.membership
         margin_lower, unit_lower, unit_upper = margin_lower.copy(), unit_lower.copy(), unit_upper.copy()
         chunk = max(1, int(free // each))
         for start in range(0, len(alive), chunk):
             part = slice(start, start + chunk)
-            live = torch.from_numpy(alive[part])
-            score = lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,  # noqa: E731
-                                                 live).numpy()
+            live = alive[part]
+            score = lambda low: unsafe_objective(low.astype(np.float64), membership, live)  # noqa: E731
             watch = ProofWatch(score, steps, give_up=False)
             plateau = RootPlateau(score, *ROOT_PLATEAU)
 
@@ -342,8 +339,7 @@ class ReluSplitSearch:
         slack = base + self._rounding_slack(root, unit_lower, unit_upper)
         refuted = ((margin_lower > slack).astype(np.int32) @ membership) > 0
         live = alive & ~refuted
-        score = unsafe_objective(torch.from_numpy(margin_lower), torch.from_numpy(membership),
-                                 torch.from_numpy(live)).numpy()
+        score = unsafe_objective(margin_lower, membership, live)
         keep = live.any(axis=1)
         # Past the deadline the search ends in a timeout before any of these is split: no choice (the gains'
         # backward pass through torch would be work after the deadline).
@@ -366,15 +362,14 @@ class ReluSplitSearch:
         """Re-bound the live domains with alpha and beta multipliers (`BetaSplitBounds`), in chunks sized by
         their own CallSizer; at the deadline the domains not reached keep their CROWN bounds (sound)."""
         search, settings = self.search, self.beta_settings
-        membership = torch.from_numpy(search.membership)
+        membership = search.membership
         found, done = [], 0
         for chunk in self.beta_calls.slices(len(domains), search.deadline):
             if chunk is None:
                 break
             part = domains.take(chunk)
-            live = torch.from_numpy(part.alive)
-            watch = ProofWatch(lambda low: unsafe_objective(torch.from_numpy(low.astype(np.float64)), membership,
-                                                            live).numpy(),
+            live = part.alive
+            watch = ProofWatch(lambda low: unsafe_objective(low.astype(np.float64), membership, live),
                                settings.iterations, settings.give_up)
             tighter, optimised = self.beta_bounds(self.lower[part.root], self.upper[part.root], part.unit_lower,
                                                   part.unit_upper, part.signs, np.argmax(part.alive, axis=1),
@@ -468,8 +463,7 @@ class ReluSplitSearch:
                                      np.concatenate([upper, inactive]))
         self.search.boxes_bounded += len(margins)
         alive = np.tile(np.repeat(parents.alive, k, axis=0), (2, 1))
-        score = unsafe_objective(torch.from_numpy(margins.astype(np.float64)), torch.from_numpy(self.search.membership),
-                                 torch.from_numpy(alive)).numpy()
+        score = unsafe_objective(margins.astype(np.float64), self.search.membership, alive)
         return np.nan_to_num(np.minimum(score[:count * k], score[count * k:]), nan=-np.inf).reshape(count, k)
 
     def _ensure_splitter(self) -> None:

@@ -142,11 +142,11 @@ class Float32Slack:
         if not self.inside or not self.network.batched or not hasattr(bounds, "proto") or self._double_slack() is None:
             return False
         from ..errors import GraphcertError
-        from ..precision import DoubleSession, onnxruntime_runs_double
+        from ..precision import onnxruntime_runs_double
         try:
             if not onnxruntime_runs_double(bounds.proto):
                 return False
-            bounds.session = DoubleSession(bounds.proto)
+            bounds.in_double()
         except GraphcertError as refusal:
             log.info("the bound graph stays in float32 (%s)", refusal)
             return False
@@ -264,7 +264,7 @@ class Float32Slack:
         """Only where onnxruntime runs the graph in float64 (the torch executor could, but far slower than the
         search can wait for)."""
         from ..errors import GraphcertError
-        from ..precision import FLOAT64, DoubleSession, onnxruntime_runs_double
+        from ..precision import FLOAT64, onnxruntime_runs_double
         from ..rounding_slack import RoundingSlack
         from .bounds import SpecBounds, SplitBounds
         try:
@@ -275,7 +275,7 @@ class Float32Slack:
             if (self.budget is not None and splits.bytes_per_sample > self.budget.free()) \
                     or not onnxruntime_runs_double(splits.proto):
                 return False
-            splits.session = DoubleSession(splits.proto)
+            splits.in_double()
             return splits, RoundingSlack(self.network.model, given=getattr(splits, "names", ()),
                                          bound_arithmetic=FLOAT64)
         except (GraphcertError, KeyError) as refusal:
