@@ -46,7 +46,7 @@ class AlphaCrown:
     def __init__(self, model, kind: str = "linf", domain: tuple[float, float] | None = None, spec=None,
                  spec_offset=None, crown_upper: bool | None = None, threads: int = 0, norm: str = "linf",
                  split_bounds: str | None = None, beta: bool = False):
-        from graphcert.passes.crown import CrownPass
+        from graphcert.passes.crown import LINEAR_LOWER_PREFIX, LINEAR_UPPER_PREFIX, CrownPass
         from graphcert.passes.spec import SpecPass
 
         normalised = model if isinstance(model, ir.Model) else model_lib.load(model)
@@ -68,17 +68,34 @@ class AlphaCrown:
         plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init",
                           norm=norm, split_bounds=split_bounds)(normalised).model
         self.plain_proto = to_proto(plain)
-        self.session = Session(self.plain_proto, threads=threads)
+        self.threads = threads
+        self._session = None   # made on first use: `in_double` may replace it before any
         tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs",
                           norm=norm, split_bounds=split_bounds, beta=beta)(normalised).model
         self.units: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
         self.betas: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.beta", "{}"))
         self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units or v.name in self.betas}
+        # What the steps follow: the linear bounds before they meet IBP's (`passes.crown.LINEAR_LOWER_PREFIX`),
+        # where the graph gives them; else the bounds themselves.
+        given = {v.name for v in tuned.graph.outputs}
+        self.steered = [name if name in given else fallback for name, fallback in
+                        ((LINEAR_LOWER_PREFIX + output, self.outputs[0]), (LINEAR_UPPER_PREFIX + output, self.outputs[1]))]
         self._tuned = tuned
         self._executor = self._double_executor = None
         self.dtype = "float32"   # "float64": the bounds' own rounding is then negligible (verify's float32 mode)
         self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
         self.tracked: dict[str, np.ndarray] = {}          # `bounds(..., track=...)` fills it
+
+    @property
+    def session(self):
+        """The plain graph's onnxruntime session (the start's bounds and slopes)."""
+        if self._session is None:
+            self._session = Session(self.plain_proto, threads=self.threads)
+        return self._session
+
+    @session.setter
+    def session(self, session) -> None:
+        self._session = session
 
     def in_double(self) -> None:
         """Give every bound computed in float64 from now on (onnxruntime and torch; outputs rounded outward to
@@ -166,8 +183,10 @@ class AlphaCrown:
             if objective is not None:
                 torch_feeds[OBJECTIVE] = objective
             result = executor({**torch_feeds, **alphas, **betas},
-                              outputs=self.outputs + [name for pair in track for name in pair])
+                              outputs=list(dict.fromkeys(self.outputs + self.steered
+                                                         + [name for pair in track for name in pair])))
             low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
+            steer_low, steer_high = _finite(result[self.steered[0]] + shift), _finite(result[self.steered[1]])
             for lower_name, upper_name in track:
                 self.tracked[lower_name] = np.maximum(self.tracked[lower_name], result[lower_name].detach().numpy())
                 self.tracked[upper_name] = np.minimum(self.tracked[upper_name], result[upper_name].detach().numpy())
@@ -180,7 +199,8 @@ class AlphaCrown:
                 steer_score = self._keep_best(low.detach().numpy(), steer_score, {**alphas, **betas}, steering)
             if stop is not None and stop(best_lower, best_upper):
                 break
-            loss = high.sum() - low.sum() if high.requires_grad and not mixer.groups else -mixer.objective_sum(low)
+            loss = steer_high.sum() - steer_low.sum() if steer_high.requires_grad and not mixer.groups \
+                else -mixer.objective_sum(steer_low)
             optimiser.step(loss)
             with torch.no_grad():
                 for alpha in alphas.values():
@@ -254,6 +274,12 @@ class AlphaCrown:
         if self._executor is None:
             self._executor = TorchGraph(self._tuned, trainable=False, dtype=torch.float32)
         return self._executor
+
+
+def _finite(bounds):
+    """Bounds with infinite and NaN entries (no linear bound there) set to 0, out of the steps' objective."""
+    import torch
+    return torch.where(torch.isfinite(bounds), bounds, torch.zeros_like(bounds))
 
 
 class Adam:

@@ -37,6 +37,11 @@ from graphcert.passes.relaxations import Lines, WindowMax
 from graphcert.passes.spec import MARGINS
 
 ALPHA_INIT_PREFIX = "alpha_init."
+# alpha="inputs": each output's linear bounds before they meet IBP's, which alpha-CROWN's steps follow. Where IBP's
+# bound is the tighter one at the start, the met bound does not depend on the slopes at all: its gradient is 0 and
+# Adam never leaves the start (eran's sigmoid net: most rows of a layer's bounds), though slopes in range can take
+# the linear bound far below IBP's.
+LINEAR_LOWER_PREFIX, LINEAR_UPPER_PREFIX = "linear_lower.", "linear_upper."
 # split_bounds: run-time clamps on the inputs of ReLU units, and the clamped bounds the graph worked with.
 SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX = "split_lower.", "split_upper."
 CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX = "clamped_lower.", "clamped_upper."
@@ -300,6 +305,10 @@ class CrownPass(ir.passes.FunctionalPass):
                 for x, part in cx.input_coefficients.items():
                     exposed[INPUT_COEFFICIENTS_PREFIX + names[x]] = (part, ir.Shape([out.shape[-1], *x.shape]))
                 cx.input_coefficients = None
+            if self.alpha == "inputs" and out.type is not None and out.type.dtype == ir.DataType.FLOAT:
+                exposed[LINEAR_LOWER_PREFIX + out.name] = (lower, out.shape)
+                if both:
+                    exposed[LINEAR_UPPER_PREFIX + out.name] = (upper, out.shape)
             box = intervals.env[out]
             bounds[out.name] = (_meet(b, "Max", lower, box.lower),
                                 _meet(b, "Min", upper, box.upper) if both else box.upper)

@@ -37,6 +37,7 @@ from ..alpha_settings import BRANCH_BETA  # noqa: F401  (re-exported)
 from ..passes.crown import SPLIT_LOWER_PREFIX, SPLIT_UPPER_PREFIX
 from ..precision import outward
 from .bounds import AlphaUnitBounds, BetaSplitBounds, SplitBounds
+from .layerwise import LayerwiseUnitBounds
 from .resources import MemorySizer, log, size
 from .s_shaped import CURVES, RootPlateau, chord_gap, split_point
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search, unsafe_objective
@@ -67,6 +68,13 @@ REUSE_PARENT_BOUNDS = True
 # The property's boxes get alpha-CROWN bounds of every unit's input z (`AlphaUnitBounds`, at most this many
 # steps) before the first split: children inherit them. 0: CROWN's.
 ROOT_ALPHA_STEPS = 30
+# On nets with Sigmoid/Tanh units, the root's unit bounds are found layer by layer, each layer's alpha-CROWN
+# optimising its own bounds (`layerwise.LayerwiseUnitBounds`), instead of every pass's slopes optimised for the
+# margins (`AlphaUnitBounds`, kept for ReLU-only nets). eran's 6x200 sigmoid net at 60 s, float32: idx 1211 and
+# 7481 hold in 16 s (timeouts before, root margins near -55). Its 9x200 ReLU net, idx 186: root margins -0.85
+# layer by layer, -0.80 for the margins' slopes (holds in 50 s), -0.85 with both in turn (times out): a ReLU
+# split removes a relaxation, and the margins' own slopes weigh more there.
+ROOT_LAYER_BY_LAYER_S_SHAPED = True
 # On nets with Sigmoid/Tanh units the root's alpha-CROWN goes on to at most this many steps, until its weakest
 # live conjunct bound gains less than ROOT_PLATEAU[1] of its distance to 0 over ROOT_PLATEAU[0] steps or the
 # steps past ROOT_ALPHA_STEPS have taken ROOT_TIME_SHARE of the time left. (eran's 6x200 sigmoid net, idx 6981,
@@ -106,6 +114,7 @@ def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, 
                              if search.network.batched else "the model has no batch axis to bound split domains on")
     if time.monotonic() + build_seconds > search.deadline:
         return search.finish("timeout", "too little time left to build the ReLU split bound graph")
+    search.use_torch()   # alpha/beta-CROWN, with one thread
     clamp = SplitBounds(search.network, search.matrix, search.offset, "clamp")
     if clamp.units == 0:
         return search.finish("unknown", "bounds left the property undecided and the model has no ReLU, Sigmoid "
@@ -231,10 +240,15 @@ class ReluSplitSearch:
         s_shaped = not clamp.relu.all()
         steps = max(ROOT_ALPHA_STEPS, ROOT_ALPHA_STEPS_S_SHAPED) if s_shaped else ROOT_ALPHA_STEPS
         root_deadline = time.monotonic() + ROOT_TIME_SHARE * max(0.0, search.deadline - time.monotonic())
-        bounder = AlphaUnitBounds(search.network, search.matrix, search.offset, clamp,
-                                  AlphaSettings(iterations=steps, give_up=False))
-        if self.double:
-            bounder.alpha.in_double()
+        settings = AlphaSettings(iterations=steps, give_up=False)
+        layer_by_layer = s_shaped and ROOT_LAYER_BY_LAYER_S_SHAPED
+        if layer_by_layer:
+            bounder = LayerwiseUnitBounds(search.network, search.matrix, search.offset, clamp, settings,
+                                          double=self.double)
+        else:
+            bounder = AlphaUnitBounds(search.network, search.matrix, search.offset, clamp, settings)
+            if self.double:
+                bounder.alpha.in_double()
         membership = search.membership
         margin_lower, unit_lower, unit_upper = margin_lower.copy(), unit_lower.copy(), unit_upper.copy()
         chunk = max(1, int(free // each))
@@ -252,7 +266,11 @@ class ReluSplitSearch:
                 return plateau(low) and len(plateau.history) >= ROOT_ALPHA_STEPS or \
                     len(plateau.history) >= ROOT_ALPHA_STEPS and time.monotonic() > root_deadline
 
-            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop=stop)
+            if layer_by_layer:
+                low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], unit_lower[part],
+                                                        unit_upper[part], stop, root_deadline)
+            else:
+                low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop=stop)
             search.boxes_bounded += len(low)
             # float64 bounds (in float64 mode) as float32, rounded outward
             low, found_lower, found_upper = outward("lower", low), outward("lower", found_lower), outward("upper",
@@ -260,6 +278,9 @@ class ReluSplitSearch:
             margin_lower[part] = np.maximum(margin_lower[part], low)
             unit_lower[part] = np.maximum(unit_lower[part], found_lower)
             unit_upper[part] = np.minimum(unit_upper[part], found_upper)
+        log.info("root unit bounds: weakest live conjunct bound %.4g, %d unstable ReLUs",
+                 float(unsafe_objective(margin_lower.astype(np.float64), membership, alive).min()),
+                 int(((unit_lower < 0) & (unit_upper > 0) & clamp.relu).sum()))
         return margin_lower, unit_lower, unit_upper
 
     def _split(self, parents: Domains) -> list[Domains] | None:
