@@ -29,12 +29,12 @@ from .alpha_settings import CERTIFY_ALPHA, VERIFY_ALPHA, AlphaSettings  # noqa: 
 from .errors import InputError
 from .export import to_proto
 from .interface import OBJECTIVE, InputSet, clone, perturbed_inputs
-from .runtime import Session
+from .runtime import LazySession
 
 Stop = Callable[[np.ndarray, np.ndarray], bool]
 
 
-class AlphaCrown:
+class AlphaCrown(LazySession):
     """alpha-CROWN for one model, input-set kind and spec; the graphs are built once for many input sets.
 
     spec: None bounds the first model output; a [m, n] matrix (with spec_offset) bounds margins; "runtime"
@@ -67,9 +67,8 @@ class AlphaCrown:
         # The multipliers start at 0, where the bounds are those of the graph without them.
         plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init",
                           norm=norm, split_bounds=split_bounds)(normalised).model
-        self.plain_proto = to_proto(plain)
+        self.plain_proto = self.proto = to_proto(plain)   # its session (`LazySession`): the start's bounds, slopes
         self.threads = threads
-        self._session = None   # made on first use: `in_double` may replace it before any
         tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs",
                           norm=norm, split_bounds=split_bounds, beta=beta)(normalised).model
         self.units: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
@@ -86,24 +85,12 @@ class AlphaCrown:
         self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
         self.tracked: dict[str, np.ndarray] = {}          # `bounds(..., track=...)` fills it
 
-    @property
-    def session(self):
-        """The plain graph's onnxruntime session (the start's bounds and slopes)."""
-        if self._session is None:
-            self._session = Session(self.plain_proto, threads=self.threads)
-        return self._session
-
-    @session.setter
-    def session(self, session) -> None:
-        self._session = session
-
     def in_double(self) -> None:
         """Give every bound computed in float64 from now on (onnxruntime and torch; outputs rounded outward to
         float32). The Adam steps still run in float32, whose bounds only steer them: the bounds returned are the
         CROWN start's and those of the best parameters found, each evaluated in float64 (any parameters in
         range give a sound bound, so the steps' own rounding does not matter)."""
-        from .precision import DoubleSession
-        self.session = DoubleSession(self.plain_proto)
+        super().in_double()
         self.dtype, self._double_executor = "float64", None
 
     def feeds(self, lower=None, upper=None, x=None, eps=None, objective=None) -> dict[str, np.ndarray]:

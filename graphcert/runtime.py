@@ -45,3 +45,27 @@ class Session:
         if array.ndim < rank:
             array = array.reshape((1,) * (rank - array.ndim) + array.shape)
         return array
+
+
+class LazySession:
+    """A bound graph's onnxruntime session (`proto`, `threads`), made on first use: verify's float32 mode may run
+    the graph in float64 instead (`in_double`, `graphcert.precision.DoubleSession`), and then never needs the
+    float32 one."""
+    proto: onnx.ModelProto
+    threads: int = 0
+    _session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = Session(self.proto, threads=self.threads)
+        return self._session
+
+    @session.setter
+    def session(self, session) -> None:
+        self._session = session
+
+    def in_double(self) -> None:
+        """Run the graph in float64 from now on (onnxruntime double, outputs rounded outward to float32)."""
+        from .precision import DoubleSession
+        self.session = DoubleSession(self.proto)

@@ -18,7 +18,7 @@ from ..interface import OBJECTIVE, InputSet
 from ..passes.crown import (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX, INPUT_COEFFICIENTS_PREFIX,
                            SPLIT_LOWER_PREFIX, SPLIT_SIGN_PREFIX, SPLIT_UNITS, SPLIT_UPPER_PREFIX, CrownPass)
 from ..passes.spec import SpecPass
-from ..runtime import Session
+from ..runtime import LazySession
 from .network import Network
 from .resources import Budget, graph_bytes_per_sample, log, size
 
@@ -32,28 +32,7 @@ def outward_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, n
     return lo, hi
 
 
-class _LazySession:
-    """A bound graph's onnxruntime session (`proto`), made on first use: verify's float32 mode may run the graph
-    in float64 instead (`graphcert.precision.DoubleSession`), and then never needs the float32 one."""
-    _session = None
-
-    @property
-    def session(self):
-        if self._session is None:
-            self._session = Session(self.proto)
-        return self._session
-
-    @session.setter
-    def session(self, session) -> None:
-        self._session = session
-
-    def in_double(self) -> None:
-        """Run the graph in float64 from now on (onnxruntime double, outputs rounded outward to float32)."""
-        from ..precision import DoubleSession
-        self.session = DoubleSession(self.proto)
-
-
-class SpecBounds(_LazySession):
+class SpecBounds(LazySession):
     """bound_fn(lower [B, n], upper [B, n]) -> (margin_lower, margin_upper, margins at the box centers), and with
     `coefficients` (CROWN on a batched model) a fourth: the margin lower bounds' coefficients of the input
     [B, rows, n] (`CrownPass(input_coefficients=True)`)."""
@@ -180,7 +159,7 @@ class AlphaSpecBounds:
         return float(best.min()) if best.size else np.inf
 
 
-class SplitBounds(_LazySession):
+class SplitBounds(LazySession):
     """CROWN margins of split domains, one domain per batch element.
 
     A domain is an input box and bounds on the input z of every ReLU, Sigmoid and Tanh unit (`SPLIT_UNITS`,
