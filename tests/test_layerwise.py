@@ -107,7 +107,7 @@ def test_layer_by_layer_bounds_are_sound_and_tighter(tmp_path, activation, scale
     unbounded = np.full((2, clamp.units), np.inf, np.float32)
     _, crown_lower, crown_upper = clamp(lower, upper, -unbounded, unbounded)
     bounder = LayerwiseUnitBounds(net, matrix, offset, clamp, AlphaSettings(iterations=20), double=double)
-    margins, unit_lower, unit_upper = bounder(lower, upper, -unbounded, unbounded, None, time.monotonic() + 60)
+    margins, unit_lower, unit_upper = bounder(lower, upper, None, -unbounded, unbounded, time.monotonic() + 60)
     ulps = 1e-5 * (1 + np.abs(crown_lower) + np.abs(crown_upper))   # the graphs round differently
     assert (unit_lower >= crown_lower - ulps).all() and (unit_upper <= crown_upper + ulps).all()
     last = slice(clamp.offsets[-2], clamp.offsets[-1])

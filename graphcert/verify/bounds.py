@@ -326,17 +326,23 @@ class AlphaUnitBounds:
     margin lower bounds [B, rows] and bounds [B, units] of z (flattened as in `splits`)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
-                 settings: AlphaSettings):
+                 settings: AlphaSettings, double: bool = False):
         self.alpha = AlphaCrown(network.bound_model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
                                 split_bounds="clamp")
+        if double:
+            self.alpha.in_double()
         self.network, self.splits, self.settings = network, splits, settings
         self.pairs = tuple((CLAMPED_LOWER_PREFIX + name, CLAMPED_UPPER_PREFIX + name) for name in splits.names)
 
-    def __call__(self, lower, upper, stop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, lower, upper, stop, unit_lower=None, unit_upper=None,
+                 deadline: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`unit_lower`, `unit_upper` [B, units]: sound bounds of z that CROWN's are clamped by (None: none);
+        `stop` ends the steps (`deadline` is for `layerwise.LayerwiseUnitBounds`, which shares this call)."""
         lo, hi = outward_float32(lower, upper)
         feeds = self.alpha.feeds(lower=self.network.model_shaped(lo), upper=self.network.model_shaped(hi))
         unbounded = np.full((len(lo), self.splits.units), np.inf, dtype=np.float32)
-        feeds.update(self.splits.split_feeds(-unbounded, unbounded))
+        feeds.update(self.splits.split_feeds(-unbounded if unit_lower is None else unit_lower,
+                                             unbounded if unit_upper is None else unit_upper))
         settings = self.settings
         low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay, stop=stop,
                                    track=self.pairs)

@@ -88,13 +88,16 @@ class LayerwiseUnitBounds:
             bounder.in_double()
         return bounder
 
-    def __call__(self, lower, upper, unit_lower, unit_upper, stop, deadline: float):
-        """Bounds of the boxes (lower, upper [B, n]) given sound bounds of z (unit_lower, unit_upper [B, units]);
-        `stop` ends the margins' steps (as `AlphaCrown.bounds`'); layers past `deadline` keep what was given."""
+    def __call__(self, lower, upper, stop, unit_lower=None, unit_upper=None, deadline: float = np.inf):
+        """Bounds of the boxes (lower, upper [B, n]) given sound bounds of z (unit_lower, unit_upper [B, units];
+        None: none); `stop` ends the margins' steps (as `AlphaCrown.bounds`'); layers past `deadline` keep what
+        was given."""
         splits, settings = self.splits, self.settings
         lo, hi = outward_float32(lower, upper)
         lo, hi = self.network.model_shaped(lo), self.network.model_shaped(hi)
-        unit_lower, unit_upper = unit_lower.astype(np.float32), unit_upper.astype(np.float32)
+        unbounded = np.full((len(lo), splits.units), np.inf, dtype=np.float32)
+        unit_lower = -unbounded if unit_lower is None else unit_lower.astype(np.float32)
+        unit_upper = unbounded if unit_upper is None else unit_upper.astype(np.float32)
         for k in range(len(splits.names)):
             if time.monotonic() > deadline:
                 log.info("layer-by-layer bounds stopped at layer %d of %d (deadline)", k, len(splits.names))

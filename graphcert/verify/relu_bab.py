@@ -71,7 +71,7 @@ ROOT_ALPHA_STEPS = 30
 # On nets with Sigmoid/Tanh units, the root's unit bounds are found layer by layer, each layer's alpha-CROWN
 # optimising its own bounds (`layerwise.LayerwiseUnitBounds`), instead of every pass's slopes optimised for the
 # margins (`AlphaUnitBounds`, kept for ReLU-only nets). eran's 6x200 sigmoid net at 60 s, float32: idx 1211 and
-# 7481 hold in 16 s (timeouts before, root margins near -55). Its 9x200 ReLU net, idx 186: root margins -0.85
+# 7481 hold in 14-16 s (timeouts before; on 1211 the margins' alpha-CROWN leaves -25 to -46). Its 9x200 ReLU net, idx 186: root margins -0.85
 # layer by layer, -0.80 for the margins' slopes (holds in 50 s), -0.85 with both in turn (times out): a ReLU
 # split removes a relaxation, and the margins' own slopes weigh more there.
 ROOT_LAYER_BY_LAYER_S_SHAPED = True
@@ -241,14 +241,8 @@ class ReluSplitSearch:
         steps = max(ROOT_ALPHA_STEPS, ROOT_ALPHA_STEPS_S_SHAPED) if s_shaped else ROOT_ALPHA_STEPS
         root_deadline = time.monotonic() + ROOT_TIME_SHARE * max(0.0, search.deadline - time.monotonic())
         settings = AlphaSettings(iterations=steps, give_up=False)
-        layer_by_layer = s_shaped and ROOT_LAYER_BY_LAYER_S_SHAPED
-        if layer_by_layer:
-            bounder = LayerwiseUnitBounds(search.network, search.matrix, search.offset, clamp, settings,
-                                          double=self.double)
-        else:
-            bounder = AlphaUnitBounds(search.network, search.matrix, search.offset, clamp, settings)
-            if self.double:
-                bounder.alpha.in_double()
+        kind = LayerwiseUnitBounds if s_shaped and ROOT_LAYER_BY_LAYER_S_SHAPED else AlphaUnitBounds
+        bounder = kind(search.network, search.matrix, search.offset, clamp, settings, double=self.double)
         membership = search.membership
         margin_lower, unit_lower, unit_upper = margin_lower.copy(), unit_lower.copy(), unit_upper.copy()
         chunk = max(1, int(free // each))
@@ -266,11 +260,8 @@ class ReluSplitSearch:
                 return plateau(low) and len(plateau.history) >= ROOT_ALPHA_STEPS or \
                     len(plateau.history) >= ROOT_ALPHA_STEPS and time.monotonic() > root_deadline
 
-            if layer_by_layer:
-                low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], unit_lower[part],
-                                                        unit_upper[part], stop, root_deadline)
-            else:
-                low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop=stop)
+            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop, unit_lower[part],
+                                                    unit_upper[part], root_deadline)
             search.boxes_bounded += len(low)
             # float64 bounds (in float64 mode) as float32, rounded outward
             low, found_lower, found_upper = outward("lower", low), outward("lower", found_lower), outward("upper",
