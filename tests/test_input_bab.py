@@ -50,3 +50,77 @@ def test_the_split_dimension_is_the_one_the_margin_bound_leans_on(tmp_path):
     assert branch._candidate_dimensions(lower, upper, alive, np.full_like(leverage, np.nan), np.array([99]))[0, 0] == 1
     result = verify(model, spec, timeout=20, rounding="real")
     assert result.status == "holds"
+
+
+def vee(tmp_path, threshold: float):
+    """y = |x0 - 0.3| + |x1 + 0.2| - 0.1·relu(x0) on [-1, 1]^2, whose minimum is -0.03 at (0.3, -0.2); the
+    property "y <= threshold" holds below -0.03, and neither IBP nor CROWN proves it on the whole box."""
+    w1 = np.array([[1, -1, 0, 0, 1], [0, 0, 1, -1, 0]], dtype=np.float32)
+    b1 = np.array([-0.3, 0.3, 0.2, -0.2, 0], dtype=np.float32)
+    w2 = np.array([[1], [1], [1], [1], [-0.1]], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "vee", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    model = tmp_path / "vee.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 2, -1, 1, f"(<= Y_0 {threshold})", 1)
+    return model, spec
+
+
+def test_a_property_input_branching_proves_quickly_never_loads_torch(tmp_path):
+    """The thorough attack (which loads torch, about 2 s) waits ROOT_ATTACK_DELAY s of branching."""
+    import subprocess
+    import sys
+
+    model, spec = vee(tmp_path, -0.035)
+    script = ("import sys; from graphcert.verify import verify; "
+              f"r = verify({str(model)!r}, {str(spec)!r}, timeout=30, rounding='real'); "
+              "print(r.status, r.boxes, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    status, boxes, torch_loaded = out[0], int(out[1]), out[2]
+    assert status == "holds" and boxes > 1 and torch_loaded == "False"
+
+
+def test_the_deferred_root_attack_still_comes_once(tmp_path, monkeypatch):
+    """y = x0 + x1 >= 1.99999 on [-1, 1]^2 is met only in a sliver at the corner (1, 1), which box centres
+    reach only after some 30 halvings: the root attack, due after ROOT_ATTACK_DELAY s of branching, finds it.
+    The branching's clock runs 1 s per reading here, so the delay passes after a few rounds."""
+    from graphcert.verify import input_bab
+    from test_relu_split import write_box_property
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "sum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [onnx.numpy_helper.from_array(np.ones((2, 1), dtype=np.float32), "w")])
+    model = tmp_path / "sum.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    spec = tmp_path / "p.vnnlib"
+    write_box_property(spec, 2, -1, 1, "(>= Y_0 1.99999)", 1)
+
+    class Clock:
+        now = time.monotonic()
+
+        def monotonic(self):
+            self.now += 1.0
+            return self.now
+
+    clock, calls = Clock(), []
+    attack_roots = input_bab.InputSplitSearch._attack_roots
+
+    def spy(self, lower, upper, alive):
+        calls.append(clock.now)
+        return attack_roots(self, lower, upper, alive)
+
+    monkeypatch.setattr(input_bab, "time", clock)
+    monkeypatch.setattr(input_bab, "torch_loaded", lambda: False)
+    monkeypatch.setattr(input_bab, "ROOT_ATTACK_DELAY", 3.0)
+    monkeypatch.setattr(input_bab.InputSplitSearch, "_attack_roots", spy)
+    search = Search(load_property(spec), Network(model), time.monotonic() + 30, rounding="real")
+    status, example, boxes = InputSplitSearch(search, "crown", branching="inputs").run()
+    assert status == "violated" and example[0].sum() >= 1.99999
+    assert len(calls) == 1 and boxes > 1   # after some branching, not before it
