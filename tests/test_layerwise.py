@@ -121,3 +121,21 @@ def test_layer_by_layer_bounds_are_sound_and_tighter(tmp_path, activation, scale
         y = forward(network, points)
         margin = y @ matrix.T.astype(np.float64)
         assert (margin >= margins[box] - 1e-4 * (1 + np.abs(margin))).all()
+
+
+def test_the_first_root_bound_is_abandoned_once_its_shrinking_gains_cannot_reach_zero():
+    """`s_shaped.Hopeless` on the weakest margin bounds eran's sigmoid net gave step by step: idx 1211 (-134 and
+    gains of 19.5 then 6.6: at most 3.4 more if they keep shrinking so) is abandoned at the fourth step; idx 7167
+    (-31, gains 19.4 then 9.6, reaching -1.98 + 9.6 > 0) goes on, and stops once positive."""
+    from graphcert.verify.s_shaped import Hopeless
+
+    def run(scores):
+        rule = Hopeless(lambda low: low)
+        return [rule(np.array([value])) for value in scores]
+
+    assert run([-133.95, -133.95, -114.40, -107.76]) == [False, False, False, True]
+    assert run([-31.02, -31.02, -11.62, -1.98, 0.5]) == [False, False, False, False, True]
+    # Two boxes: the rule holds only once both are positive or out of reach.
+    rule = Hopeless(lambda low: low)
+    steps = [np.array([-100.0, -10.0]), np.array([-90.0, -6.0]), np.array([-89.0, -3.0])]
+    assert [rule(s) for s in steps] == [False, False, False]

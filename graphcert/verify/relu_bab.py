@@ -39,7 +39,7 @@ from ..precision import outward
 from .bounds import AlphaUnitBounds, BetaSplitBounds, SplitBounds
 from .layerwise import LayerwiseUnitBounds
 from .resources import MemorySizer, log, size
-from .s_shaped import CURVES, RootPlateau, chord_gap, split_point
+from .s_shaped import CURVES, Hopeless, RootPlateau, chord_gap, split_point
 from .search import ABSOLUTE_SLACK, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search, unsafe_objective
 
 # Methods whose search may split ReLUs (the domains are bounded by CROWN with clamps, after the method's own
@@ -75,6 +75,10 @@ ROOT_ALPHA_STEPS = 30
 # layer by layer, -0.80 for the margins' slopes (holds in 50 s), -0.85 with both in turn (times out): a ReLU
 # split removes a relaxation, and the margins' own slopes weigh more there.
 ROOT_LAYER_BY_LAYER_S_SHAPED = True
+# Layer by layer comes after the margins' alpha-CROWN (`AlphaUnitBounds`, at most ROOT_ALPHA_STEPS steps), which
+# proves many properties sooner (eran's sigmoid net, idx 3334 and 7167: in 4-5 steps, 3.3 s, against 8 s layer
+# by layer) and stops once its shrinking gains will not take its weakest bound to 0 (`s_shaped.Hopeless`; idx
+# 1211 starts at -134 and gains 19.5, then 6.6: layer by layer follows after 4 steps).
 # On nets with Sigmoid/Tanh units the root's alpha-CROWN goes on to at most this many steps, until its weakest
 # live conjunct bound gains less than ROOT_PLATEAU[1] of its distance to 0 over ROOT_PLATEAU[0] steps or the
 # steps past ROOT_ALPHA_STEPS have taken ROOT_TIME_SHARE of the time left. (eran's 6x200 sigmoid net, idx 6981,
@@ -241,8 +245,12 @@ class ReluSplitSearch:
         steps = max(ROOT_ALPHA_STEPS, ROOT_ALPHA_STEPS_S_SHAPED) if s_shaped else ROOT_ALPHA_STEPS
         root_deadline = time.monotonic() + ROOT_TIME_SHARE * max(0.0, search.deadline - time.monotonic())
         settings = AlphaSettings(iterations=steps, give_up=False)
-        kind = LayerwiseUnitBounds if s_shaped and ROOT_LAYER_BY_LAYER_S_SHAPED else AlphaUnitBounds
-        bounder = kind(search.network, search.matrix, search.offset, clamp, settings, double=self.double)
+        network, matrix, offset = search.network, search.matrix, search.offset
+        # (bounder, whether a second one follows: its steps then stop once its bound will not reach 0)
+        layer_by_layer = s_shaped and ROOT_LAYER_BY_LAYER_S_SHAPED
+        stages = [(AlphaUnitBounds(network, matrix, offset, clamp, settings, double=self.double), layer_by_layer)]
+        if layer_by_layer:
+            stages.append((LayerwiseUnitBounds(network, matrix, offset, clamp, settings, double=self.double), False))
         membership = search.membership
         margin_lower, unit_lower, unit_upper = margin_lower.copy(), unit_lower.copy(), unit_upper.copy()
         chunk = max(1, int(free // each))
@@ -250,25 +258,34 @@ class ReluSplitSearch:
             part = slice(start, start + chunk)
             live = alive[part]
             score = lambda low: unsafe_objective(low.astype(np.float64), membership, live)  # noqa: E731
-            watch = ProofWatch(score, steps, give_up=False)
-            plateau = RootPlateau(score, *ROOT_PLATEAU)
+            for bounder, first_of_two in stages:
+                if (score(margin_lower[part]) > 0).all():
+                    break
+                watch = ProofWatch(score, steps, give_up=False)
+                plateau = RootPlateau(score, *ROOT_PLATEAU)
+                hopeless = Hopeless(score)
 
-            def stop(low, high):
-                if search.past_deadline() or watch(low, high):
-                    return True
-                # Past ROOT_ALPHA_STEPS (S-shaped units only): stop at a plateau or the root's share of time.
-                return plateau(low) and len(plateau.history) >= ROOT_ALPHA_STEPS or \
-                    len(plateau.history) >= ROOT_ALPHA_STEPS and time.monotonic() > root_deadline
+                def stop(low, high):
+                    if search.past_deadline() or watch(low, high):
+                        return True
+                    if first_of_two:
+                        return hopeless(low) or len(hopeless.history) >= ROOT_ALPHA_STEPS or \
+                            time.monotonic() > root_deadline
+                    # Past ROOT_ALPHA_STEPS (S-shaped units only): stop at a plateau or the root's share of time.
+                    return plateau(low) and len(plateau.history) >= ROOT_ALPHA_STEPS or \
+                        len(plateau.history) >= ROOT_ALPHA_STEPS and time.monotonic() > root_deadline
 
-            low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop, unit_lower[part],
-                                                    unit_upper[part], root_deadline)
-            search.boxes_bounded += len(low)
-            # float64 bounds (in float64 mode) as float32, rounded outward
-            low, found_lower, found_upper = outward("lower", low), outward("lower", found_lower), outward("upper",
-                                                                                                         found_upper)
-            margin_lower[part] = np.maximum(margin_lower[part], low)
-            unit_lower[part] = np.maximum(unit_lower[part], found_lower)
-            unit_upper[part] = np.minimum(unit_upper[part], found_upper)
+                low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop, unit_lower[part],
+                                                        unit_upper[part], root_deadline)
+                search.boxes_bounded += len(low)
+                # float64 bounds (in float64 mode) as float32, rounded outward
+                low, found_lower = outward("lower", low), outward("lower", found_lower)
+                found_upper = outward("upper", found_upper)
+                margin_lower[part] = np.maximum(margin_lower[part], low)
+                unit_lower[part] = np.maximum(unit_lower[part], found_lower)
+                unit_upper[part] = np.minimum(unit_upper[part], found_upper)
+                log.info("root %s: weakest live conjunct bound %.4g", type(bounder).__name__,
+                         float(score(margin_lower[part]).min()))
         log.info("root unit bounds: weakest live conjunct bound %.4g, %d unstable ReLUs",
                  float(unsafe_objective(margin_lower.astype(np.float64), membership, alive).min()),
                  int(((unit_lower < 0) & (unit_upper > 0) & clamp.relu).sum()))

@@ -29,6 +29,28 @@ class RootPlateau:
         return bool(((now > 0) | (now - before < share * np.abs(now))).all())
 
 
+class Hopeless:
+    """True once every box's score is positive or will not reach 0 if its gains keep shrinking as they did in the
+    last step: gains g, g·q, g·q², ... (q the last gain over the one before, at most RATIO_CAP) add up to
+    g·q/(1-q). For a first, cheaper bound that is abandoned once it will not prove the property."""
+
+    RATIO_CAP = 0.9
+
+    def __init__(self, score):
+        self.score, self.history = score, []
+
+    def __call__(self, lower) -> bool:
+        self.history.append(np.atleast_1d(np.asarray(self.score(lower), dtype=np.float64)))
+        if len(self.history) < 3:
+            return False
+        now, last, before = self.history[-1], self.history[-2], self.history[-3]
+        gain, previous = np.maximum(now - last, 0.0), np.maximum(last - before, 0.0)
+        ratio = np.minimum(np.divide(gain, previous, out=np.full_like(gain, self.RATIO_CAP), where=previous > 0),
+                           self.RATIO_CAP)
+        reach = now + gain * ratio / (1.0 - ratio)
+        return bool(((now > 0) | (reach < 0)).all())
+
+
 def split_point(lower: np.ndarray, upper: np.ndarray, relu: np.ndarray) -> np.ndarray:
     """Where to split each unit's interval: 0 for a ReLU or an interval holding 0, else the middle (float32)."""
     holds_zero = (lower < 0) & (upper > 0)
