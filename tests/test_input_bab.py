@@ -124,3 +124,33 @@ def test_the_deferred_root_attack_still_comes_once(tmp_path, monkeypatch):
     status, example, boxes = InputSplitSearch(search, "crown", branching="inputs").run()
     assert status == "violated" and example[0].sum() >= 1.99999
     assert len(calls) == 1 and boxes > 1   # after some branching, not before it
+
+
+def test_boxes_before_unit_splitting_are_bounded_in_float64_too(tmp_path):
+    """Float32 mode bounds the property's boxes in float64 from the start before ReLU splitting as well (one
+    graph, no second look at boxes the float32 slack blocks), and the bounds still prove what they should."""
+    from test_relu_split import write_box_property
+
+    rng = np.random.default_rng(0)
+    n = 70   # over BRANCH_DIMENSIONS: ReLU splitting
+    w1, b1 = rng.normal(size=(n, 16)).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    w2 = rng.normal(size=(16, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        [onnx.numpy_helper.from_array(a, k) for a, k in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    model = tmp_path / "wide.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    x = rng.uniform(-1, 1, size=n).astype(np.float32)
+    y = np.maximum(x @ w1 + b1, 0) @ w2
+    spec = tmp_path / "p.vnnlib"
+    text = "".join(f"(declare-const X_{i} Real)\n" for i in range(n)) + "(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+    text += "".join(f"(assert (>= X_{i} {x[i] - 1e-3:.9g}))\n(assert (<= X_{i} {x[i] + 1e-3:.9g}))\n" for i in range(n))
+    bigger, smaller = (0, 1) if y[0] > y[1] else (1, 0)
+    spec.write_text(text + f"(assert (>= Y_{smaller} Y_{bigger}))\n")
+    search = Search(load_property(spec), Network(model), time.monotonic() + 30)
+    branch = InputSplitSearch(search, "crown")
+    assert branch.branching == "relus" and branch.in_double
+    assert verify(model, spec, timeout=30).status == "holds"

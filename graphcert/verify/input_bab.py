@@ -92,16 +92,18 @@ class InputSplitSearch:
                                                  search.budget, coefficients=self.branching == "inputs")
                                      if search.has_rows else None)
         # In float32 mode boxes are bounded in float64 where that can be done (`Float32Slack.run_in_double`):
-        # their slack is then the float64 graph's own rounding, and no second look is needed.
+        # their slack is then the float64 graph's own rounding, and no second look is needed. (Before unit
+        # splitting too: the property's boxes are bounded once, and a second look would build a second graph.)
         run_in_double = getattr(search.rounding_slack, "run_in_double", None)
-        self.in_double = bool(self.branching == "inputs" and run_in_double is not None and run_in_double(self.bound_fn))
+        self.in_double = bool(run_in_double is not None and run_in_double(self.bound_fn))
         self.box_slack = search.rounding_slack.in_double_only if self.in_double else search.rounding_slack
         # Building a split bound graph takes about as long: ReLU branching starts only with that much time left.
         self.build_seconds = time.monotonic() - began
         # A box costs its float64 bounds in and its margins out at least; the bound graph's own memory is measured.
         rows = len(search.offset)
         self.box_calls = CallSizer(memory=MemorySizer(search.budget, floor=16 * search.network.n_inputs + 24 * rows,
-                                                      estimate=getattr(self.bound_fn, "bytes_per_sample", 0)))
+                                                      estimate=(2 if self.in_double else 1) *
+                                                      getattr(self.bound_fn, "bytes_per_sample", 0)))
         # The float32 second looks at blocked boxes (`_evaluate`).
         self.slack_calls, self.double_calls = CallSizer(size=SLACK_BOXES), CallSizer(size=SLACK_BOXES)
         widths = np.max([hi - lo for lo, hi in search.prop.input_boxes], axis=0) if search.prop.cases else None
