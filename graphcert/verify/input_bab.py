@@ -47,7 +47,9 @@ ROOT_ATTACK_BEFORE_UNIT_SPLITS = dict(samples=256, restarts=8, steps=50)
 
 
 def torch_loaded() -> bool:
+    """Whether this process has imported torch already (then an attack costs no import)."""
     return "torch" in sys.modules
+
 
 BoundFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
