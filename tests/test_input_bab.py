@@ -16,20 +16,25 @@ from graphcert.vnnlib import load_property
 from test_relu_split import write_box_property
 
 
+def one_hidden_relu(path, w1, b1, w2):
+    """Save y = relu(x·w1 + b1)·w2, with a symbolic batch, to `path`; return it."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", w2.shape[1]])],
+        [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
 def steep_in_x1(tmp_path):
     """y = relu(10·x1 + 0.1·x0) - relu(-10·x1 - 0.1·x0) + 0.3·relu(x0 + 1) = 10·x1 + 0.1·x0 + 0.3·(x0 + 1) on
     [-1, 1]^2, whose maximum is 10.7; the property "y >= 10.75" holds, and only x1 moves the bound much."""
     w1 = np.array([[0.1, -0.1, 1.0], [10.0, -10.0, 0.0]], dtype=np.float32)
     b1 = np.array([0.0, 0.0, 1.0], dtype=np.float32)
     w2 = np.array([[1.0], [-1.0], [0.3]], dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
-         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
-        "steep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
-        [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
-    model = tmp_path / "steep.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    model = one_hidden_relu(tmp_path / "steep.onnx", w1, b1, w2)
     spec = tmp_path / "p.vnnlib"
     write_box_property(spec, 2, -1, 1, "(>= Y_0 10.75)", 1)
     return model, spec
@@ -58,14 +63,7 @@ def vee(tmp_path, threshold: float):
     w1 = np.array([[1, -1, 0, 0, 1], [0, 0, 1, -1, 0]], dtype=np.float32)
     b1 = np.array([-0.3, 0.3, 0.2, -0.2, 0], dtype=np.float32)
     w2 = np.array([[1], [1], [1], [1], [-0.1]], dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
-         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
-        "vee", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
-        [onnx.numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
-    model = tmp_path / "vee.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    model = one_hidden_relu(tmp_path / "vee.onnx", w1, b1, w2)
     spec = tmp_path / "p.vnnlib"
     write_box_property(spec, 2, -1, 1, f"(<= Y_0 {threshold})", 1)
     return model, spec
@@ -135,14 +133,7 @@ def test_boxes_before_unit_splitting_are_bounded_in_float64_too(tmp_path):
     n = 70   # over BRANCH_DIMENSIONS: ReLU splitting
     w1, b1 = rng.normal(size=(n, 16)).astype(np.float32), rng.normal(size=16).astype(np.float32)
     w2 = rng.normal(size=(16, 2)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
-         helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
-        "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
-        [onnx.numpy_helper.from_array(a, k) for a, k in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
-    model = tmp_path / "wide.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    model = one_hidden_relu(tmp_path / "wide.onnx", w1, b1, w2)
     x = rng.uniform(-1, 1, size=n).astype(np.float32)
     y = np.maximum(x @ w1 + b1, 0) @ w2
     spec = tmp_path / "p.vnnlib"
