@@ -6,9 +6,9 @@ as far as that helps the margins' gradient, which on deep nets of S-shaped units
 bounds of z_k are the objective of their own optimisation (the model cut at z_k, both bounds, CROWN's lines of
 the earlier layers given as the bounds already found for them, split mode "given"), layer after layer, so that
 each layer is relaxed on the tightest intervals found for the layers before it. On eran's 6x200 sigmoid net
-(idx 1211, eps 0.012) CROWN's layer-5 intervals average over 100 wide, and the margins' alpha-CROWN (200 steps) leaves them 35
-wide and the margins at -25 to -46; layer by layer (20 steps each at most) they average 10 and every margin is
-positive.
+(idx 1211, eps 0.012) CROWN's layer-5 intervals average over 100 wide, and the margins' alpha-CROWN (200
+steps) leaves them 35 wide and the margins at -25 to -46; layer by layer (20 steps each at most) they average
+10 and every margin is positive.
 
 Every bound is a CROWN bound for some slopes in their valid range on intervals that hold (those of earlier
 layers, found the same way), so each is sound; each layer keeps the intersection with what it was given.
