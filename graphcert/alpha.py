@@ -41,11 +41,13 @@ class AlphaCrown(LazySession):
     bounds objective·y for an `objective` fed with every call (shape [batch, m, n]).
     crown_upper: as in `passes.crown.CrownPass` (by default margins get IBP upper bounds).
     split_bounds, beta: as in `passes.crown.CrownPass`; the feeds then include the split clamps (and signs).
+    intermediate_rows: as in `passes.crown.CrownPass` (only some units' bounds computed and optimised).
     """
 
     def __init__(self, model, kind: str = "linf", domain: tuple[float, float] | None = None, spec=None,
                  spec_offset=None, crown_upper: bool | None = None, threads: int = 0, norm: str = "linf",
-                 split_bounds: str | None = None, beta: bool = False):
+                 split_bounds: str | None = None, beta: bool = False,
+                 intermediate_rows: dict[str, np.ndarray] | None = None):
         from graphcert.passes.crown import LINEAR_LOWER_PREFIX, LINEAR_UPPER_PREFIX, CrownPass
         from graphcert.passes.spec import SpecPass
 
@@ -66,11 +68,12 @@ class AlphaCrown(LazySession):
         input_set = InputSet(kind, domain)
         # The multipliers start at 0, where the bounds are those of the graph without them.
         plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init",
-                          norm=norm, split_bounds=split_bounds)(normalised).model
+                          norm=norm, split_bounds=split_bounds, intermediate_rows=intermediate_rows)(normalised).model
         self.plain_proto = self.proto = to_proto(plain)   # its session (`LazySession`): the start's bounds, slopes
         self.threads = threads
         tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs",
-                          norm=norm, split_bounds=split_bounds, beta=beta)(normalised).model
+                          norm=norm, split_bounds=split_bounds, beta=beta,
+                          intermediate_rows=intermediate_rows)(normalised).model
         self.units: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.alpha", "{}"))
         self.betas: dict[str, str] = json.loads(tuned.metadata_props.get("graphcert.beta", "{}"))
         self.rows = {v.name: v.shape[0] for v in tuned.graph.inputs if v.name in self.units or v.name in self.betas}

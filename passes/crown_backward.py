@@ -58,8 +58,9 @@ class Context:
         self.epsilons: dict[str, ir.Value] = {}
         # Builder values with the full shape of the tensor they go with (relaxation intercepts).
         self.full_shaped: set[ir.Value] = set()
-        # Identity-start coefficients -> whether they stack the negated identity below (upper bounds).
-        self.identities: dict[ir.Value, bool] = {}
+        # Identity-start coefficients -> (whether they stack the negated identity below (upper bounds), the
+        # indices of the elements they start from when not all).
+        self.identities: dict[ir.Value, tuple[bool, ir.Value | None]] = {}
         # Coefficients of [batch, n] tensors that are zero outside the given unit indices (dead ReLUs), for
         # linear adjoints to multiply only the live part; off (None) for training graphs, which keep to ops
         # every training backend differentiates.
@@ -126,7 +127,10 @@ class Context:
         if coef not in self.identities:
             return None
         b = self.b
-        rows = b.op("Concat", matrix, b.op("Neg", matrix), axis=0) if self.identities[coef] else matrix
+        both, picked = self.identities[coef]
+        if picked is not None:   # a start on some elements only: their rows of the matrix
+            matrix = b.op("Gather", matrix, picked, axis=0)
+        rows = b.op("Concat", matrix, b.op("Neg", matrix), axis=0) if both else matrix
         return b.op("Unsqueeze", rows, b.ints([1])) if self.batched else rows
 
     def backward(self, nodes: list[ir.Node], start: ir.Value, coef: ir.Value) -> ir.Value:
@@ -228,42 +232,70 @@ class Context:
             return b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([1, -1])), [1], keepdims=0)
         return b.reduce("ReduceMax", b.op("Reshape", eps, b.ints([0, -1])), [1], keepdims=0)
 
-    def bound(self, nodes: list[ir.Node], value: ir.Value, both: bool) -> tuple[ir.Value, ir.Value | None]:
-        """CROWN lower (and upper) bounds of every element of `value`, shaped like it."""
+    def bound(self, nodes: list[ir.Node], value: ir.Value, both: bool, rows: np.ndarray | None = None
+              ) -> tuple[ir.Value, ir.Value | None]:
+        """CROWN lower (and upper) bounds of every element of `value`, shaped like it. `rows` (flat indices into
+        a static sample shape) bounds only those elements: the others get -inf / +inf, for the caller to meet
+        with the bounds it has (a pass costs in proportion to its rows)."""
         b = self.b
         dims = static_shape(value)
         sample = dims[1:] if self.batched else dims
+        picked = None
         if all(isinstance(d, int) for d in sample):
             count = int(np.prod(sample))
-            n = b.const(np.array(count, dtype=np.int64), dtype=np.int64)
-            halves = b.ints([count, count])
-            rows_dim = 2 * count if both else count
+            if rows is not None:
+                rows = np.asarray(rows, dtype=np.int64)
+                picked = b.ints(rows)
+            bounded = count if rows is None else len(rows)
+            halves = b.ints([bounded, bounded])
+            rows_dim = 2 * bounded if both else bounded
         else:  # a run-time number of margins: [batch, rows]
+            if rows is not None:
+                raise ValueError("rows picks elements of a static sample shape")
             n_1d = b.op("Shape", value, start=1, end=2)
-            n = b.op("Squeeze", n_1d, b.ints([0]))
             halves = b.op("Concat", n_1d, n_1d, axis=0)
-            rows_dim = None
+            rows_dim = count = None
         if self.alpha is not None:
             self.alpha.start(rows_dim)
         if self.beta is not None:
             self.beta.start(rows_dim)
-        index = b.op("Range", b.const(np.array(0, dtype=np.int64), dtype=np.int64), n,
-                     b.const(np.array(1, dtype=np.int64), dtype=np.int64))
-        eye = b.op("Cast", b.op("Equal", b.op("Unsqueeze", index, b.ints([1])), b.op("Unsqueeze", index, b.ints([0]))),
-                   to=ir.DataType.FLOAT)
-        rows = b.op("Concat", eye, b.op("Neg", eye), axis=0) if both else eye
-        if self.batched and len(sample) == 1:
-            coef = b.op("Unsqueeze", rows, b.ints([1]))
-            self.identities[coef] = both
+        if picked is not None:
+            one_hot = np.zeros((len(rows), count), dtype=np.float32)
+            one_hot[np.arange(len(rows)), rows] = 1.0
+            eye = b.const(one_hot)
         else:
-            coef = b.op("Reshape", rows, b.ints([-1] + ([1] if self.batched else []) + list(sample)))
+            n = b.const(np.array(count, dtype=np.int64), dtype=np.int64) if rows_dim is not None \
+                else b.op("Squeeze", n_1d, b.ints([0]))
+            index = b.op("Range", b.const(np.array(0, dtype=np.int64), dtype=np.int64), n,
+                         b.const(np.array(1, dtype=np.int64), dtype=np.int64))
+            eye = b.op("Cast", b.op("Equal", b.op("Unsqueeze", index, b.ints([1])),
+                                    b.op("Unsqueeze", index, b.ints([0]))), to=ir.DataType.FLOAT)
+        start = b.op("Concat", eye, b.op("Neg", eye), axis=0) if both else eye
+        if self.batched and len(sample) == 1:
+            coef = b.op("Unsqueeze", start, b.ints([1]))
+            self.identities[coef] = (both, picked)
+        else:
+            coef = b.op("Reshape", start, b.ints([-1] + ([1] if self.batched else []) + list(sample)))
             if not self.batched and len(sample) == 1:
-                self.identities[coef] = both
+                self.identities[coef] = (both, picked)
         result = self.backward(nodes, value, coef)
         if not both:
-            return self._shaped(result, sample), None
+            return self._shaped(self._spread(result, rows, count, -np.inf), sample), None
         lower, negated_upper = b.op("Split", result, halves, axis=0, num_outputs=2)
-        return self._shaped(lower, sample), self._shaped(b.op("Neg", negated_upper), sample)
+        return (self._shaped(self._spread(lower, rows, count, -np.inf), sample),
+                self._shaped(self._spread(b.op("Neg", negated_upper), rows, count, np.inf), sample))
+
+    def _spread(self, found: ir.Value, rows: np.ndarray | None, count: int, fill: float) -> ir.Value:
+        """Bounds [len(rows), ...] of the picked elements -> [count, ...], `fill` elsewhere (rows None: as is)."""
+        if rows is None:
+            return found
+        b = self.b
+        where = np.full(count, len(rows), dtype=np.int64)
+        where[rows] = np.arange(len(rows))
+        # one more row of `fill`, shaped like a row of `found`, for every element not picked
+        row_shape = b.op("Concat", b.ints([1]), b.op("Shape", found, start=1), axis=0)
+        filler = b.op("Expand", b.const(np.full([1] * (2 if self.batched else 1), fill, dtype=np.float32)), row_shape)
+        return b.op("Gather", b.op("Concat", found, filler, axis=0), b.ints(where), axis=0)
 
     def _shaped(self, rows: ir.Value, sample: list) -> ir.Value:
         """[n, batch] -> [batch, *sample] (or [n] -> sample without a batch)."""

@@ -150,3 +150,40 @@ def test_beta_bounds_one_conjunct_per_domain(tmp_path, seed):
         assert len(found)
         margins = found @ matrix.T.astype(np.float64) + offset
         assert (margins[:, own[d]] >= low[d, own[d]] - TOLERANCE).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_root_alpha_on_the_unstable_units_only_holds(tmp_path, scale):
+    """AlphaUnitBounds optimising only the units CROWN leaves unstable (the others fed CROWN's bounds, which
+    keep them stable): fewer slope rows, bounds never looser than CROWN's, holding on sampled and attacked
+    points."""
+    from graphcert.verify.bounds import AlphaUnitBounds
+    widths = [3, 16, 16, 16, 2]
+    proto, layers = scaled_network(widths, seed=5, scale=scale)
+    network, search, clamp = y0_above_y1_search(tmp_path, proto)
+    rng = np.random.default_rng(1)
+    centers = rng.uniform(-0.5, 0.5, size=(3, 3))
+    lower, upper = centers - 0.4, centers + 0.4
+    unbounded = np.full((len(lower), clamp.units), np.inf, dtype=np.float32)
+    crown_margins, crown_lower, crown_upper = clamp(lower, upper, -unbounded, unbounded)
+    unstable = ((crown_lower < 0) & (crown_upper > 0)).any(axis=0)
+    assert 0 < unstable.sum() < clamp.units
+    every = AlphaUnitBounds(network, search.matrix, search.offset, clamp, AlphaSettings(iterations=30))
+    some = AlphaUnitBounds(network, search.matrix, search.offset, clamp, AlphaSettings(iterations=30),
+                           unstable=unstable)
+    rows = lambda bounder: sum(r for r, _ in bounder.alpha.parameter_shapes().values())  # noqa: E731
+    assert rows(some) < rows(every)
+    margins, unit_lower, unit_upper = some(lower, upper, stop=None, unit_lower=crown_lower, unit_upper=crown_upper)
+    assert (unit_lower >= crown_lower).all() and (unit_upper <= crown_upper).all()
+    assert (margins >= crown_margins - TOLERANCE - 1e-5 * np.abs(crown_margins)).all()
+    assert (margins > crown_margins + 1e-3).any()
+    for box in range(len(lower)):
+        tolerance = TOLERANCE + 1e-5 * np.maximum(np.abs(unit_lower[box]), np.abs(unit_upper[box]))
+        points = rng.uniform(lower[box], upper[box], size=(20000, 3))
+        hidden, y = pre_activations(layers, points)
+        z = np.concatenate(hidden, axis=1)
+        low_found, high_found = attacked_unit_extremes(layers, lower[box], upper[box], rng)
+        assert (np.minimum(z.min(axis=0), low_found) >= unit_lower[box] - tolerance).all()
+        assert (np.maximum(z.max(axis=0), high_found) <= unit_upper[box] + tolerance).all()
+        margin = y @ search.matrix.T.astype(np.float64) + search.offset
+        assert (margin.min(axis=0) >= margins[box] - TOLERANCE - 1e-5 * np.abs(margins[box])).all()

@@ -280,3 +280,41 @@ def test_look_ahead_split_is_at_least_as_good_as_the_first_choice(tmp_path):
     weaker = bab._weaker_child(parents, np.stack([parents.unit, chosen], axis=1))
     assert (weaker[:, 1] >= weaker[:, 0] - 1e-6).all()
     assert (weaker[:, 1] > weaker[:, 0] + 1e-4).any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bounding_some_units_keeps_the_clamped_bounds_of_the_rest(seed):
+    """`intermediate_rows`: the picked units of each layer get the same CROWN bounds as in the full graph when
+    the clamps hold the full graph's bounds (so alpha-CROWN can leave the stable units out); with open clamps
+    the units not picked keep IBP's interval, looser but still holding on every sampled input."""
+    widths = [3, 12, 12, 12, 3]
+    proto, layers = relu_network(widths, seed=seed)
+    spec = SpecPass(SPEC, None)(load(proto)).model
+    _, full, units = sessions(proto)
+    rng = np.random.default_rng(seed)
+    center = rng.uniform(-1, 1, size=(4, 3))
+    lower, upper = center - 0.5, center + 0.5
+    found = full.run({**box_feeds(lower, upper), **open_clamps(units, widths[1:-1], 4)})
+    unstable = {name: np.flatnonzero(((found[CLAMPED_LOWER_PREFIX + name] < 0)
+                                      & (found[CLAMPED_UPPER_PREFIX + name] > 0)).any(axis=0)) for name in units}
+    assert 0 < sum(len(rows) for rows in unstable.values()) < sum(widths[1:-1])
+    picked = Session(to_proto(CrownPass(InputSet("box"), split_bounds="clamp",
+                                        intermediate_rows=unstable)(spec).model))
+    clamps = {}
+    for name in units:
+        clamps[SPLIT_LOWER_PREFIX + name] = found[CLAMPED_LOWER_PREFIX + name]
+        clamps[SPLIT_UPPER_PREFIX + name] = found[CLAMPED_UPPER_PREFIX + name]
+    again = picked.run({**box_feeds(lower, upper), **clamps})
+    for name in ["margins_lower"] + [p + n for n in units for p in (CLAMPED_LOWER_PREFIX, CLAMPED_UPPER_PREFIX)]:
+        np.testing.assert_allclose(again[name], found[name], rtol=1e-5, atol=1e-5)
+    # Open clamps: only IBP for the units left out
+    loose = picked.run({**box_feeds(lower, upper), **open_clamps(units, widths[1:-1], 4)})
+    assert (loose["margins_lower"] <= found["margins_lower"] + 1e-5).all()
+    for box in range(4):
+        points = rng.uniform(lower[box], upper[box], size=(20000, 3))
+        hidden, y = pre_activations(layers, points)
+        margins = y @ SPEC.T.astype(np.float64)
+        assert (margins >= loose["margins_lower"][box] - 1e-4).all()
+        for name, z in zip(units, hidden):
+            assert (z >= loose[CLAMPED_LOWER_PREFIX + name][box] - 1e-4).all()
+            assert (z <= loose[CLAMPED_UPPER_PREFIX + name][box] + 1e-4).all()

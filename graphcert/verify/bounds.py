@@ -199,6 +199,12 @@ class SplitBounds(LazySession):
     def units(self) -> int:
         return int(self.offsets[-1])
 
+    def relu_rows(self, picked: np.ndarray) -> dict[str, np.ndarray]:
+        """{ReLU layer's unit input name: indices of the `picked` [units] units in it}; S-shaped layers are left
+        out (their every unit is relaxed, stable or not)."""
+        return {name: np.flatnonzero(picked[self.offsets[k]:self.offsets[k + 1]])
+                for k, name in enumerate(self.names) if self.activations[k] == "Relu"}
+
     def per_layer(self, unit_lower: np.ndarray, unit_upper: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{unit input name: (lower, upper) [B, *shape]} from flat [B, units] bounds."""
         found = {}
@@ -326,9 +332,13 @@ class AlphaUnitBounds:
     margin lower bounds [B, rows] and bounds [B, units] of z (flattened as in `splits`)."""
 
     def __init__(self, network: Network, matrix: np.ndarray, offset: np.ndarray, splits: SplitBounds,
-                 settings: AlphaSettings, double: bool = False):
+                 settings: AlphaSettings, double: bool = False, unstable: np.ndarray | None = None):
+        """`unstable` [units] (None: every unit): the ReLUs whose input bounds are computed and optimised; the
+        other units' bounds are those fed with each call (`unit_lower`, `unit_upper`), which must then keep
+        them stable."""
+        rows = splits.relu_rows(unstable) if unstable is not None else None
         self.alpha = AlphaCrown(network.bound_model, "box", spec=np.asarray(matrix, dtype=np.float32), spec_offset=offset,
-                                split_bounds="clamp")
+                                split_bounds="clamp", intermediate_rows=rows)
         if double:
             self.alpha.in_double()
         self.network, self.splits, self.settings = network, splits, settings

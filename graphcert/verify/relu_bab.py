@@ -68,6 +68,9 @@ REUSE_PARENT_BOUNDS = True
 # The property's boxes get alpha-CROWN bounds of every unit's input z (`AlphaUnitBounds`, at most this many
 # steps) before the first split: children inherit them. 0: CROWN's.
 ROOT_ALPHA_STEPS = 30
+# The root's alpha-CROWN bounds and optimises only the ReLUs that CROWN's bounds leave unstable on the property's
+# boxes (as alpha-beta-CROWN does); the others keep CROWN's bounds, which keep them stable. False: every unit.
+ROOT_ALPHA_UNSTABLE_ONLY = True
 # On nets with Sigmoid/Tanh units, the root's unit bounds are found layer by layer, each layer's alpha-CROWN
 # optimising its own bounds (`layerwise.LayerwiseUnitBounds`), instead of every pass's slopes optimised for the
 # margins (`AlphaUnitBounds`, kept for ReLU-only nets). eran's 6x200 sigmoid net at 60 s, float32: idx 1211 and
@@ -246,14 +249,23 @@ class ReluSplitSearch:
         root_deadline = time.monotonic() + ROOT_TIME_SHARE * max(0.0, search.deadline - time.monotonic())
         settings = AlphaSettings(iterations=steps, give_up=False)
         network, matrix, offset = search.network, search.matrix, search.offset
+        margin_lower, unit_lower, unit_upper = margin_lower.copy(), unit_lower.copy(), unit_upper.copy()
+        chunk = max(1, int(free // each))
+        unstable, fed_lower, fed_upper = None, unit_lower.copy(), unit_upper.copy()
+        if ROOT_ALPHA_UNSTABLE_ONLY:
+            unstable = self._crown_unit_bounds(alive, chunk, margin_lower, unit_lower, unit_upper)
+            # Only the ReLUs left out are clamped to CROWN's bounds (which keep them stable): a clamp on a unit
+            # whose bounds the steps optimise would match their start and, once a step's bound is the looser,
+            # stop the gradient through it (eran relu 186 and mnistfc 256x4 prop_0_0.03: weaker root bounds).
+            stable = clamp.relu & ~unstable
+            fed_lower, fed_upper = np.where(stable, unit_lower, fed_lower), np.where(stable, unit_upper, fed_upper)
         # (bounder, whether a second one follows: its steps then stop once its bound will not reach 0)
         layer_by_layer = s_shaped and ROOT_LAYER_BY_LAYER_S_SHAPED
-        stages = [(AlphaUnitBounds(network, matrix, offset, clamp, settings, double=self.double), layer_by_layer)]
+        stages = [(AlphaUnitBounds(network, matrix, offset, clamp, settings, double=self.double, unstable=unstable),
+                   layer_by_layer)]
         if layer_by_layer:
             stages.append((LayerwiseUnitBounds(network, matrix, offset, clamp, settings, double=self.double), False))
         membership = search.membership
-        margin_lower, unit_lower, unit_upper = margin_lower.copy(), unit_lower.copy(), unit_upper.copy()
-        chunk = max(1, int(free // each))
         for start in range(0, len(alive), chunk):
             part = slice(start, start + chunk)
             live = alive[part]
@@ -275,8 +287,10 @@ class ReluSplitSearch:
                     return plateau(low) and len(plateau.history) >= ROOT_ALPHA_STEPS or \
                         len(plateau.history) >= ROOT_ALPHA_STEPS and time.monotonic() > root_deadline
 
-                low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop, unit_lower[part],
-                                                        unit_upper[part], root_deadline)
+                given_lower, given_upper = (fed_lower, fed_upper) if bounder is stages[0][0] else (unit_lower,
+                                                                                                  unit_upper)
+                low, found_lower, found_upper = bounder(self.lower[part], self.upper[part], stop, given_lower[part],
+                                                        given_upper[part], root_deadline)
                 search.boxes_bounded += len(low)
                 # float64 bounds (in float64 mode) as float32, rounded outward
                 low, found_lower = outward("lower", low), outward("lower", found_lower)
@@ -290,6 +304,21 @@ class ReluSplitSearch:
                  float(unsafe_objective(margin_lower.astype(np.float64), membership, alive).min()),
                  int(((unit_lower < 0) & (unit_upper > 0) & clamp.relu).sum()))
         return margin_lower, unit_lower, unit_upper
+
+    def _crown_unit_bounds(self, alive, chunk: int, margin_lower, unit_lower, unit_upper) -> np.ndarray:
+        """CROWN's bounds of every unit's input z on the property's boxes, met in place with those given; the
+        ReLUs they leave unstable on some box with a live conjunct ([units] bool)."""
+        clamp = self.clamp
+        for start in range(0, len(alive), chunk):
+            part = slice(start, start + chunk)
+            low, found_lower, found_upper = clamp(self.lower[part], self.upper[part], unit_lower[part],
+                                                  unit_upper[part])
+            self.search.boxes_bounded += len(low)
+            margin_lower[part] = np.maximum(margin_lower[part], outward("lower", low))
+            unit_lower[part] = np.maximum(unit_lower[part], outward("lower", found_lower))
+            unit_upper[part] = np.minimum(unit_upper[part], outward("upper", found_upper))
+        live = alive.any(axis=1)
+        return ((unit_lower[live] < 0) & (unit_upper[live] > 0)).any(axis=0) & clamp.relu
 
     def _split(self, parents: Domains) -> list[Domains] | None:
         """Both children of every parent (split on its chosen unit), bounded and filtered to the live ones;
