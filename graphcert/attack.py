@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from .attack_schedule import inner_float32, step_scale  # noqa: F401  (re-exported)
 from .interface import perturbed_inputs
 from .torch_exec import TorchGraph
 
@@ -175,26 +176,6 @@ def conjunct_margins(margins: torch.Tensor, membership: torch.Tensor) -> torch.T
     if not len(rows):
         return out
     return out.scatter_reduce(1, conjuncts.expand(b, -1), margins[:, rows], reduce="amax", include_self=True)
-
-
-def step_scale(step: int, steps: int) -> float:
-    """Sign-step size relative to the box width: cosine-decayed over the first 70 % of the steps (large moves
-    escape flat regions), then geometric from 1e-2 to 1e-5 (counterexamples can sit in slivers thinner than
-    the cosine schedule's last step)."""
-    coarse = max(1, int(0.7 * steps))
-    if step < coarse:
-        return 0.25 * 0.5 * (1 + math.cos(math.pi * step / coarse)) + 1e-3
-    fraction = (step - coarse) / max(1, steps - coarse - 1)
-    return 1e-2 * 1e-3 ** fraction
-
-
-def inner_float32(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 box inside [lower, upper]: clamped attack points never leave the real input set."""
-    lo = lower.astype(np.float32)
-    hi = upper.astype(np.float32)
-    lo = np.where(lo < lower, np.nextafter(lo, np.float32(np.inf)), lo)
-    hi = np.where(hi > upper, np.nextafter(hi, np.float32(-np.inf)), hi)
-    return lo, np.maximum(hi, lo)
 
 
 class _Rows:

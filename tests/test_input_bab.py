@@ -118,6 +118,8 @@ def test_the_deferred_root_attack_still_comes_once(tmp_path, monkeypatch):
     monkeypatch.setattr(input_bab, "torch_loaded", lambda: False)
     monkeypatch.setattr(input_bab, "ROOT_ATTACK_DELAY", 3.0)
     monkeypatch.setattr(input_bab.InputSplitSearch, "_attack_roots", spy)
+    # (the torch-free descent would find the corner at once: this is about the attack after it)
+    monkeypatch.setattr(input_bab.InputSplitSearch, "_descend", lambda self, lower, upper, alive: False)
     search = Search(load_property(spec), Network(model), time.monotonic() + 30, rounding="real")
     status, example, boxes = InputSplitSearch(search, "crown", branching="inputs").run()
     assert status == "violated" and example[0].sum() >= 1.99999

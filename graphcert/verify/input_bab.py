@@ -14,10 +14,11 @@ import numpy as np
 
 from ..alpha import VERIFY_ALPHA, AlphaSettings
 from ..alpha_settings import BRANCH_BETA
-from ..errors import InputError
+from ..errors import GraphcertError, InputError
 from . import relu_bab
 from .bounds import spec_bounds
-from .resources import MemorySizer
+from .descent import CoefficientDescent
+from .resources import MemorySizer, log
 from .search import ABSOLUTE_SLACK, ATTACK_BOXES, RELATIVE_SLACK, Arrays, CallSizer, Frontier, Search, unsafe_objective
 
 # Halving one of many input dimensions barely tightens bounds: beyond this many, bounds and attacks decide alone.
@@ -37,12 +38,16 @@ SLACK_BOXES = 64
 # prop_7 on 1_9 needs the attack (22 s without, 3.7 s with it first).
 ROOT_ATTACK_DELAY = 2.0
 
+# The torch-free descent on the property's undecided boxes takes at most this share of the time left.
+DESCENT_SHARE = 0.1
 # The attack on the property's own boxes: uniform samples scored, PGD restarts per live conjunct, steps each.
 ROOT_ATTACK = dict(samples=1024, restarts=32, steps=100)
-# Before unit splitting, whose root bounds (alpha-CROWN) may prove the property at once and whose search attacks
-# the boxes again and again (ATTACK_SHARE of its time), a lighter one. On mnistfc (7 counterexamples, 256x2 to
-# 256x6) and eran's sigmoid net (idx 7259) it finds every counterexample the thorough one does, in 0.25-1.0 s
-# instead of 0.7-1.8 s; on eran idx 3334 and 3054 (true) it gives up after 1.1-1.3 s instead of 2.1-2.5 s.
+# Before a unit-splitting search that cannot attack as it goes (`relu_bab.attacks_as_it_goes`), a lighter one.
+# On mnistfc (7 counterexamples, 256x2 to 256x6) and eran's sigmoid net (idx 7259) it finds every
+# counterexample the thorough one does, in 0.25-1.0 s instead of 0.7-1.8 s; on eran idx 3334 and 3054 (true)
+# it gives up after 1.1-1.3 s instead of 2.1-2.5 s. A splitting search attacks the boxes again and again
+# (ATTACK_SHARE of its time) after its root bounds, which often prove the property at once: the torch-free
+# descent before them found 10 of 12 counterexamples (`descent`).
 ROOT_ATTACK_BEFORE_UNIT_SPLITS = dict(samples=256, restarts=8, steps=50)
 
 
@@ -133,17 +138,23 @@ class InputSplitSearch:
             return search.finish("violated")
         roots = Boxes(lower[keep], upper[keep], alive[keep], center_objective[keep], leverage[keep],
                       np.zeros(int(keep.sum()), dtype=np.int32))
+        # Descent without torch first: most counterexamples end the search here, before torch loads.
+        if len(roots) and self._descend(roots.lower, roots.upper, roots.alive):
+            return search.finish("violated")
         # Halving input boxes needs no torch: until it is loaded, the thorough attack waits ROOT_ATTACK_DELAY s
-        # of branching (the box centres bounded meanwhile are tried as counterexamples too).
+        # of branching (the box centres bounded meanwhile are tried as counterexamples too). ReLU splitting
+        # attacks as it goes (ATTACK_SHARE of its time), after the root bounds that may decide at once.
         attack_after = time.monotonic() + (ROOT_ATTACK_DELAY if self.branching == "inputs" and
                                            not torch_loaded() else 0.0)
-        if len(roots) and time.monotonic() >= attack_after:
+        splits_attack = self.branching == "relus" and relu_bab.attacks_as_it_goes(search, self.method)
+        if len(roots) and time.monotonic() >= attack_after and not splits_attack:
             attack_after = None
             if self._attack_roots(roots.lower, roots.upper, roots.alive):
                 return search.finish("violated")
         if len(roots) and self.branching == "relus":
             return relu_bab.split_relus(search, self.method, roots.lower, roots.upper, roots.alive,
-                                        margin_lower[keep], self.build_seconds, self.beta)
+                                        margin_lower[keep], self.build_seconds, self.beta,
+                                        lambda: self._attack_roots(roots.lower, roots.upper, roots.alive))
         frontier = Frontier(roots)
         while len(frontier):
             if search.past_deadline():
@@ -165,6 +176,25 @@ class InputSplitSearch:
             if attack_after is None:
                 self._attack_if_due(frontier)
         return search.finish("holds")
+
+    def _descend(self, lower, upper, alive) -> bool:
+        """Sign descent without torch on the property's undecided boxes (`descent.CoefficientDescent`), within
+        DESCENT_SHARE of the time left; True when a counterexample is confirmed."""
+        search = self.search
+        began = time.monotonic()
+        try:
+            descent = CoefficientDescent(search.network, search.matrix, search.offset, search.membership)
+        except GraphcertError as refusal:   # a heuristic: the searches go on without it
+            log.info("no torch-free descent: %s", str(refusal).splitlines()[0][:200])
+            return False
+        if descent.available:
+            deadline = began + DESCENT_SHARE * max(0.0, search.deadline - began)
+            points, objective = descent.run(lower, upper, alive, deadline, search.budget)
+            for index in np.flatnonzero(objective <= 0)[:8]:
+                if search.confirm(points[index]):
+                    break
+        search.attack_seconds += time.monotonic() - began
+        return search.counterexample is not None
 
     def _attack_roots(self, lower, upper, alive) -> bool:
         """The attack on the property's own boxes (a quarter of the time left at most)."""

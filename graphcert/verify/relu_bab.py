@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -112,21 +113,31 @@ class Domains(Arrays):
     warm: np.ndarray          # [B, width] float32 alpha-beta parameters to start from (NaN: the default start)
 
 
+def attacks_as_it_goes(search: Search, method: str) -> bool:
+    """Whether `split_relus` may search (and so attack the boxes as it goes) with this method on this network;
+    where it then finds nothing to split, it calls its `attack_roots` first."""
+    return methods.get(method).branches_on_relus and search.network.batched
+
+
 def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, build_seconds: float,
-                beta: AlphaSettings | None):
+                beta: AlphaSettings | None, attack_roots: Callable[[], bool] = lambda: False):
     """Branch and bound over ReLU units of the undecided property boxes (lower, upper [B, n], alive, margin
-    lower bounds [B, rows]); (status, counterexample, boxes bounded)."""
-    if not methods.get(method).branches_on_relus or not search.network.batched:
+    lower bounds [B, rows]); (status, counterexample, boxes bounded). `attack_roots()` attacks the boxes (True:
+    a counterexample) where no search follows after all."""
+    if not attacks_as_it_goes(search, method):
         return search.finish("unknown", f"bounds left the property undecided; method {method} does not split ReLUs"
                              if search.network.batched else "the model has no batch axis to bound split domains on")
     if time.monotonic() + build_seconds > search.deadline:
+        attack_roots()
         return search.finish("timeout", "too little time left to build the ReLU split bound graph")
     search.use_torch()   # alpha/beta-CROWN, with one thread
     clamp = SplitBounds(search.network, search.matrix, search.offset, "clamp")
     if clamp.units == 0:
+        attack_roots()
         return search.finish("unknown", "bounds left the property undecided and the model has no ReLU, Sigmoid "
                                         "or Tanh to split")
     if clamp.bytes_per_sample > search.budget.free():
+        attack_roots()
         return search.finish("unknown", f"the split bound graph may need {size(clamp.bytes_per_sample)} for one "
                                         f"domain, over the {size(search.budget.free())} of the memory budget free")
     return ReluSplitSearch(search, clamp, lower, upper, beta).run(alive, margin_lower)
