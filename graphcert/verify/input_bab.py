@@ -46,8 +46,8 @@ ROOT_ATTACK = dict(samples=1024, restarts=32, steps=100)
 # On mnistfc (7 counterexamples, 256x2 to 256x6) and eran's sigmoid net (idx 7259) it finds every
 # counterexample the thorough one does, in 0.25-1.0 s instead of 0.7-1.8 s; on eran idx 3334 and 3054 (true)
 # it gives up after 1.1-1.3 s instead of 2.1-2.5 s. A splitting search attacks the boxes again and again
-# (ATTACK_SHARE of its time) after its root bounds, which often prove the property at once: the torch-free
-# descent before them found 10 of 12 counterexamples (`descent`).
+# (`relu_bab.SPLIT_ATTACK_SHARE` of its time) after its root bounds, which often prove the property at once:
+# the torch-free descent before them found 10 of 12 counterexamples (`descent`).
 ROOT_ATTACK_BEFORE_UNIT_SPLITS = dict(samples=256, restarts=8, steps=50)
 
 
@@ -143,7 +143,7 @@ class InputSplitSearch:
             return search.finish("violated")
         # Halving input boxes needs no torch: until it is loaded, the thorough attack waits ROOT_ATTACK_DELAY s
         # of branching (the box centres bounded meanwhile are tried as counterexamples too). ReLU splitting
-        # attacks as it goes (ATTACK_SHARE of its time), after the root bounds that may decide at once.
+        # attacks as it goes (SPLIT_ATTACK_SHARE of its time), after the root bounds that may decide at once.
         attack_after = time.monotonic() + (ROOT_ATTACK_DELAY if self.branching == "inputs" and
                                            not torch_loaded() else 0.0)
         splits_attack = self.branching == "relus" and relu_bab.attacks_as_it_goes(search, self.method)

@@ -376,8 +376,9 @@ class Search:
         return (f"the frontier of {domains} undecided domains ({size(domains * bytes_each)}) would pass its "
                 f"share of the memory budget ({size(int(allowed))} of {self.budget})")
 
-    def attack_due(self) -> bool:
-        return self.attack_seconds <= ATTACK_SHARE * (time.monotonic() - self.started)
+    def attack_due(self, share: float = ATTACK_SHARE) -> bool:
+        """Whether the attacks so far took at most `share` of the search's time."""
+        return self.attack_seconds <= share * (time.monotonic() - self.started)
 
     def attack_boxes(self, lower, upper, alive, budget: float, **settings) -> bool:
         """Attack the boxes for at most `budget` of the remaining time; True when a counterexample is confirmed."""
