@@ -168,13 +168,17 @@ class AlphaCrown(LazySession):
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
         optimiser = Adam([(list(alphas.values()), lr), (list(betas.values()), lr if beta_lr is None else beta_lr),
                           (mixer.parameters(), mixture_lr)], lr_decay)
+        # The steps change only the parameters (and a learned mixture's objective): what depends on the boxes
+        # alone is computed once.
+        varying = set(alphas) | set(betas) | ({OBJECTIVE} if mixer.groups else set())
+        step_graph = executor.bind(torch_feeds, varying, list(dict.fromkeys(
+            self.outputs + self.steered + [name for pair in track for name in pair])))
         for _ in range(iterations):
             objective, shift = mixer.objective()
+            step_feeds = {**alphas, **betas}
             if objective is not None:
-                torch_feeds[OBJECTIVE] = objective
-            result = executor({**torch_feeds, **alphas, **betas},
-                              outputs=list(dict.fromkeys(self.outputs + self.steered
-                                                         + [name for pair in track for name in pair])))
+                step_feeds[OBJECTIVE] = torch_feeds[OBJECTIVE] = objective
+            result = step_graph(step_feeds)
             low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
             steer_low, steer_high = _finite(result[self.steered[0]] + shift), _finite(result[self.steered[1]])
             for lower_name, upper_name in track:

@@ -3,6 +3,7 @@ differentiable with respect to inputs and parameters."""
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import onnx
@@ -880,3 +881,35 @@ def test_deform_conv_kernel_matches_every_onnx_node_test():
         out = graph({name: np.asarray(value) for name, value in zip(names, inputs)})
         got = next(iter(out.values())).detach().numpy()
         np.testing.assert_allclose(got, expected[0], rtol=1e-4, atol=1e-4, err_msg=case.name)
+
+
+def test_a_bound_graph_runs_only_what_the_varying_inputs_reach():
+    """`bind`: alpha-CROWN's graph with the box fixed and the slopes varying gives the outputs and slope
+    gradients of the whole graph run every time, runs fewer steps, and asks for the varying inputs."""
+    from graphcert.passes.crown import CrownPass
+    from test_relu_split import SPEC, relu_network
+    proto, _ = relu_network([4, 12, 12, 3], seed=2)
+    spec = SpecPass(SPEC, None)(load(proto)).model
+    tuned = CrownPass(InputSet("box"), alpha="inputs")(spec).model
+    alphas = json.loads(tuned.metadata_props["graphcert.alpha"])
+    graph = TorchGraph(tuned, trainable=False)
+    rng = np.random.default_rng(0)
+    center = rng.uniform(-1, 1, size=(3, 4)).astype(np.float32)
+    box = {"x_lower": torch.tensor(center - 0.5), "x_upper": torch.tensor(center + 0.5)}
+    shapes = {v.name: [d if isinstance(d, int) else 3 for d in v.shape] for v in tuned.graph.inputs if v.name in alphas}
+    bound = graph.bind(box, set(alphas), ["margins_lower"])
+    assert len(bound.steps) < len(graph._plan(("margins_lower",)).steps)
+    for seed in range(3):
+        values = {name: torch.tensor(np.random.default_rng(seed).uniform(0, 1, size=shape).astype(np.float32),
+                                     requires_grad=True) for name, shape in shapes.items()}
+        whole = graph({**box, **values}, outputs=["margins_lower"])["margins_lower"]
+        part = bound(values)["margins_lower"]
+        torch.testing.assert_close(part, whole)
+        expected = torch.autograd.grad(whole.sum(), list(values.values()), allow_unused=True)
+        found = torch.autograd.grad(part.sum(), list(values.values()), allow_unused=True)
+        for a, b in zip(expected, found):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+    with pytest.raises(InputError, match="missing varying input"):
+        bound({})

@@ -165,18 +165,51 @@ class TorchGraph(nn.Module):
         for name, slot, rank, dtype in plan.needed_inputs:
             env[slot] = _prepare_feed(feeds[name], rank, dtype)
         for kernel_, ins, outs, frees, label in plan.steps:
-            try:
-                result = kernel_(*[env[i] if i >= 0 else None for i in ins])
-            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-                raise GraphcertError(f"torch executor failed at node {label}: {str(exc).splitlines()[0]}") from exc
-            if isinstance(result, torch.Tensor):
-                env[outs[0]] = result
-            else:
-                for slot, tensor in zip(outs, result):
-                    env[slot] = tensor
+            _run_step(env, kernel_, ins, outs, label)
             for slot in frees:
                 env[slot] = None
         return {name: env[self._outputs[name]] for name in names}
+
+    def bind(self, feeds: dict, varying: set[str], outputs: list[str] | None = None) -> "BoundGraph":
+        """The graph with `feeds` fixed: the nodes that depend on none of the `varying` inputs are run once
+        now (without gradients: the fixed feeds are constants), and the returned callable runs only the
+        others, taking the varying inputs. Optimisation steps feed the same boxes every step and change only
+        their parameters; the intervals, relaxation lines and whatever else depends on the boxes alone need
+        computing once."""
+        names = tuple(outputs) if outputs is not None else tuple(self._outputs)
+        plan = self._plan(names)
+        dynamic = {slot for name, slot, *_ in plan.needed_inputs if name in varying}
+        env: list = [None] * len(self._names)
+        for slot, torch_name in self._constants:
+            env[slot] = getattr(self, torch_name)
+        missing = [name for name, *_ in plan.needed_inputs if name not in feeds and name not in varying]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the graph needs {[e[0] for e in plan.needed_inputs]}")
+        for name, slot, rank, dtype in plan.needed_inputs:
+            if name not in varying:
+                env[slot] = _prepare_feed(feeds[name], rank, dtype)
+        later = []
+        with torch.no_grad():
+            for kernel_, ins, outs, _, label in plan.steps:
+                if any(i in dynamic for i in ins):
+                    dynamic.update(outs)
+                    later.append((kernel_, ins, outs, label))
+                else:
+                    _run_step(env, kernel_, ins, outs, label)
+        # Keep the fixed values the varying steps or the outputs read; free the rest.
+        wanted = {self._outputs[name] for name in names}
+        kept = {i for _, ins, _, _ in later for i in ins if i >= 0 and i not in dynamic} | (wanted - dynamic)
+        template = [value if slot in kept else None for slot, value in enumerate(env)]
+        last_use = {}
+        for position, (_, ins, _, _) in enumerate(later):
+            for slot in ins:
+                if slot in dynamic:
+                    last_use[slot] = position
+        steps = [(kernel_, ins, outs, tuple(s for s in set(ins) if s in dynamic and last_use.get(s) == position
+                                            and s not in wanted), label)
+                 for position, (kernel_, ins, outs, label) in enumerate(later)]
+        inputs = [entry for entry in plan.needed_inputs if entry[0] in varying]
+        return BoundGraph(template, steps, inputs, {name: self._outputs[name] for name in names})
 
     # -- initializers --
 
@@ -206,6 +239,37 @@ class TorchGraph(nn.Module):
                     raise InputError(f"initializer {name!r} has shape {tuple(target.shape)}, "
                                      f"got an array of shape {tuple(source.shape)}")
                 target.copy_(source.to(target.dtype))
+
+
+class BoundGraph:
+    """`TorchGraph.bind`'s result: `bound(varying feeds) -> {output name: tensor}`."""
+
+    def __init__(self, template: list, steps: list, inputs: list, outputs: dict[str, int]):
+        self.template, self.steps, self.inputs, self.outputs = template, steps, inputs, outputs
+
+    def __call__(self, feeds: dict) -> dict[str, torch.Tensor]:
+        env = list(self.template)
+        for name, slot, rank, dtype in self.inputs:
+            if name not in feeds:
+                raise InputError(f"missing varying input {name!r}")
+            env[slot] = _prepare_feed(feeds[name], rank, dtype)
+        for kernel_, ins, outs, frees, label in self.steps:
+            _run_step(env, kernel_, ins, outs, label)
+            for slot in frees:
+                env[slot] = None
+        return {name: env[slot] for name, slot in self.outputs.items()}
+
+
+def _run_step(env: list, kernel_, ins, outs, label: str) -> None:
+    try:
+        result = kernel_(*[env[i] if i >= 0 else None for i in ins])
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise GraphcertError(f"torch executor failed at node {label}: {str(exc).splitlines()[0]}") from exc
+    if isinstance(result, torch.Tensor):
+        env[outs[0]] = result
+    else:
+        for slot, tensor in zip(outs, result):
+            env[slot] = tensor
 
 
 def _feed_dtype(setup: Setup, onnx_type: ir.DataType, name: str) -> torch.dtype:
