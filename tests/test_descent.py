@@ -9,7 +9,6 @@ import time
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from conftest import shared_path
 from graphcert.verify.descent import CoefficientDescent
@@ -17,27 +16,14 @@ from graphcert.verify.network import Network
 from graphcert.verify.resources import Budget
 from graphcert.verify.search import Search, unsafe_objective
 from graphcert.vnnlib import load_property
-from test_relu_split import write_box_property
+from test_relu_split import relu_network, write_box_property
 from test_verify import confirmed_by_onnxruntime
 
 
 def activation_mlp(path, activation: str, widths: list[int], seed: int):
-    """A batched MLP with `activation` between its layers, saved to path; its layers [(W, b)]."""
-    rng = np.random.default_rng(seed)
-    layers = [((rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), (rng.normal(size=b) * 0.3).astype(np.float32))
-              for a, b in zip(widths[:-1], widths[1:])]
-    nodes, inits, h = [], [], "x"
-    for k, (w, bias) in enumerate(layers):
-        inits += [onnx.numpy_helper.from_array(w, f"w{k}"), onnx.numpy_helper.from_array(bias, f"b{k}")]
-        nodes += [helper.make_node("MatMul", [h, f"w{k}"], [f"m{k}"]), helper.make_node("Add", [f"m{k}", f"b{k}"], [f"z{k}"])]
-        h = f"z{k}"
-        if k < len(layers) - 1:
-            nodes.append(helper.make_node(activation, [h], [f"a{k}"]))
-            h = f"a{k}"
-    nodes.append(helper.make_node("Identity", [h], ["y"]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", widths[0]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", widths[-1]])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    """A batched MLP with `activation` between its layers (`relu_network`'s), saved to path; its layers."""
+    proto, layers = relu_network(widths, seed, activation, batch="batch")
+    onnx.save(proto, path)
     return layers
 
 

@@ -21,8 +21,10 @@ from graphcert.passes.spec import SpecPass
 from graphcert.runtime import Session
 
 
-def relu_network(widths: list[int], seed: int) -> tuple[onnx.ModelProto, list[tuple[np.ndarray, np.ndarray]]]:
-    """A batched MLP x [1, widths[0]] -> ... -> y [1, widths[-1]] with ReLUs between layers, and its weights."""
+def relu_network(widths: list[int], seed: int, activation: str = "Relu", batch=1
+                 ) -> tuple[onnx.ModelProto, list[tuple[np.ndarray, np.ndarray]]]:
+    """A batched MLP x [batch, widths[0]] -> ... -> y [batch, widths[-1]] with `activation` units (ReLUs by
+    default) between layers, and its weights."""
     rng = np.random.default_rng(seed)
     layers = [((rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), (rng.normal(size=b) * 0.3).astype(np.float32))
               for a, b in zip(widths[:-1], widths[1:])]
@@ -32,11 +34,11 @@ def relu_network(widths: list[int], seed: int) -> tuple[onnx.ModelProto, list[tu
         nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"]), helper.make_node("Add", [f"m{k}", f"b{k}"], [f"z{k}"])]
         x = f"z{k}"
         if k < len(layers) - 1:
-            nodes.append(helper.make_node("Relu", [x], [f"r{k}"]))
+            nodes.append(helper.make_node(activation, [x], [f"r{k}"]))
             x = f"r{k}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, widths[0]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, widths[-1]])], inits)
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, widths[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, widths[-1]])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), layers
 
 
