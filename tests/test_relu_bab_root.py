@@ -187,3 +187,22 @@ def test_root_alpha_on_the_unstable_units_only_holds(tmp_path, scale):
         assert (np.maximum(z.max(axis=0), high_found) <= unit_upper[box] + tolerance).all()
         margin = y @ search.matrix.T.astype(np.float64) + search.offset
         assert (margin.min(axis=0) >= margins[box] - TOLERANCE - 1e-5 * np.abs(margins[box])).all()
+
+
+def test_conjuncts_the_root_refutes_get_no_domains(tmp_path, monkeypatch):
+    """y_0 < t on [-1, 1]^2 with t just inside CROWN's bound: the root's alpha-CROWN refutes it, and the search
+    answers holds without bounding a single split domain; a threshold just below the grid maximum is still
+    violated (the shortcut never proves what a counterexample refutes)."""
+    from graphcert.verify import relu_bab, verify
+    from test_relu_split import crown_upper_bound
+    bounded = []
+    original = relu_bab.ReluSplitSearch._bound_domains
+    monkeypatch.setattr(relu_bab.ReluSplitSearch, "_bound_domains",
+                        lambda self, *args, **kwargs: bounded.append(1) or original(self, *args, **kwargs))
+    model, spec, top, gap = above_the_grid_maximum(tmp_path, [2, 16, 16, 16, 2], seed=4)
+    crown = crown_upper_bound(onnx.load(model), 2)
+    write_box_property(spec, 2, -1, 1, f"(>= Y_0 {crown - 0.05 * gap})", 2)
+    result = verify(model, spec, timeout=30, method="crown", branching="relus", rounding="real")
+    assert result.status == "holds" and not bounded
+    write_box_property(spec, 2, -1, 1, f"(>= Y_0 {top - 0.02})", 2)
+    assert verify(model, spec, timeout=5, method="crown", branching="relus", rounding="real").status == "violated"

@@ -197,6 +197,11 @@ class ReluSplitSearch:
             margin_lower = np.full(margin_lower.shape, -np.inf)
         if ROOT_ALPHA_STEPS > 0:
             margin_lower, unit_lower, unit_upper = self._root_unit_bounds(alive, margin_lower, unit_lower, unit_upper)
+            # Conjuncts the root's bounds refute need no domain (the same test `_live_domains` applies to them).
+            boxes = np.arange(len(alive))
+            alive = alive & ~self._refuted(boxes, margin_lower.astype(np.float64), unit_lower, unit_upper)
+            if not alive.any():
+                return search.finish("holds")
         # One search per live conjunct of each box (a domain is refuted once its one conjunct is; beta then
         # bounds only that conjunct's rows).
         root, conjunct = np.nonzero(alive)
@@ -409,10 +414,7 @@ class ReluSplitSearch:
         (without `choose`, or past the deadline: UNCHOSEN, for domains alpha-beta-CROWN re-bounds first, which
         chooses then)."""
         membership = self.search.membership
-        base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
-        slack = base + self._rounding_slack(root, unit_lower, unit_upper)
-        refuted = ((margin_lower > slack).astype(np.int32) @ membership) > 0
-        live = alive & ~refuted
+        live = alive & ~self._refuted(root, margin_lower, unit_lower, unit_upper)
         score = unsafe_objective(margin_lower, membership, live)
         keep = live.any(axis=1)
         # Past the deadline the search ends in a timeout before any of these is split: no choice (the gains'
@@ -422,6 +424,12 @@ class ReluSplitSearch:
             np.full(int(keep.sum()), UNCHOSEN)
         return Domains(root[keep], live[keep], unit_lower[keep], unit_upper[keep], score[keep], unit,
                        margin_lower[keep].astype(np.float32), signs[keep], warm[keep])
+
+    def _refuted(self, root, margin_lower, unit_lower, unit_upper) -> np.ndarray:
+        """[domains, conjuncts] bool: conjuncts whose margin lower bounds (float64) clear float32 rounding."""
+        base = ABSOLUTE_SLACK + RELATIVE_SLACK * np.abs(margin_lower)
+        slack = base + self._rounding_slack(root, unit_lower, unit_upper)
+        return ((margin_lower > slack).astype(np.int32) @ self.search.membership) > 0
 
     def _rounding_slack(self, root, unit_lower, unit_upper) -> np.ndarray:
         """Float32 slack of each domain: its root box's, or smaller from the domain's own unit bounds."""
