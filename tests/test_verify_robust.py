@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphcert.runtime import Session
@@ -322,3 +323,33 @@ def test_call_sizes_grow_when_callers_ask_for_less_than_the_size():
     for part in slow.slices(6, time.monotonic() + 60):
         time.sleep(0.1)   # a slow partial call never shrinks the size
     assert slow.size == 8
+
+
+def test_the_search_runs_with_fewer_collections_and_restores_the_collector(tmp_path, monkeypatch):
+    """While a search runs, what was alive at its start is frozen (left out of cyclic collections) and the
+    thresholds are raised; verify restores both, also when the search raises."""
+    import gc
+
+    from graphcert.verify import input_bab, verify
+    from graphcert.verify.resources import SEARCH_GC_THRESHOLD
+    model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"
+    index_network(model)
+    boxes_property(spec, np.linspace(-1, 1, 3), "(>= Y_0 1000.0)")
+    before = gc.get_threshold()
+    seen = []
+    original = input_bab.InputSplitSearch.run
+
+    def run(self):
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
+        return original(self)
+    monkeypatch.setattr(input_bab.InputSplitSearch, "run", run)
+    assert verify(model, spec, timeout=20).status == "holds"
+    assert seen[0][0] == SEARCH_GC_THRESHOLD and seen[0][1] > 1000
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+    def fail(self):
+        raise RuntimeError("a failing search")
+    monkeypatch.setattr(input_bab.InputSplitSearch, "run", fail)
+    with pytest.raises(RuntimeError):
+        verify(model, spec, timeout=20)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

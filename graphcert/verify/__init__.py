@@ -19,7 +19,7 @@ from ..alpha_settings import BRANCH_BETA, VERIFY_ALPHA, AlphaSettings
 from ..errors import InputError, SpecError
 from .competition import (COMPETITION_WORDS, STATUSES, InstanceResult, run_instances,  # noqa: F401
                           summarize, write_result)
-from .resources import Budget, OutOfBudget, parse_memory  # noqa: F401
+from .resources import Budget, OutOfBudget, fewer_collections, parse_memory  # noqa: F401
 
 # The search's modules load onnx, onnxruntime and torch: imported on first use (PEP 562), so that the command
 # line starts its deadline guard and reads the property before paying for them.
@@ -87,8 +87,9 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     # torch loads when the search first needs it (an attack, alpha/beta-CROWN), with one thread (`Search.use_torch`)
     search = Search(prop, network, deadline, budget, rounding)
     try:
-        status, counterexample, boxes = InputSplitSearch(search, method, alpha=alpha, branching=branching,
-                                                         beta=beta).run()
+        with fewer_collections():
+            status, counterexample, boxes = InputSplitSearch(search, method, alpha=alpha, branching=branching,
+                                                             beta=beta).run()
     except OutOfBudget as exc:
         status, counterexample, boxes = search.finish("unknown", str(exc))
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..vnnlib import Property
 from .network import Network
-from .resources import Budget, MemorySizer, PeakSampler, log, size
+from .resources import Budget, MemorySizer, PeakSampler, freeze_heap, log, size
 
 # Bound graphs compute in float32 without outward rounding: demand a little more than > 0 to refute.
 ABSOLUTE_SLACK, RELATIVE_SLACK = 1e-6, 1e-5
@@ -334,6 +334,7 @@ class Search:
         if self.torch_threads is None:
             self.torch_threads = torch.get_num_threads()
             torch.set_num_threads(1)
+            freeze_heap()   # torch's own objects: kept out of the search's collections (`resources`)
         return torch
 
     def release_torch(self) -> None:
