@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from conftest import shared_path
+from graphcert.verify import descent as descent_module
 from graphcert.verify.descent import CoefficientDescent
 from graphcert.verify.network import Network
 from graphcert.verify.resources import Budget
@@ -100,8 +101,13 @@ def test_descent_reaches_a_reachable_threshold_and_never_claims_an_unreachable_o
     write_box_property(tmp_path / "q.vnnlib", 4, -1, 1, f"(>= Y_0 {bound})", 3)
     search = Search(load_property(tmp_path / "q.vnnlib"), network, time.monotonic() + 60, rounding="real")
     descent = CoefficientDescent(network, search.matrix, search.offset, search.membership)
-    points, objective = descent.run(lower, upper, np.ones((1, 1), bool), time.monotonic() + 20, Budget())
+    calls = []
+    original = descent.coefficients_on
+    descent.coefficients_on = lambda *args: calls.append(1) or original(*args)
+    points, objective = descent.run(lower, upper, np.ones((1, 1), bool), time.monotonic() + 20, Budget(), steps=40)
     assert (objective > 0).all()
+    # it stopped once its best settled (one call on the box, then one per step)
+    assert descent_module.PLATEAU[0] <= len(calls) - 2 < 40
     recomputed = model_outputs(layers, points.astype(np.float32), activation) @ search.matrix.T + search.offset
     alive = np.ones((len(points), 1), bool)
     np.testing.assert_allclose(objective, unsafe_objective(recomputed, search.membership, alive), rtol=1e-4, atol=1e-4)

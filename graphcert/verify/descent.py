@@ -38,6 +38,11 @@ MAX_PAIRS = 256
 GRADIENT_BOX = 1e-2
 # Coefficients per call at most (points x rows x inputs floats): the points stream through in chunks.
 CALL_FLOATS = 1 << 24
+# The descent stops once its best objective, still positive, gained less than PLATEAU[1] of itself over the last
+# PLATEAU[0] steps. On the properties that hold of the list above the best settles within 3-6 steps (eran sigmoid
+# 3334, 7167, 7481, 1211: 0.8 s for 20 steps); the violated ones gain steadily until they cross 0 (mnistfc 256x2
+# prop_0_0.05: 0.032, 0.014 for 5 steps, then below 0 at step 13).
+PLATEAU = (6, 0.01)
 
 
 class CoefficientDescent(LazySession):
@@ -96,15 +101,23 @@ class CoefficientDescent(LazySession):
         # property's box.
         reach = GRADIENT_BOX * (hi - lo)
         best, best_x = np.full(len(x), np.inf), x.copy()
+        history = []
         for step in range(steps + 1):
             margins, gradients = self.coefficients_on(x - reach, x + reach, chunk)
             objective = unsafe_objective(margins, self.membership, alive[owner])
             improved = objective < best
             best, best_x[improved] = np.where(improved, objective, best), x[improved]
-            if best.min() <= 0 or step == steps or time.monotonic() > deadline:
+            history.append(best.min())
+            if best.min() <= 0 or step == steps or time.monotonic() > deadline or _settled(history):
                 break
             # the gradient of the aimed conjunct's largest row margin
             row = np.argmax(np.where(member, margins, -np.inf), axis=1)
             x = np.clip(x - step_scale(step, steps) * (hi - lo) * np.sign(gradients[np.arange(len(x)), row]), lo, hi)
         order = np.argsort(best)
         return best_x[order], best[order]
+
+
+def _settled(history: list[float]) -> bool:
+    """The best objective (positive) gained less than PLATEAU[1] of itself over the last PLATEAU[0] steps."""
+    window, share = PLATEAU
+    return len(history) > window and history[-1] > 0 and history[-1 - window] - history[-1] < share * history[-1]
