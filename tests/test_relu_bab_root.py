@@ -56,6 +56,22 @@ def attacked_unit_extremes(layers, lower, upper, rng, starts: int = 8, steps: in
     return z[0].min(dim=0).values.numpy(), z[1].max(dim=0).values.numpy()
 
 
+def assert_hold_on_sampled_and_attacked_points(layers, search, lower, upper, margins, unit_lower, unit_upper, rng):
+    """Per box: every unit input z at 20,000 sampled points and at the attacked extremes lies within the unit
+    bounds, and the sampled margins are above their lower bounds (float32 bounds of values up to ~scale^3:
+    relative tolerance)."""
+    for box in range(len(lower)):
+        tolerance = TOLERANCE + 1e-5 * np.maximum(np.abs(unit_lower[box]), np.abs(unit_upper[box]))
+        points = rng.uniform(lower[box], upper[box], size=(20000, lower.shape[1]))
+        hidden, y = pre_activations(layers, points)
+        z = np.concatenate(hidden, axis=1)
+        low_found, high_found = attacked_unit_extremes(layers, lower[box], upper[box], rng)
+        assert (np.minimum(z.min(axis=0), low_found) >= unit_lower[box] - tolerance).all()
+        assert (np.maximum(z.max(axis=0), high_found) <= unit_upper[box] + tolerance).all()
+        margin = y @ search.matrix.T.astype(np.float64) + search.offset
+        assert (margin.min(axis=0) >= margins[box] - TOLERANCE - 1e-5 * np.abs(margins[box])).all()
+
+
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_root_alpha_unit_bounds_hold_and_tighten_crown(tmp_path, scale):
     from graphcert.verify.bounds import AlphaUnitBounds
@@ -75,19 +91,7 @@ def test_root_alpha_unit_bounds_hold_and_tighten_crown(tmp_path, scale):
     assert (margins >= crown_margins - TOLERANCE - 1e-5 * np.abs(crown_margins)).all()
     gain = (unit_upper - unit_lower) / np.maximum(crown_upper - crown_lower, 1e-9)
     assert (gain < 0.99).any()
-    for box in range(len(lower)):
-        # float32 bounds of values up to ~scale^3: relative tolerance
-        tolerance = TOLERANCE + 1e-5 * np.maximum(np.abs(unit_lower[box]), np.abs(unit_upper[box]))
-        points = rng.uniform(lower[box], upper[box], size=(20000, 3))
-        hidden, y = pre_activations(layers, points)
-        z = np.concatenate(hidden, axis=1)
-        low_found, high_found = attacked_unit_extremes(layers, lower[box], upper[box], rng)
-        assert (z.min(axis=0) >= unit_lower[box] - tolerance).all()
-        assert (z.max(axis=0) <= unit_upper[box] + tolerance).all()
-        assert (low_found >= unit_lower[box] - tolerance).all()
-        assert (high_found <= unit_upper[box] + tolerance).all()
-        margin = y @ search.matrix.T.astype(np.float64) + search.offset
-        assert (margin.min(axis=0) >= margins[box] - TOLERANCE - 1e-5 * np.abs(margins[box])).all()
+    assert_hold_on_sampled_and_attacked_points(layers, search, lower, upper, margins, unit_lower, unit_upper, rng)
 
 
 @pytest.mark.parametrize("reuse", [True, False])
@@ -177,16 +181,7 @@ def test_root_alpha_on_the_unstable_units_only_holds(tmp_path, scale):
     assert (unit_lower >= crown_lower).all() and (unit_upper <= crown_upper).all()
     assert (margins >= crown_margins - TOLERANCE - 1e-5 * np.abs(crown_margins)).all()
     assert (margins > crown_margins + 1e-3).any()
-    for box in range(len(lower)):
-        tolerance = TOLERANCE + 1e-5 * np.maximum(np.abs(unit_lower[box]), np.abs(unit_upper[box]))
-        points = rng.uniform(lower[box], upper[box], size=(20000, 3))
-        hidden, y = pre_activations(layers, points)
-        z = np.concatenate(hidden, axis=1)
-        low_found, high_found = attacked_unit_extremes(layers, lower[box], upper[box], rng)
-        assert (np.minimum(z.min(axis=0), low_found) >= unit_lower[box] - tolerance).all()
-        assert (np.maximum(z.max(axis=0), high_found) <= unit_upper[box] + tolerance).all()
-        margin = y @ search.matrix.T.astype(np.float64) + search.offset
-        assert (margin.min(axis=0) >= margins[box] - TOLERANCE - 1e-5 * np.abs(margins[box])).all()
+    assert_hold_on_sampled_and_attacked_points(layers, search, lower, upper, margins, unit_lower, unit_upper, rng)
 
 
 def test_conjuncts_the_root_refutes_get_no_domains(tmp_path, monkeypatch):
