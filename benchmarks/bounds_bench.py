@@ -48,7 +48,7 @@ class Network:
         self.sessions = {method: Session(to_proto(graphcert.bound_graph(model, method, boxes, spec="runtime",
                                                                         keep_original=False)), threads=threads)
                          for method in GRAPH_METHODS}
-        self.alpha = AlphaCrown(model, "box", spec="runtime", threads=threads)
+        self.alpha = AlphaCrown(model, "box", spec="runtime")   # torch: its thread count is set globally
         self.forward = Session(to_proto(model), threads=threads)
 
 

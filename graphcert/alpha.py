@@ -27,15 +27,14 @@ import onnx_ir as ir
 from . import model as model_lib
 from .alpha_settings import CERTIFY_ALPHA, VERIFY_ALPHA, AlphaSettings  # noqa: F401  (re-exported)
 from .errors import InputError
-from .export import to_proto
 from .interface import OBJECTIVE, InputSet, clone, perturbed_inputs
-from .runtime import LazySession
 
 Stop = Callable[[np.ndarray, np.ndarray], bool]
 
 
-class AlphaCrown(LazySession):
-    """alpha-CROWN for one model, input-set kind and spec; the graphs are built once for many input sets.
+class AlphaCrown:
+    """alpha-CROWN for one model, input-set kind and spec; the graph is built once for many input sets, and runs
+    in torch: its start (the switch ALPHA_START on: CROWN's own slopes, `passes.crown`), then the steps.
 
     spec: None bounds the first model output; a [m, n] matrix (with spec_offset) bounds margins; "runtime"
     bounds objective·y for an `objective` fed with every call (shape [batch, m, n]).
@@ -45,7 +44,7 @@ class AlphaCrown(LazySession):
     """
 
     def __init__(self, model, kind: str = "linf", domain: tuple[float, float] | None = None, spec=None,
-                 spec_offset=None, crown_upper: bool | None = None, threads: int = 0, norm: str = "linf",
+                 spec_offset=None, crown_upper: bool | None = None, norm: str = "linf",
                  split_bounds: str | None = None, beta: bool = False,
                  intermediate_rows: dict[str, np.ndarray] | None = None):
         from graphcert.passes.crown import LINEAR_LOWER_PREFIX, LINEAR_UPPER_PREFIX, CrownPass
@@ -66,11 +65,6 @@ class AlphaCrown(LazySession):
         output = normalised.graph.outputs[0].name
         self.outputs = [f"{output}_lower", f"{output}_upper"]
         input_set = InputSet(kind, domain)
-        # The multipliers start at 0, where the bounds are those of the graph without them.
-        plain = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="init",
-                          norm=norm, split_bounds=split_bounds, intermediate_rows=intermediate_rows)(normalised).model
-        self.plain_proto = self.proto = to_proto(plain)   # its session (`LazySession`): the start's bounds, slopes
-        self.threads = threads
         tuned = CrownPass(input_set, keep_original=False, crown_upper=crown_upper, alpha="inputs",
                           norm=norm, split_bounds=split_bounds, beta=beta,
                           intermediate_rows=intermediate_rows)(normalised).model
@@ -88,13 +82,17 @@ class AlphaCrown(LazySession):
         self.kept: dict[str, np.ndarray] | None = None   # `bounds(..., keep=True)` fills it
         self.tracked: dict[str, np.ndarray] = {}          # `bounds(..., track=...)` fills it
 
+    @property
+    def inputs(self) -> set[str]:
+        """The names of the graph's inputs (box or ball, objective, split clamps, slopes, multipliers)."""
+        return {value.name for value in self._tuned.graph.inputs}
+
     def in_double(self) -> None:
-        """Give every bound computed in float64 from now on (onnxruntime and torch; outputs rounded outward to
-        float32). The Adam steps still run in float32, whose bounds only steer them: the bounds returned are the
-        CROWN start's and those of the best parameters found, each evaluated in float64 (any parameters in
-        range give a sound bound, so the steps' own rounding does not matter)."""
-        super().in_double()
-        self.dtype, self._double_executor = "float64", None
+        """Give every bound computed in float64 from now on (float64 arrays). The Adam steps still run in
+        float32, whose bounds only steer them: the bounds returned are the CROWN start's and those of the best
+        parameters found, each evaluated in float64 (any parameters in range give a sound bound, so the steps'
+        own rounding does not matter)."""
+        self.dtype = "float64"
 
     def feeds(self, lower=None, upper=None, x=None, eps=None, objective=None) -> dict[str, np.ndarray]:
         """Graph inputs for a box (lower, upper) or an L-inf ball (x, eps), shaped like the model input."""
@@ -137,12 +135,12 @@ class AlphaCrown(LazySession):
 
         mixer = _Mixer(feeds.get(OBJECTIVE), offset, mixtures or [])
         feeds = mixer.initial_feeds(feeds)
-        found = self.session.run(feeds)
+        found = self.crown_start(feeds, [name for pair in track for name in pair])
         best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
         self.tracked = {name: np.array(found[name]) for pair in track for name in pair}
         initial = {}
         for name, unit in self.units.items():
-            slopes = found[ALPHA_INIT_PREFIX + unit]
+            slopes = found[ALPHA_INIT_PREFIX + unit].astype(np.float32)   # the steps run in float32
             initial[name] = np.broadcast_to(slopes, (self._rows(name, feeds), *slopes.shape))
         for name, unit in self.betas.items():
             initial[name] = np.zeros((self._rows(name, feeds), *feeds[SPLIT_SIGN_PREFIX + unit].shape), np.float32)
@@ -154,6 +152,7 @@ class AlphaCrown(LazySession):
             return best_lower, best_upper
 
         import torch
+        from graphcert.passes.crown import ALPHA_START
         executor = self._torch_graph()
         alphas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.units}
         betas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.betas}
@@ -166,6 +165,7 @@ class AlphaCrown(LazySession):
             steering = {name: np.array(value, dtype=np.float32) for name, value in initial.items()}
             steer_score = np.full(len(best_lower), -np.inf)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
+        torch_feeds[ALPHA_START] = torch.tensor(False)   # the steps' own slopes
         optimiser = Adam([(list(alphas.values()), lr), (list(betas.values()), lr if beta_lr is None else beta_lr),
                           (mixer.parameters(), mixture_lr)], lr_decay)
         # The steps change only the parameters (and a learned mixture's objective): what depends on the boxes
@@ -204,6 +204,28 @@ class AlphaCrown(LazySession):
         if answer_in_double:
             return self._answer_in_double(torch_feeds, steering, mixer, track, answers)
         return best_lower, best_upper
+
+    def crown_start(self, feeds: dict[str, np.ndarray], tracked: list[str] = ()) -> dict[str, np.ndarray]:
+        """The graph's outputs with CROWN's own slopes and beta = 0 (the bounds, the slopes `alpha_init.<unit>`,
+        the `tracked` outputs), in float64 after `in_double`: the start of the steps."""
+        import torch
+
+        from graphcert.passes.crown import ALPHA_INIT_PREFIX, ALPHA_START
+        double = self.dtype == "float64"
+        dtype = torch.float64 if double else torch.float32
+        by_name = {value.name: value for value in self._tuned.graph.inputs}
+        start = {name: torch.as_tensor(value, dtype=dtype) if value.dtype.kind == "f" else torch.as_tensor(value)
+                 for name, value in feeds.items()}
+        start[ALPHA_START] = torch.tensor(True)
+        # The fed slopes are ignored with the switch on; multipliers start at 0, where the bounds are those of
+        # the graph without them. Zeros that broadcast stand in for both.
+        for name in [*self.units, *self.betas]:
+            start[name] = torch.zeros((1,) * len(by_name[name].shape), dtype=dtype)
+        outputs = list(dict.fromkeys(self.outputs + [ALPHA_INIT_PREFIX + unit for unit in self.units.values()] +
+                                     list(tracked)))
+        with torch.no_grad():
+            found = self._torch_graph(double=double)(start, outputs=outputs)
+        return {name: value.numpy() for name, value in found.items()}
 
     def _answer_in_double(self, torch_feeds: dict, parameters: dict, mixer: "_Mixer", track: tuple,
                           answers: tuple) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,10 @@ from graphcert.passes.relaxations import Lines, WindowMax
 from graphcert.passes.spec import MARGINS
 
 ALPHA_INIT_PREFIX = "alpha_init."
+# alpha="inputs": a boolean scalar input; true makes every slope CROWN's own adaptive choice (the fed slopes are
+# ignored), which gives alpha-CROWN's start, its bounds and (outputs `alpha_init.<unit>`) its slopes, from the
+# same graph as its steps.
+ALPHA_START = "alpha_start"
 # alpha="inputs": each output's linear bounds before they meet IBP's, which alpha-CROWN's steps follow. Where IBP's
 # bound is the tighter one at the start, the met bound does not depend on the slopes at all: its gradient is 0 and
 # Adam never leaves the start (eran's sigmoid net: most rows of a layer's bounds), though slopes in range can take
@@ -154,8 +158,9 @@ class CrownPass(ir.passes.FunctionalPass):
         spec pass's `margins`, whose upper bounds then come from IBP (proofs only need margin lower bounds).
     alpha: "inputs" makes the lower slope of every ReLU-like unit a graph input per backward pass
         (`alpha.<n>`, shape [rows, *unit shape], projected onto its valid range in the graph; metadata
-        `graphcert.alpha` maps each to its unit); "init" adds outputs `alpha_init.<unit>` with CROWN's
-        adaptive choice, the starting point of alpha-CROWN.
+        `graphcert.alpha` maps each to its unit), adds the switch input ALPHA_START (true: CROWN's own slopes
+        instead of those fed) and outputs `alpha_init.<unit>` with CROWN's adaptive choice, the starting
+        point of alpha-CROWN.
     split_bounds: "clamp" adds, for the input z of every SPLIT_UNITS op, graph inputs `split_lower.<z>` /
         `split_upper.<z>` (shaped like z) that its bounds are intersected with before the Relu is relaxed,
         and outputs `clamped_lower.<z>` / `clamped_upper.<z>` with the intersection (metadata
@@ -231,7 +236,9 @@ class CrownPass(ir.passes.FunctionalPass):
             for x in boxes:
                 boxes[x] = cx.l2_box(x, self.input_set.domain)
         if self.alpha == "inputs":
-            cx.alpha = AlphaInputs(graph)
+            switch = ir.Value(name=ALPHA_START, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+            graph.inputs.append(switch)
+            cx.alpha = AlphaInputs(graph, switch)
         if self.trainable:
             cx.support = None
         cx.fallback = set(fallback)
@@ -279,7 +286,7 @@ class CrownPass(ir.passes.FunctionalPass):
                     cx.split_points[node] = (lower, upper)
             if needs:
                 cx.relaxed[node] = relax(cx, node, *(intervals.env[x] for x in needs))
-                if self.alpha == "init" and isinstance(cx.relaxed[node], Lines) \
+                if self.alpha == "inputs" and isinstance(cx.relaxed[node], Lines) \
                         and cx.relaxed[node].adaptive_alpha is not None:
                     exposed[f"{ALPHA_INIT_PREFIX}{node.outputs[0].name}"] = (cx.relaxed[node].adaptive_alpha,
                                                                             node.outputs[0].shape)

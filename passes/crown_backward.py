@@ -323,7 +323,7 @@ def _relaxed_backward(cx: Context, node: ir.Node, coef: ir.Value):
         return _tangent_lines_backward(cx, node, relaxation, coef)
     lower_slope = relaxation.lower_slope
     if cx.alpha is not None and relaxation.alpha_floor is not None:
-        lower_slope = relaxation.lower_slope_for(b, cx.alpha.get(node))
+        lower_slope = relaxation.lower_slope_for(b, cx.alpha.chosen(b, node, relaxation.adaptive_alpha))
     relu_like = relaxation.negative_slope is not None
     positive = b.op("Relu", coef) if relu_like or relaxation.lower_intercept is not None else None
     negative = b.op("Min", coef, b.const(0.0)) if relu_like or relaxation.upper_intercept is not None else None
@@ -359,7 +359,8 @@ def _tangent_lines_backward(cx: Context, node: ir.Node, relaxation: Lines, coef:
     """alpha-CROWN on S-shaped ops: the lines of tangent points chosen per objective row and unit; each
     coefficient takes the lower line where positive and the upper line where negative, as above."""
     b = cx.b
-    lower_slope, lower_intercept, upper_slope, upper_intercept = relaxation.tangent_lines(cx.alpha.get(node))
+    lower_slope, lower_intercept, upper_slope, upper_intercept = relaxation.tangent_lines(
+        cx.alpha.chosen(b, node, relaxation.adaptive_alpha))
     negative = b.op("Less", coef, b.const(0.0))
     slope = b.op("Where", negative, upper_slope, lower_slope)
     intercept = b.op("Where", negative, upper_intercept, lower_intercept)   # [rows, *unit shape]: per row
@@ -442,8 +443,9 @@ class AlphaInputs:
 
     prefix = ALPHA_PREFIX
 
-    def __init__(self, graph: ir.Graph):
+    def __init__(self, graph: ir.Graph, switch: ir.Value | None = None):
         self.graph = graph
+        self.switch = switch   # a boolean scalar input: true selects each unit's adaptive slope (`chosen`)
         self.units: dict[str, str] = {}
         self.rows = None
         self._made: dict = {}
@@ -465,6 +467,13 @@ class AlphaInputs:
             self.units[name] = unit.name
             self._made[key] = value
         return self._made[key]
+
+    def chosen(self, b: Builder, node: ir.Node, adaptive: ir.Value | None) -> ir.Value:
+        """The slope parameter this pass uses for the unit: its input, or `adaptive` where the switch is on."""
+        value = self.get(node)
+        if self.switch is None or adaptive is None:
+            return value
+        return b.op("Where", self.switch, adaptive, value)
 
     @staticmethod
     def unit(node: ir.Node) -> ir.Value:

@@ -254,6 +254,49 @@ def test_alpha_crown_never_looser_than_crown(case):
     assert np.all(both[0] >= plain[0]) and np.all(both[1] <= plain[1])
 
 
+def _switch_case(name: str):
+    """(model, input set, feeds) for the start-switch test: a zoo model on an L-inf ball, or an MLP of my own
+    ("mlp-Sigmoid", "mlp-Tanh") on a box wide enough that the tangent points matter."""
+    if name.startswith("mlp-"):
+        from test_relu_split import relu_network
+        proto, _ = relu_network([4, 16, 16, 3], seed=5, activation=name[4:], batch=2)
+        centre = np.random.default_rng(1).uniform(-1, 1, size=(2, 4)).astype(np.float32)
+        return load(proto), InputSet("box"), {"x_lower": centre - 1.0, "x_upper": centre + 1.0}
+    entry = zoo.ZOO[name]
+    proto = entry()
+    x = zoo.sample_input(entry, proto, batch=2)
+    return load(proto), InputSet("linf", entry.domain), {zoo.input_name(proto): x, "epsilon": np.float32(0.05)}
+
+
+@pytest.mark.parametrize("name", ["torch_mlp", "torch_cnn", "torch_activations", "mlp-Sigmoid", "mlp-Tanh"])
+def test_the_start_switch_gives_crowns_bounds_and_slopes(name):
+    """alpha-CROWN's graph with ALPHA_START on: whatever slopes are fed, its bounds are plain CROWN's (the graph
+    without slopes) and its `alpha_init` outputs are slopes that, fed with the switch off, give those bounds
+    again; with the switch off, other slopes give other linear bounds (where any unit is left unstable)."""
+    import json
+
+    from graphcert.passes.crown import ALPHA_INIT_PREFIX, ALPHA_START
+    model, input_set, feeds = _switch_case(name)
+    tuned = CrownPass(input_set, alpha="inputs", keep_original=False)(model).model
+    units = json.loads(tuned.metadata_props["graphcert.alpha"])
+    assert units
+    plain = Session(to_proto(CrownPass(input_set, keep_original=False)(model).model)).run(feeds)
+    session = Session(to_proto(tuned))
+    rng = np.random.default_rng(3)
+    shapes = {v.name: [d if isinstance(d, int) else 2 for d in v.shape] for v in tuned.graph.inputs if v.name in units}
+    other = {n: rng.uniform(0, 1, size=shape).astype(np.float32) for n, shape in shapes.items()}
+    started = session.run({**feeds, **other, ALPHA_START: np.array(True)})
+    fed = {n: np.broadcast_to(started[ALPHA_INIT_PREFIX + units[n]], shapes[n]).astype(np.float32) for n in units}
+    again = session.run({**feeds, **fed, ALPHA_START: np.array(False)})
+    moved = session.run({**feeds, **other, ALPHA_START: np.array(False)})
+    for output in plain:
+        scale = 1e-4 * max(1.0, float(np.abs(plain[output]).max()))
+        np.testing.assert_allclose(started[output], plain[output], rtol=1e-4, atol=scale, err_msg=output)
+        np.testing.assert_allclose(again[output], plain[output], rtol=1e-4, atol=scale, err_msg=output)
+    if name != "torch_activations":   # (its bounds at this radius are nearly points: no slope moves them)
+        assert any(not np.allclose(moved[o], started[o], rtol=1e-3, atol=1e-3) for o in started)
+
+
 def test_alpha_crown_with_run_time_objective_matches_constant_spec():
     model, found, feeds = shared_case(*SHARED_CASES[2])
     matrix, offset = found.stacked_rows()

@@ -132,7 +132,7 @@ def test_alpha_answers_in_double_from_float32_steps():
     for unit in units:
         feeds[SPLIT_LOWER_PREFIX + unit] = np.full((4, 32), -np.inf, np.float32)
         feeds["split_upper." + unit] = np.full((4, 32), np.inf, np.float32)
-    start = bounder.session.run(feeds)
+    start = bounder.crown_start(feeds)
     track = tuple((CLAMPED_LOWER_PREFIX + u, CLAMPED_UPPER_PREFIX + u) for u in units)
     lower, upper = bounder.bounds(feeds, iterations=15, track=track)
     assert lower.dtype == np.float64 and np.all(lower >= start[bounder.outputs[0]])

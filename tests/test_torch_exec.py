@@ -520,6 +520,7 @@ def test_alpha_crown_slopes_are_inputs_with_gradients():
     for value in slopes:
         shape = [d if isinstance(d, int) else 2 for d in static_shape(value)]
         feeds[value.name] = rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
+    feeds[crown.ALPHA_START] = np.array(False)
     executor = _assert_matches(bound, feeds)
     tensors = {name: torch.tensor(a, requires_grad=name.startswith(crown.ALPHA_PREFIX)) for name, a in feeds.items()
                if name != "epsilon"}
@@ -895,7 +896,8 @@ def test_a_bound_graph_runs_only_what_the_varying_inputs_reach():
     graph = TorchGraph(tuned, trainable=False)
     rng = np.random.default_rng(0)
     center = rng.uniform(-1, 1, size=(3, 4)).astype(np.float32)
-    box = {"x_lower": torch.tensor(center - 0.5), "x_upper": torch.tensor(center + 0.5)}
+    box = {"x_lower": torch.tensor(center - 0.5), "x_upper": torch.tensor(center + 0.5),
+           "alpha_start": torch.tensor(False)}
     shapes = {v.name: [d if isinstance(d, int) else 3 for d in v.shape] for v in tuned.graph.inputs if v.name in alphas}
     bound = graph.bind(box, set(alphas), ["margins_lower"])
     assert len(bound.steps) < len(graph._plan(("margins_lower",)).steps)

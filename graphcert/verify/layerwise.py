@@ -122,6 +122,6 @@ class LayerwiseUnitBounds:
 
 def _feeds(bounder: AlphaCrown, lower: np.ndarray, upper: np.ndarray, splits: dict[str, np.ndarray]) -> dict:
     """The box and those split bounds the bounder's graph takes (a cut model takes its earlier layers' only)."""
-    takes = {value.name for value in bounder.plain_proto.graph.input}
+    takes = bounder.inputs
     return {name: value for name, value in {**bounder.feeds(lower=lower, upper=upper), **splits}.items()
             if name in takes}
