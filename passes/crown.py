@@ -190,6 +190,8 @@ class CrownPass(ir.passes.FunctionalPass):
                  alpha: str | None = None, split_bounds: str | None = None, beta: bool = False,
                  input_coefficients: bool = False, intermediate_rows: dict[str, np.ndarray] | None = None):
         super().__init__()
+        if alpha not in (None, "inputs"):
+            raise ValueError(f"alpha is None or 'inputs', not {alpha!r}")
         if split_bounds not in (None, "clamp", "given"):
             raise ValueError(f"split_bounds is None, 'clamp' or 'given', not {split_bounds!r}")
         if beta and split_bounds is None:
