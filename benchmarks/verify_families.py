@@ -3,7 +3,7 @@
 Usage:
   python benchmarks/verify_families.py families [--families F ...] [--per-family 5] [--fraction 0.1] [--cap 15]
   python benchmarks/verify_families.py abcrown [--per-family 8] [--cap 60]
-  (both take --method, --rounding, --memory, and --match SUBSTRING to keep instances whose onnx name has it)
+  (both take --method, --rounding, --memory, --threads, and --match SUBSTRING to keep instances whose onnx name has it)
 
 `families` runs a sample of each family's instances (spread evenly over its instances file) at a fraction of
 the competition timeout (capped); `abcrown` runs a sample of the instances of
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import compileall
 import csv
 import os
 import pathlib
@@ -66,14 +67,14 @@ def confirmed(model: pathlib.Path, spec: pathlib.Path, result_text: str) -> bool
 
 
 def run_one(model: pathlib.Path, spec: pathlib.Path, timeout: float, memory: str | None, method: str,
-            rounding: str | None = None) -> dict:
+            rounding: str | None = None, threads: int | None = None) -> dict:
     """One `cli.py verify` process: answer, wall seconds, peak resident MB, exit code, stderr's last line."""
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "result.txt"
         command = [sys.executable, str(ROOT / "cli.py"), "verify", str(model), str(spec), "--timeout", f"{timeout:g}",
                    "--out", str(out), "--method", method] + (["--memory", memory] if memory else []) \
-            + (["--rounding", rounding] if rounding else [])
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            + (["--rounding", rounding] if rounding else []) + (["--threads", str(threads)] if threads else [])
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
         began = time.monotonic()
         with open(pathlib.Path(tmp) / "stderr.txt", "w+b") as stderr:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
@@ -101,7 +102,7 @@ def run_rows(family: str, rows: list, timeout_of, args, truth) -> list[dict]:
     for onnx_name, spec_name, competition_timeout, *_ in rows:
         model, spec = SHARED / family / onnx_name, SHARED / family / spec_name
         timeout = timeout_of(float(competition_timeout))
-        record = run_one(model, spec, timeout, args.memory, args.method, args.rounding)
+        record = run_one(model, spec, timeout, args.memory, args.method, args.rounding, args.threads)
         record.update(family=family, onnx=os.path.basename(onnx_name), vnnlib=os.path.basename(spec_name),
                       timeout=timeout, truth=truth.get((family, os.path.basename(onnx_name),
                                                         os.path.basename(spec_name)), "absent"))
@@ -187,11 +188,16 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", help="--memory for every run (default: verify's own default)")
     parser.add_argument("--method", default="crown")
     parser.add_argument("--rounding", choices=("float32", "real"), help="--rounding for every run (default: verify's)")
+    parser.add_argument("--threads", type=int, help="--threads for every run (default: verify's, the free cores)")
     parser.add_argument("--match", default="", help="only instances whose onnx file name contains this")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
         print(f"benchmarks not found at {SHARED}", file=sys.stderr)
         return 2
+    # Byte-compiled once, as an installed package is at install time: with PYTHONDONTWRITEBYTECODE set (as on
+    # this machine) each process would compile graphcert's modules again (0.3 s of every run).
+    for package in ("graphcert", "passes"):
+        compileall.compile_dir(ROOT / package, quiet=1)
     (families if args.mode == "families" else abcrown)(args)
     return 0
 

@@ -353,3 +353,65 @@ def test_the_search_runs_with_fewer_collections_and_restores_the_collector(tmp_p
     with pytest.raises(RuntimeError):
         verify(model, spec, timeout=20)
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_the_search_threads_are_the_free_cores_and_the_other_jobs_take_theirs(monkeypatch):
+    """`free_cores`: every core this process may use on an idle machine (OMP_NUM_THREADS caps it), one once
+    other jobs keep every core busy (threads waiting for a descheduled sibling would stall every kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    from graphcert.verify.resources import free_cores
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= free_cores() <= cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert free_cores() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    spinners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+                for _ in range(cores)]
+    try:
+        import time
+        time.sleep(0.5)
+        assert free_cores() == 1
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def test_the_search_runs_torch_with_the_threads_asked_and_restores_them(tmp_path, monkeypatch):
+    """verify(threads=k) runs the search's torch kernels with k threads, restores torch's count after (also when
+    the search raises), and refuses a count below 1 (on the command line, a one-line error)."""
+    import torch
+
+    import cli
+    from graphcert.errors import InputError
+    from graphcert.verify import input_bab, verify
+    model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"
+    index_network(model)
+    boxes_property(spec, np.linspace(-1, 1, 3), "(>= Y_0 1000.0)")
+    before = torch.get_num_threads()
+    seen = []
+    original = input_bab.InputSplitSearch.run
+
+    def run(self):   # as an attack or alpha-CROWN would, before the search itself
+        self.search.use_torch()
+        seen.append(torch.get_num_threads())
+        return original(self)
+    monkeypatch.setattr(input_bab.InputSplitSearch, "run", run)
+    for threads in (1, 2):
+        assert verify(model, spec, timeout=20, threads=threads).status == "holds"
+        assert seen[-1] == threads and torch.get_num_threads() == before
+
+    def fail(self):
+        self.search.use_torch()
+        raise RuntimeError("a failing search")
+    monkeypatch.setattr(input_bab.InputSplitSearch, "run", fail)
+    with pytest.raises(RuntimeError):
+        verify(model, spec, timeout=20, threads=2)
+    assert torch.get_num_threads() == before
+    for threads in (0, -1, 1.5):
+        with pytest.raises(InputError, match="threads"):
+            verify(model, spec, timeout=20, threads=threads)
+    assert cli.main(["verify", str(model), str(spec), "--threads", "0"]) == 2

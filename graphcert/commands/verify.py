@@ -36,6 +36,9 @@ def add_verify(sub) -> None:
     p.add_argument("--rounding", default="float32", choices=("float32", "real"),
                    help="float32 (default): holds means for the model as it runs in float32; real: in real "
                         "arithmetic, as the competition reads properties")
+    p.add_argument("--threads", type=int,
+                   help="compute threads of the search's torch kernels (default: the cores no other task is "
+                        "running on when it starts; on a machine shared with other jobs, 1)")
     p.add_argument("--plot", metavar="FILE", help="with --instances: draw the cactus plot (.png or .svg)")
     p.add_argument("--reference", metavar="CSV",
                    help="with --plot: another tool's results (onnx, vnnlib, abcrown_answer or status, wall_s or "
@@ -59,6 +62,8 @@ def run_verify(args) -> int:
         raise InputError(f"--timeout-scale must be a positive number, got {args.timeout_scale:g}")
     from graphcert.verify.resources import parse_memory
     memory = parse_memory(args.memory) if args.memory is not None else None
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
     if (args.plot or args.reference) and not args.instances:
         raise InputError("--plot and --reference draw a cactus plot of --instances runs")
     if args.reference and not args.plot:
@@ -76,7 +81,7 @@ def run_verify(args) -> int:
         results, run = run_instances(args.instances, args.out, method=args.method, progress=sys.stderr.isatty(),
                                      timeout_scale=args.timeout_scale, alpha=alpha_settings(args, VERIFY_ALPHA),
                                      executor=parallel_executor(args), resume=args.resume, memory=memory,
-                                     rounding=args.rounding)
+                                     rounding=args.rounding, threads=args.threads)
         for r in results:
             print(f"{r.onnx},{r.vnnlib},{r.status},{r.seconds:.2f}")
         summary = verifier.summarize(results)
@@ -127,7 +132,8 @@ def run_verify(args) -> int:
     # result) is printed before the supervisor would answer for it.
     timeout = args.timeout - SEARCH_MARGIN if process and args.timeout > 2 * SEARCH_MARGIN else args.timeout
     result = verifier.verify(shipped_model(args.model), args.spec, timeout=timeout, method=args.method,
-                             alpha=alpha, memory=budget.total, started=started, rounding=args.rounding)
+                             alpha=alpha, memory=budget.total, started=started, rounding=args.rounding,
+                             threads=args.threads)
     answer(result.status, result.reason, result)
     if process:
         # End now rather than spend the promised second tearing down large sessions.

@@ -22,15 +22,16 @@ BUDGET_SHARE_OF_CAP = 0.75
 
 
 def verify_instance(onnx_path: str, spec_path: str, timeout: float, method: str, alpha, memory=None,
-                    rounding: str = "float32") -> str:
+                    rounding: str = "float32", threads: int | None = None) -> str:
     """The task: the verdict of one instance (an error propagates and becomes the instance's `error` row);
     `memory`: the verify call's budget in bytes (default: half of the memory available)."""
     from ..verify import verify
-    return verify(onnx_path, spec_path, timeout, method, alpha, memory=memory, rounding=rounding).status
+    return verify(onnx_path, spec_path, timeout, method, alpha, memory=memory, rounding=rounding,
+                  threads=threads).status
 
 
 def instance_tasks(folder: str, rows: list[list[str]], method: str, alpha, timeout_scale: float,
-                   memory=None, rounding: str = "float32") -> list[Task]:
+                   memory=None, rounding: str = "float32", threads: int | None = None) -> list[Task]:
     tasks, seen = [], {}
     for onnx_name, spec_name, timeout, *_ in rows:
         base = f"{onnx_name},{spec_name}"
@@ -38,7 +39,7 @@ def instance_tasks(folder: str, rows: list[list[str]], method: str, alpha, timeo
         seconds = float(timeout) * timeout_scale
         tasks.append(Task(occurrence_key(base, seen[base]), verify_instance,
                           (os.path.join(folder, onnx_name), os.path.join(folder, spec_name), seconds, method, alpha,
-                           memory, rounding),
+                           memory, rounding, threads),
                           timeout=seconds))
     return tasks
 
@@ -83,7 +84,7 @@ class InstanceCodec:
 
 def run_instances(csv_path, out_csv=None, method: str = "crown", progress: bool = True, timeout_scale: float = 1.0,
                   limit: int | None = None, alpha=None, executor=None, resume: bool = False, memory=None,
-                  rounding: str = "float32"):
+                  rounding: str = "float32", threads: int | None = None):
     """Verify every instance of a competition instances file on `executor` (serial by default); the results in
     input order and the run's summary."""
     from ..alpha import VERIFY_ALPHA
@@ -95,7 +96,7 @@ def run_instances(csv_path, out_csv=None, method: str = "crown", progress: bool 
         within = int(cap * 2 ** 20 * BUDGET_SHARE_OF_CAP)
         memory = within if memory is None else min(memory, within)
     folder, rows = read_instances(csv_path, limit)
-    tasks = instance_tasks(folder, rows, method, alpha or VERIFY_ALPHA, timeout_scale, memory, rounding)
+    tasks = instance_tasks(folder, rows, method, alpha or VERIFY_ALPHA, timeout_scale, memory, rounding, threads)
     journal = Journal(out_csv, InstanceCodec, _header_check(out_csv)) if out_csv is not None else None
     lines, summary = run_tasks(tasks, executor or SerialExecutor(), InstanceCodec.encode, journal, resume,
                                progress, unit="instance")

@@ -48,20 +48,23 @@ class Result:
 def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout: float = 60.0,
            method: str = "crown", alpha: AlphaSettings = VERIFY_ALPHA, branching: str | None = None,
            beta: AlphaSettings | None = BRANCH_BETA, memory: int | None = None,
-           started: float | None = None, rounding: str = "float32") -> Result:
+           started: float | None = None, rounding: str = "float32", threads: int | None = None) -> Result:
     """Decide whether the property holds on the model within `timeout` seconds (loading included); `alpha`
     tunes alpha-CROWN (methods alpha-crown, auto); `branching` ("inputs" or "relus") overrides the choice
     by input dimension; `beta` tunes the alpha-beta-CROWN bounds of ReLU domains (None: CROWN only);
     `memory` is the budget in bytes (default: half of the memory available now); `started` is when the
     clock started (time.monotonic(), default now: the command line passes its process start); `rounding`
     "float32" (the default) proves `holds` for the model as it runs in float32 (graphcert.rounding), "real"
-    in real arithmetic (the competition's reading).
+    in real arithmetic (the competition's reading); `threads` is torch's thread count in the search (default:
+    the cores no other task is running on when the search first needs torch, `resources.free_cores`).
 
     The deadline is checked between stages; a stage that cannot be interrupted (converting the model,
     creating an onnxruntime session) may overrun it here, which `resources.ProcessGuard` bounds for a process.
     """
     if not timeout > 0 or not np.isfinite(timeout):
         raise InputError(f"timeout must be a positive number of seconds, got {timeout}")
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise InputError(f"threads must be a whole number of at least 1, got {threads}")
     start = time.monotonic() if started is None else started
     deadline = start + timeout
     budget = Budget(memory)
@@ -84,8 +87,8 @@ def verify(model_path: str | os.PathLike, spec_path: str | os.PathLike, timeout:
     from .search import Search
     if rounding not in ("float32", "real"):
         raise InputError(f"unknown rounding '{rounding}'; choose float32 or real")
-    # torch loads when the search first needs it (an attack, alpha/beta-CROWN), with one thread (`Search.use_torch`)
-    search = Search(prop, network, deadline, budget, rounding)
+    # torch loads when the search first needs it (an attack, alpha/beta-CROWN): `Search.use_torch` sets its threads
+    search = Search(prop, network, deadline, budget, rounding, threads)
     try:
         with fewer_collections():
             status, counterexample, boxes = InputSplitSearch(search, method, alpha=alpha, branching=branching,

@@ -135,7 +135,7 @@ def split_relus(search: Search, method: str, lower, upper, alive, margin_lower, 
     if time.monotonic() + build_seconds > search.deadline:
         attack_roots()
         return search.finish("timeout", "too little time left to build the ReLU split bound graph")
-    search.use_torch()   # alpha/beta-CROWN, with one thread
+    search.use_torch()   # alpha/beta-CROWN, with the search's threads
     clamp = SplitBounds(search.network, search.matrix, search.offset, "clamp")
     if clamp.units == 0:
         attack_roots()

@@ -292,8 +292,9 @@ class Search:
     """
 
     def __init__(self, prop: Property, network: Network, deadline: float, budget: Budget | None = None,
-                 rounding: str = "float32"):
+                 rounding: str = "float32", threads: int | None = None):
         self.prop, self.network, self.deadline = prop, network, deadline
+        self.threads = threads   # torch's intra-op threads while the search runs (None: `free_cores` then)
         self.budget = budget or Budget()
         self.reason = ""
         self.matrix, self.offset, rows, self.mixtures = prop.rows_with_mixtures()
@@ -325,15 +326,13 @@ class Search:
         return self._attack
 
     def use_torch(self):
-        """torch, for attacks and alpha/beta-CROWN, with one intra-op thread until `release_torch`: the search
-        runs them on small tensors through many ops, where a second thread gains little and costs much on a busy
-        machine (mnistfc 256x2 prop_5_0.03 beside other jobs: 1,500-2,600 domain bounds in 12 s with one
-        thread, 60-700 with torch's default of two). Loaded only when needed: 1.5-1.8 s of a `verify` process
-        that the bounds decide at the root."""
+        """torch, for attacks and alpha/beta-CROWN, with `threads` intra-op threads (by default the cores no
+        other task is running on, `free_cores`) until `release_torch`. Loaded only when needed: 1.5-1.8 s of a
+        `verify` process that the bounds decide at the root."""
         import torch
         if self.torch_threads is None:
             self.torch_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+            torch.set_num_threads(self.threads or free_cores())
             freeze_heap()   # torch's own objects: kept out of the search's collections (`resources`)
         return torch
 
