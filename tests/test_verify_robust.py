@@ -383,6 +383,8 @@ def test_the_search_threads_are_the_free_cores_and_the_other_jobs_take_theirs(mo
 def test_the_search_runs_torch_with_the_threads_asked_and_restores_them(tmp_path, monkeypatch):
     """verify(threads=k) runs the search's torch kernels with k threads, restores torch's count after (also when
     the search raises), and refuses a count below 1 (on the command line, a one-line error)."""
+    import os
+
     import torch
 
     import cli
@@ -403,6 +405,8 @@ def test_the_search_runs_torch_with_the_threads_asked_and_restores_them(tmp_path
     for threads in (1, 2):
         assert verify(model, spec, timeout=20, threads=threads).status == "holds"
         assert seen[-1] == threads and torch.get_num_threads() == before
+    assert verify(model, spec, timeout=20).status == "holds"   # the free cores
+    assert 1 <= seen[-1] <= len(os.sched_getaffinity(0)) and torch.get_num_threads() == before
 
     def fail(self):
         self.search.use_torch()

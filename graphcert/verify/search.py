@@ -13,7 +13,7 @@ import numpy as np
 
 from ..vnnlib import Property
 from .network import Network
-from .resources import Budget, MemorySizer, PeakSampler, freeze_heap, log, size
+from .resources import Budget, MemorySizer, PeakSampler, free_cores, freeze_heap, log, size
 
 # Bound graphs compute in float32 without outward rounding: demand a little more than > 0 to refute.
 ABSOLUTE_SLACK, RELATIVE_SLACK = 1e-6, 1e-5
