@@ -118,9 +118,10 @@ class AlphaCrown:
 
         Warm start: `start` maps slope and multiplier inputs (`parameter_shapes`) to values [rows, batch, ...]
         to start from instead of CROWN's slopes and beta = 0 (NaN entries keep those); any value gives a sound
-        bound, the graph projecting slopes onto their range and the steps keeping beta >= 0. With `keep`,
-        `self.kept` then holds the parameters of each batch element's step with the largest summed lower bound
-        (its warm start for a sub-problem).
+        bound, the graph projecting slopes onto their range and the steps keeping beta >= 0. A start with every
+        parameter and no NaN (and no `track`, no mixtures) skips CROWN's start: the bounds are the steps'. With
+        `keep`, `self.kept` then holds the parameters of each batch element's step with the largest summed lower
+        bound (its warm start for a sub-problem).
 
         `track` names pairs (lower, upper) of further graph outputs, bounds of some tensor (with `split_bounds`
         "clamp": `clamped_lower.<z>`, `clamped_upper.<z>`, the intermediate bounds); `self.tracked` then holds
@@ -135,20 +136,31 @@ class AlphaCrown:
 
         mixer = _Mixer(feeds.get(OBJECTIVE), offset, mixtures or [])
         feeds = mixer.initial_feeds(feeds)
-        found = self.crown_start(feeds, [name for pair in track for name in pair])
-        best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
-        self.tracked = {name: np.array(found[name]) for pair in track for name in pair}
-        initial = {}
-        for name, unit in self.units.items():
-            slopes = found[ALPHA_INIT_PREFIX + unit].astype(np.float32)   # the steps run in float32
-            initial[name] = np.broadcast_to(slopes, (self._rows(name, feeds), *slopes.shape))
-        for name, unit in self.betas.items():
-            initial[name] = np.zeros((self._rows(name, feeds), *feeds[SPLIT_SIGN_PREFIX + unit].shape), np.float32)
-        for name, given in (start or {}).items():
-            initial[name] = np.where(np.isnan(given), initial[name], given).astype(np.float32)
+        parameters = [*self.units, *self.betas]
+        # A warm start that gives every parameter needs no CROWN start: its slopes would all be replaced, and its
+        # bounds are CROWN's, which a caller that warm-starts has (branch and bound bounds every child with CROWN
+        # first). The bounds are then those of the steps alone (in float64 mode the best step's, evaluated).
+        best_lower = best_upper = None
+        if iterations > 0 and parameters and not track and not mixer.groups and start is not None \
+                and set(parameters) <= set(start) and all(np.isfinite(start[name]).all() for name in parameters):
+            initial = {name: np.asarray(value, dtype=np.float32) for name, value in start.items()}
+            self.tracked = {}
+        else:
+            found = self.crown_start(feeds, [name for pair in track for name in pair])
+            best_lower, best_upper = mixer.shift(found[self.outputs[0]]), mixer.shift(found[self.outputs[1]])
+            self.tracked = {name: np.array(found[name]) for pair in track for name in pair}
+            initial = {}
+            for name, unit in self.units.items():
+                slopes = found[ALPHA_INIT_PREFIX + unit].astype(np.float32)   # the steps run in float32
+                initial[name] = np.broadcast_to(slopes, (self._rows(name, feeds), *slopes.shape))
+            for name, unit in self.betas.items():
+                initial[name] = np.zeros((self._rows(name, feeds), *feeds[SPLIT_SIGN_PREFIX + unit].shape),
+                                         np.float32)
+            for name, given in (start or {}).items():
+                initial[name] = np.where(np.isnan(given), initial[name], given).astype(np.float32)
         self.kept = {name: np.array(value, dtype=np.float32) for name, value in initial.items()} if keep else None
-        if iterations <= 0 or not (self.units or self.betas or mixer.groups) \
-                or (stop is not None and stop(best_lower, best_upper)):
+        if best_lower is not None and (iterations <= 0 or not (self.units or self.betas or mixer.groups)
+                                       or (stop is not None and stop(best_lower, best_upper))):
             return best_lower, best_upper
 
         import torch
@@ -156,14 +168,15 @@ class AlphaCrown:
         executor = self._torch_graph()
         alphas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.units}
         betas = {name: torch.tensor(initial[name], requires_grad=True) for name in self.betas}
-        kept_score = np.full(len(best_lower), -np.inf)
+        batch = len(best_lower) if best_lower is not None else next(iter(initial.values())).shape[1]
+        kept_score = np.full(batch, -np.inf)
         # float64 answers (`in_double`): the float32 steps' bounds only steer; the parameters of each batch
         # element's best step are evaluated in float64 at the end.
         answer_in_double = self.dtype == "float64"
         if answer_in_double:
             answers = (best_lower, best_upper, {name: value.copy() for name, value in self.tracked.items()})
             steering = {name: np.array(value, dtype=np.float32) for name, value in initial.items()}
-            steer_score = np.full(len(best_lower), -np.inf)
+            steer_score = np.full(batch, -np.inf)
         torch_feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
         torch_feeds[ALPHA_START] = torch.tensor(False)   # the steps' own slopes
         optimiser = Adam([(list(alphas.values()), lr), (list(betas.values()), lr if beta_lr is None else beta_lr),
@@ -184,6 +197,8 @@ class AlphaCrown:
             for lower_name, upper_name in track:
                 self.tracked[lower_name] = np.maximum(self.tracked[lower_name], result[lower_name].detach().numpy())
                 self.tracked[upper_name] = np.minimum(self.tracked[upper_name], result[upper_name].detach().numpy())
+            if best_lower is None:   # no CROWN start: the first step's bounds
+                best_lower, best_upper = low.detach().numpy(), high.detach().numpy()
             best_lower = np.maximum(best_lower, low.detach().numpy())
             if not mixer.groups:  # a learned mixture's upper bound would belong to another function each step
                 best_upper = np.minimum(best_upper, high.detach().numpy())
@@ -232,7 +247,7 @@ class AlphaCrown:
         """The tighter of the float64 start (`answers`: lower, upper, tracked) and the bounds of `parameters`
         evaluated in float64 (slopes projected onto their range by the graph, multipliers kept >= 0)."""
         import torch
-        start_lower, start_upper, start_tracked = answers
+        start_lower, start_upper, start_tracked = answers   # lower and upper None: no start to compare
         objective, shift = mixer.objective()
         feeds = {k: v.to(torch.float64) for k, v in torch_feeds.items()}
         if objective is not None:
@@ -241,9 +256,11 @@ class AlphaCrown:
         with torch.no_grad():
             result = self._torch_graph(double=True)(feeds, outputs=self.outputs + [n for pair in track for n in pair])
         shift = shift.detach().to(torch.float64) if torch.is_tensor(shift) else shift
-        low = (result[self.outputs[0]] + shift).numpy()
+        low, high = (result[self.outputs[0]] + shift).numpy(), result[self.outputs[1]].numpy()
+        if start_lower is None:
+            return low, high
         lower = np.maximum(start_lower, low)
-        upper = start_upper if mixer.groups else np.minimum(start_upper, result[self.outputs[1]].numpy())
+        upper = start_upper if mixer.groups else np.minimum(start_upper, high)
         self.tracked = dict(start_tracked)
         for lower_name, upper_name in track:
             self.tracked[lower_name] = np.maximum(start_tracked[lower_name], result[lower_name].numpy())

@@ -213,25 +213,39 @@ def given_domains(seed: int, domains: int):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_any_warm_start_gives_a_bound_on_the_split_domain(seed):
+@pytest.mark.parametrize("warm", ["some default", "complete", "complete in float64"])
+def test_any_warm_start_gives_a_bound_on_the_split_domain(seed, warm, monkeypatch):
     """Warm starts (slopes far outside [0, 1], large multipliers, NaN for the default) are projected by the
-    graph and the steps: the bounds stay below every margin of the domain's sampled and attacked inputs."""
+    graph and the steps: the bounds stay below every margin of the domain's sampled and attacked inputs. A
+    complete warm start (no NaN) runs no CROWN start: its bounds are the steps' own (float64 mode: the best
+    step's parameters evaluated in float64)."""
+    from graphcert import alpha as alpha_module
     domains = 6
     layers, spec, units, signs, given, (lower, upper) = given_domains(seed, domains)
     bounder = AlphaCrown(spec, "box", split_bounds="given", beta=True)
+    if warm.endswith("float64"):
+        bounder.in_double()
+    starts = []
+    original = alpha_module.AlphaCrown.crown_start
+    monkeypatch.setattr(alpha_module.AlphaCrown, "crown_start",
+                        lambda self, *a, **k: starts.append(1) or original(self, *a, **k))
     rng = np.random.default_rng(100 + seed)
     rows = len(SPEC)
     start = {}
     for name, (rows, shape) in bounder.parameter_shapes().items():
         size = (rows, domains, *shape)
         values = rng.uniform(-3, 4, size=size) if name in bounder.units else rng.uniform(0, 20, size=size)
-        values[rng.random(size) < 0.2] = np.nan
+        if warm == "some default":
+            values[rng.random(size) < 0.2] = np.nan
         start[name] = values.astype(np.float32)
     points = rng.uniform(lower, upper, size=(40000, 3))
     hidden, y = pre_activations(layers, points)
     margins = y @ SPEC.T.astype(np.float64)
     for iterations in (1, 10):
+        starts.clear()
         low, _ = bounder.bounds(given, iterations=iterations, lr=0.1, start=start)
+        assert len(starts) == (warm == "some default")
+        assert low.dtype == (np.float64 if warm.endswith("float64") else np.float32)
         for d in range(domains):
             attacked = attack_in_domain(layers, units, signs, d, lower, upper, rng, starts=16, steps=40)
             attacked_hidden, attacked_y = pre_activations(layers, attacked)

@@ -368,8 +368,8 @@ def test_the_search_threads_are_the_free_cores_and_the_other_jobs_take_theirs(mo
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert free_cores() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
-    spinners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
-                for _ in range(cores)]
+    spin = "import time\nend = time.time() + 30\nwhile time.time() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores)]
     try:
         import time
         time.sleep(0.5)
