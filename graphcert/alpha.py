@@ -119,9 +119,9 @@ class AlphaCrown:
         Warm start: `start` maps slope and multiplier inputs (`parameter_shapes`) to values [rows, batch, ...]
         to start from instead of CROWN's slopes and beta = 0 (NaN entries keep those); any value gives a sound
         bound, the graph projecting slopes onto their range and the steps keeping beta >= 0. A start with every
-        parameter and no NaN (and no `track`, no mixtures) skips CROWN's start: the bounds are the steps'. With
-        `keep`, `self.kept` then holds the parameters of each batch element's step with the largest summed lower
-        bound (its warm start for a sub-problem).
+        parameter and no NaN (and no mixtures) skips CROWN's start: the bounds (tracked ones too) are the steps'.
+        With `keep`, `self.kept` then holds the parameters of each batch element's step with the largest summed
+        lower bound (its warm start for a sub-problem).
 
         `track` names pairs (lower, upper) of further graph outputs, bounds of some tensor (with `split_bounds`
         "clamp": `clamped_lower.<z>`, `clamped_upper.<z>`, the intermediate bounds); `self.tracked` then holds
@@ -141,7 +141,7 @@ class AlphaCrown:
         # bounds are CROWN's, which a caller that warm-starts has (branch and bound bounds every child with CROWN
         # first). The bounds are then those of the steps alone (in float64 mode the best step's, evaluated).
         best_lower = best_upper = None
-        if iterations > 0 and parameters and not track and not mixer.groups and start is not None \
+        if iterations > 0 and parameters and not mixer.groups and start is not None \
                 and set(parameters) <= set(start) and all(np.isfinite(start[name]).all() for name in parameters):
             initial = {name: np.asarray(value, dtype=np.float32) for name, value in start.items()}
             self.tracked = {}
@@ -195,8 +195,11 @@ class AlphaCrown:
             low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
             steer_low, steer_high = _finite(result[self.steered[0]] + shift), _finite(result[self.steered[1]])
             for lower_name, upper_name in track:
-                self.tracked[lower_name] = np.maximum(self.tracked[lower_name], result[lower_name].detach().numpy())
-                self.tracked[upper_name] = np.minimum(self.tracked[upper_name], result[upper_name].detach().numpy())
+                found_lower, found_upper = result[lower_name].detach().numpy(), result[upper_name].detach().numpy()
+                if lower_name in self.tracked:
+                    found_lower = np.maximum(self.tracked[lower_name], found_lower)
+                    found_upper = np.minimum(self.tracked[upper_name], found_upper)
+                self.tracked[lower_name], self.tracked[upper_name] = found_lower, found_upper
             if best_lower is None:   # no CROWN start: the first step's bounds
                 best_lower, best_upper = low.detach().numpy(), high.detach().numpy()
             best_lower = np.maximum(best_lower, low.detach().numpy())
@@ -257,14 +260,17 @@ class AlphaCrown:
             result = self._torch_graph(double=True)(feeds, outputs=self.outputs + [n for pair in track for n in pair])
         shift = shift.detach().to(torch.float64) if torch.is_tensor(shift) else shift
         low, high = (result[self.outputs[0]] + shift).numpy(), result[self.outputs[1]].numpy()
+        self.tracked = dict(start_tracked)
+        for lower_name, upper_name in track:
+            found_lower, found_upper = result[lower_name].numpy(), result[upper_name].numpy()
+            if lower_name in start_tracked:
+                found_lower = np.maximum(start_tracked[lower_name], found_lower)
+                found_upper = np.minimum(start_tracked[upper_name], found_upper)
+            self.tracked[lower_name], self.tracked[upper_name] = found_lower, found_upper
         if start_lower is None:
             return low, high
         lower = np.maximum(start_lower, low)
         upper = start_upper if mixer.groups else np.minimum(start_upper, high)
-        self.tracked = dict(start_tracked)
-        for lower_name, upper_name in track:
-            self.tracked[lower_name] = np.maximum(start_tracked[lower_name], result[lower_name].numpy())
-            self.tracked[upper_name] = np.minimum(start_tracked[upper_name], result[upper_name].numpy())
         return lower, upper
 
     @staticmethod

@@ -302,3 +302,60 @@ def test_split_bounds_pack_warm_starts_per_domain(tmp_path):
             else:
                 assert (where == -1).all()
     assert hits >= domains
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_split_bounds_give_the_clamps_met_with_ibp_like_the_given_split_graph(tmp_path, double):
+    """Children of a split go to beta-CROWN without a CROWN pass first: `clamps=True` gives the bounds of z the
+    beta graph used, the given ones met with IBP through the earlier layers (a split at layer 1 tightens layer
+    2), as the "given" split graph computes them; on domains whose signs agree with sampled points the sampled
+    z lie inside them, and the margins bound the sampled margins (warm starts and cold)."""
+    from graphcert.verify.bounds import BetaSplitBounds, SplitBounds
+    from graphcert.verify.network import Network
+    proto, layers = relu_network([3, 16, 16, 3], seed=4)
+    onnx.save(proto, tmp_path / "m.onnx")
+    network = Network(tmp_path / "m.onnx")
+    offset = np.zeros(len(SPEC))
+    clamp = SplitBounds(network, SPEC, offset, "clamp")
+    given = SplitBounds(network, SPEC, offset, "given")
+    beta = BetaSplitBounds(network, SPEC, offset, np.eye(len(SPEC), dtype=bool), clamp, AlphaSettings(iterations=4))
+    if double:
+        beta.alpha.in_double()
+    rng = np.random.default_rng(5)
+    domains = 6
+    lower, upper = np.full((domains, 3), -1.0), np.full((domains, 3), 1.0)
+    _, unit_lower, unit_upper = clamp(lower, upper, np.full((domains, clamp.units), -np.inf),
+                                      np.full((domains, clamp.units), np.inf))
+    unit_lower, unit_upper = unit_lower.astype(np.float64), unit_upper.astype(np.float64)
+    # Split two unstable first-layer units per domain at 0, on the side a sampled anchor takes.
+    anchors = rng.uniform(-1, 1, size=(domains, 3))
+    hidden, _ = pre_activations(layers, anchors)
+    signs = np.zeros((domains, clamp.units), dtype=np.int8)
+    for d in range(domains):
+        unstable = np.flatnonzero((unit_lower[d, :16] < 0) & (unit_upper[d, :16] > 0))
+        for u in rng.choice(unstable, size=min(2, len(unstable)), replace=False):
+            if hidden[0][d, u] >= 0:
+                unit_lower[d, u], signs[d, u] = 0.0, 1
+            else:
+                unit_upper[d, u], signs[d, u] = 0.0, -1
+    _, given_lower, given_upper = given(lower, upper, unit_lower, unit_upper)
+    assert (given_lower[:, 16:] > unit_lower[:, 16:] + 1e-6).any()   # the splits tightened the second layer
+    conjunct = np.zeros(domains, dtype=int)
+    points = rng.uniform(-1, 1, size=(20000, 3))
+    point_hidden, y = pre_activations(layers, points)
+    for warm in (None, rng.uniform(0, 1, size=(domains, beta.width)).astype(np.float32)):
+        low, _ = beta(lower, upper, unit_lower, unit_upper, signs, conjunct, stop=lambda low, high: False,
+                      warm=warm, clamps=True)
+        clamped_lower, clamped_upper = beta.clamped
+        np.testing.assert_allclose(clamped_lower, given_lower, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(clamped_upper, given_upper, rtol=1e-5, atol=1e-5)
+        for d in range(domains):
+            inside = np.ones(len(points), dtype=bool)
+            for layer, z in enumerate(point_hidden):
+                part = signs[d, 16 * layer:16 * (layer + 1)]
+                inside &= (part * z >= 0).all(axis=1)
+            z = np.concatenate(point_hidden, axis=1)[inside]
+            assert inside.sum() > 10
+            assert (z >= clamped_lower[d] - 1e-4).all() and (z <= clamped_upper[d] + 1e-4).all()
+            margins = y[inside] @ SPEC.T.astype(np.float64)
+            assert (margins[:, np.isfinite(low[d])] >= low[d][np.isfinite(low[d])] - 1e-4).all()

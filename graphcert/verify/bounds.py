@@ -265,11 +265,14 @@ class BetaSplitBounds:
             self.layout[name] = (rows, shape, column)
             column += rows * int(np.prod(shape))
         self.width = column
+        self.clamped: tuple[np.ndarray, np.ndarray] | None = None   # `__call__(..., clamps=True)` fills it
 
-    def __call__(self, lower, upper, unit_lower, unit_upper, signs, conjunct, stop, warm: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, lower, upper, unit_lower, unit_upper, signs, conjunct, stop, warm: np.ndarray | None = None,
+                 clamps: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """`conjunct` [B]: each domain's conjunct; `stop(margin_lower, None)` sees bounds of every row (-inf on
-        rows of other conjuncts)."""
+        rows of other conjuncts). With `clamps`, `self.clamped` then holds the bounds of z the graph used (the
+        given ones met with IBP through the earlier layers' clamps: a split tightens later layers), flat
+        [B, units] (float64 in float64 mode), the tightest over the steps."""
         from ..interface import OBJECTIVE
         lo, hi = outward_float32(lower, upper)
         rows = self.conjunct_rows[conjunct]                                     # [B, m]
@@ -279,9 +282,15 @@ class BetaSplitBounds:
         settings = self.settings
         start = self._unpack(warm) if warm is not None and self.width and warm.shape[1] == self.width else None
         keep = self.width > 0
+        pairs = tuple((CLAMPED_LOWER_PREFIX + name, CLAMPED_UPPER_PREFIX + name) for name in self.splits.names) \
+            if clamps else ()
         low, _ = self.alpha.bounds(feeds, settings.iterations, settings.lr, settings.lr_decay,
                                    stop=lambda low, high: stop(self._every_row(low, rows), None),
-                                   start=start, keep=keep)
+                                   start=start, keep=keep, track=pairs)
+        if clamps:
+            tracked = self.alpha.tracked
+            self.clamped = tuple(np.concatenate([tracked[pair[side]].reshape(len(lo), -1) for pair in pairs], axis=1)
+                                 for side in (0, 1))
         kept = self._pack(self.alpha.kept, len(lo)) if keep else np.empty((len(lo), 0), np.float32)
         return self._every_row(low, rows), kept
 
