@@ -325,6 +325,24 @@ def test_call_sizes_grow_when_callers_ask_for_less_than_the_size():
     assert slow.size == 8
 
 
+def test_a_call_is_cut_to_end_by_the_deadline():
+    """Near the deadline a call is sized to what the time left allows at the last measured rate, so that a stage
+    that does not watch the clock inside its calls (the ReLU look-ahead) ends by the deadline."""
+    import time
+
+    from graphcert.verify.search import CallSizer
+    sizer = CallSizer(size=100, seconds=1.0)   # 100 items a second
+    deadline = time.monotonic() + 0.3
+    ends = []
+    for part in sizer.slices(1000, deadline):
+        if part is None:
+            break
+        time.sleep(0.01 * (part.stop - part.start))
+        ends.append(time.monotonic())
+    assert ends and max(ends) < deadline + 0.05
+    assert CallSizer(size=100, seconds=1.0).slices(1000, time.monotonic() + 60).__next__() == slice(0, 100)
+
+
 def test_the_search_runs_with_fewer_collections_and_restores_the_collector(tmp_path, monkeypatch):
     """While a search runs, what was alive at its start is frozen (left out of cyclic collections) and the
     thresholds are raised; verify restores both, also when the search raises."""

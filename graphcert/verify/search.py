@@ -434,6 +434,11 @@ class CallSizer:
                 yield None
                 return
             size = self.size if self.memory is None else max(1, min(self.size, self.memory.limit()))
+            # A call that would end past the deadline is cut to what the time left allows at the last rate (a
+            # stage that does not watch the clock inside its calls, such as the ReLU look-ahead, keeps it then).
+            left = deadline - time.monotonic()
+            if left < self.seconds:
+                size = max(1, min(size, int(self.size * left / self.seconds)))
             part = slice(start, min(start + size, total))
             began = time.monotonic()
             if self.memory is None:
