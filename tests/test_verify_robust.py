@@ -126,6 +126,14 @@ def index_network(path, seed: int = 0) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
 
 
+def held_index_instance(tmp_path):
+    """(model, spec): the learned-index model and a property on two key ranges that its bounds prove."""
+    model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"
+    index_network(model)
+    boxes_property(spec, np.linspace(-1, 1, 3), "(>= Y_0 1000.0)")
+    return model, spec
+
+
 def boxes_property(path, edges: np.ndarray, unsafe: str) -> None:
     """X_0 in one of the boxes [edges[k], edges[k + 1]] (as learned-index specs list thousands of key ranges)."""
     terms = " ".join(f"(and (>= X_0 {float(a)!r}) (<= X_0 {float(b)!r}))" for a, b in zip(edges[:-1], edges[1:]))
@@ -350,9 +358,7 @@ def test_the_search_runs_with_fewer_collections_and_restores_the_collector(tmp_p
 
     from graphcert.verify import input_bab, verify
     from graphcert.verify.resources import SEARCH_GC_THRESHOLD
-    model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"
-    index_network(model)
-    boxes_property(spec, np.linspace(-1, 1, 3), "(>= Y_0 1000.0)")
+    model, spec = held_index_instance(tmp_path)
     before = gc.get_threshold()
     seen = []
     original = input_bab.InputSplitSearch.run
@@ -408,9 +414,7 @@ def test_the_search_runs_torch_with_the_threads_asked_and_restores_them(tmp_path
     import cli
     from graphcert.errors import InputError
     from graphcert.verify import input_bab, verify
-    model, spec = tmp_path / "index.onnx", tmp_path / "p.vnnlib"
-    index_network(model)
-    boxes_property(spec, np.linspace(-1, 1, 3), "(>= Y_0 1000.0)")
+    model, spec = held_index_instance(tmp_path)
     before = torch.get_num_threads()
     seen = []
     original = input_bab.InputSplitSearch.run

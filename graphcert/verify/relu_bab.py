@@ -468,7 +468,8 @@ class ReluSplitSearch:
 
     def _tighten_with_beta(self, domains: Domains, clamps: bool = False) -> Domains:
         """Re-bound the live domains with alpha and beta multipliers (`BetaSplitBounds`), in chunks sized by
-        their own CallSizer; at the deadline the domains not reached keep their CROWN bounds (sound). With
+        their own CallSizer; at the deadline the domains not reached keep the bounds they came with (their CROWN
+        bounds, or their parent's for children sent straight here: sound either way). With
         `clamps` (children of a split not bounded before), their unit bounds become those the beta graph met
         with IBP (later layers tightened by the split; a crossing refutes the domain)."""
         search, settings = self.search, self.beta_settings
