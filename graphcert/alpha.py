@@ -137,9 +137,9 @@ class AlphaCrown:
         mixer = _Mixer(feeds.get(OBJECTIVE), offset, mixtures or [])
         feeds = mixer.initial_feeds(feeds)
         parameters = [*self.units, *self.betas]
-        # A warm start that gives every parameter needs no CROWN start: its slopes would all be replaced, and its
-        # bounds are CROWN's, which a caller that warm-starts has (branch and bound bounds every child with CROWN
-        # first). The bounds are then those of the steps alone (in float64 mode the best step's, evaluated).
+        # A warm start that gives every parameter needs no CROWN start: its slopes would all be replaced, and a
+        # caller that warm-starts has bounds to fall back on (branch and bound: the parent's, or CROWN's of the
+        # children). The bounds are then those of the steps alone (in float64 mode the best step's, evaluated).
         best_lower = best_upper = None
         if iterations > 0 and parameters and not mixer.groups and start is not None \
                 and set(parameters) <= set(start) and all(np.isfinite(start[name]).all() for name in parameters):
@@ -194,12 +194,7 @@ class AlphaCrown:
             result = step_graph(step_feeds)
             low, high = result[self.outputs[0]] + shift, result[self.outputs[1]]
             steer_low, steer_high = _finite(result[self.steered[0]] + shift), _finite(result[self.steered[1]])
-            for lower_name, upper_name in track:
-                found_lower, found_upper = result[lower_name].detach().numpy(), result[upper_name].detach().numpy()
-                if lower_name in self.tracked:
-                    found_lower = np.maximum(self.tracked[lower_name], found_lower)
-                    found_upper = np.minimum(self.tracked[upper_name], found_upper)
-                self.tracked[lower_name], self.tracked[upper_name] = found_lower, found_upper
+            self.tracked = _tightest(self.tracked, result, track)
             if best_lower is None:   # no CROWN start: the first step's bounds
                 best_lower, best_upper = low.detach().numpy(), high.detach().numpy()
             best_lower = np.maximum(best_lower, low.detach().numpy())
@@ -260,13 +255,7 @@ class AlphaCrown:
             result = self._torch_graph(double=True)(feeds, outputs=self.outputs + [n for pair in track for n in pair])
         shift = shift.detach().to(torch.float64) if torch.is_tensor(shift) else shift
         low, high = (result[self.outputs[0]] + shift).numpy(), result[self.outputs[1]].numpy()
-        self.tracked = dict(start_tracked)
-        for lower_name, upper_name in track:
-            found_lower, found_upper = result[lower_name].numpy(), result[upper_name].numpy()
-            if lower_name in start_tracked:
-                found_lower = np.maximum(start_tracked[lower_name], found_lower)
-                found_upper = np.minimum(start_tracked[upper_name], found_upper)
-            self.tracked[lower_name], self.tracked[upper_name] = found_lower, found_upper
+        self.tracked = _tightest(start_tracked, result, track)
         if start_lower is None:
             return low, high
         lower = np.maximum(start_lower, low)
@@ -313,6 +302,20 @@ class AlphaCrown:
         if self._executor is None:
             self._executor = TorchGraph(self._tuned, trainable=False, dtype=torch.float32)
         return self._executor
+
+
+def _tightest(tracked: dict[str, np.ndarray], result: dict, track) -> dict[str, np.ndarray]:
+    """`tracked` met with the (lower, upper) pairs `track` of a graph run's `result` (tensors): each pair's
+    tightest bounds so far (every run's bounds hold, so their intersection does); a pair not yet tracked starts
+    from this run's."""
+    tightest = dict(tracked)
+    for lower_name, upper_name in track:
+        found_lower, found_upper = result[lower_name].detach().numpy(), result[upper_name].detach().numpy()
+        if lower_name in tracked:
+            found_lower = np.maximum(tracked[lower_name], found_lower)
+            found_upper = np.minimum(tracked[upper_name], found_upper)
+        tightest[lower_name], tightest[upper_name] = found_lower, found_upper
+    return tightest
 
 
 def _finite(bounds):

@@ -243,7 +243,8 @@ class BetaSplitBounds:
     (+1 for z >= 0, -1 for z <= 0, 0 unsplit, [B, units]) bring in the split constraints with multipliers
     optimised per domain and row. Returns margin lower bounds [B, all rows] (-inf on rows of other conjuncts;
     a batch started cold is never below CROWN's with the given bounds, a warm-started one runs no CROWN start and
-    its caller keeps the better of these and CROWN's), and each domain's optimised slopes and multipliers
+    its caller keeps the better of these and those it had: the parent's or CROWN's), and each domain's optimised
+    slopes and multipliers
     flattened into a row of `width` float32 (the warm start of its children: `__call__`'s `warm`, NaN for the
     default start; width 0 when the graph's parameter shapes are not static)."""
 

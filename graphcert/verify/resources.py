@@ -72,19 +72,19 @@ def free_cores() -> int:
         cores = os.cpu_count() or 1
     with contextlib.suppress(ValueError):
         cores = min(cores, max(1, int(os.environ.get("OMP_NUM_THREADS", cores))))
-    others = None
-    for probe in range(CORE_PROBES):
+    others = cores
+    for _ in range(CORE_PROBES):
         try:
             with open("/proc/loadavg") as f:
                 running = int(f.read().split()[3].split("/")[0])
             running -= _own_running_threads()
         except (OSError, ValueError, IndexError):
             return cores
-        others = running if others is None else min(others, running)
+        others = min(others, running)
         if others <= 0:
             break
         time.sleep(CORE_PROBE_SECONDS)
-    return max(1, cores - max(0, others or 0))
+    return max(1, cores - max(0, others))
 
 
 def _own_running_threads() -> int:
