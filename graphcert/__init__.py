@@ -1,6 +1,10 @@
 """graphcert: a graph-rewriting compiler over ONNX models for certified robustness."""
 __version__ = "0.1.0"
 
+from . import deferred_imports
+
+deferred_imports.install()   # sympy (through onnx_ir) loads on first use: 0.3 s of every command's start
+
 __all__ = ["bound_graph", "certify", "convert", "load", "load_dataset", "save", "__version__"]
 
 # The API is imported on first use (PEP 562), so the command line starts without loading onnx or torch when it

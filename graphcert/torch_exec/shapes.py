@@ -167,7 +167,8 @@ def _split(node, setup):
 
 @kernel("Expand")
 def _expand(node, setup):
-    return lambda x, shape: x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape))))
+    # numpy's broadcasting is ONNX's; torch.broadcast_shapes would import torch.fx and sympy (0.4 s) on first use.
+    return lambda x, shape: x.expand(np.broadcast_shapes(tuple(x.shape), tuple(_ints(shape))))
 
 
 @kernel("Tile")
