@@ -80,3 +80,22 @@ def test_domains_in_double_never_prove_a_property_a_sampled_point_violates(tmp_p
     path, spec = setup(tmp_path, lambda margins: 1.001 * float(margins.min()))
     result = verify(path, spec, timeout=8, branching="relus")
     assert result.status != "holds", result
+
+
+def test_domains_in_double_build_only_the_float64_graphs_rounding_analysis(tmp_path, monkeypatch):
+    """With the model's rounding inside the bounds, split domains bounded in float64 take the float64 graphs' own
+    rounding as their slack: the float32 graphs' analysis (0.2 s to build on eran's 9x200 net) is never built,
+    and the property still holds."""
+    from graphcert import rounding_slack
+    from graphcert.precision import FLOAT64
+    built = []
+    original = rounding_slack.RoundingSlack.__init__
+
+    def recording(self, *args, **kwargs):
+        built.append(kwargs.get("bound_arithmetic"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rounding_slack.RoundingSlack, "__init__", recording)
+    path, spec = setup(tmp_path, lambda margins: -float(margins.min()))
+    assert verify(path, spec, timeout=30, branching="relus").status == "holds"
+    assert built and all(arithmetic is FLOAT64 for arithmetic in built), built
