@@ -25,24 +25,34 @@ _RUNNING: set[str] = set()   # deferred modules whose code is running (in the th
 
 
 class DeferredModule(types.ModuleType):
-    """A module whose code has not run yet: the first read of an attribute it does not have yet runs it (other
-    threads reading it meanwhile wait for it)."""
+    """A module whose code has not run yet: the first read of an attribute it does not have yet, or `dir()` of
+    it, runs it (other threads reading it meanwhile wait for it)."""
 
     def __getattr__(self, name: str):
-        with _LOADING:
-            if type(self) is DeferredModule:   # not run yet by another thread
-                if self.__name__ in _RUNNING:  # read by its own code as it runs: as any partly run module
-                    raise AttributeError(f"partially initialized module {self.__name__!r} has no attribute {name!r}")
-                _RUNNING.add(self.__name__)
-                try:
-                    self.__spec__.loader.exec_module(self)
-                except BaseException:
-                    sys.modules.pop(self.__name__, None)   # as a failed import leaves it
-                    raise
-                finally:
-                    _RUNNING.discard(self.__name__)
-                    self.__class__ = types.ModuleType
+        _run(self, name)
         return getattr(self, name)
+
+    def __dir__(self):
+        _run(self, "__dir__")
+        return dir(self)
+
+
+def _run(module: DeferredModule, name: str) -> None:
+    """Run a deferred module's code, unless another thread did (`name`: the attribute that asked for it)."""
+    with _LOADING:
+        if type(module) is not DeferredModule:
+            return
+        if module.__name__ in _RUNNING:  # read by its own code as it runs: as any partly run module
+            raise AttributeError(f"partially initialized module {module.__name__!r} has no attribute {name!r}")
+        _RUNNING.add(module.__name__)
+        try:
+            module.__spec__.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(module.__name__, None)   # as a failed import leaves it
+            raise
+        finally:
+            _RUNNING.discard(module.__name__)
+            module.__class__ = types.ModuleType
 
 
 class DeferringLoader(importlib.abc.Loader):

@@ -89,3 +89,8 @@ def test_a_deferred_module_that_fails_raises_at_first_use_and_is_not_left_import
     with pytest.raises(RuntimeError, match="broken on purpose"):
         broken.anything
     assert "deferred_probe.broken" not in sys.modules
+
+
+def test_dir_of_a_deferred_module_runs_it_first(deferred_package):
+    from deferred_probe import slow
+    assert "VALUE" in dir(slow) and slow.VALUE == 7
